@@ -1,0 +1,329 @@
+//! The typed HTTP client. Every mutating call carries a fresh idempotency key
+//! and is retried with the same key when the connection fails, so a retry
+//! never doubles an effect.
+
+use crate::types::*;
+use leasehold_core::Requirements;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+
+/// How often a request is retried after a connection failure.
+const MAX_CONNECT_RETRIES: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The server answered with an error status and body.
+    #[error("{message}")]
+    Status {
+        status: u16,
+        code: String,
+        message: String,
+        field: Option<String>,
+        detail: Box<ErrorDetail>,
+    },
+    #[error("cannot reach {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from {url}: {problem}")]
+    Protocol { url: String, problem: String },
+}
+
+impl ApiError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ApiError::Status { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn detail(&self) -> Option<&ErrorDetail> {
+        match self {
+            ApiError::Status { detail, .. } => Some(detail),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base_url: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+fn new_idempotency_key() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+impl Client {
+    pub fn new(base_url: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("reqwest client builds with static settings");
+        Client {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn with_token(&self, token: Option<String>) -> Self {
+        Client {
+            base_url: self.base_url.clone(),
+            token,
+            http: self.http.clone(),
+        }
+    }
+
+    async fn send<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+    ) -> Result<R, ApiError> {
+        let url = format!("{}{}", self.base_url, path);
+        let idempotency_key = (method != Method::GET).then(new_idempotency_key);
+        let mut attempt = 0;
+        loop {
+            let mut request = self.http.request(method.clone(), &url);
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(key) = &idempotency_key {
+                request = request.header(IDEMPOTENCY_HEADER, key);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            request = request.timeout(timeout.unwrap_or(Duration::from_secs(30)));
+            match request.send().await {
+                Ok(response) => return decode(&url, response).await,
+                Err(error) if error.is_connect() && attempt < MAX_CONNECT_RETRIES => {
+                    attempt += 1;
+                    // Back off briefly; the key makes the retry safe.
+                    tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                }
+                Err(source) => return Err(ApiError::Unreachable { url, source }),
+            }
+        }
+    }
+
+    async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ApiError> {
+        self.send::<(), R>(Method::GET, path, None, None).await
+    }
+
+    // ---- broker ----
+
+    pub async fn health(&self) -> Result<serde_json::Value, ApiError> {
+        self.get("/v1/health").await
+    }
+
+    pub async fn broker_info(&self) -> Result<BrokerInfo, ApiError> {
+        self.get("/v1/broker").await
+    }
+
+    pub async fn whoami(&self) -> Result<WhoAmI, ApiError> {
+        self.get("/v1/whoami").await
+    }
+
+    pub async fn create_principal(&self, name: &str, role: Role) -> Result<PrincipalCreated, ApiError> {
+        let body = CreatePrincipalRequest {
+            name: name.to_string(),
+            role,
+        };
+        self.send(Method::POST, "/v1/principals", Some(&body), None).await
+    }
+
+    pub async fn register_host(&self, host_id: &str, request: &RegisterHostRequest) -> Result<HostView, ApiError> {
+        self.send(Method::PUT, &format!("/v1/hosts/{host_id}"), Some(request), None)
+            .await
+    }
+
+    pub async fn list_hosts(&self) -> Result<Vec<HostView>, ApiError> {
+        self.get("/v1/hosts").await
+    }
+
+    pub async fn register_partition(
+        &self,
+        host_id: &str,
+        index: u32,
+        request: &RegisterPartitionRequest,
+    ) -> Result<PartitionView, ApiError> {
+        self.send(
+            Method::PUT,
+            &format!("/v1/hosts/{host_id}/partitions/{index}"),
+            Some(request),
+            None,
+        )
+        .await
+    }
+
+    pub async fn withdraw_partition(&self, host_id: &str, index: u32) -> Result<PartitionView, ApiError> {
+        self.send::<(), _>(
+            Method::DELETE,
+            &format!("/v1/hosts/{host_id}/partitions/{index}"),
+            None,
+            None,
+        )
+        .await
+    }
+
+    pub async fn list_partitions(&self) -> Result<Vec<PartitionView>, ApiError> {
+        self.get("/v1/partitions").await
+    }
+
+    pub async fn find(&self, requirements: &Requirements, limit: Option<u32>) -> Result<FindResponse, ApiError> {
+        let body = FindRequest {
+            requirements: requirements.clone(),
+            limit,
+        };
+        self.send(Method::POST, "/v1/find", Some(&body), None).await
+    }
+
+    pub async fn lease(&self, request: &LeaseRequest) -> Result<LeaseView, ApiError> {
+        self.send(Method::POST, "/v1/leases", Some(request), None).await
+    }
+
+    pub async fn get_lease(&self, lease_id: u64) -> Result<LeaseView, ApiError> {
+        self.get(&format!("/v1/leases/{lease_id}")).await
+    }
+
+    pub async fn list_leases(&self) -> Result<Vec<LeaseView>, ApiError> {
+        self.get("/v1/leases").await
+    }
+
+    pub async fn release(&self, lease_id: u64) -> Result<ReleaseReceipt, ApiError> {
+        self.send::<(), _>(Method::POST, &format!("/v1/leases/{lease_id}/release"), None, None)
+            .await
+    }
+
+    pub async fn bill(&self) -> Result<BillView, ApiError> {
+        self.get("/v1/bill").await
+    }
+
+    pub async fn ledger(&self) -> Result<LedgerView, ApiError> {
+        self.get("/v1/ledger").await
+    }
+
+    // ---- agent ----
+
+    pub async fn agent_info(&self) -> Result<AgentInfo, ApiError> {
+        self.get("/v1/agent").await
+    }
+
+    pub async fn agent_add_partition(&self, terms: &leasehold_core::Terms) -> Result<AgentPartitionView, ApiError> {
+        let body = AddPartitionRequest { terms: terms.clone() };
+        self.send(Method::POST, "/v1/partitions", Some(&body), None).await
+    }
+
+    pub async fn agent_list_partitions(&self) -> Result<Vec<AgentPartitionView>, ApiError> {
+        self.get("/v1/partitions").await
+    }
+
+    pub async fn agent_alter_partition(
+        &self,
+        index: u32,
+        terms: &leasehold_core::Terms,
+    ) -> Result<AgentPartitionView, ApiError> {
+        let body = AddPartitionRequest { terms: terms.clone() };
+        self.send(Method::PUT, &format!("/v1/partitions/{index}"), Some(&body), None)
+            .await
+    }
+
+    pub async fn agent_withdraw_partition(&self, index: u32) -> Result<AgentPartitionView, ApiError> {
+        self.send::<(), _>(Method::DELETE, &format!("/v1/partitions/{index}"), None, None)
+            .await
+    }
+
+    /// Submits a job and waits for it to finish (S51-S57).
+    pub async fn submit_job(&self, index: u32, request: &SubmitJobRequest) -> Result<JobResult, ApiError> {
+        // The job may run long; wait for its own timeout plus a margin, or a day.
+        let wait = request
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms.saturating_add(30_000)))
+            .unwrap_or(Duration::from_secs(24 * 3600));
+        self.send(
+            Method::POST,
+            &format!("/v1/partitions/{index}/jobs"),
+            Some(request),
+            Some(wait),
+        )
+        .await
+    }
+
+    pub async fn send_notice(&self, notice: &str) -> Result<serde_json::Value, ApiError> {
+        let body = NoticeRequest {
+            notice: notice.to_string(),
+        };
+        self.send(Method::POST, "/v1/notices", Some(&body), Some(Duration::from_secs(5)))
+            .await
+    }
+}
+
+async fn decode<R: DeserializeOwned>(url: &str, response: reqwest::Response) -> Result<R, ApiError> {
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|source| ApiError::Unreachable {
+        url: url.to_string(),
+        source,
+    })?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|error| ApiError::Protocol {
+            url: url.to_string(),
+            problem: format!("cannot decode the answer: {error}"),
+        });
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(body) => Err(ApiError::Status {
+            status: status.as_u16(),
+            code: body.error.code.clone(),
+            message: body.error.message.clone(),
+            field: body.error.field.clone(),
+            detail: Box::new(body.error),
+        }),
+        Err(_) => Err(ApiError::Status {
+            status: status.as_u16(),
+            code: status_code_name(status),
+            message: format!(
+                "{} answered {}: {}",
+                url,
+                status,
+                String::from_utf8_lossy(&bytes[..bytes.len().min(500)])
+            ),
+            field: None,
+            detail: Box::new(ErrorDetail {
+                code: status_code_name(status),
+                message: String::new(),
+                field: None,
+                key_rejection: None,
+                explanation: None,
+            }),
+        }),
+    }
+}
+
+fn status_code_name(status: StatusCode) -> String {
+    status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_lowercase()
+        .replace(' ', "_")
+}

@@ -1,0 +1,9 @@
+//! The wire types of the broker and agent HTTP APIs, and the one typed client
+//! used by the CLI, the agent (to talk to the broker), the broker (to notify
+//! agents) and the tests.
+
+pub mod client;
+pub mod types;
+
+pub use client::{ApiError, Client};
+pub use types::*;

@@ -1,0 +1,290 @@
+use leasehold_core::key::KeyRejection;
+use leasehold_core::lease::{Bill, LeaseState};
+use leasehold_core::matching::NoMatchExplanation;
+use leasehold_core::{HostCapacity, LeaseId, PartitionRef, Requirements, Terms};
+use serde::{Deserialize, Serialize};
+
+/// The header that carries an idempotency key on mutating requests.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+/// Largest request body either service reads.
+pub const MAX_REQUEST_BODY_BYTES: usize = 1024 * 1024;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable machine-readable code, e.g. `partition_locked`.
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_rejection: Option<KeyRejection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<NoMatchExplanation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Lender,
+    Borrower,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Lender => "lender",
+            Role::Borrower => "borrower",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerInfo {
+    pub version: String,
+    pub public_key_hex: String,
+    pub commission_basis_points: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePrincipalRequest {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrincipalCreated {
+    pub name: String,
+    pub role: Role,
+    /// Shown once; the broker keeps only its hash.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHostRequest {
+    /// Where the agent listens, so borrowers and the broker can reach it.
+    #[serde(default)]
+    pub agent_url: Option<String>,
+    pub capacity: HostCapacity,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostView {
+    pub host_id: String,
+    pub lender: String,
+    pub agent_url: Option<String>,
+    pub capacity: HostCapacity,
+    pub partitions: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterPartitionRequest {
+    pub terms: Terms,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionView {
+    pub partition: PartitionRef,
+    pub terms: Terms,
+    pub lease_id: Option<LeaseId>,
+    pub withdrawn: bool,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FindRequest {
+    #[serde(default)]
+    pub requirements: Requirements,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+pub const DEFAULT_FIND_LIMIT: u32 = 10;
+pub const MAX_FIND_LIMIT: u32 = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Offer {
+    pub partition: PartitionRef,
+    pub terms: Terms,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FindResponse {
+    pub offers: Vec<Offer>,
+    /// Present when nothing matched: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<NoMatchExplanation>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// A named partition (`host/index`); or leave it out and give `best`.
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// Requirements: lease the best match.
+    #[serde(default)]
+    pub best: Option<Requirements>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub lease_id: LeaseId,
+    pub partition: PartitionRef,
+    pub borrower: String,
+    pub lender: String,
+    pub terms: Terms,
+    pub epoch: u64,
+    pub state: LeaseState,
+    pub started_at_ms: u64,
+    pub key_expires_at_ms: u64,
+    pub release_requested_at_ms: Option<u64>,
+    pub charge_micros: Option<u64>,
+    /// Where to submit jobs (the host's agent).
+    pub agent_url: Option<String>,
+    /// The lease key; shown to the borrower (and admins) while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseReceipt {
+    pub lease: LeaseView,
+    /// The bill written to the ledger when this lease ended.
+    pub bill: Bill,
+    /// True when the lease had ended before this request: nothing more was billed.
+    pub already_released: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BillView {
+    pub principal: String,
+    pub role: Role,
+    pub leases: Vec<LeaseView>,
+    /// Credits minus debits over this principal's accounts, in micros.
+    pub balance_micros: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub transfer_id: u64,
+    pub lease_id: LeaseId,
+    pub debit_account: String,
+    pub credit_account: String,
+    pub amount_micros: u64,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LedgerView {
+    pub transfers: Vec<LedgerEntry>,
+    pub balances: Vec<AccountBalance>,
+    /// Sum of the balances shown; zero over the whole ledger (admins).
+    pub sum_micros: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountBalance {
+    pub account: String,
+    pub balance_micros: i64,
+}
+
+/// A notice the broker sends an agent, signed like a lease key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NoticeRequest {
+    pub notice: String,
+}
+
+// ---- agent ----
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub host_id: String,
+    pub driver: String,
+    pub images: Vec<String>,
+    pub capacity: HostCapacity,
+    pub broker_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LendingFlag {
+    /// In the partition table, not (yet) registered with the broker.
+    Unregistered,
+    /// Registered with the broker: lendable.
+    Registered,
+}
+
+/// A row of the agent's partition table (FIG. 2).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentPartitionView {
+    pub partition: PartitionRef,
+    pub terms: Terms,
+    pub lending_flag: LendingFlag,
+    pub epoch: u64,
+    pub lease_id: Option<LeaseId>,
+    pub released_through_epoch: u64,
+    pub built: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddPartitionRequest {
+    pub terms: Terms,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJobRequest {
+    pub lease_key: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+pub const MAX_COMMAND_ARGS: usize = 256;
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    /// The agent restarted while the job ran; its outcome is unknown.
+    Lost,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job_id: u64,
+    pub lease_id: LeaseId,
+    pub partition: PartitionRef,
+    pub state: JobState,
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// True when output beyond the capture limit was dropped.
+    pub output_truncated: bool,
+    pub wall_ms: u64,
+}

@@ -1,0 +1,258 @@
+//! Lease keys (lending key 44/104): a token the broker signs with ed25519 and
+//! the agent verifies offline with the broker's public key (S52-S54).
+//!
+//! Format: `lk1.<base64url(claims JSON)>.<base64url(signature)>`. Each lease
+//! gets a new key bound to its lease, host, partition and the partition's
+//! epoch; the agent fences keys of older epochs and of released leases.
+
+use crate::ids::LeaseId;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+const PREFIX: &str = "lk1";
+/// Keys longer than this are refused before any parsing.
+pub const MAX_KEY_LEN: usize = 2048;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseKeyClaims {
+    pub lease_id: LeaseId,
+    pub host_id: String,
+    pub partition_index: u32,
+    pub epoch: u64,
+    pub borrower: String,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+/// Why a key was refused. Each variant is a distinct, explainable refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyRejection {
+    Malformed,
+    BadSignature,
+    WrongHost,
+    WrongPartition,
+    WrongLease,
+    Expired,
+    /// A newer lease holds the partition (the key's epoch is older).
+    Stale,
+    /// The key's lease was released.
+    Released,
+}
+
+impl fmt::Display for KeyRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            KeyRejection::Malformed => "the lease key is malformed",
+            KeyRejection::BadSignature => "the lease key's signature does not verify with the broker's public key",
+            KeyRejection::WrongHost => "the lease key was issued for another host",
+            KeyRejection::WrongPartition => "the lease key was issued for another partition",
+            KeyRejection::WrongLease => "the lease key was issued for another lease",
+            KeyRejection::Expired => "the lease key has expired",
+            KeyRejection::Stale => "the lease key is stale: a newer lease holds this partition",
+            KeyRejection::Released => "the lease key belongs to a lease that was released",
+        };
+        f.write_str(text)
+    }
+}
+
+/// Makes a signing key from 32 bytes of seed; the caller supplies randomness.
+pub fn signing_key_from_seed(seed: [u8; 32]) -> SigningKey {
+    SigningKey::from_bytes(&seed)
+}
+
+pub fn public_key_hex(key: &SigningKey) -> String {
+    key.verifying_key()
+        .to_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn verifying_key_from_hex(text: &str) -> Option<VerifyingKey> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (n, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let pair = std::str::from_utf8(chunk).ok()?;
+        bytes[n] = u8::from_str_radix(pair, 16).ok()?;
+    }
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
+/// Signs claims into a key. The same domain prefix is signed so that a key
+/// can never be confused with any other signed message of the broker.
+pub fn sign(claims: &LeaseKeyClaims, key: &SigningKey) -> String {
+    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialize"));
+    let message = format!("{PREFIX}.{body}");
+    let signature = key.sign(message.as_bytes());
+    format!("{message}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+}
+
+/// Checks the format and signature and returns the claims. Binding to host,
+/// partition, lease, time and epoch is [`check_binding`]'s job.
+pub fn decode_and_verify(token: &str, key: &VerifyingKey) -> Result<LeaseKeyClaims, KeyRejection> {
+    if token.len() > MAX_KEY_LEN {
+        return Err(KeyRejection::Malformed);
+    }
+    let mut parts = token.split('.');
+    let (Some(prefix), Some(body), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(KeyRejection::Malformed);
+    };
+    if prefix != PREFIX {
+        return Err(KeyRejection::Malformed);
+    }
+    let signature_bytes = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| KeyRejection::Malformed)?;
+    let signature = Signature::from_slice(&signature_bytes).map_err(|_| KeyRejection::Malformed)?;
+    let message = format!("{prefix}.{body}");
+    key.verify(message.as_bytes(), &signature)
+        .map_err(|_| KeyRejection::BadSignature)?;
+    let claims_bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| KeyRejection::Malformed)?;
+    serde_json::from_slice(&claims_bytes).map_err(|_| KeyRejection::Malformed)
+}
+
+/// What a host knows about one of its partitions when a key arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionKeyState {
+    /// The highest epoch this host has seen for the partition.
+    pub epoch: u64,
+    /// The lease holding that epoch, if any is known.
+    pub lease_id: Option<LeaseId>,
+    /// Leases of this epoch and below are released.
+    pub released_through_epoch: u64,
+}
+
+/// What the host must do with a key that passed every check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAcceptance {
+    /// The key is for the lease the host already knows.
+    Current,
+    /// The key is for a newer lease the host has not heard of yet: the
+    /// broker signed it, so the host adopts it (and locks the partition).
+    AdoptNewer,
+}
+
+/// Checks a verified key against this host, partition, lease and moment.
+pub fn check_binding(
+    claims: &LeaseKeyClaims,
+    host_id: &str,
+    partition_index: u32,
+    expected_lease_id: Option<LeaseId>,
+    state: PartitionKeyState,
+    now_ms: u64,
+) -> Result<KeyAcceptance, KeyRejection> {
+    if claims.host_id != host_id {
+        return Err(KeyRejection::WrongHost);
+    }
+    if claims.partition_index != partition_index {
+        return Err(KeyRejection::WrongPartition);
+    }
+    if expected_lease_id.is_some_and(|lease| lease != claims.lease_id) {
+        return Err(KeyRejection::WrongLease);
+    }
+    if claims.epoch <= state.released_through_epoch {
+        return Err(KeyRejection::Released);
+    }
+    if claims.epoch < state.epoch {
+        return Err(KeyRejection::Stale);
+    }
+    if now_ms >= claims.expires_at_ms {
+        return Err(KeyRejection::Expired);
+    }
+    if claims.epoch == state.epoch {
+        if state.lease_id.is_some_and(|lease| lease != claims.lease_id) {
+            return Err(KeyRejection::WrongLease);
+        }
+        return Ok(KeyAcceptance::Current);
+    }
+    Ok(KeyAcceptance::AdoptNewer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> LeaseKeyClaims {
+        LeaseKeyClaims {
+            lease_id: 9,
+            host_id: "alpha".into(),
+            partition_index: 2,
+            epoch: 5,
+            borrower: "bob".into(),
+            issued_at_ms: 1000,
+            expires_at_ms: 10_000,
+        }
+    }
+
+    fn state() -> PartitionKeyState {
+        PartitionKeyState {
+            epoch: 5,
+            lease_id: Some(9),
+            released_through_epoch: 4,
+        }
+    }
+
+    #[test]
+    fn sign_then_verify_and_tamper() {
+        let key = signing_key_from_seed([7; 32]);
+        let other = signing_key_from_seed([8; 32]);
+        let token = sign(&claims(), &key);
+        assert_eq!(decode_and_verify(&token, &key.verifying_key()), Ok(claims()));
+        assert_eq!(
+            decode_and_verify(&token, &other.verifying_key()),
+            Err(KeyRejection::BadSignature)
+        );
+        let forged = sign(&claims(), &other);
+        assert_eq!(
+            decode_and_verify(&forged, &key.verifying_key()),
+            Err(KeyRejection::BadSignature)
+        );
+        // Swap in another body under the original signature.
+        let mut changed = claims();
+        changed.partition_index = 3;
+        let changed_token = sign(&changed, &key);
+        let spliced = format!(
+            "{}.{}",
+            changed_token.rsplit_once('.').unwrap().0,
+            token.rsplit_once('.').unwrap().1
+        );
+        assert_eq!(
+            decode_and_verify(&spliced, &key.verifying_key()),
+            Err(KeyRejection::BadSignature)
+        );
+        for garbage in ["", "lk1", "lk1.a.b", "xx.yy.zz", "lk1..", &"a".repeat(5000)] {
+            assert!(decode_and_verify(garbage, &key.verifying_key()).is_err());
+        }
+        let hex = public_key_hex(&key);
+        assert_eq!(verifying_key_from_hex(&hex), Some(key.verifying_key()));
+        assert_eq!(verifying_key_from_hex("zz"), None);
+    }
+
+    #[test]
+    fn binding_checks() {
+        let check = |mutate: fn(&mut LeaseKeyClaims, &mut PartitionKeyState) -> (Option<u64>, u64),
+                     expect: Result<KeyAcceptance, KeyRejection>| {
+            let mut c = claims();
+            let mut s = state();
+            let (expected_lease, now) = mutate(&mut c, &mut s);
+            assert_eq!(check_binding(&c, "alpha", 2, expected_lease, s, now), expect);
+        };
+        check(|_, _| (Some(9), 5000), Ok(KeyAcceptance::Current));
+        check(|c, _| { c.host_id = "beta".into(); (None, 5000) }, Err(KeyRejection::WrongHost));
+        check(|c, _| { c.partition_index = 1; (None, 5000) }, Err(KeyRejection::WrongPartition));
+        check(|_, _| (Some(8), 5000), Err(KeyRejection::WrongLease));
+        check(|_, _| (None, 10_000), Err(KeyRejection::Expired));
+        check(|_, s| { s.epoch = 6; s.lease_id = Some(10); (None, 5000) }, Err(KeyRejection::Stale));
+        check(|_, s| { s.released_through_epoch = 5; (None, 5000) }, Err(KeyRejection::Released));
+        check(|_, s| { s.epoch = 4; s.lease_id = None; (None, 5000) }, Ok(KeyAcceptance::AdoptNewer));
+        check(|_, s| { s.lease_id = Some(3); (None, 5000) }, Err(KeyRejection::WrongLease));
+    }
+}

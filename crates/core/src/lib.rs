@@ -1,0 +1,20 @@
+//! The pure domain of leasehold.
+//!
+//! Everything here is a decision or a value: terms and requirements, matching,
+//! the lease state machine, billing, the double-entry ledger and lease keys.
+//! Nothing here performs I/O, reads the clock or draws randomness: callers pass
+//! the time (`now_ms`) and the key material in, so the same code runs under a
+//! simulated clock in tests and in the fleet simulator.
+
+pub mod error;
+pub mod ids;
+pub mod key;
+pub mod lease;
+pub mod ledger;
+pub mod matching;
+pub mod money;
+pub mod terms;
+
+pub use error::{CoreError, FieldError};
+pub use ids::{HostId, LeaseId, PartitionRef};
+pub use terms::{HostCapacity, Requirements, Terms};

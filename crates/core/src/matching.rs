@@ -1,0 +1,381 @@
+//! Matching requirements against terms (seed 000, FIG. 8, S42-S43): which free
+//! partitions meet a borrower's requirements, cheapest first, then best fit
+//! (the smallest partition that is enough). When nothing matches, an
+//! explanation in the manner of HTCondor's `-better-analyze`: how many
+//! partitions each requirement ruled out, and the nearest misses.
+
+use crate::ids::PartitionRef;
+use crate::terms::{Requirements, Terms};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One requirement a partition can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Requirement {
+    MinVcpus,
+    MinCpuCapPercent,
+    MinMemoryMib,
+    MinDiskGib,
+    Image,
+    MaxPricePerHourMicros,
+}
+
+impl Requirement {
+    pub const ALL: [Requirement; 6] = [
+        Requirement::MinVcpus,
+        Requirement::MinCpuCapPercent,
+        Requirement::MinMemoryMib,
+        Requirement::MinDiskGib,
+        Requirement::Image,
+        Requirement::MaxPricePerHourMicros,
+    ];
+
+    pub fn field_name(self) -> &'static str {
+        match self {
+            Requirement::MinVcpus => "min_vcpus",
+            Requirement::MinCpuCapPercent => "min_cpu_cap_percent",
+            Requirement::MinMemoryMib => "min_memory_mib",
+            Requirement::MinDiskGib => "min_disk_gib",
+            Requirement::Image => "image",
+            Requirement::MaxPricePerHourMicros => "max_price_per_hour_micros",
+        }
+    }
+}
+
+/// The requirements `terms` fails, in a fixed order; empty means it matches.
+pub fn failed_requirements(terms: &Terms, requirements: &Requirements) -> Vec<Requirement> {
+    let mut failed = Vec::new();
+    if requirements.min_vcpus.is_some_and(|v| terms.vcpus < v) {
+        failed.push(Requirement::MinVcpus);
+    }
+    if requirements
+        .min_cpu_cap_percent
+        .is_some_and(|v| terms.cpu_cap_percent < v)
+    {
+        failed.push(Requirement::MinCpuCapPercent);
+    }
+    if requirements.min_memory_mib.is_some_and(|v| terms.memory_mib < v) {
+        failed.push(Requirement::MinMemoryMib);
+    }
+    if requirements.min_disk_gib.is_some_and(|v| terms.disk_gib < v) {
+        failed.push(Requirement::MinDiskGib);
+    }
+    if let Some(image) = &requirements.image {
+        if !terms.images.iter().any(|i| i == image) {
+            failed.push(Requirement::Image);
+        }
+    }
+    if requirements
+        .max_price_per_hour_micros
+        .is_some_and(|v| terms.price_per_hour_micros > v)
+    {
+        failed.push(Requirement::MaxPricePerHourMicros);
+    }
+    failed
+}
+
+pub fn matches(terms: &Terms, requirements: &Requirements) -> bool {
+    failed_requirements(terms, requirements).is_empty()
+}
+
+/// The order of results: cheapest first, then the smallest partition that is
+/// enough (best fit leaves the bigger partitions for bigger needs), then by
+/// name so the order is total and stable.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FitKey {
+    pub price_per_hour_micros: u64,
+    pub cpu_centicores: u64,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub partition: PartitionRef,
+}
+
+impl FitKey {
+    pub fn new(partition: PartitionRef, terms: &Terms) -> Self {
+        FitKey {
+            price_per_hour_micros: terms.price_per_hour_micros,
+            cpu_centicores: terms.cpu_centicores(),
+            memory_mib: terms.memory_mib,
+            disk_gib: terms.disk_gib,
+            partition,
+        }
+    }
+}
+
+/// The free partitions, ordered by [`FitKey`], so that a find walks them in
+/// answer order and stops as soon as it has enough matches.
+#[derive(Debug, Default, Clone)]
+pub struct FreeIndex {
+    by_fit: BTreeMap<FitKey, Terms>,
+}
+
+impl FreeIndex {
+    pub fn insert(&mut self, partition: PartitionRef, terms: Terms) {
+        self.by_fit.insert(FitKey::new(partition, &terms), terms);
+    }
+
+    pub fn remove(&mut self, partition: &PartitionRef, terms: &Terms) -> bool {
+        self.by_fit
+            .remove(&FitKey::new(partition.clone(), terms))
+            .is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_fit.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_fit.is_empty()
+    }
+
+    /// Up to `limit` matching free partitions, in answer order.
+    pub fn find(&self, requirements: &Requirements, limit: usize) -> Vec<(PartitionRef, Terms)> {
+        let mut found = Vec::new();
+        if limit == 0 {
+            return found;
+        }
+        let mut range = self.by_fit.iter();
+        // Prices above the maximum can never match: skip walking them.
+        let max_price = requirements.max_price_per_hour_micros.unwrap_or(u64::MAX);
+        for (key, terms) in range.by_ref() {
+            if key.price_per_hour_micros > max_price {
+                break;
+            }
+            if matches(terms, requirements) {
+                found.push((key.partition.clone(), terms.clone()));
+                if found.len() == limit {
+                    break;
+                }
+            }
+        }
+        found
+    }
+}
+
+/// The reference answer: filter everything, sort by [`FitKey`]. Used by tests
+/// to hold [`FreeIndex::find`] to account.
+pub fn naive_find<'a>(
+    free: impl Iterator<Item = (&'a PartitionRef, &'a Terms)>,
+    requirements: &Requirements,
+    limit: usize,
+) -> Vec<(PartitionRef, Terms)> {
+    let mut all: Vec<(FitKey, Terms)> = free
+        .filter(|(_, terms)| matches(terms, requirements))
+        .map(|(p, t)| (FitKey::new(p.clone(), t), t.clone()))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all.into_iter()
+        .take(limit)
+        .map(|(k, t)| (k.partition, t))
+        .collect()
+}
+
+/// Why a find came back empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoMatchExplanation {
+    /// Partitions registered (free or leased).
+    pub partitions_considered: u64,
+    /// Partitions that are leased at the moment and so not offered.
+    pub leased: u64,
+    /// For each requirement, how many partitions it rules out on its own.
+    pub ruled_out_by: Vec<RuledOut>,
+    /// The partitions that fail the fewest requirements, and which.
+    pub nearest_misses: Vec<NearMiss>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuledOut {
+    pub requirement: Requirement,
+    pub partitions: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NearMiss {
+    pub partition: PartitionRef,
+    pub terms: Terms,
+    pub leased: bool,
+    pub failed: Vec<Requirement>,
+}
+
+pub const NEAREST_MISSES_SHOWN: usize = 3;
+
+/// Explains an empty answer over every registered partition.
+pub fn explain_no_match<'a>(
+    partitions: impl Iterator<Item = (&'a PartitionRef, &'a Terms, bool)>,
+    requirements: &Requirements,
+) -> NoMatchExplanation {
+    let mut considered = 0u64;
+    let mut leased_count = 0u64;
+    let mut counts = [0u64; 6];
+    // (number of failures incl. leased, fit key) -> miss; kept small.
+    let mut nearest: Vec<(usize, FitKey, NearMiss)> = Vec::new();
+    for (partition, terms, leased) in partitions {
+        considered += 1;
+        if leased {
+            leased_count += 1;
+        }
+        let failed = failed_requirements(terms, requirements);
+        for requirement in &failed {
+            let slot = Requirement::ALL.iter().position(|r| r == requirement).unwrap_or(0);
+            counts[slot] += 1;
+        }
+        let distance = failed.len() + usize::from(leased);
+        let key = FitKey::new(partition.clone(), terms);
+        let worse_than_all = nearest.len() == NEAREST_MISSES_SHOWN
+            && nearest
+                .last()
+                .is_some_and(|(d, k, _)| (distance, &key) >= (*d, k));
+        if worse_than_all {
+            continue;
+        }
+        nearest.push((
+            distance,
+            key,
+            NearMiss {
+                partition: partition.clone(),
+                terms: terms.clone(),
+                leased,
+                failed,
+            },
+        ));
+        nearest.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        nearest.truncate(NEAREST_MISSES_SHOWN);
+    }
+    NoMatchExplanation {
+        partitions_considered: considered,
+        leased: leased_count,
+        ruled_out_by: Requirement::ALL
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| RuledOut {
+                requirement: *r,
+                partitions: n,
+            })
+            .collect(),
+        nearest_misses: nearest.into_iter().map(|(_, _, m)| m).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::terms::sample_terms;
+    use proptest::prelude::*;
+
+    fn terms_strategy() -> impl Strategy<Value = Terms> {
+        (1u32..8, 1u32..=100, 1u64..8192, 1u64..100, 0usize..3, 0u64..50).prop_map(
+            |(vcpus, cap, memory, disk, image, price)| Terms {
+                vcpus,
+                cpu_cap_percent: cap,
+                memory_mib: memory,
+                disk_gib: disk,
+                images: vec![["busybox", "debian", "alpine"][image].to_string()],
+                price_per_hour_micros: price * 1000,
+            },
+        )
+    }
+
+    fn requirements_strategy() -> impl Strategy<Value = Requirements> {
+        (
+            proptest::option::of(1u32..8),
+            proptest::option::of(1u32..=100),
+            proptest::option::of(1u64..8192),
+            proptest::option::of(1u64..100),
+            proptest::option::of(0usize..4),
+            proptest::option::of(0u64..50),
+        )
+            .prop_map(|(v, c, m, d, i, p)| Requirements {
+                min_vcpus: v,
+                min_cpu_cap_percent: c,
+                min_memory_mib: m,
+                min_disk_gib: d,
+                image: i.map(|i| ["busybox", "debian", "alpine", "windows"][i].to_string()),
+                max_price_per_hour_micros: p.map(|p| p * 1000),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn index_agrees_with_naive_filter(
+            all in proptest::collection::vec(terms_strategy(), 0..60),
+            removed in proptest::collection::vec(any::<bool>(), 60),
+            requirements in requirements_strategy(),
+            limit in 1usize..10,
+        ) {
+            let mut index = FreeIndex::default();
+            let mut free = Vec::new();
+            for (n, terms) in all.iter().enumerate() {
+                let partition = PartitionRef::new(format!("h{}", n % 7), n as u32);
+                index.insert(partition.clone(), terms.clone());
+                if removed[n] {
+                    prop_assert!(index.remove(&partition, terms));
+                } else {
+                    free.push((partition, terms.clone()));
+                }
+            }
+            let expected = naive_find(free.iter().map(|(p, t)| (p, t)), &requirements, limit);
+            prop_assert_eq!(index.find(&requirements, limit), expected);
+            prop_assert_eq!(index.len(), free.len());
+        }
+
+        #[test]
+        fn explanation_counts_what_each_requirement_rules_out(
+            all in proptest::collection::vec(terms_strategy(), 1..40),
+            requirements in requirements_strategy(),
+        ) {
+            let refs: Vec<PartitionRef> = (0..all.len()).map(|n| PartitionRef::new("h", n as u32)).collect();
+            let explanation = explain_no_match(
+                refs.iter().zip(all.iter()).map(|(p, t)| (p, t, false)),
+                &requirements,
+            );
+            prop_assert_eq!(explanation.partitions_considered, all.len() as u64);
+            for ruled in &explanation.ruled_out_by {
+                let naive = all.iter().filter(|t| failed_requirements(t, &requirements).contains(&ruled.requirement)).count() as u64;
+                prop_assert_eq!(ruled.partitions, naive);
+            }
+            prop_assert!(explanation.nearest_misses.len() <= NEAREST_MISSES_SHOWN);
+        }
+    }
+
+    #[test]
+    fn cheapest_first_then_best_fit() {
+        let mut index = FreeIndex::default();
+        let mut big = sample_terms();
+        big.vcpus = 8;
+        let small = sample_terms();
+        let mut cheap = sample_terms();
+        cheap.vcpus = 16;
+        cheap.price_per_hour_micros = 1;
+        index.insert(PartitionRef::new("a", 1), big);
+        index.insert(PartitionRef::new("a", 2), small);
+        index.insert(PartitionRef::new("b", 1), cheap);
+        let order: Vec<String> = index
+            .find(&Requirements::default(), 10)
+            .into_iter()
+            .map(|(p, _)| p.to_string())
+            .collect();
+        assert_eq!(order, ["b/1", "a/2", "a/1"]);
+    }
+
+    #[test]
+    fn explanation_names_nearest_miss() {
+        let terms = sample_terms();
+        let partition = PartitionRef::new("a", 1);
+        let requirements = Requirements {
+            min_vcpus: Some(4),
+            ..Default::default()
+        };
+        let explanation =
+            explain_no_match([(&partition, &terms, false)].into_iter(), &requirements);
+        assert_eq!(
+            explanation.ruled_out_by,
+            vec![RuledOut {
+                requirement: Requirement::MinVcpus,
+                partitions: 1
+            }]
+        );
+        assert_eq!(explanation.nearest_misses[0].failed, vec![Requirement::MinVcpus]);
+    }
+}

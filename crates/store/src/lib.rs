@@ -1,0 +1,57 @@
+//! Persistence for leasehold: SQLite (WAL) with versioned migrations.
+//!
+//! The broker writes through [`broker::BrokerDb::apply`], which takes a batch
+//! of [`broker::BrokerWrite`]s and commits them in one transaction: that is
+//! how the broker's single writer groups many leases into one fsync. The
+//! agent keeps its partition table (FIG. 2) and job history in
+//! [`agent::AgentDb`].
+
+pub mod agent;
+pub mod broker;
+mod migrate;
+
+/// The error enum of the store crate.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt row in {table}: {problem}")]
+    Corrupt { table: &'static str, problem: String },
+    #[error("the database schema is version {found}, newer than this binary knows ({known}); upgrade leasehold")]
+    SchemaTooNew { found: i64, known: i64 },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync on every commit: an acknowledged write survives a power cut.
+    Full,
+    /// WAL with synchronous=NORMAL: survives a process crash, not a power cut.
+    /// For tests and throwaway simulations only.
+    Normal,
+}
+
+pub(crate) fn open_connection(path: &std::path::Path, durability: Durability) -> StoreResult<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+pub(crate) fn corrupt(table: &'static str, problem: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        problem: problem.to_string(),
+    }
+}
