@@ -85,6 +85,15 @@ impl Client {
         &self.base_url
     }
 
+    /// The same connection pool and token, another server.
+    pub fn with_base_url(&self, base_url: &str) -> Self {
+        Client {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            token: self.token.clone(),
+            http: self.http.clone(),
+        }
+    }
+
     pub fn with_token(&self, token: Option<String>) -> Self {
         Client {
             base_url: self.base_url.clone(),

@@ -1,1 +1,200 @@
+//! The leasehold broker (management server 10): the resource table, matching,
+//! leases and their keys, and the ledger, served over HTTP.
+//!
+//! Layout: `state` holds the in-memory resource table, `writer` is the single
+//! thread that changes it and group-commits to SQLite, `http` parses requests,
+//! checks roles and maps errors (in `error`), `openapi` describes the API.
 
+pub mod error;
+mod http;
+mod openapi;
+pub mod state;
+pub mod writer;
+
+pub use error::BrokerError;
+
+use ed25519_dalek::SigningKey;
+use leasehold_api::Role;
+use leasehold_service::SharedClock;
+use leasehold_store::broker::{BrokerDb, BrokerWrite};
+use leasehold_store::Durability;
+use sha2::{Digest, Sha256};
+use state::BrokerState;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use writer::{Effect, Writer};
+
+/// Lease keys live this long unless configured otherwise: a week.
+pub const DEFAULT_KEY_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+#[derive(Clone)]
+pub struct BrokerConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub durability: Durability,
+    /// The broker's cut of every charge, in basis points (1/100 %).
+    pub commission_basis_points: u32,
+    pub key_ttl_ms: u64,
+    pub clock: SharedClock,
+}
+
+pub(crate) struct AppState {
+    pub state: Arc<RwLock<BrokerState>>,
+    pub writer: Writer,
+    /// A second connection for history queries (bills, ledger), so reads
+    /// never wait behind the writer's commits.
+    pub reader: Mutex<BrokerDb>,
+    pub signing_key: SigningKey,
+    pub config: BrokerConfig,
+}
+
+/// A broker that is serving.
+pub struct RunningBroker {
+    pub local_addr: SocketAddr,
+    /// Set when this start created the first admin: its token, shown once.
+    pub bootstrap_admin_token: Option<String>,
+    app: Arc<AppState>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+pub fn new_token() -> String {
+    format!("lh_{}", hex::encode(rand::random::<[u8; 24]>()))
+}
+
+impl RunningBroker {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// Creates a principal directly (used by `leasehold up` to bootstrap).
+    pub async fn create_principal(&self, name: &str, role: Role) -> Result<String, BrokerError> {
+        http::create_principal(&self.app, name.to_string(), role).await
+    }
+
+    /// Stops accepting requests and waits for the server to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+    }
+
+    /// Waits until the server stops (after Ctrl-C / SIGTERM).
+    pub async fn wait(self) -> std::io::Result<()> {
+        match self.server.await {
+            Ok(result) => result,
+            Err(error) => Err(std::io::Error::other(error)),
+        }
+    }
+}
+
+/// Opens (or creates) the broker's database in `data_dir` and starts serving.
+/// Stops on Ctrl-C / SIGTERM or [`RunningBroker::shutdown`].
+pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| BrokerError::Internal(format!("cannot create {}: {e}", config.data_dir.display())))?;
+    let db_path = config.data_dir.join("broker.db");
+    let mut db = BrokerDb::open(&db_path, config.durability)?;
+    let reader = BrokerDb::open(&db_path, config.durability)?;
+    let snapshot = db.load()?;
+    let mut bootstrap = Vec::new();
+    // The signing key is made once and kept: keys stay valid across restarts.
+    let signing_key = match snapshot.meta.get("signing_key_seed_hex").and_then(|h| hex::decode(h).ok()) {
+        Some(bytes) if bytes.len() == 32 => {
+            let mut seed = [0u8; 32];
+            seed.copy_from_slice(&bytes);
+            leasehold_core::key::signing_key_from_seed(seed)
+        }
+        _ => {
+            let seed: [u8; 32] = rand::random();
+            bootstrap.push(BrokerWrite::PutMeta {
+                key: "signing_key_seed_hex".into(),
+                value: hex::encode(seed),
+            });
+            leasehold_core::key::signing_key_from_seed(seed)
+        }
+    };
+    let mut bootstrap_admin_token = None;
+    if snapshot.principals.is_empty() {
+        let token = new_token();
+        bootstrap.push(BrokerWrite::InsertPrincipal {
+            name: "admin".into(),
+            role: "admin".into(),
+            token_sha256: token_sha256(&token),
+            at_ms: config.clock.now_ms(),
+        });
+        bootstrap_admin_token = Some(token);
+    }
+    // Idempotency records older than a day are forgotten.
+    db.prune_idempotency(config.clock.now_ms().saturating_sub(24 * 3600 * 1000))?;
+    if !bootstrap.is_empty() {
+        db.apply(&bootstrap)?;
+    }
+    let snapshot = db.load()?;
+    let state = Arc::new(RwLock::new(BrokerState::from_snapshot(snapshot)?));
+    let notifier = leasehold_api::Client::new("http://unused", None);
+    let on_effect: Arc<dyn Fn(Effect) + Send + Sync> = Arc::new(move |effect| match effect {
+        Effect::NotifyAgent { agent_url, notice } => {
+            let client = notifier.with_base_url(&agent_url);
+            tokio::spawn(async move { deliver_notice(client, notice).await });
+        }
+    });
+    let (writer, _thread) = Writer::start(
+        db,
+        state.clone(),
+        config.clock.clone(),
+        tokio::runtime::Handle::current(),
+        on_effect,
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let app = Arc::new(AppState {
+        state,
+        writer,
+        reader: Mutex::new(reader),
+        signing_key,
+        config,
+    });
+    let router = http::router(app.clone());
+    let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = leasehold_service::shutdown_signal() => {},
+                    _ = shutdown_rx.changed() => {},
+                }
+            })
+            .await
+    });
+    Ok(RunningBroker {
+        local_addr,
+        bootstrap_admin_token,
+        app,
+        server,
+        shutdown,
+    })
+}
+
+/// Delivers a notice, retrying a few times. A notice that cannot be
+/// delivered is not fatal: the agent fences by epoch and key expiry anyway,
+/// and learns the current leases from the broker when it starts.
+async fn deliver_notice(client: leasehold_api::Client, notice: String) {
+    for attempt in 0..4u64 {
+        match client.send_notice(&notice).await {
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(agent = client.base_url(), attempt, %error, "cannot deliver a notice to the agent");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * (1 << (attempt * 2)))).await;
+            }
+        }
+    }
+}

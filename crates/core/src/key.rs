@@ -84,18 +84,30 @@ pub fn verifying_key_from_hex(text: &str) -> Option<VerifyingKey> {
     VerifyingKey::from_bytes(&bytes).ok()
 }
 
-/// Signs claims into a key. The same domain prefix is signed so that a key
+/// Signs claims into a key. The domain prefix is signed too, so that a key
 /// can never be confused with any other signed message of the broker.
 pub fn sign(claims: &LeaseKeyClaims, key: &SigningKey) -> String {
-    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialize"));
-    let message = format!("{PREFIX}.{body}");
-    let signature = key.sign(message.as_bytes());
-    format!("{message}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+    sign_with_prefix(PREFIX, claims, key)
 }
 
 /// Checks the format and signature and returns the claims. Binding to host,
 /// partition, lease, time and epoch is [`check_binding`]'s job.
 pub fn decode_and_verify(token: &str, key: &VerifyingKey) -> Result<LeaseKeyClaims, KeyRejection> {
+    decode_with_prefix(PREFIX, token, key)
+}
+
+fn sign_with_prefix<T: Serialize>(prefix: &str, claims: &T, key: &SigningKey) -> String {
+    let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialize"));
+    let message = format!("{prefix}.{body}");
+    let signature = key.sign(message.as_bytes());
+    format!("{message}.{}", URL_SAFE_NO_PAD.encode(signature.to_bytes()))
+}
+
+fn decode_with_prefix<T: serde::de::DeserializeOwned>(
+    expected_prefix: &str,
+    token: &str,
+    key: &VerifyingKey,
+) -> Result<T, KeyRejection> {
     if token.len() > MAX_KEY_LEN {
         return Err(KeyRejection::Malformed);
     }
@@ -105,7 +117,7 @@ pub fn decode_and_verify(token: &str, key: &VerifyingKey) -> Result<LeaseKeyClai
     else {
         return Err(KeyRejection::Malformed);
     };
-    if prefix != PREFIX {
+    if prefix != expected_prefix {
         return Err(KeyRejection::Malformed);
     }
     let signature_bytes = URL_SAFE_NO_PAD
@@ -117,6 +129,37 @@ pub fn decode_and_verify(token: &str, key: &VerifyingKey) -> Result<LeaseKeyClai
         .map_err(|_| KeyRejection::BadSignature)?;
     let claims_bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| KeyRejection::Malformed)?;
     serde_json::from_slice(&claims_bytes).map_err(|_| KeyRejection::Malformed)
+}
+
+const NOTICE_PREFIX: &str = "ln1";
+
+/// What the broker tells an agent about one of its partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeKind {
+    LeaseStarted,
+    LeaseReleased,
+}
+
+/// A signed notice from the broker to an agent (lock on lease, fence on
+/// release). Signed like a key, with its own prefix so one is never taken
+/// for the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoticeClaims {
+    pub kind: NoticeKind,
+    pub host_id: String,
+    pub partition_index: u32,
+    pub lease_id: LeaseId,
+    pub epoch: u64,
+    pub key_expires_at_ms: u64,
+}
+
+pub fn sign_notice(claims: &NoticeClaims, key: &SigningKey) -> String {
+    sign_with_prefix(NOTICE_PREFIX, claims, key)
+}
+
+pub fn decode_notice(token: &str, key: &VerifyingKey) -> Result<NoticeClaims, KeyRejection> {
+    decode_with_prefix(NOTICE_PREFIX, token, key)
 }
 
 /// What a host knows about one of its partitions when a key arrives.

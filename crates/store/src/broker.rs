@@ -367,6 +367,23 @@ impl BrokerDb {
         Ok(out)
     }
 
+    /// The transfers that settled one lease.
+    pub fn lease_transfers(&self, lease_id: u64) -> StoreResult<Vec<Transfer>> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT lease_id, debit_account, credit_account, amount_micros, at_ms FROM transfers WHERE lease_id = ?1 ORDER BY transfer_id",
+        )?;
+        let rows = statement.query_map(params![lease_id as i64], |r| {
+            Ok(Transfer {
+                lease_id: r.get::<_, i64>(0)? as u64,
+                debit_account: r.get(1)?,
+                credit_account: r.get(2)?,
+                amount_micros: r.get::<_, i64>(3)? as u64,
+                at_ms: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Balance (credits minus debits) of each account, over the whole ledger.
     pub fn balances(&self) -> StoreResult<Vec<(String, i64)>> {
         let mut statement = self.conn.prepare(

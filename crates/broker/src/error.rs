@@ -1,0 +1,73 @@
+//! The broker's error enum and its one mapping to HTTP statuses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use leasehold_core::matching::NoMatchExplanation;
+use leasehold_core::{FieldError, LeaseId, PartitionRef};
+use leasehold_service::ErrorResponse;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("missing or unknown token: send 'Authorization: Bearer TOKEN'")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(FieldError),
+    #[error("partition {partition} is leased (lease {lease_id}); try another partition")]
+    Conflict { partition: PartitionRef, lease_id: LeaseId },
+    #[error("partition {partition} is locked while leased (lease {lease_id}); alter or withdraw it after the lease is released")]
+    Locked { partition: PartitionRef, lease_id: LeaseId },
+    #[error("partition {0} was withdrawn by its lender")]
+    Withdrawn(PartitionRef),
+    #[error("no free partition meets the requirements")]
+    NoMatch(Box<NoMatchExplanation>),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("the broker is shutting down or its writer stopped")]
+    Unavailable,
+    #[error("storage failed: {0}")]
+    Store(#[from] leasehold_store::StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<FieldError> for BrokerError {
+    fn from(value: FieldError) -> Self {
+        BrokerError::Invalid(value)
+    }
+}
+
+impl BrokerError {
+    /// The one place where broker errors become HTTP statuses and codes.
+    pub fn to_error_response(&self) -> ErrorResponse {
+        let message = self.to_string();
+        match self {
+            BrokerError::Unauthorized => ErrorResponse::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
+            BrokerError::Forbidden(_) => ErrorResponse::new(StatusCode::FORBIDDEN, "forbidden", message),
+            BrokerError::NotFound(_) => ErrorResponse::new(StatusCode::NOT_FOUND, "not_found", message),
+            BrokerError::Invalid(field) => ErrorResponse::invalid_field(field),
+            BrokerError::Conflict { .. } => ErrorResponse::new(StatusCode::CONFLICT, "partition_taken", message),
+            BrokerError::Locked { .. } => ErrorResponse::new(StatusCode::CONFLICT, "partition_locked", message),
+            BrokerError::Withdrawn(_) => ErrorResponse::new(StatusCode::CONFLICT, "partition_withdrawn", message),
+            BrokerError::NoMatch(explanation) => {
+                let mut response = ErrorResponse::new(StatusCode::CONFLICT, "no_match", message);
+                response.detail.explanation = Some((**explanation).clone());
+                response
+            }
+            BrokerError::AlreadyExists(_) => ErrorResponse::new(StatusCode::CONFLICT, "already_exists", message),
+            BrokerError::Unavailable => ErrorResponse::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+            BrokerError::Store(_) | BrokerError::Internal(_) => {
+                ErrorResponse::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            }
+        }
+    }
+}
+
+impl IntoResponse for BrokerError {
+    fn into_response(self) -> Response {
+        self.to_error_response().into_response()
+    }
+}

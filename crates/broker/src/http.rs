@@ -1,0 +1,625 @@
+//! HTTP: parse, authenticate, check the role, hand the work to the state or
+//! the writer, map errors. No decisions are made here.
+
+use crate::error::BrokerError;
+use crate::state::{LeaseTarget, Principal};
+use crate::writer::Effect;
+use crate::{token_sha256, AppState};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use leasehold_api::*;
+use leasehold_core::key::{self, LeaseKeyClaims, NoticeClaims, NoticeKind};
+use leasehold_core::lease::{Bill, Lease, LeaseState, ReleaseOutcome};
+use leasehold_core::ledger::{self, BROKER_COMMISSION_ACCOUNT};
+use leasehold_core::{money, PartitionRef};
+use leasehold_service::{bearer_token, idempotency_key, ErrorResponse, JsonBody};
+use leasehold_store::broker::{LeaseFilter, PartitionRow};
+use serde::Deserialize;
+use std::sync::Arc;
+
+type App = State<Arc<AppState>>;
+type Answer<T> = Result<Json<T>, ErrorResponse>;
+
+const MAX_LIST: u32 = 10_000;
+const DEFAULT_LIST: u32 = 1000;
+
+pub(crate) fn router(app: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/broker", get(broker_info))
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/principals", post(create_principal_handler))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{host_id}", put(register_host))
+        .route(
+            "/v1/hosts/{host_id}/partitions/{index}",
+            put(put_partition).delete(withdraw_partition),
+        )
+        .route("/v1/partitions", get(list_partitions))
+        .route("/v1/find", post(find))
+        .route("/v1/leases", post(lease).get(list_leases))
+        .route("/v1/leases/{lease_id}", get(get_lease))
+        .route("/v1/leases/{lease_id}/release", post(release))
+        .route("/v1/bill", get(bill))
+        .route("/v1/ledger", get(ledger_view))
+        .fallback(leasehold_service::not_found_fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .with_state(app)
+}
+
+fn err(error: BrokerError) -> ErrorResponse {
+    error.to_error_response()
+}
+
+fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, ErrorResponse> {
+    let token = bearer_token(headers).ok_or_else(|| err(BrokerError::Unauthorized))?;
+    let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+    state
+        .authenticate(&token_sha256(token))
+        .cloned()
+        .ok_or_else(|| err(BrokerError::Unauthorized))
+}
+
+fn require_role(principal: &Principal, allowed: &[Role], action: &str) -> Result<(), ErrorResponse> {
+    if allowed.contains(&principal.role) {
+        Ok(())
+    } else {
+        let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        Err(err(BrokerError::Forbidden(format!(
+            "only a {} may {action}; '{}' is a {}",
+            names.join(" or "),
+            principal.name,
+            principal.role.as_str()
+        ))))
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
+}
+
+async fn broker_info(State(app): App) -> Json<BrokerInfo> {
+    Json(BrokerInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        public_key_hex: key::public_key_hex(&app.signing_key),
+        commission_basis_points: app.config.commission_basis_points,
+    })
+}
+
+async fn whoami(State(app): App, headers: HeaderMap) -> Answer<WhoAmI> {
+    let principal = authenticate(&app, &headers)?;
+    Ok(Json(WhoAmI {
+        name: principal.name,
+        role: principal.role,
+    }))
+}
+
+pub(crate) async fn create_principal(app: &AppState, name: String, role: Role) -> Result<String, BrokerError> {
+    let token = crate::new_token();
+    let hash = token_sha256(&token);
+    app.writer
+        .run(move |ctx| ctx.state.create_principal(&name, role, hash, ctx.now_ms, ctx.writes))
+        .await?;
+    Ok(token)
+}
+
+async fn create_principal_handler(
+    State(app): App,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<CreatePrincipalRequest>,
+) -> Result<(StatusCode, Json<PrincipalCreated>), ErrorResponse> {
+    let principal = authenticate(&app, &headers)?;
+    require_role(&principal, &[Role::Admin], "create principals")?;
+    let token = create_principal(&app, request.name.clone(), request.role)
+        .await
+        .map_err(err)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(PrincipalCreated {
+            name: request.name,
+            role: request.role,
+            token,
+        }),
+    ))
+}
+
+fn host_view(entry: &crate::state::HostEntry) -> HostView {
+    HostView {
+        host_id: entry.row.host_id.clone(),
+        lender: entry.row.lender.clone(),
+        agent_url: entry.row.agent_url.clone(),
+        capacity: entry.row.capacity.clone(),
+        partitions: entry.partitions.len() as u64,
+    }
+}
+
+async fn list_hosts(State(app): App, headers: HeaderMap) -> Answer<Vec<HostView>> {
+    authenticate(&app, &headers)?;
+    let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+    let mut hosts: Vec<HostView> = state.hosts.values().map(host_view).collect();
+    hosts.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+    hosts.truncate(MAX_LIST as usize);
+    Ok(Json(hosts))
+}
+
+async fn register_host(
+    State(app): App,
+    headers: HeaderMap,
+    Path(host_id): Path<String>,
+    JsonBody(request): JsonBody<RegisterHostRequest>,
+) -> Answer<HostView> {
+    let principal = authenticate(&app, &headers)?;
+    require_role(&principal, &[Role::Lender], "register hosts")?;
+    let host_id_for_view = host_id.clone();
+    app.writer
+        .run(move |ctx| {
+            ctx.state.register_host(
+                &principal.name,
+                &host_id,
+                request.agent_url,
+                request.capacity,
+                ctx.now_ms,
+                ctx.writes,
+            )
+        })
+        .await
+        .map_err(err)?;
+    let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+    let entry = state
+        .hosts
+        .get(&host_id_for_view)
+        .ok_or_else(|| err(BrokerError::Internal("host vanished after registration".into())))?;
+    Ok(Json(host_view(entry)))
+}
+
+fn partition_view(row: PartitionRow) -> PartitionView {
+    PartitionView {
+        partition: row.partition,
+        terms: row.terms,
+        lease_id: row.lease_id,
+        withdrawn: row.withdrawn,
+        epoch: row.epoch,
+    }
+}
+
+fn parse_index(text: &str) -> Result<u32, ErrorResponse> {
+    text.parse::<u32>().map_err(|_| {
+        err(BrokerError::Invalid(leasehold_core::FieldError::new(
+            "index",
+            format!("'{text}' is not a partition index"),
+        )))
+    })
+}
+
+async fn put_partition(
+    State(app): App,
+    headers: HeaderMap,
+    Path((host_id, index)): Path<(String, String)>,
+    JsonBody(request): JsonBody<RegisterPartitionRequest>,
+) -> Answer<PartitionView> {
+    let principal = authenticate(&app, &headers)?;
+    require_role(&principal, &[Role::Lender], "register or alter partitions")?;
+    let partition = PartitionRef::new(host_id, parse_index(&index)?);
+    let row = app
+        .writer
+        .run(move |ctx| ctx.state.put_partition(&principal.name, &partition, request.terms, ctx.writes))
+        .await
+        .map_err(err)?;
+    Ok(Json(partition_view(row)))
+}
+
+async fn withdraw_partition(
+    State(app): App,
+    headers: HeaderMap,
+    Path((host_id, index)): Path<(String, String)>,
+) -> Answer<PartitionView> {
+    let principal = authenticate(&app, &headers)?;
+    require_role(&principal, &[Role::Lender], "withdraw partitions")?;
+    let partition = PartitionRef::new(host_id, parse_index(&index)?);
+    let row = app
+        .writer
+        .run(move |ctx| ctx.state.withdraw_partition(&principal.name, &partition, ctx.writes))
+        .await
+        .map_err(err)?;
+    Ok(Json(partition_view(row)))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    host: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_partitions(
+    State(app): App,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Answer<Vec<PartitionView>> {
+    let principal = authenticate(&app, &headers)?;
+    require_role(&principal, &[Role::Lender, Role::Admin], "list partitions with their status (borrowers use find)")?;
+    let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST) as usize;
+    let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+    let views = state
+        .partitions
+        .iter()
+        .filter(|(p, _)| query.host.as_ref().is_none_or(|h| &p.host_id == h))
+        .filter(|(p, _)| {
+            principal.role == Role::Admin
+                || state
+                    .hosts
+                    .get(&p.host_id)
+                    .is_some_and(|h| h.row.lender == principal.name)
+        })
+        .take(limit)
+        .map(|(p, e)| PartitionView {
+            partition: p.clone(),
+            terms: e.terms.clone(),
+            lease_id: e.lease_id,
+            withdrawn: e.withdrawn,
+            epoch: e.epoch,
+        })
+        .collect();
+    Ok(Json(views))
+}
+
+async fn find(State(app): App, headers: HeaderMap, JsonBody(request): JsonBody<FindRequest>) -> Answer<FindResponse> {
+    authenticate(&app, &headers)?;
+    request
+        .requirements
+        .validate()
+        .map_err(|e| err(BrokerError::Invalid(leasehold_core::FieldError::new(format!("requirements.{}", e.field), e.problem))))?;
+    let limit = request.limit.unwrap_or(DEFAULT_FIND_LIMIT);
+    if limit == 0 || limit > MAX_FIND_LIMIT {
+        return Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
+            "limit",
+            format!("{limit} is out of range; must be between 1 and {MAX_FIND_LIMIT}"),
+        ))));
+    }
+    let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+    state
+        .check_known_image(&request.requirements, "requirements.image")
+        .map_err(err)?;
+    let offers: Vec<Offer> = state
+        .free
+        .find(&request.requirements, limit as usize)
+        .into_iter()
+        .map(|(partition, terms)| Offer { partition, terms })
+        .collect();
+    let explanation = offers.is_empty().then(|| state.explain(&request.requirements));
+    Ok(Json(FindResponse { offers, explanation }))
+}
+
+/// The view of a lease for `viewer`; the key only for its borrower while active.
+fn lease_view(app: &AppState, lease: &Lease, viewer: &Principal) -> LeaseView {
+    let agent_url = {
+        let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+        state
+            .hosts
+            .get(&lease.partition.host_id)
+            .and_then(|h| h.row.agent_url.clone())
+    };
+    let lease_key = (lease.state == LeaseState::Active && viewer.name == lease.borrower)
+        .then(|| sign_lease_key(app, lease));
+    LeaseView {
+        lease_id: lease.lease_id,
+        partition: lease.partition.clone(),
+        borrower: lease.borrower.clone(),
+        lender: lease.lender.clone(),
+        terms: lease.terms.clone(),
+        epoch: lease.epoch,
+        state: lease.state,
+        started_at_ms: lease.started_at_ms,
+        key_expires_at_ms: lease.key_expires_at_ms,
+        release_requested_at_ms: lease.release_requested_at_ms,
+        charge_micros: lease.charge_micros,
+        agent_url,
+        lease_key,
+    }
+}
+
+/// Keys are derived from the lease (ed25519 signatures are deterministic),
+/// so they need not be stored and survive a restart unchanged.
+fn sign_lease_key(app: &AppState, lease: &Lease) -> String {
+    key::sign(
+        &LeaseKeyClaims {
+            lease_id: lease.lease_id,
+            host_id: lease.partition.host_id.clone(),
+            partition_index: lease.partition.index,
+            epoch: lease.epoch,
+            borrower: lease.borrower.clone(),
+            issued_at_ms: lease.started_at_ms,
+            expires_at_ms: lease.key_expires_at_ms,
+        },
+        &app.signing_key,
+    )
+}
+
+fn notice_effect(app: &AppState, state: &crate::state::BrokerState, lease: &Lease, kind: NoticeKind) -> Option<Effect> {
+    let agent_url = state.hosts.get(&lease.partition.host_id)?.row.agent_url.clone()?;
+    let notice = key::sign_notice(
+        &NoticeClaims {
+            kind,
+            host_id: lease.partition.host_id.clone(),
+            partition_index: lease.partition.index,
+            lease_id: lease.lease_id,
+            epoch: lease.epoch,
+            key_expires_at_ms: lease.key_expires_at_ms,
+        },
+        &app.signing_key,
+    );
+    Some(Effect::NotifyAgent { agent_url, notice })
+}
+
+async fn lease(
+    State(app): App,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<LeaseRequest>,
+) -> Result<(StatusCode, Json<LeaseView>), ErrorResponse> {
+    let principal = authenticate(&app, &headers)?;
+    require_role(&principal, &[Role::Borrower], "lease partitions")?;
+    let idempotency = idempotency_key(&headers)?;
+    let target = match (request.partition, request.best) {
+        (Some(text), None) => LeaseTarget::Named(text.parse().map_err(|e| err(BrokerError::Invalid(e)))?),
+        (None, Some(requirements)) => LeaseTarget::Best(requirements),
+        _ => {
+            return Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
+                "partition",
+                "give exactly one of 'partition' (HOST/INDEX) or 'best' (requirements)",
+            ))))
+        }
+    };
+    let borrower = principal.name.clone();
+    let app_for_job = app.clone();
+    let (lease, replayed) = app
+        .writer
+        .run(move |ctx| {
+            if let Some(key) = &idempotency {
+                if let Some(lease_id) = ctx.state.idempotent_leases.get(&(borrower.clone(), key.clone())) {
+                    let lease = match ctx.state.active_leases.get(lease_id) {
+                        Some(lease) => lease.clone(),
+                        None => ctx
+                            .db
+                            .lease(*lease_id)?
+                            .ok_or_else(|| BrokerError::Internal(format!("lease {lease_id} vanished")))?,
+                    };
+                    return Ok((lease, true));
+                }
+            }
+            let lease = ctx.state.conclude_lease(
+                &borrower,
+                &target,
+                ctx.now_ms,
+                app_for_job.config.key_ttl_ms,
+                ctx.writes,
+            )?;
+            if let Some(key) = idempotency {
+                ctx.state
+                    .idempotent_leases
+                    .insert((borrower.clone(), key.clone()), lease.lease_id);
+                ctx.writes.push(leasehold_store::broker::BrokerWrite::PutIdempotency {
+                    principal: borrower.clone(),
+                    key,
+                    status: 201,
+                    body: lease.lease_id.to_string(),
+                    at_ms: ctx.now_ms,
+                });
+            }
+            if let Some(effect) = notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseStarted) {
+                ctx.effects.push(effect);
+            }
+            Ok((lease, false))
+        })
+        .await
+        .map_err(err)?;
+    let status = if replayed { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(lease_view(&app, &lease, &principal))))
+}
+
+fn parse_lease_id(text: &str) -> Result<u64, ErrorResponse> {
+    text.parse::<u64>().map_err(|_| {
+        err(BrokerError::Invalid(leasehold_core::FieldError::new(
+            "lease_id",
+            format!("'{text}' is not a lease id"),
+        )))
+    })
+}
+
+/// May `viewer` see this lease? Its borrower, its lender, admins.
+fn may_view(viewer: &Principal, lease: &Lease) -> bool {
+    viewer.role == Role::Admin || viewer.name == lease.borrower || viewer.name == lease.lender
+}
+
+async fn get_lease(State(app): App, headers: HeaderMap, Path(lease_id): Path<String>) -> Answer<LeaseView> {
+    let principal = authenticate(&app, &headers)?;
+    let lease_id = parse_lease_id(&lease_id)?;
+    let active = {
+        let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+        state.active_leases.get(&lease_id).cloned()
+    };
+    let lease = match active {
+        Some(lease) => Some(lease),
+        None => app
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lease(lease_id)
+            .map_err(|e| err(e.into()))?,
+    };
+    match lease {
+        Some(lease) if may_view(&principal, &lease) => Ok(Json(lease_view(&app, &lease, &principal))),
+        Some(_) => Err(err(BrokerError::Forbidden(format!(
+            "lease {lease_id} is not yours: only its borrower, its lender and admins may see it"
+        )))),
+        None => Err(err(BrokerError::NotFound(format!("no lease {lease_id}")))),
+    }
+}
+
+async fn list_leases(
+    State(app): App,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Answer<Vec<LeaseView>> {
+    let principal = authenticate(&app, &headers)?;
+    let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
+    let leases = leases_of(&app, &principal, limit)?;
+    Ok(Json(leases.iter().map(|l| lease_view(&app, l, &principal)).collect()))
+}
+
+fn leases_of(app: &AppState, principal: &Principal, limit: u32) -> Result<Vec<Lease>, ErrorResponse> {
+    let filter = match principal.role {
+        Role::Admin => LeaseFilter::All,
+        Role::Borrower => LeaseFilter::Borrower(principal.name.clone()),
+        Role::Lender => LeaseFilter::Lender(principal.name.clone()),
+    };
+    app.reader
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .leases(&filter, limit)
+        .map_err(|e| err(e.into()))
+}
+
+async fn release(State(app): App, headers: HeaderMap, Path(lease_id): Path<String>) -> Answer<ReleaseReceipt> {
+    let principal = authenticate(&app, &headers)?;
+    let lease_id = parse_lease_id(&lease_id)?;
+    idempotency_key(&headers)?;
+    let releaser = principal.clone();
+    let app_for_job = app.clone();
+    let (lease, bill, already_released) = app
+        .writer
+        .run(move |ctx| {
+            let commission = app_for_job.config.commission_basis_points;
+            let Some(mut lease) = ctx.state.active_leases.get(&lease_id).cloned() else {
+                // Released before: answer with the bill already written.
+                if let Some((lease, bill)) = ctx.released_this_batch.get(&lease_id) {
+                    check_releaser(&releaser, lease)?;
+                    return Ok((lease.clone(), *bill, true));
+                }
+                let lease = ctx
+                    .db
+                    .lease(lease_id)?
+                    .ok_or_else(|| BrokerError::NotFound(format!("no lease {lease_id}")))?;
+                check_releaser(&releaser, &lease)?;
+                let bill = stored_bill(ctx.db, &lease)?;
+                return Ok((lease, bill, true));
+            };
+            check_releaser(&releaser, &lease)?;
+            let ReleaseOutcome::Released(bill) = lease.release(ctx.now_ms, commission).map_err(|e| BrokerError::Internal(e.to_string()))? else {
+                return Err(BrokerError::Internal(format!("lease {lease_id} was active and released at once")));
+            };
+            ctx.writes.push(leasehold_store::broker::BrokerWrite::UpdateLease(lease.clone()));
+            for transfer in ledger::settle(&bill, lease.lease_id, &lease.borrower, &lease.lender, ctx.now_ms) {
+                ctx.writes.push(leasehold_store::broker::BrokerWrite::InsertTransfer(transfer));
+            }
+            ctx.state.free_partition_of(&lease, ctx.writes);
+            if let Some(effect) = notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseReleased) {
+                ctx.effects.push(effect);
+            }
+            ctx.released_this_batch.insert(lease_id, (lease.clone(), bill));
+            Ok((lease, bill, false))
+        })
+        .await
+        .map_err(err)?;
+    Ok(Json(ReleaseReceipt {
+        lease: lease_view(&app, &lease, &principal),
+        bill,
+        already_released,
+    }))
+}
+
+fn check_releaser(releaser: &Principal, lease: &Lease) -> Result<(), BrokerError> {
+    if releaser.name != lease.borrower {
+        return Err(BrokerError::Forbidden(format!(
+            "only the borrower of lease {} may release it",
+            lease.lease_id
+        )));
+    }
+    Ok(())
+}
+
+/// The bill of a lease released earlier, rebuilt from the lease and its transfers.
+fn stored_bill(db: &leasehold_store::broker::BrokerDb, lease: &Lease) -> Result<Bill, BrokerError> {
+    let transfers = db.lease_transfers(lease.lease_id)?;
+    let commission: u64 = transfers
+        .iter()
+        .filter(|t| t.credit_account == BROKER_COMMISSION_ACCOUNT)
+        .map(|t| t.amount_micros)
+        .sum();
+    let charge = lease.charge_micros.unwrap_or(0);
+    Ok(Bill {
+        billable_seconds: money::billable_seconds(lease.started_at_ms, lease.release_requested_at_ms.unwrap_or(lease.started_at_ms)),
+        charge_micros: charge,
+        lender_credit_micros: charge.saturating_sub(commission),
+        commission_micros: commission,
+    })
+}
+
+fn accounts_of(principal: &Principal) -> Vec<String> {
+    match principal.role {
+        Role::Borrower => vec![ledger::borrower_account(&principal.name)],
+        Role::Lender => vec![ledger::lender_account(&principal.name)],
+        Role::Admin => vec![BROKER_COMMISSION_ACCOUNT.to_string()],
+    }
+}
+
+async fn bill(State(app): App, headers: HeaderMap) -> Answer<BillView> {
+    let principal = authenticate(&app, &headers)?;
+    let leases = leases_of(&app, &principal, DEFAULT_LIST)?;
+    let accounts = accounts_of(&principal);
+    let balances = app
+        .reader
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .balances()
+        .map_err(|e| err(e.into()))?;
+    let balance = balances
+        .iter()
+        .filter(|(account, _)| accounts.contains(account))
+        .map(|(_, b)| *b)
+        .sum();
+    Ok(Json(BillView {
+        principal: principal.name.clone(),
+        role: principal.role,
+        leases: leases.iter().map(|l| lease_view(&app, l, &principal)).collect(),
+        balance_micros: balance,
+    }))
+}
+
+async fn ledger_view(State(app): App, headers: HeaderMap, Query(query): Query<ListQuery>) -> Answer<LedgerView> {
+    let principal = authenticate(&app, &headers)?;
+    let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
+    let accounts = (principal.role != Role::Admin).then(|| accounts_of(&principal));
+    let reader = app.reader.lock().unwrap_or_else(|p| p.into_inner());
+    let transfers = reader
+        .transfers(accounts.as_deref(), limit)
+        .map_err(|e| err(e.into()))?;
+    let balances: Vec<AccountBalance> = reader
+        .balances()
+        .map_err(|e| err(e.into()))?
+        .into_iter()
+        .filter(|(account, _)| accounts.as_ref().is_none_or(|a| a.contains(account)))
+        .map(|(account, balance_micros)| AccountBalance { account, balance_micros })
+        .collect();
+    let sum_micros = balances.iter().map(|b| b.balance_micros).sum();
+    Ok(Json(LedgerView {
+        transfers: transfers
+            .into_iter()
+            .map(|(transfer_id, t)| LedgerEntry {
+                transfer_id,
+                lease_id: t.lease_id,
+                debit_account: t.debit_account,
+                credit_account: t.credit_account,
+                amount_micros: t.amount_micros,
+                at_ms: t.at_ms,
+            })
+            .collect(),
+        balances,
+        sum_micros,
+    }))
+}

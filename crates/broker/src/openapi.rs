@@ -1,0 +1,39 @@
+//! The OpenAPI document of the broker, served at `/openapi.json`.
+
+use serde_json::{json, Value};
+
+fn op(summary: &str, role: &str) -> Value {
+    json!({"summary": summary, "description": format!("Role: {role}."), "responses": {"200": {"description": "OK"}, "4XX": {"description": "An error body {error: {code, message, field}}"}}})
+}
+
+pub fn document() -> Value {
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "leasehold broker", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Resource table, matching, leases, lease keys and ledger. Authenticate with 'Authorization: Bearer TOKEN'. Mutating requests may carry an 'Idempotency-Key' header. Money is integer micro-units."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/health": {"get": op("Liveness", "none")},
+            "/v1/broker": {"get": op("Version, public key for verifying lease keys, commission", "none")},
+            "/v1/whoami": {"get": op("The caller's name and role", "any")},
+            "/v1/principals": {"post": op("Create a principal {name, role}; returns its token once", "admin")},
+            "/v1/hosts": {"get": op("List hosts", "any")},
+            "/v1/hosts/{host_id}": {"put": op("Register or update a host {agent_url, capacity}", "lender")},
+            "/v1/hosts/{host_id}/partitions/{index}": {
+                "put": op("Register or alter a partition {terms}; refused with 409 partition_locked while leased", "lender owning the host"),
+                "delete": op("Withdraw a partition; refused with 409 partition_locked while leased", "lender owning the host")
+            },
+            "/v1/partitions": {"get": op("Partitions with their lending status (?host=, ?limit=)", "lender (own) or admin")},
+            "/v1/find": {"post": op("Find free partitions {requirements, limit}: cheapest first, then best fit; an explanation when none match", "any")},
+            "/v1/leases": {
+                "post": op("Conclude a lease {partition} or {best: requirements}; 201 with the lease key, 409 partition_taken", "borrower"),
+                "get": op("Leases of the caller (borrower: borrowed, lender: lent, admin: all)", "any")
+            },
+            "/v1/leases/{lease_id}": {"get": op("One lease; the key is shown to its borrower while active", "borrower, lender, admin")},
+            "/v1/leases/{lease_id}/release": {"post": op("Release a lease and bill it once; retries answer with the same bill", "the lease's borrower")},
+            "/v1/bill": {"get": op("The caller's leases and balance", "any")},
+            "/v1/ledger": {"get": op("Transfers and balances (admin: whole ledger, sums to zero)", "any")}
+        }
+    })
+}
