@@ -1,1 +1,475 @@
+//! The leasehold agent (lending server 1a): the host's partition table
+//! (FIG. 2), the lender's interface (add, alter, withdraw partitions and
+//! register them with the broker, FIG. 6-7), the key check (S52-S54), and
+//! job execution through a partition driver (FIG. 5 and 9).
 
+pub mod driver;
+pub mod error;
+mod http;
+
+pub use error::AgentError;
+
+use driver::{DriverKind, JobEnd, JobSpec, PartitionDriver, PartitionSpec};
+use ed25519_dalek::VerifyingKey;
+use leasehold_api::{AgentPartitionView, JobResult, JobState, LendingFlag, RegisterHostRequest, RegisterPartitionRequest};
+use leasehold_core::key::{self, KeyAcceptance, KeyRejection, NoticeKind, PartitionKeyState};
+use leasehold_core::{FieldError, HostCapacity, PartitionRef, Terms};
+use leasehold_service::SharedClock;
+use leasehold_store::agent::{AgentDb, AgentPartitionRow, JobRow};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub host_id: String,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub broker_url: String,
+    /// The lender's token: the agent registers with it, and the lender's
+    /// interface on this agent accepts only it.
+    pub lender_token: String,
+    pub driver: DriverKind,
+    pub capacity: HostCapacity,
+    /// The URL borrowers and the broker use to reach this agent; defaults to
+    /// `http://` + the address it listens on.
+    pub advertise_url: Option<String>,
+    pub clock: SharedClock,
+}
+
+pub(crate) struct Agent {
+    pub config: AgentConfig,
+    pub db: Mutex<AgentDb>,
+    pub driver: Box<dyn PartitionDriver>,
+    pub broker: leasehold_api::Client,
+    pub broker_key: VerifyingKey,
+    /// One lock per partition: jobs on one lease run one after another, and
+    /// a release waits for the running job before it wipes the partition.
+    partition_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// An agent that is serving.
+pub struct RunningAgent {
+    pub local_addr: SocketAddr,
+    pub driver_name: &'static str,
+    /// What the start-up reconciliation did, for the operator.
+    pub reconciled: Vec<String>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl RunningAgent {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+    }
+
+    pub async fn wait(self) -> std::io::Result<()> {
+        match self.server.await {
+            Ok(result) => result,
+            Err(error) => Err(std::io::Error::other(error)),
+        }
+    }
+}
+
+fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
+    AgentPartitionView {
+        partition: PartitionRef::new(host_id, row.index),
+        terms: row.terms.clone(),
+        lending_flag: if row.registered {
+            LendingFlag::Registered
+        } else {
+            LendingFlag::Unregistered
+        },
+        epoch: row.epoch,
+        lease_id: row.lease_id,
+        released_through_epoch: row.released_through_epoch,
+        built: row.built,
+    }
+}
+
+/// Starts an agent: opens its partition table, pins the broker's public key,
+/// registers the host and reconciles its partitions with the broker, then
+/// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
+pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
+    leasehold_core::ids::validate_host_id("host_id", &config.host_id)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| AgentError::Internal(format!("cannot create {}: {e}", config.data_dir.display())))?;
+    let db = AgentDb::open(&config.data_dir.join("agent.db"))?;
+    let lost = db.mark_running_jobs_lost(config.clock.now_ms())?;
+    let mut reconciled = Vec::new();
+    if lost > 0 {
+        reconciled.push(format!("{lost} job(s) were running when the agent stopped; marked lost"));
+    }
+    let broker = leasehold_api::Client::new(&config.broker_url, Some(config.lender_token.clone()));
+    // Trust on first use: the broker's key is pinned in the partition table,
+    // so a different broker (or a swapped key) cannot mint keys for us.
+    let pinned = db.meta("broker_public_key_hex")?;
+    let key_hex = match broker.broker_info().await {
+        Ok(info) => {
+            if let Some(pinned) = &pinned {
+                if pinned != &info.public_key_hex {
+                    return Err(AgentError::Internal(format!(
+                        "the broker at {} has public key {}, but this agent pinned {pinned}; refusing to trust it (delete {} to start over)",
+                        config.broker_url,
+                        info.public_key_hex,
+                        config.data_dir.display()
+                    )));
+                }
+            } else {
+                db.put_meta("broker_public_key_hex", &info.public_key_hex)?;
+            }
+            info.public_key_hex
+        }
+        Err(error) => match pinned {
+            // Keys verify offline, so a pinned key lets the agent serve jobs
+            // while the broker is away.
+            Some(pinned) => {
+                reconciled.push(format!("broker unreachable at start ({error}); serving with the pinned key"));
+                pinned
+            }
+            None => return Err(AgentError::BrokerUnreachable(error)),
+        },
+    };
+    let broker_key = key::verifying_key_from_hex(&key_hex)
+        .ok_or_else(|| AgentError::Internal("the broker's public key is malformed".into()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| AgentError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
+    let local_addr = listener.local_addr().map_err(|e| AgentError::Internal(e.to_string()))?;
+    let driver = driver::make_driver(&config.driver);
+    let driver_name = driver.name();
+    let agent = Arc::new(Agent {
+        config: config.clone(),
+        db: Mutex::new(db),
+        driver,
+        broker,
+        broker_key,
+        partition_locks: Mutex::new(HashMap::new()),
+    });
+    let advertise = config
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local_addr}"));
+    match agent.register_and_reconcile(&advertise).await {
+        Ok(mut notes) => reconciled.append(&mut notes),
+        Err(AgentError::BrokerUnreachable(error)) => {
+            reconciled.push(format!("could not register with the broker: {error}"))
+        }
+        Err(other) => return Err(other),
+    }
+    let router = http::router(agent.clone());
+    let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = leasehold_service::shutdown_signal() => {},
+                    _ = shutdown_rx.changed() => {},
+                }
+            })
+            .await
+    });
+    Ok(RunningAgent {
+        local_addr,
+        driver_name,
+        reconciled,
+        server,
+        shutdown,
+    })
+}
+
+impl Agent {
+    fn db(&self) -> std::sync::MutexGuard<'_, AgentDb> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn partition_lock(&self, index: u32) -> Arc<tokio::sync::Mutex<()>> {
+        self.partition_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(index)
+            .or_default()
+            .clone()
+    }
+
+    fn host_id(&self) -> &str {
+        &self.config.host_id
+    }
+
+    fn load(&self, index: u32) -> Result<AgentPartitionRow, AgentError> {
+        self.db()
+            .partition(index)?
+            .ok_or_else(|| AgentError::NotFound(format!("no partition {} on host {}", index, self.host_id())))
+    }
+
+    pub(crate) fn view(&self, row: &AgentPartitionRow) -> AgentPartitionView {
+        row_view(self.host_id(), row)
+    }
+
+    /// Registers the host and brings the broker and the partition table into
+    /// agreement: partitions the broker lacks are registered, leases the
+    /// broker knows are adopted (so the partition is locked here too).
+    async fn register_and_reconcile(&self, advertise_url: &str) -> Result<Vec<String>, AgentError> {
+        let mut notes = Vec::new();
+        self.broker
+            .register_host(
+                self.host_id(),
+                &RegisterHostRequest {
+                    agent_url: Some(advertise_url.to_string()),
+                    capacity: self.config.capacity.clone(),
+                },
+            )
+            .await?;
+        let at_broker: HashMap<u32, leasehold_api::PartitionView> = self
+            .broker
+            .list_partitions()
+            .await?
+            .into_iter()
+            .filter(|p| p.partition.host_id == self.host_id())
+            .map(|p| (p.partition.index, p))
+            .collect();
+        let rows = self.db().partitions()?;
+        for mut row in rows {
+            match at_broker.get(&row.index) {
+                Some(view) if !view.withdrawn => {
+                    if view.epoch > row.epoch {
+                        if let Some(lease_id) = view.lease_id {
+                            notes.push(format!("partition {}: adopted lease {lease_id} from the broker", row.index));
+                            row.lease_id = Some(lease_id);
+                        } else {
+                            row.lease_id = None;
+                            row.released_through_epoch = view.epoch;
+                            row.built = false;
+                            self.driver.wipe(row.index)?;
+                        }
+                        row.epoch = view.epoch;
+                    } else if view.lease_id.is_none() && row.lease_id.is_some() {
+                        notes.push(format!("partition {}: its lease ended while the agent was away; wiped", row.index));
+                        row.released_through_epoch = row.epoch;
+                        row.lease_id = None;
+                        row.built = false;
+                        self.driver.wipe(row.index)?;
+                    }
+                    row.registered = true;
+                    self.db().update_partition(&row)?;
+                }
+                _ => {
+                    let request = RegisterPartitionRequest { terms: row.terms.clone() };
+                    self.broker.register_partition(self.host_id(), row.index, &request).await?;
+                    row.registered = true;
+                    self.db().update_partition(&row)?;
+                    notes.push(format!("partition {}: registered with the broker", row.index));
+                }
+            }
+        }
+        Ok(notes)
+    }
+
+    fn validate_terms(&self, terms: &Terms, except_index: Option<u32>) -> Result<(), AgentError> {
+        let images = self.driver.images();
+        terms
+            .validate(Some(&images))
+            .map_err(|e| FieldError::new(format!("terms.{}", e.field), e.problem))?;
+        let rows = self.db().partitions()?;
+        let others = rows
+            .iter()
+            .filter(|r| Some(r.index) != except_index)
+            .map(|r| &r.terms);
+        self.config
+            .capacity
+            .admits(others, terms)
+            .map_err(|e| FieldError::new(format!("terms.{}", e.field), e.problem))?;
+        Ok(())
+    }
+
+    /// FIG. 6: write the partition table (S12-S13), register with the broker
+    /// (S14-S17), set the lending flag (S18-S19). If the broker refuses,
+    /// the row is removed again: nothing half-written stays behind.
+    pub(crate) async fn add_partition(&self, terms: Terms) -> Result<AgentPartitionRow, AgentError> {
+        self.validate_terms(&terms, None)?;
+        let mut row = self.db().insert_partition(&terms)?;
+        let request = RegisterPartitionRequest { terms };
+        if let Err(error) = self.broker.register_partition(self.host_id(), row.index, &request).await {
+            self.db().delete_partition(row.index)?;
+            return Err(error.into());
+        }
+        row.registered = true;
+        self.db().update_partition(&row)?;
+        Ok(row)
+    }
+
+    /// FIG. 7: refused here while leased (the lock), then at the broker
+    /// (S22-S26), and only then written here (S30-S31).
+    pub(crate) async fn alter_partition(&self, index: u32, terms: Terms) -> Result<AgentPartitionRow, AgentError> {
+        let mut row = self.load(index)?;
+        if let Some(lease_id) = row.lease_id {
+            return Err(AgentError::Locked { index, lease_id });
+        }
+        self.validate_terms(&terms, Some(index))?;
+        let request = RegisterPartitionRequest { terms: terms.clone() };
+        self.broker.register_partition(self.host_id(), index, &request).await?;
+        row.terms = terms;
+        row.registered = true;
+        self.db().update_partition(&row)?;
+        Ok(row)
+    }
+
+    pub(crate) async fn withdraw_partition(&self, index: u32) -> Result<AgentPartitionRow, AgentError> {
+        let row = self.load(index)?;
+        if let Some(lease_id) = row.lease_id {
+            return Err(AgentError::Locked { index, lease_id });
+        }
+        match self.broker.withdraw_partition(self.host_id(), index).await {
+            Ok(_) => {}
+            Err(error) if error.status() == Some(404) => {}
+            Err(error) => return Err(error.into()),
+        }
+        self.driver.wipe(index)?;
+        self.db().delete_partition(index)?;
+        Ok(row)
+    }
+
+    /// FIG. 9: check the key (S52-S54), build the partition if needed
+    /// (FIG. 5), run the job (S55) and report its end (S56-S57).
+    pub(crate) async fn run_job(
+        &self,
+        index: u32,
+        lease_key: &str,
+        command: Vec<String>,
+        timeout_ms: Option<u64>,
+    ) -> Result<JobResult, AgentError> {
+        let claims = key::decode_and_verify(lease_key, &self.broker_key).map_err(AgentError::KeyRejected)?;
+        let lock = self.partition_lock(index);
+        let _guard = lock.lock().await;
+        let mut row = self.load(index).map_err(|error| match error {
+            AgentError::NotFound(_) if claims.partition_index != index => AgentError::KeyRejected(KeyRejection::WrongPartition),
+            other => other,
+        })?;
+        let now_ms = self.config.clock.now_ms();
+        let acceptance = key::check_binding(
+            &claims,
+            self.host_id(),
+            index,
+            None,
+            PartitionKeyState {
+                epoch: row.epoch,
+                lease_id: row.lease_id,
+                released_through_epoch: row.released_through_epoch,
+            },
+            now_ms,
+        )
+        .map_err(AgentError::KeyRejected)?;
+        if acceptance == KeyAcceptance::AdoptNewer {
+            // A newer lease than we knew: the previous borrower's files go.
+            if row.built {
+                self.driver.wipe(index)?;
+            }
+            row.epoch = claims.epoch;
+            row.lease_id = Some(claims.lease_id);
+            row.key_expires_at_ms = Some(claims.expires_at_ms);
+            row.built = false;
+            self.db().update_partition(&row)?;
+        }
+        let spec = PartitionSpec {
+            index,
+            terms: row.terms.clone(),
+        };
+        if !row.built {
+            self.driver.build(&spec)?;
+            row.built = true;
+            self.db().update_partition(&row)?;
+        }
+        let job_id = self.db().insert_job(index, claims.lease_id, &command, now_ms)?;
+        let outcome = self
+            .driver
+            .run_job(JobSpec {
+                partition: spec,
+                command: command.clone(),
+                timeout: timeout_ms.map(std::time::Duration::from_millis),
+            })
+            .await;
+        let (state, exit_code, stdout, stderr, truncated, wall_ms) = match outcome {
+            Ok(outcome) => {
+                let (state, code) = match outcome.end {
+                    JobEnd::Exited(0) => (JobState::Succeeded, Some(0)),
+                    JobEnd::Exited(code) => (JobState::Failed, Some(code)),
+                    JobEnd::Signalled(signal) => (JobState::Failed, Some(128 + signal)),
+                    JobEnd::TimedOut => (JobState::TimedOut, None),
+                };
+                (state, code, outcome.stdout, outcome.stderr, outcome.output_truncated, outcome.wall_ms)
+            }
+            Err(error) => (JobState::Failed, Some(127), String::new(), format!("{error}\n"), false, 0),
+        };
+        let state_text = serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "failed".into());
+        self.db().finish_job(&JobRow {
+            job_id,
+            index,
+            lease_id: claims.lease_id,
+            command,
+            state: state_text,
+            exit_code,
+            stdout: stdout.clone(),
+            stderr: stderr.clone(),
+            output_truncated: truncated,
+            started_at_ms: now_ms,
+            finished_at_ms: Some(self.config.clock.now_ms()),
+        })?;
+        Ok(JobResult {
+            job_id,
+            lease_id: claims.lease_id,
+            partition: PartitionRef::new(self.host_id(), index),
+            state,
+            exit_code,
+            stdout,
+            stderr,
+            output_truncated: truncated,
+            wall_ms,
+        })
+    }
+
+    /// A signed notice from the broker: lock on a new lease, fence and wipe
+    /// on release.
+    pub(crate) async fn apply_notice(&self, notice: &str) -> Result<(), AgentError> {
+        let claims = key::decode_notice(notice, &self.broker_key).map_err(AgentError::KeyRejected)?;
+        if claims.host_id != self.host_id() {
+            return Err(AgentError::KeyRejected(KeyRejection::WrongHost));
+        }
+        let lock = self.partition_lock(claims.partition_index);
+        let _guard = lock.lock().await;
+        let mut row = self.load(claims.partition_index)?;
+        match claims.kind {
+            NoticeKind::LeaseStarted => {
+                if claims.epoch > row.epoch && claims.epoch > row.released_through_epoch {
+                    if row.built {
+                        self.driver.wipe(row.index)?;
+                    }
+                    row.epoch = claims.epoch;
+                    row.lease_id = Some(claims.lease_id);
+                    row.key_expires_at_ms = Some(claims.key_expires_at_ms);
+                    row.built = false;
+                }
+            }
+            NoticeKind::LeaseReleased => {
+                row.released_through_epoch = row.released_through_epoch.max(claims.epoch);
+                row.epoch = row.epoch.max(claims.epoch);
+                if row.lease_id == Some(claims.lease_id) || row.lease_id.is_none() {
+                    row.lease_id = None;
+                    row.key_expires_at_ms = None;
+                    row.built = false;
+                    self.driver.wipe(row.index)?;
+                }
+            }
+        }
+        self.db().update_partition(&row)?;
+        Ok(())
+    }
+}

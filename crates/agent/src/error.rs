@@ -1,0 +1,85 @@
+//! The agent's error enum and its one mapping to HTTP statuses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use leasehold_core::key::KeyRejection;
+use leasehold_core::FieldError;
+use leasehold_service::ErrorResponse;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("missing or wrong token: the lender interface needs this host's lender token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(FieldError),
+    #[error("partition {index} is locked while leased (lease {lease_id}); alter or withdraw it after the lease is released")]
+    Locked { index: u32, lease_id: u64 },
+    #[error("{0}")]
+    KeyRejected(KeyRejection),
+    #[error("the broker refused: {0}")]
+    BrokerRefused(leasehold_api::ApiError),
+    #[error("the broker is unreachable: {0}")]
+    BrokerUnreachable(leasehold_api::ApiError),
+    #[error("{0}")]
+    Driver(#[from] crate::driver::DriverError),
+    #[error("storage failed: {0}")]
+    Store(#[from] leasehold_store::StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<FieldError> for AgentError {
+    fn from(value: FieldError) -> Self {
+        AgentError::Invalid(value)
+    }
+}
+
+impl From<leasehold_api::ApiError> for AgentError {
+    fn from(error: leasehold_api::ApiError) -> Self {
+        match error {
+            leasehold_api::ApiError::Status { .. } => AgentError::BrokerRefused(error),
+            other => AgentError::BrokerUnreachable(other),
+        }
+    }
+}
+
+impl AgentError {
+    /// The one place where agent errors become HTTP statuses and codes.
+    pub fn to_error_response(&self) -> ErrorResponse {
+        let message = self.to_string();
+        match self {
+            AgentError::Unauthorized => ErrorResponse::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
+            AgentError::NotFound(_) => ErrorResponse::new(StatusCode::NOT_FOUND, "not_found", message),
+            AgentError::Invalid(field) => ErrorResponse::invalid_field(field),
+            AgentError::Locked { .. } => ErrorResponse::new(StatusCode::CONFLICT, "partition_locked", message),
+            AgentError::KeyRejected(rejection) => {
+                let mut response = ErrorResponse::new(StatusCode::FORBIDDEN, "key_rejected", message);
+                response.detail.key_rejection = Some(rejection.clone());
+                response
+            }
+            AgentError::BrokerRefused(inner) => {
+                // Pass the broker's status and code through: the caller gets
+                // the same answer as if it had asked the broker itself.
+                let status = inner
+                    .status()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut response = ErrorResponse::new(status, inner.code().unwrap_or("broker_refused"), message);
+                response.detail.field = inner.detail().and_then(|d| d.field.clone());
+                response
+            }
+            AgentError::BrokerUnreachable(_) => ErrorResponse::new(StatusCode::BAD_GATEWAY, "broker_unreachable", message),
+            AgentError::Driver(_) | AgentError::Store(_) | AgentError::Internal(_) => {
+                ErrorResponse::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            }
+        }
+    }
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        self.to_error_response().into_response()
+    }
+}

@@ -1,0 +1,159 @@
+//! The agent's HTTP API: the lender's interface (owner token), job
+//! submission (lease key), and notices from the broker (signed).
+
+use crate::error::AgentError;
+use crate::Agent;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use leasehold_api::*;
+use leasehold_core::FieldError;
+use leasehold_service::{bearer_token, ErrorResponse, JsonBody};
+use std::sync::Arc;
+
+type App = State<Arc<Agent>>;
+type Answer<T> = Result<Json<T>, ErrorResponse>;
+
+pub(crate) fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/agent", get(info))
+        .route("/v1/partitions", post(add_partition).get(list_partitions))
+        .route("/v1/partitions/{index}", put(alter_partition).delete(withdraw_partition))
+        .route("/v1/partitions/{index}/jobs", post(submit_job))
+        .route("/v1/notices", post(notice))
+        .fallback(leasehold_service::not_found_fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .with_state(agent)
+}
+
+fn err(error: AgentError) -> ErrorResponse {
+    error.to_error_response()
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn require_lender(agent: &Agent, headers: &HeaderMap) -> Result<(), ErrorResponse> {
+    match bearer_token(headers) {
+        Some(token) if same_secret(token, &agent.config.lender_token) => Ok(()),
+        _ => Err(err(AgentError::Unauthorized)),
+    }
+}
+
+fn parse_index(text: &str) -> Result<u32, ErrorResponse> {
+    text.parse::<u32>()
+        .map_err(|_| err(AgentError::Invalid(FieldError::new("index", format!("'{text}' is not a partition index")))))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "openapi": "3.0.3",
+        "info": {"title": "leasehold agent", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "A host's partition table, lender interface and job submission. Lender calls need 'Authorization: Bearer LENDER_TOKEN'; jobs need a lease key from the broker."},
+        "paths": {
+            "/v1/health": {"get": {"summary": "Liveness"}},
+            "/v1/agent": {"get": {"summary": "Host id, driver, bootable images, capacity"}},
+            "/v1/partitions": {
+                "get": {"summary": "The partition table (lender)"},
+                "post": {"summary": "Add a lendable partition {terms} and register it with the broker (lender)"}
+            },
+            "/v1/partitions/{index}": {
+                "put": {"summary": "Alter a partition's terms {terms}; 409 partition_locked while leased (lender)"},
+                "delete": {"summary": "Withdraw a partition; 409 partition_locked while leased (lender)"}
+            },
+            "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms} and wait for its result; 403 key_rejected for a bad key"}},
+            "/v1/notices": {"post": {"summary": "A signed notice from the broker (lease started / released)"}}
+        }
+    }))
+}
+
+async fn info(State(agent): App) -> Json<AgentInfo> {
+    Json(AgentInfo {
+        host_id: agent.config.host_id.clone(),
+        driver: agent.driver.name().to_string(),
+        images: agent.driver.images(),
+        capacity: agent.config.capacity.clone(),
+        broker_url: agent.config.broker_url.clone(),
+    })
+}
+
+async fn add_partition(
+    State(agent): App,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<AddPartitionRequest>,
+) -> Result<(StatusCode, Json<AgentPartitionView>), ErrorResponse> {
+    require_lender(&agent, &headers)?;
+    let row = agent.add_partition(request.terms).await.map_err(err)?;
+    Ok((StatusCode::CREATED, Json(agent.view(&row))))
+}
+
+async fn list_partitions(State(agent): App, headers: HeaderMap) -> Answer<Vec<AgentPartitionView>> {
+    require_lender(&agent, &headers)?;
+    let rows = agent.db().partitions().map_err(|e| err(e.into()))?;
+    Ok(Json(rows.iter().map(|r| agent.view(r)).collect()))
+}
+
+async fn alter_partition(
+    State(agent): App,
+    headers: HeaderMap,
+    Path(index): Path<String>,
+    JsonBody(request): JsonBody<AddPartitionRequest>,
+) -> Answer<AgentPartitionView> {
+    require_lender(&agent, &headers)?;
+    let index = parse_index(&index)?;
+    let row = agent.alter_partition(index, request.terms).await.map_err(err)?;
+    Ok(Json(agent.view(&row)))
+}
+
+async fn withdraw_partition(State(agent): App, headers: HeaderMap, Path(index): Path<String>) -> Answer<AgentPartitionView> {
+    require_lender(&agent, &headers)?;
+    let index = parse_index(&index)?;
+    let row = agent.withdraw_partition(index).await.map_err(err)?;
+    Ok(Json(agent.view(&row)))
+}
+
+async fn submit_job(
+    State(agent): App,
+    Path(index): Path<String>,
+    JsonBody(request): JsonBody<SubmitJobRequest>,
+) -> Answer<JobResult> {
+    let index = parse_index(&index)?;
+    if request.command.is_empty() || request.command[0].is_empty() {
+        return Err(err(AgentError::Invalid(FieldError::new("command", "must name a program to run"))));
+    }
+    if request.command.len() > MAX_COMMAND_ARGS {
+        return Err(err(AgentError::Invalid(FieldError::new(
+            "command",
+            format!("at most {MAX_COMMAND_ARGS} arguments"),
+        ))));
+    }
+    let total: usize = request.command.iter().map(String::len).sum();
+    if total > MAX_COMMAND_BYTES || request.command.iter().any(|a| a.contains('\0')) {
+        return Err(err(AgentError::Invalid(FieldError::new(
+            "command",
+            format!("at most {MAX_COMMAND_BYTES} bytes in all, without NUL characters"),
+        ))));
+    }
+    if request.timeout_ms == Some(0) {
+        return Err(err(AgentError::Invalid(FieldError::new("timeout_ms", "must be at least 1"))));
+    }
+    let result = agent
+        .run_job(index, &request.lease_key, request.command, request.timeout_ms)
+        .await
+        .map_err(err)?;
+    Ok(Json(result))
+}
+
+async fn notice(State(agent): App, JsonBody(request): JsonBody<NoticeRequest>) -> Answer<serde_json::Value> {
+    agent.apply_notice(&request.notice).await.map_err(err)?;
+    Ok(Json(serde_json::json!({"applied": true})))
+}
