@@ -1,1 +1,135 @@
-fn main(){}
+//! `leasehold`: one binary for the broker, the agent, the all-in-one `up`,
+//! and the verbs of lenders, borrowers and admins.
+//!
+//! Exit codes: 0 success; 1 failure (an error from a service, or the
+//! network); 2 bad usage; 3 nothing matched (`find`, `lease --best`);
+//! 4 conflict (the partition is taken or locked); `run` exits with the job's
+//! own exit code (124 when it timed out, like `timeout(1)`).
+
+mod serve;
+mod verbs;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "leasehold",
+    version,
+    about = "A capacity exchange for partitioned servers: lend idle partitions, lease them, run jobs, pay by the second.",
+    long_about = "A capacity exchange for partitioned servers.\n\nStart everything on this machine with `leasehold up`, then use the printed tokens with `find`, `lease`, `run`, `release` and `bill`.\nEvery verb talks to the broker at --broker (or LEASEHOLD_BROKER) with the token in --token (or LEASEHOLD_TOKEN); `--output json` prints one JSON document for scripts.\n\nExit codes: 0 success, 1 failure, 2 bad usage, 3 nothing matched, 4 conflict (taken or locked); `run` exits with the job's exit code (124 on timeout)."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// The broker's URL.
+    #[arg(long, global = true, env = "LEASEHOLD_BROKER", default_value = "http://127.0.0.1:7070")]
+    pub broker: String,
+    /// Your token (as printed by `leasehold up` or `leasehold principal add`).
+    #[arg(long, global = true, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// `text` for people, `json` for scripts (one JSON document on stdout).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DriverChoice {
+    /// Real child processes with rlimits (development, trusted lending).
+    Process,
+    /// Simulated partitions and jobs in memory (simulations, benchmarks).
+    Sim,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a broker and a local agent lending part of this machine (all in one).
+    Up(serve::UpArgs),
+    /// Run a broker.
+    Broker(serve::BrokerArgs),
+    /// Run an agent on this host, registered with a broker.
+    Agent(serve::AgentArgs),
+    /// Admin: manage principals (lenders, borrowers, admins).
+    #[command(subcommand)]
+    Principal(verbs::PrincipalCommand),
+    /// Show who your token belongs to.
+    Whoami,
+    /// Lender: manage this host's lendable partitions (talks to the agent).
+    #[command(subcommand)]
+    Host(verbs::HostCommand),
+    /// Borrower: list free partitions that meet your requirements.
+    Find(verbs::FindArgs),
+    /// Borrower: lease a partition (by name, or the best match with --best).
+    Lease(verbs::LeaseArgs),
+    /// Borrower: run a job on a leased partition and show its output.
+    Run(verbs::RunArgs),
+    /// Borrower: release a lease; it is billed up to now.
+    Release(verbs::ReleaseArgs),
+    /// List your leases (borrowers: borrowed; lenders: lent; admins: all).
+    Leases,
+    /// Show your leases, charges and balance.
+    Bill,
+    /// Show ledger transfers and balances (admins: the whole ledger).
+    Ledger,
+}
+
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("'{text}' is not an address like 127.0.0.1:7070"))
+}
+
+pub fn default_data_dir() -> PathBuf {
+    PathBuf::from("leasehold-data")
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("build the tokio runtime");
+    let global = cli.global.clone();
+    let code = runtime.block_on(async move {
+        let result = match cli.command {
+            Command::Up(args) => serve::up(&global, args).await,
+            Command::Broker(args) => serve::broker(&global, args).await,
+            Command::Agent(args) => serve::agent(&global, args).await,
+            Command::Principal(command) => verbs::principal(&global, command).await,
+            Command::Whoami => verbs::whoami(&global).await,
+            Command::Host(command) => verbs::host(&global, command).await,
+            Command::Find(args) => verbs::find(&global, args).await,
+            Command::Lease(args) => verbs::lease(&global, args).await,
+            Command::Run(args) => verbs::run(&global, args).await,
+            Command::Release(args) => verbs::release(&global, args).await,
+            Command::Leases => verbs::leases(&global).await,
+            Command::Bill => verbs::bill(&global).await,
+            Command::Ledger => verbs::ledger(&global).await,
+        };
+        match result {
+            Ok(code) => code,
+            Err(error) => verbs::report_error(&global, &error),
+        }
+    });
+    // Do not wait for lingering background tasks (notice retries) on exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    std::process::exit(code);
+}

@@ -1,0 +1,380 @@
+//! The long-running commands: `up` (broker + local agent), `broker`, `agent`.
+
+use crate::{default_data_dir, parse_listen, DriverChoice, Global, OutputFormat};
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use leasehold_agent::driver::DriverKind;
+use leasehold_agent::AgentConfig;
+use leasehold_api::Role;
+use leasehold_broker::BrokerConfig;
+use leasehold_core::{HostCapacity, Terms};
+use leasehold_service::SystemClock;
+use leasehold_store::Durability;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct BrokerArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Where the broker keeps its SQLite database.
+    #[arg(long, default_value_os_t = default_data_dir().join("broker"))]
+    pub data_dir: PathBuf,
+    /// The broker's commission on every charge, in basis points (100 = 1%).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    pub commission_basis_points: u32,
+    /// How long a lease key stays valid, in seconds (0 makes keys that are
+    /// expired at once: only for tests of expiry).
+    #[arg(long, default_value_t = leasehold_broker::DEFAULT_KEY_TTL_MS / 1000)]
+    pub key_ttl_secs: u64,
+    /// `full` fsyncs every commit (an acknowledged lease survives a power
+    /// cut); `normal` survives only a process crash (tests, simulations).
+    #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
+    pub durability: String,
+}
+
+#[derive(Args)]
+pub struct HostShape {
+    /// CPUs this host has (default: what the OS reports).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory this host has, MiB (default: from /proc/meminfo).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Disk this host can lend, GiB.
+    #[arg(long, default_value_t = 20)]
+    pub disk_gib: u64,
+    /// CPU the owner keeps and never lends, in hundredths of a core.
+    #[arg(long, default_value_t = 50)]
+    pub owner_share_centicores: u64,
+    /// Memory the owner keeps, MiB (default: a quarter of the host's).
+    #[arg(long)]
+    pub owner_share_memory_mib: Option<u64>,
+    /// Disk the owner keeps, GiB.
+    #[arg(long, default_value_t = 1)]
+    pub owner_share_disk_gib: u64,
+}
+
+impl HostShape {
+    fn capacity(&self) -> HostCapacity {
+        let cpus = self.cpus.map(|c| c as u64).unwrap_or_else(|| {
+            std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1)
+        });
+        let memory_mib = self.memory_mib.unwrap_or_else(host_memory_mib);
+        HostCapacity {
+            cpu_centicores: cpus * 100,
+            memory_mib,
+            disk_gib: self.disk_gib,
+            owner_share_cpu_centicores: self.owner_share_centicores.min(cpus * 100),
+            owner_share_memory_mib: self.owner_share_memory_mib.unwrap_or(memory_mib / 4).min(memory_mib),
+            owner_share_disk_gib: self.owner_share_disk_gib.min(self.disk_gib),
+        }
+    }
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024)
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7071")]
+    pub listen: SocketAddr,
+    /// Where the agent keeps its partition table and partitions.
+    #[arg(long, default_value_os_t = default_data_dir().join("agent"))]
+    pub data_dir: PathBuf,
+    /// This host's id at the broker (default: a name derived from the hostname).
+    #[arg(long)]
+    pub host_id: Option<String>,
+    /// How partitions are built.
+    #[arg(long, value_enum, default_value = "process")]
+    pub driver: DriverChoice,
+    /// Images the `sim` driver pretends to boot (repeat).
+    #[arg(long = "sim-image", default_values_t = vec!["busybox".to_string(), "debian-12".to_string()])]
+    pub sim_images: Vec<String>,
+    /// The URL others use to reach this agent (default: http://LISTEN).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    #[command(flatten)]
+    pub shape: HostShape,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Address of the broker (port 0 picks a free port).
+    #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Address of the local agent.
+    #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7071")]
+    pub agent_listen: SocketAddr,
+    /// Where everything is kept; starting again on it resumes.
+    #[arg(long, default_value_os_t = default_data_dir())]
+    pub data_dir: PathBuf,
+    /// Partitions to lend on first start (each 1 vCPU at 50%, 256 MiB, 1 GiB).
+    #[arg(long, default_value_t = 3)]
+    pub partitions: u32,
+    /// How partitions are built.
+    #[arg(long, value_enum, default_value = "process")]
+    pub driver: DriverChoice,
+    /// The broker's commission, in basis points.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    pub commission_basis_points: u32,
+    #[command(flatten)]
+    pub shape: HostShape,
+}
+
+fn durability(text: &str) -> Durability {
+    if text == "normal" {
+        Durability::Normal
+    } else {
+        Durability::Full
+    }
+}
+
+fn default_host_id() -> String {
+    let raw = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let cleaned: String = raw
+        .trim()
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .take(64)
+        .collect();
+    if cleaned.is_empty() || !cleaned.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+        "local".to_string()
+    } else {
+        cleaned
+    }
+}
+
+fn driver_kind(choice: DriverChoice, data_dir: &Path, sim_images: Vec<String>) -> DriverKind {
+    match choice {
+        DriverChoice::Process => DriverKind::Process {
+            root_dir: data_dir.join("partitions"),
+        },
+        DriverChoice::Sim => DriverKind::Sim { images: sim_images },
+    }
+}
+
+fn print_ready(global: &Global, value: serde_json::Value, text: String) {
+    if global.output == OutputFormat::Json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
+    let running = leasehold_broker::start(BrokerConfig {
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        durability: durability(&args.durability),
+        commission_basis_points: args.commission_basis_points,
+        key_ttl_ms: args.key_ttl_secs.saturating_mul(1000),
+        clock: Arc::new(SystemClock),
+    })
+    .await
+    .context("failed to start the broker")?;
+    let url = running.url();
+    let mut text = format!("broker listening on {url} (data in {})", args.data_dir.display());
+    if let Some(token) = &running.bootstrap_admin_token {
+        text.push_str(&format!("\nfirst start: admin token (shown once): {token}"));
+    }
+    print_ready(
+        global,
+        serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "admin_token": running.bootstrap_admin_token}),
+        text,
+    );
+    running.wait().await.context("the broker stopped with an error")?;
+    Ok(0)
+}
+
+pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
+    let token = global
+        .token
+        .clone()
+        .ok_or_else(|| anyhow!("failed to start the agent: give the lender's token with --token or LEASEHOLD_TOKEN"))?;
+    let host_id = args.host_id.clone().unwrap_or_else(default_host_id);
+    let running = leasehold_agent::start(AgentConfig {
+        host_id: host_id.clone(),
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        broker_url: global.broker.clone(),
+        lender_token: token,
+        driver: driver_kind(args.driver, &args.data_dir, args.sim_images.clone()),
+        capacity: args.shape.capacity(),
+        advertise_url: args.advertise_url.clone(),
+        clock: Arc::new(SystemClock),
+    })
+    .await
+    .context("failed to start the agent")?;
+    let url = running.url();
+    for note in &running.reconciled {
+        eprintln!("agent: {note}");
+    }
+    print_ready(
+        global,
+        serde_json::json!({"agent_url": url, "host_id": host_id, "driver": running.driver_name, "reconciled": running.reconciled}),
+        format!("agent for host '{host_id}' listening on {url} (driver {}, broker {})", running.driver_name, global.broker),
+    );
+    running.wait().await.context("the agent stopped with an error")?;
+    Ok(0)
+}
+
+/// The default partitions `up` lends on first start: as many as fit (up to
+/// `count`), with slightly different prices so `find` has an order to show.
+fn default_partition_terms(count: u32, images: &[String], capacity: &HostCapacity) -> Vec<Terms> {
+    let mut chosen: Vec<Terms> = Vec::new();
+    for n in 0..count {
+        let terms = Terms {
+            vcpus: 1,
+            cpu_cap_percent: 50,
+            memory_mib: 256,
+            disk_gib: 1,
+            images: images.to_vec(),
+            price_per_hour_micros: 100_000 + 20_000 * n as u64,
+        };
+        if capacity.admits(chosen.iter(), &terms).is_err() {
+            break;
+        }
+        chosen.push(terms);
+    }
+    chosen
+}
+
+pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
+    let broker_dir = args.data_dir.join("broker");
+    let agent_dir = args.data_dir.join("agent");
+    let running_broker = leasehold_broker::start(BrokerConfig {
+        data_dir: broker_dir,
+        listen: args.listen,
+        durability: Durability::Full,
+        commission_basis_points: args.commission_basis_points,
+        key_ttl_ms: leasehold_broker::DEFAULT_KEY_TTL_MS,
+        clock: Arc::new(SystemClock),
+    })
+    .await
+    .context("failed to start the broker")?;
+    let broker_url = running_broker.url();
+    // The local agent lends as the lender; its token is kept in the agent's
+    // data directory because the agent needs it again on every start.
+    let lender_token_path = agent_dir.join("lender.token");
+    let mut tokens = serde_json::Map::new();
+    if let Some(admin) = &running_broker.bootstrap_admin_token {
+        tokens.insert("admin".into(), admin.clone().into());
+        let lender = running_broker
+            .create_principal("lender", Role::Lender)
+            .await
+            .context("failed to create the lender")?;
+        let borrower = running_broker
+            .create_principal("borrower", Role::Borrower)
+            .await
+            .context("failed to create the borrower")?;
+        std::fs::create_dir_all(&agent_dir).with_context(|| format!("failed to create {}", agent_dir.display()))?;
+        write_secret(&lender_token_path, &lender)?;
+        tokens.insert("lender".into(), lender.into());
+        tokens.insert("borrower".into(), borrower.into());
+    }
+    let lender_token = std::fs::read_to_string(&lender_token_path)
+        .with_context(|| format!("failed to read the local lender's token from {}", lender_token_path.display()))?
+        .trim()
+        .to_string();
+    let driver = driver_kind(args.driver, &agent_dir, vec!["busybox".into(), "debian-12".into()]);
+    let capacity = args.shape.capacity();
+    let running_agent = leasehold_agent::start(AgentConfig {
+        host_id: "local".into(),
+        data_dir: agent_dir,
+        listen: args.agent_listen,
+        broker_url: broker_url.clone(),
+        lender_token: lender_token.clone(),
+        driver,
+        capacity: capacity.clone(),
+        advertise_url: None,
+        clock: Arc::new(SystemClock),
+    })
+    .await
+    .context("failed to start the local agent")?;
+    let agent_url = running_agent.url();
+    let agent_client = leasehold_api::Client::new(&agent_url, Some(lender_token));
+    let mut partitions = agent_client.agent_list_partitions().await.context("failed to read the partition table")?;
+    if partitions.is_empty() && !tokens.is_empty() {
+        let info = agent_client.agent_info().await.context("failed to ask the agent")?;
+        for terms in default_partition_terms(args.partitions, &info.images, &capacity) {
+            agent_client
+                .agent_add_partition(&terms)
+                .await
+                .context("failed to add a default partition")?;
+        }
+        partitions = agent_client.agent_list_partitions().await.context("failed to read the partition table")?;
+    }
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "leasehold".into());
+    let mut text = format!(
+        "leasehold is up.\n  broker  {broker_url}   (data in {})\n  agent   {agent_url}   host 'local', driver {}, {} partition(s)\n",
+        args.data_dir.display(),
+        running_agent.driver_name,
+        partitions.len()
+    );
+    for note in &running_agent.reconciled {
+        text.push_str(&format!("  agent: {note}\n"));
+    }
+    if tokens.is_empty() {
+        text.push_str("Resumed from the data directory; tokens were printed on the first start.\n");
+    } else {
+        text.push_str("Tokens (shown once; keep them):\n");
+        for (name, token) in &tokens {
+            text.push_str(&format!("  {name:<9} {}\n", token.as_str().unwrap_or("")));
+        }
+        let borrower = tokens.get("borrower").and_then(|t| t.as_str()).unwrap_or("");
+        text.push_str(&format!(
+            "Next, in another terminal:\n  export LEASEHOLD_BROKER={broker_url} LEASEHOLD_TOKEN={borrower}\n  {exe} find\n  {exe} lease --best\n  {exe} run --lease 1 -- sh -c 'echo hello from $(pwd)'\n  {exe} release 1\n  {exe} bill\n"
+        ));
+    }
+    text.push_str("Ctrl-C stops; `leasehold up` on the same --data-dir resumes.");
+    print_ready(
+        global,
+        serde_json::json!({
+            "broker_url": broker_url,
+            "agent_url": agent_url,
+            "data_dir": args.data_dir,
+            "driver": running_agent.driver_name,
+            "partitions": partitions.len(),
+            "tokens": if tokens.is_empty() { serde_json::Value::Null } else { serde_json::Value::Object(tokens) },
+        }),
+        text,
+    );
+    // Both stop on Ctrl-C / SIGTERM; wait for both to finish cleanly.
+    let (broker_result, agent_result) = tokio::join!(running_broker.wait(), running_agent.wait());
+    broker_result.context("the broker stopped with an error")?;
+    agent_result.context("the agent stopped with an error")?;
+    Ok(0)
+}
+
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    file.write_all(secret.as_bytes())
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    file.sync_all().ok();
+    Ok(())
+}

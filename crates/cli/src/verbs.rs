@@ -1,0 +1,594 @@
+//! The user verbs: thin wrappers over the typed client that print for people
+//! (text) or for scripts (one JSON document).
+
+use crate::{Global, OutputFormat};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use leasehold_api::{ApiError, Client, LeaseRequest, Role, SubmitJobRequest};
+use leasehold_core::matching::{NoMatchExplanation, Requirement};
+use leasehold_core::money::{format_micros, parse_units_to_micros};
+use leasehold_core::{Requirements, Terms};
+use serde::Serialize;
+
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_NO_MATCH: i32 = 3;
+pub const EXIT_CONFLICT: i32 = 4;
+pub const EXIT_JOB_TIMED_OUT: i32 = 124;
+
+fn broker(global: &Global) -> Client {
+    Client::new(&global.broker, global.token.clone())
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    println!("{}", serde_json::to_string(value).expect("output serializes"));
+}
+
+/// Prints an error and picks the exit code. Lowercase "failed to ..." chains.
+pub fn report_error(global: &Global, error: &anyhow::Error) -> i32 {
+    let api = error.chain().find_map(|e| e.downcast_ref::<ApiError>());
+    let code = match api.and_then(ApiError::code) {
+        Some("no_match") => EXIT_NO_MATCH,
+        Some("partition_taken") | Some("partition_locked") => EXIT_CONFLICT,
+        _ => EXIT_FAILURE,
+    };
+    if global.output == OutputFormat::Json {
+        let detail = api.and_then(ApiError::detail);
+        print_json(&serde_json::json!({
+            "error": {
+                "message": format!("{error:#}"),
+                "status": api.and_then(ApiError::status),
+                "code": api.and_then(ApiError::code),
+                "field": detail.and_then(|d| d.field.clone()),
+                "key_rejection": detail.and_then(|d| d.key_rejection.clone()),
+                "explanation": detail.and_then(|d| d.explanation.clone()),
+            }
+        }));
+    }
+    eprintln!("error: {error:#}");
+    if let Some(explanation) = api.and_then(ApiError::detail).and_then(|d| d.explanation.as_ref()) {
+        eprint!("{}", explain_text(explanation, None));
+    }
+    code
+}
+
+pub fn terms_text(terms: &Terms) -> String {
+    format!(
+        "{} vCPU @{}%  {} MiB  {} GiB  [{}]  {}/h",
+        terms.vcpus,
+        terms.cpu_cap_percent,
+        terms.memory_mib,
+        terms.disk_gib,
+        terms.images.join(","),
+        format_micros(terms.price_per_hour_micros as i128)
+    )
+}
+
+fn requirement_text(requirement: Requirement, requirements: &Requirements) -> String {
+    match requirement {
+        Requirement::MinVcpus => format!("vcpus >= {}", requirements.min_vcpus.unwrap_or(0)),
+        Requirement::MinCpuCapPercent => format!("cpu cap >= {}%", requirements.min_cpu_cap_percent.unwrap_or(0)),
+        Requirement::MinMemoryMib => format!("memory >= {} MiB", requirements.min_memory_mib.unwrap_or(0)),
+        Requirement::MinDiskGib => format!("disk >= {} GiB", requirements.min_disk_gib.unwrap_or(0)),
+        Requirement::Image => format!("image = {}", requirements.image.as_deref().unwrap_or("")),
+        Requirement::MaxPricePerHourMicros => format!(
+            "price <= {}/h",
+            format_micros(requirements.max_price_per_hour_micros.unwrap_or(0) as i128)
+        ),
+    }
+}
+
+/// The `-better-analyze` style explanation of an empty answer.
+pub fn explain_text(explanation: &NoMatchExplanation, requirements: Option<&Requirements>) -> String {
+    let mut text = format!(
+        "No free partition meets the requirements ({} partitions registered, {} of them leased).\n",
+        explanation.partitions_considered, explanation.leased
+    );
+    if !explanation.ruled_out_by.is_empty() {
+        text.push_str("Partitions each requirement rules out:\n");
+        for ruled in &explanation.ruled_out_by {
+            let name = match requirements {
+                Some(requirements) => requirement_text(ruled.requirement, requirements),
+                None => ruled.requirement.field_name().to_string(),
+            };
+            text.push_str(&format!("  {:<28} {}\n", name, ruled.partitions));
+        }
+    }
+    if !explanation.nearest_misses.is_empty() {
+        text.push_str("Nearest misses:\n");
+        for miss in &explanation.nearest_misses {
+            let mut reasons: Vec<String> = miss.failed.iter().map(|r| format!("fails {}", r.field_name())).collect();
+            if miss.leased {
+                reasons.push("leased".into());
+            }
+            text.push_str(&format!(
+                "  {:<16} {}  ({})\n",
+                miss.partition.to_string(),
+                terms_text(&miss.terms),
+                reasons.join(", ")
+            ));
+        }
+    }
+    text
+}
+
+// ---- principals ----
+
+#[derive(Subcommand)]
+pub enum PrincipalCommand {
+    /// Create a principal and print its token (shown once).
+    Add {
+        name: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+    },
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    match text {
+        "lender" => Ok(Role::Lender),
+        "borrower" => Ok(Role::Borrower),
+        "admin" => Ok(Role::Admin),
+        _ => Err(format!("'{text}' is not a role: use lender, borrower or admin")),
+    }
+}
+
+pub async fn principal(global: &Global, command: PrincipalCommand) -> Result<i32> {
+    match command {
+        PrincipalCommand::Add { name, role } => {
+            let created = broker(global)
+                .create_principal(&name, role)
+                .await
+                .with_context(|| format!("failed to create principal '{name}'"))?;
+            if global.output == OutputFormat::Json {
+                print_json(&created);
+            } else {
+                println!("created {} '{}'; its token (shown once):", created.role.as_str(), created.name);
+                println!("{}", created.token);
+            }
+            Ok(0)
+        }
+    }
+}
+
+pub async fn whoami(global: &Global) -> Result<i32> {
+    let me = broker(global).whoami().await.context("failed to ask the broker who you are")?;
+    if global.output == OutputFormat::Json {
+        print_json(&me);
+    } else {
+        println!("{} ({})", me.name, me.role.as_str());
+    }
+    Ok(0)
+}
+
+// ---- lender: host partitions ----
+
+#[derive(Args, Clone, Default)]
+pub struct TermsArgs {
+    /// Number of virtual CPUs.
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Share of each vCPU the partition may use, in percent (1-100).
+    #[arg(long = "cpu-cap")]
+    pub cpu_cap_percent: Option<u32>,
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    #[arg(long)]
+    pub disk_gib: Option<u64>,
+    /// An image (OS) the partition can boot; repeat for several.
+    #[arg(long = "image")]
+    pub images: Vec<String>,
+    /// Price per hour, in units with up to 6 decimals (e.g. 0.25).
+    #[arg(long)]
+    pub price_per_hour: Option<String>,
+}
+
+impl TermsArgs {
+    /// Terms from the flags, with `base` filling what was not given.
+    fn apply(&self, base: Option<&Terms>, default_images: &[String]) -> Result<Terms> {
+        let missing = |name: &str| anyhow!("--{name} is required");
+        let price = match &self.price_per_hour {
+            Some(text) => parse_units_to_micros("price_per_hour", text).map_err(|e| anyhow!("{e}"))?,
+            None => base.map(|b| b.price_per_hour_micros).ok_or_else(|| missing("price-per-hour"))?,
+        };
+        Ok(Terms {
+            vcpus: self.vcpus.or(base.map(|b| b.vcpus)).ok_or_else(|| missing("vcpus"))?,
+            cpu_cap_percent: self.cpu_cap_percent.or(base.map(|b| b.cpu_cap_percent)).unwrap_or(100),
+            memory_mib: self.memory_mib.or(base.map(|b| b.memory_mib)).ok_or_else(|| missing("memory-mib"))?,
+            disk_gib: self.disk_gib.or(base.map(|b| b.disk_gib)).ok_or_else(|| missing("disk-gib"))?,
+            images: if !self.images.is_empty() {
+                self.images.clone()
+            } else if let Some(base) = base {
+                base.images.clone()
+            } else {
+                default_images.to_vec()
+            },
+            price_per_hour_micros: price,
+        })
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct AgentArg {
+    /// The agent's URL (the host you lend from).
+    #[arg(long, env = "LEASEHOLD_AGENT", default_value = "http://127.0.0.1:7071")]
+    pub agent: String,
+}
+
+#[derive(Subcommand)]
+pub enum HostCommand {
+    /// Add a lendable partition with its terms and register it with the broker.
+    Add {
+        #[command(flatten)]
+        agent: AgentArg,
+        #[command(flatten)]
+        terms: TermsArgs,
+    },
+    /// List this host's partition table.
+    List {
+        #[command(flatten)]
+        agent: AgentArg,
+    },
+    /// Alter a partition's terms (refused while it is leased).
+    Alter {
+        /// The partition's index on this host.
+        index: u32,
+        #[command(flatten)]
+        agent: AgentArg,
+        #[command(flatten)]
+        terms: TermsArgs,
+    },
+    /// Withdraw a partition from lending (refused while it is leased).
+    Withdraw {
+        index: u32,
+        #[command(flatten)]
+        agent: AgentArg,
+    },
+}
+
+fn print_agent_partitions(global: &Global, rows: &[leasehold_api::AgentPartitionView]) {
+    if global.output == OutputFormat::Json {
+        print_json(&rows);
+        return;
+    }
+    if rows.is_empty() {
+        println!("no partitions on this host yet; add one with `leasehold host add`");
+    }
+    for row in rows {
+        let status = match row.lease_id {
+            Some(lease) => format!("leased (lease {lease}, locked)"),
+            None => match row.lending_flag {
+                leasehold_api::LendingFlag::Registered => "free".to_string(),
+                leasehold_api::LendingFlag::Unregistered => "unregistered".to_string(),
+            },
+        };
+        println!("{:<16} {}  {}", row.partition.to_string(), terms_text(&row.terms), status);
+    }
+}
+
+pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
+    match command {
+        HostCommand::Add { agent, terms } => {
+            let client = Client::new(&agent.agent, global.token.clone());
+            let info = client.agent_info().await.context("failed to reach the agent")?;
+            let terms = terms.apply(None, &info.images)?;
+            let row = client
+                .agent_add_partition(&terms)
+                .await
+                .context("failed to add the partition")?;
+            if global.output == OutputFormat::Json {
+                print_json(&row);
+            } else {
+                println!("added and registered partition {}: {}", row.partition, terms_text(&row.terms));
+            }
+        }
+        HostCommand::List { agent } => {
+            let client = Client::new(&agent.agent, global.token.clone());
+            let rows = client.agent_list_partitions().await.context("failed to list partitions")?;
+            print_agent_partitions(global, &rows);
+        }
+        HostCommand::Alter { index, agent, terms } => {
+            let client = Client::new(&agent.agent, global.token.clone());
+            let rows = client.agent_list_partitions().await.context("failed to read the partition table")?;
+            let current = rows
+                .iter()
+                .find(|r| r.partition.index == index)
+                .ok_or_else(|| anyhow!("failed to alter partition {index}: no such partition on this host"))?;
+            let terms = terms.apply(Some(&current.terms), &[])?;
+            let row = client
+                .agent_alter_partition(index, &terms)
+                .await
+                .with_context(|| format!("failed to alter partition {}", current.partition))?;
+            if global.output == OutputFormat::Json {
+                print_json(&row);
+            } else {
+                println!("altered partition {}: {}", row.partition, terms_text(&row.terms));
+            }
+        }
+        HostCommand::Withdraw { index, agent } => {
+            let client = Client::new(&agent.agent, global.token.clone());
+            let row = client
+                .agent_withdraw_partition(index)
+                .await
+                .with_context(|| format!("failed to withdraw partition {index}"))?;
+            if global.output == OutputFormat::Json {
+                print_json(&row);
+            } else {
+                println!("withdrew partition {}", row.partition);
+            }
+        }
+    }
+    Ok(0)
+}
+
+// ---- borrower ----
+
+#[derive(Args, Clone, Default)]
+pub struct RequirementArgs {
+    #[arg(long)]
+    pub min_vcpus: Option<u32>,
+    /// Minimum CPU cap in percent.
+    #[arg(long = "min-cpu-cap")]
+    pub min_cpu_cap_percent: Option<u32>,
+    #[arg(long)]
+    pub min_memory_mib: Option<u64>,
+    #[arg(long)]
+    pub min_disk_gib: Option<u64>,
+    /// The image (OS) the partition must be able to boot.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Highest price per hour you accept, in units (e.g. 0.50).
+    #[arg(long)]
+    pub max_price_per_hour: Option<String>,
+}
+
+impl RequirementArgs {
+    fn to_requirements(&self) -> Result<Requirements> {
+        Ok(Requirements {
+            min_vcpus: self.min_vcpus,
+            min_cpu_cap_percent: self.min_cpu_cap_percent,
+            min_memory_mib: self.min_memory_mib,
+            min_disk_gib: self.min_disk_gib,
+            image: self.image.clone(),
+            max_price_per_hour_micros: self
+                .max_price_per_hour
+                .as_deref()
+                .map(|t| parse_units_to_micros("max_price_per_hour", t))
+                .transpose()
+                .map_err(|e| anyhow!("{e}"))?,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct FindArgs {
+    #[command(flatten)]
+    pub requirements: RequirementArgs,
+    /// Most offers to show.
+    #[arg(long, default_value_t = 10)]
+    pub limit: u32,
+}
+
+pub async fn find(global: &Global, args: FindArgs) -> Result<i32> {
+    let requirements = args.requirements.to_requirements()?;
+    let answer = broker(global)
+        .find(&requirements, Some(args.limit))
+        .await
+        .context("failed to find partitions")?;
+    if global.output == OutputFormat::Json {
+        print_json(&answer);
+    } else if answer.offers.is_empty() {
+        if let Some(explanation) = &answer.explanation {
+            print!("{}", explain_text(explanation, Some(&requirements)));
+        }
+    } else {
+        for offer in &answer.offers {
+            println!("{:<16} {}", offer.partition.to_string(), terms_text(&offer.terms));
+        }
+    }
+    Ok(if answer.offers.is_empty() { EXIT_NO_MATCH } else { 0 })
+}
+
+#[derive(Args)]
+pub struct LeaseArgs {
+    /// The partition to lease, as HOST/INDEX (from `leasehold find`).
+    #[arg(required_unless_present = "best", conflicts_with = "best")]
+    pub partition: Option<String>,
+    /// Lease the best (cheapest, then best fitting) partition that meets the requirements.
+    #[arg(long)]
+    pub best: bool,
+    #[command(flatten)]
+    pub requirements: RequirementArgs,
+}
+
+fn lease_text(lease: &leasehold_api::LeaseView) -> String {
+    let mut text = format!(
+        "lease {} on {} ({}), {:?}, started at {} ms",
+        lease.lease_id,
+        lease.partition,
+        terms_text(&lease.terms),
+        lease.state,
+        lease.started_at_ms
+    );
+    if let Some(url) = &lease.agent_url {
+        text.push_str(&format!("\n  host agent: {url}"));
+    }
+    if let Some(charge) = lease.charge_micros {
+        text.push_str(&format!("\n  charged: {}", format_micros(charge as i128)));
+    }
+    text
+}
+
+pub async fn lease(global: &Global, args: LeaseArgs) -> Result<i32> {
+    let request = if args.best {
+        LeaseRequest {
+            partition: None,
+            best: Some(args.requirements.to_requirements()?),
+        }
+    } else {
+        LeaseRequest {
+            partition: args.partition.clone(),
+            best: None,
+        }
+    };
+    let what = args.partition.clone().unwrap_or_else(|| "the best match".to_string());
+    let lease = broker(global)
+        .lease(&request)
+        .await
+        .with_context(|| format!("failed to lease {what}"))?;
+    if global.output == OutputFormat::Json {
+        print_json(&lease);
+    } else {
+        println!("{}", lease_text(&lease));
+        println!("  lease key: {}", lease.lease_key.as_deref().unwrap_or("(not shown)"));
+        println!("next: leasehold run --lease {} -- echo hello", lease.lease_id);
+    }
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The lease to run on.
+    #[arg(long)]
+    pub lease: u64,
+    /// The lease key; fetched from the broker when not given.
+    #[arg(long, env = "LEASEHOLD_LEASE_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// The agent's URL; fetched from the broker when not given.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Stop the job after this many seconds.
+    #[arg(long)]
+    pub timeout_secs: Option<u64>,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
+    let client = broker(global);
+    let lease = client
+        .get_lease(args.lease)
+        .await
+        .with_context(|| format!("failed to look up lease {}", args.lease))?;
+    let key = match args.key.clone().or(lease.lease_key.clone()) {
+        Some(key) => key,
+        None => bail!(
+            "failed to run on lease {}: the broker shows no key for it (is it released, or not yours?)",
+            args.lease
+        ),
+    };
+    let agent_url = match args.agent.clone().or(lease.agent_url.clone()) {
+        Some(url) => url,
+        None => bail!("failed to run on lease {}: its host has no agent address; pass --agent URL", args.lease),
+    };
+    let agent = Client::new(&agent_url, None);
+    let result = agent
+        .submit_job(
+            lease.partition.index,
+            &SubmitJobRequest {
+                lease_key: key,
+                command: args.command.clone(),
+                timeout_ms: args.timeout_secs.map(|s| s.saturating_mul(1000)),
+            },
+        )
+        .await
+        .with_context(|| format!("failed to run the job on lease {} ({})", args.lease, lease.partition))?;
+    if global.output == OutputFormat::Json {
+        print_json(&result);
+    } else {
+        use std::io::Write;
+        print!("{}", result.stdout);
+        eprint!("{}", result.stderr);
+        let _ = std::io::stdout().flush();
+        if result.output_truncated {
+            eprintln!("leasehold: output was truncated at 1 MiB per stream");
+        }
+    }
+    Ok(match result.state {
+        leasehold_api::JobState::TimedOut => EXIT_JOB_TIMED_OUT,
+        _ => result.exit_code.unwrap_or(EXIT_FAILURE),
+    })
+}
+
+#[derive(Args)]
+pub struct ReleaseArgs {
+    pub lease: u64,
+}
+
+pub async fn release(global: &Global, args: ReleaseArgs) -> Result<i32> {
+    let receipt = broker(global)
+        .release(args.lease)
+        .await
+        .with_context(|| format!("failed to release lease {}", args.lease))?;
+    if global.output == OutputFormat::Json {
+        print_json(&receipt);
+    } else {
+        let prefix = if receipt.already_released { "was already released" } else { "released" };
+        println!(
+            "lease {} {}: {} s billed, charge {} (lender {}, commission {})",
+            receipt.lease.lease_id,
+            prefix,
+            receipt.bill.billable_seconds,
+            format_micros(receipt.bill.charge_micros as i128),
+            format_micros(receipt.bill.lender_credit_micros as i128),
+            format_micros(receipt.bill.commission_micros as i128)
+        );
+    }
+    Ok(0)
+}
+
+pub async fn leases(global: &Global) -> Result<i32> {
+    let leases = broker(global).list_leases().await.context("failed to list leases")?;
+    if global.output == OutputFormat::Json {
+        print_json(&leases);
+    } else {
+        if leases.is_empty() {
+            println!("no leases");
+        }
+        for lease in &leases {
+            println!("{}", lease_text(lease));
+        }
+    }
+    Ok(0)
+}
+
+pub async fn bill(global: &Global) -> Result<i32> {
+    let bill = broker(global).bill().await.context("failed to fetch your bill")?;
+    if global.output == OutputFormat::Json {
+        print_json(&bill);
+    } else {
+        println!("{} ({}): balance {}", bill.principal, bill.role.as_str(), format_micros(bill.balance_micros as i128));
+        for lease in &bill.leases {
+            let charge = lease
+                .charge_micros
+                .map(|c| format_micros(c as i128))
+                .unwrap_or_else(|| "running".into());
+            println!("  lease {:<6} {:<16} {:?}  {}", lease.lease_id, lease.partition.to_string(), lease.state, charge);
+        }
+    }
+    Ok(0)
+}
+
+pub async fn ledger(global: &Global) -> Result<i32> {
+    let ledger = broker(global).ledger().await.context("failed to fetch the ledger")?;
+    if global.output == OutputFormat::Json {
+        print_json(&ledger);
+    } else {
+        for t in &ledger.transfers {
+            println!(
+                "#{:<6} lease {:<6} {} -> {}  {}",
+                t.transfer_id,
+                t.lease_id,
+                t.debit_account,
+                t.credit_account,
+                format_micros(t.amount_micros as i128)
+            );
+        }
+        println!("balances:");
+        for b in &ledger.balances {
+            println!("  {:<32} {}", b.account, format_micros(b.balance_micros as i128));
+        }
+        println!("sum: {}", format_micros(ledger.sum_micros as i128));
+    }
+    Ok(0)
+}
