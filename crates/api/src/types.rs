@@ -173,6 +173,10 @@ pub struct ReleaseReceipt {
     pub bill: Bill,
     /// True when the lease had ended before this request: nothing more was billed.
     pub already_released: bool,
+    /// True when the host's agent confirmed it fenced the lease's key (or
+    /// the lease was released before). False: the broker keeps retrying,
+    /// and the key stays refused by its expiry in any case.
+    pub agent_notified: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -491,7 +491,7 @@ async fn release(State(app): App, headers: HeaderMap, Path(lease_id): Path<Strin
     idempotency_key(&headers)?;
     let releaser = principal.clone();
     let app_for_job = app.clone();
-    let (lease, bill, already_released) = app
+    let (lease, bill, already_released, notice) = app
         .writer
         .run(move |ctx| {
             let commission = app_for_job.config.commission_basis_points;
@@ -499,7 +499,7 @@ async fn release(State(app): App, headers: HeaderMap, Path(lease_id): Path<Strin
                 // Released before: answer with the bill already written.
                 if let Some((lease, bill)) = ctx.released_this_batch.get(&lease_id) {
                     check_releaser(&releaser, lease)?;
-                    return Ok((lease.clone(), *bill, true));
+                    return Ok((lease.clone(), *bill, true, None));
                 }
                 let lease = ctx
                     .db
@@ -507,7 +507,7 @@ async fn release(State(app): App, headers: HeaderMap, Path(lease_id): Path<Strin
                     .ok_or_else(|| BrokerError::NotFound(format!("no lease {lease_id}")))?;
                 check_releaser(&releaser, &lease)?;
                 let bill = stored_bill(ctx.db, &lease)?;
-                return Ok((lease, bill, true));
+                return Ok((lease, bill, true, None));
             };
             check_releaser(&releaser, &lease)?;
             let ReleaseOutcome::Released(bill) = lease.release(ctx.now_ms, commission).map_err(|e| BrokerError::Internal(e.to_string()))? else {
@@ -518,18 +518,24 @@ async fn release(State(app): App, headers: HeaderMap, Path(lease_id): Path<Strin
                 ctx.writes.push(leasehold_store::broker::BrokerWrite::InsertTransfer(transfer));
             }
             ctx.state.free_partition_of(&lease, ctx.writes);
-            if let Some(effect) = notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseReleased) {
-                ctx.effects.push(effect);
-            }
+            // The release notice is sent by this handler after the commit,
+            // not as a background effect, so the answer can say whether the
+            // host has already fenced the old key.
+            let notice = notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseReleased);
             ctx.released_this_batch.insert(lease_id, (lease.clone(), bill));
-            Ok((lease, bill, false))
+            Ok((lease, bill, false, notice))
         })
         .await
         .map_err(err)?;
+    let agent_notified = match notice {
+        Some(effect) => crate::notify_agent_now(&app.notifier, effect).await,
+        None => already_released,
+    };
     Ok(Json(ReleaseReceipt {
         lease: lease_view(&app, &lease, &principal),
         bill,
         already_released,
+        agent_notified,
     }))
 }
 

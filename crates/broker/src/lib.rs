@@ -47,6 +47,8 @@ pub(crate) struct AppState {
     pub reader: Mutex<BrokerDb>,
     pub signing_key: SigningKey,
     pub config: BrokerConfig,
+    /// Shared connection pool for notices to agents.
+    pub notifier: leasehold_api::Client,
 }
 
 /// A broker that is serving.
@@ -137,9 +139,10 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     let snapshot = db.load()?;
     let state = Arc::new(RwLock::new(BrokerState::from_snapshot(snapshot)?));
     let notifier = leasehold_api::Client::new("http://unused", None);
+    let background_notifier = notifier.clone();
     let on_effect: Arc<dyn Fn(Effect) + Send + Sync> = Arc::new(move |effect| match effect {
         Effect::NotifyAgent { agent_url, notice } => {
-            let client = notifier.with_base_url(&agent_url);
+            let client = background_notifier.with_base_url(&agent_url);
             tokio::spawn(async move { deliver_notice(client, notice).await });
         }
     });
@@ -162,6 +165,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         reader: Mutex::new(reader),
         signing_key,
         config,
+        notifier,
     });
     let router = http::router(app.clone());
     let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
@@ -182,6 +186,20 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         server,
         shutdown,
     })
+}
+
+/// Delivers a notice now, waiting briefly for the agent, so that the key of
+/// a released lease is refused as soon as the release is answered. When the
+/// agent does not answer in time, delivery goes on in the background.
+pub(crate) async fn notify_agent_now(notifier: &leasehold_api::Client, effect: Effect) -> bool {
+    let Effect::NotifyAgent { agent_url, notice } = effect;
+    let client = notifier.with_base_url(&agent_url);
+    let attempt = tokio::time::timeout(std::time::Duration::from_secs(2), client.send_notice(&notice)).await;
+    if matches!(attempt, Ok(Ok(_))) {
+        return true;
+    }
+    tokio::spawn(async move { deliver_notice(client, notice).await });
+    false
 }
 
 /// Delivers a notice, retrying a few times. A notice that cannot be

@@ -1,0 +1,227 @@
+//! Test harness: the real `leasehold` binary in separate processes, on
+//! 127.0.0.1 ports the OS picks. Each process prints one JSON line when it
+//! is ready, so tests wait on that event, never on a sleep.
+
+#![allow(dead_code)]
+
+use leasehold_api::{Client, Role};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub fn leasehold_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_leasehold")
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub ready: Value,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Asks the process to stop as Ctrl-C would, and returns its exit code.
+    pub fn interrupt(mut self) -> Option<i32> {
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let status = self.child.wait().ok()?;
+        status.code()
+    }
+}
+
+/// Starts `leasehold ARGS` and waits for its ready line.
+pub fn spawn_ready(args: &[&str], log: &Path) -> Proc {
+    let log_file = std::fs::File::create(log).expect("create log file");
+    let mut child = Command::new(leasehold_binary())
+        .args(args)
+        .env_remove("LEASEHOLD_TOKEN")
+        .env_remove("LEASEHOLD_BROKER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .expect("spawn leasehold");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read ready line");
+    let ready: Value = match serde_json::from_str(&line) {
+        Ok(value) => value,
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "leasehold {:?} did not print a ready line; got {line:?}; log:\n{}",
+                args,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    };
+    Proc { child, ready }
+}
+
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs one CLI command to completion.
+pub fn cli(broker_url: &str, token: Option<&str>, args: &[&str]) -> CliOutput {
+    let mut command = Command::new(leasehold_binary());
+    command.env_remove("LEASEHOLD_TOKEN").env("LEASEHOLD_BROKER", broker_url).args(args);
+    if let Some(token) = token {
+        command.env("LEASEHOLD_TOKEN", token);
+    }
+    let output = command.output().expect("run leasehold");
+    CliOutput {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A broker and agents, each its own process.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub broker: Option<Proc>,
+    pub broker_url: String,
+    pub admin_token: String,
+    pub lender_token: String,
+    pub agents: Vec<(String, Proc)>,
+    pub broker_args: Vec<String>,
+}
+
+impl Cluster {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn start_broker(dir: &Path, listen: &str, extra: &[String]) -> Proc {
+        let data = dir.join("broker");
+        let mut args = vec![
+            "broker".to_string(),
+            "--listen".into(),
+            listen.into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--output".into(),
+            "json".into(),
+        ];
+        args.extend(extra.iter().cloned());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn_ready(&refs, &dir.join(format!("broker-{}.log", rand_suffix())))
+    }
+
+    /// A broker with the given extra flags, and a lender.
+    pub async fn start(extra_broker_args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker_args: Vec<String> = extra_broker_args.iter().map(|s| s.to_string()).collect();
+        let broker = Self::start_broker(dir.path(), "127.0.0.1:0", &broker_args);
+        let broker_url = broker.ready["broker_url"].as_str().expect("broker_url").to_string();
+        let admin_token = broker.ready["admin_token"].as_str().expect("admin token on first start").to_string();
+        let admin = Client::new(&broker_url, Some(admin_token.clone()));
+        let lender_token = admin.create_principal("lender", Role::Lender).await.expect("create lender").token;
+        Cluster {
+            dir,
+            broker: Some(broker),
+            broker_url,
+            admin_token,
+            lender_token,
+            agents: Vec::new(),
+            broker_args,
+        }
+    }
+
+    /// Starts an agent for `host_id` with the given driver.
+    pub fn start_agent(&mut self, host_id: &str, driver: &str) -> String {
+        let data = self.path(&format!("agent-{host_id}"));
+        let log = self.path(&format!("agent-{host_id}-{}.log", rand_suffix()));
+        let data_text = data.display().to_string();
+        let proc = spawn_ready(
+            &[
+                "agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data_text,
+                "--host-id",
+                host_id,
+                "--driver",
+                driver,
+                "--cpus",
+                "64",
+                "--memory-mib",
+                "65536",
+                "--disk-gib",
+                "1000",
+                "--broker",
+                &self.broker_url,
+                "--token",
+                &self.lender_token,
+                "--output",
+                "json",
+            ],
+            &log,
+        );
+        let url = proc.ready["agent_url"].as_str().expect("agent_url").to_string();
+        self.agents.retain(|(h, _)| h != host_id);
+        self.agents.push((host_id.to_string(), proc));
+        url
+    }
+
+    pub fn stop_agent(&mut self, host_id: &str) {
+        self.agents.retain(|(h, _)| h != host_id);
+    }
+
+    pub fn admin(&self) -> Client {
+        Client::new(&self.broker_url, Some(self.admin_token.clone()))
+    }
+
+    pub fn lender(&self) -> Client {
+        Client::new(&self.broker_url, Some(self.lender_token.clone()))
+    }
+
+    pub async fn borrower(&self, name: &str) -> (String, Client) {
+        let token = self.admin().create_principal(name, Role::Borrower).await.expect("create borrower").token;
+        (token.clone(), Client::new(&self.broker_url, Some(token)))
+    }
+
+    /// Kills the broker and starts it again on the same port and data.
+    pub fn restart_broker(&mut self) {
+        let listen = self.broker_url.trim_start_matches("http://").to_string();
+        self.broker = None; // killed by Drop
+        let proc = Self::start_broker(self.dir.path(), &listen, &self.broker_args);
+        assert_eq!(proc.ready["broker_url"].as_str(), Some(self.broker_url.as_str()));
+        assert!(proc.ready["admin_token"].is_null(), "a restart must not bootstrap a new admin");
+        self.broker = Some(proc);
+    }
+}
+
+pub fn terms(vcpus: u32, memory_mib: u64, image: &str, price_per_hour_micros: u64) -> leasehold_core::Terms {
+    leasehold_core::Terms {
+        vcpus,
+        cpu_cap_percent: 100,
+        memory_mib,
+        disk_gib: 1,
+        images: vec![image.to_string()],
+        price_per_hour_micros,
+    }
+}
+
+fn rand_suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
