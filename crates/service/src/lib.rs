@@ -112,6 +112,15 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ErrorResponse
             let path = error.path().to_string();
             let inner = error.into_inner();
             let message = inner.to_string();
+            if inner.is_syntax() || inner.is_eof() {
+                // Broken JSON has no field to blame: name the body.
+                return Err(ErrorResponse::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("body: the request body is not valid JSON: {message}"),
+                )
+                .with_field("body"));
+            }
             // A missing field is reported at its parent; name the field itself.
             let field = match (message.strip_prefix("missing field `"), path.as_str()) {
                 (Some(rest), parent) => {
@@ -125,14 +134,9 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ErrorResponse
                 (None, ".") => "body".to_string(),
                 (None, path) => path.to_string(),
             };
-            let code = if inner.is_syntax() || inner.is_eof() {
-                "malformed_json"
-            } else {
-                "invalid_field"
-            };
             Err(ErrorResponse::new(
                 StatusCode::BAD_REQUEST,
-                code,
+                "invalid_field",
                 format!("{field}: {message}"),
             )
             .with_field(field))
@@ -226,7 +230,7 @@ mod tests {
         check(r#"{"terms": {"vcpus": 1}}"#, "invalid_field", "terms.price");
         check(r#"{"terms": {"vcpus": 1, "price": 99999999999999999999999}}"#, "invalid_field", "terms.price");
         check(r#"{}"#, "invalid_field", "terms");
-        check(r#"{"terms": "#, "malformed_json", "terms");
+        check(r#"{"terms": "#, "malformed_json", "body");
         check(r#"{"terms": {"vcpus": 1, "price": 1}, "extra": 1}"#, "invalid_field", "extra");
         check(r#""#, "invalid_field", "body");
     }
