@@ -50,12 +50,19 @@ impl AgentError {
     pub fn to_error_response(&self) -> ErrorResponse {
         let message = self.to_string();
         match self {
-            AgentError::Unauthorized => ErrorResponse::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
-            AgentError::NotFound(_) => ErrorResponse::new(StatusCode::NOT_FOUND, "not_found", message),
+            AgentError::Unauthorized => {
+                ErrorResponse::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+            }
+            AgentError::NotFound(_) => {
+                ErrorResponse::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
             AgentError::Invalid(field) => ErrorResponse::invalid_field(field),
-            AgentError::Locked { .. } => ErrorResponse::new(StatusCode::CONFLICT, "partition_locked", message),
+            AgentError::Locked { .. } => {
+                ErrorResponse::new(StatusCode::CONFLICT, "partition_locked", message)
+            }
             AgentError::KeyRejected(rejection) => {
-                let mut response = ErrorResponse::new(StatusCode::FORBIDDEN, "key_rejected", message);
+                let mut response =
+                    ErrorResponse::new(StatusCode::FORBIDDEN, "key_rejected", message);
                 response.detail.key_rejection = Some(rejection.clone());
                 response
             }
@@ -66,11 +73,14 @@ impl AgentError {
                     .status()
                     .and_then(|s| StatusCode::from_u16(s).ok())
                     .unwrap_or(StatusCode::BAD_GATEWAY);
-                let mut response = ErrorResponse::new(status, inner.code().unwrap_or("broker_refused"), message);
+                let mut response =
+                    ErrorResponse::new(status, inner.code().unwrap_or("broker_refused"), message);
                 response.detail.field = inner.detail().and_then(|d| d.field.clone());
                 response
             }
-            AgentError::BrokerUnreachable(_) => ErrorResponse::new(StatusCode::BAD_GATEWAY, "broker_unreachable", message),
+            AgentError::BrokerUnreachable(_) => {
+                ErrorResponse::new(StatusCode::BAD_GATEWAY, "broker_unreachable", message)
+            }
             AgentError::Driver(_) | AgentError::Store(_) | AgentError::Internal(_) => {
                 ErrorResponse::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }

@@ -21,7 +21,10 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/agent", get(info))
         .route("/v1/partitions", post(add_partition).get(list_partitions))
-        .route("/v1/partitions/{index}", put(alter_partition).delete(withdraw_partition))
+        .route(
+            "/v1/partitions/{index}",
+            put(alter_partition).delete(withdraw_partition),
+        )
         .route("/v1/partitions/{index}/jobs", post(submit_job))
         .route("/v1/notices", post(notice))
         .fallback(leasehold_service::not_found_fallback)
@@ -35,7 +38,11 @@ fn err(error: AgentError) -> ErrorResponse {
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn require_lender(agent: &Agent, headers: &HeaderMap) -> Result<(), ErrorResponse> {
@@ -46,8 +53,12 @@ fn require_lender(agent: &Agent, headers: &HeaderMap) -> Result<(), ErrorRespons
 }
 
 fn parse_index(text: &str) -> Result<u32, ErrorResponse> {
-    text.parse::<u32>()
-        .map_err(|_| err(AgentError::Invalid(FieldError::new("index", format!("'{text}' is not a partition index")))))
+    text.parse::<u32>().map_err(|_| {
+        err(AgentError::Invalid(FieldError::new(
+            "index",
+            format!("'{text}' is not a partition index"),
+        )))
+    })
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -110,11 +121,18 @@ async fn alter_partition(
 ) -> Answer<AgentPartitionView> {
     require_lender(&agent, &headers)?;
     let index = parse_index(&index)?;
-    let row = agent.alter_partition(index, request.terms).await.map_err(err)?;
+    let row = agent
+        .alter_partition(index, request.terms)
+        .await
+        .map_err(err)?;
     Ok(Json(agent.view(&row)))
 }
 
-async fn withdraw_partition(State(agent): App, headers: HeaderMap, Path(index): Path<String>) -> Answer<AgentPartitionView> {
+async fn withdraw_partition(
+    State(agent): App,
+    headers: HeaderMap,
+    Path(index): Path<String>,
+) -> Answer<AgentPartitionView> {
     require_lender(&agent, &headers)?;
     let index = parse_index(&index)?;
     let row = agent.withdraw_partition(index).await.map_err(err)?;
@@ -128,7 +146,10 @@ async fn submit_job(
 ) -> Answer<JobResult> {
     let index = parse_index(&index)?;
     if request.command.is_empty() || request.command[0].is_empty() {
-        return Err(err(AgentError::Invalid(FieldError::new("command", "must name a program to run"))));
+        return Err(err(AgentError::Invalid(FieldError::new(
+            "command",
+            "must name a program to run",
+        ))));
     }
     if request.command.len() > MAX_COMMAND_ARGS {
         return Err(err(AgentError::Invalid(FieldError::new(
@@ -144,16 +165,27 @@ async fn submit_job(
         ))));
     }
     if request.timeout_ms == Some(0) {
-        return Err(err(AgentError::Invalid(FieldError::new("timeout_ms", "must be at least 1"))));
+        return Err(err(AgentError::Invalid(FieldError::new(
+            "timeout_ms",
+            "must be at least 1",
+        ))));
     }
     let result = agent
-        .run_job(index, &request.lease_key, request.command, request.timeout_ms)
+        .run_job(
+            index,
+            &request.lease_key,
+            request.command,
+            request.timeout_ms,
+        )
         .await
         .map_err(err)?;
     Ok(Json(result))
 }
 
-async fn notice(State(agent): App, JsonBody(request): JsonBody<NoticeRequest>) -> Answer<serde_json::Value> {
+async fn notice(
+    State(agent): App,
+    JsonBody(request): JsonBody<NoticeRequest>,
+) -> Answer<serde_json::Value> {
     agent.apply_notice(&request.notice).await.map_err(err)?;
     Ok(Json(serde_json::json!({"applied": true})))
 }

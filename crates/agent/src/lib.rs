@@ -11,7 +11,10 @@ pub use error::AgentError;
 
 use driver::{DriverKind, JobEnd, JobSpec, PartitionDriver, PartitionSpec};
 use ed25519_dalek::VerifyingKey;
-use leasehold_api::{AgentPartitionView, JobResult, JobState, LendingFlag, RegisterHostRequest, RegisterPartitionRequest};
+use leasehold_api::{
+    AgentPartitionView, JobResult, JobState, LendingFlag, RegisterHostRequest,
+    RegisterPartitionRequest,
+};
 use leasehold_core::key::{self, KeyAcceptance, KeyRejection, NoticeKind, PartitionKeyState};
 use leasehold_core::{FieldError, HostCapacity, PartitionRef, Terms};
 use leasehold_service::SharedClock;
@@ -98,13 +101,16 @@ fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
 /// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     leasehold_core::ids::validate_host_id("host_id", &config.host_id)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| AgentError::Internal(format!("cannot create {}: {e}", config.data_dir.display())))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        AgentError::Internal(format!("cannot create {}: {e}", config.data_dir.display()))
+    })?;
     let db = AgentDb::open(&config.data_dir.join("agent.db"))?;
     let lost = db.mark_running_jobs_lost(config.clock.now_ms())?;
     let mut reconciled = Vec::new();
     if lost > 0 {
-        reconciled.push(format!("{lost} job(s) were running when the agent stopped; marked lost"));
+        reconciled.push(format!(
+            "{lost} job(s) were running when the agent stopped; marked lost"
+        ));
     }
     let broker = leasehold_api::Client::new(&config.broker_url, Some(config.lender_token.clone()));
     // Trust on first use: the broker's key is pinned in the partition table,
@@ -130,7 +136,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
             // Keys verify offline, so a pinned key lets the agent serve jobs
             // while the broker is away.
             Some(pinned) => {
-                reconciled.push(format!("broker unreachable at start ({error}); serving with the pinned key"));
+                reconciled.push(format!(
+                    "broker unreachable at start ({error}); serving with the pinned key"
+                ));
                 pinned
             }
             None => return Err(AgentError::BrokerUnreachable(error)),
@@ -141,7 +149,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| AgentError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
-    let local_addr = listener.local_addr().map_err(|e| AgentError::Internal(e.to_string()))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
     let driver = driver::make_driver(&config.driver);
     let driver_name = driver.name();
     let agent = Arc::new(Agent {
@@ -203,9 +213,9 @@ impl Agent {
     }
 
     fn load(&self, index: u32) -> Result<AgentPartitionRow, AgentError> {
-        self.db()
-            .partition(index)?
-            .ok_or_else(|| AgentError::NotFound(format!("no partition {} on host {}", index, self.host_id())))
+        self.db().partition(index)?.ok_or_else(|| {
+            AgentError::NotFound(format!("no partition {} on host {}", index, self.host_id()))
+        })
     }
 
     pub(crate) fn view(&self, row: &AgentPartitionRow) -> AgentPartitionView {
@@ -240,7 +250,10 @@ impl Agent {
                 Some(view) if !view.withdrawn => {
                     if view.epoch > row.epoch {
                         if let Some(lease_id) = view.lease_id {
-                            notes.push(format!("partition {}: adopted lease {lease_id} from the broker", row.index));
+                            notes.push(format!(
+                                "partition {}: adopted lease {lease_id} from the broker",
+                                row.index
+                            ));
                             row.lease_id = Some(lease_id);
                         } else {
                             row.lease_id = None;
@@ -250,7 +263,10 @@ impl Agent {
                         }
                         row.epoch = view.epoch;
                     } else if view.lease_id.is_none() && row.lease_id.is_some() {
-                        notes.push(format!("partition {}: its lease ended while the agent was away; wiped", row.index));
+                        notes.push(format!(
+                            "partition {}: its lease ended while the agent was away; wiped",
+                            row.index
+                        ));
                         row.released_through_epoch = row.epoch;
                         row.lease_id = None;
                         row.built = false;
@@ -260,11 +276,18 @@ impl Agent {
                     self.db().update_partition(&row)?;
                 }
                 _ => {
-                    let request = RegisterPartitionRequest { terms: row.terms.clone() };
-                    self.broker.register_partition(self.host_id(), row.index, &request).await?;
+                    let request = RegisterPartitionRequest {
+                        terms: row.terms.clone(),
+                    };
+                    self.broker
+                        .register_partition(self.host_id(), row.index, &request)
+                        .await?;
                     row.registered = true;
                     self.db().update_partition(&row)?;
-                    notes.push(format!("partition {}: registered with the broker", row.index));
+                    notes.push(format!(
+                        "partition {}: registered with the broker",
+                        row.index
+                    ));
                 }
             }
         }
@@ -291,11 +314,18 @@ impl Agent {
     /// FIG. 6: write the partition table (S12-S13), register with the broker
     /// (S14-S17), set the lending flag (S18-S19). If the broker refuses,
     /// the row is removed again: nothing half-written stays behind.
-    pub(crate) async fn add_partition(&self, terms: Terms) -> Result<AgentPartitionRow, AgentError> {
+    pub(crate) async fn add_partition(
+        &self,
+        terms: Terms,
+    ) -> Result<AgentPartitionRow, AgentError> {
         self.validate_terms(&terms, None)?;
         let mut row = self.db().insert_partition(&terms)?;
         let request = RegisterPartitionRequest { terms };
-        if let Err(error) = self.broker.register_partition(self.host_id(), row.index, &request).await {
+        if let Err(error) = self
+            .broker
+            .register_partition(self.host_id(), row.index, &request)
+            .await
+        {
             self.db().delete_partition(row.index)?;
             return Err(error.into());
         }
@@ -306,21 +336,32 @@ impl Agent {
 
     /// FIG. 7: refused here while leased (the lock), then at the broker
     /// (S22-S26), and only then written here (S30-S31).
-    pub(crate) async fn alter_partition(&self, index: u32, terms: Terms) -> Result<AgentPartitionRow, AgentError> {
+    pub(crate) async fn alter_partition(
+        &self,
+        index: u32,
+        terms: Terms,
+    ) -> Result<AgentPartitionRow, AgentError> {
         let mut row = self.load(index)?;
         if let Some(lease_id) = row.lease_id {
             return Err(AgentError::Locked { index, lease_id });
         }
         self.validate_terms(&terms, Some(index))?;
-        let request = RegisterPartitionRequest { terms: terms.clone() };
-        self.broker.register_partition(self.host_id(), index, &request).await?;
+        let request = RegisterPartitionRequest {
+            terms: terms.clone(),
+        };
+        self.broker
+            .register_partition(self.host_id(), index, &request)
+            .await?;
         row.terms = terms;
         row.registered = true;
         self.db().update_partition(&row)?;
         Ok(row)
     }
 
-    pub(crate) async fn withdraw_partition(&self, index: u32) -> Result<AgentPartitionRow, AgentError> {
+    pub(crate) async fn withdraw_partition(
+        &self,
+        index: u32,
+    ) -> Result<AgentPartitionRow, AgentError> {
         let row = self.load(index)?;
         if let Some(lease_id) = row.lease_id {
             return Err(AgentError::Locked { index, lease_id });
@@ -344,11 +385,14 @@ impl Agent {
         command: Vec<String>,
         timeout_ms: Option<u64>,
     ) -> Result<JobResult, AgentError> {
-        let claims = key::decode_and_verify(lease_key, &self.broker_key).map_err(AgentError::KeyRejected)?;
+        let claims =
+            key::decode_and_verify(lease_key, &self.broker_key).map_err(AgentError::KeyRejected)?;
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
         let mut row = self.load(index).map_err(|error| match error {
-            AgentError::NotFound(_) if claims.partition_index != index => AgentError::KeyRejected(KeyRejection::WrongPartition),
+            AgentError::NotFound(_) if claims.partition_index != index => {
+                AgentError::KeyRejected(KeyRejection::WrongPartition)
+            }
             other => other,
         })?;
         let now_ms = self.config.clock.now_ms();
@@ -385,7 +429,9 @@ impl Agent {
             row.built = true;
             self.db().update_partition(&row)?;
         }
-        let job_id = self.db().insert_job(index, claims.lease_id, &command, now_ms)?;
+        let job_id = self
+            .db()
+            .insert_job(index, claims.lease_id, &command, now_ms)?;
         let outcome = self
             .driver
             .run_job(JobSpec {
@@ -402,9 +448,23 @@ impl Agent {
                     JobEnd::Signalled(signal) => (JobState::Failed, Some(128 + signal)),
                     JobEnd::TimedOut => (JobState::TimedOut, None),
                 };
-                (state, code, outcome.stdout, outcome.stderr, outcome.output_truncated, outcome.wall_ms)
+                (
+                    state,
+                    code,
+                    outcome.stdout,
+                    outcome.stderr,
+                    outcome.output_truncated,
+                    outcome.wall_ms,
+                )
             }
-            Err(error) => (JobState::Failed, Some(127), String::new(), format!("{error}\n"), false, 0),
+            Err(error) => (
+                JobState::Failed,
+                Some(127),
+                String::new(),
+                format!("{error}\n"),
+                false,
+                0,
+            ),
         };
         let state_text = serde_json::to_value(state)
             .ok()
@@ -439,7 +499,8 @@ impl Agent {
     /// A signed notice from the broker: lock on a new lease, fence and wipe
     /// on release.
     pub(crate) async fn apply_notice(&self, notice: &str) -> Result<(), AgentError> {
-        let claims = key::decode_notice(notice, &self.broker_key).map_err(AgentError::KeyRejected)?;
+        let claims =
+            key::decode_notice(notice, &self.broker_key).map_err(AgentError::KeyRejected)?;
         if claims.host_id != self.host_id() {
             return Err(AgentError::KeyRejected(KeyRejection::WrongHost));
         }

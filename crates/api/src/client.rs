@@ -154,17 +154,31 @@ impl Client {
         self.get("/v1/whoami").await
     }
 
-    pub async fn create_principal(&self, name: &str, role: Role) -> Result<PrincipalCreated, ApiError> {
+    pub async fn create_principal(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<PrincipalCreated, ApiError> {
         let body = CreatePrincipalRequest {
             name: name.to_string(),
             role,
         };
-        self.send(Method::POST, "/v1/principals", Some(&body), None).await
+        self.send(Method::POST, "/v1/principals", Some(&body), None)
+            .await
     }
 
-    pub async fn register_host(&self, host_id: &str, request: &RegisterHostRequest) -> Result<HostView, ApiError> {
-        self.send(Method::PUT, &format!("/v1/hosts/{host_id}"), Some(request), None)
-            .await
+    pub async fn register_host(
+        &self,
+        host_id: &str,
+        request: &RegisterHostRequest,
+    ) -> Result<HostView, ApiError> {
+        self.send(
+            Method::PUT,
+            &format!("/v1/hosts/{host_id}"),
+            Some(request),
+            None,
+        )
+        .await
     }
 
     pub async fn list_hosts(&self) -> Result<Vec<HostView>, ApiError> {
@@ -186,7 +200,11 @@ impl Client {
         .await
     }
 
-    pub async fn withdraw_partition(&self, host_id: &str, index: u32) -> Result<PartitionView, ApiError> {
+    pub async fn withdraw_partition(
+        &self,
+        host_id: &str,
+        index: u32,
+    ) -> Result<PartitionView, ApiError> {
         self.send::<(), _>(
             Method::DELETE,
             &format!("/v1/hosts/{host_id}/partitions/{index}"),
@@ -200,7 +218,11 @@ impl Client {
         self.get("/v1/partitions").await
     }
 
-    pub async fn find(&self, requirements: &Requirements, limit: Option<u32>) -> Result<FindResponse, ApiError> {
+    pub async fn find(
+        &self,
+        requirements: &Requirements,
+        limit: Option<u32>,
+    ) -> Result<FindResponse, ApiError> {
         let body = FindRequest {
             requirements: requirements.clone(),
             limit,
@@ -209,7 +231,8 @@ impl Client {
     }
 
     pub async fn lease(&self, request: &LeaseRequest) -> Result<LeaseView, ApiError> {
-        self.send(Method::POST, "/v1/leases", Some(request), None).await
+        self.send(Method::POST, "/v1/leases", Some(request), None)
+            .await
     }
 
     pub async fn get_lease(&self, lease_id: u64) -> Result<LeaseView, ApiError> {
@@ -221,8 +244,13 @@ impl Client {
     }
 
     pub async fn release(&self, lease_id: u64) -> Result<ReleaseReceipt, ApiError> {
-        self.send::<(), _>(Method::POST, &format!("/v1/leases/{lease_id}/release"), None, None)
-            .await
+        self.send::<(), _>(
+            Method::POST,
+            &format!("/v1/leases/{lease_id}/release"),
+            None,
+            None,
+        )
+        .await
     }
 
     pub async fn bill(&self) -> Result<BillView, ApiError> {
@@ -239,9 +267,15 @@ impl Client {
         self.get("/v1/agent").await
     }
 
-    pub async fn agent_add_partition(&self, terms: &leasehold_core::Terms) -> Result<AgentPartitionView, ApiError> {
-        let body = AddPartitionRequest { terms: terms.clone() };
-        self.send(Method::POST, "/v1/partitions", Some(&body), None).await
+    pub async fn agent_add_partition(
+        &self,
+        terms: &leasehold_core::Terms,
+    ) -> Result<AgentPartitionView, ApiError> {
+        let body = AddPartitionRequest {
+            terms: terms.clone(),
+        };
+        self.send(Method::POST, "/v1/partitions", Some(&body), None)
+            .await
     }
 
     pub async fn agent_list_partitions(&self) -> Result<Vec<AgentPartitionView>, ApiError> {
@@ -253,18 +287,37 @@ impl Client {
         index: u32,
         terms: &leasehold_core::Terms,
     ) -> Result<AgentPartitionView, ApiError> {
-        let body = AddPartitionRequest { terms: terms.clone() };
-        self.send(Method::PUT, &format!("/v1/partitions/{index}"), Some(&body), None)
-            .await
+        let body = AddPartitionRequest {
+            terms: terms.clone(),
+        };
+        self.send(
+            Method::PUT,
+            &format!("/v1/partitions/{index}"),
+            Some(&body),
+            None,
+        )
+        .await
     }
 
-    pub async fn agent_withdraw_partition(&self, index: u32) -> Result<AgentPartitionView, ApiError> {
-        self.send::<(), _>(Method::DELETE, &format!("/v1/partitions/{index}"), None, None)
-            .await
+    pub async fn agent_withdraw_partition(
+        &self,
+        index: u32,
+    ) -> Result<AgentPartitionView, ApiError> {
+        self.send::<(), _>(
+            Method::DELETE,
+            &format!("/v1/partitions/{index}"),
+            None,
+            None,
+        )
+        .await
     }
 
     /// Submits a job and waits for it to finish (S51-S57).
-    pub async fn submit_job(&self, index: u32, request: &SubmitJobRequest) -> Result<JobResult, ApiError> {
+    pub async fn submit_job(
+        &self,
+        index: u32,
+        request: &SubmitJobRequest,
+    ) -> Result<JobResult, ApiError> {
         // The job may run long; wait for its own timeout plus a margin, or a day.
         let wait = request
             .timeout_ms
@@ -283,17 +336,28 @@ impl Client {
         let body = NoticeRequest {
             notice: notice.to_string(),
         };
-        self.send(Method::POST, "/v1/notices", Some(&body), Some(Duration::from_secs(5)))
-            .await
+        self.send(
+            Method::POST,
+            "/v1/notices",
+            Some(&body),
+            Some(Duration::from_secs(5)),
+        )
+        .await
     }
 }
 
-async fn decode<R: DeserializeOwned>(url: &str, response: reqwest::Response) -> Result<R, ApiError> {
+async fn decode<R: DeserializeOwned>(
+    url: &str,
+    response: reqwest::Response,
+) -> Result<R, ApiError> {
     let status = response.status();
-    let bytes = response.bytes().await.map_err(|source| ApiError::Unreachable {
-        url: url.to_string(),
-        source,
-    })?;
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|source| ApiError::Unreachable {
+            url: url.to_string(),
+            source,
+        })?;
     if status.is_success() {
         return serde_json::from_slice(&bytes).map_err(|error| ApiError::Protocol {
             url: url.to_string(),

@@ -17,9 +17,15 @@ pub enum BrokerError {
     #[error("{0}")]
     Invalid(FieldError),
     #[error("partition {partition} is leased (lease {lease_id}); try another partition")]
-    Conflict { partition: PartitionRef, lease_id: LeaseId },
+    Conflict {
+        partition: PartitionRef,
+        lease_id: LeaseId,
+    },
     #[error("partition {partition} is locked while leased (lease {lease_id}); alter or withdraw it after the lease is released")]
-    Locked { partition: PartitionRef, lease_id: LeaseId },
+    Locked {
+        partition: PartitionRef,
+        lease_id: LeaseId,
+    },
     #[error("partition {0} was withdrawn by its lender")]
     Withdrawn(PartitionRef),
     #[error("no free partition meets the requirements")]
@@ -45,20 +51,36 @@ impl BrokerError {
     pub fn to_error_response(&self) -> ErrorResponse {
         let message = self.to_string();
         match self {
-            BrokerError::Unauthorized => ErrorResponse::new(StatusCode::UNAUTHORIZED, "unauthorized", message),
-            BrokerError::Forbidden(_) => ErrorResponse::new(StatusCode::FORBIDDEN, "forbidden", message),
-            BrokerError::NotFound(_) => ErrorResponse::new(StatusCode::NOT_FOUND, "not_found", message),
+            BrokerError::Unauthorized => {
+                ErrorResponse::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+            }
+            BrokerError::Forbidden(_) => {
+                ErrorResponse::new(StatusCode::FORBIDDEN, "forbidden", message)
+            }
+            BrokerError::NotFound(_) => {
+                ErrorResponse::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
             BrokerError::Invalid(field) => ErrorResponse::invalid_field(field),
-            BrokerError::Conflict { .. } => ErrorResponse::new(StatusCode::CONFLICT, "partition_taken", message),
-            BrokerError::Locked { .. } => ErrorResponse::new(StatusCode::CONFLICT, "partition_locked", message),
-            BrokerError::Withdrawn(_) => ErrorResponse::new(StatusCode::CONFLICT, "partition_withdrawn", message),
+            BrokerError::Conflict { .. } => {
+                ErrorResponse::new(StatusCode::CONFLICT, "partition_taken", message)
+            }
+            BrokerError::Locked { .. } => {
+                ErrorResponse::new(StatusCode::CONFLICT, "partition_locked", message)
+            }
+            BrokerError::Withdrawn(_) => {
+                ErrorResponse::new(StatusCode::CONFLICT, "partition_withdrawn", message)
+            }
             BrokerError::NoMatch(explanation) => {
                 let mut response = ErrorResponse::new(StatusCode::CONFLICT, "no_match", message);
                 response.detail.explanation = Some((**explanation).clone());
                 response
             }
-            BrokerError::AlreadyExists(_) => ErrorResponse::new(StatusCode::CONFLICT, "already_exists", message),
-            BrokerError::Unavailable => ErrorResponse::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+            BrokerError::AlreadyExists(_) => {
+                ErrorResponse::new(StatusCode::CONFLICT, "already_exists", message)
+            }
+            BrokerError::Unavailable => {
+                ErrorResponse::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
             BrokerError::Store(_) | BrokerError::Internal(_) => {
                 ErrorResponse::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }

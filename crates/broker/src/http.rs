@@ -63,7 +63,11 @@ fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, ErrorR
         .ok_or_else(|| err(BrokerError::Unauthorized))
 }
 
-fn require_role(principal: &Principal, allowed: &[Role], action: &str) -> Result<(), ErrorResponse> {
+fn require_role(
+    principal: &Principal,
+    allowed: &[Role],
+    action: &str,
+) -> Result<(), ErrorResponse> {
     if allowed.contains(&principal.role) {
         Ok(())
     } else {
@@ -101,11 +105,18 @@ async fn whoami(State(app): App, headers: HeaderMap) -> Answer<WhoAmI> {
     }))
 }
 
-pub(crate) async fn create_principal(app: &AppState, name: String, role: Role) -> Result<String, BrokerError> {
+pub(crate) async fn create_principal(
+    app: &AppState,
+    name: String,
+    role: Role,
+) -> Result<String, BrokerError> {
     let token = crate::new_token();
     let hash = token_sha256(&token);
     app.writer
-        .run(move |ctx| ctx.state.create_principal(&name, role, hash, ctx.now_ms, ctx.writes))
+        .run(move |ctx| {
+            ctx.state
+                .create_principal(&name, role, hash, ctx.now_ms, ctx.writes)
+        })
         .await?;
     Ok(token)
 }
@@ -172,10 +183,11 @@ async fn register_host(
         .await
         .map_err(err)?;
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
-    let entry = state
-        .hosts
-        .get(&host_id_for_view)
-        .ok_or_else(|| err(BrokerError::Internal("host vanished after registration".into())))?;
+    let entry = state.hosts.get(&host_id_for_view).ok_or_else(|| {
+        err(BrokerError::Internal(
+            "host vanished after registration".into(),
+        ))
+    })?;
     Ok(Json(host_view(entry)))
 }
 
@@ -209,7 +221,10 @@ async fn put_partition(
     let partition = PartitionRef::new(host_id, parse_index(&index)?);
     let row = app
         .writer
-        .run(move |ctx| ctx.state.put_partition(&principal.name, &partition, request.terms, ctx.writes))
+        .run(move |ctx| {
+            ctx.state
+                .put_partition(&principal.name, &partition, request.terms, ctx.writes)
+        })
         .await
         .map_err(err)?;
     Ok(Json(partition_view(row)))
@@ -225,7 +240,10 @@ async fn withdraw_partition(
     let partition = PartitionRef::new(host_id, parse_index(&index)?);
     let row = app
         .writer
-        .run(move |ctx| ctx.state.withdraw_partition(&principal.name, &partition, ctx.writes))
+        .run(move |ctx| {
+            ctx.state
+                .withdraw_partition(&principal.name, &partition, ctx.writes)
+        })
         .await
         .map_err(err)?;
     Ok(Json(partition_view(row)))
@@ -243,7 +261,11 @@ async fn list_partitions(
     Query(query): Query<ListQuery>,
 ) -> Answer<Vec<PartitionView>> {
     let principal = authenticate(&app, &headers)?;
-    require_role(&principal, &[Role::Lender, Role::Admin], "list partitions with their status (borrowers use find)")?;
+    require_role(
+        &principal,
+        &[Role::Lender, Role::Admin],
+        "list partitions with their status (borrowers use find)",
+    )?;
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST) as usize;
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     let views = state
@@ -269,12 +291,18 @@ async fn list_partitions(
     Ok(Json(views))
 }
 
-async fn find(State(app): App, headers: HeaderMap, JsonBody(request): JsonBody<FindRequest>) -> Answer<FindResponse> {
+async fn find(
+    State(app): App,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<FindRequest>,
+) -> Answer<FindResponse> {
     authenticate(&app, &headers)?;
-    request
-        .requirements
-        .validate()
-        .map_err(|e| err(BrokerError::Invalid(leasehold_core::FieldError::new(format!("requirements.{}", e.field), e.problem))))?;
+    request.requirements.validate().map_err(|e| {
+        err(BrokerError::Invalid(leasehold_core::FieldError::new(
+            format!("requirements.{}", e.field),
+            e.problem,
+        )))
+    })?;
     let limit = request.limit.unwrap_or(DEFAULT_FIND_LIMIT);
     if limit == 0 || limit > MAX_FIND_LIMIT {
         return Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
@@ -292,8 +320,13 @@ async fn find(State(app): App, headers: HeaderMap, JsonBody(request): JsonBody<F
         .into_iter()
         .map(|(partition, terms)| Offer { partition, terms })
         .collect();
-    let explanation = offers.is_empty().then(|| state.explain(&request.requirements));
-    Ok(Json(FindResponse { offers, explanation }))
+    let explanation = offers
+        .is_empty()
+        .then(|| state.explain(&request.requirements));
+    Ok(Json(FindResponse {
+        offers,
+        explanation,
+    }))
 }
 
 /// The view of a lease for `viewer`; the key only for its borrower while active.
@@ -341,8 +374,18 @@ fn sign_lease_key(app: &AppState, lease: &Lease) -> String {
     )
 }
 
-fn notice_effect(app: &AppState, state: &crate::state::BrokerState, lease: &Lease, kind: NoticeKind) -> Option<Effect> {
-    let agent_url = state.hosts.get(&lease.partition.host_id)?.row.agent_url.clone()?;
+fn notice_effect(
+    app: &AppState,
+    state: &crate::state::BrokerState,
+    lease: &Lease,
+    kind: NoticeKind,
+) -> Option<Effect> {
+    let agent_url = state
+        .hosts
+        .get(&lease.partition.host_id)?
+        .row
+        .agent_url
+        .clone()?;
     let notice = key::sign_notice(
         &NoticeClaims {
             kind,
@@ -366,7 +409,9 @@ async fn lease(
     require_role(&principal, &[Role::Borrower], "lease partitions")?;
     let idempotency = idempotency_key(&headers)?;
     let target = match (request.partition, request.best) {
-        (Some(text), None) => LeaseTarget::Named(text.parse().map_err(|e| err(BrokerError::Invalid(e)))?),
+        (Some(text), None) => {
+            LeaseTarget::Named(text.parse().map_err(|e| err(BrokerError::Invalid(e)))?)
+        }
         (None, Some(requirements)) => LeaseTarget::Best(requirements),
         _ => {
             return Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
@@ -381,13 +426,16 @@ async fn lease(
         .writer
         .run(move |ctx| {
             if let Some(key) = &idempotency {
-                if let Some(lease_id) = ctx.state.idempotent_leases.get(&(borrower.clone(), key.clone())) {
+                if let Some(lease_id) = ctx
+                    .state
+                    .idempotent_leases
+                    .get(&(borrower.clone(), key.clone()))
+                {
                     let lease = match ctx.state.active_leases.get(lease_id) {
                         Some(lease) => lease.clone(),
-                        None => ctx
-                            .db
-                            .lease(*lease_id)?
-                            .ok_or_else(|| BrokerError::Internal(format!("lease {lease_id} vanished")))?,
+                        None => ctx.db.lease(*lease_id)?.ok_or_else(|| {
+                            BrokerError::Internal(format!("lease {lease_id} vanished"))
+                        })?,
                     };
                     return Ok((lease, true));
                 }
@@ -403,22 +451,29 @@ async fn lease(
                 ctx.state
                     .idempotent_leases
                     .insert((borrower.clone(), key.clone()), lease.lease_id);
-                ctx.writes.push(leasehold_store::broker::BrokerWrite::PutIdempotency {
-                    principal: borrower.clone(),
-                    key,
-                    status: 201,
-                    body: lease.lease_id.to_string(),
-                    at_ms: ctx.now_ms,
-                });
+                ctx.writes
+                    .push(leasehold_store::broker::BrokerWrite::PutIdempotency {
+                        principal: borrower.clone(),
+                        key,
+                        status: 201,
+                        body: lease.lease_id.to_string(),
+                        at_ms: ctx.now_ms,
+                    });
             }
-            if let Some(effect) = notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseStarted) {
+            if let Some(effect) =
+                notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseStarted)
+            {
                 ctx.effects.push(effect);
             }
             Ok((lease, false))
         })
         .await
         .map_err(err)?;
-    let status = if replayed { StatusCode::OK } else { StatusCode::CREATED };
+    let status = if replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     Ok((status, Json(lease_view(&app, &lease, &principal))))
 }
 
@@ -436,7 +491,11 @@ fn may_view(viewer: &Principal, lease: &Lease) -> bool {
     viewer.role == Role::Admin || viewer.name == lease.borrower || viewer.name == lease.lender
 }
 
-async fn get_lease(State(app): App, headers: HeaderMap, Path(lease_id): Path<String>) -> Answer<LeaseView> {
+async fn get_lease(
+    State(app): App,
+    headers: HeaderMap,
+    Path(lease_id): Path<String>,
+) -> Answer<LeaseView> {
     let principal = authenticate(&app, &headers)?;
     let lease_id = parse_lease_id(&lease_id)?;
     let active = {
@@ -453,7 +512,9 @@ async fn get_lease(State(app): App, headers: HeaderMap, Path(lease_id): Path<Str
             .map_err(|e| err(e.into()))?,
     };
     match lease {
-        Some(lease) if may_view(&principal, &lease) => Ok(Json(lease_view(&app, &lease, &principal))),
+        Some(lease) if may_view(&principal, &lease) => {
+            Ok(Json(lease_view(&app, &lease, &principal)))
+        }
         Some(_) => Err(err(BrokerError::Forbidden(format!(
             "lease {lease_id} is not yours: only its borrower, its lender and admins may see it"
         )))),
@@ -469,10 +530,19 @@ async fn list_leases(
     let principal = authenticate(&app, &headers)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let leases = leases_of(&app, &principal, limit)?;
-    Ok(Json(leases.iter().map(|l| lease_view(&app, l, &principal)).collect()))
+    Ok(Json(
+        leases
+            .iter()
+            .map(|l| lease_view(&app, l, &principal))
+            .collect(),
+    ))
 }
 
-fn leases_of(app: &AppState, principal: &Principal, limit: u32) -> Result<Vec<Lease>, ErrorResponse> {
+fn leases_of(
+    app: &AppState,
+    principal: &Principal,
+    limit: u32,
+) -> Result<Vec<Lease>, ErrorResponse> {
     let filter = match principal.role {
         Role::Admin => LeaseFilter::All,
         Role::Borrower => LeaseFilter::Borrower(principal.name.clone()),
@@ -485,7 +555,11 @@ fn leases_of(app: &AppState, principal: &Principal, limit: u32) -> Result<Vec<Le
         .map_err(|e| err(e.into()))
 }
 
-async fn release(State(app): App, headers: HeaderMap, Path(lease_id): Path<String>) -> Answer<ReleaseReceipt> {
+async fn release(
+    State(app): App,
+    headers: HeaderMap,
+    Path(lease_id): Path<String>,
+) -> Answer<ReleaseReceipt> {
     let principal = authenticate(&app, &headers)?;
     let lease_id = parse_lease_id(&lease_id)?;
     idempotency_key(&headers)?;
@@ -510,19 +584,37 @@ async fn release(State(app): App, headers: HeaderMap, Path(lease_id): Path<Strin
                 return Ok((lease, bill, true, None));
             };
             check_releaser(&releaser, &lease)?;
-            let ReleaseOutcome::Released(bill) = lease.release(ctx.now_ms, commission).map_err(|e| BrokerError::Internal(e.to_string()))? else {
-                return Err(BrokerError::Internal(format!("lease {lease_id} was active and released at once")));
+            let ReleaseOutcome::Released(bill) = lease
+                .release(ctx.now_ms, commission)
+                .map_err(|e| BrokerError::Internal(e.to_string()))?
+            else {
+                return Err(BrokerError::Internal(format!(
+                    "lease {lease_id} was active and released at once"
+                )));
             };
-            ctx.writes.push(leasehold_store::broker::BrokerWrite::UpdateLease(lease.clone()));
-            for transfer in ledger::settle(&bill, lease.lease_id, &lease.borrower, &lease.lender, ctx.now_ms) {
-                ctx.writes.push(leasehold_store::broker::BrokerWrite::InsertTransfer(transfer));
+            ctx.writes
+                .push(leasehold_store::broker::BrokerWrite::UpdateLease(
+                    lease.clone(),
+                ));
+            for transfer in ledger::settle(
+                &bill,
+                lease.lease_id,
+                &lease.borrower,
+                &lease.lender,
+                ctx.now_ms,
+            ) {
+                ctx.writes
+                    .push(leasehold_store::broker::BrokerWrite::InsertTransfer(
+                        transfer,
+                    ));
             }
             ctx.state.free_partition_of(&lease, ctx.writes);
             // The release notice is sent by this handler after the commit,
             // not as a background effect, so the answer can say whether the
             // host has already fenced the old key.
             let notice = notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseReleased);
-            ctx.released_this_batch.insert(lease_id, (lease.clone(), bill));
+            ctx.released_this_batch
+                .insert(lease_id, (lease.clone(), bill));
             Ok((lease, bill, false, notice))
         })
         .await
@@ -559,7 +651,10 @@ fn stored_bill(db: &leasehold_store::broker::BrokerDb, lease: &Lease) -> Result<
         .sum();
     let charge = lease.charge_micros.unwrap_or(0);
     Ok(Bill {
-        billable_seconds: money::billable_seconds(lease.started_at_ms, lease.release_requested_at_ms.unwrap_or(lease.started_at_ms)),
+        billable_seconds: money::billable_seconds(
+            lease.started_at_ms,
+            lease.release_requested_at_ms.unwrap_or(lease.started_at_ms),
+        ),
         charge_micros: charge,
         lender_credit_micros: charge.saturating_sub(commission),
         commission_micros: commission,
@@ -592,12 +687,19 @@ async fn bill(State(app): App, headers: HeaderMap) -> Answer<BillView> {
     Ok(Json(BillView {
         principal: principal.name.clone(),
         role: principal.role,
-        leases: leases.iter().map(|l| lease_view(&app, l, &principal)).collect(),
+        leases: leases
+            .iter()
+            .map(|l| lease_view(&app, l, &principal))
+            .collect(),
         balance_micros: balance,
     }))
 }
 
-async fn ledger_view(State(app): App, headers: HeaderMap, Query(query): Query<ListQuery>) -> Answer<LedgerView> {
+async fn ledger_view(
+    State(app): App,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Answer<LedgerView> {
     let principal = authenticate(&app, &headers)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let accounts = (principal.role != Role::Admin).then(|| accounts_of(&principal));
@@ -610,7 +712,10 @@ async fn ledger_view(State(app): App, headers: HeaderMap, Query(query): Query<Li
         .map_err(|e| err(e.into()))?
         .into_iter()
         .filter(|(account, _)| accounts.as_ref().is_none_or(|a| a.contains(account)))
-        .map(|(account, balance_micros)| AccountBalance { account, balance_micros })
+        .map(|(account, balance_micros)| AccountBalance {
+            account,
+            balance_micros,
+        })
         .collect();
     let sum_micros = balances.iter().map(|b| b.balance_micros).sum();
     Ok(Json(LedgerView {

@@ -97,15 +97,20 @@ impl RunningBroker {
 /// Opens (or creates) the broker's database in `data_dir` and starts serving.
 /// Stops on Ctrl-C / SIGTERM or [`RunningBroker::shutdown`].
 pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| BrokerError::Internal(format!("cannot create {}: {e}", config.data_dir.display())))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        BrokerError::Internal(format!("cannot create {}: {e}", config.data_dir.display()))
+    })?;
     let db_path = config.data_dir.join("broker.db");
     let mut db = BrokerDb::open(&db_path, config.durability)?;
     let reader = BrokerDb::open(&db_path, config.durability)?;
     let snapshot = db.load()?;
     let mut bootstrap = Vec::new();
     // The signing key is made once and kept: keys stay valid across restarts.
-    let signing_key = match snapshot.meta.get("signing_key_seed_hex").and_then(|h| hex::decode(h).ok()) {
+    let signing_key = match snapshot
+        .meta
+        .get("signing_key_seed_hex")
+        .and_then(|h| hex::decode(h).ok())
+    {
         Some(bytes) if bytes.len() == 32 => {
             let mut seed = [0u8; 32];
             seed.copy_from_slice(&bytes);
@@ -194,7 +199,11 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
 pub(crate) async fn notify_agent_now(notifier: &leasehold_api::Client, effect: Effect) -> bool {
     let Effect::NotifyAgent { agent_url, notice } = effect;
     let client = notifier.with_base_url(&agent_url);
-    let attempt = tokio::time::timeout(std::time::Duration::from_secs(2), client.send_notice(&notice)).await;
+    let attempt = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        client.send_notice(&notice),
+    )
+    .await;
     if matches!(attempt, Ok(Ok(_))) {
         return true;
     }
@@ -211,7 +220,8 @@ async fn deliver_notice(client: leasehold_api::Client, notice: String) {
             Ok(_) => return,
             Err(error) => {
                 tracing::warn!(agent = client.base_url(), attempt, %error, "cannot deliver a notice to the agent");
-                tokio::time::sleep(std::time::Duration::from_millis(200 * (1 << (attempt * 2)))).await;
+                tokio::time::sleep(std::time::Duration::from_millis(200 * (1 << (attempt * 2))))
+                    .await;
             }
         }
     }

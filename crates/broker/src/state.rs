@@ -5,7 +5,9 @@
 
 use crate::error::BrokerError;
 use leasehold_api::Role;
-use leasehold_core::lease::{decide_alter, decide_lease, Lease, LeaseRefusal, LeaseState, PartitionStatus, AlterRefusal};
+use leasehold_core::lease::{
+    decide_alter, decide_lease, AlterRefusal, Lease, LeaseRefusal, LeaseState, PartitionStatus,
+};
 use leasehold_core::matching::{explain_no_match, FreeIndex};
 use leasehold_core::{HostCapacity, LeaseId, PartitionRef, Requirements, Terms};
 use leasehold_store::broker::{BrokerSnapshot, BrokerWrite, HostRow, PartitionRow};
@@ -89,8 +91,9 @@ impl BrokerState {
             ..Default::default()
         };
         for principal in snapshot.principals {
-            let role = parse_role(&principal.role)
-                .ok_or_else(|| BrokerError::Internal(format!("unknown role '{}' in principals", principal.role)))?;
+            let role = parse_role(&principal.role).ok_or_else(|| {
+                BrokerError::Internal(format!("unknown role '{}' in principals", principal.role))
+            })?;
             state.principal_names.insert(principal.name.clone(), role);
             state.principals_by_token_sha256.insert(
                 principal.token_sha256,
@@ -180,7 +183,9 @@ impl BrokerState {
     ) -> Result<(), BrokerError> {
         leasehold_core::ids::validate_host_id("name", name)?;
         if self.principal_names.contains_key(name) {
-            return Err(BrokerError::AlreadyExists(format!("a principal named '{name}' exists already")));
+            return Err(BrokerError::AlreadyExists(format!(
+                "a principal named '{name}' exists already"
+            )));
         }
         self.principal_names.insert(name.to_string(), role);
         self.principals_by_token_sha256.insert(
@@ -226,10 +231,13 @@ impl BrokerState {
             agent_url,
             capacity,
         };
-        let entry = self.hosts.entry(host_id.to_string()).or_insert_with(|| HostEntry {
-            row: row.clone(),
-            partitions: BTreeSet::new(),
-        });
+        let entry = self
+            .hosts
+            .entry(host_id.to_string())
+            .or_insert_with(|| HostEntry {
+                row: row.clone(),
+                partitions: BTreeSet::new(),
+            });
         entry.row = row.clone();
         writes.push(BrokerWrite::UpsertHost {
             host: row.clone(),
@@ -271,7 +279,10 @@ impl BrokerState {
             .partitions
             .iter()
             .filter(|index| **index != partition.index)
-            .filter_map(|index| self.partitions.get(&PartitionRef::new(partition.host_id.clone(), *index)))
+            .filter_map(|index| {
+                self.partitions
+                    .get(&PartitionRef::new(partition.host_id.clone(), *index))
+            })
             .filter(|entry| !entry.withdrawn)
             .map(|entry| &entry.terms);
         host.row
@@ -318,11 +329,9 @@ impl BrokerState {
         writes: &mut Vec<BrokerWrite>,
     ) -> Result<PartitionRow, BrokerError> {
         self.owned_host(lender, &partition.host_id)?;
-        let entry = self
-            .partitions
-            .get(partition)
-            .cloned()
-            .ok_or_else(|| BrokerError::NotFound(format!("no partition {partition} is registered")))?;
+        let entry = self.partitions.get(partition).cloned().ok_or_else(|| {
+            BrokerError::NotFound(format!("no partition {partition} is registered"))
+        })?;
         match decide_alter(entry.status()) {
             Ok(()) => {}
             Err(AlterRefusal::Withdrawn) => return Ok(entry.row(partition)),
@@ -345,7 +354,11 @@ impl BrokerState {
     }
 
     /// Checks that an image asked for is offered by some partition.
-    pub fn check_known_image(&self, requirements: &Requirements, field: &str) -> Result<(), BrokerError> {
+    pub fn check_known_image(
+        &self,
+        requirements: &Requirements,
+        field: &str,
+    ) -> Result<(), BrokerError> {
         if let Some(image) = &requirements.image {
             if !self.image_offers.contains_key(image) {
                 let offered: Vec<&str> = self.image_offers.keys().map(String::as_str).collect();
@@ -353,7 +366,11 @@ impl BrokerState {
                     field,
                     format!(
                         "unknown image '{image}'; images offered: {}",
-                        if offered.is_empty() { "none yet".to_string() } else { offered.join(", ") }
+                        if offered.is_empty() {
+                            "none yet".to_string()
+                        } else {
+                            offered.join(", ")
+                        }
                     ),
                 )));
             }
@@ -361,7 +378,10 @@ impl BrokerState {
         Ok(())
     }
 
-    pub fn explain(&self, requirements: &Requirements) -> leasehold_core::matching::NoMatchExplanation {
+    pub fn explain(
+        &self,
+        requirements: &Requirements,
+    ) -> leasehold_core::matching::NoMatchExplanation {
         explain_no_match(
             self.partitions
                 .iter()
@@ -384,7 +404,9 @@ impl BrokerState {
         let partition = match target {
             LeaseTarget::Named(partition) => partition.clone(),
             LeaseTarget::Best(requirements) => {
-                requirements.validate().map_err(|e| prefix_field("best", e))?;
+                requirements
+                    .validate()
+                    .map_err(|e| prefix_field("best", e))?;
                 self.check_known_image(requirements, "best.image")?;
                 match self.free.find(requirements, 1).into_iter().next() {
                     Some((partition, _)) => partition,
@@ -392,10 +414,9 @@ impl BrokerState {
                 }
             }
         };
-        let entry = self
-            .partitions
-            .get_mut(&partition)
-            .ok_or_else(|| BrokerError::NotFound(format!("no partition {partition} is registered")))?;
+        let entry = self.partitions.get_mut(&partition).ok_or_else(|| {
+            BrokerError::NotFound(format!("no partition {partition} is registered"))
+        })?;
         decide_lease(entry.status()).map_err(|refusal| match refusal {
             LeaseRefusal::Conflict { lease_id } => BrokerError::Conflict {
                 partition: partition.clone(),
@@ -469,11 +490,31 @@ fn validate_capacity(capacity: &HostCapacity) -> Result<(), BrokerError> {
         Ok(())
     };
     check("cpu_centicores", capacity.cpu_centicores, 1024 * 100)?;
-    check("memory_mib", capacity.memory_mib, leasehold_core::terms::MAX_MEMORY_MIB)?;
-    check("disk_gib", capacity.disk_gib, leasehold_core::terms::MAX_DISK_GIB)?;
-    check("owner_share_cpu_centicores", capacity.owner_share_cpu_centicores, capacity.cpu_centicores)?;
-    check("owner_share_memory_mib", capacity.owner_share_memory_mib, capacity.memory_mib)?;
-    check("owner_share_disk_gib", capacity.owner_share_disk_gib, capacity.disk_gib)?;
+    check(
+        "memory_mib",
+        capacity.memory_mib,
+        leasehold_core::terms::MAX_MEMORY_MIB,
+    )?;
+    check(
+        "disk_gib",
+        capacity.disk_gib,
+        leasehold_core::terms::MAX_DISK_GIB,
+    )?;
+    check(
+        "owner_share_cpu_centicores",
+        capacity.owner_share_cpu_centicores,
+        capacity.cpu_centicores,
+    )?;
+    check(
+        "owner_share_memory_mib",
+        capacity.owner_share_memory_mib,
+        capacity.memory_mib,
+    )?;
+    check(
+        "owner_share_disk_gib",
+        capacity.owner_share_disk_gib,
+        capacity.disk_gib,
+    )?;
     if capacity.cpu_centicores == 0 {
         return Err(BrokerError::Invalid(leasehold_core::FieldError::new(
             "capacity.cpu_centicores",

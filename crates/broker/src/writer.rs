@@ -7,8 +7,8 @@ use crate::error::BrokerError;
 use crate::state::BrokerState;
 use leasehold_core::lease::Bill;
 use leasehold_core::LeaseId;
-use leasehold_store::broker::{BrokerDb, BrokerWrite};
 use leasehold_service::SharedClock;
+use leasehold_store::broker::{BrokerDb, BrokerWrite};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
@@ -88,7 +88,10 @@ impl Writer {
             });
             (succeeded, completion)
         });
-        self.sender.send(boxed).await.map_err(|_| BrokerError::Unavailable)?;
+        self.sender
+            .send(boxed)
+            .await
+            .map_err(|_| BrokerError::Unavailable)?;
         answer.await.map_err(|_| BrokerError::Unavailable)?
     }
 }
@@ -105,7 +108,9 @@ fn run_batch(
     let mut completions = Vec::with_capacity(jobs.len());
     let mut released_this_batch = HashMap::new();
     {
-        let mut guard = state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now_ms = clock.now_ms();
         for job in jobs {
             let writes_before = writes.len();
@@ -158,7 +163,9 @@ fn run_batch(
             }
             let message = error.to_string();
             for completion in completions {
-                completion(Err(BrokerError::Internal(format!("the change was not saved: {message}"))));
+                completion(Err(BrokerError::Internal(format!(
+                    "the change was not saved: {message}"
+                ))));
             }
         }
     }

@@ -30,7 +30,12 @@ struct Cli {
 #[derive(Args, Clone)]
 pub struct Global {
     /// The broker's URL.
-    #[arg(long, global = true, env = "LEASEHOLD_BROKER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "LEASEHOLD_BROKER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub broker: String,
     /// Your token (as printed by `leasehold up` or `leasehold principal add`).
     #[arg(long, global = true, env = "LEASEHOLD_TOKEN", hide_env_values = true)]

@@ -60,7 +60,9 @@ pub struct HostShape {
 impl HostShape {
     fn capacity(&self) -> HostCapacity {
         let cpus = self.cpus.map(|c| c as u64).unwrap_or_else(|| {
-            std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u64)
+                .unwrap_or(1)
         });
         let memory_mib = self.memory_mib.unwrap_or_else(host_memory_mib);
         HostCapacity {
@@ -68,7 +70,10 @@ impl HostShape {
             memory_mib,
             disk_gib: self.disk_gib,
             owner_share_cpu_centicores: self.owner_share_centicores.min(cpus * 100),
-            owner_share_memory_mib: self.owner_share_memory_mib.unwrap_or(memory_mib / 4).min(memory_mib),
+            owner_share_memory_mib: self
+                .owner_share_memory_mib
+                .unwrap_or(memory_mib / 4)
+                .min(memory_mib),
             owner_share_disk_gib: self.owner_share_disk_gib.min(self.disk_gib),
         }
     }
@@ -149,10 +154,21 @@ fn default_host_id() -> String {
         .trim()
         .to_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
-    if cleaned.is_empty() || !cleaned.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+    if cleaned.is_empty()
+        || !cleaned
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
         "local".to_string()
     } else {
         cleaned
@@ -188,7 +204,10 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
     .await
     .context("failed to start the broker")?;
     let url = running.url();
-    let mut text = format!("broker listening on {url} (data in {})", args.data_dir.display());
+    let mut text = format!(
+        "broker listening on {url} (data in {})",
+        args.data_dir.display()
+    );
     if let Some(token) = &running.bootstrap_admin_token {
         text.push_str(&format!("\nfirst start: admin token (shown once): {token}"));
     }
@@ -197,15 +216,19 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "admin_token": running.bootstrap_admin_token}),
         text,
     );
-    running.wait().await.context("the broker stopped with an error")?;
+    running
+        .wait()
+        .await
+        .context("the broker stopped with an error")?;
     Ok(0)
 }
 
 pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
-    let token = global
-        .token
-        .clone()
-        .ok_or_else(|| anyhow!("failed to start the agent: give the lender's token with --token or LEASEHOLD_TOKEN"))?;
+    let token = global.token.clone().ok_or_else(|| {
+        anyhow!(
+            "failed to start the agent: give the lender's token with --token or LEASEHOLD_TOKEN"
+        )
+    })?;
     let host_id = args.host_id.clone().unwrap_or_else(default_host_id);
     let running = leasehold_agent::start(AgentConfig {
         host_id: host_id.clone(),
@@ -227,9 +250,15 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
     print_ready(
         global,
         serde_json::json!({"agent_url": url, "host_id": host_id, "driver": running.driver_name, "reconciled": running.reconciled}),
-        format!("agent for host '{host_id}' listening on {url} (driver {}, broker {})", running.driver_name, global.broker),
+        format!(
+            "agent for host '{host_id}' listening on {url} (driver {}, broker {})",
+            running.driver_name, global.broker
+        ),
     );
-    running.wait().await.context("the agent stopped with an error")?;
+    running
+        .wait()
+        .await
+        .context("the agent stopped with an error")?;
     Ok(0)
 }
 
@@ -282,16 +311,26 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
             .create_principal("borrower", Role::Borrower)
             .await
             .context("failed to create the borrower")?;
-        std::fs::create_dir_all(&agent_dir).with_context(|| format!("failed to create {}", agent_dir.display()))?;
+        std::fs::create_dir_all(&agent_dir)
+            .with_context(|| format!("failed to create {}", agent_dir.display()))?;
         write_secret(&lender_token_path, &lender)?;
         tokens.insert("lender".into(), lender.into());
         tokens.insert("borrower".into(), borrower.into());
     }
     let lender_token = std::fs::read_to_string(&lender_token_path)
-        .with_context(|| format!("failed to read the local lender's token from {}", lender_token_path.display()))?
+        .with_context(|| {
+            format!(
+                "failed to read the local lender's token from {}",
+                lender_token_path.display()
+            )
+        })?
         .trim()
         .to_string();
-    let driver = driver_kind(args.driver, &agent_dir, vec!["busybox".into(), "debian-12".into()]);
+    let driver = driver_kind(
+        args.driver,
+        &agent_dir,
+        vec!["busybox".into(), "debian-12".into()],
+    );
     let capacity = args.shape.capacity();
     let running_agent = leasehold_agent::start(AgentConfig {
         host_id: "local".into(),
@@ -308,16 +347,25 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
     .context("failed to start the local agent")?;
     let agent_url = running_agent.url();
     let agent_client = leasehold_api::Client::new(&agent_url, Some(lender_token));
-    let mut partitions = agent_client.agent_list_partitions().await.context("failed to read the partition table")?;
+    let mut partitions = agent_client
+        .agent_list_partitions()
+        .await
+        .context("failed to read the partition table")?;
     if partitions.is_empty() && !tokens.is_empty() {
-        let info = agent_client.agent_info().await.context("failed to ask the agent")?;
+        let info = agent_client
+            .agent_info()
+            .await
+            .context("failed to ask the agent")?;
         for terms in default_partition_terms(args.partitions, &info.images, &capacity) {
             agent_client
                 .agent_add_partition(&terms)
                 .await
                 .context("failed to add a default partition")?;
         }
-        partitions = agent_client.agent_list_partitions().await.context("failed to read the partition table")?;
+        partitions = agent_client
+            .agent_list_partitions()
+            .await
+            .context("failed to read the partition table")?;
     }
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
@@ -338,7 +386,10 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         for (name, token) in &tokens {
             text.push_str(&format!("  {name:<9} {}\n", token.as_str().unwrap_or("")));
         }
-        let borrower = tokens.get("borrower").and_then(|t| t.as_str()).unwrap_or("");
+        let borrower = tokens
+            .get("borrower")
+            .and_then(|t| t.as_str())
+            .unwrap_or("");
         text.push_str(&format!(
             "Next, in another terminal:\n  export LEASEHOLD_BROKER={broker_url} LEASEHOLD_TOKEN={borrower}\n  {exe} find\n  {exe} lease --best\n  {exe} run --lease 1 -- sh -c 'echo hello from $(pwd)'\n  {exe} release 1\n  {exe} bill\n"
         ));

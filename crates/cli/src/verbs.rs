@@ -20,7 +20,10 @@ fn broker(global: &Global) -> Client {
 }
 
 fn print_json<T: Serialize>(value: &T) {
-    println!("{}", serde_json::to_string(value).expect("output serializes"));
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("output serializes")
+    );
 }
 
 /// Prints an error and picks the exit code. Lowercase "failed to ..." chains.
@@ -45,7 +48,10 @@ pub fn report_error(global: &Global, error: &anyhow::Error) -> i32 {
         }));
     }
     eprintln!("error: {error:#}");
-    if let Some(explanation) = api.and_then(ApiError::detail).and_then(|d| d.explanation.as_ref()) {
+    if let Some(explanation) = api
+        .and_then(ApiError::detail)
+        .and_then(|d| d.explanation.as_ref())
+    {
         eprint!("{}", explain_text(explanation, None));
     }
     code
@@ -66,9 +72,16 @@ pub fn terms_text(terms: &Terms) -> String {
 fn requirement_text(requirement: Requirement, requirements: &Requirements) -> String {
     match requirement {
         Requirement::MinVcpus => format!("vcpus >= {}", requirements.min_vcpus.unwrap_or(0)),
-        Requirement::MinCpuCapPercent => format!("cpu cap >= {}%", requirements.min_cpu_cap_percent.unwrap_or(0)),
-        Requirement::MinMemoryMib => format!("memory >= {} MiB", requirements.min_memory_mib.unwrap_or(0)),
-        Requirement::MinDiskGib => format!("disk >= {} GiB", requirements.min_disk_gib.unwrap_or(0)),
+        Requirement::MinCpuCapPercent => format!(
+            "cpu cap >= {}%",
+            requirements.min_cpu_cap_percent.unwrap_or(0)
+        ),
+        Requirement::MinMemoryMib => {
+            format!("memory >= {} MiB", requirements.min_memory_mib.unwrap_or(0))
+        }
+        Requirement::MinDiskGib => {
+            format!("disk >= {} GiB", requirements.min_disk_gib.unwrap_or(0))
+        }
         Requirement::Image => format!("image = {}", requirements.image.as_deref().unwrap_or("")),
         Requirement::MaxPricePerHourMicros => format!(
             "price <= {}/h",
@@ -78,7 +91,10 @@ fn requirement_text(requirement: Requirement, requirements: &Requirements) -> St
 }
 
 /// The `-better-analyze` style explanation of an empty answer.
-pub fn explain_text(explanation: &NoMatchExplanation, requirements: Option<&Requirements>) -> String {
+pub fn explain_text(
+    explanation: &NoMatchExplanation,
+    requirements: Option<&Requirements>,
+) -> String {
     let mut text = format!(
         "No free partition meets the requirements ({} partitions registered, {} of them leased).\n",
         explanation.partitions_considered, explanation.leased
@@ -96,7 +112,11 @@ pub fn explain_text(explanation: &NoMatchExplanation, requirements: Option<&Requ
     if !explanation.nearest_misses.is_empty() {
         text.push_str("Nearest misses:\n");
         for miss in &explanation.nearest_misses {
-            let mut reasons: Vec<String> = miss.failed.iter().map(|r| format!("fails {}", r.field_name())).collect();
+            let mut reasons: Vec<String> = miss
+                .failed
+                .iter()
+                .map(|r| format!("fails {}", r.field_name()))
+                .collect();
             if miss.leased {
                 reasons.push("leased".into());
             }
@@ -128,7 +148,9 @@ fn parse_role(text: &str) -> Result<Role, String> {
         "lender" => Ok(Role::Lender),
         "borrower" => Ok(Role::Borrower),
         "admin" => Ok(Role::Admin),
-        _ => Err(format!("'{text}' is not a role: use lender, borrower or admin")),
+        _ => Err(format!(
+            "'{text}' is not a role: use lender, borrower or admin"
+        )),
     }
 }
 
@@ -142,7 +164,11 @@ pub async fn principal(global: &Global, command: PrincipalCommand) -> Result<i32
             if global.output == OutputFormat::Json {
                 print_json(&created);
             } else {
-                println!("created {} '{}'; its token (shown once):", created.role.as_str(), created.name);
+                println!(
+                    "created {} '{}'; its token (shown once):",
+                    created.role.as_str(),
+                    created.name
+                );
                 println!("{}", created.token);
             }
             Ok(0)
@@ -151,7 +177,10 @@ pub async fn principal(global: &Global, command: PrincipalCommand) -> Result<i32
 }
 
 pub async fn whoami(global: &Global) -> Result<i32> {
-    let me = broker(global).whoami().await.context("failed to ask the broker who you are")?;
+    let me = broker(global)
+        .whoami()
+        .await
+        .context("failed to ask the broker who you are")?;
     if global.output == OutputFormat::Json {
         print_json(&me);
     } else {
@@ -187,14 +216,30 @@ impl TermsArgs {
     fn apply(&self, base: Option<&Terms>, default_images: &[String]) -> Result<Terms> {
         let missing = |name: &str| anyhow!("--{name} is required");
         let price = match &self.price_per_hour {
-            Some(text) => parse_units_to_micros("price_per_hour", text).map_err(|e| anyhow!("{e}"))?,
-            None => base.map(|b| b.price_per_hour_micros).ok_or_else(|| missing("price-per-hour"))?,
+            Some(text) => {
+                parse_units_to_micros("price_per_hour", text).map_err(|e| anyhow!("{e}"))?
+            }
+            None => base
+                .map(|b| b.price_per_hour_micros)
+                .ok_or_else(|| missing("price-per-hour"))?,
         };
         Ok(Terms {
-            vcpus: self.vcpus.or(base.map(|b| b.vcpus)).ok_or_else(|| missing("vcpus"))?,
-            cpu_cap_percent: self.cpu_cap_percent.or(base.map(|b| b.cpu_cap_percent)).unwrap_or(100),
-            memory_mib: self.memory_mib.or(base.map(|b| b.memory_mib)).ok_or_else(|| missing("memory-mib"))?,
-            disk_gib: self.disk_gib.or(base.map(|b| b.disk_gib)).ok_or_else(|| missing("disk-gib"))?,
+            vcpus: self
+                .vcpus
+                .or(base.map(|b| b.vcpus))
+                .ok_or_else(|| missing("vcpus"))?,
+            cpu_cap_percent: self
+                .cpu_cap_percent
+                .or(base.map(|b| b.cpu_cap_percent))
+                .unwrap_or(100),
+            memory_mib: self
+                .memory_mib
+                .or(base.map(|b| b.memory_mib))
+                .ok_or_else(|| missing("memory-mib"))?,
+            disk_gib: self
+                .disk_gib
+                .or(base.map(|b| b.disk_gib))
+                .ok_or_else(|| missing("disk-gib"))?,
             images: if !self.images.is_empty() {
                 self.images.clone()
             } else if let Some(base) = base {
@@ -261,7 +306,12 @@ fn print_agent_partitions(global: &Global, rows: &[leasehold_api::AgentPartition
                 leasehold_api::LendingFlag::Unregistered => "unregistered".to_string(),
             },
         };
-        println!("{:<16} {}  {}", row.partition.to_string(), terms_text(&row.terms), status);
+        println!(
+            "{:<16} {}  {}",
+            row.partition.to_string(),
+            terms_text(&row.terms),
+            status
+        );
     }
 }
 
@@ -269,7 +319,10 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
     match command {
         HostCommand::Add { agent, terms } => {
             let client = Client::new(&agent.agent, global.token.clone());
-            let info = client.agent_info().await.context("failed to reach the agent")?;
+            let info = client
+                .agent_info()
+                .await
+                .context("failed to reach the agent")?;
             let terms = terms.apply(None, &info.images)?;
             let row = client
                 .agent_add_partition(&terms)
@@ -278,21 +331,37 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
             if global.output == OutputFormat::Json {
                 print_json(&row);
             } else {
-                println!("added and registered partition {}: {}", row.partition, terms_text(&row.terms));
+                println!(
+                    "added and registered partition {}: {}",
+                    row.partition,
+                    terms_text(&row.terms)
+                );
             }
         }
         HostCommand::List { agent } => {
             let client = Client::new(&agent.agent, global.token.clone());
-            let rows = client.agent_list_partitions().await.context("failed to list partitions")?;
+            let rows = client
+                .agent_list_partitions()
+                .await
+                .context("failed to list partitions")?;
             print_agent_partitions(global, &rows);
         }
-        HostCommand::Alter { index, agent, terms } => {
+        HostCommand::Alter {
+            index,
+            agent,
+            terms,
+        } => {
             let client = Client::new(&agent.agent, global.token.clone());
-            let rows = client.agent_list_partitions().await.context("failed to read the partition table")?;
+            let rows = client
+                .agent_list_partitions()
+                .await
+                .context("failed to read the partition table")?;
             let current = rows
                 .iter()
                 .find(|r| r.partition.index == index)
-                .ok_or_else(|| anyhow!("failed to alter partition {index}: no such partition on this host"))?;
+                .ok_or_else(|| {
+                    anyhow!("failed to alter partition {index}: no such partition on this host")
+                })?;
             let terms = terms.apply(Some(&current.terms), &[])?;
             let row = client
                 .agent_alter_partition(index, &terms)
@@ -301,7 +370,11 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
             if global.output == OutputFormat::Json {
                 print_json(&row);
             } else {
-                println!("altered partition {}: {}", row.partition, terms_text(&row.terms));
+                println!(
+                    "altered partition {}: {}",
+                    row.partition,
+                    terms_text(&row.terms)
+                );
             }
         }
         HostCommand::Withdraw { index, agent } => {
@@ -382,10 +455,18 @@ pub async fn find(global: &Global, args: FindArgs) -> Result<i32> {
         }
     } else {
         for offer in &answer.offers {
-            println!("{:<16} {}", offer.partition.to_string(), terms_text(&offer.terms));
+            println!(
+                "{:<16} {}",
+                offer.partition.to_string(),
+                terms_text(&offer.terms)
+            );
         }
     }
-    Ok(if answer.offers.is_empty() { EXIT_NO_MATCH } else { 0 })
+    Ok(if answer.offers.is_empty() {
+        EXIT_NO_MATCH
+    } else {
+        0
+    })
 }
 
 #[derive(Args)]
@@ -430,7 +511,10 @@ pub async fn lease(global: &Global, args: LeaseArgs) -> Result<i32> {
             best: None,
         }
     };
-    let what = args.partition.clone().unwrap_or_else(|| "the best match".to_string());
+    let what = args
+        .partition
+        .clone()
+        .unwrap_or_else(|| "the best match".to_string());
     let lease = broker(global)
         .lease(&request)
         .await
@@ -439,8 +523,14 @@ pub async fn lease(global: &Global, args: LeaseArgs) -> Result<i32> {
         print_json(&lease);
     } else {
         println!("{}", lease_text(&lease));
-        println!("  lease key: {}", lease.lease_key.as_deref().unwrap_or("(not shown)"));
-        println!("next: leasehold run --lease {} -- echo hello", lease.lease_id);
+        println!(
+            "  lease key: {}",
+            lease.lease_key.as_deref().unwrap_or("(not shown)")
+        );
+        println!(
+            "next: leasehold run --lease {} -- echo hello",
+            lease.lease_id
+        );
     }
     Ok(0)
 }
@@ -479,7 +569,10 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
     };
     let agent_url = match args.agent.clone().or(lease.agent_url.clone()) {
         Some(url) => url,
-        None => bail!("failed to run on lease {}: its host has no agent address; pass --agent URL", args.lease),
+        None => bail!(
+            "failed to run on lease {}: its host has no agent address; pass --agent URL",
+            args.lease
+        ),
     };
     let agent = Client::new(&agent_url, None);
     let result = agent
@@ -492,7 +585,12 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
             },
         )
         .await
-        .with_context(|| format!("failed to run the job on lease {} ({})", args.lease, lease.partition))?;
+        .with_context(|| {
+            format!(
+                "failed to run the job on lease {} ({})",
+                args.lease, lease.partition
+            )
+        })?;
     if global.output == OutputFormat::Json {
         print_json(&result);
     } else {
@@ -523,7 +621,11 @@ pub async fn release(global: &Global, args: ReleaseArgs) -> Result<i32> {
     if global.output == OutputFormat::Json {
         print_json(&receipt);
     } else {
-        let prefix = if receipt.already_released { "was already released" } else { "released" };
+        let prefix = if receipt.already_released {
+            "was already released"
+        } else {
+            "released"
+        };
         println!(
             "lease {} {}: {} s billed, charge {} (lender {}, commission {})",
             receipt.lease.lease_id,
@@ -538,7 +640,10 @@ pub async fn release(global: &Global, args: ReleaseArgs) -> Result<i32> {
 }
 
 pub async fn leases(global: &Global) -> Result<i32> {
-    let leases = broker(global).list_leases().await.context("failed to list leases")?;
+    let leases = broker(global)
+        .list_leases()
+        .await
+        .context("failed to list leases")?;
     if global.output == OutputFormat::Json {
         print_json(&leases);
     } else {
@@ -553,24 +658,41 @@ pub async fn leases(global: &Global) -> Result<i32> {
 }
 
 pub async fn bill(global: &Global) -> Result<i32> {
-    let bill = broker(global).bill().await.context("failed to fetch your bill")?;
+    let bill = broker(global)
+        .bill()
+        .await
+        .context("failed to fetch your bill")?;
     if global.output == OutputFormat::Json {
         print_json(&bill);
     } else {
-        println!("{} ({}): balance {}", bill.principal, bill.role.as_str(), format_micros(bill.balance_micros as i128));
+        println!(
+            "{} ({}): balance {}",
+            bill.principal,
+            bill.role.as_str(),
+            format_micros(bill.balance_micros as i128)
+        );
         for lease in &bill.leases {
             let charge = lease
                 .charge_micros
                 .map(|c| format_micros(c as i128))
                 .unwrap_or_else(|| "running".into());
-            println!("  lease {:<6} {:<16} {:?}  {}", lease.lease_id, lease.partition.to_string(), lease.state, charge);
+            println!(
+                "  lease {:<6} {:<16} {:?}  {}",
+                lease.lease_id,
+                lease.partition.to_string(),
+                lease.state,
+                charge
+            );
         }
     }
     Ok(0)
 }
 
 pub async fn ledger(global: &Global) -> Result<i32> {
-    let ledger = broker(global).ledger().await.context("failed to fetch the ledger")?;
+    let ledger = broker(global)
+        .ledger()
+        .await
+        .context("failed to fetch the ledger")?;
     if global.output == OutputFormat::Json {
         print_json(&ledger);
     } else {
@@ -586,7 +708,11 @@ pub async fn ledger(global: &Global) -> Result<i32> {
         }
         println!("balances:");
         for b in &ledger.balances {
-            println!("  {:<32} {}", b.account, format_micros(b.balance_micros as i128));
+            println!(
+                "  {:<32} {}",
+                b.account,
+                format_micros(b.balance_micros as i128)
+            );
         }
         println!("sum: {}", format_micros(ledger.sum_micros as i128));
     }

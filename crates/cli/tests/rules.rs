@@ -13,9 +13,16 @@ fn lease_named(partition: &str) -> LeaseRequest {
     }
 }
 
-async fn raw(method: reqwest::Method, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, serde_json::Value) {
+async fn raw(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
     let client = reqwest::Client::new();
-    let mut request = client.request(method, url).header("content-type", "application/json");
+    let mut request = client
+        .request(method, url)
+        .header("content-type", "application/json");
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -25,7 +32,10 @@ async fn raw(method: reqwest::Method, url: &str, token: Option<&str>, body: Opti
     let response = request.send().await.expect("send");
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -41,25 +51,64 @@ async fn roles_decide_who_may_do_what() {
     let url = cluster.broker_url.clone();
 
     // No token: 401, from the broker and from the agent's lender interface.
-    let (status, body) = raw(reqwest::Method::POST, &format!("{url}/v1/find"), None, Some("{}")).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
-    let (status, _) = raw(reqwest::Method::GET, &format!("{alpha}/v1/partitions"), Some(&bob_token), None).await;
-    assert_eq!(status, 401, "a borrower's token is not the host's lender token");
-    let (status, _) = raw(reqwest::Method::GET, &format!("{url}/v1/bill"), Some("lh_wrong"), None).await;
+    let (status, body) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/find"),
+        None,
+        Some("{}"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, _) = raw(
+        reqwest::Method::GET,
+        &format!("{alpha}/v1/partitions"),
+        Some(&bob_token),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 401,
+        "a borrower's token is not the host's lender token"
+    );
+    let (status, _) = raw(
+        reqwest::Method::GET,
+        &format!("{url}/v1/bill"),
+        Some("lh_wrong"),
+        None,
+    )
+    .await;
     assert_eq!(status, 401);
 
     // Wrong role: 403.
     let error = bob
-        .register_host("mine", &RegisterHostRequest { agent_url: None, capacity: cluster_capacity() })
+        .register_host(
+            "mine",
+            &RegisterHostRequest {
+                agent_url: None,
+                capacity: cluster_capacity(),
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(error.status(), Some(403));
-    let error = cluster.lender().lease(&lease_named("alpha/1")).await.unwrap_err();
+    let error = cluster
+        .lender()
+        .lease(&lease_named("alpha/1"))
+        .await
+        .unwrap_err();
     assert_eq!(error.status(), Some(403));
     let error = bob.create_principal("eve", Role::Admin).await.unwrap_err();
     assert_eq!(error.status(), Some(403));
     // A second lender may not touch the first lender's host.
-    let other_lender = cluster.admin().create_principal("lender2", Role::Lender).await.unwrap().token;
+    let other_lender = cluster
+        .admin()
+        .create_principal("lender2", Role::Lender)
+        .await
+        .unwrap()
+        .token;
     let error = Client::new(&url, Some(other_lender))
         .withdraw_partition("alpha", 1)
         .await
@@ -72,7 +121,11 @@ async fn roles_decide_who_may_do_what() {
     assert_eq!(error.status(), Some(403));
     let error = carol.get_lease(lease.lease_id).await.unwrap_err();
     assert_eq!(error.status(), Some(403));
-    let carol_run = cli(&url, None, &["run", "--lease", &lease.lease_id.to_string(), "--", "true"]);
+    let carol_run = cli(
+        &url,
+        None,
+        &["run", "--lease", &lease.lease_id.to_string(), "--", "true"],
+    );
     assert_eq!(carol_run.code, 1);
     // The lender and admins see the lease, but never its key.
     let seen = cluster.lender().get_lease(lease.lease_id).await.unwrap();
@@ -105,16 +158,29 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
     let lender = cluster.lender_token.clone();
     let (bob_token, bob) = cluster.borrower("bob").await;
     let agent = Client::new(&alpha, Some(lender.clone()));
-    agent.agent_add_partition(&terms(1, 512, "busybox", 1000)).await.unwrap();
+    agent
+        .agent_add_partition(&terms(1, 512, "busybox", 1000))
+        .await
+        .unwrap();
     let url = cluster.broker_url.clone();
 
     let check_agent = |body: &'static str, field: &'static str| {
         let alpha = alpha.clone();
         let lender = lender.clone();
         async move {
-            let (status, answer) = raw(reqwest::Method::POST, &format!("{alpha}/v1/partitions"), Some(&lender), Some(body)).await;
+            let (status, answer) = raw(
+                reqwest::Method::POST,
+                &format!("{alpha}/v1/partitions"),
+                Some(&lender),
+                Some(body),
+            )
+            .await;
             assert_eq!(status, 400, "{body}: {answer}");
-            assert_eq!(answer["error"]["field"].as_str(), Some(field), "{body}: {answer}");
+            assert_eq!(
+                answer["error"]["field"].as_str(),
+                Some(field),
+                "{body}: {answer}"
+            );
         }
     };
     check_agent(r#"{"terms": {"vcpus": 0, "cpu_cap_percent": 50, "memory_mib": 512, "disk_gib": 1, "images": ["busybox"], "price_per_hour_micros": 10}}"#, "terms.vcpus").await;
@@ -133,35 +199,135 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
     assert_eq!(cluster.lender().list_partitions().await.unwrap().len(), 1);
 
     // Broker side.
-    let (status, answer) = raw(reqwest::Method::POST, &format!("{url}/v1/find"), Some(&bob_token), Some(r#"{"requirements": {"min_vcpus": 0}}"#)).await;
-    assert_eq!((status, answer["error"]["field"].as_str()), (400, Some("requirements.min_vcpus")));
-    let (status, answer) = raw(reqwest::Method::POST, &format!("{url}/v1/find"), Some(&bob_token), Some(r#"{"requirements": {"image": "windows"}}"#)).await;
-    assert_eq!((status, answer["error"]["field"].as_str()), (400, Some("requirements.image")), "{answer}");
-    let (status, answer) = raw(reqwest::Method::POST, &format!("{url}/v1/find"), Some(&bob_token), Some(r#"{"requirements": {"colour": "red"}}"#)).await;
-    assert_eq!((status, answer["error"]["field"].as_str()), (400, Some("requirements.colour")), "{answer}");
-    let (status, answer) = raw(reqwest::Method::POST, &format!("{url}/v1/find"), Some(&bob_token), Some(r#"{"limit": 0}"#)).await;
-    assert_eq!((status, answer["error"]["field"].as_str()), (400, Some("limit")));
-    let (status, answer) = raw(reqwest::Method::POST, &format!("{url}/v1/leases"), Some(&bob_token), Some(r#"{"partition": "nowhere/1"}"#)).await;
+    let (status, answer) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/find"),
+        Some(&bob_token),
+        Some(r#"{"requirements": {"min_vcpus": 0}}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (400, Some("requirements.min_vcpus"))
+    );
+    let (status, answer) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/find"),
+        Some(&bob_token),
+        Some(r#"{"requirements": {"image": "windows"}}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (400, Some("requirements.image")),
+        "{answer}"
+    );
+    let (status, answer) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/find"),
+        Some(&bob_token),
+        Some(r#"{"requirements": {"colour": "red"}}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (400, Some("requirements.colour")),
+        "{answer}"
+    );
+    let (status, answer) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/find"),
+        Some(&bob_token),
+        Some(r#"{"limit": 0}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (400, Some("limit"))
+    );
+    let (status, answer) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/leases"),
+        Some(&bob_token),
+        Some(r#"{"partition": "nowhere/1"}"#),
+    )
+    .await;
     assert_eq!(status, 404, "{answer}");
-    let (status, answer) = raw(reqwest::Method::POST, &format!("{url}/v1/leases"), Some(&bob_token), Some(r#"{"partition": "not a partition"}"#)).await;
-    assert_eq!((status, answer["error"]["field"].as_str()), (400, Some("partition")));
-    let (status, _) = raw(reqwest::Method::POST, &format!("{url}/v1/leases"), Some(&bob_token), Some(r#"{}"#)).await;
+    let (status, answer) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/leases"),
+        Some(&bob_token),
+        Some(r#"{"partition": "not a partition"}"#),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (400, Some("partition"))
+    );
+    let (status, _) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/leases"),
+        Some(&bob_token),
+        Some(r#"{}"#),
+    )
+    .await;
     assert_eq!(status, 400);
-    let (status, _) = raw(reqwest::Method::POST, &format!("{url}/v1/leases/999/release"), Some(&bob_token), None).await;
+    let (status, _) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/leases/999/release"),
+        Some(&bob_token),
+        None,
+    )
+    .await;
     assert_eq!(status, 404);
-    let (status, answer) = raw(reqwest::Method::POST, &format!("{url}/v1/leases/abc/release"), Some(&bob_token), None).await;
-    assert_eq!((status, answer["error"]["field"].as_str()), (400, Some("lease_id")));
-    let (status, _) = raw(reqwest::Method::GET, &format!("{url}/v1/nothing-here"), Some(&bob_token), None).await;
+    let (status, answer) = raw(
+        reqwest::Method::POST,
+        &format!("{url}/v1/leases/abc/release"),
+        Some(&bob_token),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (400, Some("lease_id"))
+    );
+    let (status, _) = raw(
+        reqwest::Method::GET,
+        &format!("{url}/v1/nothing-here"),
+        Some(&bob_token),
+        None,
+    )
+    .await;
     assert_eq!(status, 404);
-    let lease = cli(&url, Some(&bob_token), &["lease", "--best", "--min-memory-mib", "100000"]);
+    let lease = cli(
+        &url,
+        Some(&bob_token),
+        &["lease", "--best", "--min-memory-mib", "100000"],
+    );
     assert_eq!(lease.code, 3, "{}", lease.stderr);
     assert!(lease.stderr.contains("min_memory_mib"), "{}", lease.stderr);
     // Jobs: an empty command, a huge one.
     let lease = bob.lease(&lease_named("alpha/1")).await.unwrap();
-    let submit = |command: Vec<String>| SubmitJobRequest { lease_key: lease.lease_key.clone().unwrap(), command, timeout_ms: None };
-    let error = Client::new(&alpha, None).submit_job(1, &submit(vec![])).await.unwrap_err();
-    assert_eq!((error.status(), error.detail().and_then(|d| d.field.as_deref())), (Some(400), Some("command")));
-    let error = Client::new(&alpha, None).submit_job(1, &submit(vec!["x".repeat(70_000)])).await.unwrap_err();
+    let submit = |command: Vec<String>| SubmitJobRequest {
+        lease_key: lease.lease_key.clone().unwrap(),
+        command,
+        timeout_ms: None,
+    };
+    let error = Client::new(&alpha, None)
+        .submit_job(1, &submit(vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            error.status(),
+            error.detail().and_then(|d| d.field.as_deref())
+        ),
+        (Some(400), Some("command"))
+    );
+    let error = Client::new(&alpha, None)
+        .submit_job(1, &submit(vec!["x".repeat(70_000)]))
+        .await
+        .unwrap_err();
     assert_eq!(error.status(), Some(400));
     // Nothing was leased or billed by any of it but the one good lease.
     assert_eq!(cluster.admin().list_leases().await.unwrap().len(), 1);
@@ -173,8 +339,14 @@ async fn retries_never_double_an_effect() {
     let mut cluster = Cluster::start(&[]).await;
     let alpha = cluster.start_agent("alpha", "sim");
     let agent = Client::new(&alpha, Some(cluster.lender_token.clone()));
-    agent.agent_add_partition(&terms(1, 512, "busybox", 3_600_000)).await.unwrap();
-    agent.agent_add_partition(&terms(1, 512, "busybox", 3_600_000)).await.unwrap();
+    agent
+        .agent_add_partition(&terms(1, 512, "busybox", 3_600_000))
+        .await
+        .unwrap();
+    agent
+        .agent_add_partition(&terms(1, 512, "busybox", 3_600_000))
+        .await
+        .unwrap();
     let (token, bob) = cluster.borrower("bob").await;
     let url = cluster.broker_url.clone();
     let http = reqwest::Client::new();
@@ -197,7 +369,9 @@ async fn retries_never_double_an_effect() {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let bob = bob.clone();
-        tasks.push(tokio::spawn(async move { bob.release(lease_id).await.unwrap() }));
+        tasks.push(tokio::spawn(
+            async move { bob.release(lease_id).await.unwrap() },
+        ));
     }
     let mut fresh = 0;
     let mut charges = Vec::new();
@@ -230,7 +404,10 @@ async fn restarts_keep_the_lease_its_key_and_its_billing_start() {
     let mut cluster = Cluster::start(&[]).await;
     let alpha = cluster.start_agent("alpha", "process");
     let agent = Client::new(&alpha, Some(cluster.lender_token.clone()));
-    agent.agent_add_partition(&terms(1, 256, "host", 1000)).await.unwrap();
+    agent
+        .agent_add_partition(&terms(1, 256, "host", 1000))
+        .await
+        .unwrap();
     let (_, bob) = cluster.borrower("bob").await;
     let lease = bob.lease(&lease_named("alpha/1")).await.unwrap();
     let key = lease.lease_key.clone().unwrap();
@@ -238,20 +415,38 @@ async fn restarts_keep_the_lease_its_key_and_its_billing_start() {
         let key = key.clone();
         async move {
             Client::new(&agent_url, None)
-                .submit_job(1, &SubmitJobRequest { lease_key: key, command: vec!["sh".into(), "-c".into(), command.into()], timeout_ms: None })
+                .submit_job(
+                    1,
+                    &SubmitJobRequest {
+                        lease_key: key,
+                        command: vec!["sh".into(), "-c".into(), command.into()],
+                        timeout_ms: None,
+                    },
+                )
                 .await
                 .unwrap()
         }
     };
-    assert_eq!(run(alpha.clone(), "echo kept > file").await.exit_code, Some(0));
+    assert_eq!(
+        run(alpha.clone(), "echo kept > file").await.exit_code,
+        Some(0)
+    );
 
     cluster.restart_broker();
     let after = bob.get_lease(lease.lease_id).await.unwrap();
     assert_eq!(after.started_at_ms, lease.started_at_ms);
-    assert_eq!(after.lease_key.as_deref(), Some(key.as_str()), "the same key after a restart");
+    assert_eq!(
+        after.lease_key.as_deref(),
+        Some(key.as_str()),
+        "the same key after a restart"
+    );
     assert_eq!(after.state, leasehold_core::lease::LeaseState::Active);
     // Still locked at the broker after its restart.
-    let error = cluster.lender().withdraw_partition("alpha", 1).await.unwrap_err();
+    let error = cluster
+        .lender()
+        .withdraw_partition("alpha", 1)
+        .await
+        .unwrap_err();
     assert_eq!(error.code(), Some("partition_locked"));
 
     // Restart the agent: it re-registers, keeps the lease and the files.
@@ -259,11 +454,21 @@ async fn restarts_keep_the_lease_its_key_and_its_billing_start() {
     let alpha = cluster.start_agent("alpha", "process");
     let job = run(alpha.clone(), "cat file").await;
     assert_eq!((job.exit_code, job.stdout.as_str()), (Some(0), "kept\n"));
-    let rows = Client::new(&alpha, Some(cluster.lender_token.clone())).agent_list_partitions().await.unwrap();
-    assert_eq!(rows[0].lease_id, Some(lease.lease_id), "the agent still knows the lease (locked)");
+    let rows = Client::new(&alpha, Some(cluster.lender_token.clone()))
+        .agent_list_partitions()
+        .await
+        .unwrap();
+    assert_eq!(
+        rows[0].lease_id,
+        Some(lease.lease_id),
+        "the agent still knows the lease (locked)"
+    );
 
     let receipt = bob.release(lease.lease_id).await.unwrap();
-    assert_eq!(receipt.lease.started_at_ms, lease.started_at_ms, "billing starts at the original start");
+    assert_eq!(
+        receipt.lease.started_at_ms, lease.started_at_ms,
+        "billing starts at the original start"
+    );
     assert!(receipt.agent_notified);
 }
 
@@ -272,25 +477,55 @@ fn up_runs_the_whole_market_on_one_machine_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data").display().to_string();
     let args = [
-        "up", "--data-dir", &data, "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0", "--driver", "sim",
-        "--cpus", "4", "--memory-mib", "4096", "--output", "json",
+        "up",
+        "--data-dir",
+        &data,
+        "--listen",
+        "127.0.0.1:0",
+        "--agent-listen",
+        "127.0.0.1:0",
+        "--driver",
+        "sim",
+        "--cpus",
+        "4",
+        "--memory-mib",
+        "4096",
+        "--output",
+        "json",
     ];
     let up = spawn_ready(&args, &dir.path().join("up.log"));
     let broker = up.ready["broker_url"].as_str().unwrap().to_string();
     let borrower = up.ready["tokens"]["borrower"].as_str().unwrap().to_string();
     assert_eq!(up.ready["partitions"], 3);
-    let lease = cli(&broker, Some(&borrower), &["lease", "--best", "--output", "json"]);
+    let lease = cli(
+        &broker,
+        Some(&borrower),
+        &["lease", "--best", "--output", "json"],
+    );
     assert_eq!(lease.code, 0, "{}", lease.stderr);
     let lease_id = lease.json()["lease_id"].to_string();
-    let run = cli(&broker, Some(&borrower), &["run", "--lease", &lease_id, "--", "echo", "hi"]);
-    assert_eq!((run.code, run.stdout.as_str()), (0, "hi\n"), "{}", run.stderr);
+    let run = cli(
+        &broker,
+        Some(&borrower),
+        &["run", "--lease", &lease_id, "--", "echo", "hi"],
+    );
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, "hi\n"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(up.interrupt(), Some(0), "Ctrl-C stops cleanly");
 
     // Starting again on the same data resumes: no new tokens, the lease is there.
     let up = spawn_ready(&args, &dir.path().join("up2.log"));
     assert!(up.ready["tokens"].is_null());
     let broker = up.ready["broker_url"].as_str().unwrap().to_string();
-    let release = cli(&broker, Some(&borrower), &["release", &lease_id, "--output", "json"]);
+    let release = cli(
+        &broker,
+        Some(&borrower),
+        &["release", &lease_id, "--output", "json"],
+    );
     assert_eq!(release.code, 0, "{}", release.stderr);
     assert_eq!(release.json()["already_released"], false);
     let bill = cli(&broker, Some(&borrower), &["bill", "--output", "json"]).json();

@@ -64,7 +64,10 @@ impl FromStr for PartitionRef {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (host_id, index) = text.rsplit_once('/').ok_or_else(|| {
-            FieldError::new("partition", format!("'{text}' is not of the form HOST/INDEX"))
+            FieldError::new(
+                "partition",
+                format!("'{text}' is not of the form HOST/INDEX"),
+            )
         })?;
         validate_host_id("partition", host_id)?;
         let index = index.parse::<u32>().map_err(|_| {
@@ -87,7 +90,10 @@ mod tests {
         assert_eq!(parsed, PartitionRef::new("alpha-1", 3));
         assert_eq!(parsed.to_string(), "alpha-1/3");
         for bad in ["", "alpha", "/3", "alpha/x", "Alpha/1", "alpha/-1", "a b/1"] {
-            assert!(bad.parse::<PartitionRef>().is_err(), "{bad} should not parse");
+            assert!(
+                bad.parse::<PartitionRef>().is_err(),
+                "{bad} should not parse"
+            );
         }
     }
 }

@@ -47,7 +47,9 @@ impl fmt::Display for KeyRejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = match self {
             KeyRejection::Malformed => "the lease key is malformed",
-            KeyRejection::BadSignature => "the lease key's signature does not verify with the broker's public key",
+            KeyRejection::BadSignature => {
+                "the lease key's signature does not verify with the broker's public key"
+            }
             KeyRejection::WrongHost => "the lease key was issued for another host",
             KeyRejection::WrongPartition => "the lease key was issued for another partition",
             KeyRejection::WrongLease => "the lease key was issued for another lease",
@@ -127,7 +129,9 @@ fn decode_with_prefix<T: serde::de::DeserializeOwned>(
     let message = format!("{prefix}.{body}");
     key.verify(message.as_bytes(), &signature)
         .map_err(|_| KeyRejection::BadSignature)?;
-    let claims_bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| KeyRejection::Malformed)?;
+    let claims_bytes = URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| KeyRejection::Malformed)?;
     serde_json::from_slice(&claims_bytes).map_err(|_| KeyRejection::Malformed)
 }
 
@@ -248,7 +252,10 @@ mod tests {
         let key = signing_key_from_seed([7; 32]);
         let other = signing_key_from_seed([8; 32]);
         let token = sign(&claims(), &key);
-        assert_eq!(decode_and_verify(&token, &key.verifying_key()), Ok(claims()));
+        assert_eq!(
+            decode_and_verify(&token, &key.verifying_key()),
+            Ok(claims())
+        );
         assert_eq!(
             decode_and_verify(&token, &other.verifying_key()),
             Err(KeyRejection::BadSignature)
@@ -281,21 +288,63 @@ mod tests {
 
     #[test]
     fn binding_checks() {
-        let check = |mutate: fn(&mut LeaseKeyClaims, &mut PartitionKeyState) -> (Option<u64>, u64),
-                     expect: Result<KeyAcceptance, KeyRejection>| {
-            let mut c = claims();
-            let mut s = state();
-            let (expected_lease, now) = mutate(&mut c, &mut s);
-            assert_eq!(check_binding(&c, "alpha", 2, expected_lease, s, now), expect);
-        };
+        let check =
+            |mutate: fn(&mut LeaseKeyClaims, &mut PartitionKeyState) -> (Option<u64>, u64),
+             expect: Result<KeyAcceptance, KeyRejection>| {
+                let mut c = claims();
+                let mut s = state();
+                let (expected_lease, now) = mutate(&mut c, &mut s);
+                assert_eq!(
+                    check_binding(&c, "alpha", 2, expected_lease, s, now),
+                    expect
+                );
+            };
         check(|_, _| (Some(9), 5000), Ok(KeyAcceptance::Current));
-        check(|c, _| { c.host_id = "beta".into(); (None, 5000) }, Err(KeyRejection::WrongHost));
-        check(|c, _| { c.partition_index = 1; (None, 5000) }, Err(KeyRejection::WrongPartition));
+        check(
+            |c, _| {
+                c.host_id = "beta".into();
+                (None, 5000)
+            },
+            Err(KeyRejection::WrongHost),
+        );
+        check(
+            |c, _| {
+                c.partition_index = 1;
+                (None, 5000)
+            },
+            Err(KeyRejection::WrongPartition),
+        );
         check(|_, _| (Some(8), 5000), Err(KeyRejection::WrongLease));
         check(|_, _| (None, 10_000), Err(KeyRejection::Expired));
-        check(|_, s| { s.epoch = 6; s.lease_id = Some(10); (None, 5000) }, Err(KeyRejection::Stale));
-        check(|_, s| { s.released_through_epoch = 5; (None, 5000) }, Err(KeyRejection::Released));
-        check(|_, s| { s.epoch = 4; s.lease_id = None; (None, 5000) }, Ok(KeyAcceptance::AdoptNewer));
-        check(|_, s| { s.lease_id = Some(3); (None, 5000) }, Err(KeyRejection::WrongLease));
+        check(
+            |_, s| {
+                s.epoch = 6;
+                s.lease_id = Some(10);
+                (None, 5000)
+            },
+            Err(KeyRejection::Stale),
+        );
+        check(
+            |_, s| {
+                s.released_through_epoch = 5;
+                (None, 5000)
+            },
+            Err(KeyRejection::Released),
+        );
+        check(
+            |_, s| {
+                s.epoch = 4;
+                s.lease_id = None;
+                (None, 5000)
+            },
+            Ok(KeyAcceptance::AdoptNewer),
+        );
+        check(
+            |_, s| {
+                s.lease_id = Some(3);
+                (None, 5000)
+            },
+            Err(KeyRejection::WrongLease),
+        );
     }
 }

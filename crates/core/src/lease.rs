@@ -40,7 +40,9 @@ pub fn decide_lease(status: PartitionStatus) -> Result<(), LeaseRefusal> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AlterRefusal {
     /// The partition is leased: it is locked until the lease is released.
-    Locked { lease_id: LeaseId },
+    Locked {
+        lease_id: LeaseId,
+    },
     Withdrawn,
 }
 

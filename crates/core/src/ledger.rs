@@ -30,7 +30,13 @@ pub struct Transfer {
 /// The transfers that settle a lease's bill: the borrower pays the lender,
 /// and the broker's commission when there is one. Zero-amount legs are left
 /// out so the ledger has no noise rows.
-pub fn settle(bill: &Bill, lease_id: LeaseId, borrower: &str, lender: &str, at_ms: u64) -> Vec<Transfer> {
+pub fn settle(
+    bill: &Bill,
+    lease_id: LeaseId,
+    borrower: &str,
+    lender: &str,
+    at_ms: u64,
+) -> Vec<Transfer> {
     let mut transfers = Vec::with_capacity(2);
     if bill.lender_credit_micros > 0 {
         transfers.push(Transfer {
@@ -57,8 +63,10 @@ pub fn settle(bill: &Bill, lease_id: LeaseId, borrower: &str, lender: &str, at_m
 pub fn balances<'a>(transfers: impl Iterator<Item = &'a Transfer>) -> BTreeMap<String, i128> {
     let mut balances = BTreeMap::new();
     for transfer in transfers {
-        *balances.entry(transfer.debit_account.clone()).or_insert(0) -= transfer.amount_micros as i128;
-        *balances.entry(transfer.credit_account.clone()).or_insert(0) += transfer.amount_micros as i128;
+        *balances.entry(transfer.debit_account.clone()).or_insert(0) -=
+            transfer.amount_micros as i128;
+        *balances.entry(transfer.credit_account.clone()).or_insert(0) +=
+            transfer.amount_micros as i128;
     }
     balances
 }

@@ -55,10 +55,16 @@ pub fn failed_requirements(terms: &Terms, requirements: &Requirements) -> Vec<Re
     {
         failed.push(Requirement::MinCpuCapPercent);
     }
-    if requirements.min_memory_mib.is_some_and(|v| terms.memory_mib < v) {
+    if requirements
+        .min_memory_mib
+        .is_some_and(|v| terms.memory_mib < v)
+    {
         failed.push(Requirement::MinMemoryMib);
     }
-    if requirements.min_disk_gib.is_some_and(|v| terms.disk_gib < v) {
+    if requirements
+        .min_disk_gib
+        .is_some_and(|v| terms.disk_gib < v)
+    {
         failed.push(Requirement::MinDiskGib);
     }
     if let Some(image) = &requirements.image {
@@ -217,7 +223,10 @@ pub fn explain_no_match<'a>(
         }
         let failed = failed_requirements(terms, requirements);
         for requirement in &failed {
-            let slot = Requirement::ALL.iter().position(|r| r == requirement).unwrap_or(0);
+            let slot = Requirement::ALL
+                .iter()
+                .position(|r| r == requirement)
+                .unwrap_or(0);
             counts[slot] += 1;
         }
         let distance = failed.len() + usize::from(leased);
@@ -265,16 +274,22 @@ mod tests {
     use proptest::prelude::*;
 
     fn terms_strategy() -> impl Strategy<Value = Terms> {
-        (1u32..8, 1u32..=100, 1u64..8192, 1u64..100, 0usize..3, 0u64..50).prop_map(
-            |(vcpus, cap, memory, disk, image, price)| Terms {
+        (
+            1u32..8,
+            1u32..=100,
+            1u64..8192,
+            1u64..100,
+            0usize..3,
+            0u64..50,
+        )
+            .prop_map(|(vcpus, cap, memory, disk, image, price)| Terms {
                 vcpus,
                 cpu_cap_percent: cap,
                 memory_mib: memory,
                 disk_gib: disk,
                 images: vec![["busybox", "debian", "alpine"][image].to_string()],
                 price_per_hour_micros: price * 1000,
-            },
-        )
+            })
     }
 
     fn requirements_strategy() -> impl Strategy<Value = Requirements> {
@@ -376,6 +391,9 @@ mod tests {
                 partitions: 1
             }]
         );
-        assert_eq!(explanation.nearest_misses[0].failed, vec![Requirement::MinVcpus]);
+        assert_eq!(
+            explanation.nearest_misses[0].failed,
+            vec![Requirement::MinVcpus]
+        );
     }
 }

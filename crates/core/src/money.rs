@@ -38,7 +38,9 @@ pub fn parse_units_to_micros(field: &str, text: &str) -> Result<u64, FieldError>
     let whole_value: u64 = if whole.is_empty() {
         0
     } else {
-        whole.parse().map_err(|_| FieldError::new(field, format!("'{text}' is too large")))?
+        whole
+            .parse()
+            .map_err(|_| FieldError::new(field, format!("'{text}' is too large")))?
     };
     let mut fraction_padded = fraction.to_string();
     while fraction_padded.len() < 6 {

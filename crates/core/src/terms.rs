@@ -68,7 +68,10 @@ impl Terms {
                 }
             }
             if self.images[..position].contains(image) {
-                return Err(FieldError::new(field, format!("image '{image}' listed twice")));
+                return Err(FieldError::new(
+                    field,
+                    format!("image '{image}' listed twice"),
+                ));
             }
         }
         Ok(())
@@ -168,7 +171,9 @@ impl HostCapacity {
             memory += terms.memory_mib;
             disk += terms.disk_gib;
         }
-        let lendable_cpu = self.cpu_centicores.saturating_sub(self.owner_share_cpu_centicores);
+        let lendable_cpu = self
+            .cpu_centicores
+            .saturating_sub(self.owner_share_cpu_centicores);
         let lendable_memory = self.memory_mib.saturating_sub(self.owner_share_memory_mib);
         let lendable_disk = self.disk_gib.saturating_sub(self.owner_share_disk_gib);
         if cpu + candidate.cpu_centicores() > lendable_cpu {
@@ -231,10 +236,16 @@ mod tests {
         check(|t| t.cpu_cap_percent = 101, "cpu_cap_percent");
         check(|t| t.memory_mib = 0, "memory_mib");
         check(|t| t.disk_gib = u64::MAX, "disk_gib");
-        check(|t| t.price_per_hour_micros = u64::MAX, "price_per_hour_micros");
+        check(
+            |t| t.price_per_hour_micros = u64::MAX,
+            "price_per_hour_micros",
+        );
         check(|t| t.images.clear(), "images");
         check(|t| t.images = vec!["windows".into()], "images[0]");
-        check(|t| t.images = vec!["busybox".into(), "busybox".into()], "images[1]");
+        check(
+            |t| t.images = vec!["busybox".into(), "busybox".into()],
+            "images[1]",
+        );
         check(|t| t.images = vec!["bad name".into()], "images[0]");
         assert!(sample_terms().validate(None).is_ok());
     }

@@ -7,7 +7,9 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use leasehold_api::{ErrorBody, ErrorDetail, IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LEN, MAX_REQUEST_BODY_BYTES};
+use leasehold_api::{
+    ErrorBody, ErrorDetail, IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LEN, MAX_REQUEST_BODY_BYTES,
+};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
@@ -34,20 +36,21 @@ pub type SharedClock = Arc<dyn Clock>;
 #[derive(Debug)]
 pub struct ErrorResponse {
     pub status: StatusCode,
-    pub detail: ErrorDetail,
+    /// Boxed so that `Result<_, ErrorResponse>` stays small on the happy path.
+    pub detail: Box<ErrorDetail>,
 }
 
 impl ErrorResponse {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ErrorResponse {
             status,
-            detail: ErrorDetail {
+            detail: Box::new(ErrorDetail {
                 code: code.to_string(),
                 message: message.into(),
                 field: None,
                 key_rejection: None,
                 explanation: None,
-            },
+            }),
         }
     }
 
@@ -57,7 +60,8 @@ impl ErrorResponse {
     }
 
     pub fn invalid_field(error: &leasehold_core::FieldError) -> Self {
-        ErrorResponse::new(StatusCode::BAD_REQUEST, "invalid_field", error.to_string()).with_field(error.field.clone())
+        ErrorResponse::new(StatusCode::BAD_REQUEST, "invalid_field", error.to_string())
+            .with_field(error.field.clone())
     }
 }
 
@@ -66,7 +70,7 @@ impl IntoResponse for ErrorResponse {
         if self.status.is_server_error() {
             tracing::error!(code = %self.detail.code, message = %self.detail.message, "request failed");
         }
-        (self.status, axum::Json(ErrorBody { error: self.detail })).into_response()
+        (self.status, axum::Json(ErrorBody { error: *self.detail })).into_response()
     }
 }
 
@@ -95,7 +99,11 @@ where
 
 /// Decodes JSON, naming the field at fault on error.
 pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ErrorResponse> {
-    let text = if bytes.is_empty() { &b"null"[..] } else { bytes };
+    let text = if bytes.is_empty() {
+        &b"null"[..]
+    } else {
+        bytes
+    };
     let mut deserializer = serde_json::Deserializer::from_slice(text);
     let result: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
     match result {
@@ -161,7 +169,9 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ErrorRespo
     let text = value.to_str().unwrap_or("");
     let ok = !text.is_empty()
         && text.len() <= MAX_IDEMPOTENCY_KEY_LEN
-        && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !ok {
         return Err(ErrorResponse::new(
             StatusCode::BAD_REQUEST,
@@ -175,7 +185,11 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ErrorRespo
 
 /// The answer to a path no route serves.
 pub async fn not_found_fallback(uri: axum::http::Uri) -> ErrorResponse {
-    ErrorResponse::new(StatusCode::NOT_FOUND, "no_such_route", format!("no route for {}", uri.path()))
+    ErrorResponse::new(
+        StatusCode::NOT_FOUND,
+        "no_such_route",
+        format!("no route for {}", uri.path()),
+    )
 }
 
 /// Resolves on Ctrl-C or SIGTERM, for graceful shutdown.
@@ -226,12 +240,24 @@ mod tests {
             assert_eq!(error.detail.field.as_deref(), Some(field), "{body}");
             assert_eq!(error.status, StatusCode::BAD_REQUEST);
         };
-        check(r#"{"terms": {"vcpus": -1, "price": 1}}"#, "invalid_field", "terms.vcpus");
+        check(
+            r#"{"terms": {"vcpus": -1, "price": 1}}"#,
+            "invalid_field",
+            "terms.vcpus",
+        );
         check(r#"{"terms": {"vcpus": 1}}"#, "invalid_field", "terms.price");
-        check(r#"{"terms": {"vcpus": 1, "price": 99999999999999999999999}}"#, "invalid_field", "terms.price");
+        check(
+            r#"{"terms": {"vcpus": 1, "price": 99999999999999999999999}}"#,
+            "invalid_field",
+            "terms.price",
+        );
         check(r#"{}"#, "invalid_field", "terms");
         check(r#"{"terms": "#, "malformed_json", "body");
-        check(r#"{"terms": {"vcpus": 1, "price": 1}, "extra": 1}"#, "invalid_field", "extra");
+        check(
+            r#"{"terms": {"vcpus": 1, "price": 1}, "extra": 1}"#,
+            "invalid_field",
+            "extra",
+        );
         check(r#""#, "invalid_field", "body");
     }
 }

@@ -94,7 +94,9 @@ fn partition_from_row(row: &Row<'_>) -> rusqlite::Result<(AgentPartitionRow, Str
     ))
 }
 
-fn finish_partition((mut row, terms_json): (AgentPartitionRow, String)) -> StoreResult<AgentPartitionRow> {
+fn finish_partition(
+    (mut row, terms_json): (AgentPartitionRow, String),
+) -> StoreResult<AgentPartitionRow> {
     row.terms = serde_json::from_str(&terms_json).map_err(|e| corrupt("partitions", e))?;
     Ok(row)
 }
@@ -130,7 +132,9 @@ impl AgentDb {
     pub fn meta(&self, key: &str) -> StoreResult<Option<String>> {
         Ok(self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 
@@ -147,16 +151,21 @@ impl AgentDb {
     pub fn insert_partition(&mut self, terms: &Terms) -> StoreResult<AgentPartitionRow> {
         let tx = self.conn.transaction()?;
         let last: i64 = tx
-            .query_row("SELECT value FROM meta WHERE key = 'last_partition_index'", [], |r| {
-                r.get::<_, String>(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'last_partition_index'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
             .optional()?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let index = last + 1;
         tx.execute(
             "INSERT INTO partitions (idx, terms_json) VALUES (?1, ?2)",
-            params![index, serde_json::to_string(terms).expect("terms serialize")],
+            params![
+                index,
+                serde_json::to_string(terms).expect("terms serialize")
+            ],
         )?;
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('last_partition_index', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -194,10 +203,10 @@ impl AgentDb {
     }
 
     pub fn delete_partition(&self, index: u32) -> StoreResult<bool> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM partitions WHERE idx = ?1", params![index as i64])?
-            > 0)
+        Ok(self.conn.execute(
+            "DELETE FROM partitions WHERE idx = ?1",
+            params![index as i64],
+        )? > 0)
     }
 
     pub fn partition(&self, index: u32) -> StoreResult<Option<AgentPartitionRow>> {
@@ -213,14 +222,20 @@ impl AgentDb {
     }
 
     pub fn partitions(&self) -> StoreResult<Vec<AgentPartitionRow>> {
-        let mut statement = self
-            .conn
-            .prepare(&format!("SELECT {PARTITION_COLUMNS} FROM partitions ORDER BY idx"))?;
+        let mut statement = self.conn.prepare(&format!(
+            "SELECT {PARTITION_COLUMNS} FROM partitions ORDER BY idx"
+        ))?;
         let rows = statement.query_map([], partition_from_row)?;
         rows.map(|r| finish_partition(r?)).collect()
     }
 
-    pub fn insert_job(&self, index: u32, lease_id: u64, command: &[String], started_at_ms: u64) -> StoreResult<u64> {
+    pub fn insert_job(
+        &self,
+        index: u32,
+        lease_id: u64,
+        command: &[String],
+        started_at_ms: u64,
+    ) -> StoreResult<u64> {
         self.conn.execute(
             "INSERT INTO jobs (idx, lease_id, command_json, state, started_at_ms) VALUES (?1, ?2, ?3, 'running', ?4)",
             params![

@@ -1,8 +1,8 @@
 //! The broker's resource table (FIG. 3), principals, leases and ledger.
 
 use crate::{corrupt, migrate::migrate, open_connection, Durability, StoreResult};
-use leasehold_core::ledger::Transfer;
 use leasehold_core::lease::{Lease, LeaseState};
+use leasehold_core::ledger::Transfer;
 use leasehold_core::{HostCapacity, PartitionRef, Terms};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::collections::HashMap;
@@ -76,14 +76,31 @@ CREATE TABLE idempotency (
 /// One write of the broker; a batch of them commits atomically.
 #[derive(Debug, Clone)]
 pub enum BrokerWrite {
-    PutMeta { key: String, value: String },
-    InsertPrincipal { name: String, role: String, token_sha256: String, at_ms: u64 },
-    UpsertHost { host: HostRow, at_ms: u64 },
+    PutMeta {
+        key: String,
+        value: String,
+    },
+    InsertPrincipal {
+        name: String,
+        role: String,
+        token_sha256: String,
+        at_ms: u64,
+    },
+    UpsertHost {
+        host: HostRow,
+        at_ms: u64,
+    },
     UpsertPartition(PartitionRow),
     InsertLease(Lease),
     UpdateLease(Lease),
     InsertTransfer(Transfer),
-    PutIdempotency { principal: String, key: String, status: u16, body: String, at_ms: u64 },
+    PutIdempotency {
+        principal: String,
+        key: String,
+        status: u16,
+        body: String,
+        at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,7 +238,9 @@ impl BrokerDb {
             let (k, v): (String, String) = row?;
             snapshot.meta.insert(k, v);
         }
-        let mut statement = self.conn.prepare("SELECT name, role, token_sha256 FROM principals")?;
+        let mut statement = self
+            .conn
+            .prepare("SELECT name, role, token_sha256 FROM principals")?;
         for row in statement.query_map([], |r| {
             Ok(PrincipalRow {
                 name: r.get(0)?,
@@ -251,9 +270,9 @@ impl BrokerDb {
                 capacity: from_json("hosts", &capacity_json)?,
             });
         }
-        let mut statement = self
-            .conn
-            .prepare("SELECT host_id, idx, terms_json, epoch, lease_id, withdrawn FROM partitions")?;
+        let mut statement = self.conn.prepare(
+            "SELECT host_id, idx, terms_json, epoch, lease_id, withdrawn FROM partitions",
+        )?;
         let rows = statement.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -280,10 +299,11 @@ impl BrokerDb {
         for row in statement.query_map([], lease_from_row)? {
             snapshot.active_leases.push(finish_lease(row?)?);
         }
-        snapshot.last_lease_id = self
-            .conn
-            .query_row("SELECT COALESCE(MAX(lease_id), 0) FROM leases", [], |r| r.get::<_, i64>(0))?
-            as u64;
+        snapshot.last_lease_id =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(lease_id), 0) FROM leases", [], |r| {
+                    r.get::<_, i64>(0)
+                })? as u64;
         let mut statement = self
             .conn
             .prepare("SELECT principal, key, status, body, at_ms FROM idempotency")?;
@@ -303,9 +323,10 @@ impl BrokerDb {
 
     /// Forgets idempotency records older than `before_ms`; keeps the table bounded.
     pub fn prune_idempotency(&mut self, before_ms: u64) -> StoreResult<usize> {
-        Ok(self
-            .conn
-            .execute("DELETE FROM idempotency WHERE at_ms < ?1", params![before_ms as i64])?)
+        Ok(self.conn.execute(
+            "DELETE FROM idempotency WHERE at_ms < ?1",
+            params![before_ms as i64],
+        )?)
     }
 
     pub fn lease(&self, lease_id: u64) -> StoreResult<Option<Lease>> {
@@ -335,7 +356,11 @@ impl BrokerDb {
     }
 
     /// Transfers touching any of `accounts` (all when `None`), newest first.
-    pub fn transfers(&self, accounts: Option<&[String]>, limit: u32) -> StoreResult<Vec<(u64, Transfer)>> {
+    pub fn transfers(
+        &self,
+        accounts: Option<&[String]>,
+        limit: u32,
+    ) -> StoreResult<Vec<(u64, Transfer)>> {
         let mut statement = self.conn.prepare(
             "SELECT transfer_id, lease_id, debit_account, credit_account, amount_micros, at_ms FROM transfers ORDER BY transfer_id DESC",
         )?;
@@ -355,7 +380,8 @@ impl BrokerDb {
         for row in rows {
             let (id, transfer) = row?;
             let wanted = accounts.is_none_or(|accounts| {
-                accounts.contains(&transfer.debit_account) || accounts.contains(&transfer.credit_account)
+                accounts.contains(&transfer.debit_account)
+                    || accounts.contains(&transfer.credit_account)
             });
             if wanted {
                 out.push((id, transfer));
@@ -406,7 +432,12 @@ fn apply_one(tx: &Connection, write: &BrokerWrite) -> StoreResult<()> {
                 params![key, value],
             )?;
         }
-        BrokerWrite::InsertPrincipal { name, role, token_sha256, at_ms } => {
+        BrokerWrite::InsertPrincipal {
+            name,
+            role,
+            token_sha256,
+            at_ms,
+        } => {
             tx.execute(
                 "INSERT INTO principals (name, role, token_sha256, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
                 params![name, role, token_sha256, *at_ms as i64],
@@ -463,7 +494,13 @@ fn apply_one(tx: &Connection, write: &BrokerWrite) -> StoreResult<()> {
                 transfer.at_ms as i64
             ])?;
         }
-        BrokerWrite::PutIdempotency { principal, key, status, body, at_ms } => {
+        BrokerWrite::PutIdempotency {
+            principal,
+            key,
+            status,
+            body,
+            at_ms,
+        } => {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO idempotency (principal, key, status, body, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
@@ -535,10 +572,25 @@ mod tests {
 
     fn seeded(db: &mut BrokerDb) {
         db.apply(&[
-            BrokerWrite::InsertPrincipal { name: "ann".into(), role: "lender".into(), token_sha256: "h1".into(), at_ms: 1 },
-            BrokerWrite::InsertPrincipal { name: "bob".into(), role: "borrower".into(), token_sha256: "h2".into(), at_ms: 1 },
+            BrokerWrite::InsertPrincipal {
+                name: "ann".into(),
+                role: "lender".into(),
+                token_sha256: "h1".into(),
+                at_ms: 1,
+            },
+            BrokerWrite::InsertPrincipal {
+                name: "bob".into(),
+                role: "borrower".into(),
+                token_sha256: "h2".into(),
+                at_ms: 1,
+            },
             BrokerWrite::UpsertHost {
-                host: HostRow { host_id: "alpha".into(), lender: "ann".into(), agent_url: None, capacity: capacity() },
+                host: HostRow {
+                    host_id: "alpha".into(),
+                    lender: "ann".into(),
+                    agent_url: None,
+                    capacity: capacity(),
+                },
                 at_ms: 1,
             },
             BrokerWrite::UpsertPartition(PartitionRow {
@@ -576,9 +628,15 @@ mod tests {
         let mut db = BrokerDb::open(&dir.path().join("b.db"), Durability::Normal).unwrap();
         seeded(&mut db);
         // A second active lease on the same partition violates the unique index.
-        let result = db.apply(&[BrokerWrite::InsertLease(lease(1)), BrokerWrite::InsertLease(lease(2))]);
+        let result = db.apply(&[
+            BrokerWrite::InsertLease(lease(1)),
+            BrokerWrite::InsertLease(lease(2)),
+        ]);
         assert!(result.is_err());
-        assert!(db.lease(1).unwrap().is_none(), "the whole batch rolled back");
+        assert!(
+            db.lease(1).unwrap().is_none(),
+            "the whole batch rolled back"
+        );
         db.apply(&[BrokerWrite::InsertLease(lease(1))]).unwrap();
         let transfer = Transfer {
             debit_account: "borrower:bob".into(),
@@ -587,7 +645,8 @@ mod tests {
             lease_id: 1,
             at_ms: 9,
         };
-        db.apply(&[BrokerWrite::InsertTransfer(transfer.clone())]).unwrap();
+        db.apply(&[BrokerWrite::InsertTransfer(transfer.clone())])
+            .unwrap();
         assert!(db.apply(&[BrokerWrite::InsertTransfer(transfer)]).is_err());
         let balances = db.balances().unwrap();
         assert_eq!(balances.iter().map(|(_, b)| b).sum::<i64>(), 0);

@@ -16,7 +16,10 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("corrupt row in {table}: {problem}")]
-    Corrupt { table: &'static str, problem: String },
+    Corrupt {
+        table: &'static str,
+        problem: String,
+    },
     #[error("the database schema is version {found}, newer than this binary knows ({known}); upgrade leasehold")]
     SchemaTooNew { found: i64, known: i64 },
 }
@@ -33,7 +36,10 @@ pub enum Durability {
     Normal,
 }
 
-pub(crate) fn open_connection(path: &std::path::Path, durability: Durability) -> StoreResult<rusqlite::Connection> {
+pub(crate) fn open_connection(
+    path: &std::path::Path,
+    durability: Durability,
+) -> StoreResult<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;

@@ -7,7 +7,10 @@
 //! driver enforces them with cgroups). It is for development and for trusted
 //! lending inside one organisation, not for strangers.
 
-use super::{capped_text, BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver, PartitionSpec};
+use super::{
+    capped_text, BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver,
+    PartitionSpec,
+};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
@@ -35,7 +38,9 @@ impl ProcessDriver {
     }
 
     fn work_dir(&self, index: u32) -> PathBuf {
-        self.root_dir.join(format!("partition-{index}")).join("work")
+        self.root_dir
+            .join(format!("partition-{index}"))
+            .join("work")
     }
 }
 
@@ -67,7 +72,8 @@ impl PartitionDriver for ProcessDriver {
             index: partition.index,
             problem,
         };
-        std::fs::create_dir_all(&dir).map_err(|e| fail(format!("create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| fail(format!("create {}: {e}", dir.display())))?;
         if self.run_as_unprivileged {
             std::os::unix::fs::chown(&dir, Some(UNPRIVILEGED_UID), Some(UNPRIVILEGED_GID))
                 .map_err(|e| fail(format!("chown {}: {e}", dir.display())))?;
@@ -99,7 +105,11 @@ impl PartitionDriver for ProcessDriver {
                 )));
             }
             let memory_bytes = job.partition.terms.memory_mib.saturating_mul(1024 * 1024);
-            let file_bytes = job.partition.terms.disk_gib.saturating_mul(1024 * 1024 * 1024);
+            let file_bytes = job
+                .partition
+                .terms
+                .disk_gib
+                .saturating_mul(1024 * 1024 * 1024);
             let unprivileged = self.run_as_unprivileged;
             let mut command = tokio::process::Command::new(&job.command[0]);
             command
@@ -253,12 +263,24 @@ mod tests {
         let driver = ProcessDriver::new(dir.path().to_path_buf());
         driver.build(&spec(1)).unwrap();
         let outcome = driver
-            .run_job(job(1, &["sh", "-c", "echo out; echo err >&2; touch made; pwd; exit 3"], None))
+            .run_job(job(
+                1,
+                &[
+                    "sh",
+                    "-c",
+                    "echo out; echo err >&2; touch made; pwd; exit 3",
+                ],
+                None,
+            ))
             .await
             .unwrap();
         assert_eq!(outcome.end, JobEnd::Exited(3));
         assert!(outcome.stdout.starts_with("out\n"));
-        assert!(outcome.stdout.trim_end().ends_with("partition-1/work"), "{}", outcome.stdout);
+        assert!(
+            outcome.stdout.trim_end().ends_with("partition-1/work"),
+            "{}",
+            outcome.stdout
+        );
         assert_eq!(outcome.stderr, "err\n");
         assert!(dir.path().join("partition-1/work/made").exists());
         driver.wipe(1).unwrap();
@@ -274,13 +296,29 @@ mod tests {
         // 1 GiB limit: writing past it fails with "File too large". The
         // file is sparse up to the seek, so the test writes only 2 MiB.
         let outcome = driver
-            .run_job(job(2, &["sh", "-c", "dd if=/dev/zero of=big bs=1M seek=1023 count=2 2>/dev/null; echo rc=$?"], None))
+            .run_job(job(
+                2,
+                &[
+                    "sh",
+                    "-c",
+                    "dd if=/dev/zero of=big bs=1M seek=1023 count=2 2>/dev/null; echo rc=$?",
+                ],
+                None,
+            ))
             .await
             .unwrap();
-        assert!(outcome.stdout.contains("rc=") && !outcome.stdout.contains("rc=0"), "{outcome:?}");
-        let size = std::fs::metadata(dir.path().join("partition-2/work/big")).unwrap().len();
+        assert!(
+            outcome.stdout.contains("rc=") && !outcome.stdout.contains("rc=0"),
+            "{outcome:?}"
+        );
+        let size = std::fs::metadata(dir.path().join("partition-2/work/big"))
+            .unwrap()
+            .len();
         assert!(size <= 1024 * 1024 * 1024);
-        let outcome = driver.run_job(job(2, &["sleep", "30"], Some(200))).await.unwrap();
+        let outcome = driver
+            .run_job(job(2, &["sleep", "30"], Some(200)))
+            .await
+            .unwrap();
         assert_eq!(outcome.end, JobEnd::TimedOut);
     }
 }

@@ -78,7 +78,10 @@ impl PartitionDriver for SimDriver {
     }
 
     fn wipe(&self, index: u32) -> Result<(), DriverError> {
-        self.built.lock().unwrap_or_else(|p| p.into_inner()).remove(&index);
+        self.built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index);
         Ok(())
     }
 }

@@ -52,7 +52,9 @@ pub fn spawn_ready(args: &[&str], log: &Path) -> Proc {
         .expect("spawn leasehold");
     let stdout = child.stdout.take().expect("stdout piped");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read ready line");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read ready line");
     let ready: Value = match serde_json::from_str(&line) {
         Ok(value) => value,
         Err(_) => {
@@ -75,14 +77,18 @@ pub struct CliOutput {
 
 impl CliOutput {
     pub fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
     }
 }
 
 /// Runs one CLI command to completion.
 pub fn cli(broker_url: &str, token: Option<&str>, args: &[&str]) -> CliOutput {
     let mut command = Command::new(leasehold_binary());
-    command.env_remove("LEASEHOLD_TOKEN").env("LEASEHOLD_BROKER", broker_url).args(args);
+    command
+        .env_remove("LEASEHOLD_TOKEN")
+        .env("LEASEHOLD_BROKER", broker_url)
+        .args(args);
     if let Some(token) = token {
         command.env("LEASEHOLD_TOKEN", token);
     }
@@ -131,10 +137,20 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let broker_args: Vec<String> = extra_broker_args.iter().map(|s| s.to_string()).collect();
         let broker = Self::start_broker(dir.path(), "127.0.0.1:0", &broker_args);
-        let broker_url = broker.ready["broker_url"].as_str().expect("broker_url").to_string();
-        let admin_token = broker.ready["admin_token"].as_str().expect("admin token on first start").to_string();
+        let broker_url = broker.ready["broker_url"]
+            .as_str()
+            .expect("broker_url")
+            .to_string();
+        let admin_token = broker.ready["admin_token"]
+            .as_str()
+            .expect("admin token on first start")
+            .to_string();
         let admin = Client::new(&broker_url, Some(admin_token.clone()));
-        let lender_token = admin.create_principal("lender", Role::Lender).await.expect("create lender").token;
+        let lender_token = admin
+            .create_principal("lender", Role::Lender)
+            .await
+            .expect("create lender")
+            .token;
         Cluster {
             dir,
             broker: Some(broker),
@@ -177,7 +193,10 @@ impl Cluster {
             ],
             &log,
         );
-        let url = proc.ready["agent_url"].as_str().expect("agent_url").to_string();
+        let url = proc.ready["agent_url"]
+            .as_str()
+            .expect("agent_url")
+            .to_string();
         self.agents.retain(|(h, _)| h != host_id);
         self.agents.push((host_id.to_string(), proc));
         url
@@ -196,7 +215,12 @@ impl Cluster {
     }
 
     pub async fn borrower(&self, name: &str) -> (String, Client) {
-        let token = self.admin().create_principal(name, Role::Borrower).await.expect("create borrower").token;
+        let token = self
+            .admin()
+            .create_principal(name, Role::Borrower)
+            .await
+            .expect("create borrower")
+            .token;
         (token.clone(), Client::new(&self.broker_url, Some(token)))
     }
 
@@ -205,13 +229,24 @@ impl Cluster {
         let listen = self.broker_url.trim_start_matches("http://").to_string();
         self.broker = None; // killed by Drop
         let proc = Self::start_broker(self.dir.path(), &listen, &self.broker_args);
-        assert_eq!(proc.ready["broker_url"].as_str(), Some(self.broker_url.as_str()));
-        assert!(proc.ready["admin_token"].is_null(), "a restart must not bootstrap a new admin");
+        assert_eq!(
+            proc.ready["broker_url"].as_str(),
+            Some(self.broker_url.as_str())
+        );
+        assert!(
+            proc.ready["admin_token"].is_null(),
+            "a restart must not bootstrap a new admin"
+        );
         self.broker = Some(proc);
     }
 }
 
-pub fn terms(vcpus: u32, memory_mib: u64, image: &str, price_per_hour_micros: u64) -> leasehold_core::Terms {
+pub fn terms(
+    vcpus: u32,
+    memory_mib: u64,
+    image: &str,
+    price_per_hour_micros: u64,
+) -> leasehold_core::Terms {
     leasehold_core::Terms {
         vcpus,
         cpu_cap_percent: 100,
