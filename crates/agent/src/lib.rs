@@ -58,8 +58,7 @@ pub struct RunningAgent {
     pub driver_name: &'static str,
     /// What the start-up reconciliation did, for the operator.
     pub reconciled: Vec<String>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
-    shutdown: tokio::sync::watch::Sender<bool>,
+    server: leasehold_service::ServerHandle,
 }
 
 impl RunningAgent {
@@ -68,15 +67,11 @@ impl RunningAgent {
     }
 
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.server.await;
+        self.server.shutdown().await
     }
 
     pub async fn wait(self) -> std::io::Result<()> {
-        match self.server.await {
-            Ok(result) => result,
-            Err(error) => Err(std::io::Error::other(error)),
-        }
+        self.server.wait().await
     }
 }
 
@@ -173,24 +168,12 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         }
         Err(other) => return Err(other),
     }
-    let router = http::router(agent.clone());
-    let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                tokio::select! {
-                    _ = leasehold_service::shutdown_signal() => {},
-                    _ = shutdown_rx.changed() => {},
-                }
-            })
-            .await
-    });
+    let server = leasehold_service::ServerHandle::spawn(listener, http::router(agent.clone()));
     Ok(RunningAgent {
         local_addr,
         driver_name,
         reconciled,
         server,
-        shutdown,
     })
 }
 

@@ -57,8 +57,7 @@ pub struct RunningBroker {
     /// Set when this start created the first admin: its token, shown once.
     pub bootstrap_admin_token: Option<String>,
     app: Arc<AppState>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
-    shutdown: tokio::sync::watch::Sender<bool>,
+    server: leasehold_service::ServerHandle,
 }
 
 pub fn token_sha256(token: &str) -> String {
@@ -81,16 +80,12 @@ impl RunningBroker {
 
     /// Stops accepting requests and waits for the server to finish.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.server.await;
+        self.server.shutdown().await
     }
 
     /// Waits until the server stops (after Ctrl-C / SIGTERM).
     pub async fn wait(self) -> std::io::Result<()> {
-        match self.server.await {
-            Ok(result) => result,
-            Err(error) => Err(std::io::Error::other(error)),
-        }
+        self.server.wait().await
     }
 }
 
@@ -172,24 +167,12 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         config,
         notifier,
     });
-    let router = http::router(app.clone());
-    let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                tokio::select! {
-                    _ = leasehold_service::shutdown_signal() => {},
-                    _ = shutdown_rx.changed() => {},
-                }
-            })
-            .await
-    });
+    let server = leasehold_service::ServerHandle::spawn(listener, http::router(app.clone()));
     Ok(RunningBroker {
         local_addr,
         bootstrap_admin_token,
         app,
         server,
-        shutdown,
     })
 }
 

@@ -192,6 +192,44 @@ pub async fn not_found_fallback(uri: axum::http::Uri) -> ErrorResponse {
     )
 }
 
+/// A running HTTP server: it stops on Ctrl-C / SIGTERM or [`ServerHandle::shutdown`].
+pub struct ServerHandle {
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl ServerHandle {
+    /// Serves `router` on `listener` in a background task.
+    pub fn spawn(listener: tokio::net::TcpListener, router: axum::Router) -> Self {
+        let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    tokio::select! {
+                        _ = shutdown_signal() => {},
+                        _ = shutdown_rx.changed() => {},
+                    }
+                })
+                .await
+        });
+        ServerHandle { server, shutdown }
+    }
+
+    /// Stops accepting requests and waits for the server to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+    }
+
+    /// Waits until the server stops.
+    pub async fn wait(self) -> std::io::Result<()> {
+        match self.server.await {
+            Ok(result) => result,
+            Err(error) => Err(std::io::Error::other(error)),
+        }
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM, for graceful shutdown.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
