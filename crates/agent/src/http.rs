@@ -26,6 +26,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
             put(alter_partition).delete(withdraw_partition),
         )
         .route("/v1/partitions/{index}/jobs", post(submit_job))
+        .route("/v1/jobs/{job_id}", get(get_job))
         .route("/v1/notices", post(notice))
         .fallback(leasehold_service::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
@@ -36,18 +37,9 @@ fn err(error: AgentError) -> ErrorResponse {
     error.to_error_response()
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 fn require_lender(agent: &Agent, headers: &HeaderMap) -> Result<(), ErrorResponse> {
     match bearer_token(headers) {
-        Some(token) if same_secret(token, &agent.config.lender_token) => Ok(()),
+        Some(token) if crate::same_secret(token, &agent.config.lender_token) => Ok(()),
         _ => Err(err(AgentError::Unauthorized)),
     }
 }
@@ -82,6 +74,7 @@ async fn openapi() -> Json<serde_json::Value> {
                 "delete": {"summary": "Withdraw a partition; 409 partition_locked while leased (lender)"}
             },
             "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms} and wait for its result; 403 key_rejected for a bad key"}},
+            "/v1/jobs/{job_id}": {"get": {"summary": "A job's state and output (lender token, or a lease key of the job's lease); 'lost' when the agent stopped while it ran"}},
             "/v1/notices": {"post": {"summary": "A signed notice from the broker (lease started / released)"}}
         }
     }))
@@ -180,6 +173,27 @@ async fn submit_job(
         .await
         .map_err(err)?;
     Ok(Json(result))
+}
+
+/// A job's state: for the host's lender, or with a lease key of the job's
+/// lease (as `Authorization: Bearer KEY`). A job that was running when the
+/// agent stopped reads `lost`.
+async fn get_job(
+    State(agent): App,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+) -> Answer<JobResult> {
+    let job_id: u64 = job_id.parse().map_err(|_| {
+        err(AgentError::Invalid(FieldError::new(
+            "job_id",
+            format!("'{job_id}' is not a job id"),
+        )))
+    })?;
+    let bearer = bearer_token(&headers)
+        .ok_or_else(|| err(AgentError::Unauthorized))?
+        .to_string();
+    let job = agent.job(job_id, &bearer).map_err(err)?;
+    Ok(Json(job))
 }
 
 async fn notice(

@@ -75,6 +75,15 @@ impl RunningAgent {
     }
 }
 
+/// Constant-time comparison, so a token cannot be guessed byte by byte.
+pub(crate) fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
     AgentPartitionView {
         partition: PartitionRef::new(host_id, row.index),
@@ -476,6 +485,38 @@ impl Agent {
             stderr,
             output_truncated: truncated,
             wall_ms,
+        })
+    }
+
+    /// A job's record, for the lender or the holder of a key of its lease.
+    pub(crate) fn job(&self, job_id: u64, bearer: &str) -> Result<JobResult, AgentError> {
+        let job = self.db().job(job_id)?.ok_or_else(|| {
+            AgentError::NotFound(format!("no job {job_id} on host {}", self.host_id()))
+        })?;
+        if !same_secret(bearer, &self.config.lender_token) {
+            let claims = key::decode_and_verify(bearer, &self.broker_key)
+                .map_err(AgentError::KeyRejected)?;
+            if claims.host_id != self.host_id() || claims.lease_id != job.lease_id {
+                return Err(AgentError::KeyRejected(KeyRejection::WrongLease));
+            }
+        }
+        let state: JobState = serde_json::from_value(serde_json::Value::String(job.state.clone()))
+            .map_err(|_| {
+                AgentError::Internal(format!("job {job_id} has an unknown state '{}'", job.state))
+            })?;
+        Ok(JobResult {
+            job_id,
+            lease_id: job.lease_id,
+            partition: PartitionRef::new(self.host_id(), job.index),
+            state,
+            exit_code: job.exit_code,
+            stdout: job.stdout,
+            stderr: job.stderr,
+            output_truncated: job.output_truncated,
+            wall_ms: job
+                .finished_at_ms
+                .unwrap_or(job.started_at_ms)
+                .saturating_sub(job.started_at_ms),
         })
     }
 

@@ -332,6 +332,11 @@ impl Client {
         .await
     }
 
+    /// A job's record; the client's token is the lender token or a lease key.
+    pub async fn get_job(&self, job_id: u64) -> Result<JobResult, ApiError> {
+        self.get(&format!("/v1/jobs/{job_id}")).await
+    }
+
     pub async fn send_notice(&self, notice: &str) -> Result<serde_json::Value, ApiError> {
         let body = NoticeRequest {
             notice: notice.to_string(),

@@ -531,3 +531,73 @@ fn up_runs_the_whole_market_on_one_machine_and_resumes() {
     let bill = cli(&broker, Some(&borrower), &["bill", "--output", "json"]).json();
     assert_eq!(bill["leases"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_running_when_the_agent_dies_is_reported_lost() {
+    let mut cluster = Cluster::start(&[]).await;
+    let alpha = cluster.start_agent("alpha", "process");
+    Client::new(&alpha, Some(cluster.lender_token.clone()))
+        .agent_add_partition(&terms(1, 256, "host", 1000))
+        .await
+        .unwrap();
+    let (_, bob) = cluster.borrower("bob").await;
+    let lease = bob.lease(&lease_named("alpha/1")).await.unwrap();
+    let key = lease.lease_key.clone().unwrap();
+    let submit = |agent_url: &str, command: &str| {
+        let client = Client::new(agent_url, None);
+        let request = SubmitJobRequest {
+            lease_key: key.clone(),
+            command: vec!["sh".into(), "-c".into(), command.into()],
+            timeout_ms: None,
+        };
+        async move { client.submit_job(1, &request).await }
+    };
+    // A FIFO in the partition tells the test, without sleeping, that the
+    // long job has started.
+    assert_eq!(
+        submit(&alpha, "mkfifo started").await.unwrap().exit_code,
+        Some(0)
+    );
+    let fifo = cluster
+        .path("agent-alpha")
+        .join("partitions/partition-1/work/started");
+    let long_job = tokio::spawn(submit(&alpha, "echo go > started; exec sleep 600"));
+    let fifo_for_read = fifo.clone();
+    let line = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo_for_read).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(line, "go\n");
+
+    // Kill the agent while the job runs: the client hears of it honestly.
+    cluster.stop_agent("alpha");
+    let error = long_job.await.unwrap().unwrap_err();
+    assert!(
+        error.status().is_none(),
+        "a dropped connection, not an answer: {error}"
+    );
+    let alpha = cluster.start_agent("alpha", "process");
+    let job = Client::new(&alpha, Some(key.clone()))
+        .get_job(2)
+        .await
+        .unwrap();
+    assert_eq!(job.state, leasehold_api::JobState::Lost);
+    assert_eq!(job.lease_id, lease.lease_id);
+    // The first job is there too, finished; and the lease still runs jobs.
+    let first = Client::new(&alpha, Some(cluster.lender_token.clone()))
+        .get_job(1)
+        .await
+        .unwrap();
+    assert_eq!(first.state, leasehold_api::JobState::Succeeded);
+    let after = submit(&alpha, "echo still here").await.unwrap();
+    assert_eq!(after.stdout, "still here\n");
+    // Someone else's key may not read the jobs.
+    let error = Client::new(&alpha, Some("lk1.bogus.key".into()))
+        .get_job(1)
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(403));
+    // Leave nothing running behind.
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", "exec sleep 600|^sleep 600$"])
+        .status();
+}
