@@ -70,7 +70,13 @@ impl IntoResponse for ErrorResponse {
         if self.status.is_server_error() {
             tracing::error!(code = %self.detail.code, message = %self.detail.message, "request failed");
         }
-        (self.status, axum::Json(ErrorBody { error: *self.detail })).into_response()
+        (
+            self.status,
+            axum::Json(ErrorBody {
+                error: *self.detail,
+            }),
+        )
+            .into_response()
     }
 }
 
