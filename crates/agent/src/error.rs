@@ -81,6 +81,13 @@ impl AgentError {
             AgentError::BrokerUnreachable(_) => {
                 ErrorResponse::new(StatusCode::BAD_GATEWAY, "broker_unreachable", message)
             }
+            AgentError::Driver(crate::driver::DriverError::UnknownImage(_)) => {
+                ErrorResponse::new(StatusCode::BAD_REQUEST, "unknown_image", message)
+                    .with_field("image")
+            }
+            AgentError::Driver(crate::driver::DriverError::Image(_)) => {
+                ErrorResponse::new(StatusCode::BAD_GATEWAY, "image_unavailable", message)
+            }
             AgentError::Driver(_) | AgentError::Store(_) | AgentError::Internal(_) => {
                 ErrorResponse::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }

@@ -1,6 +1,7 @@
 //! The agent's HTTP API: the lender's interface (owner token), job
 //! submission (lease key), and notices from the broker (signed).
 
+use crate::driver::Stream;
 use crate::error::AgentError;
 use crate::Agent;
 use axum::extract::{Path, State};
@@ -27,6 +28,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         )
         .route("/v1/partitions/{index}/jobs", post(submit_job))
         .route("/v1/jobs/{job_id}", get(get_job))
+        .route("/v1/jobs/{job_id}/cancel", post(cancel_job))
         .route("/v1/notices", post(notice))
         .fallback(leasehold_service::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
@@ -73,7 +75,8 @@ async fn openapi() -> Json<serde_json::Value> {
                 "put": {"summary": "Alter a partition's terms {terms}; 409 partition_locked while leased (lender)"},
                 "delete": {"summary": "Withdraw a partition; 409 partition_locked while leased (lender)"}
             },
-            "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms} and wait for its result; 403 key_rejected for a bad key"}},
+            "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms, image, stream} and answer with its result, or with newline-delimited JSON events (started, stdout, stderr, result) when stream is true; 403 key_rejected for a bad key"}},
+            "/v1/jobs/{job_id}/cancel": {"post": {"summary": "Cancel a running job (lender token, or a lease key of the job's lease)"}},
             "/v1/jobs/{job_id}": {"get": {"summary": "A job's state and output (lender token, or a lease key of the job's lease); 'lost' when the agent stopped while it ran"}},
             "/v1/notices": {"post": {"summary": "A signed notice from the broker (lease started / released)"}}
         }
@@ -136,7 +139,8 @@ async fn submit_job(
     State(agent): App,
     Path(index): Path<String>,
     JsonBody(request): JsonBody<SubmitJobRequest>,
-) -> Answer<JobResult> {
+) -> Result<axum::response::Response, ErrorResponse> {
+    use axum::response::IntoResponse;
     let index = parse_index(&index)?;
     if request.command.is_empty() || request.command[0].is_empty() {
         return Err(err(AgentError::Invalid(FieldError::new(
@@ -163,16 +167,106 @@ async fn submit_job(
             "must be at least 1",
         ))));
     }
-    let result = agent
-        .run_job(
-            index,
-            &request.lease_key,
-            request.command,
-            request.timeout_ms,
-        )
-        .await
-        .map_err(err)?;
-    Ok(Json(result))
+    if !request.stream {
+        let result = agent
+            .run_job(index, request, None, None)
+            .await
+            .map_err(err)?;
+        return Ok(Json(result).into_response());
+    }
+    // Streamed: newline-delimited JSON events, live output first, the
+    // result last. Errors before the job starts still get a plain 4xx.
+    let (output_sender, mut output) = tokio::sync::mpsc::channel::<(Stream, Vec<u8>)>(256);
+    let (started_sender, started) = tokio::sync::oneshot::channel();
+    let job_agent = agent.clone();
+    let mut job = tokio::spawn(async move {
+        job_agent
+            .run_job(index, request, Some(output_sender), Some(started_sender))
+            .await
+    });
+    let job_id = tokio::select! {
+        id = started => id.ok(),
+        finished = &mut job => {
+            // It ended before it started: a refusal, answered as usual.
+            return match finished {
+                Ok(Ok(result)) => Ok(Json(result).into_response()),
+                Ok(Err(error)) => Err(err(error)),
+                Err(join) => Err(err(AgentError::Internal(join.to_string()))),
+            };
+        }
+    };
+    let (lines, body_stream) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(256);
+    tokio::spawn(async move {
+        let line = |event: &JobEvent| {
+            Ok(format!(
+                "{}\n",
+                serde_json::to_string(event).expect("events serialize")
+            ))
+        };
+        if let Some(job_id) = job_id {
+            let _ = lines.send(line(&JobEvent::Started { job_id })).await;
+        }
+        while let Some((stream, bytes)) = output.recv().await {
+            let data = String::from_utf8_lossy(&bytes).into_owned();
+            let event = match stream {
+                Stream::Stdout => JobEvent::Stdout { data },
+                Stream::Stderr => JobEvent::Stderr { data },
+            };
+            if lines.send(line(&event)).await.is_err() {
+                break;
+            }
+        }
+        let last = match job.await {
+            Ok(Ok(result)) => JobEvent::Result { result },
+            Ok(Err(error)) => JobEvent::Error {
+                error: *err(error).detail,
+            },
+            Err(join) => JobEvent::Error {
+                error: *err(AgentError::Internal(join.to_string())).detail,
+            },
+        };
+        let _ = lines.send(line(&last)).await;
+    });
+    let body = axum::body::Body::from_stream(ReceiverStream(body_stream));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        body,
+    )
+        .into_response())
+}
+
+/// A tokio receiver as a `Stream` of body chunks.
+struct ReceiverStream(tokio::sync::mpsc::Receiver<Result<String, std::io::Error>>);
+
+impl futures_core::Stream for ReceiverStream {
+    type Item = Result<String, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(context)
+    }
+}
+
+async fn cancel_job(
+    State(agent): App,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+) -> Answer<serde_json::Value> {
+    let job_id: u64 = job_id.parse().map_err(|_| {
+        err(AgentError::Invalid(FieldError::new(
+            "job_id",
+            format!("'{job_id}' is not a job id"),
+        )))
+    })?;
+    let bearer = bearer_token(&headers)
+        .ok_or_else(|| err(AgentError::Unauthorized))?
+        .to_string();
+    let cancelled = agent.cancel_job(job_id, &bearer).map_err(err)?;
+    Ok(Json(
+        serde_json::json!({"job_id": job_id, "cancelled": cancelled}),
+    ))
 }
 
 /// A job's state: for the host's lender, or with a lease key of the job's

@@ -13,7 +13,7 @@ use driver::{DriverKind, JobEnd, JobSpec, PartitionDriver, PartitionSpec};
 use ed25519_dalek::VerifyingKey;
 use leasehold_api::{
     AgentPartitionView, JobResult, JobState, LendingFlag, RegisterHostRequest,
-    RegisterPartitionRequest,
+    RegisterPartitionRequest, SubmitJobRequest,
 };
 use leasehold_core::key::{self, KeyAcceptance, KeyRejection, NoticeKind, PartitionKeyState};
 use leasehold_core::{FieldError, HostCapacity, PartitionRef, Terms};
@@ -50,6 +50,8 @@ pub(crate) struct Agent {
     /// One lock per partition: jobs on one lease run one after another, and
     /// a release waits for the running job before it wipes the partition.
     partition_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+    /// Jobs running now: job id -> (partition, lease, the switch that stops it).
+    running_jobs: Mutex<HashMap<u64, (u32, u64, tokio::sync::watch::Sender<bool>)>>,
 }
 
 /// An agent that is serving.
@@ -156,8 +158,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let local_addr = listener
         .local_addr()
         .map_err(|e| AgentError::Internal(e.to_string()))?;
-    let driver = driver::make_driver(&config.driver);
+    let driver = driver::make_driver(&config.driver).map_err(AgentError::Internal)?;
     let driver_name = driver.name();
+    reconciled.extend(driver.reconcile());
     let agent = Arc::new(Agent {
         config: config.clone(),
         db: Mutex::new(db),
@@ -165,6 +168,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         broker,
         broker_key,
         partition_locks: Mutex::new(HashMap::new()),
+        running_jobs: Mutex::new(HashMap::new()),
     });
     let advertise = config
         .advertise_url
@@ -369,16 +373,17 @@ impl Agent {
     }
 
     /// FIG. 9: check the key (S52-S54), build the partition if needed
-    /// (FIG. 5), run the job (S55) and report its end (S56-S57).
+    /// (FIG. 5), run the job (S55) and report its end (S56-S57). Live output
+    /// goes to `output`; `started` learns the job id once it runs.
     pub(crate) async fn run_job(
         &self,
         index: u32,
-        lease_key: &str,
-        command: Vec<String>,
-        timeout_ms: Option<u64>,
+        request: SubmitJobRequest,
+        output: Option<driver::OutputSender>,
+        started: Option<tokio::sync::oneshot::Sender<u64>>,
     ) -> Result<JobResult, AgentError> {
-        let claims =
-            key::decode_and_verify(lease_key, &self.broker_key).map_err(AgentError::KeyRejected)?;
+        let claims = key::decode_and_verify(&request.lease_key, &self.broker_key)
+            .map_err(AgentError::KeyRejected)?;
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
         let mut row = self.load(index).map_err(|error| match error {
@@ -401,6 +406,20 @@ impl Agent {
             now_ms,
         )
         .map_err(AgentError::KeyRejected)?;
+        let image = request
+            .image
+            .clone()
+            .or_else(|| row.terms.images.first().cloned())
+            .unwrap_or_default();
+        if !row.terms.images.contains(&image) {
+            return Err(AgentError::Invalid(FieldError::new(
+                "image",
+                format!(
+                    "partition {index} cannot boot '{image}'; its terms offer: {}",
+                    row.terms.images.join(", ")
+                ),
+            )));
+        }
         if acceptance == KeyAcceptance::AdoptNewer {
             // A newer lease than we knew: the previous borrower's files go.
             if row.built {
@@ -423,42 +442,73 @@ impl Agent {
         }
         let job_id = self
             .db()
-            .insert_job(index, claims.lease_id, &command, now_ms)?;
+            .insert_job(index, claims.lease_id, &request.command, now_ms)?;
+        let (cancel_switch, cancel) = tokio::sync::watch::channel(false);
+        self.running_jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job_id, (index, claims.lease_id, cancel_switch));
+        if let Some(started) = started {
+            let _ = started.send(job_id);
+        }
         let outcome = self
             .driver
             .run_job(JobSpec {
                 partition: spec,
-                command: command.clone(),
-                timeout: timeout_ms.map(std::time::Duration::from_millis),
+                command: request.command.clone(),
+                timeout: request.timeout_ms.map(std::time::Duration::from_millis),
+                image: Some(image),
+                cancel,
+                output,
             })
             .await;
-        let (state, exit_code, stdout, stderr, truncated, wall_ms) = match outcome {
+        self.running_jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job_id);
+        let result = match outcome {
             Ok(outcome) => {
                 let (state, code) = match outcome.end {
-                    JobEnd::Exited(0) => (JobState::Succeeded, Some(0)),
+                    JobEnd::Exited(0) if !outcome.oom_killed => (JobState::Succeeded, Some(0)),
                     JobEnd::Exited(code) => (JobState::Failed, Some(code)),
                     JobEnd::Signalled(signal) => (JobState::Failed, Some(128 + signal)),
                     JobEnd::TimedOut => (JobState::TimedOut, None),
+                    JobEnd::Cancelled => (JobState::Cancelled, None),
                 };
-                (
+                JobResult {
+                    job_id,
+                    lease_id: claims.lease_id,
+                    partition: PartitionRef::new(self.host_id(), index),
                     state,
-                    code,
-                    outcome.stdout,
-                    outcome.stderr,
-                    outcome.output_truncated,
-                    outcome.wall_ms,
-                )
+                    exit_code: code,
+                    stdout: outcome.stdout,
+                    stderr: outcome.stderr,
+                    output_truncated: outcome.output_truncated,
+                    wall_ms: outcome.wall_ms,
+                    cpu_ms: outcome.cpu_ms,
+                    peak_memory_bytes: outcome.peak_memory_bytes,
+                    oom_killed: outcome.oom_killed,
+                }
             }
-            Err(error) => (
-                JobState::Failed,
-                Some(127),
-                String::new(),
-                format!("{error}\n"),
-                false,
-                0,
-            ),
+            Err(error) => {
+                let record = JobRow {
+                    job_id,
+                    index,
+                    lease_id: claims.lease_id,
+                    command: request.command,
+                    state: "failed".into(),
+                    exit_code: None,
+                    stdout: String::new(),
+                    stderr: format!("{error}\n"),
+                    output_truncated: false,
+                    started_at_ms: now_ms,
+                    finished_at_ms: Some(self.config.clock.now_ms()),
+                };
+                self.db().finish_job(&record)?;
+                return Err(error.into());
+            }
         };
-        let state_text = serde_json::to_value(state)
+        let state_text = serde_json::to_value(result.state)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_else(|| "failed".into());
@@ -466,26 +516,40 @@ impl Agent {
             job_id,
             index,
             lease_id: claims.lease_id,
-            command,
+            command: request.command,
             state: state_text,
-            exit_code,
-            stdout: stdout.clone(),
-            stderr: stderr.clone(),
-            output_truncated: truncated,
+            exit_code: result.exit_code,
+            stdout: result.stdout.clone(),
+            stderr: result.stderr.clone(),
+            output_truncated: result.output_truncated,
             started_at_ms: now_ms,
             finished_at_ms: Some(self.config.clock.now_ms()),
         })?;
-        Ok(JobResult {
-            job_id,
-            lease_id: claims.lease_id,
-            partition: PartitionRef::new(self.host_id(), index),
-            state,
-            exit_code,
-            stdout,
-            stderr,
-            output_truncated: truncated,
-            wall_ms,
+        Ok(result)
+    }
+
+    /// Stops a running job, for the lender or the holder of a key of its lease.
+    pub(crate) fn cancel_job(&self, job_id: u64, bearer: &str) -> Result<bool, AgentError> {
+        // The same check as reading the job: its lender, or its lease's key.
+        self.job(job_id, bearer)?;
+        let running = self.running_jobs.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(match running.get(&job_id) {
+            Some((_, _, switch)) => {
+                let _ = switch.send(true);
+                true
+            }
+            None => false,
         })
+    }
+
+    /// Stops every running job of a lease (its lease ended).
+    fn cancel_jobs_of_lease(&self, lease_id: u64) {
+        let running = self.running_jobs.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, lease, switch) in running.values() {
+            if *lease == lease_id {
+                let _ = switch.send(true);
+            }
+        }
     }
 
     /// A job's record, for the lender or the holder of a key of its lease.
@@ -517,6 +581,9 @@ impl Agent {
                 .finished_at_ms
                 .unwrap_or(job.started_at_ms)
                 .saturating_sub(job.started_at_ms),
+            cpu_ms: None,
+            peak_memory_bytes: None,
+            oom_killed: false,
         })
     }
 
@@ -527,6 +594,10 @@ impl Agent {
             key::decode_notice(notice, &self.broker_key).map_err(AgentError::KeyRejected)?;
         if claims.host_id != self.host_id() {
             return Err(AgentError::KeyRejected(KeyRejection::WrongHost));
+        }
+        if claims.kind == NoticeKind::LeaseReleased {
+            // The lease is over: its jobs stop now, not when they finish.
+            self.cancel_jobs_of_lease(claims.lease_id);
         }
         let lock = self.partition_lock(claims.partition_index);
         let _guard = lock.lock().await;

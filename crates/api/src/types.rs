@@ -256,13 +256,42 @@ pub struct AddPartitionRequest {
     pub terms: Terms,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJobRequest {
     pub lease_key: String,
     pub command: Vec<String>,
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The image to boot; the partition's first image when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Answer with a stream of newline-delimited JSON events (live output,
+    /// then the result) instead of one JSON document at the end.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// One line of a streamed job answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// The agent accepted the job; its id, to cancel it.
+    Started {
+        job_id: u64,
+    },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    Result {
+        result: JobResult,
+    },
+    Error {
+        error: ErrorDetail,
+    },
 }
 
 pub const MAX_COMMAND_ARGS: usize = 256;
@@ -275,6 +304,8 @@ pub enum JobState {
     Succeeded,
     Failed,
     TimedOut,
+    /// Cancelled by its borrower, or stopped because its lease ended.
+    Cancelled,
     /// The agent restarted while the job ran; its outcome is unknown.
     Lost,
 }
@@ -291,4 +322,13 @@ pub struct JobResult {
     /// True when output beyond the capture limit was dropped.
     pub output_truncated: bool,
     pub wall_ms: u64,
+    /// CPU time used, from cgroup accounting (oci driver).
+    #[serde(default)]
+    pub cpu_ms: Option<u64>,
+    /// Peak memory of the partition while the job ran (oci driver).
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
+    /// True when the kernel killed the job for exceeding its memory.
+    #[serde(default)]
+    pub oom_killed: bool,
 }

@@ -582,6 +582,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
                 lease_key: key,
                 command: args.command.clone(),
                 timeout_ms: args.timeout_secs.map(|s| s.saturating_mul(1000)),
+                ..Default::default()
             },
         )
         .await

@@ -19,6 +19,7 @@ fn job(key: &str, command: &[&str]) -> SubmitJobRequest {
         lease_key: key.to_string(),
         command: command.iter().map(|s| s.to_string()).collect(),
         timeout_ms: None,
+        ..Default::default()
     }
 }
 

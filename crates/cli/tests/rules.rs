@@ -312,6 +312,7 @@ async fn bad_input_gets_a_4xx_naming_the_field_and_changes_nothing() {
         lease_key: lease.lease_key.clone().unwrap(),
         command,
         timeout_ms: None,
+        ..Default::default()
     };
     let error = Client::new(&alpha, None)
         .submit_job(1, &submit(vec![]))
@@ -421,6 +422,7 @@ async fn restarts_keep_the_lease_its_key_and_its_billing_start() {
                         lease_key: key,
                         command: vec!["sh".into(), "-c".into(), command.into()],
                         timeout_ms: None,
+                        ..Default::default()
                     },
                 )
                 .await
@@ -549,6 +551,7 @@ async fn a_job_running_when_the_agent_dies_is_reported_lost() {
             lease_key: key.clone(),
             command: vec!["sh".into(), "-c".into(), command.into()],
             timeout_ms: None,
+            ..Default::default()
         };
         async move { client.submit_job(1, &request).await }
     };

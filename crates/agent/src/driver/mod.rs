@@ -3,6 +3,8 @@
 //! it when its lease ends. All drivers sit behind [`PartitionDriver`], so
 //! the agent's state machine, key check and lock are the same for each.
 
+pub mod cgroup;
+pub mod oci;
 pub mod process;
 pub mod sim;
 
@@ -19,6 +21,10 @@ pub const MAX_CAPTURED_OUTPUT_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
+    #[error("{0}")]
+    UnknownImage(String),
+    #[error("cannot fetch image: {0}")]
+    Image(String),
     #[error("cannot build partition {index}: {problem}")]
     Build { index: u32, problem: String },
     #[error("cannot start the job: {0}")]
@@ -34,11 +40,27 @@ pub struct PartitionSpec {
     pub terms: Terms,
 }
 
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Live output of a running job.
+pub type OutputSender = tokio::sync::mpsc::Sender<(Stream, Vec<u8>)>;
+
 #[derive(Debug, Clone)]
 pub struct JobSpec {
     pub partition: PartitionSpec,
     pub command: Vec<String>,
     pub timeout: Option<Duration>,
+    /// The image to boot; the partition's first image when `None`.
+    pub image: Option<String>,
+    /// Becomes true when the job must stop (cancel, or its lease ended).
+    pub cancel: tokio::sync::watch::Receiver<bool>,
+    /// Where live output goes, if anyone is listening.
+    pub output: Option<OutputSender>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +69,7 @@ pub enum JobEnd {
     /// Killed by a signal (number).
     Signalled(i32),
     TimedOut,
+    Cancelled,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +79,10 @@ pub struct JobOutcome {
     pub stderr: String,
     pub output_truncated: bool,
     pub wall_ms: u64,
+    /// CPU time the job used, when the driver can measure it.
+    pub cpu_ms: Option<u64>,
+    pub peak_memory_bytes: Option<u64>,
+    pub oom_killed: bool,
 }
 
 pub trait PartitionDriver: Send + Sync + 'static {
@@ -69,19 +96,83 @@ pub trait PartitionDriver: Send + Sync + 'static {
     fn run_job(&self, job: JobSpec) -> BoxFuture<'_, Result<JobOutcome, DriverError>>;
     /// Removes everything the last borrower left in the partition.
     fn wipe(&self, index: u32) -> Result<(), DriverError>;
+    /// Cleans up what a crash of the agent left behind; says what it did.
+    fn reconcile(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Which driver to use.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum DriverKind {
-    Process { root_dir: PathBuf },
-    Sim { images: Vec<String> },
+    Process {
+        root_dir: PathBuf,
+    },
+    Sim {
+        images: Vec<String>,
+    },
+    Oci {
+        root_dir: PathBuf,
+        /// Unique to this agent on this machine (container ids, cgroups).
+        instance: String,
+        images: std::sync::Arc<dyn oci::ImageSource>,
+    },
 }
 
-pub fn make_driver(kind: &DriverKind) -> Box<dyn PartitionDriver> {
-    match kind {
+pub fn make_driver(kind: &DriverKind) -> Result<Box<dyn PartitionDriver>, String> {
+    Ok(match kind {
         DriverKind::Process { root_dir } => Box::new(process::ProcessDriver::new(root_dir.clone())),
         DriverKind::Sim { images } => Box::new(sim::SimDriver::new(images.clone())),
+        DriverKind::Oci {
+            root_dir,
+            instance,
+            images,
+        } => Box::new(oci::OciDriver::new(
+            root_dir.clone(),
+            instance.clone(),
+            images.clone(),
+        )?),
+    })
+}
+
+/// Reads a job's output stream to its end: forwards each chunk live (if
+/// anyone listens) and keeps the first [`MAX_CAPTURED_OUTPUT_BYTES`] + 1
+/// bytes, so the caller can tell the output was cut. Never blocks the job on
+/// a slow listener: a full channel drops the live copy, not the output.
+pub(crate) async fn pump<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    live: Option<OutputSender>,
+    stream: Stream,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let n = match reader.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(live) = &live {
+            let _ = live.try_send((stream, buffer[..n].to_vec()));
+        }
+        if kept.len() <= MAX_CAPTURED_OUTPUT_BYTES {
+            let room = MAX_CAPTURED_OUTPUT_BYTES + 1 - kept.len();
+            kept.extend_from_slice(&buffer[..n.min(room)]);
+        }
+    }
+    kept
+}
+
+/// Resolves when the job is told to stop.
+pub(crate) async fn cancelled(cancel: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *cancel.borrow() {
+            return;
+        }
+        if cancel.changed().await.is_err() {
+            // The sender is gone: nobody can cancel any more.
+            std::future::pending::<()>().await;
+        }
     }
 }
 

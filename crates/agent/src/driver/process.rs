@@ -14,7 +14,6 @@ use super::{
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
-use tokio::io::AsyncReadExt;
 
 /// The user jobs run as when the agent is root: `nobody`.
 const UNPRIVILEGED_UID: u32 = 65534;
@@ -151,69 +150,51 @@ impl PartitionDriver for ProcessDriver {
             let pid = child.id();
             let mut stdout = child.stdout.take().expect("stdout is piped");
             let mut stderr = child.stderr.take().expect("stderr is piped");
-            let read_out = async move {
-                let mut buffer = Vec::new();
-                let _ = (&mut stdout)
-                    .take(super::MAX_CAPTURED_OUTPUT_BYTES as u64 + 1)
-                    .read_to_end(&mut buffer)
-                    .await;
-                // Drain the rest so the job never blocks on a full pipe.
-                let _ = tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await;
-                buffer
+            let read_out = super::pump(&mut stdout, job.output.clone(), super::Stream::Stdout);
+            let read_err = super::pump(&mut stderr, job.output.clone(), super::Stream::Stderr);
+            let wait = async { tokio::join!(child.wait(), read_out, read_err) };
+            let mut cancel = job.cancel.clone();
+            let limit = job
+                .timeout
+                .unwrap_or(std::time::Duration::from_secs(u64::MAX / 4));
+            let result = tokio::select! {
+                done = wait => Ok(done),
+                _ = tokio::time::sleep(limit) => Err(JobEnd::TimedOut),
+                _ = super::cancelled(&mut cancel) => Err(JobEnd::Cancelled),
             };
-            let read_err = async move {
-                let mut buffer = Vec::new();
-                let _ = (&mut stderr)
-                    .take(super::MAX_CAPTURED_OUTPUT_BYTES as u64 + 1)
-                    .read_to_end(&mut buffer)
-                    .await;
-                let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
-                buffer
-            };
-            let wait = async {
-                let (status, out, err) = tokio::join!(child.wait(), read_out, read_err);
-                (status, out, err)
-            };
-            let result = match job.timeout {
-                Some(limit) => tokio::time::timeout(limit, wait).await.ok(),
-                None => Some(wait.await),
-            };
-            let wall_ms = started.elapsed().as_millis() as u64;
-            match result {
-                Some((status, out, err)) => {
+            let (end, out, err) = match result {
+                Ok((status, out, err)) => {
                     let status = status.map_err(|e| DriverError::Start(format!("wait: {e}")))?;
-                    let (stdout, out_cut) = capped_text(&out);
-                    let (stderr, err_cut) = capped_text(&err);
                     use std::os::unix::process::ExitStatusExt;
                     let end = match (status.code(), status.signal()) {
                         (Some(code), _) => JobEnd::Exited(code),
                         (None, Some(signal)) => JobEnd::Signalled(signal),
                         (None, None) => JobEnd::Exited(-1),
                     };
-                    Ok(JobOutcome {
-                        end,
-                        stdout,
-                        stderr,
-                        output_truncated: out_cut || err_cut,
-                        wall_ms,
-                    })
+                    (end, out, err)
                 }
-                None => {
+                Err(end) => {
                     if let Some(pid) = pid {
                         // SAFETY: kill with a negative pid signals the job's process group.
                         unsafe {
                             libc::kill(-(pid as i32), libc::SIGKILL);
                         }
                     }
-                    Ok(JobOutcome {
-                        end: JobEnd::TimedOut,
-                        stdout: String::new(),
-                        stderr: String::new(),
-                        output_truncated: false,
-                        wall_ms,
-                    })
+                    (end, Vec::new(), Vec::new())
                 }
-            }
+            };
+            let (stdout, out_cut) = capped_text(&out);
+            let (stderr, err_cut) = capped_text(&err);
+            Ok(JobOutcome {
+                end,
+                stdout,
+                stderr,
+                output_truncated: out_cut || err_cut,
+                wall_ms: started.elapsed().as_millis() as u64,
+                cpu_ms: None,
+                peak_memory_bytes: None,
+                oom_killed: false,
+            })
         })
     }
 
@@ -254,6 +235,9 @@ mod tests {
             partition: spec(index),
             command: command.iter().map(|s| s.to_string()).collect(),
             timeout: timeout_ms.map(std::time::Duration::from_millis),
+            image: None,
+            cancel: tokio::sync::watch::channel(false).1,
+            output: None,
         }
     }
 

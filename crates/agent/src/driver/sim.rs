@@ -67,12 +67,18 @@ impl PartitionDriver for SimDriver {
                 )));
             }
             let (code, stdout) = simulate(&job.command);
+            if let Some(live) = &job.output {
+                let _ = live.try_send((super::Stream::Stdout, stdout.clone().into_bytes()));
+            }
             Ok(JobOutcome {
                 end: JobEnd::Exited(code),
                 stdout,
                 stderr: String::new(),
                 output_truncated: false,
                 wall_ms: 0,
+                cpu_ms: Some(0),
+                peak_memory_bytes: Some(0),
+                oom_killed: false,
             })
         })
     }
