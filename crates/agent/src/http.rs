@@ -185,6 +185,8 @@ async fn submit_job(
             .await
     });
     let job_id = tokio::select! {
+        // A job that started is streamed, however quickly it ended.
+        biased;
         id = started => id.ok(),
         finished = &mut job => {
             // It ended before it started: a refusal, answered as usual.

@@ -337,6 +337,88 @@ impl Client {
         self.get(&format!("/v1/jobs/{job_id}")).await
     }
 
+    /// Submits a job and follows it live: `on_event` sees the start (with
+    /// the job id, to cancel it) and each piece of output as it comes; the
+    /// answer is the job's result.
+    pub async fn submit_job_streaming(
+        &self,
+        index: u32,
+        request: &SubmitJobRequest,
+        mut on_event: impl FnMut(&JobEvent),
+    ) -> Result<JobResult, ApiError> {
+        let url = format!("{}/v1/partitions/{index}/jobs", self.base_url);
+        let mut body = request.clone();
+        body.stream = true;
+        let wait = request
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms.saturating_add(30_000)))
+            .unwrap_or(Duration::from_secs(24 * 3600));
+        let mut response = self
+            .http
+            .post(&url)
+            .json(&body)
+            .timeout(wait)
+            .send()
+            .await
+            .map_err(|source| ApiError::Unreachable { url: url.clone(), source })?;
+        let streamed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/x-ndjson"));
+        if !response.status().is_success() || !streamed {
+            // A refusal, or a whole result at once: replay its output.
+            let result: JobResult = decode(&url, response).await?;
+            on_event(&JobEvent::Started { job_id: result.job_id });
+            if !result.stdout.is_empty() {
+                on_event(&JobEvent::Stdout { data: result.stdout.clone() });
+            }
+            if !result.stderr.is_empty() {
+                on_event(&JobEvent::Stderr { data: result.stderr.clone() });
+            }
+            return Ok(result);
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let chunk = response
+                .chunk()
+                .await
+                .map_err(|source| ApiError::Unreachable { url: url.clone(), source })?;
+            let Some(chunk) = chunk else {
+                return Err(ApiError::Protocol {
+                    url,
+                    problem: "the job's stream ended without a result".into(),
+                });
+            };
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let event: JobEvent = serde_json::from_slice(&line).map_err(|error| ApiError::Protocol {
+                    url: url.clone(),
+                    problem: format!("cannot decode a job event: {error}"),
+                })?;
+                match event {
+                    JobEvent::Result { result } => return Ok(result),
+                    JobEvent::Error { error } => {
+                        return Err(ApiError::Status {
+                            status: 500,
+                            code: error.code.clone(),
+                            message: error.message.clone(),
+                            field: error.field.clone(),
+                            detail: Box::new(error),
+                        })
+                    }
+                    other => on_event(&other),
+                }
+            }
+        }
+    }
+
+    /// Cancels a running job; the client's token is a key of its lease.
+    pub async fn cancel_job(&self, job_id: u64) -> Result<serde_json::Value, ApiError> {
+        self.send::<(), _>(Method::POST, &format!("/v1/jobs/{job_id}/cancel"), None, None)
+            .await
+    }
+
     pub async fn send_notice(&self, notice: &str) -> Result<serde_json::Value, ApiError> {
         let body = NoticeRequest {
             notice: notice.to_string(),

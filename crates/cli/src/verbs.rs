@@ -14,6 +14,7 @@ pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_NO_MATCH: i32 = 3;
 pub const EXIT_CONFLICT: i32 = 4;
 pub const EXIT_JOB_TIMED_OUT: i32 = 124;
+pub const EXIT_JOB_CANCELLED: i32 = 130;
 
 fn broker(global: &Global) -> Client {
     Client::new(&global.broker, global.token.clone())
@@ -549,6 +550,9 @@ pub struct RunArgs {
     /// Stop the job after this many seconds.
     #[arg(long)]
     pub timeout_secs: Option<u64>,
+    /// The image to boot (one the partition's terms offer; default: its first).
+    #[arg(long)]
+    pub image: Option<String>,
     /// The command to run, after `--`.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -575,36 +579,65 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
         ),
     };
     let agent = Client::new(&agent_url, None);
+    let request = SubmitJobRequest {
+        lease_key: key.clone(),
+        command: args.command.clone(),
+        timeout_ms: args.timeout_secs.map(|s| s.saturating_mul(1000)),
+        image: args.image.clone(),
+        stream: false,
+    };
+    let text = global.output == OutputFormat::Text;
+    // The job id arrives with the first event; Ctrl-C uses it to cancel.
+    let (job_id_sender, job_id_receiver) = tokio::sync::watch::channel(None::<u64>);
+    let canceller = Client::new(&agent_url, Some(key));
+    let cancel_on_interrupt = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let job_id = *job_id_receiver.borrow();
+            if let Some(job_id) = job_id {
+                eprintln!("leasehold: cancelling job {job_id}");
+                let _ = canceller.cancel_job(job_id).await;
+            }
+        }
+    });
     let result = agent
-        .submit_job(
-            lease.partition.index,
-            &SubmitJobRequest {
-                lease_key: key,
-                command: args.command.clone(),
-                timeout_ms: args.timeout_secs.map(|s| s.saturating_mul(1000)),
-                ..Default::default()
-            },
-        )
+        .submit_job_streaming(lease.partition.index, &request, |event| {
+            use std::io::Write;
+            match event {
+                leasehold_api::JobEvent::Started { job_id } => {
+                    let _ = job_id_sender.send(Some(*job_id));
+                }
+                leasehold_api::JobEvent::Stdout { data } if text => {
+                    print!("{data}");
+                    let _ = std::io::stdout().flush();
+                }
+                leasehold_api::JobEvent::Stderr { data } if text => {
+                    eprint!("{data}");
+                }
+                _ => {}
+            }
+        })
         .await
-        .with_context(|| {
-            format!(
-                "failed to run the job on lease {} ({})",
-                args.lease, lease.partition
-            )
-        })?;
+        .with_context(|| format!("failed to run the job on lease {} ({})", args.lease, lease.partition));
+    cancel_on_interrupt.abort();
+    let result = result?;
     if global.output == OutputFormat::Json {
         print_json(&result);
     } else {
-        use std::io::Write;
-        print!("{}", result.stdout);
-        eprint!("{}", result.stderr);
-        let _ = std::io::stdout().flush();
         if result.output_truncated {
-            eprintln!("leasehold: output was truncated at 1 MiB per stream");
+            eprintln!("leasehold: the job's output was cut at 1 MiB per stream in its record");
+        }
+        if result.oom_killed {
+            eprintln!("leasehold: the job was killed: it ran out of the partition's memory");
+        }
+        match result.state {
+            leasehold_api::JobState::TimedOut => eprintln!("leasehold: the job timed out"),
+            leasehold_api::JobState::Cancelled => eprintln!("leasehold: the job was cancelled"),
+            _ => {}
         }
     }
     Ok(match result.state {
         leasehold_api::JobState::TimedOut => EXIT_JOB_TIMED_OUT,
+        leasehold_api::JobState::Cancelled => EXIT_JOB_CANCELLED,
         _ => result.exit_code.unwrap_or(EXIT_FAILURE),
     })
 }
