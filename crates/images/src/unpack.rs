@@ -1,0 +1,201 @@
+//! Checking and unpacking image tars without letting them write outside
+//! their target directory.
+
+use std::io::Read;
+use std::path::{Component, Path};
+
+use crate::error::chain;
+use crate::ImageError;
+
+/// What to do with one entry of an image tar.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Keep,
+    /// Device nodes and fifos: the container runtime makes its own /dev.
+    Skip(&'static str),
+}
+
+/// Refuses absolute paths, `..` components, sparse files, hard links that
+/// leave the archive, and entry types an image has no use for.
+pub(crate) fn check_entry<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    archive: &str,
+) -> Result<Verdict, ImageError> {
+    let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+    let unsafe_entry = |reason: &str| ImageError::UnsafeEntry {
+        archive: archive.to_string(),
+        entry: name.clone(),
+        reason: reason.to_string(),
+    };
+    let path = entry
+        .path()
+        .map_err(|e| unsafe_entry(&format!("has an unreadable path ({e})")))?;
+    check_relative(&path).map_err(&unsafe_entry)?;
+
+    let kind = entry.header().entry_type();
+    if kind.is_gnu_sparse() {
+        return Err(unsafe_entry(
+            "is a sparse file, which images do not support; archive it without --sparse",
+        ));
+    }
+    if kind.is_character_special() || kind.is_block_special() {
+        return Ok(Verdict::Skip("device node"));
+    }
+    if kind.is_fifo() {
+        return Ok(Verdict::Skip("fifo"));
+    }
+    if kind.is_hard_link() {
+        let target = entry
+            .link_name()
+            .map_err(|e| unsafe_entry(&format!("has an unreadable link target ({e})")))?
+            .ok_or_else(|| unsafe_entry("is a hard link without a target"))?;
+        if check_relative(&target).is_err() {
+            return Err(unsafe_entry(&format!(
+                "is a hard link to '{}', outside the image",
+                target.display()
+            )));
+        }
+        return Ok(Verdict::Keep);
+    }
+    if kind.is_file()
+        || kind.is_contiguous()
+        || kind.is_dir()
+        || kind.is_symlink()
+        || kind.is_pax_global_extensions()
+        || kind.is_pax_local_extensions()
+        || kind.is_gnu_longname()
+        || kind.is_gnu_longlink()
+    {
+        return Ok(Verdict::Keep);
+    }
+    Err(unsafe_entry(&format!(
+        "has an entry type ({:?}) that images do not support",
+        kind.as_byte() as char
+    )))
+}
+
+/// `Err(reason)` if `path` is absolute or climbs with `..`.
+fn check_relative(path: &Path) -> Result<(), &'static str> {
+    for part in path.components() {
+        match part {
+            Component::Prefix(_) | Component::RootDir => {
+                return Err("has an absolute path; image tars hold paths relative to the root")
+            }
+            Component::ParentDir => {
+                return Err("has a '..' path component, which could write outside the image")
+            }
+            Component::CurDir | Component::Normal(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Reads a whole tar, checking every entry; returns how many entries it has.
+pub(crate) fn verify_tar<R: Read>(reader: R, archive: &str) -> Result<u64, ImageError> {
+    let mut tar = tar::Archive::new(reader);
+    let corrupt = |e: std::io::Error| ImageError::Corrupt {
+        path: archive.to_string(),
+        reason: format!("it is not a readable tar ({})", chain(&e)),
+    };
+    let mut count = 0u64;
+    for entry in tar.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        check_entry(&entry, archive)?;
+        // Read the data so that a truncated archive is noticed here.
+        std::io::copy(&mut entry, &mut std::io::sink()).map_err(corrupt)?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(ImageError::Corrupt {
+            path: archive.to_string(),
+            reason: "it holds no files (an empty file, or not a tar)".to_string(),
+        });
+    }
+    Ok(count)
+}
+
+/// Unpacks an image tar into `dst` (which must exist and be empty), keeping
+/// permissions, and ownership only when running as root. Refuses the whole
+/// archive on the first unsafe entry; the caller removes `dst` on error.
+pub(crate) fn unpack_safely<R: Read>(
+    reader: R,
+    dst: &Path,
+    archive: &str,
+) -> Result<(), ImageError> {
+    let mut tar = tar::Archive::new(reader);
+    tar.set_preserve_permissions(true);
+    tar.set_preserve_ownerships(crate::fsutil::is_root());
+    tar.set_preserve_mtime(true);
+    tar.set_overwrite(true);
+    tar.set_unpack_xattrs(false);
+    let dst = dst.canonicalize().map_err(|e| ImageError::io(dst, e))?;
+    let corrupt = |e: std::io::Error| ImageError::Corrupt {
+        path: archive.to_string(),
+        reason: format!("it is not a readable tar ({})", chain(&e)),
+    };
+
+    let mut directories = Vec::new();
+    let mut count = 0u64;
+    for entry in tar.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        count += 1;
+        if let Verdict::Skip(what) = check_entry(&entry, archive)? {
+            tracing::warn!(
+                archive,
+                entry = %String::from_utf8_lossy(&entry.path_bytes()),
+                "skipping a {what} in an image"
+            );
+            continue;
+        }
+        // Directories last, deepest first, so that a read-only directory does
+        // not stop its own contents from being written (as tar::Archive::unpack).
+        if entry.header().entry_type().is_dir() {
+            directories.push(entry);
+            continue;
+        }
+        unpack_one(&mut entry, &dst, archive)?;
+    }
+    directories.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
+    for mut dir in directories {
+        unpack_one(&mut dir, &dst, archive)?;
+    }
+    if count == 0 {
+        return Err(ImageError::Corrupt {
+            path: archive.to_string(),
+            reason: "it holds no files (an empty file, or not a tar)".to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn unpack_one<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    dst: &Path,
+    archive: &str,
+) -> Result<(), ImageError> {
+    let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+    match entry.unpack_in(dst) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ImageError::UnsafeEntry {
+            archive: archive.to_string(),
+            entry: name,
+            reason: "would be written outside the image".to_string(),
+        }),
+        Err(e) => {
+            let text = chain(&e);
+            if text.contains("outside of destination") {
+                Err(ImageError::UnsafeEntry {
+                    archive: archive.to_string(),
+                    entry: name,
+                    reason: "would be written through a symlink or link outside the image"
+                        .to_string(),
+                })
+            } else {
+                Err(ImageError::Corrupt {
+                    path: archive.to_string(),
+                    reason: format!("cannot unpack entry '{name}': {text}"),
+                })
+            }
+        }
+    }
+}
