@@ -41,6 +41,12 @@ pub struct AgentConfig {
     pub clock: SharedClock,
 }
 
+/// A job that is running, and the switch that stops it.
+struct RunningJob {
+    lease_id: u64,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
 pub(crate) struct Agent {
     pub config: AgentConfig,
     pub db: Mutex<AgentDb>,
@@ -50,8 +56,8 @@ pub(crate) struct Agent {
     /// One lock per partition: jobs on one lease run one after another, and
     /// a release waits for the running job before it wipes the partition.
     partition_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
-    /// Jobs running now: job id -> (partition, lease, the switch that stops it).
-    running_jobs: Mutex<HashMap<u64, (u32, u64, tokio::sync::watch::Sender<bool>)>>,
+    /// Jobs running now, by job id.
+    running_jobs: Mutex<HashMap<u64, RunningJob>>,
 }
 
 /// An agent that is serving.
@@ -447,7 +453,13 @@ impl Agent {
         self.running_jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(job_id, (index, claims.lease_id, cancel_switch));
+            .insert(
+                job_id,
+                RunningJob {
+                    lease_id: claims.lease_id,
+                    stop: cancel_switch,
+                },
+            );
         if let Some(started) = started {
             let _ = started.send(job_id);
         }
@@ -534,8 +546,8 @@ impl Agent {
         self.job(job_id, bearer)?;
         let running = self.running_jobs.lock().unwrap_or_else(|p| p.into_inner());
         Ok(match running.get(&job_id) {
-            Some((_, _, switch)) => {
-                let _ = switch.send(true);
+            Some(job) => {
+                let _ = job.stop.send(true);
                 true
             }
             None => false,
@@ -545,9 +557,9 @@ impl Agent {
     /// Stops every running job of a lease (its lease ended).
     fn cancel_jobs_of_lease(&self, lease_id: u64) {
         let running = self.running_jobs.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, lease, switch) in running.values() {
-            if *lease == lease_id {
-                let _ = switch.send(true);
+        for job in running.values() {
+            if job.lease_id == lease_id {
+                let _ = job.stop.send(true);
             }
         }
     }

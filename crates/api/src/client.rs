@@ -360,7 +360,10 @@ impl Client {
             .timeout(wait)
             .send()
             .await
-            .map_err(|source| ApiError::Unreachable { url: url.clone(), source })?;
+            .map_err(|source| ApiError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
         let streamed = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -368,12 +371,18 @@ impl Client {
         if !response.status().is_success() || !streamed {
             // A refusal, or a whole result at once: replay its output.
             let result: JobResult = decode(&url, response).await?;
-            on_event(&JobEvent::Started { job_id: result.job_id });
+            on_event(&JobEvent::Started {
+                job_id: result.job_id,
+            });
             if !result.stdout.is_empty() {
-                on_event(&JobEvent::Stdout { data: result.stdout.clone() });
+                on_event(&JobEvent::Stdout {
+                    data: result.stdout.clone(),
+                });
             }
             if !result.stderr.is_empty() {
-                on_event(&JobEvent::Stderr { data: result.stderr.clone() });
+                on_event(&JobEvent::Stderr {
+                    data: result.stderr.clone(),
+                });
             }
             return Ok(result);
         }
@@ -382,7 +391,10 @@ impl Client {
             let chunk = response
                 .chunk()
                 .await
-                .map_err(|source| ApiError::Unreachable { url: url.clone(), source })?;
+                .map_err(|source| ApiError::Unreachable {
+                    url: url.clone(),
+                    source,
+                })?;
             let Some(chunk) = chunk else {
                 return Err(ApiError::Protocol {
                     url,
@@ -392,10 +404,11 @@ impl Client {
             pending.extend_from_slice(&chunk);
             while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=end).collect();
-                let event: JobEvent = serde_json::from_slice(&line).map_err(|error| ApiError::Protocol {
-                    url: url.clone(),
-                    problem: format!("cannot decode a job event: {error}"),
-                })?;
+                let event: JobEvent =
+                    serde_json::from_slice(&line).map_err(|error| ApiError::Protocol {
+                        url: url.clone(),
+                        problem: format!("cannot decode a job event: {error}"),
+                    })?;
                 match event {
                     JobEvent::Result { result } => return Ok(result),
                     JobEvent::Error { error } => {
@@ -415,8 +428,13 @@ impl Client {
 
     /// Cancels a running job; the client's token is a key of its lease.
     pub async fn cancel_job(&self, job_id: u64) -> Result<serde_json::Value, ApiError> {
-        self.send::<(), _>(Method::POST, &format!("/v1/jobs/{job_id}/cancel"), None, None)
-            .await
+        self.send::<(), _>(
+            Method::POST,
+            &format!("/v1/jobs/{job_id}/cancel"),
+            None,
+            None,
+        )
+        .await
     }
 
     pub async fn send_notice(&self, notice: &str) -> Result<serde_json::Value, ApiError> {

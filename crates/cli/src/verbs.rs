@@ -617,7 +617,12 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
             }
         })
         .await
-        .with_context(|| format!("failed to run the job on lease {} ({})", args.lease, lease.partition));
+        .with_context(|| {
+            format!(
+                "failed to run the job on lease {} ({})",
+                args.lease, lease.partition
+            )
+        });
     cancel_on_interrupt.abort();
     let result = result?;
     if global.output == OutputFormat::Json {
