@@ -6,6 +6,7 @@
 pub mod driver;
 pub mod error;
 mod http;
+pub mod images;
 
 pub use error::AgentError;
 
@@ -81,6 +82,21 @@ impl RunningAgent {
     pub async fn wait(self) -> std::io::Result<()> {
         self.server.wait().await
     }
+}
+
+/// A name for this agent's containers and cgroups that no other agent on the
+/// machine uses: the host id and a hash of the data directory.
+pub fn instance_name(host_id: &str, data_dir: &std::path::Path) -> String {
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    // FNV-1a: tiny, stable across releases, enough to tell directories apart.
+    let hash = path
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ *b as u64).wrapping_mul(0x100000001b3)
+        });
+    format!("{host_id}-{:08x}", hash as u32)
 }
 
 /// Constant-time comparison, so a token cannot be guessed byte by byte.

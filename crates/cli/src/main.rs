@@ -6,6 +6,7 @@
 //! 4 conflict (the partition is taken or locked); `run` exits with the job's
 //! own exit code (124 when it timed out, like `timeout(1)`).
 
+mod images;
 mod serve;
 mod verbs;
 
@@ -53,6 +54,12 @@ pub enum OutputFormat {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DriverChoice {
+    /// `oci` where runc, cgroups and loop devices are usable (as root),
+    /// otherwise `process`; says which it chose and why.
+    Auto,
+    /// Isolated OCI containers run by runc, with enforced CPU, memory, disk
+    /// and process limits, booting images from an image store.
+    Oci,
     /// Real child processes with rlimits (development, trusted lending).
     Process,
     /// Simulated partitions and jobs in memory (simulations, benchmarks).
@@ -67,6 +74,9 @@ enum Command {
     Broker(serve::BrokerArgs),
     /// Run an agent on this host, registered with a broker.
     Agent(serve::AgentArgs),
+    /// The image store: build, add, list and serve partition images.
+    #[command(subcommand)]
+    Images(images::ImagesCommand),
     /// Admin: manage principals (lenders, borrowers, admins).
     #[command(subcommand)]
     Principal(verbs::PrincipalCommand),
@@ -118,6 +128,7 @@ fn main() {
             Command::Up(args) => serve::up(&global, args).await,
             Command::Broker(args) => serve::broker(&global, args).await,
             Command::Agent(args) => serve::agent(&global, args).await,
+            Command::Images(command) => images::images(&global, command).await,
             Command::Principal(command) => verbs::principal(&global, command).await,
             Command::Whoami => verbs::whoami(&global).await,
             Command::Host(command) => verbs::host(&global, command).await,

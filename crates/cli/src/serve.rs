@@ -104,11 +104,17 @@ pub struct AgentArgs {
     #[arg(long)]
     pub host_id: Option<String>,
     /// How partitions are built.
-    #[arg(long, value_enum, default_value = "process")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub driver: DriverChoice,
     /// Images the `sim` driver pretends to boot (repeat).
     #[arg(long = "sim-image", default_values_t = vec!["busybox".to_string(), "debian-12".to_string()])]
     pub sim_images: Vec<String>,
+    /// Images the `oci` driver offers (repeat); fetched from --image-store.
+    #[arg(long = "image", default_values_t = vec!["busybox".to_string()])]
+    pub images: Vec<String>,
+    /// The image store agents fetch images from (`leasehold images serve`).
+    #[arg(long, env = "LEASEHOLD_IMAGE_STORE")]
+    pub image_store: Option<String>,
     /// The URL others use to reach this agent (default: http://LISTEN).
     #[arg(long)]
     pub advertise_url: Option<String>,
@@ -131,8 +137,11 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 3)]
     pub partitions: u32,
     /// How partitions are built.
-    #[arg(long, value_enum, default_value = "process")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub driver: DriverChoice,
+    /// Where the built-in image store listens (for the `oci` driver).
+    #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7072")]
+    pub image_store_listen: SocketAddr,
     /// The broker's commission, in basis points.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
     pub commission_basis_points: u32,
@@ -175,12 +184,62 @@ fn default_host_id() -> String {
     }
 }
 
-fn driver_kind(choice: DriverChoice, data_dir: &Path, sim_images: Vec<String>) -> DriverKind {
-    match choice {
-        DriverChoice::Process => DriverKind::Process {
+/// What the agent will build partitions with, and why.
+struct DriverPlan {
+    kind: DriverKind,
+    reason: String,
+}
+
+/// Picks the driver: `auto` takes `oci` where this host can run it (and,
+/// for `up`, where the busybox image can be made), otherwise `process`.
+fn plan_driver(
+    choice: DriverChoice,
+    data_dir: &Path,
+    host_id: &str,
+    sim_images: Vec<String>,
+    oci_images: Vec<String>,
+    image_store: Option<String>,
+    oci_precondition: Result<(), String>,
+) -> Result<DriverPlan> {
+    let process = |reason: String| DriverPlan {
+        kind: DriverKind::Process {
             root_dir: data_dir.join("partitions"),
         },
-        DriverChoice::Sim => DriverKind::Sim { images: sim_images },
+        reason,
+    };
+    let oci = |reason: String| -> Result<DriverPlan> {
+        let cache =
+            leasehold_images::ImageCache::new(&data_dir.join("image-cache"), image_store.clone())
+                .context("failed to open the image cache")?;
+        Ok(DriverPlan {
+            kind: DriverKind::Oci {
+                root_dir: data_dir.join("oci"),
+                instance: leasehold_agent::instance_name(host_id, data_dir),
+                images: Arc::new(leasehold_agent::images::CachedImages::new(
+                    cache,
+                    oci_images.clone(),
+                )),
+            },
+            reason,
+        })
+    };
+    let usable = leasehold_agent::driver::oci::probe().and(oci_precondition);
+    match choice {
+        DriverChoice::Sim => Ok(DriverPlan {
+            kind: DriverKind::Sim { images: sim_images },
+            reason: "chosen with --driver sim".into(),
+        }),
+        DriverChoice::Process => Ok(process("chosen with --driver process".into())),
+        DriverChoice::Oci => match usable {
+            Ok(()) => oci("chosen with --driver oci".into()),
+            Err(reason) => Err(anyhow!("failed to use the oci driver: {reason}")),
+        },
+        DriverChoice::Auto => match usable {
+            Ok(()) => oci("auto: runc, cgroups and loop devices are usable here".into()),
+            Err(reason) => Ok(process(format!(
+                "auto: the oci driver cannot run here ({reason}); jobs run as plain processes"
+            ))),
+        },
     }
 }
 
@@ -230,13 +289,23 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         )
     })?;
     let host_id = args.host_id.clone().unwrap_or_else(default_host_id);
+    let plan = plan_driver(
+        args.driver,
+        &args.data_dir,
+        &host_id,
+        args.sim_images.clone(),
+        args.images.clone(),
+        args.image_store.clone(),
+        Ok(()),
+    )?;
+    eprintln!("agent: driver {}", plan.reason);
     let running = leasehold_agent::start(AgentConfig {
         host_id: host_id.clone(),
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         broker_url: global.broker.clone(),
         lender_token: token,
-        driver: driver_kind(args.driver, &args.data_dir, args.sim_images.clone()),
+        driver: plan.kind,
         capacity: args.shape.capacity(),
         advertise_url: args.advertise_url.clone(),
         clock: Arc::new(SystemClock),
@@ -249,7 +318,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
     }
     print_ready(
         global,
-        serde_json::json!({"agent_url": url, "host_id": host_id, "driver": running.driver_name, "reconciled": running.reconciled}),
+        serde_json::json!({"agent_url": url, "host_id": host_id, "driver": running.driver_name, "driver_reason": plan.reason, "reconciled": running.reconciled}),
         format!(
             "agent for host '{host_id}' listening on {url} (driver {}, broker {})",
             running.driver_name, global.broker
@@ -326,11 +395,42 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         })?
         .trim()
         .to_string();
-    let driver = driver_kind(
+    // The oci driver boots images: `up` keeps a store beside its data,
+    // makes the busybox image in it once, and serves it to its agent.
+    let store_dir = args.data_dir.join("images");
+    let wants_oci = matches!(args.driver, DriverChoice::Oci | DriverChoice::Auto);
+    let busybox_ready = if wants_oci {
+        ensure_busybox(&store_dir)
+    } else {
+        Ok(())
+    };
+    let mut image_store_url = None;
+    if wants_oci && busybox_ready.is_ok() && leasehold_agent::driver::oci::probe().is_ok() {
+        let store = Arc::new(
+            leasehold_images::ImageStore::open(&store_dir)
+                .context("failed to open the image store")?,
+        );
+        let listener = tokio::net::TcpListener::bind(args.image_store_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to listen on {} for the image store",
+                    args.image_store_listen
+                )
+            })?;
+        image_store_url = Some(format!("http://{}", listener.local_addr()?));
+        tokio::spawn(leasehold_service::ServerHandle::spawn(listener, store.router()).wait());
+    }
+    let plan = plan_driver(
         args.driver,
         &agent_dir,
+        "local",
         vec!["busybox".into(), "debian-12".into()],
-    );
+        vec!["busybox".into()],
+        image_store_url.clone(),
+        busybox_ready,
+    )?;
+    let driver = plan.kind.clone();
     let capacity = args.shape.capacity();
     let running_agent = leasehold_agent::start(AgentConfig {
         host_id: "local".into(),
@@ -371,11 +471,18 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "leasehold".into());
     let mut text = format!(
-        "leasehold is up.\n  broker  {broker_url}   (data in {})\n  agent   {agent_url}   host 'local', driver {}, {} partition(s)\n",
+        "leasehold is up.\n  broker  {broker_url}   (data in {})\n  agent   {agent_url}   host 'local', driver {}, {} partition(s)\n  driver  {}\n",
         args.data_dir.display(),
         running_agent.driver_name,
-        partitions.len()
+        partitions.len(),
+        plan.reason
     );
+    if let Some(url) = &image_store_url {
+        text.push_str(&format!(
+            "  images  {url}   (store in {})\n",
+            store_dir.display()
+        ));
+    }
     for note in &running_agent.reconciled {
         text.push_str(&format!("  agent: {note}\n"));
     }
@@ -402,6 +509,8 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
             "agent_url": agent_url,
             "data_dir": args.data_dir,
             "driver": running_agent.driver_name,
+            "driver_reason": plan.reason,
+            "image_store_url": image_store_url,
             "partitions": partitions.len(),
             "tokens": if tokens.is_empty() { serde_json::Value::Null } else { serde_json::Value::Object(tokens) },
         }),
@@ -412,6 +521,18 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
     broker_result.context("the broker stopped with an error")?;
     agent_result.context("the agent stopped with an error")?;
     Ok(0)
+}
+
+/// Makes the busybox image in `store_dir` unless it is there already.
+fn ensure_busybox(store_dir: &Path) -> Result<(), String> {
+    let store = leasehold_images::ImageStore::open(store_dir).map_err(|e| e.to_string())?;
+    if store.get("busybox").is_ok() {
+        return Ok(());
+    }
+    store
+        .build_busybox("busybox")
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn write_secret(path: &Path, secret: &str) -> Result<()> {

@@ -138,9 +138,12 @@ impl OciDriver {
         } else {
             cores
         };
+        std::fs::create_dir_all(root_dir.join("runc"))
+            .map_err(|e| format!("create {}: {e}", root_dir.display()))?;
+        // Absolute, because mount points are compared with /proc/self/mountinfo.
+        let root_dir = std::fs::canonicalize(&root_dir)
+            .map_err(|e| format!("resolve {}: {e}", root_dir.display()))?;
         let state_dir = root_dir.join("runc");
-        std::fs::create_dir_all(&state_dir)
-            .map_err(|e| format!("create {}: {e}", state_dir.display()))?;
         Ok(OciDriver {
             root_dir,
             state_dir,
@@ -406,6 +409,10 @@ impl OciDriver {
                 .unwrap_or_default(),
         };
         let rootfs = self.images.rootfs(&image).await?;
+        // runc resolves a relative root against the bundle: make it absolute.
+        let rootfs = std::fs::canonicalize(&rootfs).map_err(|e| {
+            DriverError::Image(format!("image '{image}' at {}: {e}", rootfs.display()))
+        })?;
         let sequence = self
             .job_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
