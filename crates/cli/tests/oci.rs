@@ -1,0 +1,230 @@
+//! End-to-end tests of the `oci` driver and the image store: separate
+//! processes for the store, the broker and the agent. They need root, runc
+//! and busybox-static (CI provides them); without them they say why they
+//! skipped.
+
+mod common;
+
+use common::{cli, spawn_ready, terms, Cluster};
+use leasehold_api::Client;
+
+fn skip_reason() -> Option<String> {
+    leasehold_agent::driver::oci::probe().err().or_else(|| {
+        (!std::path::Path::new("/bin/busybox").exists()
+            && !std::path::Path::new("/usr/bin/busybox").exists())
+        .then(|| "busybox-static is not installed".to_string())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oci_partitions_boot_images_from_the_store() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipped: the oci driver cannot run here: {reason}");
+        return;
+    }
+    let cluster = Cluster::start(&[]).await;
+    let store = cluster.path("store").display().to_string();
+    let built = cli(
+        &cluster.broker_url,
+        None,
+        &[
+            "images", "build", "busybox", "--store", &store, "--output", "json",
+        ],
+    );
+    assert_eq!(built.code, 0, "{}", built.stderr);
+    assert!(built.json()["digest"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    let listed = cli(
+        &cluster.broker_url,
+        None,
+        &["images", "list", "--store", &store, "--output", "json"],
+    );
+    assert_eq!(listed.json()["images"][0]["name"], "busybox");
+    let serve = spawn_ready(
+        &[
+            "images",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+            "--output",
+            "json",
+        ],
+        &cluster.path("store.log"),
+    );
+    let store_url = serve.ready["image_store_url"].as_str().unwrap().to_string();
+
+    // An agent with the oci driver, offering busybox from that store.
+    let data = cluster.path("agent-oci").display().to_string();
+    let agent = spawn_ready(
+        &[
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--host-id",
+            "ocihost",
+            "--driver",
+            "oci",
+            "--image-store",
+            &store_url,
+            "--image",
+            "busybox",
+            "--cpus",
+            "2",
+            "--memory-mib",
+            "4096",
+            "--disk-gib",
+            "10",
+            "--owner-share-centicores",
+            "0",
+            "--broker",
+            &cluster.broker_url,
+            "--token",
+            &cluster.lender_token,
+            "--output",
+            "json",
+        ],
+        &cluster.path("agent-oci.log"),
+    );
+    assert_eq!(agent.ready["driver"], "oci");
+    let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
+    let lender_agent = Client::new(&agent_url, Some(cluster.lender_token.clone()));
+    // Terms may only list images this host offers.
+    let error = lender_agent
+        .agent_add_partition(&terms(1, 128, "debian-12", 1000))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.detail().and_then(|d| d.field.as_deref()),
+        Some("terms.images[0]")
+    );
+    lender_agent
+        .agent_add_partition(&terms(1, 128, "busybox", 1000))
+        .await
+        .unwrap();
+
+    let (token, _) = cluster.borrower("bob").await;
+    let url = cluster.broker_url.clone();
+    // An image nobody offers is refused at find and lease time.
+    let find = cli(&url, Some(&token), &["find", "--image", "windows"]);
+    assert_eq!(find.code, 1);
+    assert!(
+        find.stderr.contains("unknown image 'windows'"),
+        "{}",
+        find.stderr
+    );
+    let lease = cli(
+        &url,
+        Some(&token),
+        &["lease", "--best", "--image", "busybox", "--output", "json"],
+    );
+    assert_eq!(lease.code, 0, "{}", lease.stderr);
+    let lease_id = lease.json()["lease_id"].to_string();
+
+    // The job boots busybox (fetched, verified and cached by the agent).
+    let run = cli(
+        &url,
+        Some(&token),
+        &[
+            "run",
+            "--lease",
+            &lease_id,
+            "--output",
+            "json",
+            "--",
+            "sh",
+            "-c",
+            "busybox | head -1; echo data > /work/f",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let result = run.json();
+    assert!(
+        result["stdout"].as_str().unwrap().starts_with("BusyBox"),
+        "{result}"
+    );
+    assert!(
+        result["cpu_ms"].is_u64() && result["peak_memory_bytes"].as_u64().unwrap() > 0,
+        "{result}"
+    );
+    assert!(
+        std::fs::read_dir(cluster.path("agent-oci/image-cache/rootfs"))
+            .unwrap()
+            .count()
+            == 1,
+        "cached once"
+    );
+    // At run time, an image the partition does not offer is refused.
+    let wrong = cli(
+        &url,
+        Some(&token),
+        &[
+            "run",
+            "--lease",
+            &lease_id,
+            "--image",
+            "debian-12",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(wrong.code, 1);
+    assert!(
+        wrong.stderr.contains("cannot boot 'debian-12'"),
+        "{}",
+        wrong.stderr
+    );
+    // The exit code and the files of the lease carry across jobs.
+    let again = cli(
+        &url,
+        Some(&token),
+        &[
+            "run",
+            "--lease",
+            &lease_id,
+            "--",
+            "sh",
+            "-c",
+            "cat /work/f; exit 5",
+        ],
+    );
+    assert_eq!(
+        (again.code, again.stdout.as_str()),
+        (5, "data\n"),
+        "{}",
+        again.stderr
+    );
+    // A timeout stops the job: exit 124.
+    let slow = cli(
+        &url,
+        Some(&token),
+        &[
+            "run",
+            "--lease",
+            &lease_id,
+            "--timeout-secs",
+            "1",
+            "--",
+            "sleep",
+            "30",
+        ],
+    );
+    assert_eq!(slow.code, 124, "{}", slow.stderr);
+
+    // Release wipes the partition: nothing of it stays mounted.
+    let release = cli(&url, Some(&token), &["release", &lease_id]);
+    assert_eq!(release.code, 0, "{}", release.stderr);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let oci_root = std::fs::canonicalize(cluster.path("agent-oci/oci")).unwrap();
+    assert!(
+        !mounts.contains(&oci_root.display().to_string()),
+        "the partition's disk is unmounted after release"
+    );
+    drop(agent);
+    drop(serve);
+}
