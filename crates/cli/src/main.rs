@@ -113,7 +113,11 @@ pub fn default_data_dir() -> PathBuf {
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // Warnings, plus the agent's and the image cache's progress notes
+        // (image downloads), which an operator wants to see.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,leasehold_agent=info,leasehold_images=info")
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

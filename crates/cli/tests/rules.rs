@@ -604,3 +604,68 @@ async fn a_job_running_when_the_agent_dies_is_reported_lost() {
         .args(["-f", "exec sleep 600|^sleep 600$"])
         .status();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_job_can_be_cancelled_and_stops_when_its_lease_ends() {
+    let mut cluster = Cluster::start(&[]).await;
+    let alpha = cluster.start_agent("alpha", "process");
+    Client::new(&alpha, Some(cluster.lender_token.clone()))
+        .agent_add_partition(&terms(1, 256, "host", 1000))
+        .await
+        .unwrap();
+    let (_, bob) = cluster.borrower("bob").await;
+    let lease = bob.lease(&lease_named("alpha/1")).await.unwrap();
+    let key = lease.lease_key.clone().unwrap();
+    let request = SubmitJobRequest {
+        lease_key: key.clone(),
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo started; exec sleep 600".into(),
+        ],
+        ..Default::default()
+    };
+    // Cancel from the first line of output: the job is surely running then.
+    let agent = Client::new(&alpha, None);
+    let canceller = Client::new(&alpha, Some(key.clone()));
+    let (job_id_sender, mut job_id) = tokio::sync::mpsc::unbounded_channel();
+    let job = {
+        let request = request.clone();
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut id = None;
+            agent
+                .submit_job_streaming(1, &request, move |event| match event {
+                    leasehold_api::JobEvent::Started { job_id } => id = Some(*job_id),
+                    leasehold_api::JobEvent::Stdout { data } if data.contains("started") => {
+                        let _ = job_id_sender.send(id);
+                    }
+                    _ => {}
+                })
+                .await
+        })
+    };
+    let id = job_id.recv().await.unwrap().unwrap();
+    let answer = canceller.cancel_job(id).await.unwrap();
+    assert_eq!(answer["cancelled"], true);
+    let result = job.await.unwrap().unwrap();
+    assert_eq!(result.state, leasehold_api::JobState::Cancelled);
+    assert_eq!(result.exit_code, None);
+
+    // Releasing the lease stops its running job too.
+    let (sender, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let job = tokio::spawn(async move {
+        agent
+            .submit_job_streaming(1, &request, move |event| {
+                if matches!(event, leasehold_api::JobEvent::Stdout { .. }) {
+                    let _ = sender.send(());
+                }
+            })
+            .await
+    });
+    started.recv().await.unwrap();
+    let receipt = bob.release(lease.lease_id).await.unwrap();
+    let result = job.await.unwrap().unwrap();
+    assert_eq!(result.state, leasehold_api::JobState::Cancelled);
+    assert!(receipt.agent_notified);
+}

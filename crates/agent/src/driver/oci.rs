@@ -102,6 +102,71 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// The system calls a job may never make: mounting, loading kernel code,
+/// tracing other processes, the kernel keyring, BPF, new namespaces, the
+/// clock and the like. Everything else is allowed.
+fn denied_syscalls() -> Vec<&'static str> {
+    vec![
+        "mount",
+        "umount",
+        "umount2",
+        "pivot_root",
+        "chroot",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "kexec_load",
+        "kexec_file_load",
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "keyctl",
+        "add_key",
+        "request_key",
+        "bpf",
+        "perf_event_open",
+        "swapon",
+        "swapoff",
+        "reboot",
+        "setns",
+        "unshare",
+        "open_by_handle_at",
+        "name_to_handle_at",
+        "syslog",
+        "acct",
+        "settimeofday",
+        "clock_settime",
+        "clock_adjtime",
+        "adjtimex",
+        "userfaultfd",
+        "iopl",
+        "ioperm",
+        "quotactl",
+        "lookup_dcookie",
+        "kcmp",
+        "fanotify_init",
+        "sethostname",
+        "setdomainname",
+        "fsopen",
+        "fsmount",
+        "fsconfig",
+        "fspick",
+        "move_mount",
+        "open_tree",
+        "mount_setattr",
+        "personality",
+        "vhangup",
+        "nfsservctl",
+        "create_module",
+        "get_kernel_syms",
+        "query_module",
+        "uselib",
+        "ustat",
+        "sysfs",
+        "_sysctl",
+    ]
+}
+
 /// Checks that this host can run the `oci` driver; the reason when not.
 pub fn probe() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
@@ -297,65 +362,7 @@ impl OciDriver {
         cgroup_path: &str,
         hostname: &str,
     ) -> serde_json::Value {
-        let denied = [
-            "mount",
-            "umount",
-            "umount2",
-            "pivot_root",
-            "chroot",
-            "init_module",
-            "finit_module",
-            "delete_module",
-            "kexec_load",
-            "kexec_file_load",
-            "ptrace",
-            "process_vm_readv",
-            "process_vm_writev",
-            "keyctl",
-            "add_key",
-            "request_key",
-            "bpf",
-            "perf_event_open",
-            "swapon",
-            "swapoff",
-            "reboot",
-            "setns",
-            "unshare",
-            "open_by_handle_at",
-            "name_to_handle_at",
-            "syslog",
-            "acct",
-            "settimeofday",
-            "clock_settime",
-            "clock_adjtime",
-            "adjtimex",
-            "userfaultfd",
-            "iopl",
-            "ioperm",
-            "quotactl",
-            "lookup_dcookie",
-            "kcmp",
-            "fanotify_init",
-            "sethostname",
-            "setdomainname",
-            "fsopen",
-            "fsmount",
-            "fsconfig",
-            "fspick",
-            "move_mount",
-            "open_tree",
-            "mount_setattr",
-            "personality",
-            "vhangup",
-            "nfsservctl",
-            "create_module",
-            "get_kernel_syms",
-            "query_module",
-            "uselib",
-            "ustat",
-            "sysfs",
-            "_sysctl",
-        ];
+        let denied = denied_syscalls();
         json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -389,7 +396,7 @@ impl OciDriver {
                 "seccomp": {
                     "defaultAction": "SCMP_ACT_ALLOW",
                     "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
-                    "syscalls": [{"names": denied.to_vec(), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+                    "syscalls": [{"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
                 }
             }
         })
@@ -605,6 +612,27 @@ impl PartitionDriver for OciDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_seccomp_profile_refuses_what_a_job_must_not_do() {
+        // The config is data: check the profile itself, on any machine.
+        let denied = denied_syscalls();
+        for syscall in [
+            "mount",
+            "umount2",
+            "ptrace",
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "keyctl",
+            "bpf",
+            "kexec_load",
+            "unshare",
+            "setns",
+        ] {
+            assert!(denied.contains(&syscall), "{syscall} must be denied");
+        }
+    }
 
     #[test]
     fn cpu_lists_parse() {
