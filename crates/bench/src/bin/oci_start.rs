@@ -1,0 +1,170 @@
+//! Partition start latency with the `oci` driver: from job submission to the
+//! job's first output, over many runs with a cached busybox image. Starts a
+//! broker, an image store and an agent in this process (needs root, runc and
+//! busybox-static), and prints one JSON line.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use leasehold_agent::driver::DriverKind;
+use leasehold_api::{Client, JobEvent, LeaseRequest, Role, SubmitJobRequest};
+use leasehold_core::{HostCapacity, Terms};
+use leasehold_service::SystemClock;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    about = "Measure oci partition start: job submission to first output, p50/p99 over --runs runs (one JSON line)"
+)]
+struct Args {
+    /// Jobs to time after one warm-up job.
+    #[arg(long, default_value_t = 100)]
+    runs: usize,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map(|kib| (kib / 1024.0 * 10.0).round() / 10.0)
+        .unwrap_or(0.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Err(reason) = leasehold_agent::driver::oci::probe() {
+        bail!("the oci driver cannot run here: {reason}");
+    }
+    let dir = tempfile::tempdir()?;
+    let broker = leasehold_broker::start(leasehold_broker::BrokerConfig {
+        data_dir: dir.path().join("broker"),
+        listen: "127.0.0.1:0".parse()?,
+        durability: leasehold_store::Durability::Full,
+        commission_basis_points: 0,
+        key_ttl_ms: leasehold_broker::DEFAULT_KEY_TTL_MS,
+        clock: Arc::new(SystemClock),
+    })
+    .await?;
+    let lender = broker.create_principal("lender", Role::Lender).await?;
+    let borrower = broker.create_principal("borrower", Role::Borrower).await?;
+
+    let store = Arc::new(leasehold_images::ImageStore::open(
+        &dir.path().join("store"),
+    )?);
+    store
+        .build_busybox("busybox")
+        .context("failed to build the busybox image")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let store_url = format!("http://{}", listener.local_addr()?);
+    let _store_server = leasehold_service::ServerHandle::spawn(listener, store.clone().router());
+
+    let agent_dir = dir.path().join("agent");
+    let cache = leasehold_images::ImageCache::new(&agent_dir.join("image-cache"), Some(store_url))?;
+    let agent = leasehold_agent::start(leasehold_agent::AgentConfig {
+        host_id: "bench".into(),
+        data_dir: agent_dir.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        broker_url: broker.url(),
+        lender_token: lender.clone(),
+        driver: DriverKind::Oci {
+            root_dir: agent_dir.join("oci"),
+            instance: leasehold_agent::instance_name("bench", &agent_dir),
+            images: Arc::new(leasehold_agent::images::CachedImages::new(
+                cache,
+                vec!["busybox".into()],
+            )),
+        },
+        capacity: HostCapacity {
+            cpu_centicores: 200,
+            memory_mib: 4096,
+            disk_gib: 10,
+            owner_share_cpu_centicores: 0,
+            owner_share_memory_mib: 0,
+            owner_share_disk_gib: 0,
+        },
+        advertise_url: None,
+        clock: Arc::new(SystemClock),
+    })
+    .await?;
+    let agent_client = Client::new(&agent.url(), Some(lender));
+    agent_client
+        .agent_add_partition(&Terms {
+            vcpus: 1,
+            cpu_cap_percent: 100,
+            memory_mib: 256,
+            disk_gib: 1,
+            images: vec!["busybox".into()],
+            price_per_hour_micros: 1000,
+        })
+        .await?;
+    let lease = Client::new(&broker.url(), Some(borrower))
+        .lease(&LeaseRequest {
+            partition: Some("bench/1".into()),
+            best: None,
+        })
+        .await?;
+    let request = SubmitJobRequest {
+        lease_key: lease.lease_key.clone().context("no key")?,
+        command: vec!["echo".into(), "first".into()],
+        ..Default::default()
+    };
+    let jobs = Client::new(&agent.url(), None);
+    // Warm-up: fetches and unpacks the image, builds the partition's disk.
+    let warm = Instant::now();
+    jobs.submit_job_streaming(1, &request, |_| {}).await?;
+    let warm_up_ms = warm.elapsed().as_millis() as u64;
+
+    let mut first_output_us = Vec::with_capacity(args.runs);
+    let mut total_us = Vec::with_capacity(args.runs);
+    for n in 0..args.runs {
+        let started = Instant::now();
+        let mut first = None;
+        let result = jobs
+            .submit_job_streaming(1, &request, |event| {
+                if first.is_none() && matches!(event, JobEvent::Stdout { .. }) {
+                    first = Some(started.elapsed().as_micros() as u64);
+                }
+            })
+            .await?;
+        let total = started.elapsed().as_micros() as u64;
+        if result.exit_code != Some(0) {
+            bail!("run {n} failed: {result:?}");
+        }
+        first_output_us.push(first.unwrap_or(total));
+        total_us.push(total);
+    }
+    first_output_us.sort_unstable();
+    total_us.sort_unstable();
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "oci_start",
+            "runs": args.runs,
+            "measured_from": "job submission over HTTP (the client leasehold run uses) to the first stdout event",
+            "warm_up_ms": warm_up_ms,
+            "first_output_p50_ms": percentile(&first_output_us, 50.0) as f64 / 1000.0,
+            "first_output_p99_ms": percentile(&first_output_us, 99.0) as f64 / 1000.0,
+            "first_output_max_ms": first_output_us.last().copied().unwrap_or(0) as f64 / 1000.0,
+            "job_total_p50_ms": percentile(&total_us, 50.0) as f64 / 1000.0,
+            "job_total_p99_ms": percentile(&total_us, 99.0) as f64 / 1000.0,
+            "peak_rss_mib_broker_agent_and_bench": peak_rss_mib(),
+        })
+    );
+    agent.shutdown().await;
+    broker.shutdown().await;
+    Ok(())
+}
