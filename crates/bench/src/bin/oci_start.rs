@@ -111,7 +111,8 @@ async fn main() -> Result<()> {
             price_per_hour_micros: 1000,
         })
         .await?;
-    let lease = Client::new(&broker.url(), Some(borrower))
+    let borrower_client = Client::new(&broker.url(), Some(borrower));
+    let lease = borrower_client
         .lease(&LeaseRequest {
             partition: Some("bench/1".into()),
             best: None,
@@ -164,6 +165,12 @@ async fn main() -> Result<()> {
             "peak_rss_mib_broker_agent_and_bench": peak_rss_mib(),
         })
     );
+    // Releasing wipes the partition (container, cgroup, mount) before the
+    // temporary directory goes.
+    let receipt = borrower_client.release(lease.lease_id).await?;
+    if !receipt.agent_notified {
+        eprintln!("warning: the agent was not told of the release; its partition may stay mounted");
+    }
     agent.shutdown().await;
     broker.shutdown().await;
     Ok(())
