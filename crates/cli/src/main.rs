@@ -35,7 +35,8 @@ pub struct Global {
         long,
         global = true,
         env = "LEASEHOLD_BROKER",
-        default_value = "http://127.0.0.1:7070"
+        default_value = "http://127.0.0.1:7070",
+        value_parser = parse_url
     )]
     pub broker: String,
     /// Your token (as printed by `leasehold up` or `leasehold principal add`).
@@ -101,6 +102,19 @@ enum Command {
     Ledger,
 }
 
+/// An http(s) URL, so a mistyped one fails here with a clear message
+/// instead of deep inside the HTTP client.
+pub fn parse_url(text: &str) -> Result<String, String> {
+    let ok = (text.starts_with("http://") || text.starts_with("https://"))
+        && text.len() > "https://".len()
+        && !text.chars().any(char::is_whitespace);
+    if ok {
+        Ok(text.trim_end_matches('/').to_string())
+    } else {
+        Err(format!("'{text}' is not a URL like http://127.0.0.1:7070"))
+    }
+}
+
 pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     text.parse()
         .map_err(|_| format!("'{text}' is not an address like 127.0.0.1:7070"))
@@ -121,6 +135,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -256,7 +256,7 @@ impl TermsArgs {
 #[derive(Args, Clone)]
 pub struct AgentArg {
     /// The agent's URL (the host you lend from).
-    #[arg(long, env = "LEASEHOLD_AGENT", default_value = "http://127.0.0.1:7071")]
+    #[arg(long, env = "LEASEHOLD_AGENT", default_value = "http://127.0.0.1:7071", value_parser = crate::parse_url)]
     pub agent: String,
 }
 

@@ -228,3 +228,145 @@ async fn oci_partitions_boot_images_from_the_store() {
     drop(agent);
     drop(serve);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oci_agent_killed_mid_job_cleans_up_when_it_restarts() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipped: the oci driver cannot run here: {reason}");
+        return;
+    }
+    let cluster = Cluster::start(&[]).await;
+    let store = cluster.path("store").display().to_string();
+    assert_eq!(
+        cli(
+            &cluster.broker_url,
+            None,
+            &["images", "build", "busybox", "--store", &store]
+        )
+        .code,
+        0
+    );
+    let serve = spawn_ready(
+        &[
+            "images",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+            "--output",
+            "json",
+        ],
+        &cluster.path("store.log"),
+    );
+    let store_url = serve.ready["image_store_url"].as_str().unwrap().to_string();
+    let data = cluster.path("agent-oci").display().to_string();
+    let start_agent = |log: &str| {
+        spawn_ready(
+            &[
+                "agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data,
+                "--host-id",
+                "ocihost",
+                "--driver",
+                "oci",
+                "--image-store",
+                &store_url,
+                "--cpus",
+                "2",
+                "--memory-mib",
+                "4096",
+                "--disk-gib",
+                "10",
+                "--owner-share-centicores",
+                "0",
+                "--broker",
+                &cluster.broker_url,
+                "--token",
+                &cluster.lender_token,
+                "--output",
+                "json",
+            ],
+            &cluster.path(log),
+        )
+    };
+    let agent = start_agent("agent-1.log");
+    let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
+    Client::new(&agent_url, Some(cluster.lender_token.clone()))
+        .agent_add_partition(&terms(1, 128, "busybox", 1000))
+        .await
+        .unwrap();
+    let (_, bob) = cluster.borrower("bob").await;
+    let lease = bob
+        .lease(&leasehold_api::LeaseRequest {
+            partition: Some("ocihost/1".into()),
+            best: None,
+        })
+        .await
+        .unwrap();
+    let request = |command: &str| leasehold_api::SubmitJobRequest {
+        lease_key: lease.lease_key.clone().unwrap(),
+        command: vec!["sh".into(), "-c".into(), command.into()],
+        ..Default::default()
+    };
+    let first = Client::new(&agent_url, None)
+        .submit_job(1, &request("mkfifo /work/started; echo kept > /work/file"))
+        .await
+        .unwrap();
+    assert_eq!(first.exit_code, Some(0), "{first:?}");
+    let running = {
+        let client = Client::new(&agent_url, None);
+        let long = request("echo go > /work/started; exec sleep 603");
+        tokio::spawn(async move { client.submit_job(1, &long).await })
+    };
+    let fifo = std::fs::canonicalize(cluster.path("agent-oci/oci"))
+        .unwrap()
+        .join("partition-1/disk/work/started");
+    let line = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(line, "go\n");
+
+    // SIGKILL: the agent has no chance to clean up.
+    drop(agent);
+    assert!(running.await.unwrap().is_err());
+    let agent = start_agent("agent-2.log");
+    let notes: Vec<String> = agent.ready["reconciled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("deleted leftover container")),
+        "{notes:?}"
+    );
+    assert!(
+        notes.iter().any(|n| n.starts_with("unmounted")),
+        "{notes:?}"
+    );
+    assert!(notes.iter().any(|n| n.contains("marked lost")), "{notes:?}");
+    let leftover = std::process::Command::new("pgrep")
+        .args(["-f", "^sleep 603$"])
+        .output()
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "the container's processes are gone"
+    );
+    // The lease still runs jobs, with its files.
+    let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
+    let again = Client::new(&agent_url, None)
+        .submit_job(1, &request("cat /work/file"))
+        .await
+        .unwrap();
+    assert_eq!(again.stdout, "kept\n");
+    let receipt = bob.release(lease.lease_id).await.unwrap();
+    assert!(receipt.agent_notified);
+    drop(serve);
+}

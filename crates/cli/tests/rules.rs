@@ -564,7 +564,7 @@ async fn a_job_running_when_the_agent_dies_is_reported_lost() {
     let fifo = cluster
         .path("agent-alpha")
         .join("partitions/partition-1/work/started");
-    let long_job = tokio::spawn(submit(&alpha, "echo go > started; exec sleep 600"));
+    let long_job = tokio::spawn(submit(&alpha, "echo go > started; exec sleep 601"));
     let fifo_for_read = fifo.clone();
     let line = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo_for_read).unwrap())
         .await
@@ -601,7 +601,7 @@ async fn a_job_running_when_the_agent_dies_is_reported_lost() {
     assert_eq!(error.status(), Some(403));
     // Leave nothing running behind.
     let _ = std::process::Command::new("pkill")
-        .args(["-f", "exec sleep 600|^sleep 600$"])
+        .args(["-f", "^sleep 601$"])
         .status();
 }
 
@@ -621,7 +621,7 @@ async fn a_running_job_can_be_cancelled_and_stops_when_its_lease_ends() {
         command: vec![
             "sh".into(),
             "-c".into(),
-            "echo started; exec sleep 600".into(),
+            "echo started; exec sleep 602".into(),
         ],
         ..Default::default()
     };
