@@ -256,19 +256,23 @@ async fn cancel_job(
     headers: HeaderMap,
     Path(job_id): Path<String>,
 ) -> Answer<serde_json::Value> {
-    let job_id: u64 = job_id.parse().map_err(|_| {
+    let (job_id, bearer) = job_id_and_bearer(&job_id, &headers)?;
+    let cancelled = agent.cancel_job(job_id, &bearer).map_err(err)?;
+    Ok(Json(
+        serde_json::json!({"job_id": job_id, "cancelled": cancelled}),
+    ))
+}
+
+/// The job id of a path and the caller's bearer (lender token or lease key).
+fn job_id_and_bearer(job_id: &str, headers: &HeaderMap) -> Result<(u64, String), ErrorResponse> {
+    let job_id = job_id.parse().map_err(|_| {
         err(AgentError::Invalid(FieldError::new(
             "job_id",
             format!("'{job_id}' is not a job id"),
         )))
     })?;
-    let bearer = bearer_token(&headers)
-        .ok_or_else(|| err(AgentError::Unauthorized))?
-        .to_string();
-    let cancelled = agent.cancel_job(job_id, &bearer).map_err(err)?;
-    Ok(Json(
-        serde_json::json!({"job_id": job_id, "cancelled": cancelled}),
-    ))
+    let bearer = bearer_token(headers).ok_or_else(|| err(AgentError::Unauthorized))?;
+    Ok((job_id, bearer.to_string()))
 }
 
 /// A job's state: for the host's lender, or with a lease key of the job's
@@ -279,15 +283,7 @@ async fn get_job(
     headers: HeaderMap,
     Path(job_id): Path<String>,
 ) -> Answer<JobResult> {
-    let job_id: u64 = job_id.parse().map_err(|_| {
-        err(AgentError::Invalid(FieldError::new(
-            "job_id",
-            format!("'{job_id}' is not a job id"),
-        )))
-    })?;
-    let bearer = bearer_token(&headers)
-        .ok_or_else(|| err(AgentError::Unauthorized))?
-        .to_string();
+    let (job_id, bearer) = job_id_and_bearer(&job_id, &headers)?;
     let job = agent.job(job_id, &bearer).map_err(err)?;
     Ok(Json(job))
 }

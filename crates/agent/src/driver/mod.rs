@@ -163,6 +163,37 @@ pub(crate) async fn pump<R: tokio::io::AsyncRead + Unpin>(
     kept
 }
 
+/// How a supervised job's process ended.
+pub(crate) enum Supervised {
+    /// It exited by itself: its status and its captured output.
+    Finished(std::io::Result<std::process::ExitStatus>, Vec<u8>, Vec<u8>),
+    /// It must be stopped (timeout or cancel); the caller kills it.
+    Stop(JobEnd),
+}
+
+/// Runs a job's process to its end, pumping its output, and stops waiting
+/// at the job's timeout or when it is cancelled. Shared by the drivers that
+/// run a real process (`process` runs the job, `oci` runs `runc run`).
+pub(crate) async fn supervise(child: &mut tokio::process::Child, job: &JobSpec) -> Supervised {
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Supervised::Finished(
+            Err(std::io::Error::other("the job's output is not piped")),
+            Vec::new(),
+            Vec::new(),
+        );
+    };
+    let read_out = pump(&mut stdout, job.output.clone(), Stream::Stdout);
+    let read_err = pump(&mut stderr, job.output.clone(), Stream::Stderr);
+    let wait = async { tokio::join!(child.wait(), read_out, read_err) };
+    let mut cancel = job.cancel.clone();
+    let limit = job.timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    tokio::select! {
+        (status, out, err) = wait => Supervised::Finished(status, out, err),
+        _ = tokio::time::sleep(limit) => Supervised::Stop(JobEnd::TimedOut),
+        _ = cancelled(&mut cancel) => Supervised::Stop(JobEnd::Cancelled),
+    }
+}
+
 /// Resolves when the job is told to stop.
 pub(crate) async fn cancelled(cancel: &mut tokio::sync::watch::Receiver<bool>) {
     loop {

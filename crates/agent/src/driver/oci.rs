@@ -460,29 +460,13 @@ impl OciDriver {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| DriverError::Start(format!("cannot run runc: {e}")))?;
-        let mut stdout = child.stdout.take().expect("stdout is piped");
-        let mut stderr = child.stderr.take().expect("stderr is piped");
-        let output = job.output.clone();
-        let read_out = super::pump(&mut stdout, output.clone(), super::Stream::Stdout);
-        let read_err = super::pump(&mut stderr, output, super::Stream::Stderr);
-        let wait = async { tokio::join!(child.wait(), read_out, read_err) };
-        let mut cancel = job.cancel.clone();
-        let limit = job
-            .timeout
-            .unwrap_or(std::time::Duration::from_secs(u64::MAX / 4));
-        let result = tokio::select! {
-            done = wait => Ok(done),
-            _ = tokio::time::sleep(limit) => Err(JobEnd::TimedOut),
-            _ = super::cancelled(&mut cancel) => Err(JobEnd::Cancelled),
-        };
-        let (end, out, err) = match result {
-            Ok((status, out, err)) => {
+        let (end, out, err) = match super::supervise(&mut child, &job).await {
+            super::Supervised::Finished(status, out, err) => {
                 let status =
                     status.map_err(|e| DriverError::Start(format!("wait for runc: {e}")))?;
-                let code = status.code().unwrap_or(-1);
-                (JobEnd::Exited(code), out, err)
+                (JobEnd::Exited(status.code().unwrap_or(-1)), out, err)
             }
-            Err(end) => {
+            super::Supervised::Stop(end) => {
                 let _ = self.runc(&["kill", &id, "KILL"]);
                 let _ = child.wait().await;
                 (end, Vec::new(), Vec::new())

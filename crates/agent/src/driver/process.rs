@@ -148,22 +148,8 @@ impl PartitionDriver for ProcessDriver {
                 .spawn()
                 .map_err(|e| DriverError::Start(format!("{}: {e}", job.command[0])))?;
             let pid = child.id();
-            let mut stdout = child.stdout.take().expect("stdout is piped");
-            let mut stderr = child.stderr.take().expect("stderr is piped");
-            let read_out = super::pump(&mut stdout, job.output.clone(), super::Stream::Stdout);
-            let read_err = super::pump(&mut stderr, job.output.clone(), super::Stream::Stderr);
-            let wait = async { tokio::join!(child.wait(), read_out, read_err) };
-            let mut cancel = job.cancel.clone();
-            let limit = job
-                .timeout
-                .unwrap_or(std::time::Duration::from_secs(u64::MAX / 4));
-            let result = tokio::select! {
-                done = wait => Ok(done),
-                _ = tokio::time::sleep(limit) => Err(JobEnd::TimedOut),
-                _ = super::cancelled(&mut cancel) => Err(JobEnd::Cancelled),
-            };
-            let (end, out, err) = match result {
-                Ok((status, out, err)) => {
+            let (end, out, err) = match super::supervise(&mut child, &job).await {
+                super::Supervised::Finished(status, out, err) => {
                     let status = status.map_err(|e| DriverError::Start(format!("wait: {e}")))?;
                     use std::os::unix::process::ExitStatusExt;
                     let end = match (status.code(), status.signal()) {
@@ -173,13 +159,14 @@ impl PartitionDriver for ProcessDriver {
                     };
                     (end, out, err)
                 }
-                Err(end) => {
+                super::Supervised::Stop(end) => {
                     if let Some(pid) = pid {
                         // SAFETY: kill with a negative pid signals the job's process group.
                         unsafe {
                             libc::kill(-(pid as i32), libc::SIGKILL);
                         }
                     }
+                    let _ = child.wait().await;
                     (end, Vec::new(), Vec::new())
                 }
             };
