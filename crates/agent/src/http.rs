@@ -168,10 +168,14 @@ async fn submit_job(
         ))));
     }
     if !request.stream {
-        let result = agent
-            .run_job(index, request, None, None)
-            .await
-            .map_err(err)?;
+        // In its own task: a client that hangs up must not abandon a
+        // running job (its lock, its timeout, its record).
+        let job_agent = agent.clone();
+        let result =
+            tokio::spawn(async move { job_agent.run_job(index, request, None, None).await })
+                .await
+                .map_err(|join| err(AgentError::Internal(join.to_string())))?
+                .map_err(err)?;
         return Ok(Json(result).into_response());
     }
     // Streamed: newline-delimited JSON events, live output first, the

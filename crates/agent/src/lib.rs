@@ -44,6 +44,7 @@ pub struct AgentConfig {
 
 /// A job that is running, and the switch that stops it.
 struct RunningJob {
+    index: u32,
     lease_id: u64,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -263,6 +264,20 @@ impl Agent {
             .map(|p| (p.partition.index, p))
             .collect();
         let rows = self.db().partitions()?;
+        // Partitions the broker offers but this host no longer has (an add
+        // whose answer was lost, a lost data directory) are withdrawn, so
+        // nobody leases a partition that cannot run jobs.
+        for (index, view) in &at_broker {
+            let unknown = !rows.iter().any(|r| r.index == *index);
+            if unknown && !view.withdrawn && view.lease_id.is_none() {
+                self.broker
+                    .withdraw_partition(self.host_id(), *index)
+                    .await?;
+                notes.push(format!(
+                    "partition {index}: unknown here, withdrawn at the broker"
+                ));
+            }
+        }
         for mut row in rows {
             match at_broker.get(&row.index) {
                 Some(view) if !view.withdrawn => {
@@ -272,6 +287,13 @@ impl Agent {
                                 "partition {}: adopted lease {lease_id} from the broker",
                                 row.index
                             ));
+                            // A newer lease than the one this agent knew: the
+                            // older leases are over and their files go.
+                            if row.built {
+                                self.driver.wipe(row.index)?;
+                                row.built = false;
+                            }
+                            row.released_through_epoch = row.released_through_epoch.max(row.epoch);
                             row.lease_id = Some(lease_id);
                         } else {
                             row.lease_id = None;
@@ -331,7 +353,9 @@ impl Agent {
 
     /// FIG. 6: write the partition table (S12-S13), register with the broker
     /// (S14-S17), set the lending flag (S18-S19). If the broker refuses,
-    /// the row is removed again: nothing half-written stays behind.
+    /// the row is removed again: nothing half-written stays behind. If the
+    /// broker cannot be reached, the row stays unregistered until the next
+    /// start registers it.
     pub(crate) async fn add_partition(
         &self,
         terms: Terms,
@@ -344,8 +368,14 @@ impl Agent {
             .register_partition(self.host_id(), row.index, &request)
             .await
         {
-            self.db().delete_partition(row.index)?;
-            return Err(error.into());
+            let error = AgentError::from(error);
+            if matches!(error, AgentError::BrokerRefused(_)) {
+                self.db().delete_partition(row.index)?;
+            }
+            // Unreachable (or no answer): the broker may have registered it
+            // or not. The row stays, unregistered, and the agent registers it
+            // at its next start; nothing is lost either way.
+            return Err(error);
         }
         row.registered = true;
         self.db().update_partition(&row)?;
@@ -359,6 +389,10 @@ impl Agent {
         index: u32,
         terms: Terms,
     ) -> Result<AgentPartitionRow, AgentError> {
+        // Under the partition's lock, so a lease notice cannot land between
+        // the broker's answer and the write below and be overwritten.
+        let lock = self.partition_lock(index);
+        let _guard = lock.lock().await;
         let mut row = self.load(index)?;
         if let Some(lease_id) = row.lease_id {
             return Err(AgentError::Locked { index, lease_id });
@@ -380,6 +414,8 @@ impl Agent {
         &self,
         index: u32,
     ) -> Result<AgentPartitionRow, AgentError> {
+        let lock = self.partition_lock(index);
+        let _guard = lock.lock().await;
         let row = self.load(index)?;
         if let Some(lease_id) = row.lease_id {
             return Err(AgentError::Locked { index, lease_id });
@@ -472,10 +508,38 @@ impl Agent {
             .insert(
                 job_id,
                 RunningJob {
+                    index,
                     lease_id: claims.lease_id,
                     stop: cancel_switch,
                 },
             );
+        // A release notice writes its fence before it cancels jobs: so
+        // either it saw this job registered and cancelled it, or the fence
+        // is visible now.
+        let fenced = self.db().partition(index)?.is_none_or(|r| {
+            claims.epoch <= r.released_through_epoch || r.lease_id != Some(claims.lease_id)
+        });
+        if fenced {
+            self.running_jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&job_id);
+            let record = JobRow {
+                job_id,
+                index,
+                lease_id: claims.lease_id,
+                command: request.command,
+                state: "cancelled".into(),
+                exit_code: None,
+                stdout: String::new(),
+                stderr: "the lease was released before the job started\n".into(),
+                output_truncated: false,
+                started_at_ms: now_ms,
+                finished_at_ms: Some(self.config.clock.now_ms()),
+            };
+            self.db().finish_job(&record)?;
+            return Err(AgentError::KeyRejected(KeyRejection::Released));
+        }
         if let Some(started) = started {
             let _ = started.send(job_id);
         }
@@ -570,6 +634,16 @@ impl Agent {
         })
     }
 
+    /// Stops every running job on a partition (a newer lease holds it).
+    fn cancel_jobs_of_partition(&self, index: u32) {
+        let running = self.running_jobs.lock().unwrap_or_else(|p| p.into_inner());
+        for job in running.values() {
+            if job.index == index {
+                let _ = job.stop.send(true);
+            }
+        }
+    }
+
     /// Stops every running job of a lease (its lease ended).
     fn cancel_jobs_of_lease(&self, lease_id: u64) {
         let running = self.running_jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -617,43 +691,94 @@ impl Agent {
 
     /// A signed notice from the broker: lock on a new lease, fence and wipe
     /// on release.
-    pub(crate) async fn apply_notice(&self, notice: &str) -> Result<(), AgentError> {
+    pub(crate) async fn apply_notice(self: &Arc<Self>, notice: &str) -> Result<(), AgentError> {
         let claims =
             key::decode_notice(notice, &self.broker_key).map_err(AgentError::KeyRejected)?;
         if claims.host_id != self.host_id() {
             return Err(AgentError::KeyRejected(KeyRejection::WrongHost));
         }
-        if claims.kind == NoticeKind::LeaseReleased {
-            // The lease is over: its jobs stop now, not when they finish.
-            self.cancel_jobs_of_lease(claims.lease_id);
-        }
-        let lock = self.partition_lock(claims.partition_index);
-        let _guard = lock.lock().await;
-        let mut row = self.load(claims.partition_index)?;
+        let index = claims.partition_index;
         match claims.kind {
+            NoticeKind::LeaseReleased => {
+                // The fence goes first, durably, without waiting for the
+                // partition's lock: from here on no job of this lease (or an
+                // older one) passes the key check, even one already queued.
+                let cleared = {
+                    let db = self.db();
+                    let mut row = db.partition(index)?.ok_or_else(|| {
+                        AgentError::NotFound(format!(
+                            "no partition {index} on host {}",
+                            self.host_id()
+                        ))
+                    })?;
+                    let cleared = claims.epoch >= row.epoch;
+                    row.released_through_epoch = row.released_through_epoch.max(claims.epoch);
+                    row.epoch = row.epoch.max(claims.epoch);
+                    if cleared {
+                        row.lease_id = None;
+                        row.key_expires_at_ms = None;
+                    }
+                    db.update_partition(&row)?;
+                    cleared
+                };
+                // Then its jobs stop now, not when they finish.
+                if cleared {
+                    self.cancel_jobs_of_partition(index);
+                } else {
+                    self.cancel_jobs_of_lease(claims.lease_id);
+                }
+                // The wipe waits for the stopped jobs to let go of the
+                // partition. It runs in its own task so that it completes
+                // even if the broker stops waiting for this answer.
+                let agent = self.clone();
+                let wipe = tokio::spawn(async move { agent.wipe_if_free(index).await });
+                if let Ok(Err(error)) = wipe.await {
+                    // The partition stays marked built; the next lease's
+                    // first job wipes it before it runs.
+                    tracing::warn!(partition = index, %error, "cannot wipe a released partition yet");
+                }
+            }
             NoticeKind::LeaseStarted => {
+                let known = self.load(index)?;
+                if claims.epoch <= known.epoch || claims.epoch <= known.released_through_epoch {
+                    return Ok(());
+                }
+                // A newer lease: whatever still runs there belongs to an
+                // older one.
+                self.cancel_jobs_of_partition(index);
+                let lock = self.partition_lock(index);
+                let _guard = lock.lock().await;
+                let mut row = self.load(index)?;
                 if claims.epoch > row.epoch && claims.epoch > row.released_through_epoch {
                     if row.built {
                         self.driver.wipe(row.index)?;
                     }
+                    row.released_through_epoch = row.released_through_epoch.max(row.epoch);
                     row.epoch = claims.epoch;
                     row.lease_id = Some(claims.lease_id);
                     row.key_expires_at_ms = Some(claims.key_expires_at_ms);
                     row.built = false;
-                }
-            }
-            NoticeKind::LeaseReleased => {
-                row.released_through_epoch = row.released_through_epoch.max(claims.epoch);
-                row.epoch = row.epoch.max(claims.epoch);
-                if row.lease_id == Some(claims.lease_id) || row.lease_id.is_none() {
-                    row.lease_id = None;
-                    row.key_expires_at_ms = None;
-                    row.built = false;
-                    self.driver.wipe(row.index)?;
+                    self.db().update_partition(&row)?;
                 }
             }
         }
-        self.db().update_partition(&row)?;
+        Ok(())
+    }
+
+    /// Wipes a partition that no lease holds, under its lock.
+    async fn wipe_if_free(&self, index: u32) -> Result<(), AgentError> {
+        let lock = self.partition_lock(index);
+        let _guard = lock.lock().await;
+        let row = self.load(index)?;
+        if row.lease_id.is_none() && row.built {
+            self.driver.wipe(index)?;
+            // Only the built flag changes: the fence may have moved meanwhile.
+            let db = self.db();
+            if let Some(mut current) = db.partition(index)? {
+                current.built = false;
+                db.update_partition(&current)?;
+            }
+        }
         Ok(())
     }
 }

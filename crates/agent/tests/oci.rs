@@ -48,12 +48,17 @@ fn busybox() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// These tests run one at a time: they measure CPU time and fill memory,
+/// and on two cores their neighbours would skew what they measure.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 macro_rules! require_oci {
     () => {
         if let Some(reason) = skip_reason() {
             eprintln!("skipped: the oci driver cannot run here: {reason}");
             return;
         }
+        let _serial = SERIAL.lock().await;
     };
 }
 
@@ -221,6 +226,12 @@ async fn a_job_is_isolated_in_its_partition() {
     assert!(!f.root.join("partition-1").exists());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&f.root.join("partition-1").display().to_string()));
+    // No cgroup of the partition is left in any hierarchy.
+    let group = format!("{}-p1", f.instance);
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let leftover = hierarchy.path().join("leasehold").join(&group);
+        assert!(!leftover.exists(), "{} was left behind", leftover.display());
+    }
     let fresh = run(&f.driver, &p, "ls /work | wc -l", None).await;
     assert_eq!(fresh.stdout.trim(), "0", "a new lease starts empty");
     let _ = &f.images;
@@ -412,4 +423,80 @@ impl Fixture {
         )
         .unwrap()
     }
+}
+
+/// A static probe that tries what the seccomp profile must refuse.
+const SYSCALL_PROBE_C: &str = r#"
+#define _GNU_SOURCE
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <sys/ptrace.h>
+#include <unistd.h>
+static char stack[65536];
+static int child(void *arg) { (void)arg; return 0; }
+int main(void) {
+    int pid = clone(child, stack + sizeof stack, CLONE_NEWUSER | SIGCHLD, NULL);
+    printf("clone_newuser=%s\n", pid < 0 ? strerror(errno) : "allowed");
+    if (pid > 0) waitpid(pid, NULL, 0);
+    long r = syscall(SYS_clone3, NULL, 0);
+    printf("clone3=%s\n", r < 0 ? strerror(errno) : "allowed");
+    r = ptrace(PTRACE_TRACEME, 0, 0, 0);
+    printf("ptrace=%s\n", r < 0 ? strerror(errno) : "allowed");
+    return 0;
+}
+"#;
+
+#[tokio::test]
+async fn ptrace_and_new_namespaces_are_refused_by_seccomp() {
+    require_oci!();
+    let f = fixture();
+    let p = partition(1, 128, 100);
+    f.driver.build(&p).unwrap();
+    // A static binary, so it runs in the busybox image; built on the host.
+    let source = f.root.join("probe.c");
+    std::fs::write(&source, SYSCALL_PROBE_C).unwrap();
+    let probe = f.root.join("partition-1/disk/work/probe");
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&probe)
+        .arg(&source)
+        .output();
+    match built {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => {
+            eprintln!(
+                "skipped: cannot build a static probe (gcc -static; libc6-dev): {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            return;
+        }
+        Err(error) => {
+            eprintln!("skipped: cannot build a static probe: gcc is not usable: {error}");
+            return;
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run(&f.driver, &p, "/work/probe", None).await;
+    assert_eq!(out.end, JobEnd::Exited(0), "{out:?}");
+    assert!(
+        out.stdout.contains("clone_newuser=Operation not permitted"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("clone3=Function not implemented"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("ptrace=Operation not permitted"),
+        "{}",
+        out.stdout
+    );
 }

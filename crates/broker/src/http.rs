@@ -431,11 +431,17 @@ async fn lease(
                     .idempotent_leases
                     .get(&(borrower.clone(), key.clone()))
                 {
-                    let lease = match ctx.state.active_leases.get(lease_id) {
+                    let (lease_id, _) = *lease_id;
+                    // Newest first: active, released in this very batch
+                    // (not committed yet), then the database.
+                    let lease = match ctx.state.active_leases.get(&lease_id) {
                         Some(lease) => lease.clone(),
-                        None => ctx.db.lease(*lease_id)?.ok_or_else(|| {
-                            BrokerError::Internal(format!("lease {lease_id} vanished"))
-                        })?,
+                        None => match ctx.released_this_batch.get(&lease_id) {
+                            Some((lease, _)) => lease.clone(),
+                            None => ctx.db.lease(lease_id)?.ok_or_else(|| {
+                                BrokerError::Internal(format!("lease {lease_id} vanished"))
+                            })?,
+                        },
                     };
                     return Ok((lease, true));
                 }
@@ -448,9 +454,10 @@ async fn lease(
                 ctx.writes,
             )?;
             if let Some(key) = idempotency {
-                ctx.state
-                    .idempotent_leases
-                    .insert((borrower.clone(), key.clone()), lease.lease_id);
+                ctx.state.idempotent_leases.insert(
+                    (borrower.clone(), key.clone()),
+                    (lease.lease_id, ctx.now_ms),
+                );
                 ctx.writes
                     .push(leasehold_store::broker::BrokerWrite::PutIdempotency {
                         principal: borrower.clone(),

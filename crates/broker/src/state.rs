@@ -71,7 +71,8 @@ pub struct BrokerState {
     /// How many non-withdrawn partitions offer each image.
     pub image_offers: BTreeMap<String, u64>,
     /// (principal, idempotency key) -> the lease a lease request concluded.
-    pub idempotent_leases: HashMap<(String, String), LeaseId>,
+    /// (principal, idempotency key) -> (the lease, when it was concluded).
+    pub idempotent_leases: HashMap<(String, String), (LeaseId, u64)>,
     pub last_lease_id: LeaseId,
 }
 
@@ -132,10 +133,28 @@ impl BrokerState {
             if let Ok(lease_id) = record.body.parse::<u64>() {
                 state
                     .idempotent_leases
-                    .insert((record.principal, record.key), lease_id);
+                    .insert((record.principal, record.key), (lease_id, record.at_ms));
             }
         }
         Ok(state)
+    }
+
+    /// After a failed commit the state is reloaded from the database; keys
+    /// may already have been shown for the lost leases, so their lease ids
+    /// and epochs must never be handed out again.
+    pub fn keep_high_water_marks(&mut self, before: &BrokerState) {
+        self.last_lease_id = self.last_lease_id.max(before.last_lease_id);
+        for (partition, entry) in self.partitions.iter_mut() {
+            if let Some(old) = before.partitions.get(partition) {
+                entry.epoch = entry.epoch.max(old.epoch);
+            }
+        }
+    }
+
+    /// Forgets idempotency records older than `before_ms`.
+    pub fn prune_idempotency(&mut self, before_ms: u64) {
+        self.idempotent_leases
+            .retain(|_, (_, at_ms)| *at_ms >= before_ms);
     }
 
     /// Adds a partition's contribution to the free index and image counts.

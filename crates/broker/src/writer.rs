@@ -58,6 +58,7 @@ impl Writer {
             .name("leasehold-writer".into())
             .spawn(move || {
                 let _guard = runtime.enter();
+                let mut next_prune_ms = 0u64;
                 while let Some(first) = receiver.blocking_recv() {
                     let mut jobs = vec![first];
                     while jobs.len() < MAX_BATCH {
@@ -66,7 +67,14 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    run_batch(&mut db, &state, &clock, jobs, &on_effect);
+                    run_batch(
+                        &mut db,
+                        &state,
+                        &clock,
+                        jobs,
+                        &on_effect,
+                        &mut next_prune_ms,
+                    );
                 }
             })
             .expect("spawn the writer thread");
@@ -96,12 +104,41 @@ impl Writer {
     }
 }
 
+/// Idempotency records are kept for a day.
+const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 3600 * 1000;
+/// How often old records are forgotten.
+const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 10 * 60 * 1000;
+
+/// Keeps the idempotency records bounded, in memory and on disk, without
+/// waiting for a restart.
+fn prune_idempotency_now_and_then(
+    db: &mut BrokerDb,
+    state: &RwLock<BrokerState>,
+    clock: &SharedClock,
+    next_prune_ms: &mut u64,
+) {
+    let now_ms = clock.now_ms();
+    if now_ms < *next_prune_ms {
+        return;
+    }
+    *next_prune_ms = now_ms + IDEMPOTENCY_PRUNE_INTERVAL_MS;
+    let before_ms = now_ms.saturating_sub(IDEMPOTENCY_RETENTION_MS);
+    state
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .prune_idempotency(before_ms);
+    if let Err(error) = db.prune_idempotency(before_ms) {
+        tracing::warn!(%error, "cannot prune old idempotency records");
+    }
+}
+
 fn run_batch(
     db: &mut BrokerDb,
     state: &RwLock<BrokerState>,
     clock: &SharedClock,
     jobs: Vec<Job>,
     on_effect: &Arc<dyn Fn(Effect) + Send + Sync>,
+    next_prune_ms: &mut u64,
 ) {
     let mut writes = Vec::new();
     let mut effects = Vec::new();
@@ -142,6 +179,7 @@ fn run_batch(
             for completion in completions {
                 completion(Ok(()));
             }
+            prune_idempotency_now_and_then(db, state, clock, next_prune_ms);
             for effect in effects {
                 on_effect(effect);
             }
@@ -153,8 +191,10 @@ fn run_batch(
                 .map_err(BrokerError::from)
                 .and_then(BrokerState::from_snapshot);
             match reloaded {
-                Ok(fresh) => {
-                    *state.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                Ok(mut fresh) => {
+                    let mut guard = state.write().unwrap_or_else(|p| p.into_inner());
+                    fresh.keep_high_water_marks(&guard);
+                    *guard = fresh;
                 }
                 Err(reload_error) => {
                     tracing::error!(%reload_error, "cannot reload the resource table; refusing further writes");

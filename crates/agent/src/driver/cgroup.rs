@@ -38,9 +38,11 @@ pub struct CgroupCounters {
 
 #[derive(Debug, Clone)]
 pub enum Cgroups {
-    /// Controller name -> mount point.
+    /// Controller name -> mount point; and every cgroup mount point (runc
+    /// makes a job's cgroup in each hierarchy, so cleanup visits them all).
     V1 {
         mounts: HashMap<String, PathBuf>,
+        all_mounts: Vec<PathBuf>,
     },
     V2 {
         root: PathBuf,
@@ -89,6 +91,7 @@ impl Cgroups {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
         let mut v1 = HashMap::new();
+        let mut all_mounts = Vec::new();
         let mut v2_root = None;
         for line in mountinfo.lines() {
             let Some((left, right)) = line.split_once(" - ") else {
@@ -100,6 +103,7 @@ impl Cgroups {
             let super_options = right_fields.nth(1).unwrap_or("");
             match fs_type {
                 "cgroup" => {
+                    all_mounts.push(PathBuf::from(mount_point));
                     for option in super_options.split(',') {
                         if V1_CONTROLLERS.contains(&option) {
                             v1.insert(option.to_string(), PathBuf::from(mount_point));
@@ -109,11 +113,16 @@ impl Cgroups {
                 "cgroup2" if mount_point == "/sys/fs/cgroup" => {
                     v2_root = Some(PathBuf::from(mount_point))
                 }
+                // The v2 hierarchy of a hybrid setup: runc makes cgroups there too.
+                "cgroup2" => all_mounts.push(PathBuf::from(mount_point)),
                 _ => {}
             }
         }
         if V1_CONTROLLERS.iter().all(|c| v1.contains_key(*c)) {
-            return Ok(Cgroups::V1 { mounts: v1 });
+            return Ok(Cgroups::V1 {
+                mounts: v1,
+                all_mounts,
+            });
         }
         if let Some(root) = v2_root {
             let available = read_trimmed(&root.join("cgroup.controllers")).unwrap_or_default();
@@ -147,7 +156,7 @@ impl Cgroups {
 
     fn v1(&self, controller: &str, relative: &str) -> PathBuf {
         match self {
-            Cgroups::V1 { mounts } => mounts[controller].join(relative),
+            Cgroups::V1 { mounts, .. } => mounts[controller].join(relative),
             Cgroups::V2 { root } => root.join(relative),
         }
     }
@@ -161,7 +170,7 @@ impl Cgroups {
     pub fn create_partition(&self, name: &str, limits: &PartitionLimits) -> io::Result<()> {
         let relative = format!("{ROOT_GROUP}/{name}");
         match self {
-            Cgroups::V1 { mounts } => {
+            Cgroups::V1 { mounts, .. } => {
                 for controller in V1_CONTROLLERS {
                     mkdir(&mounts[controller].join(ROOT_GROUP))?;
                     mkdir(&mounts[controller].join(&relative))?;
@@ -308,10 +317,9 @@ impl Cgroups {
     pub fn remove_partition(&self, name: &str) -> io::Result<()> {
         let relative = format!("{ROOT_GROUP}/{name}");
         let dirs: Vec<PathBuf> = match self {
-            Cgroups::V1 { mounts } => V1_CONTROLLERS
-                .iter()
-                .map(|c| mounts[*c].join(&relative))
-                .collect(),
+            Cgroups::V1 { all_mounts, .. } => {
+                all_mounts.iter().map(|m| m.join(&relative)).collect()
+            }
             Cgroups::V2 { root } => vec![root.join(&relative)],
         };
         for dir in dirs {
@@ -335,7 +343,7 @@ impl Cgroups {
     /// The partition cgroups that exist now (to reconcile after a restart).
     pub fn partition_groups(&self) -> Vec<String> {
         let dir = match self {
-            Cgroups::V1 { mounts } => mounts["memory"].join(ROOT_GROUP),
+            Cgroups::V1 { mounts, .. } => mounts["memory"].join(ROOT_GROUP),
             Cgroups::V2 { root } => root.join(ROOT_GROUP),
         };
         let Ok(entries) = std::fs::read_dir(dir) else {

@@ -161,10 +161,48 @@ fn denied_syscalls() -> Vec<&'static str> {
         "get_kernel_syms",
         "query_module",
         "uselib",
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
         "ustat",
         "sysfs",
         "_sysctl",
     ]
+}
+
+/// Namespace flags of clone(2): a job may not make namespaces (a new user
+/// namespace would hand it a full set of capabilities inside it).
+const CLONE_NAMESPACE_FLAGS: [u64; 8] = [
+    0x0000_0080, // CLONE_NEWTIME
+    0x0002_0000, // CLONE_NEWNS
+    0x0200_0000, // CLONE_NEWCGROUP
+    0x0400_0000, // CLONE_NEWUTS
+    0x0800_0000, // CLONE_NEWIPC
+    0x1000_0000, // CLONE_NEWUSER
+    0x2000_0000, // CLONE_NEWPID
+    0x4000_0000, // CLONE_NEWNET
+];
+
+const EPERM: u32 = 1;
+const ENOSYS: u32 = 38;
+
+/// The seccomp rules: the denied calls fail with EPERM; clone with any
+/// namespace flag fails with EPERM; clone3, whose flags seccomp cannot read,
+/// fails with ENOSYS so that libc falls back to clone, which is checked.
+fn seccomp_rules() -> serde_json::Value {
+    let mut rules = vec![
+        json!({"names": denied_syscalls(), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}),
+        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS}),
+    ];
+    for flag in CLONE_NAMESPACE_FLAGS {
+        rules.push(json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": EPERM,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]
+        }));
+    }
+    serde_json::Value::Array(rules)
 }
 
 /// Checks that this host can run the `oci` driver; the reason when not.
@@ -247,6 +285,12 @@ impl OciDriver {
             .core_assignments
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // A partition keeps its cores for as long as it has them.
+        if let Some(cores) = assignments.get(&index) {
+            if cores.len() == count.max(1) as usize {
+                return cores.clone();
+            }
+        }
         assignments.remove(&index);
         let mut load: Vec<(usize, u32)> = self
             .cores
@@ -362,7 +406,6 @@ impl OciDriver {
         cgroup_path: &str,
         hostname: &str,
     ) -> serde_json::Value {
-        let denied = denied_syscalls();
         json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -396,7 +439,7 @@ impl OciDriver {
                 "seccomp": {
                     "defaultAction": "SCMP_ACT_ALLOW",
                     "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
-                    "syscalls": [{"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+                    "syscalls": seccomp_rules()
                 }
             }
         })
@@ -447,7 +490,7 @@ impl OciDriver {
         self.cgroups.reset_peak(&group);
         let before = self.cgroups.counters(&group);
         let started = Instant::now();
-        let mut child = tokio::process::Command::new("runc")
+        let mut child = match tokio::process::Command::new("runc")
             .arg("--root")
             .arg(&self.state_dir)
             .arg("run")
@@ -459,22 +502,29 @@ impl OciDriver {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| DriverError::Start(format!("cannot run runc: {e}")))?;
-        let (end, out, err) = match super::supervise(&mut child, &job).await {
+        {
+            Ok(child) => child,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(DriverError::Start(format!("cannot run runc: {error}")));
+            }
+        };
+        let ended = match super::supervise(&mut child, &job).await {
             super::Supervised::Finished(status, out, err) => {
-                let status =
-                    status.map_err(|e| DriverError::Start(format!("wait for runc: {e}")))?;
-                (JobEnd::Exited(status.code().unwrap_or(-1)), out, err)
+                status.map(|status| (JobEnd::Exited(status.code().unwrap_or(-1)), out, err))
             }
             super::Supervised::Stop(end) => {
                 let _ = self.runc(&["kill", &id, "KILL"]);
                 let _ = child.wait().await;
-                (end, Vec::new(), Vec::new())
+                Ok((end, Vec::new(), Vec::new()))
             }
         };
         let wall_ms = started.elapsed().as_millis() as u64;
+        // The container and its bundle go whatever happened above.
         let _ = self.runc(&["delete", "--force", &id]);
         let _ = std::fs::remove_dir_all(&bundle);
+        let (end, out, err) =
+            ended.map_err(|e| DriverError::Start(format!("wait for runc: {e}")))?;
         let after = self.cgroups.counters(&group);
         // Nobody but the kernel sends SIGKILL to a job we did not stop; with
         // the partition's memory at its limit, that is the OOM killer.
@@ -601,6 +651,12 @@ mod tests {
     fn the_seccomp_profile_refuses_what_a_job_must_not_do() {
         // The config is data: check the profile itself, on any machine.
         let denied = denied_syscalls();
+        let rules = seccomp_rules().to_string();
+        assert!(rules.contains("\"clone3\"") && rules.contains("SCMP_CMP_MASKED_EQ"));
+        assert!(
+            rules.contains(&format!("{}", 0x1000_0000u64)),
+            "CLONE_NEWUSER is filtered"
+        );
         for syscall in [
             "mount",
             "umount2",
