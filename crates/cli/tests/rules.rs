@@ -669,3 +669,58 @@ async fn a_running_job_can_be_cancelled_and_stops_when_its_lease_ends() {
     assert_eq!(result.state, leasehold_api::JobState::Cancelled);
     assert!(receipt.agent_notified);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_queued_behind_a_running_one_never_runs_after_release() {
+    let mut cluster = Cluster::start(&[]).await;
+    let alpha = cluster.start_agent("alpha", "process");
+    Client::new(&alpha, Some(cluster.lender_token.clone()))
+        .agent_add_partition(&terms(1, 256, "host", 1000))
+        .await
+        .unwrap();
+    let (_, bob) = cluster.borrower("bob").await;
+    let lease = bob.lease(&lease_named("alpha/1")).await.unwrap();
+    let request = |command: &str| SubmitJobRequest {
+        lease_key: lease.lease_key.clone().unwrap(),
+        command: vec!["sh".into(), "-c".into(), command.into()],
+        ..Default::default()
+    };
+    let agent = Client::new(&alpha, None);
+    let (sender, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let first = {
+        let agent = agent.clone();
+        let long = request("echo started; exec sleep 604");
+        tokio::spawn(async move {
+            agent
+                .submit_job_streaming(1, &long, move |event| {
+                    if matches!(event, leasehold_api::JobEvent::Stdout { .. }) {
+                        let _ = sender.send(());
+                    }
+                })
+                .await
+        })
+    };
+    started.recv().await.unwrap();
+    // The second job waits for the partition, behind the first.
+    let second = {
+        let agent = agent.clone();
+        let quick = request("echo ran-after-release");
+        tokio::spawn(async move { agent.submit_job(1, &quick).await })
+    };
+    let receipt = bob.release(lease.lease_id).await.unwrap();
+    assert!(receipt.agent_notified);
+    assert_eq!(
+        first.await.unwrap().unwrap().state,
+        leasehold_api::JobState::Cancelled
+    );
+    match second.await.unwrap() {
+        Ok(result) => panic!("a job of a released lease ran: {result:?}"),
+        Err(error) => {
+            assert_eq!(error.status(), Some(403), "{error}");
+            assert_eq!(
+                error.detail().and_then(|d| d.key_rejection.clone()),
+                Some(leasehold_core::key::KeyRejection::Released)
+            );
+        }
+    }
+}
