@@ -69,7 +69,9 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(rootfs.join(sub)).unwrap();
     }
     std::fs::copy(busybox().unwrap(), rootfs.join("bin/busybox")).unwrap();
-    let list = std::process::Command::new(rootfs.join("bin/busybox"))
+    // Ask the original for its applets: running a file just written can
+    // fail with ETXTBSY while another thread forks.
+    let list = std::process::Command::new(busybox().unwrap())
         .arg("--list")
         .output()
         .unwrap();

@@ -359,9 +359,22 @@ async fn cache_fetches_unpacks_and_then_hits_without_the_store() {
         fs::metadata(rootfs).unwrap().permissions().mode() & 0o777,
         0o755
     );
-    let out = std::process::Command::new(&busybox)
-        .args(["echo", "booted"])
-        .output()
+    // A file just written may briefly be "busy" (ETXTBSY) while another
+    // test thread forks with its descriptor; that passes once the child execs.
+    let out = (0..100)
+        .find_map(|_| {
+            match std::process::Command::new(&busybox)
+                .args(["echo", "booted"])
+                .output()
+            {
+                Err(e) if e.raw_os_error() == Some(26) => {
+                    std::thread::yield_now();
+                    None
+                }
+                other => Some(other),
+            }
+        })
+        .expect("busybox stayed busy")
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "booted\n");
 
