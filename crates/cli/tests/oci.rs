@@ -16,6 +16,62 @@ fn skip_reason() -> Option<String> {
     })
 }
 
+/// Serves the image store at `store` in its own process; its URL.
+fn serve_store(cluster: &Cluster, store: &str) -> (common::Proc, String) {
+    let serve = spawn_ready(
+        &[
+            "images",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            store,
+            "--output",
+            "json",
+        ],
+        &cluster.path("store.log"),
+    );
+    let url = serve.ready["image_store_url"].as_str().unwrap().to_string();
+    (serve, url)
+}
+
+/// Starts (or restarts) the oci agent `ocihost`, offering busybox from the store.
+fn start_oci_agent(cluster: &Cluster, store_url: &str, log: &str) -> common::Proc {
+    let data = cluster.path("agent-oci").display().to_string();
+    spawn_ready(
+        &[
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--host-id",
+            "ocihost",
+            "--driver",
+            "oci",
+            "--image-store",
+            store_url,
+            "--image",
+            "busybox",
+            "--cpus",
+            "2",
+            "--memory-mib",
+            "4096",
+            "--disk-gib",
+            "10",
+            "--owner-share-centicores",
+            "0",
+            "--broker",
+            &cluster.broker_url,
+            "--token",
+            &cluster.lender_token,
+            "--output",
+            "json",
+        ],
+        &cluster.path(log),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn oci_partitions_boot_images_from_the_store() {
     if let Some(reason) = skip_reason() {
@@ -42,55 +98,10 @@ async fn oci_partitions_boot_images_from_the_store() {
         &["images", "list", "--store", &store, "--output", "json"],
     );
     assert_eq!(listed.json()["images"][0]["name"], "busybox");
-    let serve = spawn_ready(
-        &[
-            "images",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            &store,
-            "--output",
-            "json",
-        ],
-        &cluster.path("store.log"),
-    );
-    let store_url = serve.ready["image_store_url"].as_str().unwrap().to_string();
+    let (serve, store_url) = serve_store(&cluster, &store);
 
     // An agent with the oci driver, offering busybox from that store.
-    let data = cluster.path("agent-oci").display().to_string();
-    let agent = spawn_ready(
-        &[
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data,
-            "--host-id",
-            "ocihost",
-            "--driver",
-            "oci",
-            "--image-store",
-            &store_url,
-            "--image",
-            "busybox",
-            "--cpus",
-            "2",
-            "--memory-mib",
-            "4096",
-            "--disk-gib",
-            "10",
-            "--owner-share-centicores",
-            "0",
-            "--broker",
-            &cluster.broker_url,
-            "--token",
-            &cluster.lender_token,
-            "--output",
-            "json",
-        ],
-        &cluster.path("agent-oci.log"),
-    );
+    let agent = start_oci_agent(&cluster, &store_url, "agent-oci.log");
     assert_eq!(agent.ready["driver"], "oci");
     let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
     let lender_agent = Client::new(&agent_url, Some(cluster.lender_token.clone()));
@@ -246,53 +257,8 @@ async fn an_oci_agent_killed_mid_job_cleans_up_when_it_restarts() {
         .code,
         0
     );
-    let serve = spawn_ready(
-        &[
-            "images",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            &store,
-            "--output",
-            "json",
-        ],
-        &cluster.path("store.log"),
-    );
-    let store_url = serve.ready["image_store_url"].as_str().unwrap().to_string();
-    let data = cluster.path("agent-oci").display().to_string();
-    let start_agent = |log: &str| {
-        spawn_ready(
-            &[
-                "agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data,
-                "--host-id",
-                "ocihost",
-                "--driver",
-                "oci",
-                "--image-store",
-                &store_url,
-                "--cpus",
-                "2",
-                "--memory-mib",
-                "4096",
-                "--disk-gib",
-                "10",
-                "--owner-share-centicores",
-                "0",
-                "--broker",
-                &cluster.broker_url,
-                "--token",
-                &cluster.lender_token,
-                "--output",
-                "json",
-            ],
-            &cluster.path(log),
-        )
-    };
+    let (serve, store_url) = serve_store(&cluster, &store);
+    let start_agent = |log: &str| start_oci_agent(&cluster, &store_url, log);
     let agent = start_agent("agent-1.log");
     let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
     Client::new(&agent_url, Some(cluster.lender_token.clone()))
