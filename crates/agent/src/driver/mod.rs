@@ -207,6 +207,25 @@ pub(crate) async fn cancelled(cancel: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+impl JobOutcome {
+    /// The outcome of a job from its end and captured output, each stream
+    /// kept to [`MAX_CAPTURED_OUTPUT_BYTES`]; resource figures unknown.
+    pub(crate) fn captured(end: JobEnd, stdout: &[u8], stderr: &[u8], wall_ms: u64) -> Self {
+        let (stdout, out_cut) = capped_text(stdout);
+        let (stderr, err_cut) = capped_text(stderr);
+        JobOutcome {
+            end,
+            stdout,
+            stderr,
+            output_truncated: out_cut || err_cut,
+            wall_ms,
+            cpu_ms: None,
+            peak_memory_bytes: None,
+            oom_killed: false,
+        }
+    }
+}
+
 /// Keeps at most [`MAX_CAPTURED_OUTPUT_BYTES`], cut at a character boundary.
 pub(crate) fn capped_text(bytes: &[u8]) -> (String, bool) {
     if bytes.len() <= MAX_CAPTURED_OUTPUT_BYTES {

@@ -12,10 +12,7 @@
 //! like. Wiping a partition removes its containers, cgroup, mount and files.
 
 use super::cgroup::{Cgroups, PartitionLimits, CPU_PERIOD_US};
-use super::{
-    capped_text, BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver,
-    PartitionSpec,
-};
+use super::{BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver, PartitionSpec};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -532,17 +529,11 @@ impl OciDriver {
         let at_limit = after.peak_memory_bytes.saturating_add(1024 * 1024) >= limit;
         let oom_killed = after.oom_kills > before.oom_kills
             || (end == JobEnd::Exited(128 + libc::SIGKILL) && at_limit);
-        let (stdout, out_cut) = capped_text(&out);
-        let (stderr, err_cut) = capped_text(&err);
         Ok(JobOutcome {
-            end,
-            stdout,
-            stderr,
-            output_truncated: out_cut || err_cut,
-            wall_ms,
             cpu_ms: Some(after.cpu_usage_ns.saturating_sub(before.cpu_usage_ns) / 1_000_000),
             peak_memory_bytes: Some(after.peak_memory_bytes),
             oom_killed,
+            ..JobOutcome::captured(end, &out, &err, wall_ms)
         })
     }
 

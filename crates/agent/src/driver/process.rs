@@ -7,10 +7,7 @@
 //! driver enforces them with cgroups). It is for development and for trusted
 //! lending inside one organisation, not for strangers.
 
-use super::{
-    capped_text, BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver,
-    PartitionSpec,
-};
+use super::{BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver, PartitionSpec};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
@@ -170,18 +167,12 @@ impl PartitionDriver for ProcessDriver {
                     (end, Vec::new(), Vec::new())
                 }
             };
-            let (stdout, out_cut) = capped_text(&out);
-            let (stderr, err_cut) = capped_text(&err);
-            Ok(JobOutcome {
+            Ok(JobOutcome::captured(
                 end,
-                stdout,
-                stderr,
-                output_truncated: out_cut || err_cut,
-                wall_ms: started.elapsed().as_millis() as u64,
-                cpu_ms: None,
-                peak_memory_bytes: None,
-                oom_killed: false,
-            })
+                &out,
+                &err,
+                started.elapsed().as_millis() as u64,
+            ))
         })
     }
 
