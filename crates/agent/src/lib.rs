@@ -7,11 +7,11 @@ pub mod driver;
 pub mod error;
 mod http;
 pub mod images;
+mod trust;
 
 pub use error::AgentError;
 
 use driver::{DriverKind, JobEnd, JobSpec, PartitionDriver, PartitionSpec};
-use ed25519_dalek::VerifyingKey;
 use leasehold_api::{
     AgentPartitionView, JobResult, JobState, LendingFlag, RegisterHostRequest,
     RegisterPartitionRequest, SubmitJobRequest,
@@ -42,6 +42,10 @@ pub struct AgentConfig {
     pub clock: SharedClock,
 }
 
+/// The least time between two fetches of the broker's keys prompted by a
+/// key the agent cannot verify.
+const KEY_REFRESH_INTERVAL_MS: u64 = 10_000;
+
 /// A job that is running, and the switch that stops it.
 struct RunningJob {
     index: u32,
@@ -54,7 +58,11 @@ pub(crate) struct Agent {
     pub db: Mutex<AgentDb>,
     pub driver: Box<dyn PartitionDriver>,
     pub broker: leasehold_api::Client,
-    pub broker_key: VerifyingKey,
+    /// The broker keys lease keys and notices may be signed with.
+    broker_keys: std::sync::RwLock<key::TrustedKeys>,
+    /// When the trusted keys were last refreshed from the broker, so that
+    /// unknown keys cannot make the agent ask the broker on every request.
+    last_key_refresh_ms: Mutex<u64>,
     /// One lock per partition: jobs on one lease run one after another, and
     /// a release waits for the running job before it wipes the partition.
     partition_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
@@ -125,15 +133,51 @@ fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
     }
 }
 
+/// Trust on first use: the broker's keys are pinned in the partition table,
+/// so a different broker (or a swapped key) cannot mint keys for us; a new
+/// key is trusted only when a pinned one endorsed it.
+async fn trust_broker_keys(
+    db: &AgentDb,
+    broker: &leasehold_api::Client,
+    config: &AgentConfig,
+    notes: &mut Vec<String>,
+) -> Result<key::TrustedKeys, AgentError> {
+    let pinned = trust::load_pinned(db)?;
+    match broker.broker_info().await {
+        Ok(info) => {
+            let trusted = trust::extend_trust(&pinned, &info).map_err(|problem| {
+                AgentError::Internal(format!(
+                    "refusing to trust the broker at {}: {problem} (delete {} to start over)",
+                    config.broker_url,
+                    config.data_dir.display()
+                ))
+            })?;
+            trust::store_pinned(db, &trusted)?;
+            Ok(trusted)
+        }
+        // Keys verify offline, so pinned keys let the agent serve jobs
+        // while the broker is away.
+        Err(error) if !pinned.is_empty() => {
+            notes.push(format!(
+                "broker unreachable at start ({error}); serving with the pinned keys"
+            ));
+            Ok(pinned)
+        }
+        Err(error) => Err(AgentError::BrokerUnreachable(error)),
+    }
+}
+
 /// Starts an agent: opens its partition table, pins the broker's public key,
 /// registers the host and reconciles its partitions with the broker, then
 /// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     leasehold_core::ids::validate_host_id("host_id", &config.host_id)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        AgentError::Internal(format!("cannot create {}: {e}", config.data_dir.display()))
-    })?;
-    let db = AgentDb::open(&config.data_dir.join("agent.db"))?;
+    leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    let db_path = config.data_dir.join("agent.db");
+    leasehold_store::private_fs::check_private_file(&db_path)
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    let db = AgentDb::open(&db_path)?;
     let lost = db.mark_running_jobs_lost(config.clock.now_ms())?;
     let mut reconciled = Vec::new();
     if lost > 0 {
@@ -142,39 +186,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         ));
     }
     let broker = leasehold_api::Client::new(&config.broker_url, Some(config.lender_token.clone()));
-    // Trust on first use: the broker's key is pinned in the partition table,
-    // so a different broker (or a swapped key) cannot mint keys for us.
-    let pinned = db.meta("broker_public_key_hex")?;
-    let key_hex = match broker.broker_info().await {
-        Ok(info) => {
-            if let Some(pinned) = &pinned {
-                if pinned != &info.public_key_hex {
-                    return Err(AgentError::Internal(format!(
-                        "the broker at {} has public key {}, but this agent pinned {pinned}; refusing to trust it (delete {} to start over)",
-                        config.broker_url,
-                        info.public_key_hex,
-                        config.data_dir.display()
-                    )));
-                }
-            } else {
-                db.put_meta("broker_public_key_hex", &info.public_key_hex)?;
-            }
-            info.public_key_hex
-        }
-        Err(error) => match pinned {
-            // Keys verify offline, so a pinned key lets the agent serve jobs
-            // while the broker is away.
-            Some(pinned) => {
-                reconciled.push(format!(
-                    "broker unreachable at start ({error}); serving with the pinned key"
-                ));
-                pinned
-            }
-            None => return Err(AgentError::BrokerUnreachable(error)),
-        },
-    };
-    let broker_key = key::verifying_key_from_hex(&key_hex)
-        .ok_or_else(|| AgentError::Internal("the broker's public key is malformed".into()))?;
+    let broker_keys = trust_broker_keys(&db, &broker, &config, &mut reconciled).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| AgentError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -189,7 +201,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         db: Mutex::new(db),
         driver,
         broker,
-        broker_key,
+        broker_keys: std::sync::RwLock::new(broker_keys),
+        last_key_refresh_ms: Mutex::new(0),
         partition_locks: Mutex::new(HashMap::new()),
         running_jobs: Mutex::new(HashMap::new()),
     });
@@ -216,6 +229,51 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
 impl Agent {
     fn db(&self) -> std::sync::MutexGuard<'_, AgentDb> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn trusted_keys(&self) -> key::TrustedKeys {
+        self.broker_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Verifies a lease key; a key signed by a key the agent does not know
+    /// yet (the broker rotated) makes it fetch the broker's keys, at most
+    /// once per [`KEY_REFRESH_INTERVAL_MS`], and try again.
+    async fn verify_lease_key(&self, token: &str) -> Result<key::LeaseKeyClaims, KeyRejection> {
+        let first = key::decode_and_verify_trusted(token, &self.trusted_keys());
+        if first != Err(KeyRejection::BadSignature) || !self.key_refresh_due() {
+            return first;
+        }
+        if let Ok(info) = self.broker.broker_info().await {
+            let pinned = self.trusted_keys();
+            match trust::extend_trust(&pinned, &info) {
+                Ok(trusted) if trusted.len() > pinned.len() => {
+                    let stored = trust::store_pinned(&self.db(), &trusted);
+                    if stored.is_ok() {
+                        tracing::info!(keys = trusted.len(), "trusting a new broker key");
+                        *self.broker_keys.write().unwrap_or_else(|p| p.into_inner()) = trusted;
+                    }
+                }
+                Ok(_) => {}
+                Err(problem) => tracing::warn!(%problem, "not trusting the broker's new keys"),
+            }
+        }
+        key::decode_and_verify_trusted(token, &self.trusted_keys())
+    }
+
+    fn key_refresh_due(&self) -> bool {
+        let now_ms = self.config.clock.now_ms();
+        let mut last = self
+            .last_key_refresh_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if now_ms.saturating_sub(*last) < KEY_REFRESH_INTERVAL_MS {
+            return false;
+        }
+        *last = now_ms;
+        true
     }
 
     fn partition_lock(&self, index: u32) -> Arc<tokio::sync::Mutex<()>> {
@@ -312,6 +370,23 @@ impl Agent {
                         row.built = false;
                         self.driver.wipe(row.index)?;
                     }
+                    if view.terms != row.terms && row.lease_id.is_none() {
+                        // The broker's record wins: the lender altered it
+                        // there while this agent was away.
+                        match self.validate_terms(&view.terms, Some(row.index)) {
+                            Ok(()) => {
+                                row.terms = view.terms.clone();
+                                notes.push(format!(
+                                    "partition {}: terms taken from the broker's record",
+                                    row.index
+                                ));
+                            }
+                            Err(error) => notes.push(format!(
+                                "partition {}: the broker's terms do not fit this host ({error}); keys carrying them will be refused",
+                                row.index
+                            )),
+                        }
+                    }
                     row.registered = true;
                     self.db().update_partition(&row)?;
                 }
@@ -332,6 +407,44 @@ impl Agent {
             }
         }
         Ok(notes)
+    }
+
+    /// The broker's record of a partition's terms is the one truth (it
+    /// bills them): a key carries the terms the broker sold, and the agent
+    /// builds exactly those, once it has checked they fit this host beside
+    /// its other partitions. A partition built for this lease keeps its
+    /// terms: the broker cannot alter a leased partition.
+    fn adopt_sold_terms(
+        &self,
+        row: &mut AgentPartitionRow,
+        sold: &Terms,
+    ) -> Result<(), AgentError> {
+        if &row.terms == sold {
+            return Ok(());
+        }
+        if row.built {
+            return Err(AgentError::Invalid(FieldError::new(
+                "lease_key.terms",
+                format!(
+                    "partition {} was built for this lease with other terms than the key carries",
+                    row.index
+                ),
+            )));
+        }
+        self.validate_terms(sold, Some(row.index))
+            .map_err(|error| {
+                AgentError::Invalid(FieldError::new(
+                    "lease_key.terms",
+                    format!("the terms the broker sold do not fit this host: {error}"),
+                ))
+            })?;
+        tracing::info!(
+            partition = row.index,
+            "building the terms the broker sold, which differ from the local copy"
+        );
+        row.terms = sold.clone();
+        self.db().update_partition(row)?;
+        Ok(())
     }
 
     fn validate_terms(&self, terms: &Terms, except_index: Option<u32>) -> Result<(), AgentError> {
@@ -440,7 +553,9 @@ impl Agent {
         output: Option<driver::OutputSender>,
         started: Option<tokio::sync::oneshot::Sender<u64>>,
     ) -> Result<JobResult, AgentError> {
-        let claims = key::decode_and_verify(&request.lease_key, &self.broker_key)
+        let claims = self
+            .verify_lease_key(&request.lease_key)
+            .await
             .map_err(AgentError::KeyRejected)?;
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
@@ -464,6 +579,20 @@ impl Agent {
             now_ms,
         )
         .map_err(AgentError::KeyRejected)?;
+        if acceptance == KeyAcceptance::AdoptNewer {
+            // A newer lease than we knew: the previous borrower's files go.
+            if row.built {
+                self.driver.wipe(index)?;
+            }
+            row.epoch = claims.epoch;
+            row.lease_id = Some(claims.lease_id);
+            row.key_expires_at_ms = Some(claims.expires_at_ms);
+            row.built = false;
+            self.db().update_partition(&row)?;
+        }
+        if let Some(sold) = &claims.terms {
+            self.adopt_sold_terms(&mut row, sold)?;
+        }
         let image = request
             .image
             .clone()
@@ -477,17 +606,6 @@ impl Agent {
                     row.terms.images.join(", ")
                 ),
             )));
-        }
-        if acceptance == KeyAcceptance::AdoptNewer {
-            // A newer lease than we knew: the previous borrower's files go.
-            if row.built {
-                self.driver.wipe(index)?;
-            }
-            row.epoch = claims.epoch;
-            row.lease_id = Some(claims.lease_id);
-            row.key_expires_at_ms = Some(claims.expires_at_ms);
-            row.built = false;
-            self.db().update_partition(&row)?;
         }
         let spec = PartitionSpec {
             index,
@@ -660,7 +778,7 @@ impl Agent {
             AgentError::NotFound(format!("no job {job_id} on host {}", self.host_id()))
         })?;
         if !same_secret(bearer, &self.config.lender_token) {
-            let claims = key::decode_and_verify(bearer, &self.broker_key)
+            let claims = key::decode_and_verify_trusted(bearer, &self.trusted_keys())
                 .map_err(AgentError::KeyRejected)?;
             if claims.host_id != self.host_id() || claims.lease_id != job.lease_id {
                 return Err(AgentError::KeyRejected(KeyRejection::WrongLease));
@@ -692,8 +810,8 @@ impl Agent {
     /// A signed notice from the broker: lock on a new lease, fence and wipe
     /// on release.
     pub(crate) async fn apply_notice(self: &Arc<Self>, notice: &str) -> Result<(), AgentError> {
-        let claims =
-            key::decode_notice(notice, &self.broker_key).map_err(AgentError::KeyRejected)?;
+        let claims = key::decode_notice_trusted(notice, &self.trusted_keys())
+            .map_err(AgentError::KeyRejected)?;
         if claims.host_id != self.host_id() {
             return Err(AgentError::KeyRejected(KeyRejection::WrongHost));
         }

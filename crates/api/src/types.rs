@@ -51,8 +51,26 @@ impl Role {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BrokerInfo {
     pub version: String,
+    /// The key the broker signs new lease keys with.
     pub public_key_hex: String,
     pub commission_basis_points: u32,
+    /// Every key whose lease keys may still be valid, oldest first; each
+    /// after the first is endorsed by the one before it.
+    #[serde(default)]
+    pub keys: Vec<BrokerPublicKey>,
+}
+
+/// A broker signing key as agents see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerPublicKey {
+    pub key_id: String,
+    pub public_key_hex: String,
+    /// The key id of the key that endorsed this one (none for the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsed_by: Option<String>,
+    /// The endorser's signature over this public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsement: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -94,6 +94,7 @@ async fn broker_info(State(app): App) -> Json<BrokerInfo> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         public_key_hex: key::public_key_hex(&app.signing_key),
         commission_basis_points: app.config.commission_basis_points,
+        keys: app.published_keys.clone(),
     })
 }
 
@@ -369,6 +370,8 @@ fn sign_lease_key(app: &AppState, lease: &Lease) -> String {
             borrower: lease.borrower.clone(),
             issued_at_ms: lease.started_at_ms,
             expires_at_ms: lease.key_expires_at_ms,
+            key_id: app.signing_key_id.clone(),
+            terms: Some(lease.terms.clone()),
         },
         &app.signing_key,
     )
@@ -394,6 +397,7 @@ fn notice_effect(
             lease_id: lease.lease_id,
             epoch: lease.epoch,
             key_expires_at_ms: lease.key_expires_at_ms,
+            key_id: app.signing_key_id.clone(),
         },
         &app.signing_key,
     );

@@ -8,6 +8,7 @@
 pub mod error;
 mod http;
 mod openapi;
+pub mod signing_keys;
 pub mod state;
 pub mod writer;
 
@@ -24,6 +25,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use writer::{Effect, Writer};
+
+/// Where versions before key files kept the signing-key seed.
+const LEGACY_SEED_META_KEY: &str = "signing_key_seed_hex";
 
 /// Lease keys live this long unless configured otherwise: a week.
 pub const DEFAULT_KEY_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -45,7 +49,11 @@ pub(crate) struct AppState {
     /// A second connection for history queries (bills, ledger), so reads
     /// never wait behind the writer's commits.
     pub reader: Mutex<BrokerDb>,
+    /// The current signing key, kept in its own 0600 file (`signing_keys`).
     pub signing_key: SigningKey,
+    pub signing_key_id: String,
+    /// Every key whose lease keys may still be valid, for agents.
+    pub published_keys: Vec<leasehold_api::BrokerPublicKey>,
     pub config: BrokerConfig,
     /// Shared connection pool for notices to agents.
     pub notifier: leasehold_api::Client,
@@ -92,34 +100,35 @@ impl RunningBroker {
 /// Opens (or creates) the broker's database in `data_dir` and starts serving.
 /// Stops on Ctrl-C / SIGTERM or [`RunningBroker::shutdown`].
 pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        BrokerError::Internal(format!("cannot create {}: {e}", config.data_dir.display()))
-    })?;
+    leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
     let db_path = config.data_dir.join("broker.db");
+    for path in [db_path.clone(), config.data_dir.join("broker.db-wal")] {
+        leasehold_store::private_fs::check_private_file(&path)
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    }
     let mut db = BrokerDb::open(&db_path, config.durability)?;
     let reader = BrokerDb::open(&db_path, config.durability)?;
     let snapshot = db.load()?;
     let mut bootstrap = Vec::new();
-    // The signing key is made once and kept: keys stay valid across restarts.
-    let signing_key = match snapshot
+    // The signing key lives in its own file. A seed left in the database by
+    // an older version becomes the first key file and leaves the database.
+    let legacy_seed = snapshot
         .meta
-        .get("signing_key_seed_hex")
+        .get(LEGACY_SEED_META_KEY)
         .and_then(|h| hex::decode(h).ok())
-    {
-        Some(bytes) if bytes.len() == 32 => {
-            let mut seed = [0u8; 32];
-            seed.copy_from_slice(&bytes);
-            leasehold_core::key::signing_key_from_seed(seed)
-        }
-        _ => {
-            let seed: [u8; 32] = rand::random();
-            bootstrap.push(BrokerWrite::PutMeta {
-                key: "signing_key_seed_hex".into(),
-                value: hex::encode(seed),
-            });
-            leasehold_core::key::signing_key_from_seed(seed)
-        }
-    };
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+    let keys = signing_keys::load_or_create(
+        &config.data_dir,
+        legacy_seed,
+        rand::random(),
+        config.clock.now_ms(),
+    )?;
+    if snapshot.meta.contains_key(LEGACY_SEED_META_KEY) {
+        bootstrap.push(BrokerWrite::DeleteMeta {
+            key: LEGACY_SEED_META_KEY.into(),
+        });
+    }
     let mut bootstrap_admin_token = None;
     if snapshot.principals.is_empty() {
         let token = new_token();
@@ -163,7 +172,9 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         state,
         writer,
         reader: Mutex::new(reader),
-        signing_key,
+        signing_key: keys.current().clone(),
+        signing_key_id: keys.current_id().to_string(),
+        published_keys: keys.published().to_vec(),
         config,
         notifier,
     });

@@ -39,8 +39,17 @@ pub struct Global {
         value_parser = parse_url
     )]
     pub broker: String,
-    /// Your token (as printed by `leasehold up` or `leasehold principal add`).
-    #[arg(long, global = true, env = "LEASEHOLD_TOKEN", hide_env_values = true)]
+    /// Refused: a token on the command line is readable by every local
+    /// user in /proc/PID/cmdline. Use --token-file or LEASEHOLD_TOKEN.
+    #[arg(long = "token", global = true, hide = true, value_name = "VALUE")]
+    pub token_on_command_line: Option<String>,
+    /// A file holding your token (as printed by `leasehold up` or
+    /// `leasehold principal add`); refused when group or others can read it.
+    /// Or set LEASEHOLD_TOKEN in the environment.
+    #[arg(long, global = true, env = "LEASEHOLD_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The token, from --token-file or LEASEHOLD_TOKEN (never the command line).
+    #[arg(skip)]
     pub token: Option<String>,
     /// `text` for people, `json` for scripts (one JSON document on stdout).
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -55,13 +64,16 @@ pub enum OutputFormat {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DriverChoice {
-    /// `oci` where runc, cgroups and loop devices are usable (as root),
-    /// otherwise `process`; says which it chose and why.
+    /// `oci` where runc, cgroups and loop devices are usable (as root);
+    /// otherwise refuses to start and says why. Never falls back to the
+    /// unisolated `process` driver.
     Auto,
     /// Isolated OCI containers run by runc, with enforced CPU, memory, disk
     /// and process limits, booting images from an image store.
     Oci,
-    /// Real child processes with rlimits (development, trusted lending).
+    /// UNISOLATED: real child processes with rlimits, which can read the
+    /// host's files (development, trusted lending). Its partitions are
+    /// marked unisolated, and borrowers get them only by asking.
     Process,
     /// Simulated partitions and jobs in memory (simulations, benchmarks).
     Sim,
@@ -124,8 +136,37 @@ pub fn default_data_dir() -> PathBuf {
     PathBuf::from("leasehold-data")
 }
 
+/// Reads the caller's token from --token-file or LEASEHOLD_TOKEN; refuses
+/// one given on the command line, where every local user can read it.
+fn resolve_token(global: &mut Global) -> Result<(), String> {
+    if global.token_on_command_line.is_some() {
+        return Err("refusing --token VALUE: a token on the command line can be read by every local user (in /proc/PID/cmdline); put it in a file only you can read and pass --token-file FILE, or set LEASEHOLD_TOKEN".into());
+    }
+    global.token = match &global.token_file {
+        Some(path) => Some(
+            leasehold_store::private_fs::read_private_file(path)
+                .map_err(|e| format!("failed to read the token: {e}"))?,
+        ),
+        None => std::env::var("LEASEHOLD_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+    };
+    Ok(())
+}
+
 fn main() {
-    let cli = Cli::parse();
+    // Everything this process creates (databases, keys, images, partition
+    // disks) is private to its user unless it widens a mode on purpose.
+    // SAFETY: umask only sets the process's file mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
+    let mut cli = Cli::parse();
+    if let Err(problem) = resolve_token(&mut cli.global) {
+        eprintln!("leasehold: {problem}");
+        std::process::exit(2);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
         // Warnings, plus the agent's and the image cache's progress notes
         // (image downloads), which an operator wants to see.

@@ -9,13 +9,16 @@ use leasehold_api::Role;
 use leasehold_broker::BrokerConfig;
 use leasehold_core::{HostCapacity, Terms};
 use leasehold_service::SystemClock;
-use leasehold_store::Durability;
+use leasehold_store::{private_fs, Durability};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BrokerArgs {
+    #[command(subcommand)]
+    pub action: Option<BrokerAction>,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
@@ -33,6 +36,22 @@ pub struct BrokerArgs {
     /// cut); `normal` survives only a process crash (tests, simulations).
     #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
     pub durability: String,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BrokerAction {
+    /// Add a new signing key, endorsed by the current one. Restart the
+    /// broker to sign new lease keys with it; keys signed by older keys stay
+    /// valid until they expire, and agents learn the new key by its
+    /// endorsement.
+    RotateKey(RotateKeyArgs),
+}
+
+#[derive(Args)]
+pub struct RotateKeyArgs {
+    /// The broker's data directory (where `keys/` is).
+    #[arg(long, default_value_os_t = default_data_dir().join("broker"))]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -191,7 +210,7 @@ struct DriverPlan {
 }
 
 /// Picks the driver: `auto` takes `oci` where this host can run it (and,
-/// for `up`, where the busybox image can be made), otherwise `process`.
+/// for `up`, where the busybox image can be made), and otherwise refuses.
 fn plan_driver(
     choice: DriverChoice,
     data_dir: &Path,
@@ -234,11 +253,13 @@ fn plan_driver(
             Ok(()) => oci("chosen with --driver oci".into()),
             Err(reason) => Err(anyhow!("failed to use the oci driver: {reason}")),
         },
+        // Never a silent fallback to the unisolated `process` driver: a
+        // borrower who was promised a container must get one.
         DriverChoice::Auto => match usable {
             Ok(()) => oci("auto: runc, cgroups and loop devices are usable here".into()),
-            Err(reason) => Ok(process(format!(
-                "auto: the oci driver cannot run here ({reason}); jobs run as plain processes"
-            ))),
+            Err(reason) => Err(anyhow!(
+                "failed to pick a driver: the isolating oci driver cannot run here ({reason}); fix that, or choose `--driver process` to lend UNISOLATED partitions (jobs run as plain processes that can read this host's files), or `--driver sim` to simulate"
+            )),
         },
     }
 }
@@ -252,6 +273,9 @@ fn print_ready(global: &Global, value: serde_json::Value, text: String) {
 }
 
 pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
+    if let Some(BrokerAction::RotateKey(rotate)) = &args.action {
+        return rotate_key(global, rotate);
+    }
     let running = leasehold_broker::start(BrokerConfig {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
@@ -285,7 +309,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
 pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
     let token = global.token.clone().ok_or_else(|| {
         anyhow!(
-            "failed to start the agent: give the lender's token with --token or LEASEHOLD_TOKEN"
+            "failed to start the agent: give the lender's token with --token-file FILE (mode 0600) or LEASEHOLD_TOKEN"
         )
     })?;
     let host_id = args.host_id.clone().unwrap_or_else(default_host_id);
@@ -353,6 +377,7 @@ fn default_partition_terms(count: u32, images: &[String], capacity: &HostCapacit
 }
 
 pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
+    private_fs::ensure_private_dir(&args.data_dir)?;
     let broker_dir = args.data_dir.join("broker");
     let agent_dir = args.data_dir.join("agent");
     let running_broker = leasehold_broker::start(BrokerConfig {
@@ -380,21 +405,17 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
             .create_principal("borrower", Role::Borrower)
             .await
             .context("failed to create the borrower")?;
-        std::fs::create_dir_all(&agent_dir)
-            .with_context(|| format!("failed to create {}", agent_dir.display()))?;
-        write_secret(&lender_token_path, &lender)?;
+        private_fs::ensure_private_dir(&agent_dir)?;
+        private_fs::write_private_file(&lender_token_path, lender.as_bytes())?;
         tokens.insert("lender".into(), lender.into());
         tokens.insert("borrower".into(), borrower.into());
     }
-    let lender_token = std::fs::read_to_string(&lender_token_path)
-        .with_context(|| {
-            format!(
-                "failed to read the local lender's token from {}",
-                lender_token_path.display()
-            )
-        })?
-        .trim()
-        .to_string();
+    let lender_token = private_fs::read_private_file(&lender_token_path).with_context(|| {
+        format!(
+            "failed to read the local lender's token from {}",
+            lender_token_path.display()
+        )
+    })?;
     // The oci driver boots images: `up` keeps a store beside its data,
     // makes the busybox image in it once, and serves it to its agent.
     let store_dir = args.data_dir.join("images");
@@ -535,18 +556,24 @@ fn ensure_busybox(store_dir: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn write_secret(path: &Path, secret: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("failed to write {}", path.display()))?;
-    file.write_all(secret.as_bytes())
-        .with_context(|| format!("failed to write {}", path.display()))?;
-    file.sync_all().ok();
-    Ok(())
+fn rotate_key(global: &Global, args: &RotateKeyArgs) -> Result<i32> {
+    private_fs::ensure_private_dir(&args.data_dir)?;
+    let now_ms = leasehold_service::Clock::now_ms(&SystemClock);
+    let keys = leasehold_broker::signing_keys::rotate(&args.data_dir, rand_seed(), now_ms)
+        .context("failed to rotate the signing key")?;
+    let ids: Vec<&str> = keys.published().iter().map(|k| k.key_id.as_str()).collect();
+    print_ready(
+        global,
+        serde_json::json!({"key_id": keys.current_id(), "keys": keys.published()}),
+        format!(
+            "added signing key {} (keys now: {}); restart the broker to sign new lease keys with it",
+            keys.current_id(),
+            ids.join(", ")
+        ),
+    );
+    Ok(0)
+}
+
+fn rand_seed() -> [u8; 32] {
+    rand::random()
 }

@@ -541,9 +541,15 @@ pub struct RunArgs {
     /// The lease to run on.
     #[arg(long)]
     pub lease: u64,
-    /// The lease key; fetched from the broker when not given.
-    #[arg(long, env = "LEASEHOLD_LEASE_KEY", hide_env_values = true)]
-    pub key: Option<String>,
+    /// Refused: a lease key is a bearer capability, and the command line is
+    /// readable by every local user. Use --key-file or LEASEHOLD_LEASE_KEY.
+    #[arg(long = "key", hide = true, value_name = "VALUE")]
+    pub key_on_command_line: Option<String>,
+    /// A file holding the lease key (refused when group or others can read
+    /// it), or set LEASEHOLD_LEASE_KEY; by default the key is fetched from
+    /// the broker with your token.
+    #[arg(long)]
+    pub key_file: Option<std::path::PathBuf>,
     /// The agent's URL; fetched from the broker when not given.
     #[arg(long)]
     pub agent: Option<String>,
@@ -558,13 +564,30 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// The lease key given by file or environment, never by the command line.
+fn given_lease_key(args: &RunArgs) -> Result<Option<String>> {
+    if args.key_on_command_line.is_some() {
+        bail!("refusing --key VALUE: a lease key on the command line can be read by every local user (in /proc/PID/cmdline); pass --key-file FILE (mode 0600) or set LEASEHOLD_LEASE_KEY");
+    }
+    if let Some(path) = &args.key_file {
+        let key = leasehold_store::private_fs::read_private_file(path)
+            .context("failed to read the lease key")?;
+        return Ok(Some(key));
+    }
+    Ok(std::env::var("LEASEHOLD_LEASE_KEY")
+        .ok()
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty()))
+}
+
 pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
+    let given_key = given_lease_key(&args)?;
     let client = broker(global);
     let lease = client
         .get_lease(args.lease)
         .await
         .with_context(|| format!("failed to look up lease {}", args.lease))?;
-    let key = match args.key.clone().or(lease.lease_key.clone()) {
+    let key = match given_key.or(lease.lease_key.clone()) {
         Some(key) => key,
         None => bail!(
             "failed to run on lease {}: the broker shows no key for it (is it released, or not yours?)",

@@ -388,6 +388,7 @@ async fn jobs_run_only_with_a_valid_key() {
             borrower: "bob".into(),
             issued_at_ms: 0,
             expires_at_ms: u64::MAX,
+            key_id: String::new(),
         })
         .unwrap(),
         &leasehold_core::key::signing_key_from_seed([1; 32]),

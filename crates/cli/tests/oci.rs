@@ -38,7 +38,7 @@ fn serve_store(cluster: &Cluster, store: &str) -> (common::Proc, String) {
 /// Starts (or restarts) the oci agent `ocihost`, offering busybox from the store.
 fn start_oci_agent(cluster: &Cluster, store_url: &str, log: &str) -> common::Proc {
     let data = cluster.path("agent-oci").display().to_string();
-    spawn_ready(
+    common::spawn_ready_with_token(
         &[
             "agent",
             "--listen",
@@ -63,11 +63,10 @@ fn start_oci_agent(cluster: &Cluster, store_url: &str, log: &str) -> common::Pro
             "0",
             "--broker",
             &cluster.broker_url,
-            "--token",
-            &cluster.lender_token,
             "--output",
             "json",
         ],
+        Some(&cluster.lender_token),
         &cluster.path(log),
     )
 }

@@ -4,17 +4,25 @@
 //! Format: `lk1.<base64url(claims JSON)>.<base64url(signature)>`. Each lease
 //! gets a new key bound to its lease, host, partition and the partition's
 //! epoch; the agent fences keys of older epochs and of released leases.
+//!
+//! Keys and notices name the broker key that signed them (`key_id`), so a
+//! broker can rotate its signing key: the agent trusts a set of keys, each
+//! new one endorsed (signed) by one it already trusts, and keys signed with
+//! an old key keep verifying until they expire.
 
 use crate::ids::LeaseId;
+use crate::terms::Terms;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 const PREFIX: &str = "lk1";
-/// Keys longer than this are refused before any parsing.
-pub const MAX_KEY_LEN: usize = 2048;
+/// Keys longer than this are refused before any parsing (the sold terms
+/// ride in the key, with up to 32 images pinned by digest).
+pub const MAX_KEY_LEN: usize = 16 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseKeyClaims {
@@ -25,6 +33,15 @@ pub struct LeaseKeyClaims {
     pub borrower: String,
     pub issued_at_ms: u64,
     pub expires_at_ms: u64,
+    /// The broker key that signed this key (empty: a key made before key
+    /// ids existed, tried against every trusted key).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_id: String,
+    /// The terms the broker sold (and bills): the agent builds exactly
+    /// these, after checking that they fit the partition it lent. Absent in
+    /// keys made before terms were carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terms: Option<Terms>,
 }
 
 /// Why a key was refused. Each variant is a distinct, explainable refusal.
@@ -95,7 +112,92 @@ pub fn sign(claims: &LeaseKeyClaims, key: &SigningKey) -> String {
 /// Checks the format and signature and returns the claims. Binding to host,
 /// partition, lease, time and epoch is [`check_binding`]'s job.
 pub fn decode_and_verify(token: &str, key: &VerifyingKey) -> Result<LeaseKeyClaims, KeyRejection> {
-    decode_with_prefix(PREFIX, token, key)
+    decode_with_prefix(PREFIX, token, &TrustedKeys::single(*key))
+}
+
+/// Like [`decode_and_verify`], with the key named by the token's `key_id`
+/// taken from a set of trusted broker keys.
+pub fn decode_and_verify_trusted(
+    token: &str,
+    keys: &TrustedKeys,
+) -> Result<LeaseKeyClaims, KeyRejection> {
+    decode_with_prefix(PREFIX, token, keys)
+}
+
+/// The id of a broker key: the first 16 hex digits of its public key, enough
+/// to tell a handful of keys apart (the signature, not the id, is checked).
+pub fn key_id(key: &VerifyingKey) -> String {
+    hex_of(&key.to_bytes())[..16].to_string()
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The broker keys an agent trusts, by key id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedKeys {
+    keys: BTreeMap<String, VerifyingKey>,
+}
+
+impl TrustedKeys {
+    pub fn single(key: VerifyingKey) -> Self {
+        let mut keys = TrustedKeys::default();
+        keys.insert(key);
+        keys
+    }
+
+    pub fn insert(&mut self, key: VerifyingKey) {
+        self.keys.insert(key_id(&key), key);
+    }
+
+    pub fn contains(&self, key_id: &str) -> bool {
+        self.keys.contains_key(key_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The public keys as hex, for storing the set.
+    pub fn public_keys_hex(&self) -> Vec<String> {
+        self.keys.values().map(|k| hex_of(&k.to_bytes())).collect()
+    }
+
+    /// The keys a token naming `key_id` may be signed with: that key, or,
+    /// for a token from before key ids, every trusted key.
+    fn candidates(&self, key_id: &str) -> Vec<&VerifyingKey> {
+        if key_id.is_empty() {
+            self.keys.values().collect()
+        } else {
+            self.keys.get(key_id).into_iter().collect()
+        }
+    }
+}
+
+const ENDORSEMENT_PREFIX: &str = "lke1";
+
+/// Signs a new broker public key with a key the agents already trust, so
+/// they can extend their trust to it over an unauthenticated channel.
+pub fn endorse(new_key: &VerifyingKey, by: &SigningKey) -> String {
+    let message = format!("{ENDORSEMENT_PREFIX}.{}", hex_of(&new_key.to_bytes()));
+    URL_SAFE_NO_PAD.encode(by.sign(message.as_bytes()).to_bytes())
+}
+
+/// Checks an endorsement made by [`endorse`].
+pub fn verify_endorsement(new_key: &VerifyingKey, endorsement: &str, by: &VerifyingKey) -> bool {
+    let message = format!("{ENDORSEMENT_PREFIX}.{}", hex_of(&new_key.to_bytes()));
+    let Ok(bytes) = URL_SAFE_NO_PAD.decode(endorsement) else {
+        return false;
+    };
+    let Ok(signature) = Signature::from_slice(&bytes) else {
+        return false;
+    };
+    by.verify(message.as_bytes(), &signature).is_ok()
 }
 
 fn sign_with_prefix<T: Serialize>(prefix: &str, claims: &T, key: &SigningKey) -> String {
@@ -108,7 +210,7 @@ fn sign_with_prefix<T: Serialize>(prefix: &str, claims: &T, key: &SigningKey) ->
 fn decode_with_prefix<T: serde::de::DeserializeOwned>(
     expected_prefix: &str,
     token: &str,
-    key: &VerifyingKey,
+    keys: &TrustedKeys,
 ) -> Result<T, KeyRejection> {
     if token.len() > MAX_KEY_LEN {
         return Err(KeyRejection::Malformed);
@@ -126,13 +228,28 @@ fn decode_with_prefix<T: serde::de::DeserializeOwned>(
         .decode(signature)
         .map_err(|_| KeyRejection::Malformed)?;
     let signature = Signature::from_slice(&signature_bytes).map_err(|_| KeyRejection::Malformed)?;
-    let message = format!("{prefix}.{body}");
-    key.verify(message.as_bytes(), &signature)
-        .map_err(|_| KeyRejection::BadSignature)?;
     let claims_bytes = URL_SAFE_NO_PAD
         .decode(body)
         .map_err(|_| KeyRejection::Malformed)?;
+    // The key id is read before the signature is checked only to pick the
+    // key; nothing else of the unverified body is used.
+    let named: KeyIdOnly =
+        serde_json::from_slice(&claims_bytes).map_err(|_| KeyRejection::Malformed)?;
+    let message = format!("{prefix}.{body}");
+    let verified = keys
+        .candidates(&named.key_id)
+        .into_iter()
+        .any(|key| key.verify(message.as_bytes(), &signature).is_ok());
+    if !verified {
+        return Err(KeyRejection::BadSignature);
+    }
     serde_json::from_slice(&claims_bytes).map_err(|_| KeyRejection::Malformed)
+}
+
+#[derive(Deserialize)]
+struct KeyIdOnly {
+    #[serde(default)]
+    key_id: String,
 }
 
 const NOTICE_PREFIX: &str = "ln1";
@@ -156,6 +273,9 @@ pub struct NoticeClaims {
     pub lease_id: LeaseId,
     pub epoch: u64,
     pub key_expires_at_ms: u64,
+    /// The broker key that signed this notice (empty: made before key ids).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_id: String,
 }
 
 pub fn sign_notice(claims: &NoticeClaims, key: &SigningKey) -> String {
@@ -163,7 +283,14 @@ pub fn sign_notice(claims: &NoticeClaims, key: &SigningKey) -> String {
 }
 
 pub fn decode_notice(token: &str, key: &VerifyingKey) -> Result<NoticeClaims, KeyRejection> {
-    decode_with_prefix(NOTICE_PREFIX, token, key)
+    decode_with_prefix(NOTICE_PREFIX, token, &TrustedKeys::single(*key))
+}
+
+pub fn decode_notice_trusted(
+    token: &str,
+    keys: &TrustedKeys,
+) -> Result<NoticeClaims, KeyRejection> {
+    decode_with_prefix(NOTICE_PREFIX, token, keys)
 }
 
 /// What a host knows about one of its partitions when a key arrives.
@@ -236,6 +363,8 @@ mod tests {
             borrower: "bob".into(),
             issued_at_ms: 1000,
             expires_at_ms: 10_000,
+            key_id: String::new(),
+            terms: None,
         }
     }
 
@@ -345,6 +474,64 @@ mod tests {
                 (None, 5000)
             },
             Err(KeyRejection::WrongLease),
+        );
+    }
+
+    #[test]
+    fn a_rotated_key_verifies_beside_the_old_one_and_is_picked_by_its_id() {
+        let old = signing_key_from_seed([1; 32]);
+        let new = signing_key_from_seed([2; 32]);
+        let stranger = signing_key_from_seed([3; 32]);
+        let mut trusted = TrustedKeys::single(old.verifying_key());
+        let endorsement = endorse(&new.verifying_key(), &old);
+        assert!(verify_endorsement(
+            &new.verifying_key(),
+            &endorsement,
+            &old.verifying_key()
+        ));
+        assert!(!verify_endorsement(
+            &stranger.verifying_key(),
+            &endorsement,
+            &old.verifying_key()
+        ));
+        let forged = endorse(&stranger.verifying_key(), &stranger);
+        assert!(!verify_endorsement(
+            &stranger.verifying_key(),
+            &forged,
+            &old.verifying_key()
+        ));
+        trusted.insert(new.verifying_key());
+        let mut by_old = claims();
+        by_old.key_id = key_id(&old.verifying_key());
+        let mut by_new = claims();
+        by_new.key_id = key_id(&new.verifying_key());
+        assert_eq!(
+            decode_and_verify_trusted(&sign(&by_old, &old), &trusted),
+            Ok(by_old.clone())
+        );
+        assert_eq!(
+            decode_and_verify_trusted(&sign(&by_new, &new), &trusted),
+            Ok(by_new.clone())
+        );
+        // A key that names the new key but is signed by the old one fails.
+        assert_eq!(
+            decode_and_verify_trusted(&sign(&by_new, &old), &trusted),
+            Err(KeyRejection::BadSignature)
+        );
+        // A key from before key ids verifies against any trusted key.
+        assert_eq!(
+            decode_and_verify_trusted(&sign(&claims(), &old), &trusted),
+            Ok(claims())
+        );
+        let mut by_stranger = claims();
+        by_stranger.key_id = key_id(&stranger.verifying_key());
+        assert_eq!(
+            decode_and_verify_trusted(&sign(&by_stranger, &stranger), &trusted),
+            Err(KeyRejection::BadSignature)
+        );
+        assert_eq!(
+            decode_and_verify_trusted(&sign(&claims(), &stranger), &trusted),
+            Err(KeyRejection::BadSignature)
         );
     }
 }

@@ -80,6 +80,10 @@ pub enum BrokerWrite {
         key: String,
         value: String,
     },
+    /// Removes a meta row (with secure_delete on, its bytes are zeroed).
+    DeleteMeta {
+        key: String,
+    },
     InsertPrincipal {
         name: String,
         role: String,
@@ -431,6 +435,9 @@ fn apply_one(tx: &Connection, write: &BrokerWrite) -> StoreResult<()> {
                 "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 params![key, value],
             )?;
+        }
+        BrokerWrite::DeleteMeta { key } => {
+            tx.execute("DELETE FROM meta WHERE key = ?1", params![key])?;
         }
         BrokerWrite::InsertPrincipal {
             name,

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod broker;
 mod migrate;
+pub mod private_fs;
 
 /// The error enum of the store crate.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum StoreError {
     },
     #[error("the database schema is version {found}, newer than this binary knows ({known}); upgrade leasehold")]
     SchemaTooNew { found: i64, known: i64 },
+    #[error(transparent)]
+    NotPrivate(#[from] private_fs::PrivateFsError),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -52,6 +55,9 @@ pub(crate) fn open_connection(
         },
     )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Deleted rows are overwritten, so a secret moved out of the database
+    // (the old signing-key seed) does not linger in free pages.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     Ok(conn)
 }
 

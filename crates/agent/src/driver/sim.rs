@@ -66,7 +66,14 @@ impl PartitionDriver for SimDriver {
                     job.partition.index
                 )));
             }
-            let (code, stdout) = simulate(&job.command);
+            // `terms` shows what the simulated partition was built with,
+            // as a real job would read its cgroup limits.
+            let (code, stdout) = if job.command == ["terms"] {
+                let terms = serde_json::to_string(&job.partition.terms).unwrap_or_default();
+                (0, format!("{terms}\n"))
+            } else {
+                simulate(&job.command)
+            };
             if let Some(live) = &job.output {
                 let _ = live.try_send((super::Stream::Stdout, stdout.clone().into_bytes()));
             }

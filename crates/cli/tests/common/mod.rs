@@ -41,11 +41,22 @@ impl Proc {
 
 /// Starts `leasehold ARGS` and waits for its ready line.
 pub fn spawn_ready(args: &[&str], log: &Path) -> Proc {
+    spawn_ready_with_token(args, None, log)
+}
+
+/// Like [`spawn_ready`], giving the process a token through LEASEHOLD_TOKEN
+/// (tokens never go on a command line).
+pub fn spawn_ready_with_token(args: &[&str], token: Option<&str>, log: &Path) -> Proc {
     let log_file = std::fs::File::create(log).expect("create log file");
-    let mut child = Command::new(leasehold_binary())
+    let mut command = Command::new(leasehold_binary());
+    command
         .args(args)
         .env_remove("LEASEHOLD_TOKEN")
-        .env_remove("LEASEHOLD_BROKER")
+        .env_remove("LEASEHOLD_BROKER");
+    if let Some(token) = token {
+        command.env("LEASEHOLD_TOKEN", token);
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))
         .spawn()
@@ -167,7 +178,7 @@ impl Cluster {
         let data = self.path(&format!("agent-{host_id}"));
         let log = self.path(&format!("agent-{host_id}-{}.log", rand_suffix()));
         let data_text = data.display().to_string();
-        let proc = spawn_ready(
+        let proc = spawn_ready_with_token(
             &[
                 "agent",
                 "--listen",
@@ -186,11 +197,10 @@ impl Cluster {
                 "1000",
                 "--broker",
                 &self.broker_url,
-                "--token",
-                &self.lender_token,
                 "--output",
                 "json",
             ],
+            Some(&self.lender_token),
             &log,
         );
         let url = proc.ready["agent_url"]

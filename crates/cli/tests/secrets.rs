@@ -1,0 +1,276 @@
+//! Secrets at rest and on command lines, attacked the way a local user
+//! would: reading the broker's signing key or database, reading another
+//! process's command line, handing a world-readable token file.
+
+mod common;
+
+use common::{cli, leasehold_binary, spawn_ready, terms, Cluster};
+use leasehold_api::{Client, LeaseRequest, SubmitJobRequest};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn up_args(data: &str) -> Vec<String> {
+    [
+        "up",
+        "--data-dir",
+        data,
+        "--listen",
+        "127.0.0.1:0",
+        "--agent-listen",
+        "127.0.0.1:0",
+        "--driver",
+        "sim",
+        "--cpus",
+        "4",
+        "--memory-mib",
+        "4096",
+        "--output",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Every path under `top` that group or others may open.
+fn open_to_others(top: &Path) -> Vec<String> {
+    let mut open = Vec::new();
+    let mut pending = vec![top.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            if meta.mode() & 0o077 != 0 {
+                open.push(format!("{} {:o}", path.display(), meta.mode() & 0o777));
+            }
+            if meta.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    open
+}
+
+#[test]
+fn up_keeps_its_data_private_and_a_local_user_cannot_read_the_signing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // A world-traversable parent, as a home or /srv directory would be.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    let args = up_args(&data.display().to_string());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let up = spawn_ready(&refs, &dir.path().join("up.log"));
+    let mode = std::fs::metadata(&data).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the data directory");
+    assert_eq!(open_to_others(&data), Vec::<String>::new());
+    let keys: Vec<_> = std::fs::read_dir(data.join("broker/keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(keys.len(), 1, "one signing key file: {keys:?}");
+    let db = std::fs::read(data.join("broker/broker.db")).unwrap();
+    let seed_hex =
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&keys[0]).unwrap())
+            .unwrap()["seed_hex"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    assert!(
+        !db.windows(seed_hex.len()).any(|w| w == seed_hex.as_bytes()),
+        "the seed is not in the database"
+    );
+    drop(up);
+    if !is_root() {
+        eprintln!("skipped the `nobody` part: needs root to switch users");
+        return;
+    }
+    // The attack: another local user reads the key or the database.
+    for target in [
+        keys[0].clone(),
+        data.join("broker/broker.db"),
+        data.join("agent/lender.token"),
+    ] {
+        let output = Command::new("cat")
+            .arg(&target)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(
+            !output.status.success() && output.stdout.is_empty(),
+            "nobody read {}",
+            target.display()
+        );
+    }
+}
+
+#[test]
+fn a_data_directory_open_to_others_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let args = up_args(&data.display().to_string());
+    let output = Command::new(leasehold_binary())
+        .args(&args)
+        .env_remove("LEASEHOLD_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0));
+    assert!(stderr.contains("chmod 700"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("broker_url"), "it did not start: {stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_and_keys_are_refused_on_the_command_line_and_read_from_private_files() {
+    let cluster = Cluster::start(&[]).await;
+    let data = cluster.path("agent-x").display().to_string();
+    let base = [
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--host-id",
+        "x",
+        "--driver",
+        "sim",
+        "--broker",
+        &cluster.broker_url,
+        "--output",
+        "json",
+    ];
+    let mut with_token = base.to_vec();
+    with_token.extend(["--token", &cluster.lender_token]);
+    let refused = Command::new(leasehold_binary())
+        .args(&with_token)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--token-file"), "{stderr}");
+
+    let token_file = cluster.path("lender.token");
+    std::fs::write(&token_file, format!("{}\n", cluster.lender_token)).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let token_path = token_file.display().to_string();
+    let mut with_file = base.to_vec();
+    with_file.extend(["--token-file", &token_path]);
+    let open_file = Command::new(leasehold_binary())
+        .args(&with_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&open_file.stderr);
+    assert_ne!(open_file.status.code(), Some(0));
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = spawn_ready(&with_file, &cluster.path("agent-x.log"));
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", agent.child.id())).unwrap();
+    assert!(
+        !cmdline
+            .windows(cluster.lender_token.len())
+            .any(|w| w == cluster.lender_token.as_bytes()),
+        "the token is not in the agent's command line"
+    );
+    assert_eq!(
+        agent.ready["host_id"], "x",
+        "the agent started with its token file"
+    );
+
+    let run = cli(
+        &cluster.broker_url,
+        None,
+        &["run", "--lease", "1", "--key", "lk1.a.b", "--", "true"],
+    );
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("--key-file"), "{}", run.stderr);
+}
+
+fn claims_of(lease_key: &str) -> serde_json::Value {
+    use base64::Engine;
+    let body = lease_key.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn job(key: &str) -> SubmitJobRequest {
+    SubmitJobRequest {
+        lease_key: key.to_string(),
+        command: vec!["true".into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_signing_key_is_trusted_by_running_agents_while_old_keys_stay_valid() {
+    let mut cluster = Cluster::start(&[]).await;
+    let alpha = cluster.start_agent("alpha", "sim");
+    let lender = Client::new(&alpha, Some(cluster.lender_token.clone()));
+    for price in [1000, 2000] {
+        lender
+            .agent_add_partition(&terms(1, 256, "busybox", price))
+            .await
+            .unwrap();
+    }
+    let (_, bob) = cluster.borrower("bob").await;
+    let lease = |name: &str| LeaseRequest {
+        partition: Some(name.to_string()),
+        best: None,
+    };
+    let old = bob.lease(&lease("alpha/1")).await.unwrap();
+    let old_key = old.lease_key.clone().unwrap();
+    let old_id = claims_of(&old_key)["key_id"].as_str().unwrap().to_string();
+
+    cluster.broker = None;
+    let broker_dir = cluster.path("broker").display().to_string();
+    let rotated = cli(
+        &cluster.broker_url,
+        None,
+        &[
+            "broker",
+            "rotate-key",
+            "--data-dir",
+            &broker_dir,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(rotated.code, 0, "{}", rotated.stderr);
+    let new_id = rotated.json()["key_id"].as_str().unwrap().to_string();
+    assert_ne!(new_id, old_id);
+    cluster.restart_broker();
+
+    let new = bob.lease(&lease("alpha/2")).await.unwrap();
+    let new_key = new.lease_key.clone().unwrap();
+    assert_eq!(claims_of(&new_key)["key_id"], new_id.as_str());
+    let agent = Client::new(&alpha, None);
+    // The running agent learns the new key through its endorsement.
+    let ran = agent.submit_job(2, &job(&new_key)).await.unwrap();
+    assert_eq!(ran.exit_code, Some(0));
+    let ran = agent.submit_job(1, &job(&old_key)).await.unwrap();
+    assert_eq!(
+        ran.exit_code,
+        Some(0),
+        "keys of the old signing key stay valid"
+    );
+    for file in std::fs::read_dir(cluster.path("broker/keys")).unwrap() {
+        let mode = file.unwrap().metadata().unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}
