@@ -389,6 +389,7 @@ async fn jobs_run_only_with_a_valid_key() {
             issued_at_ms: 0,
             expires_at_ms: u64::MAX,
             key_id: String::new(),
+            terms: None,
         })
         .unwrap(),
         &leasehold_core::key::signing_key_from_seed([1; 32]),
