@@ -473,6 +473,7 @@ impl Agent {
         &self,
         terms: Terms,
     ) -> Result<AgentPartitionRow, AgentError> {
+        let terms = images::pin_to_offered(terms, &self.driver.images());
         self.validate_terms(&terms, None)?;
         let mut row = self.db().insert_partition(&terms)?;
         let request = RegisterPartitionRequest { terms };
@@ -510,6 +511,7 @@ impl Agent {
         if let Some(lease_id) = row.lease_id {
             return Err(AgentError::Locked { index, lease_id });
         }
+        let terms = images::pin_to_offered(terms, &self.driver.images());
         self.validate_terms(&terms, Some(index))?;
         let request = RegisterPartitionRequest {
             terms: terms.clone(),
@@ -593,20 +595,27 @@ impl Agent {
         if let Some(sold) = &claims.terms {
             self.adopt_sold_terms(&mut row, sold)?;
         }
-        let image = request
+        let wanted = request
             .image
             .clone()
             .or_else(|| row.terms.images.first().cloned())
             .unwrap_or_default();
-        if !row.terms.images.contains(&image) {
+        // A bare name picks the digest the terms pin for it.
+        let Some(image) = row
+            .terms
+            .images
+            .iter()
+            .find(|offered| leasehold_core::image_ref::offers_image(offered, &wanted))
+            .cloned()
+        else {
             return Err(AgentError::Invalid(FieldError::new(
                 "image",
                 format!(
-                    "partition {index} cannot boot '{image}'; its terms offer: {}",
+                    "partition {index} cannot boot '{wanted}'; its terms offer: {}",
                     row.terms.images.join(", ")
                 ),
             )));
-        }
+        };
         let spec = PartitionSpec {
             index,
             terms: row.terms.clone(),

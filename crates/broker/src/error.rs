@@ -34,6 +34,8 @@ pub enum BrokerError {
     AlreadyExists(String),
     #[error("the broker is shutting down or its writer stopped")]
     Unavailable,
+    #[error("{0}")]
+    ImageStore(String),
     #[error("storage failed: {0}")]
     Store(#[from] leasehold_store::StoreError),
     #[error("internal error: {0}")]
@@ -80,6 +82,9 @@ impl BrokerError {
             }
             BrokerError::Unavailable => {
                 ErrorResponse::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+            BrokerError::ImageStore(_) => {
+                ErrorResponse::new(StatusCode::BAD_GATEWAY, "image_store_failed", message)
             }
             BrokerError::Store(_) | BrokerError::Internal(_) => {
                 ErrorResponse::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)

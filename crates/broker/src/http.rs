@@ -220,11 +220,14 @@ async fn put_partition(
     let principal = authenticate(&app, &headers)?;
     require_role(&principal, &[Role::Lender], "register or alter partitions")?;
     let partition = PartitionRef::new(host_id, parse_index(&index)?);
+    let terms = crate::images::pin_terms(app.images.as_ref(), request.terms)
+        .await
+        .map_err(err)?;
     let row = app
         .writer
         .run(move |ctx| {
             ctx.state
-                .put_partition(&principal.name, &partition, request.terms, ctx.writes)
+                .put_partition(&principal.name, &partition, terms, ctx.writes)
         })
         .await
         .map_err(err)?;

@@ -7,6 +7,7 @@
 
 pub mod error;
 mod http;
+mod images;
 mod openapi;
 pub mod signing_keys;
 pub mod state;
@@ -41,6 +42,9 @@ pub struct BrokerConfig {
     pub commission_basis_points: u32,
     pub key_ttl_ms: u64,
     pub clock: SharedClock,
+    /// The image store whose digests partitions' images are pinned to when
+    /// registered; `None` keeps images as given (simulations).
+    pub image_store_url: Option<String>,
 }
 
 pub(crate) struct AppState {
@@ -57,6 +61,7 @@ pub(crate) struct AppState {
     pub config: BrokerConfig,
     /// Shared connection pool for notices to agents.
     pub notifier: leasehold_api::Client,
+    pub images: Option<images::ImageResolver>,
 }
 
 /// A broker that is serving.
@@ -168,7 +173,12 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     let local_addr = listener
         .local_addr()
         .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let images = match &config.image_store_url {
+        Some(url) => Some(images::ImageResolver::new(url)?),
+        None => None,
+    };
     let app = Arc::new(AppState {
+        images,
         state,
         writer,
         reader: Mutex::new(reader),

@@ -379,7 +379,13 @@ impl BrokerState {
         field: &str,
     ) -> Result<(), BrokerError> {
         if let Some(image) = &requirements.image {
-            if !self.image_offers.contains_key(image) {
+            // A bare name asks for any digest of it (terms are pinned).
+            let offered = self.image_offers.contains_key(image)
+                || self
+                    .image_offers
+                    .keys()
+                    .any(|offered| leasehold_core::image_ref::offers_image(offered, image));
+            if !offered {
                 let offered: Vec<&str> = self.image_offers.keys().map(String::as_str).collect();
                 return Err(BrokerError::Invalid(leasehold_core::FieldError::new(
                     field,

@@ -36,6 +36,11 @@ pub struct BrokerArgs {
     /// cut); `normal` survives only a process crash (tests, simulations).
     #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
     pub durability: String,
+    /// The image store (`leasehold images serve`) whose digests partitions'
+    /// images are pinned to: registering an image it does not have is
+    /// refused. Without it images are kept as given (simulations).
+    #[arg(long)]
+    pub image_store: Option<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -211,7 +216,7 @@ struct DriverPlan {
 
 /// Picks the driver: `auto` takes `oci` where this host can run it (and,
 /// for `up`, where the busybox image can be made), and otherwise refuses.
-fn plan_driver(
+async fn plan_driver(
     choice: DriverChoice,
     data_dir: &Path,
     host_id: &str,
@@ -226,18 +231,20 @@ fn plan_driver(
         },
         reason,
     };
-    let oci = |reason: String| -> Result<DriverPlan> {
+    let oci = |reason: String| async {
         let cache =
             leasehold_images::ImageCache::new(&data_dir.join("image-cache"), image_store.clone())
                 .context("failed to open the image cache")?;
+        // The offered images are pinned to digests now, so that the terms
+        // registered name digests and no job asks the store about a name.
+        let images = leasehold_agent::images::CachedImages::pinned(cache, oci_images.clone())
+            .await
+            .context("failed to pin the offered images to digests")?;
         Ok(DriverPlan {
             kind: DriverKind::Oci {
                 root_dir: data_dir.join("oci"),
                 instance: leasehold_agent::instance_name(host_id, data_dir),
-                images: Arc::new(leasehold_agent::images::CachedImages::new(
-                    cache,
-                    oci_images.clone(),
-                )),
+                images: Arc::new(images),
             },
             reason,
         })
@@ -250,13 +257,13 @@ fn plan_driver(
         }),
         DriverChoice::Process => Ok(process("chosen with --driver process".into())),
         DriverChoice::Oci => match usable {
-            Ok(()) => oci("chosen with --driver oci".into()),
+            Ok(()) => oci("chosen with --driver oci".into()).await,
             Err(reason) => Err(anyhow!("failed to use the oci driver: {reason}")),
         },
         // Never a silent fallback to the unisolated `process` driver: a
         // borrower who was promised a container must get one.
         DriverChoice::Auto => match usable {
-            Ok(()) => oci("auto: runc, cgroups and loop devices are usable here".into()),
+            Ok(()) => oci("auto: runc, cgroups and loop devices are usable here".into()).await,
             Err(reason) => Err(anyhow!(
                 "failed to pick a driver: the isolating oci driver cannot run here ({reason}); fix that, or choose `--driver process` to lend UNISOLATED partitions (jobs run as plain processes that can read this host's files), or `--driver sim` to simulate"
             )),
@@ -283,6 +290,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         commission_basis_points: args.commission_basis_points,
         key_ttl_ms: args.key_ttl_secs.saturating_mul(1000),
         clock: Arc::new(SystemClock),
+        image_store_url: args.image_store.clone(),
     })
     .await
     .context("failed to start the broker")?;
@@ -321,7 +329,8 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         args.images.clone(),
         args.image_store.clone(),
         Ok(()),
-    )?;
+    )
+    .await?;
     eprintln!("agent: driver {}", plan.reason);
     let running = leasehold_agent::start(AgentConfig {
         host_id: host_id.clone(),
@@ -380,6 +389,34 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
     private_fs::ensure_private_dir(&args.data_dir)?;
     let broker_dir = args.data_dir.join("broker");
     let agent_dir = args.data_dir.join("agent");
+    // The oci driver boots images: `up` keeps a store beside its data,
+    // makes the busybox image in it once, and serves it to its agent and to
+    // its broker (which pins partitions' images to the store's digests), so
+    // the store starts first.
+    let store_dir = args.data_dir.join("images");
+    let wants_oci = matches!(args.driver, DriverChoice::Oci | DriverChoice::Auto);
+    let busybox_ready = if wants_oci {
+        ensure_busybox(&store_dir)
+    } else {
+        Ok(())
+    };
+    let mut image_store_url = None;
+    if wants_oci && busybox_ready.is_ok() && leasehold_agent::driver::oci::probe().is_ok() {
+        let store = Arc::new(
+            leasehold_images::ImageStore::open(&store_dir)
+                .context("failed to open the image store")?,
+        );
+        let listener = tokio::net::TcpListener::bind(args.image_store_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to listen on {} for the image store",
+                    args.image_store_listen
+                )
+            })?;
+        image_store_url = Some(format!("http://{}", listener.local_addr()?));
+        tokio::spawn(leasehold_service::ServerHandle::spawn(listener, store.router()).wait());
+    }
     let running_broker = leasehold_broker::start(BrokerConfig {
         data_dir: broker_dir,
         listen: args.listen,
@@ -387,6 +424,7 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         commission_basis_points: args.commission_basis_points,
         key_ttl_ms: leasehold_broker::DEFAULT_KEY_TTL_MS,
         clock: Arc::new(SystemClock),
+        image_store_url: image_store_url.clone(),
     })
     .await
     .context("failed to start the broker")?;
@@ -416,32 +454,6 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
             lender_token_path.display()
         )
     })?;
-    // The oci driver boots images: `up` keeps a store beside its data,
-    // makes the busybox image in it once, and serves it to its agent.
-    let store_dir = args.data_dir.join("images");
-    let wants_oci = matches!(args.driver, DriverChoice::Oci | DriverChoice::Auto);
-    let busybox_ready = if wants_oci {
-        ensure_busybox(&store_dir)
-    } else {
-        Ok(())
-    };
-    let mut image_store_url = None;
-    if wants_oci && busybox_ready.is_ok() && leasehold_agent::driver::oci::probe().is_ok() {
-        let store = Arc::new(
-            leasehold_images::ImageStore::open(&store_dir)
-                .context("failed to open the image store")?,
-        );
-        let listener = tokio::net::TcpListener::bind(args.image_store_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "failed to listen on {} for the image store",
-                    args.image_store_listen
-                )
-            })?;
-        image_store_url = Some(format!("http://{}", listener.local_addr()?));
-        tokio::spawn(leasehold_service::ServerHandle::spawn(listener, store.router()).wait());
-    }
     let plan = plan_driver(
         args.driver,
         &agent_dir,
@@ -450,7 +462,8 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         vec!["busybox".into()],
         image_store_url.clone(),
         busybox_ready,
-    )?;
+    )
+    .await?;
     let driver = plan.kind.clone();
     let capacity = args.shape.capacity();
     let running_agent = leasehold_agent::start(AgentConfig {

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod ids;
+pub mod image_ref;
 pub mod key;
 pub mod lease;
 pub mod ledger;

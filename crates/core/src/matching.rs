@@ -68,7 +68,11 @@ pub fn failed_requirements(terms: &Terms, requirements: &Requirements) -> Vec<Re
         failed.push(Requirement::MinDiskGib);
     }
     if let Some(image) = &requirements.image {
-        if !terms.images.iter().any(|i| i == image) {
+        if !terms
+            .images
+            .iter()
+            .any(|offered| crate::image_ref::offers_image(offered, image))
+        {
             failed.push(Requirement::Image);
         }
     }

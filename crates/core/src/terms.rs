@@ -55,7 +55,7 @@ impl Terms {
         }
         for (position, image) in self.images.iter().enumerate() {
             let field = format!("images[{position}]");
-            validate_image_name(&field, image)?;
+            crate::image_ref::parse_image_reference(&field, image)?;
             if let Some(known) = known_images {
                 if !known.iter().any(|k| k == image) {
                     return Err(FieldError::new(
@@ -67,7 +67,12 @@ impl Terms {
                     ));
                 }
             }
-            if self.images[..position].contains(image) {
+            // One digest per name, so that a request by name picks one image.
+            let name = crate::image_ref::image_name(image);
+            if self.images[..position]
+                .iter()
+                .any(|other| crate::image_ref::image_name(other) == name)
+            {
                 return Err(FieldError::new(
                     field,
                     format!("image '{image}' listed twice"),
@@ -140,7 +145,7 @@ impl Requirements {
             check_range("max_price_per_hour_micros", v, 0, MAX_PRICE_PER_HOUR_MICROS)?;
         }
         if let Some(image) = &self.image {
-            validate_image_name("image", image)?;
+            crate::image_ref::parse_image_reference("image", image)?;
         }
         Ok(())
     }

@@ -11,23 +11,16 @@ use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
 use tokio::io::AsyncWriteExt;
 
-use crate::error::chain;
+use crate::client::{read_error, transport};
 use crate::fsutil::{self, LockFile};
-use crate::{
-    digest_hex, digest_of, unpack, validate_name, ImageEntry, ImageError, MAX_BLOB_BYTES,
-    MAX_ENTRY_RESPONSE_BYTES,
-};
+use crate::{digest_hex, digest_of, unpack, validate_name, ImageEntry, ImageError, MAX_BLOB_BYTES};
 
 /// How long to wait to connect to a store.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an entry lookup may take.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// A download that sends nothing for this long is given up.
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// `progress` is called at most once per this many bytes (and at the start and end).
 const PROGRESS_EVERY: u64 = 1 << 20;
-/// Largest error body read from a store.
-const MAX_ERROR_BODY_BYTES: u64 = 64 * 1024;
 
 /// An unpacked image ready to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,12 +35,18 @@ pub struct CachedImage {
 
 /// An agent's cache of unpacked images, fetched from a store over HTTP.
 ///
-/// CACHE/index.json maps each name to the entry it was fetched as, and
-/// CACHE/rootfs/<hex> holds the unpacked tar. A name, once cached, is
-/// served from the cache without asking the store (pull if not present).
-/// Downloads and unpacks happen under CACHE/tmp and the result is renamed
-/// into place whole; tasks of one process fetching the same digest wait for
-/// each other, and processes sharing a cache let the first rename win.
+/// CACHE/rootfs/<hex> holds the unpacked tar of digest <hex>, and
+/// CACHE/index.json maps each name to the entry it was last fetched as.
+/// Images are fetched by digest only (`name@sha256:<hex>`, as pinned in a
+/// partition's terms): the blob's sha256 is checked against the digest
+/// asked for, so an unauthenticated store cannot substitute another image.
+/// A bare name is served only from what is already cached here; it is
+/// resolved through the store only by `resolve`, when a partition is
+/// registered. Downloads and unpacks happen under CACHE/tmp and the result is
+/// renamed into place whole; tasks of one process fetching the same digest
+/// wait for each other, and processes sharing a cache let the first rename
+/// win. The cache directory is 0700 (root only): unpacked images stay
+/// readable inside it, for the runtime that boots them.
 #[derive(Debug)]
 pub struct ImageCache {
     rootfs_dir: PathBuf,
@@ -59,10 +58,14 @@ pub struct ImageCache {
     digest_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// Mode of the cache and its directories: only the agent's user traverses it.
+pub const CACHE_DIR_MODE: u32 = 0o700;
+
 impl ImageCache {
-    /// Opens (creating if missing) the cache at `cache_dir`. `store_url` is
-    /// the base URL of an image store (`http://host:port`); without one only
-    /// images already cached can be used.
+    /// Opens (creating if missing) the cache at `cache_dir`, and makes it and
+    /// its directories 0700 (also when an older build made them 0755).
+    /// `store_url` is the base URL of an image store (`http://host:port`);
+    /// without one only images already cached can be used.
     pub fn new(cache_dir: &Path, store_url: Option<String>) -> Result<Self, ImageError> {
         let cache = ImageCache {
             rootfs_dir: cache_dir.join("rootfs"),
@@ -77,59 +80,116 @@ impl ImageCache {
             digest_locks: Mutex::new(HashMap::new()),
         };
         for dir in [cache_dir, &cache.rootfs_dir, &cache.tmp] {
-            fs::create_dir_all(dir).map_err(|e| ImageError::io(dir, e))?;
+            fsutil::create_private_dir(dir, CACHE_DIR_MODE)?;
         }
         Ok(cache)
     }
 
-    /// The unpacked root filesystem of `name`, fetching it if needed: look up
-    /// the entry, download the blob to a temp file while hashing it (calling
-    /// `progress(bytes_done, bytes_total)` at most about every MiB), refuse a
-    /// digest or size mismatch, unpack into a temp dir and rename it to
-    /// CACHE/rootfs/<hex>, then record name -> entry so that later calls are
-    /// cache hits even with the store unreachable.
-    pub async fn rootfs(
-        &self,
-        name: &str,
-        progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<CachedImage, ImageError> {
+    /// The digest `name` should be pinned to when a partition offering it is
+    /// registered: the cached entry if this host has the image unpacked
+    /// (it boots that one), otherwise the store's entry for the name.
+    pub async fn resolve(&self, name: &str) -> Result<ImageEntry, ImageError> {
         validate_name(name)?;
         if let Some(hit) = self.lookup(name).await? {
+            return Ok(hit.entry);
+        }
+        let base = self.store(name)?;
+        crate::client::fetch_entry(&self.client, base, name).await
+    }
+
+    /// The unpacked root filesystem of `reference`. Pinned
+    /// (`name@sha256:<hex>`): CACHE/rootfs/<hex>, else the blob is downloaded
+    /// by digest while hashing (calling `progress(bytes_done, bytes_total)`
+    /// at most about every MiB), refused on a digest or size mismatch,
+    /// unpacked into a temp dir and renamed into place. A bare name: only
+    /// from the cache (`NotPinned` otherwise); the store is never asked what
+    /// a name means here.
+    pub async fn rootfs(
+        &self,
+        reference: &str,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<CachedImage, ImageError> {
+        let parsed =
+            leasehold_core::image_ref::parse_image_reference("image", reference).map_err(|e| {
+                ImageError::InvalidName {
+                    name: reference.chars().take(200).collect(),
+                    reason: e.problem,
+                }
+            })?;
+        validate_name(parsed.name)?;
+        let Some(digest) = parsed.digest else {
+            return self
+                .lookup(parsed.name)
+                .await?
+                .ok_or_else(|| ImageError::NotPinned {
+                    name: parsed.name.to_string(),
+                });
+        };
+        let hex = digest_hex(digest)?.to_string();
+        let final_dir = self.rootfs_dir.join(&hex);
+        let lock = self.digest_lock(digest);
+        let _guard = lock.lock().await;
+        if let Some(hit) = self.cached_digest(parsed.name, digest, &final_dir).await? {
             return Ok(hit);
         }
-        let base = self
-            .store_url
-            .as_deref()
-            .ok_or_else(|| ImageError::NoStore {
-                name: name.to_string(),
-            })?;
-        let entry = self.fetch_entry(base, name).await?;
-        let hex = digest_hex(&entry.digest)?.to_string();
-        let final_dir = self.rootfs_dir.join(&hex);
-
-        let lock = self.digest_lock(&entry.digest);
-        let _guard = lock.lock().await;
-        if final_dir.is_dir() {
-            // Unpacked already, under another name or by another task.
-            self.record(entry.clone()).await?;
-            return Ok(CachedImage {
-                entry,
-                rootfs: final_dir,
-                cache_hit: true,
-            });
-        }
-        let blob = self.download(base, &entry, progress).await?;
+        let base = self.store(reference)?;
+        let (blob, size_bytes) = self.download(base, parsed.name, digest, progress).await?;
+        let entry = ImageEntry {
+            name: parsed.name.to_string(),
+            digest: digest.to_string(),
+            size_bytes,
+        };
         let (tmp, rootfs_dir, target) =
             (self.tmp.clone(), self.rootfs_dir.clone(), final_dir.clone());
-        let label = format!("image '{name}' ({})", entry.digest);
+        let label = format!("image '{reference}'");
         blocking(move || unpack_into_place(blob, &tmp, &rootfs_dir, &target, &label)).await?;
         self.record(entry.clone()).await?;
-        tracing::info!(image = name, digest = %entry.digest, rootfs = %final_dir.display(), "image unpacked");
+        tracing::info!(image = parsed.name, digest, rootfs = %final_dir.display(), "image unpacked");
         Ok(CachedImage {
             entry,
             rootfs: final_dir,
             cache_hit: false,
         })
+    }
+
+    /// A digest already unpacked (under this name or another): a hit, with
+    /// the name recorded so that a later bare lookup finds it.
+    async fn cached_digest(
+        &self,
+        name: &str,
+        digest: &str,
+        final_dir: &Path,
+    ) -> Result<Option<CachedImage>, ImageError> {
+        if !final_dir.is_dir() {
+            return Ok(None);
+        }
+        let index = self.index.clone();
+        let known = blocking(move || Ok(fsutil::read_index(&index)?.images)).await?;
+        let size_bytes = known
+            .values()
+            .find(|e| e.digest == digest)
+            .map_or(0, |e| e.size_bytes);
+        let entry = ImageEntry {
+            name: name.to_string(),
+            digest: digest.to_string(),
+            size_bytes,
+        };
+        if known.get(name) != Some(&entry) {
+            self.record(entry.clone()).await?;
+        }
+        Ok(Some(CachedImage {
+            entry,
+            rootfs: final_dir.to_path_buf(),
+            cache_hit: true,
+        }))
+    }
+
+    fn store(&self, reference: &str) -> Result<&str, ImageError> {
+        self.store_url
+            .as_deref()
+            .ok_or_else(|| ImageError::NoStore {
+                name: reference.to_string(),
+            })
     }
 
     /// The images unpacked here, sorted by name.
@@ -179,7 +239,7 @@ impl ImageCache {
                 return Ok(());
             }
             file.images.insert(entry.name.clone(), entry);
-            fsutil::write_index(&index, &file)
+            fsutil::write_index(&index, &file, 0o600)
         })
         .await
     }
@@ -192,102 +252,88 @@ impl ImageCache {
         locks.entry(digest.to_string()).or_default().clone()
     }
 
-    async fn fetch_entry(&self, base: &str, name: &str) -> Result<ImageEntry, ImageError> {
-        let url = format!("{base}/v1/images/{name}");
+    /// Downloads the blob of `digest` into a temp file under CACHE/tmp,
+    /// checking its length against Content-Length and `MAX_BLOB_BYTES`, and
+    /// its sha256 against `digest`; returns the file and its size. The temp
+    /// file is deleted on any error.
+    async fn download(
+        &self,
+        base: &str,
+        name: &str,
+        digest: &str,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<(NamedTempFile, u64), ImageError> {
+        let url = format!("{base}/v1/blobs/{digest}");
         let mut response = self
             .client
             .get(&url)
-            .timeout(LOOKUP_TIMEOUT)
             .send()
             .await
             .map_err(|e| transport(base, &url, e))?;
         let status = response.status();
         if !status.is_success() {
             let (code, message) = read_error(&mut response, base, &url).await;
-            if status == reqwest::StatusCode::NOT_FOUND && code == "image_not_found" {
+            if status == reqwest::StatusCode::NOT_FOUND && code == "blob_not_found" {
                 return Err(ImageError::NotFound {
-                    name: name.to_string(),
+                    name: format!("{name}@{digest}"),
                     store: base.to_string(),
                 });
             }
             return Err(ImageError::Http {
                 url,
-                message: format!("it answered {status}: {message}"),
+                message: format!("it answered {status} for image '{name}' ({digest}): {message}"),
             });
         }
-        let body = read_body(&mut response, MAX_ENTRY_RESPONSE_BYTES, base, &url).await?;
-        let entry: ImageEntry = serde_json::from_slice(&body).map_err(|e| ImageError::Http {
-            url: url.clone(),
-            message: format!("its answer is not an image entry ({e}); is this an image store?"),
-        })?;
-        if entry.name != name {
-            return Err(ImageError::Http {
-                url,
-                message: format!("it answered with image '{}' for '{name}'", entry.name),
-            });
-        }
-        digest_hex(&entry.digest)?;
-        if entry.size_bytes > MAX_BLOB_BYTES {
+        let total = response.content_length().unwrap_or(0);
+        if total > MAX_BLOB_BYTES {
             return Err(ImageError::TooLarge {
-                what: format!("image '{name}'"),
-                size: entry.size_bytes,
+                what: format!("image '{name}' ({digest})"),
+                size: total,
                 limit: MAX_BLOB_BYTES,
             });
         }
-        Ok(entry)
-    }
-
-    /// Downloads the blob of `entry` into a temp file under CACHE/tmp,
-    /// checking its size and sha256. The temp file is deleted on any error.
-    async fn download(
-        &self,
-        base: &str,
-        entry: &ImageEntry,
-        progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<NamedTempFile, ImageError> {
-        let url = format!("{base}/v1/blobs/{}", entry.digest);
-        let total = entry.size_bytes;
-        let mut response = self
-            .client
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| transport(base, &url, e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let (_, message) = read_error(&mut response, base, &url).await;
-            return Err(ImageError::Http {
-                url,
-                message: format!(
-                    "it lists image '{}' but answered {status} for its blob: {message}",
-                    entry.name
-                ),
-            });
-        }
-        let mismatch = |actual: u64| ImageError::SizeMismatch {
-            digest: entry.digest.clone(),
-            expected: total,
-            actual,
-        };
-        if let Some(length) = response.content_length() {
-            if length != total {
-                return Err(mismatch(length));
-            }
-        }
-
         let tmp = tempfile::Builder::new()
             .prefix("blob-")
             .suffix(".tar.part")
             .tempfile_in(&self.tmp)
             .map_err(|e| ImageError::io(&self.tmp, e))?;
+        let (hasher, done) = self
+            .stream_to_file(&mut response, &tmp, base, digest, total, progress)
+            .await?;
+        let actual = digest_of(hasher);
+        if actual != digest {
+            return Err(ImageError::DigestMismatch {
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        Ok((tmp, done))
+    }
+
+    /// Writes the body of `response` to `tmp` while hashing it; `total` is
+    /// the announced length (0 if none), which the body must match exactly.
+    async fn stream_to_file(
+        &self,
+        response: &mut reqwest::Response,
+        tmp: &NamedTempFile,
+        base: &str,
+        digest: &str,
+        total: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<(Sha256, u64), ImageError> {
+        let limit = if total > 0 { total } else { MAX_BLOB_BYTES };
+        let mismatch = |actual: u64| ImageError::SizeMismatch {
+            digest: digest.to_string(),
+            expected: total,
+            actual,
+        };
         let std_file = tmp
             .as_file()
             .try_clone()
             .map_err(|e| ImageError::io(tmp.path(), e))?;
         let mut file = tokio::fs::File::from_std(std_file);
         let mut hasher = Sha256::new();
-        let mut done = 0u64;
-        let mut reported = 0u64;
+        let (mut done, mut reported) = (0u64, 0u64);
         progress(0, total);
         loop {
             let chunk = tokio::time::timeout(STALL_TIMEOUT, response.chunk())
@@ -295,15 +341,21 @@ impl ImageCache {
                 .map_err(|_| ImageError::Unreachable {
                     url: base.to_string(),
                     reason: format!(
-                        "the download of {} sent nothing for {} s",
-                        entry.digest,
+                        "the download of {digest} sent nothing for {} s",
                         STALL_TIMEOUT.as_secs()
                     ),
                 })?
-                .map_err(|e| transport(base, &url, e))?;
+                .map_err(|e| transport(base, base, e))?; // (the blob URL is in the error)
             let Some(chunk) = chunk else { break };
             done += chunk.len() as u64;
-            if done > total {
+            if done > limit && total == 0 {
+                return Err(ImageError::TooLarge {
+                    what: format!("the download of {digest}"),
+                    size: done,
+                    limit,
+                });
+            }
+            if done > limit {
                 return Err(mismatch(done));
             }
             hasher.update(&chunk);
@@ -318,21 +370,13 @@ impl ImageCache {
         file.flush()
             .await
             .map_err(|e| ImageError::io(tmp.path(), e))?;
-        drop(file);
-        if done != total {
+        if total > 0 && done != total {
             return Err(mismatch(done));
         }
         if reported != done {
             progress(done, total);
         }
-        let actual = digest_of(hasher);
-        if actual != entry.digest {
-            return Err(ImageError::DigestMismatch {
-                expected: entry.digest.clone(),
-                actual,
-            });
-        }
-        Ok(tmp)
+        Ok((hasher, done))
     }
 }
 
@@ -376,73 +420,4 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ImageError::Internal(format!("an image task failed: {e}")))?
-}
-
-fn transport(base: &str, url: &str, error: reqwest::Error) -> ImageError {
-    if error.is_connect() || error.is_timeout() {
-        ImageError::Unreachable {
-            url: base.to_string(),
-            reason: chain(&error),
-        }
-    } else {
-        ImageError::Http {
-            url: url.to_string(),
-            message: chain(&error),
-        }
-    }
-}
-
-async fn read_body(
-    response: &mut reqwest::Response,
-    limit: u64,
-    base: &str,
-    url: &str,
-) -> Result<Vec<u8>, ImageError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| transport(base, url, e))?
-    {
-        if (body.len() + chunk.len()) as u64 > limit {
-            return Err(ImageError::TooLarge {
-                what: format!("the answer of {url}"),
-                size: (body.len() + chunk.len()) as u64,
-                limit,
-            });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// The code and message of a store's error answer, or a snippet of the body.
-async fn read_error(response: &mut reqwest::Response, base: &str, url: &str) -> (String, String) {
-    #[derive(serde::Deserialize)]
-    struct Body {
-        error: Detail,
-    }
-    #[derive(serde::Deserialize)]
-    struct Detail {
-        code: String,
-        message: String,
-    }
-    match read_body(response, MAX_ERROR_BODY_BYTES, base, url).await {
-        Ok(bytes) => match serde_json::from_slice::<Body>(&bytes) {
-            Ok(body) => (body.error.code, body.error.message),
-            Err(_) => {
-                let text = String::from_utf8_lossy(&bytes);
-                let text: String = text.trim().chars().take(200).collect();
-                if text.is_empty() {
-                    (
-                        String::new(),
-                        "no error body; is this an image store?".to_string(),
-                    )
-                } else {
-                    (String::new(), text)
-                }
-            }
-        },
-        Err(e) => (String::new(), e.to_string()),
-    }
 }

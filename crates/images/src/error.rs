@@ -16,7 +16,7 @@ pub enum ImageError {
     #[error("the downloaded image has digest {actual} but the store listed {expected}; the blob on the store is damaged or was replaced: add the image to the store again")]
     DigestMismatch { expected: String, actual: String },
 
-    #[error("the store listed {digest} as {expected} bytes but its download came to {actual} bytes (or more); the blob on the store is damaged or was replaced: add the image to the store again")]
+    #[error("the store announced {digest} as {expected} bytes but its download came to {actual} bytes (or more); the blob on the store is damaged or was replaced: add the image to the store again")]
     SizeMismatch {
         digest: String,
         expected: u64,
@@ -57,6 +57,9 @@ pub enum ImageError {
 
     #[error("image '{name}' is not cached here and no image store is configured; give the agent an image store URL")]
     NoStore { name: String },
+
+    #[error("image '{name}' is not pinned to a digest and is not cached here; a partition's terms name their images as name@sha256:<digest>: register the partition again through a broker with an image store, or list the image pinned")]
+    NotPinned { name: String },
 
     #[error("internal error: {0}")]
     Internal(String),

@@ -55,14 +55,16 @@ pub(crate) fn read_index(path: &Path) -> Result<IndexFile, ImageError> {
     Ok(index)
 }
 
-/// Writes index.json so that readers see the old or the new file, never half of one.
-pub(crate) fn write_index(path: &Path, index: &IndexFile) -> Result<(), ImageError> {
+/// Writes index.json so that readers see the old or the new file, never half
+/// of one, with permission bits `mode` (a store's index is public, a cache's
+/// is not).
+pub(crate) fn write_index(path: &Path, index: &IndexFile, mode: u32) -> Result<(), ImageError> {
     let bytes = serde_json::to_vec_pretty(index)
         .map_err(|e| ImageError::Internal(format!("cannot encode the index: {e}")))?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &bytes, mode)
 }
 
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ImageError> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(".index-")
@@ -71,7 +73,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> 
     tmp.write_all(bytes)
         .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| ImageError::io(tmp.path(), e))?;
-    set_mode(tmp.path(), 0o644)?;
+    set_mode(tmp.path(), mode)?;
     tmp.persist(path)
         .map_err(|e| ImageError::io(path, e.error))?;
     sync_dir(dir);
@@ -83,6 +85,18 @@ pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
+}
+
+/// Creates `dir` and its missing parents with `mode`, and sets `mode` on
+/// `dir` itself even if it existed (a cache made by an older build was 0755).
+pub(crate) fn create_private_dir(dir: &Path, mode: u32) -> Result<(), ImageError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|e| ImageError::io(dir, e))?;
+    set_mode(dir, mode)
 }
 
 pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {

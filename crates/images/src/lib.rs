@@ -15,15 +15,18 @@
 //! Layout of an agent's cache:
 //!
 //! ```text
-//! CACHE/index.json                 {"version":1,"images":{name: entry}}
+//! CACHE/                           0700: no other local user traverses it
+//! CACHE/index.json                 {"version":1,"images":{name: entry}}, 0600
 //! CACHE/rootfs/<hex>/              an unpacked root filesystem (appears whole, by rename)
 //! CACHE/tmp/                       downloads and unpacks in progress
 //! ```
 //!
-//! A name is pinned to its digest once cached: a later `rootfs` call for that
-//! name never asks the store again (like "pull if not present"), so an agent
-//! boots cached images with the file server down. Publish a changed image
-//! under a new name (e.g. `debian:12.6`).
+//! Images are fetched by digest (`name@sha256:<hex>`, as pinned in a
+//! partition's terms) and checked against it; the store is asked what a name
+//! means only when a partition is registered (`ImageCache::resolve`,
+//! `StoreClient`). Unpacking drops setuid, setgid and sticky bits and write
+//! for group and others, and skips device nodes and fifos. Publish a changed
+//! image under a new name (e.g. `debian:12.6`): a cached name keeps its digest.
 //!
 //! Dependencies added by this crate (all other dependencies are the workspace's):
 //! - tar: reads and writes tar archives, and unpacks them refusing paths that leave the target directory.
@@ -35,6 +38,7 @@
 //! - reqwest: `Response::chunk` streams a download without the "stream" feature.
 
 mod cache;
+mod client;
 mod error;
 mod fsutil;
 mod http;
@@ -46,7 +50,8 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
-pub use cache::{CachedImage, ImageCache};
+pub use cache::{CachedImage, ImageCache, CACHE_DIR_MODE};
+pub use client::StoreClient;
 pub use error::ImageError;
 pub use store::ImageStore;
 

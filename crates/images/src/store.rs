@@ -302,7 +302,7 @@ impl ImageStore {
         let _lock = LockFile::acquire(&self.lock)?;
         let mut index = fsutil::read_index(&self.index)?;
         index.images.insert(name.to_string(), entry.clone());
-        fsutil::write_index(&self.index, &index)?;
+        fsutil::write_index(&self.index, &index, 0o644)?;
         tracing::info!(image = name, digest = %entry.digest, size_bytes, "image added");
         Ok(entry)
     }

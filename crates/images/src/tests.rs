@@ -13,6 +13,11 @@ use crate::{ImageCache, ImageEntry, ImageError, ImageStore};
 
 fn no_progress(_: u64, _: u64) {}
 
+/// The reference a partition's terms carry for `entry`: `name@sha256:<hex>`.
+fn pinned(entry: &ImageEntry) -> String {
+    format!("{}@{}", entry.name, entry.digest)
+}
+
 /// A small root filesystem: a script, a read-only file, a subdirectory, a
 /// symlink and an empty directory.
 fn make_tree(dir: &Path) {
@@ -123,7 +128,7 @@ fn inject(store: &ImageStore, root: &Path, name: &str, bytes: &[u8]) -> ImageEnt
         size_bytes: bytes.len() as u64,
     };
     index.images.insert(name.to_string(), entry.clone());
-    fsutil::write_index(&root.join("index.json"), &index).unwrap();
+    fsutil::write_index(&root.join("index.json"), &index, 0o644).unwrap();
     entry
 }
 
@@ -322,7 +327,7 @@ async fn cache_fetches_unpacks_and_then_hits_without_the_store() {
         last.store(done, Ordering::SeqCst);
         calls.fetch_add(1, Ordering::SeqCst);
     };
-    let first = cache.rootfs("busybox", &progress).await.unwrap();
+    let first = cache.rootfs(&pinned(&entry), &progress).await.unwrap();
     assert!(!first.cache_hit);
     assert_eq!(first.entry, entry);
     assert_eq!(last.load(Ordering::SeqCst), entry.size_bytes);
@@ -347,14 +352,21 @@ async fn cache_fetches_unpacks_and_then_hits_without_the_store() {
         fs::read_link(rootfs.join("bin/sh")).unwrap(),
         PathBuf::from("busybox")
     );
+    // The image's 1777 /tmp loses its sticky and write bits: the root is
+    // read-only anyway, and jobs get a /tmp of their own.
     assert_eq!(
         fs::metadata(rootfs.join("tmp"))
             .unwrap()
             .permissions()
             .mode()
             & 0o7777,
-        0o1777
+        0o755
     );
+    let mode_of = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode_of(&cache_dir), 0o700, "the cache is root's alone");
+    assert_eq!(mode_of(&cache_dir.join("rootfs")), 0o700);
+    assert_eq!(mode_of(&cache_dir.join("tmp")), 0o700);
+    assert_eq!(mode_of(&cache_dir.join("index.json")), 0o600);
     assert_eq!(
         fs::metadata(rootfs).unwrap().permissions().mode() & 0o777,
         0o755
@@ -405,12 +417,21 @@ async fn cache_fetches_unpacks_and_then_hits_without_the_store() {
             .unwrap()
             .cache_hit
     );
+    // A bare name not cached is never resolved here, store or not.
     let err = offline.rootfs("other", &no_progress).await.unwrap_err();
+    assert!(matches!(err, ImageError::NotPinned { .. }), "{err}");
+    let other = format!("other@sha256:{}", "0".repeat(64));
+    let err = offline.rootfs(&other, &no_progress).await.unwrap_err();
     assert!(matches!(err, ImageError::NoStore { .. }), "{err}");
 
     // An empty cache with the store down says so.
     let cold = ImageCache::new(&tmp.path().join("cold"), Some(dead_url.clone())).unwrap();
     let err = cold.rootfs("busybox", &no_progress).await.unwrap_err();
+    assert!(matches!(err, ImageError::NotPinned { .. }), "{err}");
+    let err = cold
+        .rootfs(&pinned(&entry), &no_progress)
+        .await
+        .unwrap_err();
     assert!(matches!(err, ImageError::Unreachable { .. }), "{err}");
     assert!(
         err.to_string().contains("cannot reach the image store"),
@@ -424,19 +445,21 @@ async fn concurrent_fetches_of_one_image_agree() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(ImageStore::open(&tmp.path().join("store")).unwrap());
     make_tree(&tmp.path().join("tree"));
-    store.add_dir("tree", &tmp.path().join("tree")).unwrap();
-    store
-        .add_dir("tree-alias", &tmp.path().join("tree"))
-        .unwrap();
+    let tree = pinned(&store.add_dir("tree", &tmp.path().join("tree")).unwrap());
+    let alias = pinned(
+        &store
+            .add_dir("tree-alias", &tmp.path().join("tree"))
+            .unwrap(),
+    );
     let server = serve(store.clone()).await;
     let cache_dir = tmp.path().join("cache");
 
     // Tasks of one process share a per-digest lock: exactly one downloads.
     let cache = ImageCache::new(&cache_dir, Some(server.url.clone())).unwrap();
     let (a, b, c) = tokio::join!(
-        cache.rootfs("tree", &no_progress),
-        cache.rootfs("tree", &no_progress),
-        cache.rootfs("tree-alias", &no_progress),
+        cache.rootfs(&tree, &no_progress),
+        cache.rootfs(&tree, &no_progress),
+        cache.rootfs(&alias, &no_progress),
     );
     let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
     assert_eq!(a.rootfs, b.rootfs);
@@ -455,8 +478,8 @@ async fn concurrent_fetches_of_one_image_agree() {
     let one = ImageCache::new(&other_dir, Some(server.url.clone())).unwrap();
     let two = ImageCache::new(&other_dir, Some(server.url.clone())).unwrap();
     let (x, y) = tokio::join!(
-        one.rootfs("tree", &no_progress),
-        two.rootfs("tree", &no_progress)
+        one.rootfs(&tree, &no_progress),
+        two.rootfs(&tree, &no_progress)
     );
     let (x, y) = (x.unwrap(), y.unwrap());
     assert_eq!(x.rootfs, y.rootfs);
@@ -486,7 +509,10 @@ async fn a_tampered_blob_is_refused_and_leaves_nothing() {
     let server = serve(store.clone()).await;
     let cache_dir = tmp.path().join("cache");
     let cache = ImageCache::new(&cache_dir, Some(server.url.clone())).unwrap();
-    let err = cache.rootfs("tree", &no_progress).await.unwrap_err();
+    let err = cache
+        .rootfs(&pinned(&entry), &no_progress)
+        .await
+        .unwrap_err();
     match &err {
         ImageError::DigestMismatch { expected, actual } => {
             assert_eq!(*expected, entry.digest);
@@ -506,14 +532,17 @@ async fn a_tampered_blob_is_refused_and_leaves_nothing() {
     // A blob of another size is refused as well.
     bytes.extend_from_slice(&[0u8; 512]);
     fs::write(&blob, &bytes).unwrap();
-    let err = cache.rootfs("tree", &no_progress).await.unwrap_err();
-    assert!(matches!(err, ImageError::SizeMismatch { .. }), "{err}");
+    let err = cache
+        .rootfs(&pinned(&entry), &no_progress)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
     assert!(dir_is_empty(&cache_dir.join("rootfs")));
     assert!(dir_is_empty(&cache_dir.join("tmp")));
 
     // Repaired on the store, the same cache fetches it.
     fs::write(&blob, &good).unwrap();
-    let ok = cache.rootfs("tree", &no_progress).await.unwrap();
+    let ok = cache.rootfs(&pinned(&entry), &no_progress).await.unwrap();
     assert!(!ok.cache_hit);
     assert!(ok.rootfs.join("bin/hello").is_file());
     server.stop().await;
@@ -528,14 +557,19 @@ async fn unknown_images_and_the_http_surface() {
     let server = serve(store.clone()).await;
     let cache = ImageCache::new(&tmp.path().join("cache"), Some(server.url.clone())).unwrap();
 
-    let err = cache
-        .rootfs("no-such-image", &no_progress)
-        .await
-        .unwrap_err();
+    let err = cache.resolve("no-such-image").await.unwrap_err();
     assert!(matches!(err, ImageError::NotFound { .. }), "{err}");
     let message = err.to_string();
     assert!(message.contains("'no-such-image'"), "{message}");
     assert!(message.contains(&server.url), "{message}");
+    let unknown_digest = format!("tree@sha256:{}", "0".repeat(64));
+    let err = cache
+        .rootfs(&unknown_digest, &no_progress)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::NotFound { .. }), "{err}");
+    assert!(err.to_string().contains(&unknown_digest), "{err}");
+    assert_eq!(cache.resolve("tree").await.unwrap(), entry);
     let err = cache.rootfs("bad/name", &no_progress).await.unwrap_err();
     assert!(matches!(err, ImageError::InvalidName { .. }), "{err}");
 
@@ -671,7 +705,7 @@ async fn unpacking_refuses_what_a_hostile_store_serves() {
         ("ok", tar::EntryType::Regular, b"fine", ""),
         ("../escape", tar::EntryType::Regular, b"x", ""),
     ]);
-    inject(&store, &root, "dotdot", &dotdot);
+    let mut references = vec![pinned(&inject(&store, &root, "dotdot", &dotdot))];
     let through_symlink = raw_tar(&[
         (
             "link",
@@ -681,19 +715,19 @@ async fn unpacking_refuses_what_a_hostile_store_serves() {
         ),
         ("link/planted", tar::EntryType::Regular, b"x", ""),
     ]);
-    inject(&store, &root, "symlink", &through_symlink);
+    references.push(pinned(&inject(&store, &root, "symlink", &through_symlink)));
     let absolute = raw_tar(&[("/abs", tar::EntryType::Regular, b"x", "")]);
-    inject(&store, &root, "absolute", &absolute);
+    references.push(pinned(&inject(&store, &root, "absolute", &absolute)));
     let device = raw_tar(&[
         ("dev/sda", tar::EntryType::Block, b"", ""),
         ("file", tar::EntryType::Regular, b"kept", ""),
     ]);
-    inject(&store, &root, "device", &device);
+    let device = pinned(&inject(&store, &root, "device", &device));
 
     let server = serve(store.clone()).await;
     let cache_dir = tmp.path().join("cache");
     let cache = ImageCache::new(&cache_dir, Some(server.url.clone())).unwrap();
-    for name in ["dotdot", "symlink", "absolute"] {
+    for name in &references {
         let err = cache.rootfs(name, &no_progress).await.unwrap_err();
         assert!(
             matches!(err, ImageError::UnsafeEntry { .. }),
@@ -711,7 +745,7 @@ async fn unpacking_refuses_what_a_hostile_store_serves() {
     assert!(cache.cached().unwrap().is_empty());
 
     // Device nodes are skipped, the rest unpacks.
-    let image = cache.rootfs("device", &no_progress).await.unwrap();
+    let image = cache.rootfs(&device, &no_progress).await.unwrap();
     assert!(!image.rootfs.join("dev/sda").exists());
     assert_eq!(
         fs::read_to_string(image.rootfs.join("file")).unwrap(),
@@ -734,7 +768,160 @@ fn index_reads_are_bounded_and_checked() {
         version: 99,
         ..IndexFile::default()
     };
-    fsutil::write_index(&tmp.path().join("index.json"), &future).unwrap();
+    fsutil::write_index(&tmp.path().join("index.json"), &future, 0o644).unwrap();
     let err = store.list().unwrap_err();
     assert!(err.to_string().contains("version 99"), "{err}");
+}
+
+/// A tar of entries with the given modes, written header by header so that
+/// it can hold set-id bits, device nodes and fifos.
+fn tar_with_modes(entries: &[(&str, tar::EntryType, u32, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, mode, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(*kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(*mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        if kind.is_character_special() || kind.is_block_special() {
+            header.set_device_major(1).unwrap();
+            header.set_device_minor(3).unwrap();
+        }
+        builder.append_data(&mut header, name, *data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// The tree an attacker's image would leave in the cache.
+fn hostile_modes_tar() -> Vec<u8> {
+    tar_with_modes(&[
+        ("bin/", tar::EntryType::Directory, 0o755, b""),
+        (
+            "bin/rootshell",
+            tar::EntryType::Regular,
+            0o4755,
+            b"#!/bin/sh\n",
+        ),
+        (
+            "bin/groupshell",
+            tar::EntryType::Regular,
+            0o2755,
+            b"#!/bin/sh\n",
+        ),
+        ("bin/scribble", tar::EntryType::Regular, 0o666, b"data"),
+        ("drop/", tar::EntryType::Directory, 0o1777, b""),
+        ("open/", tar::EntryType::Directory, 0o777, b""),
+        ("secret", tar::EntryType::Regular, 0o600, b"kept private"),
+        ("dev/", tar::EntryType::Directory, 0o755, b""),
+        ("dev/mem", tar::EntryType::Char, 0o666, b""),
+        ("dev/sda", tar::EntryType::Block, 0o660, b""),
+        ("dev/pipe", tar::EntryType::Fifo, 0o666, b""),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpacking_strips_set_id_bits_world_write_and_device_nodes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let store = Arc::new(ImageStore::open(&root).unwrap());
+    let entry = inject(&store, &root, "hostile", &hostile_modes_tar());
+    let server = serve(store.clone()).await;
+    let cache = ImageCache::new(&tmp.path().join("cache"), Some(server.url.clone())).unwrap();
+    let image = cache.rootfs(&pinned(&entry), &no_progress).await.unwrap();
+    let mode_of = |rel: &str| {
+        fs::symlink_metadata(image.rootfs.join(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode_of("bin/rootshell"), 0o755, "setuid stripped");
+    assert_eq!(mode_of("bin/groupshell"), 0o755, "setgid stripped");
+    assert_eq!(mode_of("bin/scribble"), 0o644, "group/other write stripped");
+    assert_eq!(mode_of("drop"), 0o755, "sticky and world write stripped");
+    assert_eq!(mode_of("open"), 0o755, "world write stripped");
+    assert_eq!(mode_of("secret"), 0o600, "read bits are the image's own");
+    for node in ["dev/mem", "dev/sda", "dev/pipe"] {
+        assert!(
+            fs::symlink_metadata(image.rootfs.join(node)).is_err(),
+            "{node} was not skipped"
+        );
+    }
+    // Nothing anywhere in the tree keeps a set-id bit or world write.
+    let mut pending = vec![image.rootfs.clone()];
+    while let Some(dir) = pending.pop() {
+        for child in fs::read_dir(&dir).unwrap() {
+            let path = child.unwrap().path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            let mode = meta.permissions().mode();
+            assert_eq!(mode & 0o7022, 0, "{} has mode {mode:o}", path.display());
+            if meta.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    server.stop().await;
+}
+
+/// Runs `program args` as `nobody` (uid and gid 65534, no supplementary groups).
+fn run_as_nobody(program: &str, args: &[&Path]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(program)
+        .args(args)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_cannot_traverse_the_cache_to_reach_an_image() {
+    if !fsutil::is_root() {
+        println!("skipped: needs root to run a command as nobody");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The temp dir is 0700 itself: open it so that the cache is the only barrier.
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let root = tmp.path().join("store");
+    let store = Arc::new(ImageStore::open(&root).unwrap());
+    let entry = inject(&store, &root, "hostile", &hostile_modes_tar());
+    let server = serve(store.clone()).await;
+    let cache_dir = tmp.path().join("cache");
+    // A cache made 0755 by an older build is closed when the agent opens it.
+    fs::create_dir(&cache_dir).unwrap();
+    fs::set_permissions(&cache_dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = ImageCache::new(&cache_dir, Some(server.url.clone())).unwrap();
+    let image = cache.rootfs(&pinned(&entry), &no_progress).await.unwrap();
+
+    // Control: nobody can list the directory holding the cache.
+    let control = run_as_nobody("ls", &[tmp.path()]);
+    assert!(control.status.success(), "{control:?}");
+    // The attack: reach the image's binary through the cache, or list it.
+    let rootshell = image.rootfs.join("bin/rootshell");
+    for (program, path) in [
+        ("ls", cache_dir.as_path()),
+        ("ls", image.rootfs.as_path()),
+        ("cat", rootshell.as_path()),
+        ("stat", rootshell.as_path()),
+    ] {
+        let out = run_as_nobody(program, &[path]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{program} {}: {out:?}",
+            path.display()
+        );
+        assert!(
+            stderr.contains("Permission denied"),
+            "{program} {}: {stderr}",
+            path.display()
+        );
+    }
+    server.stop().await;
 }

@@ -114,9 +114,16 @@ pub(crate) fn verify_tar<R: Read>(reader: R, archive: &str) -> Result<u64, Image
     Ok(count)
 }
 
+/// Permission bits never unpacked: setuid, setgid and sticky, and write for
+/// group and others. An image's set-id binary would otherwise be a root shell
+/// for any local user who can reach the cache, and a world-writable
+/// directory a place for one partition to plant files for another.
+pub(crate) const UNPACK_MODE_MASK: u32 = 0o7022;
+
 /// Unpacks an image tar into `dst` (which must exist and be empty), keeping
-/// permissions, and ownership only when running as root. Refuses the whole
-/// archive on the first unsafe entry; the caller removes `dst` on error.
+/// permissions minus `UNPACK_MODE_MASK`, and ownership only when running as
+/// root. Device nodes and fifos are skipped. Refuses the whole archive on the
+/// first unsafe entry; the caller removes `dst` on error.
 pub(crate) fn unpack_safely<R: Read>(
     reader: R,
     dst: &Path,
@@ -124,6 +131,7 @@ pub(crate) fn unpack_safely<R: Read>(
 ) -> Result<(), ImageError> {
     let mut tar = tar::Archive::new(reader);
     tar.set_preserve_permissions(true);
+    tar.set_mask(UNPACK_MODE_MASK);
     tar.set_preserve_ownerships(crate::fsutil::is_root());
     tar.set_preserve_mtime(true);
     tar.set_overwrite(true);

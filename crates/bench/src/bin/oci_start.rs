@@ -51,6 +51,7 @@ async fn main() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let broker = leasehold_broker::start(leasehold_broker::BrokerConfig {
+        image_store_url: None,
         data_dir: dir.path().join("broker"),
         listen: "127.0.0.1:0".parse()?,
         durability: leasehold_store::Durability::Full,
@@ -83,10 +84,10 @@ async fn main() -> Result<()> {
         driver: DriverKind::Oci {
             root_dir: agent_dir.join("oci"),
             instance: leasehold_agent::instance_name("bench", &agent_dir),
-            images: Arc::new(leasehold_agent::images::CachedImages::new(
-                cache,
-                vec!["busybox".into()],
-            )),
+            images: Arc::new(
+                leasehold_agent::images::CachedImages::pinned(cache, vec!["busybox".into()])
+                    .await?,
+            ),
         },
         capacity: HostCapacity {
             cpu_centicores: 200,
