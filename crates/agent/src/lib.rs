@@ -302,6 +302,32 @@ impl Agent {
     /// Registers the host and brings the broker and the partition table into
     /// agreement: partitions the broker lacks are registered, leases the
     /// broker knows are adopted (so the partition is locked here too).
+    /// This host's partitions as the broker has them, page by page (a
+    /// lender may have far more partitions than one page holds).
+    async fn partitions_at_broker(
+        &self,
+    ) -> Result<HashMap<u32, leasehold_api::PartitionView>, AgentError> {
+        const PAGE: u32 = 1000;
+        let mut all = HashMap::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .broker
+                .list_host_partitions(self.host_id(), after, PAGE)
+                .await?;
+            let full = page.len() as u32 >= PAGE;
+            after = page.last().map(|p| p.partition.index);
+            for view in page {
+                if view.partition.host_id == self.host_id() {
+                    all.insert(view.partition.index, view);
+                }
+            }
+            if !full || after.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
     async fn register_and_reconcile(&self, advertise_url: &str) -> Result<Vec<String>, AgentError> {
         let mut notes = Vec::new();
         self.broker
@@ -313,14 +339,7 @@ impl Agent {
                 },
             )
             .await?;
-        let at_broker: HashMap<u32, leasehold_api::PartitionView> = self
-            .broker
-            .list_partitions()
-            .await?
-            .into_iter()
-            .filter(|p| p.partition.host_id == self.host_id())
-            .map(|p| (p.partition.index, p))
-            .collect();
+        let at_broker = self.partitions_at_broker().await?;
         let rows = self.db().partitions()?;
         // Partitions the broker offers but this host no longer has (an add
         // whose answer was lost, a lost data directory) are withdrawn, so

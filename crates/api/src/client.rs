@@ -218,6 +218,22 @@ impl Client {
         self.get("/v1/partitions").await
     }
 
+    /// One page of a host's partitions, in index order, after `after_index`.
+    pub async fn list_host_partitions(
+        &self,
+        host_id: &str,
+        after_index: Option<u32>,
+        limit: u32,
+    ) -> Result<Vec<PartitionView>, ApiError> {
+        let after = after_index
+            .map(|i| format!("&after_index={i}"))
+            .unwrap_or_default();
+        self.get(&format!(
+            "/v1/partitions?host={host_id}&limit={limit}{after}"
+        ))
+        .await
+    }
+
     pub async fn find(
         &self,
         requirements: &Requirements,

@@ -257,6 +257,8 @@ async fn withdraw_partition(
 struct ListQuery {
     host: Option<String>,
     limit: Option<u32>,
+    /// With `host`: only partitions of a higher index (paging).
+    after_index: Option<u32>,
 }
 
 async fn list_partitions(
@@ -272,10 +274,18 @@ async fn list_partitions(
     )?;
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST) as usize;
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
-    let views = state
-        .partitions
-        .iter()
-        .filter(|(p, _)| query.host.as_ref().is_none_or(|h| &p.host_id == h))
+    // One host's partitions are a contiguous range of the ordered table,
+    // so a page of them costs its own size, not the whole table's.
+    let range = match &query.host {
+        Some(host) => {
+            let first = query.after_index.map_or(0, |i| i.saturating_add(1));
+            let start = PartitionRef::new(host, first);
+            state.partitions.range(start..)
+        }
+        None => state.partitions.range(..),
+    };
+    let views = range
+        .take_while(|(p, _)| query.host.as_ref().is_none_or(|h| &p.host_id == h))
         .filter(|(p, _)| {
             principal.role == Role::Admin
                 || state
