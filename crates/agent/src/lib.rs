@@ -125,6 +125,29 @@ fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
     }
 }
 
+/// Rows written before terms carried an isolation, or by an agent that ran
+/// another driver, get this driver's: the terms must say what jobs really get.
+fn restate_isolation(
+    db: &AgentDb,
+    isolation: leasehold_core::Isolation,
+) -> Result<Vec<String>, AgentError> {
+    let mut notes = Vec::new();
+    for mut row in db.partitions()? {
+        if row.terms.isolation != Some(isolation) {
+            row.terms.isolation = Some(isolation);
+            // Registered again at the broker by the reconciliation below.
+            row.registered = false;
+            db.update_partition(&row)?;
+            notes.push(format!(
+                "partition {}: isolation is now '{}' (this agent's driver)",
+                row.index,
+                isolation.as_str()
+            ));
+        }
+    }
+    Ok(notes)
+}
+
 /// Starts an agent: opens its partition table, pins the broker's public key,
 /// registers the host and reconciles its partitions with the broker, then
 /// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
@@ -183,7 +206,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     let driver = driver::make_driver(&config.driver).map_err(AgentError::Internal)?;
     let driver_name = driver.name();
+    // Kills what a crash left of earlier jobs before anything is served.
     reconciled.extend(driver.reconcile());
+    reconciled.extend(restate_isolation(&db, config.driver.isolation())?);
     let agent = Arc::new(Agent {
         config: config.clone(),
         db: Mutex::new(db),
@@ -314,16 +339,20 @@ impl Agent {
                     }
                     row.registered = true;
                     self.db().update_partition(&row)?;
+                    // Terms that changed here (the isolation) while the
+                    // broker offers the old ones: register them again,
+                    // unless leased (locked; the next start tries again).
+                    if view.terms != row.terms && view.lease_id.is_none() && row.lease_id.is_none()
+                    {
+                        self.register_row(&mut row).await?;
+                        notes.push(format!(
+                            "partition {}: terms registered again with the broker",
+                            row.index
+                        ));
+                    }
                 }
                 _ => {
-                    let request = RegisterPartitionRequest {
-                        terms: row.terms.clone(),
-                    };
-                    self.broker
-                        .register_partition(self.host_id(), row.index, &request)
-                        .await?;
-                    row.registered = true;
-                    self.db().update_partition(&row)?;
+                    self.register_row(&mut row).await?;
                     notes.push(format!(
                         "partition {}: registered with the broker",
                         row.index
@@ -332,6 +361,39 @@ impl Agent {
             }
         }
         Ok(notes)
+    }
+
+    /// Writes the driver's isolation into a lender's terms. A lender who
+    /// states a different one is refused: only the driver knows what it gives.
+    fn stamp_isolation(&self, mut terms: Terms) -> Result<Terms, AgentError> {
+        let given = self.config.driver.isolation();
+        if let Some(claimed) = terms.isolation {
+            if claimed != given {
+                return Err(AgentError::Invalid(FieldError::new(
+                    "terms.isolation",
+                    format!(
+                        "this host's '{}' driver gives isolation '{}', not '{}'; leave the field out and the agent fills it in",
+                        self.driver.name(),
+                        given.as_str(),
+                        claimed.as_str()
+                    ),
+                )));
+            }
+        }
+        terms.isolation = Some(given);
+        Ok(terms)
+    }
+
+    async fn register_row(&self, row: &mut AgentPartitionRow) -> Result<(), AgentError> {
+        let request = RegisterPartitionRequest {
+            terms: row.terms.clone(),
+        };
+        self.broker
+            .register_partition(self.host_id(), row.index, &request)
+            .await?;
+        row.registered = true;
+        self.db().update_partition(row)?;
+        Ok(())
     }
 
     fn validate_terms(&self, terms: &Terms, except_index: Option<u32>) -> Result<(), AgentError> {
@@ -360,6 +422,7 @@ impl Agent {
         &self,
         terms: Terms,
     ) -> Result<AgentPartitionRow, AgentError> {
+        let terms = self.stamp_isolation(terms)?;
         self.validate_terms(&terms, None)?;
         let mut row = self.db().insert_partition(&terms)?;
         let request = RegisterPartitionRequest { terms };
@@ -397,6 +460,7 @@ impl Agent {
         if let Some(lease_id) = row.lease_id {
             return Err(AgentError::Locked { index, lease_id });
         }
+        let terms = self.stamp_isolation(terms)?;
         self.validate_terms(&terms, Some(index))?;
         let request = RegisterPartitionRequest {
             terms: terms.clone(),

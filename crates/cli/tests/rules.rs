@@ -10,6 +10,7 @@ fn lease_named(partition: &str) -> LeaseRequest {
     LeaseRequest {
         partition: Some(partition.to_string()),
         best: None,
+        allow_unisolated: false,
     }
 }
 

@@ -204,6 +204,7 @@ mod tests {
                 disk_gib: 1,
                 images: vec!["host".into()],
                 price_per_hour_micros: 1,
+                isolation: None,
             },
         }
     }
