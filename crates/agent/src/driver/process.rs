@@ -159,7 +159,15 @@ fn process_group_and_start(pid: i32) -> Option<(i32, u64)> {
 /// rename, fsync of the directory.
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&temporary)?;
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?
+    };
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&temporary, path)?;
@@ -793,6 +801,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(outcome.end, JobEnd::TimedOut);
+        // Also removes the partition's cgroup (as root).
+        driver.wipe(2).unwrap();
     }
 
     fn is_root_with_cgroups() -> bool {
