@@ -337,6 +337,14 @@ impl Drop for StartedJob<'_> {
                 tracing::warn!(%problem, "cannot clean up a job's cgroup; the next start retries");
                 return;
             }
+            // Jobs of a partition run one at a time (the agent's partition
+            // lock), so its cgroup goes too: none is left behind when the
+            // agent stops without wiping, and the next job makes it again.
+            if let (Some(cgroups), Some((partition, _))) =
+                (&self.driver.cgroups, group.relative.split_once('/'))
+            {
+                let _ = cgroups.remove_partition(partition);
+            }
         } else if let (Some(pid), Some(start)) = (self.record.pid, self.record.start_ticks) {
             kill_process_group(pid, start);
         }
@@ -940,25 +948,35 @@ mod tests {
         assert!(outcome.oom_killed, "{outcome:?}");
         let peak = outcome.peak_memory_bytes.unwrap();
         assert!(peak <= 32 * 1024 * 1024, "peak {peak}");
-        // 1 vCPU at 50%: half of each 100 ms period.
+        // 1 vCPU at 50%: half of each 100 ms period, on the partition's
+        // cgroup, and the job runs inside it.
         let Some(Cgroups::V1 { mounts, .. }) = &driver.cgroups else {
-            eprintln!("cgroup v2: quota checked through cpu.max elsewhere");
+            eprintln!("cgroup v2: the quota check below reads v1 files; skipped");
             return;
         };
-        let quota = std::fs::read_to_string(
-            mounts["cpu"]
-                .join(ROOT_GROUP)
-                .join(driver.partition_group(4))
-                .join("cpu.cfs_quota_us"),
-        )
-        .unwrap();
-        assert_eq!(quota.trim(), "50000");
-        driver.wipe(4).unwrap();
+        let part = driver.partition_group(4);
+        let quota_file = mounts["cpu"]
+            .join(ROOT_GROUP)
+            .join(&part)
+            .join("cpu.cfs_quota_us");
+        let script = format!("cat {}; cat /proc/self/cgroup", quota_file.display());
+        let mut look = job(4, &["sh", "-c", &script], None);
+        look.partition.terms.memory_mib = 32;
+        let outcome = driver.run_job(look).await.unwrap();
+        assert!(outcome.stdout.starts_with("50000\n"), "{outcome:?}");
+        assert!(
+            outcome
+                .stdout
+                .contains(&format!(":/{ROOT_GROUP}/{part}/job-")),
+            "{outcome:?}"
+        );
+        // Nothing of the job, nor the partition's cgroup, stays after it.
         assert!(!driver
             .cgroups
             .as_ref()
             .unwrap()
             .partition_groups()
-            .contains(&driver.partition_group(4)));
+            .contains(&part));
+        driver.wipe(4).unwrap();
     }
 }
