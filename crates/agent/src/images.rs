@@ -114,6 +114,7 @@ mod tests {
             disk_gib: 1,
             images: vec!["busybox".into(), debian.clone(), "windows".into()],
             price_per_hour_micros: 0,
+            isolation: None,
         };
         let pinned = pin_to_offered(terms, &[busybox.clone(), debian.clone()]);
         assert_eq!(pinned.images, vec![busybox, debian, "windows".to_string()]);

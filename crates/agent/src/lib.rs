@@ -167,6 +167,29 @@ async fn trust_broker_keys(
     }
 }
 
+/// Rows written before terms carried an isolation, or by an agent that ran
+/// another driver, get this driver's: the terms must say what jobs really get.
+fn restate_isolation(
+    db: &AgentDb,
+    isolation: leasehold_core::Isolation,
+) -> Result<Vec<String>, AgentError> {
+    let mut notes = Vec::new();
+    for mut row in db.partitions()? {
+        if row.terms.isolation != Some(isolation) {
+            row.terms.isolation = Some(isolation);
+            // Registered again at the broker by the reconciliation below.
+            row.registered = false;
+            db.update_partition(&row)?;
+            notes.push(format!(
+                "partition {}: isolation is now '{}' (this agent's driver)",
+                row.index,
+                isolation.as_str()
+            ));
+        }
+    }
+    Ok(notes)
+}
+
 /// Starts an agent: opens its partition table, pins the broker's public key,
 /// registers the host and reconciles its partitions with the broker, then
 /// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
@@ -195,7 +218,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     let driver = driver::make_driver(&config.driver).map_err(AgentError::Internal)?;
     let driver_name = driver.name();
+    // Kills what a crash left of earlier jobs before anything is served.
     reconciled.extend(driver.reconcile());
+    reconciled.extend(restate_isolation(&db, config.driver.isolation())?);
     let agent = Arc::new(Agent {
         config: config.clone(),
         db: Mutex::new(db),
@@ -392,9 +417,12 @@ impl Agent {
                     if view.terms != row.terms && row.lease_id.is_none() {
                         // The broker's record wins: the lender altered it
                         // there while this agent was away.
-                        match self.validate_terms(&view.terms, Some(row.index)) {
+                        // The isolation stays this driver's: only it knows.
+                        let mut adopted = view.terms.clone();
+                        adopted.isolation = row.terms.isolation;
+                        match self.validate_terms(&adopted, Some(row.index)) {
                             Ok(()) => {
-                                row.terms = view.terms.clone();
+                                row.terms = adopted;
                                 notes.push(format!(
                                     "partition {}: terms taken from the broker's record",
                                     row.index
@@ -408,16 +436,20 @@ impl Agent {
                     }
                     row.registered = true;
                     self.db().update_partition(&row)?;
+                    // Terms that changed here (the isolation) while the
+                    // broker offers the old ones: register them again,
+                    // unless leased (locked; the next start tries again).
+                    if view.terms != row.terms && view.lease_id.is_none() && row.lease_id.is_none()
+                    {
+                        self.register_row(&mut row).await?;
+                        notes.push(format!(
+                            "partition {}: terms registered again with the broker",
+                            row.index
+                        ));
+                    }
                 }
                 _ => {
-                    let request = RegisterPartitionRequest {
-                        terms: row.terms.clone(),
-                    };
-                    self.broker
-                        .register_partition(self.host_id(), row.index, &request)
-                        .await?;
-                    row.registered = true;
-                    self.db().update_partition(&row)?;
+                    self.register_row(&mut row).await?;
                     notes.push(format!(
                         "partition {}: registered with the broker",
                         row.index
@@ -450,6 +482,20 @@ impl Agent {
                 ),
             )));
         }
+        let given = self.config.driver.isolation();
+        if sold
+            .isolation
+            .is_some_and(|sold_isolation| sold_isolation != given)
+        {
+            return Err(AgentError::Invalid(FieldError::new(
+                "lease_key.terms.isolation",
+                format!(
+                    "the broker sold isolation '{}', but this host's driver gives '{}'",
+                    sold.isolation.map(|i| i.as_str()).unwrap_or("none"),
+                    given.as_str()
+                ),
+            )));
+        }
         self.validate_terms(sold, Some(row.index))
             .map_err(|error| {
                 AgentError::Invalid(FieldError::new(
@@ -462,6 +508,39 @@ impl Agent {
             "building the terms the broker sold, which differ from the local copy"
         );
         row.terms = sold.clone();
+        self.db().update_partition(row)?;
+        Ok(())
+    }
+
+    /// Writes the driver's isolation into a lender's terms. A lender who
+    /// states a different one is refused: only the driver knows what it gives.
+    fn stamp_isolation(&self, mut terms: Terms) -> Result<Terms, AgentError> {
+        let given = self.config.driver.isolation();
+        if let Some(claimed) = terms.isolation {
+            if claimed != given {
+                return Err(AgentError::Invalid(FieldError::new(
+                    "terms.isolation",
+                    format!(
+                        "this host's '{}' driver gives isolation '{}', not '{}'; leave the field out and the agent fills it in",
+                        self.driver.name(),
+                        given.as_str(),
+                        claimed.as_str()
+                    ),
+                )));
+            }
+        }
+        terms.isolation = Some(given);
+        Ok(terms)
+    }
+
+    async fn register_row(&self, row: &mut AgentPartitionRow) -> Result<(), AgentError> {
+        let request = RegisterPartitionRequest {
+            terms: row.terms.clone(),
+        };
+        self.broker
+            .register_partition(self.host_id(), row.index, &request)
+            .await?;
+        row.registered = true;
         self.db().update_partition(row)?;
         Ok(())
     }
@@ -493,6 +572,7 @@ impl Agent {
         terms: Terms,
     ) -> Result<AgentPartitionRow, AgentError> {
         let terms = images::pin_to_offered(terms, &self.driver.images());
+        let terms = self.stamp_isolation(terms)?;
         self.validate_terms(&terms, None)?;
         let mut row = self.db().insert_partition(&terms)?;
         let request = RegisterPartitionRequest { terms };
@@ -531,6 +611,7 @@ impl Agent {
             return Err(AgentError::Locked { index, lease_id });
         }
         let terms = images::pin_to_offered(terms, &self.driver.images());
+        let terms = self.stamp_isolation(terms)?;
         self.validate_terms(&terms, Some(index))?;
         let request = RegisterPartitionRequest {
             terms: terms.clone(),

@@ -130,6 +130,7 @@ fn partition(index: u32, memory_mib: u64, cpu_cap_percent: u32) -> PartitionSpec
             disk_gib: 1,
             images: vec!["busybox".into()],
             price_per_hour_micros: 1,
+            isolation: None,
         },
     }
 }

@@ -162,6 +162,10 @@ pub struct LeaseRequest {
     /// Requirements: lease the best match.
     #[serde(default)]
     pub best: Option<Requirements>,
+    /// With `partition`: the borrower accepts it even if it is unisolated
+    /// (with `best`, `best.allow_unisolated` says so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unisolated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

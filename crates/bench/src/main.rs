@@ -633,6 +633,7 @@ async fn cycle_client(client: Client, mut rng: SplitMix64, deadline: Instant) ->
             let request = LeaseRequest {
                 partition: Some(offer.partition.to_string()),
                 best: None,
+                allow_unisolated: false,
             };
             let call = Instant::now();
             match client.lease(&request).await {

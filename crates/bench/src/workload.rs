@@ -90,6 +90,7 @@ pub fn random_terms(rng: &mut SplitMix64) -> Terms {
         disk_gib: rng.range(MIN_DISK_GIB, MAX_DISK_GIB),
         images,
         price_per_hour_micros: rng.range(MIN_PRICE_MICROS, MAX_PRICE_MICROS),
+        isolation: Some(leasehold_core::Isolation::Simulated),
     }
 }
 
@@ -122,6 +123,7 @@ pub fn random_requirements(rng: &mut SplitMix64) -> Requirements {
         max_price_per_hour_micros: rng
             .chance(1, 2)
             .then(|| rng.range(50_000, MAX_PRICE_MICROS)),
+        allow_unisolated: false,
     }
 }
 

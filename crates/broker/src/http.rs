@@ -426,9 +426,10 @@ async fn lease(
     require_role(&principal, &[Role::Borrower], "lease partitions")?;
     let idempotency = idempotency_key(&headers)?;
     let target = match (request.partition, request.best) {
-        (Some(text), None) => {
-            LeaseTarget::Named(text.parse().map_err(|e| err(BrokerError::Invalid(e)))?)
-        }
+        (Some(text), None) => LeaseTarget::Named {
+            partition: text.parse().map_err(|e| err(BrokerError::Invalid(e)))?,
+            allow_unisolated: request.allow_unisolated,
+        },
         (None, Some(requirements)) => LeaseTarget::Best(requirements),
         _ => {
             return Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(

@@ -6,7 +6,8 @@
 use crate::error::BrokerError;
 use leasehold_api::Role;
 use leasehold_core::lease::{
-    decide_alter, decide_lease, AlterRefusal, Lease, LeaseRefusal, LeaseState, PartitionStatus,
+    decide_alter, decide_isolation, decide_lease, AlterRefusal, Lease, LeaseRefusal, LeaseState,
+    PartitionStatus,
 };
 use leasehold_core::matching::{explain_no_match, FreeIndex};
 use leasehold_core::{HostCapacity, LeaseId, PartitionRef, Requirements, Terms};
@@ -56,7 +57,11 @@ impl PartitionEntry {
 /// Which partition a lease request wants.
 #[derive(Debug, Clone)]
 pub enum LeaseTarget {
-    Named(PartitionRef),
+    /// A partition by name; `allow_unisolated` is the borrower's opt-in.
+    Named {
+        partition: PartitionRef,
+        allow_unisolated: bool,
+    },
     Best(Requirements),
 }
 
@@ -426,15 +431,18 @@ impl BrokerState {
         key_ttl_ms: u64,
         writes: &mut Vec<BrokerWrite>,
     ) -> Result<Lease, BrokerError> {
-        let partition = match target {
-            LeaseTarget::Named(partition) => partition.clone(),
+        let (partition, allow_unisolated) = match target {
+            LeaseTarget::Named {
+                partition,
+                allow_unisolated,
+            } => (partition.clone(), *allow_unisolated),
             LeaseTarget::Best(requirements) => {
                 requirements
                     .validate()
                     .map_err(|e| prefix_field("best", e))?;
                 self.check_known_image(requirements, "best.image")?;
                 match self.free.find(requirements, 1).into_iter().next() {
-                    Some((partition, _)) => partition,
+                    Some((partition, _)) => (partition, requirements.allow_unisolated),
                     None => return Err(BrokerError::NoMatch(Box::new(self.explain(requirements)))),
                 }
             }
@@ -448,7 +456,10 @@ impl BrokerState {
                 lease_id,
             },
             LeaseRefusal::Withdrawn => BrokerError::Withdrawn(partition.clone()),
+            LeaseRefusal::Unisolated => unisolated_refusal(&partition),
         })?;
+        decide_isolation(&entry.terms, allow_unisolated)
+            .map_err(|_| unisolated_refusal(&partition))?;
         let lender = self
             .hosts
             .get(&partition.host_id)
@@ -495,6 +506,18 @@ impl BrokerState {
             }
         }
     }
+}
+
+/// The refusal of an unisolated partition to a borrower who did not opt
+/// in: it names the field and how to opt in.
+fn unisolated_refusal(partition: &PartitionRef) -> BrokerError {
+    BrokerError::Invalid(leasehold_core::FieldError::new(
+        "allow_unisolated",
+        format!(
+            "partition {partition} is unisolated (its jobs run as plain processes of the host, which see its files); \
+             lease it only if you trust the host: send allow_unisolated: true (leasehold lease --allow-unisolated)"
+        ),
+    ))
 }
 
 fn prefix_field(prefix: &str, error: leasehold_core::FieldError) -> BrokerError {

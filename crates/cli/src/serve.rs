@@ -376,6 +376,8 @@ fn default_partition_terms(count: u32, images: &[String], capacity: &HostCapacit
             disk_gib: 1,
             images: images.to_vec(),
             price_per_hour_micros: 100_000 + 20_000 * n as u64,
+            // The agent states it from its driver.
+            isolation: None,
         };
         if capacity.admits(chosen.iter(), &terms).is_err() {
             break;

@@ -58,6 +58,11 @@ pub fn report_error(global: &Global, error: &anyhow::Error) -> i32 {
     code
 }
 
+/// The isolation column: what the host's driver gives, or `unknown`.
+pub fn isolation_text(terms: &Terms) -> &'static str {
+    terms.isolation.map(|i| i.as_str()).unwrap_or("unknown")
+}
+
 pub fn terms_text(terms: &Terms) -> String {
     format!(
         "{} vCPU @{}%  {} MiB  {} GiB  [{}]  {}/h",
@@ -88,6 +93,7 @@ fn requirement_text(requirement: Requirement, requirements: &Requirements) -> St
             "price <= {}/h",
             format_micros(requirements.max_price_per_hour_micros.unwrap_or(0) as i128)
         ),
+        Requirement::AllowUnisolated => "isolated".to_string(),
     }
 }
 
@@ -109,6 +115,16 @@ pub fn explain_text(
             };
             text.push_str(&format!("  {:<28} {}\n", name, ruled.partitions));
         }
+    }
+    if let Some(unisolated) = explanation
+        .ruled_out_by
+        .iter()
+        .find(|r| r.requirement == Requirement::AllowUnisolated)
+    {
+        text.push_str(&format!(
+            "{} partitions are unisolated; add --allow-unisolated to accept them (their jobs run as plain processes of the host)\n",
+            unisolated.partitions
+        ));
     }
     if !explanation.nearest_misses.is_empty() {
         text.push_str("Nearest misses:\n");
@@ -249,6 +265,8 @@ impl TermsArgs {
                 default_images.to_vec()
             },
             price_per_hour_micros: price,
+            // The agent states it from its driver; a lender cannot claim it.
+            isolation: None,
         })
     }
 }
@@ -413,6 +431,10 @@ pub struct RequirementArgs {
     /// Highest price per hour you accept, in units (e.g. 0.50).
     #[arg(long)]
     pub max_price_per_hour: Option<String>,
+    /// Also accept unisolated partitions (the `process` driver: jobs run as
+    /// plain processes of the host and can see its files). Off by default.
+    #[arg(long)]
+    pub allow_unisolated: bool,
 }
 
 impl RequirementArgs {
@@ -429,6 +451,7 @@ impl RequirementArgs {
                 .map(|t| parse_units_to_micros("max_price_per_hour", t))
                 .transpose()
                 .map_err(|e| anyhow!("{e}"))?,
+            allow_unisolated: self.allow_unisolated,
         })
     }
 }
@@ -455,10 +478,12 @@ pub async fn find(global: &Global, args: FindArgs) -> Result<i32> {
             print!("{}", explain_text(explanation, Some(&requirements)));
         }
     } else {
+        println!("{:<16} {:<10} TERMS", "PARTITION", "ISOLATION");
         for offer in &answer.offers {
             println!(
-                "{:<16} {}",
+                "{:<16} {:<10} {}",
                 offer.partition.to_string(),
+                isolation_text(&offer.terms),
                 terms_text(&offer.terms)
             );
         }
@@ -505,11 +530,13 @@ pub async fn lease(global: &Global, args: LeaseArgs) -> Result<i32> {
         LeaseRequest {
             partition: None,
             best: Some(args.requirements.to_requirements()?),
+            allow_unisolated: false,
         }
     } else {
         LeaseRequest {
             partition: args.partition.clone(),
             best: None,
+            allow_unisolated: args.requirements.allow_unisolated,
         }
     };
     let what = args

@@ -84,9 +84,10 @@ async fn the_broker_pins_images_to_the_stores_digests_and_refuses_unknown_ones()
     register_host(&lender, "h1").await;
     let put = |index: u32, image: &str| {
         let lender = lender.clone();
-        let request = leasehold_api::types::RegisterPartitionRequest {
-            terms: terms(1, 128, image, 1000),
-        };
+        let mut terms = terms(1, 128, image, 1000);
+        // As an oci agent would state it, so borrowers find it unasked.
+        terms.isolation = Some(leasehold_core::Isolation::Container);
+        let request = leasehold_api::types::RegisterPartitionRequest { terms };
         async move { lender.register_partition("h1", index, &request).await }
     };
 

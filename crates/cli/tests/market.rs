@@ -11,6 +11,7 @@ fn lease_named(partition: &str) -> LeaseRequest {
     LeaseRequest {
         partition: Some(partition.to_string()),
         best: None,
+        allow_unisolated: false,
     }
 }
 
@@ -81,8 +82,13 @@ async fn lend_find_lease_run_release_bill_through_the_cli() {
     );
     assert_eq!(listed.json().as_array().unwrap().len(), 2);
 
-    // Find: cheapest first, then best fit (2 vCPU before 4 vCPU at equal price).
-    let found = cli(&url, Some(&borrower_token), &["find", "--output", "json"]);
+    // Find: cheapest first, then best fit (2 vCPU before 4 vCPU at equal
+    // price); alpha's `process` partition only with the opt-in.
+    let found = cli(
+        &url,
+        Some(&borrower_token),
+        &["find", "--allow-unisolated", "--output", "json"],
+    );
     assert_eq!(found.code, 0, "{}", found.stderr);
     let order: Vec<String> = found.json()["offers"]
         .as_array()
@@ -116,7 +122,7 @@ async fn lend_find_lease_run_release_bill_through_the_cli() {
     let leased = cli(
         &url,
         Some(&borrower_token),
-        &["lease", "alpha/1", "--output", "json"],
+        &["lease", "alpha/1", "--allow-unisolated", "--output", "json"],
     );
     assert_eq!(leased.code, 0, "{}", leased.stderr);
     let lease = leased.json();
@@ -199,7 +205,14 @@ async fn lend_find_lease_run_release_bill_through_the_cli() {
     let found = cli(
         &url,
         Some(&borrower_token),
-        &["find", "--min-cpu-cap", "50", "--output", "json"],
+        &[
+            "find",
+            "--min-cpu-cap",
+            "50",
+            "--allow-unisolated",
+            "--output",
+            "json",
+        ],
     );
     assert!(found.stdout.contains("\"alpha\""), "{}", found.stdout);
 
@@ -448,7 +461,7 @@ async fn an_expired_key_is_refused() {
     let lease = cli(
         &url,
         Some(&token),
-        &["lease", "alpha/1", "--output", "json"],
+        &["lease", "alpha/1", "--allow-unisolated", "--output", "json"],
     )
     .json();
     let run = cli(

@@ -269,6 +269,7 @@ async fn an_oci_agent_killed_mid_job_cleans_up_when_it_restarts() {
         .lease(&leasehold_api::LeaseRequest {
             partition: Some("ocihost/1".into()),
             best: None,
+            allow_unisolated: false,
         })
         .await
         .unwrap();

@@ -6,10 +6,13 @@ mod common;
 use common::{cli, spawn_ready, terms, Cluster};
 use leasehold_api::{Client, LeaseRequest, RegisterHostRequest, Role, SubmitJobRequest};
 
+/// A named lease; these tests run `process` agents too, whose partitions
+/// need the opt-in (tests/unisolated.rs checks the refusal without it).
 fn lease_named(partition: &str) -> LeaseRequest {
     LeaseRequest {
         partition: Some(partition.to_string()),
         best: None,
+        allow_unisolated: true,
     }
 }
 

@@ -232,6 +232,7 @@ async fn a_rotated_signing_key_is_trusted_by_running_agents_while_old_keys_stay_
     let lease = |name: &str| LeaseRequest {
         partition: Some(name.to_string()),
         best: None,
+        allow_unisolated: false,
     };
     let old = bob.lease(&lease("alpha/1")).await.unwrap();
     let old_key = old.lease_key.clone().unwrap();

@@ -10,7 +10,15 @@ fn named(partition: &str) -> LeaseRequest {
     LeaseRequest {
         partition: Some(partition.to_string()),
         best: None,
+        allow_unisolated: false,
     }
+}
+
+/// Terms as the lender states them at the broker: the same isolation the
+/// agent's sim driver stamps (a lender copies it from the broker's record).
+fn simulated(mut terms: leasehold_core::Terms) -> leasehold_core::Terms {
+    terms.isolation = Some(leasehold_core::Isolation::Simulated);
+    terms
 }
 
 /// What the partition was built with, as its job sees it.
@@ -41,7 +49,7 @@ async fn the_job_sees_the_terms_that_were_billed_whichever_side_altered_them() {
     let (_, bob) = cluster.borrower("bob").await;
 
     // Altered at the broker, where the agent's copy does not follow.
-    let at_broker = terms(2, 512, "busybox", 3000);
+    let at_broker = simulated(terms(2, 512, "busybox", 3000));
     cluster
         .lender()
         .register_partition(
@@ -66,7 +74,7 @@ async fn the_job_sees_the_terms_that_were_billed_whichever_side_altered_them() {
     bob.release(lease.lease_id).await.unwrap();
 
     // Altered at the agent, which registers the change with the broker.
-    let at_agent = terms(1, 384, "busybox", 2000);
+    let at_agent = simulated(terms(1, 384, "busybox", 2000));
     agent.agent_alter_partition(1, &at_agent).await.unwrap();
     let lease = bob.lease(&named("alpha/1")).await.unwrap();
     assert_eq!(lease.terms, at_agent);
@@ -77,7 +85,7 @@ async fn the_job_sees_the_terms_that_were_billed_whichever_side_altered_them() {
     // Altered at the broker while the agent is away: the agent takes the
     // broker's record when it comes back.
     cluster.stop_agent("alpha");
-    let while_away = terms(1, 640, "busybox", 2500);
+    let while_away = simulated(terms(1, 640, "busybox", 2500));
     cluster
         .lender()
         .register_partition(

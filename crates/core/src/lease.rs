@@ -25,6 +25,9 @@ pub enum LeaseRefusal {
     Conflict { lease_id: LeaseId },
     /// The lender withdrew the partition.
     Withdrawn,
+    /// The partition runs jobs without isolation and the borrower did not
+    /// opt in to that.
+    Unisolated,
 }
 
 /// Can a new lease be concluded on a partition in this status?
@@ -34,6 +37,16 @@ pub fn decide_lease(status: PartitionStatus) -> Result<(), LeaseRefusal> {
         PartitionStatus::Leased { lease_id } => Err(LeaseRefusal::Conflict { lease_id }),
         PartitionStatus::Withdrawn => Err(LeaseRefusal::Withdrawn),
     }
+}
+
+/// No silent fallback to a weaker isolation: an unisolated partition (or
+/// one whose isolation is unknown) is leased only by a borrower who asked
+/// for that explicitly, even when it names the partition.
+pub fn decide_isolation(terms: &Terms, allow_unisolated: bool) -> Result<(), LeaseRefusal> {
+    if terms.is_unisolated() && !allow_unisolated {
+        return Err(LeaseRefusal::Unisolated);
+    }
+    Ok(())
 }
 
 /// Why a lender may not alter or withdraw a partition now.
@@ -160,6 +173,31 @@ mod tests {
             Err(AlterRefusal::Locked { lease_id: 4 })
         );
         assert_eq!(decide_alter(PartitionStatus::Free), Ok(()));
+    }
+
+    #[test]
+    fn unisolated_partitions_need_the_opt_in() {
+        use crate::terms::Isolation;
+        let check =
+            |isolation: Option<Isolation>, allow: bool, expect: Result<(), LeaseRefusal>| {
+                let terms = Terms {
+                    isolation,
+                    ..sample_terms()
+                };
+                assert_eq!(
+                    decide_isolation(&terms, allow),
+                    expect,
+                    "{isolation:?} {allow}"
+                );
+            };
+        check(Some(Isolation::None), false, Err(LeaseRefusal::Unisolated));
+        // An unknown isolation (a row from before it was recorded) is no
+        // excuse to hand out an unisolated partition.
+        check(None, false, Err(LeaseRefusal::Unisolated));
+        check(Some(Isolation::None), true, Ok(()));
+        check(None, true, Ok(()));
+        check(Some(Isolation::Container), false, Ok(()));
+        check(Some(Isolation::Simulated), false, Ok(()));
     }
 
     #[test]

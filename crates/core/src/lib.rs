@@ -18,4 +18,4 @@ pub mod terms;
 
 pub use error::{CoreError, FieldError};
 pub use ids::{HostId, LeaseId, PartitionRef};
-pub use terms::{HostCapacity, Requirements, Terms};
+pub use terms::{HostCapacity, Isolation, Requirements, Terms};

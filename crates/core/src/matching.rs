@@ -19,16 +19,19 @@ pub enum Requirement {
     MinDiskGib,
     Image,
     MaxPricePerHourMicros,
+    /// The partition is unisolated and the borrower did not opt in.
+    AllowUnisolated,
 }
 
 impl Requirement {
-    pub const ALL: [Requirement; 6] = [
+    pub const ALL: [Requirement; 7] = [
         Requirement::MinVcpus,
         Requirement::MinCpuCapPercent,
         Requirement::MinMemoryMib,
         Requirement::MinDiskGib,
         Requirement::Image,
         Requirement::MaxPricePerHourMicros,
+        Requirement::AllowUnisolated,
     ];
 
     pub fn field_name(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Requirement {
             Requirement::MinDiskGib => "min_disk_gib",
             Requirement::Image => "image",
             Requirement::MaxPricePerHourMicros => "max_price_per_hour_micros",
+            Requirement::AllowUnisolated => "allow_unisolated",
         }
     }
 }
@@ -82,6 +86,9 @@ pub fn failed_requirements(terms: &Terms, requirements: &Requirements) -> Vec<Re
     {
         failed.push(Requirement::MaxPricePerHourMicros);
     }
+    if !requirements.allow_unisolated && terms.is_unisolated() {
+        failed.push(Requirement::AllowUnisolated);
+    }
     failed
 }
 
@@ -114,29 +121,40 @@ impl FitKey {
 }
 
 /// The free partitions, ordered by [`FitKey`], so that a find walks them in
-/// answer order and stops as soon as it has enough matches.
+/// answer order and stops as soon as it has enough matches. Unisolated
+/// partitions sit in a map of their own: a find without the opt-in never
+/// walks them, and one with it merges the two maps in answer order.
 #[derive(Debug, Default, Clone)]
 pub struct FreeIndex {
-    by_fit: BTreeMap<FitKey, Terms>,
+    isolated_by_fit: BTreeMap<FitKey, Terms>,
+    unisolated_by_fit: BTreeMap<FitKey, Terms>,
 }
 
 impl FreeIndex {
+    fn map_for(&mut self, terms: &Terms) -> &mut BTreeMap<FitKey, Terms> {
+        if terms.is_unisolated() {
+            &mut self.unisolated_by_fit
+        } else {
+            &mut self.isolated_by_fit
+        }
+    }
+
     pub fn insert(&mut self, partition: PartitionRef, terms: Terms) {
-        self.by_fit.insert(FitKey::new(partition, &terms), terms);
+        let key = FitKey::new(partition, &terms);
+        self.map_for(&terms).insert(key, terms);
     }
 
     pub fn remove(&mut self, partition: &PartitionRef, terms: &Terms) -> bool {
-        self.by_fit
-            .remove(&FitKey::new(partition.clone(), terms))
-            .is_some()
+        let key = FitKey::new(partition.clone(), terms);
+        self.map_for(terms).remove(&key).is_some()
     }
 
     pub fn len(&self) -> usize {
-        self.by_fit.len()
+        self.isolated_by_fit.len() + self.unisolated_by_fit.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_fit.is_empty()
+        self.len() == 0
     }
 
     /// Up to `limit` matching free partitions, in answer order.
@@ -145,10 +163,15 @@ impl FreeIndex {
         if limit == 0 {
             return found;
         }
-        let mut range = self.by_fit.iter();
+        let isolated = self.isolated_by_fit.iter();
+        let unisolated = requirements
+            .allow_unisolated
+            .then(|| self.unisolated_by_fit.iter())
+            .into_iter()
+            .flatten();
         // Prices above the maximum can never match: skip walking them.
         let max_price = requirements.max_price_per_hour_micros.unwrap_or(u64::MAX);
-        for (key, terms) in range.by_ref() {
+        for (key, terms) in merge_in_order(isolated, unisolated) {
             if key.price_per_hour_micros > max_price {
                 break;
             }
@@ -161,6 +184,20 @@ impl FreeIndex {
         }
         found
     }
+}
+
+/// Merges two iterators sorted by key into one sorted by key.
+fn merge_in_order<'a>(
+    left: impl Iterator<Item = (&'a FitKey, &'a Terms)>,
+    right: impl Iterator<Item = (&'a FitKey, &'a Terms)>,
+) -> impl Iterator<Item = (&'a FitKey, &'a Terms)> {
+    let mut left = left.peekable();
+    let mut right = right.peekable();
+    std::iter::from_fn(move || match (left.peek(), right.peek()) {
+        (Some((l, _)), Some((r, _))) if r < l => right.next(),
+        (Some(_), _) => left.next(),
+        (None, _) => right.next(),
+    })
 }
 
 /// The reference answer: filter everything, sort by [`FitKey`]. Used by tests
@@ -217,7 +254,7 @@ pub fn explain_no_match<'a>(
 ) -> NoMatchExplanation {
     let mut considered = 0u64;
     let mut leased_count = 0u64;
-    let mut counts = [0u64; 6];
+    let mut counts = [0u64; Requirement::ALL.len()];
     // (number of failures incl. leased, fit key) -> miss; kept small.
     let mut nearest: Vec<(usize, FitKey, NearMiss)> = Vec::new();
     for (partition, terms, leased) in partitions {
@@ -274,7 +311,7 @@ pub fn explain_no_match<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::terms::sample_terms;
+    use crate::terms::{sample_terms, Isolation};
     use proptest::prelude::*;
 
     fn terms_strategy() -> impl Strategy<Value = Terms> {
@@ -285,15 +322,24 @@ mod tests {
             1u64..100,
             0usize..3,
             0u64..50,
+            0usize..4,
         )
-            .prop_map(|(vcpus, cap, memory, disk, image, price)| Terms {
-                vcpus,
-                cpu_cap_percent: cap,
-                memory_mib: memory,
-                disk_gib: disk,
-                images: vec![["busybox", "debian", "alpine"][image].to_string()],
-                price_per_hour_micros: price * 1000,
-            })
+            .prop_map(
+                |(vcpus, cap, memory, disk, image, price, isolation)| Terms {
+                    vcpus,
+                    cpu_cap_percent: cap,
+                    memory_mib: memory,
+                    disk_gib: disk,
+                    images: vec![["busybox", "debian", "alpine"][image].to_string()],
+                    price_per_hour_micros: price * 1000,
+                    isolation: [
+                        None,
+                        Some(Isolation::None),
+                        Some(Isolation::Simulated),
+                        Some(Isolation::Container),
+                    ][isolation],
+                },
+            )
     }
 
     fn requirements_strategy() -> impl Strategy<Value = Requirements> {
@@ -304,14 +350,16 @@ mod tests {
             proptest::option::of(1u64..100),
             proptest::option::of(0usize..4),
             proptest::option::of(0u64..50),
+            any::<bool>(),
         )
-            .prop_map(|(v, c, m, d, i, p)| Requirements {
+            .prop_map(|(v, c, m, d, i, p, allow_unisolated)| Requirements {
                 min_vcpus: v,
                 min_cpu_cap_percent: c,
                 min_memory_mib: m,
                 min_disk_gib: d,
                 image: i.map(|i| ["busybox", "debian", "alpine", "windows"][i].to_string()),
                 max_price_per_hour_micros: p.map(|p| p * 1000),
+                allow_unisolated,
             })
     }
 
@@ -398,6 +446,74 @@ mod tests {
         assert_eq!(
             explanation.nearest_misses[0].failed,
             vec![Requirement::MinVcpus]
+        );
+    }
+
+    fn with_isolation(isolation: Option<Isolation>, price: u64) -> Terms {
+        Terms {
+            isolation,
+            price_per_hour_micros: price,
+            ..sample_terms()
+        }
+    }
+
+    #[test]
+    fn unisolated_partitions_are_found_only_with_the_opt_in() {
+        let mut index = FreeIndex::default();
+        // The unisolated ones are the cheapest, so a find that walked them
+        // without the opt-in would meet them first.
+        index.insert(
+            PartitionRef::new("p", 1),
+            with_isolation(Some(Isolation::None), 1),
+        );
+        index.insert(PartitionRef::new("old", 1), with_isolation(None, 2));
+        index.insert(
+            PartitionRef::new("c", 1),
+            with_isolation(Some(Isolation::Container), 3),
+        );
+        index.insert(
+            PartitionRef::new("s", 1),
+            with_isolation(Some(Isolation::Simulated), 4),
+        );
+        let names = |index: &FreeIndex, requirements: &Requirements| -> Vec<String> {
+            index
+                .find(requirements, 10)
+                .into_iter()
+                .map(|(p, _)| p.to_string())
+                .collect()
+        };
+        assert_eq!(names(&index, &Requirements::default()), ["c/1", "s/1"]);
+        let opted_in = Requirements {
+            allow_unisolated: true,
+            ..Default::default()
+        };
+        assert_eq!(names(&index, &opted_in), ["p/1", "old/1", "c/1", "s/1"]);
+        assert_eq!(index.len(), 4);
+        assert!(index.remove(
+            &PartitionRef::new("p", 1),
+            &with_isolation(Some(Isolation::None), 1)
+        ));
+        assert_eq!(names(&index, &opted_in), ["old/1", "c/1", "s/1"]);
+    }
+
+    #[test]
+    fn explanation_counts_the_unisolated() {
+        let unisolated = with_isolation(Some(Isolation::None), 1);
+        let partition = PartitionRef::new("p", 1);
+        let explanation = explain_no_match(
+            [(&partition, &unisolated, false)].into_iter(),
+            &Requirements::default(),
+        );
+        assert_eq!(
+            explanation.ruled_out_by,
+            vec![RuledOut {
+                requirement: Requirement::AllowUnisolated,
+                partitions: 1
+            }]
+        );
+        assert_eq!(
+            Requirement::AllowUnisolated.field_name(),
+            "allow_unisolated"
         );
     }
 }

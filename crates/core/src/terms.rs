@@ -24,9 +24,44 @@ pub struct Terms {
     /// The images (operating systems) this partition can boot.
     pub images: Vec<String>,
     pub price_per_hour_micros: u64,
+    /// How strongly the partition's jobs are kept apart from the host and
+    /// from each other. The host's agent sets it from its driver; absent in
+    /// rows written before it existed, and then treated as unisolated until
+    /// the agent states it again at its next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+}
+
+/// The isolation a partition driver gives its jobs, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Plain processes of the host (`process` driver): same file system,
+    /// same kernel view, for trusted borrowers only.
+    None,
+    /// Jobs that run nowhere real (`sim` driver): nothing to escape from.
+    Simulated,
+    /// Containers with their own namespaces, cgroup and seccomp (`oci`).
+    Container,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::None => "none",
+            Isolation::Simulated => "simulated",
+            Isolation::Container => "container",
+        }
+    }
 }
 
 impl Terms {
+    /// Whether a borrower must opt in to lease this partition: its isolation
+    /// is `none`, or unknown (an old row, or a lender that did not say).
+    pub fn is_unisolated(&self) -> bool {
+        matches!(self.isolation, None | Some(Isolation::None))
+    }
+
     /// CPU in hundredths of a core: what this partition takes from its host.
     pub fn cpu_centicores(&self) -> u64 {
         self.vcpus as u64 * self.cpu_cap_percent as u64
@@ -125,6 +160,10 @@ pub struct Requirements {
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_price_per_hour_micros: Option<u64>,
+    /// The borrower accepts partitions without isolation (the `process`
+    /// driver). Off unless asked: nobody gets one by accident.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unisolated: bool,
 }
 
 impl Requirements {
@@ -221,6 +260,7 @@ pub(crate) fn sample_terms() -> Terms {
         disk_gib: 10,
         images: vec!["busybox".into()],
         price_per_hour_micros: 100_000,
+        isolation: Some(Isolation::Container),
     }
 }
 

@@ -82,6 +82,7 @@ fn partition_from_row(row: &Row<'_>) -> rusqlite::Result<(AgentPartitionRow, Str
                 disk_gib: 0,
                 images: vec![],
                 price_per_hour_micros: 0,
+                isolation: None,
             },
             registered: row.get(2)?,
             epoch: row.get::<_, i64>(3)? as u64,
@@ -302,6 +303,7 @@ mod tests {
             disk_gib: 1,
             images: vec!["host".into()],
             price_per_hour_micros: 3600,
+            isolation: None,
         }
     }
 

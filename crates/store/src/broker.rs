@@ -180,6 +180,7 @@ fn lease_from_row(row: &Row<'_>) -> rusqlite::Result<(Lease, String)> {
                 disk_gib: 0,
                 images: vec![],
                 price_per_hour_micros: 0,
+                isolation: None,
             },
             epoch: row.get::<_, i64>(6)? as u64,
             started_at_ms: row.get::<_, i64>(7)? as u64,
@@ -547,6 +548,7 @@ mod tests {
             disk_gib: 1,
             images: vec!["busybox".into()],
             price_per_hour_micros: 3600,
+            isolation: None,
         }
     }
 

@@ -8,7 +8,7 @@ pub mod oci;
 pub mod process;
 pub mod sim;
 
-use leasehold_core::Terms;
+use leasehold_core::{Isolation, Terms};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -117,6 +117,18 @@ pub enum DriverKind {
         instance: String,
         images: std::sync::Arc<dyn oci::ImageSource>,
     },
+}
+
+impl DriverKind {
+    /// The isolation this driver gives its jobs: the agent writes it into
+    /// every partition's terms, so no lender can claim more than it gives.
+    pub fn isolation(&self) -> Isolation {
+        match self {
+            DriverKind::Process { .. } => Isolation::None,
+            DriverKind::Sim { .. } => Isolation::Simulated,
+            DriverKind::Oci { .. } => Isolation::Container,
+        }
+    }
 }
 
 pub fn make_driver(kind: &DriverKind) -> Result<Box<dyn PartitionDriver>, String> {

@@ -110,6 +110,7 @@ async fn main() -> Result<()> {
             disk_gib: 1,
             images: vec!["busybox".into()],
             price_per_hour_micros: 1000,
+            isolation: None,
         })
         .await?;
     let borrower_client = Client::new(&broker.url(), Some(borrower));
@@ -117,6 +118,7 @@ async fn main() -> Result<()> {
         .lease(&LeaseRequest {
             partition: Some("bench/1".into()),
             best: None,
+            allow_unisolated: false,
         })
         .await?;
     let request = SubmitJobRequest {

@@ -264,6 +264,7 @@ pub fn terms(
         disk_gib: 1,
         images: vec![image.to_string()],
         price_per_hour_micros,
+        isolation: None,
     }
 }
 
