@@ -661,13 +661,9 @@ async fn partitions_have_their_own_host_uids_and_cannot_read_or_signal_each_othe
     }
     let signalled = busybox_as(b_uid, b_gid, &["kill", "-STOP", &a_pid.to_string()]);
     assert!(
-        !signalled.status.success(),
+        !signalled.status.success()
+            && String::from_utf8_lossy(&signalled.stderr).contains("Operation not permitted"),
         "B stopped A's process: {signalled:?}"
-    );
-    let state = std::fs::read_to_string(format!("/proc/{a_pid}/status")).unwrap();
-    assert!(
-        !state.contains("State:\tT"),
-        "A's process was stopped: {state}"
     );
     // From inside B's job, A's processes and files are nowhere to be seen.
     b_cancel.send(true).unwrap();
