@@ -464,6 +464,7 @@ const SYSCALL_PROBE_C: &str = r#"
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <sys/ptrace.h>
+#include <sys/socket.h>
 #include <unistd.h>
 static char stack[65536];
 static int child(void *arg) { (void)arg; return 0; }
@@ -475,12 +476,19 @@ int main(void) {
     printf("clone3=%s\n", r < 0 ? strerror(errno) : "allowed");
     r = ptrace(PTRACE_TRACEME, 0, 0, 0);
     printf("ptrace=%s\n", r < 0 ? strerror(errno) : "allowed");
+    /* Not on the allow-list (nor on the old deny-list): refused by default. */
+    r = syscall(SYS_get_mempolicy, NULL, NULL, 0, NULL, 0);
+    printf("unlisted=%s\n", r < 0 ? strerror(errno) : "allowed");
+    r = socket(40 /* AF_VSOCK */, SOCK_STREAM, 0);
+    printf("vsock=%s\n", r < 0 ? strerror(errno) : "allowed");
+    r = socket(AF_INET, SOCK_STREAM, 0);
+    printf("inet=%s\n", r < 0 ? strerror(errno) : "allowed");
     return 0;
 }
 "#;
 
 #[tokio::test]
-async fn ptrace_and_new_namespaces_are_refused_by_seccomp() {
+async fn seccomp_allows_by_name_and_refuses_ptrace_new_namespaces_and_the_unlisted() {
     require_oci!();
     let f = fixture();
     let p = partition(1, 128, 100);
@@ -504,6 +512,13 @@ async fn ptrace_and_new_namespaces_are_refused_by_seccomp() {
     assert!(
         out.stdout.contains("ptrace=Operation not permitted"),
         "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("unlisted=Operation not permitted")
+            && out.stdout.contains("vsock=Operation not permitted")
+            && out.stdout.contains("inet=allowed"),
+        "an allow-list: what is not listed is refused, sockets by family: {}",
         out.stdout
     );
 }
