@@ -137,6 +137,22 @@ pub fn probe() -> Result<(), String> {
     if !Path::new("/proc/self/ns/user").exists() {
         return Err("the kernel has no user namespaces: partitions would share a uid".into());
     }
+    // The agent makes each job's user namespace as the partition's
+    // unprivileged host uid (see `userns`), which these settings forbid.
+    for (setting, fix) in [
+        (
+            "/proc/sys/kernel/unprivileged_userns_clone",
+            "sysctl kernel.unprivileged_userns_clone=1",
+        ),
+        (
+            "/proc/sys/user/max_user_namespaces",
+            "sysctl user.max_user_namespaces=15000",
+        ),
+    ] {
+        if std::fs::read_to_string(setting).is_ok_and(|value| value.trim() == "0") {
+            return Err(format!("{setting} is 0: user namespaces are off ({fix})"));
+        }
+    }
     Cgroups::detect().map(|_| ())
 }
 
@@ -423,9 +439,9 @@ impl OciDriver {
         })
     }
 
-    async fn run(&self, job: JobSpec) -> Result<JobOutcome, DriverError> {
-        let index = job.partition.index;
-        let (work, ids) = self.ensure_ready(&job.partition)?;
+    /// The absolute root filesystem of the job's image, reachable by runc
+    /// from inside the job's user namespace.
+    async fn job_rootfs(&self, job: &JobSpec) -> Result<PathBuf, DriverError> {
         let image = match &job.image {
             Some(image) => image.clone(),
             None => job
@@ -442,8 +458,20 @@ impl OciDriver {
             DriverError::Image(format!("image '{image}' at {}: {e}", rootfs.display()))
         })?;
         allow_traversal_to(&rootfs).map_err(DriverError::Image)?;
-        // Lives until the job ends, so the namespace is there when runc joins.
-        let holder = NamespaceHolder::start(ids).map_err(DriverError::Start)?;
+        Ok(rootfs)
+    }
+
+    /// Writes a job's bundle (its config.json); answers the container id
+    /// and the bundle directory.
+    fn write_bundle(
+        &self,
+        job: &JobSpec,
+        rootfs: &Path,
+        work: &Path,
+        ids: IdRange,
+        holder: &NamespaceHolder,
+    ) -> Result<(String, PathBuf), DriverError> {
+        let index = job.partition.index;
         let sequence = self
             .job_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -455,12 +483,11 @@ impl OciDriver {
         let bundle = self.partition_dir(index).join("bundles").join(&id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| DriverError::Start(format!("create {}: {e}", bundle.display())))?;
-        let group = self.group_name(index);
         let config = self.config(&ContainerJob {
-            rootfs: &rootfs,
-            work: &work,
+            rootfs,
+            work,
             command: &job.command,
-            cgroup_path: &Cgroups::job_path(&group, &id),
+            cgroup_path: &Cgroups::job_path(&self.group_name(index), &id),
             hostname: &format!("partition-{index}"),
             ids,
             user_namespace: &holder.namespace_path(),
@@ -470,6 +497,16 @@ impl OciDriver {
             serde_json::to_vec_pretty(&config).expect("config serializes"),
         )
         .map_err(|e| DriverError::Start(format!("write config.json: {e}")))?;
+        Ok((id, bundle))
+    }
+
+    async fn run(&self, job: JobSpec) -> Result<JobOutcome, DriverError> {
+        let (work, ids) = self.ensure_ready(&job.partition)?;
+        let rootfs = self.job_rootfs(&job).await?;
+        // Lives until the job ends, so the namespace is there when runc joins.
+        let holder = NamespaceHolder::start(ids).map_err(DriverError::Start)?;
+        let (id, bundle) = self.write_bundle(&job, &rootfs, &work, ids, &holder)?;
+        let group = self.group_name(job.partition.index);
         self.cgroups.reset_peak(&group);
         let before = self.cgroups.counters(&group);
         let started = Instant::now();
