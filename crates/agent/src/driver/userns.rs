@@ -65,6 +65,10 @@ struct ClaimsLock {
 
 fn lock_claims(dir: &Path) -> Result<ClaimsLock, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // The claims name every partition directory of the machine: root's only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
     let path = dir.join(".lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
