@@ -845,3 +845,48 @@ async fn proc_is_masked_and_read_only_where_runc_masks_it() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn a_disk_left_by_the_shared_uid_is_given_to_the_partition_without_following_links() {
+    require_oci!();
+    let f = fixture();
+    let p = partition(1, 128, 100);
+    let out = run(
+        &f.driver,
+        &p,
+        "echo old > /work/old && ln -s /etc/hostname /work/escape",
+        None,
+    )
+    .await;
+    assert_eq!(out.end, JobEnd::Exited(0), "{out:?}");
+    // As the driver before uid ranges left it: everything owned by 65534,
+    // and a host file a symlink in /work points at (a job chose the target).
+    let work = f.root.join("partition-1/disk/work");
+    let outside = f.root.join("outside");
+    std::fs::write(&outside, "host's\n").unwrap();
+    std::fs::remove_file(work.join("escape")).unwrap();
+    std::os::unix::fs::symlink(&outside, work.join("escape")).unwrap();
+    let chowned = std::process::Command::new("chown")
+        .args(["-R", "-h", "65534:65534"])
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(chowned.success());
+    let out = run(
+        &f.driver,
+        &p,
+        "echo new >> /work/old && cat /work/old",
+        None,
+    )
+    .await;
+    assert_eq!(
+        out.stdout, "old\nnew\n",
+        "the job owns its old files again: {out:?}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().uid(),
+        0,
+        "the chown did not follow the job's symlink"
+    );
+}

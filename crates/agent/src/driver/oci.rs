@@ -196,21 +196,15 @@ fn give_to(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
     if metadata.uid() == uid && metadata.gid() == gid {
         return Ok(());
     }
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(path) = pending.pop() {
-        // lchown: a job's symlink must not hand it a file outside /work.
-        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-            .map_err(|e| format!("chown {}: {e}", path.display()))?;
-        let is_dir = std::fs::symlink_metadata(&path)
-            .map(|m| m.is_dir())
-            .unwrap_or(false);
-        if is_dir {
-            let entries =
-                std::fs::read_dir(&path).map_err(|e| format!("list {}: {e}", path.display()))?;
-            pending.extend(entries.flatten().map(|entry| entry.path()));
-        }
-    }
-    Ok(())
+    // coreutils' chown walks with openat and never follows a symlink (-P is
+    // its default with -R; -h changes links, not their targets), so files
+    // the job made cannot lead root's chown out of /work.
+    let dir_text = dir.display().to_string();
+    run_quiet(
+        "chown",
+        &["-R", "-h", "-P", &format!("{uid}:{gid}"), "--", &dir_text],
+    )
+    .map(|_| ())
 }
 
 /// Lets everyone traverse (not list) the directories above an image's root
