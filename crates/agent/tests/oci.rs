@@ -97,6 +97,11 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
+    // Open to everyone, like an agent's data directory under /var/lib: the
+    // driver's own modes, not the test's temporary directory, must be what
+    // keeps other users out.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let images = Arc::new(LocalImages {
         rootfs: busybox_rootfs(dir.path()),
     });
@@ -174,7 +179,8 @@ async fn a_job_is_isolated_in_its_partition() {
         "id -u; hostname; ps -o pid | wc -l; ls /; ls /work; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; \
          grep -E '^(Seccomp|NoNewPrivs|CapEff):' /proc/self/status; \
          mount -t tmpfs none /tmp 2>&1 && echo MOUNTED; unshare -r true 2>&1 && echo UNSHARED; \
-         touch /etc/x 2>&1 || echo ROOT_READ_ONLY; touch /work/mine && echo WORK_WRITABLE",
+         touch /etc/x 2>&1 || echo ROOT_READ_ONLY; touch /work/mine && echo WORK_WRITABLE; \
+         echo nofile=$(ulimit -n) core=$(ulimit -c); cat /proc/self/uid_map",
         None,
     )
     .await;
@@ -222,6 +228,26 @@ async fn a_job_is_isolated_in_its_partition() {
         out.stdout
     );
     assert!(out.peak_memory_bytes.unwrap() > 0);
+    assert!(
+        out.stdout.contains("nofile=4096 core=0\n"),
+        "{}",
+        out.stdout
+    );
+    // Its own user namespace: ids 0..65536 inside are the partition's range.
+    let mapping: Vec<u64> = out
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!((mapping[0], mapping[2]), (0, 65536), "{}", out.stdout);
+    assert!(
+        mapping[1] >= 1 << 30,
+        "mapped far from host users: {}",
+        out.stdout
+    );
     // The partition keeps its files between jobs; wiping removes everything.
     let again = run(&f.driver, &p, "ls /work", None).await;
     assert_eq!(again.stdout, "mine\n");
@@ -439,6 +465,7 @@ const SYSCALL_PROBE_C: &str = r#"
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <sys/ptrace.h>
+#include <sys/socket.h>
 #include <unistd.h>
 static char stack[65536];
 static int child(void *arg) { (void)arg; return 0; }
@@ -450,41 +477,39 @@ int main(void) {
     printf("clone3=%s\n", r < 0 ? strerror(errno) : "allowed");
     r = ptrace(PTRACE_TRACEME, 0, 0, 0);
     printf("ptrace=%s\n", r < 0 ? strerror(errno) : "allowed");
+    /* Not on the allow-list (nor on the old deny-list): refused by default. */
+    r = syscall(SYS_get_mempolicy, NULL, NULL, 0, NULL, 0);
+    printf("unlisted=%s\n", r < 0 ? strerror(errno) : "allowed");
+    r = socket(40 /* AF_VSOCK */, SOCK_STREAM, 0);
+    printf("vsock=%s\n", r < 0 ? strerror(errno) : "allowed");
+    r = socket(AF_INET, SOCK_STREAM, 0);
+    printf("inet=%s\n", r < 0 ? strerror(errno) : "allowed");
+    /* getpid through the i386 ABI, in a child: the filter knows only the
+       native ABI, so this must not get through. */
+    pid = fork();
+    if (pid == 0) {
+        long got;
+        __asm__ volatile ("int $0x80" : "=a"(got) : "a"(20L) : "memory");
+        _exit(got > 0 ? 0 : 3);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (WIFSIGNALED(status)) printf("int80=killed by signal %d\n", WTERMSIG(status));
+    else printf("int80=exited %d\n", WEXITSTATUS(status));
     return 0;
 }
 "#;
 
 #[tokio::test]
-async fn ptrace_and_new_namespaces_are_refused_by_seccomp() {
+async fn seccomp_allows_by_name_and_refuses_ptrace_new_namespaces_and_the_unlisted() {
     require_oci!();
     let f = fixture();
     let p = partition(1, 128, 100);
     f.driver.build(&p).unwrap();
-    // A static binary, so it runs in the busybox image; built on the host.
-    let source = f.root.join("probe.c");
-    std::fs::write(&source, SYSCALL_PROBE_C).unwrap();
-    let probe = f.root.join("partition-1/disk/work/probe");
-    let built = std::process::Command::new("gcc")
-        .args(["-static", "-O1", "-o"])
-        .arg(&probe)
-        .arg(&source)
-        .output();
-    match built {
-        Ok(output) if output.status.success() => {}
-        Ok(output) => {
-            eprintln!(
-                "skipped: cannot build a static probe (gcc -static; libc6-dev): {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            return;
-        }
-        Err(error) => {
-            eprintln!("skipped: cannot build a static probe: gcc is not usable: {error}");
-            return;
-        }
+    if let Err(reason) = build_static_probe(&f.root, SYSCALL_PROBE_C, &[1]) {
+        eprintln!("skipped: {reason}");
+        return;
     }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = run(&f.driver, &p, "/work/probe", None).await;
     assert_eq!(out.end, JobEnd::Exited(0), "{out:?}");
     assert!(
@@ -501,5 +526,368 @@ async fn ptrace_and_new_namespaces_are_refused_by_seccomp() {
         out.stdout.contains("ptrace=Operation not permitted"),
         "{}",
         out.stdout
+    );
+    assert!(
+        out.stdout.contains("unlisted=Operation not permitted")
+            && out.stdout.contains("vsock=Operation not permitted")
+            && out.stdout.contains("inet=allowed")
+            && !out.stdout.contains("int80=exited 0"),
+        "an allow-list: what is not listed is refused, sockets by family: {}",
+        out.stdout
+    );
+}
+
+/// Builds a static C probe (so it runs in the busybox image) on the host
+/// into the `/work` of each partition in `indexes` (already built); the
+/// reason when this host cannot.
+fn build_static_probe(root: &Path, source_text: &str, indexes: &[u32]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let source = root.join("probe.c");
+    let binary = root.join("probe");
+    std::fs::write(&source, source_text).unwrap();
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .map_err(|e| format!("cannot build a static probe: gcc is not usable: {e}"))?;
+    if !built.status.success() {
+        return Err(format!(
+            "cannot build a static probe (gcc -static; libc6-dev): {}",
+            String::from_utf8_lossy(&built.stderr)
+        ));
+    }
+    for index in indexes {
+        let target = root.join(format!("partition-{index}/disk/work/probe"));
+        std::fs::copy(&binary, &target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    Ok(())
+}
+
+/// A job that runs until cancelled, and the switch that cancels it.
+fn long_job(
+    driver: Arc<OciDriver>,
+    partition: &PartitionSpec,
+    script: &str,
+) -> (
+    tokio::task::JoinHandle<JobOutcome>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    driver.build(partition).unwrap();
+    let (cancel, cancelled) = tokio::sync::watch::channel(false);
+    let spec = JobSpec {
+        partition: partition.clone(),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        timeout: Some(std::time::Duration::from_secs(120)),
+        image: None,
+        cancel: cancelled,
+        output: None,
+    };
+    let handle = tokio::spawn(async move { driver.run_job(spec).await.unwrap() });
+    (handle, cancel)
+}
+
+/// Makes a FIFO in a partition's /work (through a job, so it is the job's)
+/// and answers its host path.
+async fn make_fifo(f: &Fixture, index: u32, name: &str) -> PathBuf {
+    let out = run(
+        &f.driver,
+        &partition(index, 128, 100),
+        &format!("mkfifo /work/{name}"),
+        None,
+    )
+    .await;
+    assert_eq!(out.end, JobEnd::Exited(0), "{out:?}");
+    f.root.join(format!("partition-{index}/disk/work/{name}"))
+}
+
+/// Reads one message from a FIFO a job writes to when it is ready.
+async fn wait_for(fifo: PathBuf) -> String {
+    tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo).unwrap())
+        .await
+        .unwrap()
+}
+
+/// Host pids of the processes of partition `index`'s jobs, found by their
+/// cgroup.
+fn host_pids_of_partition(instance: &str, index: u32) -> Vec<u32> {
+    let needle = format!("/leasehold/{instance}-p{index}/");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .map(|text| text.contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// The real uid and gid of a host process.
+fn host_ids_of(pid: u32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u32 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+/// Runs host busybox as `uid`:`gid` (no supplementary groups), the way a
+/// process of that user on the host would.
+fn busybox_as(uid: u32, gid: u32, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(busybox().unwrap())
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn partitions_have_their_own_host_uids_and_cannot_read_or_signal_each_other() {
+    require_oci!();
+    let f = fixture();
+    let (a, b) = (partition(1, 128, 100), partition(2, 128, 100));
+    let a_ready = make_fifo(&f, 1, "ready").await;
+    let b_ready = make_fifo(&f, 2, "ready").await;
+    let driver = Arc::new(f.driver_clone());
+    let (a_job, a_cancel) = long_job(
+        driver.clone(),
+        &a,
+        "echo s3cret > /work/secret && chmod 600 /work/secret && echo go > /work/ready; exec sleep 600",
+    );
+    let (b_job, b_cancel) = long_job(driver.clone(), &b, "echo go > /work/ready; exec sleep 600");
+    assert_eq!(wait_for(a_ready).await, "go\n");
+    assert_eq!(wait_for(b_ready).await, "go\n");
+    let a_pid = host_pids_of_partition(&f.instance, 1)[0];
+    let b_pid = host_pids_of_partition(&f.instance, 2)[0];
+    let (a_uid, a_gid) = host_ids_of(a_pid);
+    let (b_uid, b_gid) = host_ids_of(b_pid);
+    assert_ne!(a_uid, b_uid, "partitions never share a host uid");
+    assert_ne!(a_gid, b_gid, "nor a host gid");
+    for uid in [a_uid, b_uid] {
+        assert!(
+            uid != 0 && uid != 65534,
+            "an unprivileged uid of its own: {uid}"
+        );
+    }
+    let through_proc = format!("/proc/{a_pid}/root/work/secret");
+    // The way in is real (root reads the file through it); from another
+    // user namespace it needs CAP_SYS_PTRACE, and B's uid must not own it.
+    assert_eq!(std::fs::read_to_string(&through_proc).unwrap(), "s3cret\n");
+    // B's host uid: through A's root, then straight at A's disk.
+    let direct = f.root.join("partition-1/disk/work/secret");
+    for path in [through_proc.as_str(), direct.to_str().unwrap()] {
+        let stolen = busybox_as(b_uid, b_gid, &["cat", path]);
+        assert!(
+            !stolen.status.success() && !String::from_utf8_lossy(&stolen.stdout).contains("s3cret"),
+            "B read A's file at {path}: {stolen:?}"
+        );
+    }
+    let signalled = busybox_as(b_uid, b_gid, &["kill", "-STOP", &a_pid.to_string()]);
+    assert!(
+        !signalled.status.success()
+            && String::from_utf8_lossy(&signalled.stderr).contains("Operation not permitted"),
+        "B stopped A's process: {signalled:?}"
+    );
+    // From inside B's job, A's processes and files are nowhere to be seen.
+    b_cancel.send(true).unwrap();
+    assert_eq!(b_job.await.unwrap().end, JobEnd::Cancelled);
+    let inside = run(
+        &driver,
+        &b,
+        "cat /proc/[0-9]*/root/work/secret 2>/dev/null; echo done",
+        None,
+    )
+    .await;
+    assert_eq!(inside.stdout, "done\n", "{inside:?}");
+    a_cancel.send(true).unwrap();
+    assert_eq!(a_job.await.unwrap().end, JobEnd::Cancelled);
+}
+
+#[tokio::test]
+async fn the_host_nobody_cannot_read_a_partition_disk() {
+    require_oci!();
+    let f = fixture();
+    let p = partition(1, 128, 100);
+    let out = run(&f.driver, &p, "echo s3cret > /work/secret", None).await;
+    assert_eq!(out.end, JobEnd::Exited(0), "{out:?}");
+    let dir = f.root.join("partition-1");
+    let image = dir.join("disk.img");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&image).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    for args in [
+        vec!["cat", image.to_str().unwrap()],
+        vec!["ls", dir.to_str().unwrap()],
+        vec!["cat", dir.join("disk/work/secret").to_str().unwrap()],
+    ] {
+        let read = busybox_as(65534, 65534, &args);
+        assert!(!read.status.success(), "nobody ran {args:?}: {read:?}");
+        assert!(
+            read.stdout.is_empty() || !String::from_utf8_lossy(&read.stdout).contains("s3cret")
+        );
+    }
+}
+
+/// Creates inotify instances until refused, says how many to a FIFO and
+/// waits (`hog FIFO`); or creates one and says whether it could.
+const INOTIFY_PROBE_C: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/inotify.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc > 2 && strcmp(argv[1], "hog") == 0) {
+        int made = 0, error = 0;
+        while (made < 100000) {
+            if (inotify_init1(0) < 0) { error = errno; break; }
+            made++;
+        }
+        char message[128];
+        int length = snprintf(message, sizeof message, "made=%d error=%s\n", made, strerror(error));
+        int fifo = open(argv[2], O_WRONLY);
+        if (write(fifo, message, length) != length) return 1;
+        close(fifo);
+        pause();
+        return 0;
+    }
+    int fd = inotify_init1(0);
+    printf("inotify=%s\n", fd < 0 ? strerror(errno) : "ok");
+    return 0;
+}
+"#;
+
+#[tokio::test]
+async fn a_partition_using_up_its_inotify_instances_leaves_others_theirs() {
+    require_oci!();
+    let f = fixture();
+    let (a, b) = (partition(1, 128, 100), partition(2, 128, 100));
+    let a_ready = make_fifo(&f, 1, "ready").await;
+    f.driver.build(&b).unwrap();
+    if let Err(reason) = build_static_probe(&f.root, INOTIFY_PROBE_C, &[1, 2]) {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let driver = Arc::new(f.driver_clone());
+    let (a_job, a_cancel) = long_job(driver.clone(), &a, "exec /work/probe hog /work/ready");
+    let hogged = wait_for(a_ready).await;
+    // Refused at the per-user limit (EMFILE), not at some other bound.
+    assert!(hogged.contains("error=Too many open files"), "{hogged}");
+    let b_out = run(&driver, &b, "/work/probe", None).await;
+    // The host's root (this test) is not charged for A's instances either.
+    // SAFETY: inotify_init1 has no preconditions; the fd is closed at once.
+    let host_fd = unsafe { libc::inotify_init1(0) };
+    if host_fd >= 0 {
+        // SAFETY: closing the descriptor just made.
+        unsafe { libc::close(host_fd) };
+    }
+    a_cancel.send(true).unwrap();
+    assert_eq!(a_job.await.unwrap().end, JobEnd::Cancelled);
+    assert_eq!(b_out.stdout, "inotify=ok\n", "{hogged} {b_out:?}");
+    assert!(
+        host_fd >= 0,
+        "root could not make an inotify instance after {hogged}"
+    );
+}
+
+#[tokio::test]
+async fn proc_is_masked_and_read_only_where_runc_masks_it() {
+    require_oci!();
+    let f = fixture();
+    let p = partition(1, 128, 100);
+    // Which masked files this kernel has varies (no /proc/kcore without
+    // CONFIG_PROC_KCORE): check those the host can read something from.
+    let masked: Vec<&str> = [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+    ]
+    .into_iter()
+    .filter(|path| {
+        use std::io::Read;
+        let mut byte = [0u8; 1];
+        std::fs::File::open(path)
+            .and_then(|mut file| file.read(&mut byte))
+            .map(|read| read > 0)
+            .unwrap_or(false)
+    })
+    .collect();
+    let reads: String = masked
+        .iter()
+        .map(|path| format!("echo {path} $(cat {path} 2>/dev/null | wc -c); "))
+        .collect();
+    let out = run(
+        &f.driver,
+        &p,
+        &format!("{reads} echo 1 > /proc/sys/vm/drop_caches || echo SYS_READ_ONLY"),
+        None,
+    )
+    .await;
+    assert!(
+        !masked.is_empty(),
+        "the host has none of the masked files to compare"
+    );
+    for path in &masked {
+        assert!(
+            out.stdout.contains(&format!("{path} 0\n")),
+            "{path} is masked: {out:?}"
+        );
+    }
+    assert!(
+        out.stderr.contains("Read-only file system") && out.stdout.contains("SYS_READ_ONLY"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_disk_left_by_the_shared_uid_is_given_to_the_partition_without_following_links() {
+    require_oci!();
+    let f = fixture();
+    let p = partition(1, 128, 100);
+    let out = run(
+        &f.driver,
+        &p,
+        "echo old > /work/old && ln -s /etc/hostname /work/escape",
+        None,
+    )
+    .await;
+    assert_eq!(out.end, JobEnd::Exited(0), "{out:?}");
+    // As the driver before uid ranges left it: everything owned by 65534,
+    // and a host file a symlink in /work points at (a job chose the target).
+    let work = f.root.join("partition-1/disk/work");
+    let outside = f.root.join("outside");
+    std::fs::write(&outside, "host's\n").unwrap();
+    std::fs::remove_file(work.join("escape")).unwrap();
+    std::os::unix::fs::symlink(&outside, work.join("escape")).unwrap();
+    let chowned = std::process::Command::new("chown")
+        .args(["-R", "-h", "65534:65534"])
+        .arg(&work)
+        .status()
+        .unwrap();
+    assert!(chowned.success());
+    let out = run(
+        &f.driver,
+        &p,
+        "echo new >> /work/old && cat /work/old",
+        None,
+    )
+    .await;
+    assert_eq!(
+        out.stdout, "old\nnew\n",
+        "the job owns its old files again: {out:?}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().uid(),
+        0,
+        "the chown did not follow the job's symlink"
     );
 }

@@ -6,7 +6,9 @@
 pub mod cgroup;
 pub mod oci;
 pub mod process;
+pub mod seccomp;
 pub mod sim;
+pub mod userns;
 
 use leasehold_core::{Isolation, Terms};
 use std::future::Future;

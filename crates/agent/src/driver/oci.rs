@@ -8,10 +8,16 @@
 //! own PID, mount, network (loopback only), UTS and IPC namespaces, the
 //! image's root filesystem read-only, a writable `/work` and `/tmp`, an
 //! unprivileged user with no capabilities, no new privileges, and a seccomp
-//! profile that refuses mount, module loading, ptrace, keyctl, bpf and the
-//! like. Wiping a partition removes its containers, cgroup, mount and files.
+//! allow-list (`seccomp`) that leaves out mount, module loading, ptrace,
+//! keyctl, bpf and the like. Each partition also has its own user namespace
+//! mapped to its own host uid/gid range (`userns`), so jobs of two partitions
+//! never share a host uid: they cannot read, signal or exhaust each other's
+//! per-user resources. The partition's directory and disk image are root's
+//! alone (0700/0600). Wiping a partition removes its containers, cgroup,
+//! mount, files and its claim on a uid range.
 
 use super::cgroup::{Cgroups, PartitionLimits, CPU_PERIOD_US};
+use super::userns::{IdRange, NamespaceHolder};
 use super::{BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver, PartitionSpec};
 use serde_json::json;
 use std::collections::HashMap;
@@ -20,11 +26,14 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// The user jobs run as inside their container.
-const JOB_UID: u32 = 65534;
-const JOB_GID: u32 = 65534;
+/// The user jobs run as inside their user namespace (`nobody` of the
+/// image); on the host it is the partition's own id (see `userns`).
+const JOB_UID_INSIDE: u32 = 65534;
+const JOB_GID_INSIDE: u32 = 65534;
 /// Processes a partition may have at once.
 pub const PIDS_PER_PARTITION: u64 = 256;
+/// Open files each process of a job may have.
+const OPEN_FILES_PER_JOB: u64 = 4096;
 /// Size of each job's /tmp (it counts against the partition's memory).
 const TMP_SIZE_MIB: u64 = 64;
 
@@ -34,6 +43,17 @@ pub trait ImageSource: Send + Sync + 'static {
     fn names(&self) -> Vec<String>;
     /// The root filesystem of `name`, fetched and unpacked if needed.
     fn rootfs<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<PathBuf, DriverError>>;
+}
+
+/// What one job's runc config is made of.
+struct ContainerJob<'a> {
+    rootfs: &'a Path,
+    work: &'a Path,
+    command: &'a [String],
+    cgroup_path: &'a str,
+    hostname: &'a str,
+    ids: IdRange,
+    user_namespace: &'a str,
 }
 
 pub struct OciDriver {
@@ -46,6 +66,8 @@ pub struct OciDriver {
     cgroups: Cgroups,
     images: Arc<dyn ImageSource>,
     cores: Vec<u32>,
+    /// The machine-wide claims of partitions' uid ranges.
+    claims_dir: PathBuf,
     /// Cores given to each partition.
     core_assignments: Mutex<HashMap<u32, Vec<u32>>>,
     job_counter: std::sync::atomic::AtomicU64,
@@ -99,109 +121,6 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// The system calls a job may never make: mounting, loading kernel code,
-/// tracing other processes, the kernel keyring, BPF, new namespaces, the
-/// clock and the like. Everything else is allowed.
-fn denied_syscalls() -> Vec<&'static str> {
-    vec![
-        "mount",
-        "umount",
-        "umount2",
-        "pivot_root",
-        "chroot",
-        "init_module",
-        "finit_module",
-        "delete_module",
-        "kexec_load",
-        "kexec_file_load",
-        "ptrace",
-        "process_vm_readv",
-        "process_vm_writev",
-        "keyctl",
-        "add_key",
-        "request_key",
-        "bpf",
-        "perf_event_open",
-        "swapon",
-        "swapoff",
-        "reboot",
-        "setns",
-        "unshare",
-        "open_by_handle_at",
-        "name_to_handle_at",
-        "syslog",
-        "acct",
-        "settimeofday",
-        "clock_settime",
-        "clock_adjtime",
-        "adjtimex",
-        "userfaultfd",
-        "iopl",
-        "ioperm",
-        "quotactl",
-        "lookup_dcookie",
-        "kcmp",
-        "fanotify_init",
-        "sethostname",
-        "setdomainname",
-        "fsopen",
-        "fsmount",
-        "fsconfig",
-        "fspick",
-        "move_mount",
-        "open_tree",
-        "mount_setattr",
-        "personality",
-        "vhangup",
-        "nfsservctl",
-        "create_module",
-        "get_kernel_syms",
-        "query_module",
-        "uselib",
-        "io_uring_setup",
-        "io_uring_enter",
-        "io_uring_register",
-        "ustat",
-        "sysfs",
-        "_sysctl",
-    ]
-}
-
-/// Namespace flags of clone(2): a job may not make namespaces (a new user
-/// namespace would hand it a full set of capabilities inside it).
-const CLONE_NAMESPACE_FLAGS: [u64; 8] = [
-    0x0000_0080, // CLONE_NEWTIME
-    0x0002_0000, // CLONE_NEWNS
-    0x0200_0000, // CLONE_NEWCGROUP
-    0x0400_0000, // CLONE_NEWUTS
-    0x0800_0000, // CLONE_NEWIPC
-    0x1000_0000, // CLONE_NEWUSER
-    0x2000_0000, // CLONE_NEWPID
-    0x4000_0000, // CLONE_NEWNET
-];
-
-const EPERM: u32 = 1;
-const ENOSYS: u32 = 38;
-
-/// The seccomp rules: the denied calls fail with EPERM; clone with any
-/// namespace flag fails with EPERM; clone3, whose flags seccomp cannot read,
-/// fails with ENOSYS so that libc falls back to clone, which is checked.
-fn seccomp_rules() -> serde_json::Value {
-    let mut rules = vec![
-        json!({"names": denied_syscalls(), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}),
-        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS}),
-    ];
-    for flag in CLONE_NAMESPACE_FLAGS {
-        rules.push(json!({
-            "names": ["clone"],
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": EPERM,
-            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]
-        }));
-    }
-    serde_json::Value::Array(rules)
-}
-
 /// Checks that this host can run the `oci` driver; the reason when not.
 pub fn probe() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
@@ -215,7 +134,94 @@ pub fn probe() -> Result<(), String> {
     if !Path::new("/dev/loop-control").exists() {
         return Err("no /dev/loop-control: loop devices are needed for partition disks".into());
     }
+    if !Path::new("/proc/self/ns/user").exists() {
+        return Err("the kernel has no user namespaces: partitions would share a uid".into());
+    }
+    // The agent makes each job's user namespace as the partition's
+    // unprivileged host uid (see `userns`), which these settings forbid.
+    for (setting, fix) in [
+        (
+            "/proc/sys/kernel/unprivileged_userns_clone",
+            "sysctl kernel.unprivileged_userns_clone=1",
+        ),
+        (
+            "/proc/sys/user/max_user_namespaces",
+            "sysctl user.max_user_namespaces=15000",
+        ),
+    ] {
+        if std::fs::read_to_string(setting).is_ok_and(|value| value.trim() == "0") {
+            return Err(format!("{setting} is 0: user namespaces are off ({fix})"));
+        }
+    }
     Cgroups::detect().map(|_| ())
+}
+
+/// Sets the permission bits of `path`.
+fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {mode:o} {}: {e}", path.display()))
+}
+
+/// Makes a sparse ext4 image of `disk_gib`, readable by root only, under a
+/// temporary name first so a crash never leaves a half-made disk in place.
+fn make_disk_image(dir: &Path, image: &Path, disk_gib: u64) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let partial = dir.join("disk.img.partial");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| format!("create {}: {e}", partial.display()))?;
+    file.set_len(disk_gib.saturating_mul(1024 * 1024 * 1024))
+        .map_err(|e| format!("size {}: {e}", partial.display()))?;
+    drop(file);
+    let partial_text = partial.display().to_string();
+    run_quiet(
+        "mkfs.ext4",
+        &["-q", "-F", "-m", "0", "-E", "root_owner=0:0", &partial_text],
+    )?;
+    std::fs::rename(&partial, image).map_err(|e| format!("rename {}: {e}", partial.display()))
+}
+
+/// Makes `dir` and everything in it belong to `uid`:`gid`, unless it already
+/// does: a partition's files follow it when its id range changes (a disk
+/// made before ranges existed, or a lost claim).
+fn give_to(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata =
+        std::fs::symlink_metadata(dir).map_err(|e| format!("stat {}: {e}", dir.display()))?;
+    if metadata.uid() == uid && metadata.gid() == gid {
+        return Ok(());
+    }
+    // coreutils' chown walks with openat and never follows a symlink (-P is
+    // its default with -R; -h changes links, not their targets), so files
+    // the job made cannot lead root's chown out of /work.
+    let dir_text = dir.display().to_string();
+    run_quiet(
+        "chown",
+        &["-R", "-h", "-P", &format!("{uid}:{gid}"), "--", &dir_text],
+    )
+    .map(|_| ())
+}
+
+/// Lets everyone traverse (not list) the directories above an image's root
+/// filesystem: runc mounts it from inside the job's user namespace, as the
+/// partition's host root id, which owns none of them.
+fn allow_traversal_to(rootfs: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    for ancestor in rootfs.ancestors().skip(1) {
+        let Ok(metadata) = std::fs::metadata(ancestor) else {
+            continue;
+        };
+        let mode = metadata.permissions().mode() & 0o7777;
+        if mode & 0o001 == 0 {
+            set_mode(ancestor, mode | 0o001)?;
+        }
+    }
+    Ok(())
 }
 
 impl OciDriver {
@@ -251,6 +257,7 @@ impl OciDriver {
             cgroups,
             images,
             cores,
+            claims_dir: PathBuf::from(super::userns::SLOT_CLAIMS_DIR),
             core_assignments: Mutex::new(HashMap::new()),
             job_counter: std::sync::atomic::AtomicU64::new(0),
         })
@@ -337,42 +344,27 @@ impl OciDriver {
         }
     }
 
-    /// Makes sure the partition's disk is mounted and its cgroup exists;
-    /// after an agent restart both are recreated from what is on disk.
-    fn ensure_ready(&self, partition: &PartitionSpec) -> Result<PathBuf, DriverError> {
+    /// Makes sure the partition's disk is mounted, its `/work` belongs to
+    /// the partition's own host uid and its cgroup exists; after an agent
+    /// restart all are recreated from what is on disk. Answers the `/work`
+    /// directory and the partition's id range.
+    fn ensure_ready(&self, partition: &PartitionSpec) -> Result<(PathBuf, IdRange), DriverError> {
         let fail = |problem: String| DriverError::Build {
             index: partition.index,
             problem,
         };
         let dir = self.partition_dir(partition.index);
-        let image = dir.join("disk.img");
         let mount_point = dir.join("disk");
         std::fs::create_dir_all(&mount_point)
             .map_err(|e| fail(format!("create {}: {e}", mount_point.display())))?;
+        // Only root may enter: the disk image and the bundles are the
+        // partition's alone (a job reaches its /work through its mount).
+        set_mode(&dir, 0o700).map_err(&fail)?;
+        let image = dir.join("disk.img");
         if !image.exists() {
-            let partial = dir.join("disk.img.partial");
-            let file = std::fs::File::create(&partial)
-                .map_err(|e| fail(format!("create {}: {e}", partial.display())))?;
-            file.set_len(partition.terms.disk_gib.saturating_mul(1024 * 1024 * 1024))
-                .map_err(|e| fail(format!("size {}: {e}", partial.display())))?;
-            drop(file);
-            let partial_text = partial.display().to_string();
-            run_quiet(
-                "mkfs.ext4",
-                &[
-                    "-q",
-                    "-F",
-                    "-m",
-                    "0",
-                    "-E",
-                    &format!("root_owner={JOB_UID}:{JOB_GID}"),
-                    &partial_text,
-                ],
-            )
-            .map_err(fail)?;
-            std::fs::rename(&partial, &image)
-                .map_err(|e| fail(format!("rename {}: {e}", partial.display())))?;
+            make_disk_image(&dir, &image, partition.terms.disk_gib).map_err(&fail)?;
         }
+        set_mode(&image, 0o600).map_err(&fail)?;
         if !mounts_under(&mount_point).contains(&mount_point) {
             let image_text = image.display().to_string();
             let mount_text = mount_point.display().to_string();
@@ -380,43 +372,41 @@ impl OciDriver {
                 "mount",
                 &["-o", "loop,nosuid,nodev", &image_text, &mount_text],
             )
-            .map_err(fail)?;
+            .map_err(&fail)?;
         }
+        let range = super::userns::claim_slot(&self.claims_dir, &dir).map_err(&fail)?;
         let work = mount_point.join("work");
         if !work.exists() {
             std::fs::create_dir(&work)
                 .map_err(|e| fail(format!("create {}: {e}", work.display())))?;
-            std::os::unix::fs::chown(&work, Some(JOB_UID), Some(JOB_GID))
-                .map_err(|e| fail(format!("chown {}: {e}", work.display())))?;
         }
+        give_to(
+            &work,
+            range.host_id(JOB_UID_INSIDE),
+            range.host_id(JOB_GID_INSIDE),
+        )
+        .map_err(&fail)?;
         self.cgroups
             .create_partition(&self.group_name(partition.index), &self.limits(partition))
             .map_err(|e| fail(e.to_string()))?;
-        Ok(work)
+        Ok((work, range))
     }
 
-    fn config(
-        &self,
-        rootfs: &Path,
-        work: &Path,
-        command: &[String],
-        cgroup_path: &str,
-        hostname: &str,
-    ) -> serde_json::Value {
+    fn config(&self, job: &ContainerJob<'_>) -> serde_json::Value {
+        let (rootfs, work, command) = (job.rootfs, job.work, job.command);
         json!({
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": false,
-                "user": {"uid": JOB_UID, "gid": JOB_GID, "additionalGids": []},
+                "user": {"uid": JOB_UID_INSIDE, "gid": JOB_GID_INSIDE, "additionalGids": []},
                 "args": command,
                 "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/work", "TERM=dumb"],
                 "cwd": "/work",
                 "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}, {"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],
                 "noNewPrivileges": true
             },
             "root": {"path": rootfs, "readonly": true},
-            "hostname": hostname,
+            "hostname": job.hostname,
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
                 {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
@@ -428,23 +418,24 @@ impl OciDriver {
                 {"destination": "/work", "type": "bind", "source": work, "options": ["rbind", "rw", "nosuid", "nodev"]}
             ],
             "linux": {
-                "cgroupsPath": cgroup_path,
-                "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+                "cgroupsPath": job.cgroup_path,
+                // The user namespace is made by the agent (see `userns`);
+                // runc still needs the mappings to know who root is.
+                "namespaces": [{"type": "user", "path": job.user_namespace}, {"type": "pid"}, {"type": "network"},
+                               {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+                "uidMappings": job.ids.mapping(),
+                "gidMappings": job.ids.mapping(),
                 "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
                                 "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
                 "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
-                "seccomp": {
-                    "defaultAction": "SCMP_ACT_ALLOW",
-                    "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
-                    "syscalls": seccomp_rules()
-                }
+                "seccomp": super::seccomp::profile()
             }
         })
     }
 
-    async fn run(&self, job: JobSpec) -> Result<JobOutcome, DriverError> {
-        let index = job.partition.index;
-        let work = self.ensure_ready(&job.partition)?;
+    /// The absolute root filesystem of the job's image, reachable by runc
+    /// from inside the job's user namespace.
+    async fn job_rootfs(&self, job: &JobSpec) -> Result<PathBuf, DriverError> {
         let image = match &job.image {
             Some(image) => image.clone(),
             None => job
@@ -460,6 +451,21 @@ impl OciDriver {
         let rootfs = std::fs::canonicalize(&rootfs).map_err(|e| {
             DriverError::Image(format!("image '{image}' at {}: {e}", rootfs.display()))
         })?;
+        allow_traversal_to(&rootfs).map_err(DriverError::Image)?;
+        Ok(rootfs)
+    }
+
+    /// Writes a job's bundle (its config.json); answers the container id
+    /// and the bundle directory.
+    fn write_bundle(
+        &self,
+        job: &JobSpec,
+        rootfs: &Path,
+        work: &Path,
+        ids: IdRange,
+        holder: &NamespaceHolder,
+    ) -> Result<(String, PathBuf), DriverError> {
+        let index = job.partition.index;
         let sequence = self
             .job_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -471,35 +477,34 @@ impl OciDriver {
         let bundle = self.partition_dir(index).join("bundles").join(&id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| DriverError::Start(format!("create {}: {e}", bundle.display())))?;
-        let group = self.group_name(index);
-        let config = self.config(
-            &rootfs,
-            &work,
-            &job.command,
-            &Cgroups::job_path(&group, &id),
-            &format!("partition-{index}"),
-        );
+        let config = self.config(&ContainerJob {
+            rootfs,
+            work,
+            command: &job.command,
+            cgroup_path: &Cgroups::job_path(&self.group_name(index), &id),
+            hostname: &format!("partition-{index}"),
+            ids,
+            user_namespace: &holder.namespace_path(),
+        });
         std::fs::write(
             bundle.join("config.json"),
             serde_json::to_vec_pretty(&config).expect("config serializes"),
         )
         .map_err(|e| DriverError::Start(format!("write config.json: {e}")))?;
+        Ok((id, bundle))
+    }
+
+    async fn run(&self, job: JobSpec) -> Result<JobOutcome, DriverError> {
+        let (work, ids) = self.ensure_ready(&job.partition)?;
+        let rootfs = self.job_rootfs(&job).await?;
+        // Lives until the job ends, so the namespace is there when runc joins.
+        let holder = NamespaceHolder::start(ids).map_err(DriverError::Start)?;
+        let (id, bundle) = self.write_bundle(&job, &rootfs, &work, ids, &holder)?;
+        let group = self.group_name(job.partition.index);
         self.cgroups.reset_peak(&group);
         let before = self.cgroups.counters(&group);
         let started = Instant::now();
-        let mut child = match tokio::process::Command::new("runc")
-            .arg("--root")
-            .arg(&self.state_dir)
-            .arg("run")
-            .arg("--bundle")
-            .arg(&bundle)
-            .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-        {
+        let mut child = match self.spawn_runc(&bundle, &id) {
             Ok(child) => child,
             Err(error) => {
                 let _ = std::fs::remove_dir_all(&bundle);
@@ -520,6 +525,7 @@ impl OciDriver {
         // The container and its bundle go whatever happened above.
         let _ = self.runc(&["delete", "--force", &id]);
         let _ = std::fs::remove_dir_all(&bundle);
+        drop(holder);
         let (end, out, err) =
             ended.map_err(|e| DriverError::Start(format!("wait for runc: {e}")))?;
         let after = self.cgroups.counters(&group);
@@ -535,6 +541,44 @@ impl OciDriver {
             oom_killed,
             ..JobOutcome::captured(end, &out, &err, wall_ms)
         })
+    }
+
+    /// Starts `runc run` for a job. The job's rlimits are set on runc
+    /// itself and inherited: runc's own way (prlimit on the job from
+    /// outside) needs CAP_SYS_RESOURCE over the job's user namespace, which
+    /// an agent in a sandbox may lack; lowering one's own limits needs none.
+    fn spawn_runc(&self, bundle: &Path, id: &str) -> std::io::Result<tokio::process::Child> {
+        let mut command = tokio::process::Command::new("runc");
+        command
+            .arg("--root")
+            .arg(&self.state_dir)
+            .arg("run")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: only setrlimit, async-signal-safe, runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                for (resource, limit) in [
+                    (libc::RLIMIT_NOFILE, OPEN_FILES_PER_JOB),
+                    (libc::RLIMIT_CORE, 0),
+                ] {
+                    let value = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(resource, &value) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        command.spawn()
     }
 
     /// Deletes this agent's containers, unmounts its partition disks and
@@ -623,10 +667,11 @@ impl PartitionDriver for OciDriver {
         }
         self.release_cores(index);
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(fail(format!("{}: {e}", dir.display()))),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(format!("{}: {e}", dir.display()))),
         }
+        super::userns::release_slot(&self.claims_dir, &dir).map_err(fail)
     }
 
     fn reconcile(&self) -> Vec<String> {
@@ -637,33 +682,6 @@ impl PartitionDriver for OciDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_seccomp_profile_refuses_what_a_job_must_not_do() {
-        // The config is data: check the profile itself, on any machine.
-        let denied = denied_syscalls();
-        let rules = seccomp_rules().to_string();
-        assert!(rules.contains("\"clone3\"") && rules.contains("SCMP_CMP_MASKED_EQ"));
-        assert!(
-            rules.contains(&format!("{}", 0x1000_0000u64)),
-            "CLONE_NEWUSER is filtered"
-        );
-        for syscall in [
-            "mount",
-            "umount2",
-            "ptrace",
-            "init_module",
-            "finit_module",
-            "delete_module",
-            "keyctl",
-            "bpf",
-            "kexec_load",
-            "unshare",
-            "setns",
-        ] {
-            assert!(denied.contains(&syscall), "{syscall} must be denied");
-        }
-    }
 
     #[test]
     fn cpu_lists_parse() {
