@@ -169,6 +169,21 @@ async fn oci_partitions_boot_images_from_the_store() {
             == 1,
         "cached once"
     );
+    // Running a job in a user namespace did not open the data directory
+    // or the image cache to other users (runc reaches the image through a
+    // bind mount under /run/leasehold instead).
+    use std::os::unix::fs::PermissionsExt;
+    for private in [
+        "agent-oci",
+        "agent-oci/image-cache",
+        "agent-oci/image-cache/rootfs",
+    ] {
+        let mode = std::fs::metadata(cluster.path(private))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{private} is {mode:o}");
+    }
     // At run time, an image the partition does not offer is refused.
     let wrong = cli(
         &url,

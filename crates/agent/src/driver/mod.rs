@@ -4,6 +4,7 @@
 //! the agent's state machine, key check and lock are the same for each.
 
 pub mod cgroup;
+pub mod job_root;
 pub mod oci;
 pub mod process;
 pub mod seccomp;

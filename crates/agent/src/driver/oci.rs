@@ -17,6 +17,7 @@
 //! mount, files and its claim on a uid range.
 
 use super::cgroup::{Cgroups, PartitionLimits, CPU_PERIOD_US};
+use super::job_root::{roots_dir, JobRoot};
 use super::userns::{IdRange, NamespaceHolder};
 use super::{BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver, PartitionSpec};
 use serde_json::json;
@@ -205,23 +206,6 @@ fn give_to(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
         &["-R", "-h", "-P", &format!("{uid}:{gid}"), "--", &dir_text],
     )
     .map(|_| ())
-}
-
-/// Lets everyone traverse (not list) the directories above an image's root
-/// filesystem: runc mounts it from inside the job's user namespace, as the
-/// partition's host root id, which owns none of them.
-fn allow_traversal_to(rootfs: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    for ancestor in rootfs.ancestors().skip(1) {
-        let Ok(metadata) = std::fs::metadata(ancestor) else {
-            continue;
-        };
-        let mode = metadata.permissions().mode() & 0o7777;
-        if mode & 0o001 == 0 {
-            set_mode(ancestor, mode | 0o001)?;
-        }
-    }
-    Ok(())
 }
 
 impl OciDriver {
@@ -433,8 +417,8 @@ impl OciDriver {
         })
     }
 
-    /// The absolute root filesystem of the job's image, reachable by runc
-    /// from inside the job's user namespace.
+    /// The absolute root filesystem of the job's image in the cache (0700:
+    /// runc reaches it through a `JobRoot` bind mount).
     async fn job_rootfs(&self, job: &JobSpec) -> Result<PathBuf, DriverError> {
         let image = match &job.image {
             Some(image) => image.clone(),
@@ -448,11 +432,9 @@ impl OciDriver {
         };
         let rootfs = self.images.rootfs(&image).await?;
         // runc resolves a relative root against the bundle: make it absolute.
-        let rootfs = std::fs::canonicalize(&rootfs).map_err(|e| {
+        std::fs::canonicalize(&rootfs).map_err(|e| {
             DriverError::Image(format!("image '{image}' at {}: {e}", rootfs.display()))
-        })?;
-        allow_traversal_to(&rootfs).map_err(DriverError::Image)?;
-        Ok(rootfs)
+        })
     }
 
     /// Writes a job's bundle (its config.json); answers the container id
@@ -496,10 +478,20 @@ impl OciDriver {
 
     async fn run(&self, job: JobSpec) -> Result<JobOutcome, DriverError> {
         let (work, ids) = self.ensure_ready(&job.partition)?;
-        let rootfs = self.job_rootfs(&job).await?;
-        // Lives until the job ends, so the namespace is there when runc joins.
+        let image_rootfs = self.job_rootfs(&job).await?;
+        let root_name = format!(
+            "{}{}-r{}",
+            self.container_prefix(job.partition.index),
+            std::process::id(),
+            self.job_counter
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        // Both live until the job ends: the root stays mounted and the
+        // namespace stays there for runc to join.
+        let job_root = JobRoot::mount(&roots_dir(&self.instance), &root_name, &image_rootfs)
+            .map_err(DriverError::Image)?;
         let holder = NamespaceHolder::start(ids).map_err(DriverError::Start)?;
-        let (id, bundle) = self.write_bundle(&job, &rootfs, &work, ids, &holder)?;
+        let (id, bundle) = self.write_bundle(&job, job_root.path(), &work, ids, &holder)?;
         let group = self.group_name(job.partition.index);
         self.cgroups.reset_peak(&group);
         let before = self.cgroups.counters(&group);
@@ -526,6 +518,7 @@ impl OciDriver {
         let _ = self.runc(&["delete", "--force", &id]);
         let _ = std::fs::remove_dir_all(&bundle);
         drop(holder);
+        drop(job_root);
         let (end, out, err) =
             ended.map_err(|e| DriverError::Start(format!("wait for runc: {e}")))?;
         let after = self.cgroups.counters(&group);
@@ -597,6 +590,12 @@ impl OciDriver {
                     Err(e) => notes.push(format!("could not delete leftover container {id}: {e}")),
                 }
             }
+        }
+        let roots = roots_dir(&self.instance);
+        for root in mounts_under(&roots) {
+            super::job_root::unmount_detached(&root);
+            let _ = std::fs::remove_dir(&root);
+            notes.push(format!("unmounted leftover job root {}", root.display()));
         }
         for mount in mounts_under(&self.root_dir) {
             let text = mount.display().to_string();
