@@ -183,6 +183,15 @@ fn main() {
         .build()
         .expect("build the tokio runtime");
     let global = cli.global.clone();
+    // A service's stdout carries only its ready line, so scripts (and
+    // supervisors) never take a failure to start for a start.
+    let error_global = match cli.command {
+        Command::Up(_) | Command::Broker(_) | Command::Agent(_) => Global {
+            output: OutputFormat::Text,
+            ..cli.global.clone()
+        },
+        _ => cli.global.clone(),
+    };
     let code = runtime.block_on(async move {
         let result = match cli.command {
             Command::Up(args) => serve::up(&global, args).await,
@@ -202,7 +211,7 @@ fn main() {
         };
         match result {
             Ok(code) => code,
-            Err(error) => verbs::report_error(&global, &error),
+            Err(error) => verbs::report_error(&error_global, &error),
         }
     });
     // Do not wait for lingering background tasks (notice retries) on exit.

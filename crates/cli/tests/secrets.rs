@@ -18,6 +18,22 @@ fn is_root() -> bool {
 }
 
 fn up_args(data: &str) -> Vec<String> {
+    up_args_with_driver(data, "sim")
+}
+
+/// `oci` where it can run (root and runc: with the image store and its
+/// cache in the data directory too), else `sim`.
+fn strongest_driver() -> &'static str {
+    let runc = Command::new("runc").arg("--version").output();
+    if is_root() && runc.is_ok_and(|o| o.status.success()) {
+        "oci"
+    } else {
+        eprintln!("up runs with the sim driver: the oci driver needs root and runc");
+        "sim"
+    }
+}
+
+fn up_args_with_driver(data: &str, driver: &str) -> Vec<String> {
     [
         "up",
         "--data-dir",
@@ -26,8 +42,10 @@ fn up_args(data: &str) -> Vec<String> {
         "127.0.0.1:0",
         "--agent-listen",
         "127.0.0.1:0",
+        "--image-store-listen",
+        "127.0.0.1:0",
         "--driver",
-        "sim",
+        driver,
         "--cpus",
         "4",
         "--memory-mib",
@@ -68,7 +86,7 @@ fn up_keeps_its_data_private_and_a_local_user_cannot_read_the_signing_key() {
     // A world-traversable parent, as a home or /srv directory would be.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let data = dir.path().join("data");
-    let args = up_args(&data.display().to_string());
+    let args = up_args_with_driver(&data.display().to_string(), strongest_driver());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let up = spawn_ready(&refs, &dir.path().join("up.log"));
     let mode = std::fs::metadata(&data).unwrap().mode() & 0o777;

@@ -286,7 +286,9 @@ impl ImageStore {
             // The same content is already stored; the temp file goes away.
             drop(tmp);
         } else {
-            fsutil::set_mode(tmp.path(), 0o644)?;
+            // The store is served over HTTP by its own process: no other
+            // local user needs to read a blob.
+            fsutil::set_mode(tmp.path(), 0o600)?;
             if let Err(e) = tmp.persist_noclobber(&path) {
                 if e.error.kind() != io::ErrorKind::AlreadyExists {
                     return Err(ImageError::io(&path, e.error));
@@ -302,7 +304,7 @@ impl ImageStore {
         let _lock = LockFile::acquire(&self.lock)?;
         let mut index = fsutil::read_index(&self.index)?;
         index.images.insert(name.to_string(), entry.clone());
-        fsutil::write_index(&self.index, &index, 0o644)?;
+        fsutil::write_index(&self.index, &index, 0o600)?;
         tracing::info!(image = name, digest = %entry.digest, size_bytes, "image added");
         Ok(entry)
     }
