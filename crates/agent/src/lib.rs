@@ -7,6 +7,7 @@ pub mod driver;
 pub mod error;
 mod http;
 pub mod images;
+mod refused;
 mod trust;
 
 pub use error::AgentError;
@@ -68,6 +69,8 @@ pub(crate) struct Agent {
     partition_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
     /// Jobs running now, by job id.
     running_jobs: Mutex<HashMap<u64, RunningJob>>,
+    /// Refused keys, logged with their reason at a bounded rate.
+    refused_keys: refused::RefusedKeyLog,
 }
 
 /// An agent that is serving.
@@ -230,6 +233,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         last_key_refresh_ms: Mutex::new(0),
         partition_locks: Mutex::new(HashMap::new()),
         running_jobs: Mutex::new(HashMap::new()),
+        refused_keys: refused::RefusedKeyLog::default(),
     });
     let advertise = config
         .advertise_url
@@ -655,10 +659,33 @@ impl Agent {
         output: Option<driver::OutputSender>,
         started: Option<tokio::sync::oneshot::Sender<u64>>,
     ) -> Result<JobResult, AgentError> {
+        let result = self.run_job_with_key(index, request, output, started).await;
+        if let Err(AgentError::KeyRejected(reason)) = &result {
+            self.refused_keys
+                .note(index, reason, self.config.clock.now_ms());
+        }
+        result
+    }
+
+    async fn run_job_with_key(
+        &self,
+        index: u32,
+        request: SubmitJobRequest,
+        output: Option<driver::OutputSender>,
+        started: Option<tokio::sync::oneshot::Sender<u64>>,
+    ) -> Result<JobResult, AgentError> {
         let claims = self
             .verify_lease_key(&request.lease_key)
             .await
             .map_err(AgentError::KeyRejected)?;
+        // A key for another host or partition is refused before it waits for
+        // this partition's lock, so it cannot queue behind a running job.
+        if claims.host_id != self.host_id() {
+            return Err(AgentError::KeyRejected(KeyRejection::WrongHost));
+        }
+        if claims.partition_index != index {
+            return Err(AgentError::KeyRejected(KeyRejection::WrongPartition));
+        }
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
         let mut row = self.load(index).map_err(|error| match error {

@@ -293,3 +293,45 @@ async fn a_rotated_signing_key_is_trusted_by_running_agents_while_old_keys_stay_
         assert_eq!(mode, 0o600);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_key_is_logged_with_its_reason_and_never_the_key() {
+    let mut cluster = Cluster::start(&[]).await;
+    let alpha = cluster.start_agent("alpha", "sim");
+    Client::new(&alpha, Some(cluster.lender_token.clone()))
+        .agent_add_partition(&terms(1, 256, "busybox", 1000))
+        .await
+        .unwrap();
+    let forged = leasehold_core::key::sign(
+        &leasehold_core::key::LeaseKeyClaims {
+            lease_id: 1,
+            host_id: "alpha".into(),
+            partition_index: 1,
+            epoch: 1,
+            borrower: "mallory".into(),
+            issued_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            key_id: String::new(),
+            terms: None,
+        },
+        &leasehold_core::key::signing_key_from_seed([42; 32]),
+    );
+    let refused = Client::new(&alpha, None)
+        .submit_job(1, &job(&forged))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused}");
+    let log: String = std::fs::read_dir(cluster.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            name.starts_with("agent-alpha-") && name.ends_with(".log")
+        })
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(log.contains("refused a lease key"), "{log}");
+    assert!(log.contains("BadSignature"), "{log}");
+    let signature = forged.rsplit('.').next().unwrap();
+    assert!(!log.contains(signature), "the key itself is never logged");
+}
