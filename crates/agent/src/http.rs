@@ -181,7 +181,7 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "openapi": "3.0.3",
         "info": {"title": "leasehold agent", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "A host's partition table, lender interface and job submission. Lender calls need 'Authorization: Bearer LENDER_TOKEN'; jobs need a lease key from the broker."},
+                 "description": "A host's partition table, lender interface and job submission. Lender calls need 'Authorization: Bearer LENDER_TOKEN'; jobs need a lease key from the broker, sent as 'Authorization: Bearer KEY' (and in the body). Bodies are JSON objects sent with Content-Type: application/json."},
         "paths": {
             "/v1/health": {"get": {"summary": "Liveness"}},
             "/v1/agent": {"get": {"summary": "Host id, driver, bootable images, capacity"}},
@@ -193,10 +193,10 @@ async fn openapi() -> Json<serde_json::Value> {
                 "put": {"summary": "Alter a partition's terms {terms}; 409 partition_locked while leased (lender)"},
                 "delete": {"summary": "Withdraw a partition; 409 partition_locked while leased (lender)"}
             },
-            "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms, image, stream} and answer with its result, or with newline-delimited JSON events (started, stdout, stderr, result) when stream is true; 403 key_rejected for a bad key"}},
+            "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms, image, stream} (the key also as the bearer, checked before the body) and answer with its result, or with newline-delimited JSON events (started, stdout, stderr, result) when stream is true; 403 key_rejected for a bad key"}},
             "/v1/jobs/{job_id}/cancel": {"post": {"summary": "Cancel a running job (lender token, or a lease key of the job's lease)"}},
-            "/v1/jobs/{job_id}": {"get": {"summary": "A job's state and output (lender token, or a lease key of the job's lease); 'lost' when the agent stopped while it ran"}},
-            "/v1/notices": {"post": {"summary": "A signed notice from the broker (lease started / released)"}}
+            "/v1/jobs/{job_id}": {"get": {"summary": "A job's state and output (lender token, or a lease key of the job's lease; another lease's job is 404 like a missing one); 'lost' when the agent stopped while it ran"}},
+            "/v1/notices": {"post": {"summary": "A signed notice from the broker (lease started / released), also sent as the bearer"}}
         }
     }))
 }
