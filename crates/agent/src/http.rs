@@ -99,14 +99,32 @@ async fn require_lender(
 /// A lease key for this host, checked offline (signature, host), or 401
 /// without one and 403 `key_rejected` with a bad one. The job run checks
 /// the rest (partition, expiry, epoch) against the partition table.
-fn verified_lease_key(agent: &Agent, request: &Request) -> Result<String, ErrorResponse> {
-    let bearer = bearer_token(request.headers()).ok_or_else(|| err(AgentError::Unauthorized))?;
-    let claims = key::decode_and_verify(bearer, &agent.broker_key)
+async fn verified_lease_key(
+    agent: &Agent,
+    headers: &axum::http::HeaderMap,
+) -> Result<String, ErrorResponse> {
+    let bearer = bearer_token(headers).ok_or_else(|| err(AgentError::Unauthorized))?;
+    let claims = verify_lease_key_signature(agent, bearer)
+        .await
         .map_err(|rejection| err(AgentError::KeyRejected(rejection)))?;
     if claims.host_id != agent.config.host_id {
         return Err(err(AgentError::KeyRejected(KeyRejection::WrongHost)));
     }
     Ok(bearer.to_string())
+}
+
+/// The broker's signature on a lease key, with the key this agent trusts.
+/// Async so that a key store that may ask the broker can stand behind it.
+async fn verify_lease_key_signature(
+    agent: &Agent,
+    bearer: &str,
+) -> Result<key::LeaseKeyClaims, KeyRejection> {
+    key::decode_and_verify(bearer, &agent.broker_key)
+}
+
+/// The broker's signature on a notice, with the key this agent trusts.
+fn verify_notice_signature(agent: &Agent, bearer: &str) -> Result<key::NoticeClaims, KeyRejection> {
+    key::decode_notice(bearer, &agent.broker_key)
 }
 
 /// Job submission: a lease key for this host as the bearer.
@@ -115,7 +133,7 @@ async fn require_lease_key(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ErrorResponse> {
-    let bearer = verified_lease_key(&agent, &request)?;
+    let bearer = verified_lease_key(&agent, request.headers()).await?;
     request.extensions_mut().insert(Bearer(bearer));
     Ok(next.run(request).await)
 }
@@ -128,7 +146,7 @@ async fn require_job_bearer(
 ) -> Result<Response, ErrorResponse> {
     let bearer = match bearer_token(request.headers()) {
         Some(token) if crate::same_secret(token, &agent.config.lender_token) => token.to_string(),
-        _ => verified_lease_key(&agent, &request)?,
+        _ => verified_lease_key(&agent, request.headers()).await?,
     };
     request.extensions_mut().insert(Bearer(bearer));
     Ok(next.run(request).await)
@@ -141,7 +159,7 @@ async fn require_notice(
     next: Next,
 ) -> Result<Response, ErrorResponse> {
     let bearer = bearer_token(request.headers()).ok_or_else(|| err(AgentError::Unauthorized))?;
-    key::decode_notice(bearer, &agent.broker_key)
+    verify_notice_signature(&agent, bearer)
         .map_err(|rejection| err(AgentError::KeyRejected(rejection)))?;
     let bearer = Bearer(bearer.to_string());
     request.extensions_mut().insert(bearer);

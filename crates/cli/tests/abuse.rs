@@ -14,6 +14,14 @@ use leasehold_core::Requirements;
 use reqwest::Method;
 use std::time::Duration;
 
+/// The one place a lease request is built here.
+fn lease_request(partition: Option<&str>, best: Option<Requirements>) -> LeaseRequest {
+    LeaseRequest {
+        partition: partition.map(str::to_string),
+        best,
+    }
+}
+
 /// A deadline that only guards against a hang.
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
@@ -53,10 +61,7 @@ async fn a_borrower_finds_and_leases_while_anonymous_clients_stall_and_idle() {
         let found = bob.find(&Requirements::default(), None).await.unwrap();
         assert_eq!(found.offers.len(), 1, "{found:?}");
         let lease = bob
-            .lease(&LeaseRequest {
-                partition: None,
-                best: Some(Requirements::default()),
-            })
+            .lease(&lease_request(None, Some(Requirements::default())))
             .await
             .unwrap();
         let receipt = bob.release(lease.lease_id).await.unwrap();
@@ -160,10 +165,7 @@ async fn ids_a_caller_cannot_see_answer_exactly_as_missing_ones() {
     }
     let (_, bob) = cluster.borrower("bob").await;
     let (carol_token, carol) = cluster.borrower("carol").await;
-    let named = |partition: &str| LeaseRequest {
-        partition: Some(partition.to_string()),
-        best: None,
-    };
+    let named = |partition: &str| lease_request(Some(partition), None);
     let bobs = bob.lease(&named("alpha/1")).await.unwrap();
     let carols = carol.lease(&named("alpha/2")).await.unwrap();
     let url = cluster.broker_url.clone();
