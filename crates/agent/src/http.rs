@@ -4,11 +4,14 @@
 use crate::driver::Stream;
 use crate::error::AgentError;
 use crate::Agent;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use leasehold_api::*;
+use leasehold_core::key::{self, KeyRejection};
 use leasehold_core::FieldError;
 use leasehold_service::{bearer_token, ErrorResponse, JsonBody};
 use std::sync::Arc;
@@ -16,22 +19,57 @@ use std::sync::Arc;
 type App = State<Arc<Agent>>;
 type Answer<T> = Result<Json<T>, ErrorResponse>;
 
+/// Lender calls and notices are small JSON documents; a job carries its
+/// command (64 KiB at most, more once escaped) and keeps the 1 MiB bound.
+const BODY_LIMIT_BYTES: usize = 16 * 1024;
+
 pub(crate) fn router(agent: Arc<Agent>) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/openapi.json", get(openapi))
-        .route("/v1/agent", get(info))
+    // Every route that reads a body, and every id a caller might probe,
+    // authenticates first: lender routes with the lender token, job routes
+    // with a lease key (checked offline) or the lender token, notices with
+    // the broker's signature. 401/403 come before a byte of body is read.
+    let lender = Router::new()
         .route("/v1/partitions", post(add_partition).get(list_partitions))
         .route(
             "/v1/partitions/{index}",
             put(alter_partition).delete(withdraw_partition),
         )
-        .route("/v1/partitions/{index}/jobs", post(submit_job))
+        .route_layer(middleware::from_fn_with_state(
+            agent.clone(),
+            require_lender,
+        ));
+    let jobs = Router::new()
+        .route(
+            "/v1/partitions/{index}/jobs",
+            post(submit_job).layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES)),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            agent.clone(),
+            require_lease_key,
+        ));
+    let job_records = Router::new()
         .route("/v1/jobs/{job_id}", get(get_job))
         .route("/v1/jobs/{job_id}/cancel", post(cancel_job))
+        .route_layer(middleware::from_fn_with_state(
+            agent.clone(),
+            require_job_bearer,
+        ));
+    let notices = Router::new()
         .route("/v1/notices", post(notice))
+        .route_layer(middleware::from_fn_with_state(
+            agent.clone(),
+            require_notice,
+        ));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/agent", get(info))
+        .merge(lender)
+        .merge(jobs)
+        .merge(job_records)
+        .merge(notices)
         .fallback(leasehold_service::not_found_fallback)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(agent)
 }
 
@@ -39,11 +77,113 @@ fn err(error: AgentError) -> ErrorResponse {
     error.to_error_response()
 }
 
-fn require_lender(agent: &Agent, headers: &HeaderMap) -> Result<(), ErrorResponse> {
-    match bearer_token(headers) {
-        Some(token) if crate::same_secret(token, &agent.config.lender_token) => Ok(()),
+/// The bearer of a request that passed one of the checks below, for the
+/// handler: the lender token, a verified lease key, or a verified notice.
+#[derive(Clone)]
+struct Bearer(String);
+
+/// Lender routes: the host's lender token, or 401.
+async fn require_lender(
+    State(agent): App,
+    request: Request,
+    next: Next,
+) -> Result<Response, ErrorResponse> {
+    match bearer_token(request.headers()) {
+        Some(token) if crate::same_secret(token, &agent.config.lender_token) => {
+            Ok(next.run(request).await)
+        }
         _ => Err(err(AgentError::Unauthorized)),
     }
+}
+
+/// A lease key for this host, checked offline (signature, host), or 401
+/// without one and 403 `key_rejected` with a bad one. The job run checks
+/// the rest (partition, expiry, epoch) against the partition table.
+async fn verified_lease_key(
+    agent: &Agent,
+    headers: &axum::http::HeaderMap,
+) -> Result<String, ErrorResponse> {
+    let bearer = bearer_token(headers).ok_or_else(|| err(AgentError::Unauthorized))?;
+    let claims = verify_lease_key_signature(agent, bearer)
+        .await
+        .map_err(|rejection| err(AgentError::KeyRejected(rejection)))?;
+    if claims.host_id != agent.config.host_id {
+        return Err(err(AgentError::KeyRejected(KeyRejection::WrongHost)));
+    }
+    Ok(bearer.to_string())
+}
+
+/// The broker's signature on a lease key, with the key this agent trusts.
+/// Async so that a key store that may ask the broker can stand behind it.
+async fn verify_lease_key_signature(
+    agent: &Agent,
+    bearer: &str,
+) -> Result<key::LeaseKeyClaims, KeyRejection> {
+    let verified = agent.verify_lease_key(bearer).await;
+    if let Err(reason) = &verified {
+        agent.note_refused_key(None, reason);
+    }
+    verified
+}
+
+/// The broker's signature on a notice, with the key this agent trusts.
+fn verify_notice_signature(agent: &Agent, bearer: &str) -> Result<key::NoticeClaims, KeyRejection> {
+    key::decode_notice_trusted(bearer, &agent.trusted_keys())
+}
+
+/// Job submission: a lease key for this host as the bearer.
+async fn require_lease_key(
+    State(agent): App,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ErrorResponse> {
+    let bearer = verified_lease_key(&agent, request.headers()).await?;
+    request.extensions_mut().insert(Bearer(bearer));
+    Ok(next.run(request).await)
+}
+
+/// Job records: the lender token or a lease key for this host.
+async fn require_job_bearer(
+    State(agent): App,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ErrorResponse> {
+    let bearer = match bearer_token(request.headers()) {
+        Some(token) if crate::same_secret(token, &agent.config.lender_token) => token.to_string(),
+        _ => verified_lease_key(&agent, request.headers()).await?,
+    };
+    request.extensions_mut().insert(Bearer(bearer));
+    Ok(next.run(request).await)
+}
+
+/// Notices: the notice itself, signed by the broker, as the bearer.
+async fn require_notice(
+    State(agent): App,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ErrorResponse> {
+    let bearer = bearer_token(request.headers()).ok_or_else(|| err(AgentError::Unauthorized))?;
+    verify_notice_signature(&agent, bearer)
+        .map_err(|rejection| err(AgentError::KeyRejected(rejection)))?;
+    let bearer = Bearer(bearer.to_string());
+    request.extensions_mut().insert(bearer);
+    Ok(next.run(request).await)
+}
+
+/// A body must carry the same key or notice its bearer header was checked
+/// for; otherwise the check before the body would prove nothing.
+fn require_same_as_bearer(
+    field: &str,
+    in_body: &str,
+    bearer: &Bearer,
+) -> Result<(), ErrorResponse> {
+    if crate::same_secret(in_body, &bearer.0) {
+        return Ok(());
+    }
+    Err(err(AgentError::Invalid(FieldError::new(
+        field,
+        "must be the one sent as 'Authorization: Bearer'",
+    ))))
 }
 
 fn parse_index(text: &str) -> Result<u32, ErrorResponse> {
@@ -63,7 +203,7 @@ async fn openapi() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "openapi": "3.0.3",
         "info": {"title": "leasehold agent", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "A host's partition table, lender interface and job submission. Lender calls need 'Authorization: Bearer LENDER_TOKEN'; jobs need a lease key from the broker."},
+                 "description": "A host's partition table, lender interface and job submission. Lender calls need 'Authorization: Bearer LENDER_TOKEN'; jobs need a lease key from the broker, sent as 'Authorization: Bearer KEY' (and in the body). Bodies are JSON objects sent with Content-Type: application/json."},
         "paths": {
             "/v1/health": {"get": {"summary": "Liveness"}},
             "/v1/agent": {"get": {"summary": "Host id, driver, bootable images, capacity"}},
@@ -75,10 +215,10 @@ async fn openapi() -> Json<serde_json::Value> {
                 "put": {"summary": "Alter a partition's terms {terms}; 409 partition_locked while leased (lender)"},
                 "delete": {"summary": "Withdraw a partition; 409 partition_locked while leased (lender)"}
             },
-            "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms, image, stream} and answer with its result, or with newline-delimited JSON events (started, stdout, stderr, result) when stream is true; 403 key_rejected for a bad key"}},
+            "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms, image, stream} (the key also as the bearer, checked before the body) and answer with its result, or with newline-delimited JSON events (started, stdout, stderr, result) when stream is true; 403 key_rejected for a bad key"}},
             "/v1/jobs/{job_id}/cancel": {"post": {"summary": "Cancel a running job (lender token, or a lease key of the job's lease)"}},
-            "/v1/jobs/{job_id}": {"get": {"summary": "A job's state and output (lender token, or a lease key of the job's lease); 'lost' when the agent stopped while it ran"}},
-            "/v1/notices": {"post": {"summary": "A signed notice from the broker (lease started / released)"}}
+            "/v1/jobs/{job_id}": {"get": {"summary": "A job's state and output (lender token, or a lease key of the job's lease; another lease's job is 404 like a missing one); 'lost' when the agent stopped while it ran"}},
+            "/v1/notices": {"post": {"summary": "A signed notice from the broker (lease started / released), also sent as the bearer"}}
         }
     }))
 }
@@ -95,27 +235,22 @@ async fn info(State(agent): App) -> Json<AgentInfo> {
 
 async fn add_partition(
     State(agent): App,
-    headers: HeaderMap,
     JsonBody(request): JsonBody<AddPartitionRequest>,
 ) -> Result<(StatusCode, Json<AgentPartitionView>), ErrorResponse> {
-    require_lender(&agent, &headers)?;
     let row = agent.add_partition(request.terms).await.map_err(err)?;
     Ok((StatusCode::CREATED, Json(agent.view(&row))))
 }
 
-async fn list_partitions(State(agent): App, headers: HeaderMap) -> Answer<Vec<AgentPartitionView>> {
-    require_lender(&agent, &headers)?;
+async fn list_partitions(State(agent): App) -> Answer<Vec<AgentPartitionView>> {
     let rows = agent.db().partitions().map_err(|e| err(e.into()))?;
     Ok(Json(rows.iter().map(|r| agent.view(r)).collect()))
 }
 
 async fn alter_partition(
     State(agent): App,
-    headers: HeaderMap,
     Path(index): Path<String>,
     JsonBody(request): JsonBody<AddPartitionRequest>,
 ) -> Answer<AgentPartitionView> {
-    require_lender(&agent, &headers)?;
     let index = parse_index(&index)?;
     let row = agent
         .alter_partition(index, request.terms)
@@ -126,10 +261,8 @@ async fn alter_partition(
 
 async fn withdraw_partition(
     State(agent): App,
-    headers: HeaderMap,
     Path(index): Path<String>,
 ) -> Answer<AgentPartitionView> {
-    require_lender(&agent, &headers)?;
     let index = parse_index(&index)?;
     let row = agent.withdraw_partition(index).await.map_err(err)?;
     Ok(Json(agent.view(&row)))
@@ -137,11 +270,13 @@ async fn withdraw_partition(
 
 async fn submit_job(
     State(agent): App,
+    Extension(bearer): Extension<Bearer>,
     Path(index): Path<String>,
     JsonBody(request): JsonBody<SubmitJobRequest>,
 ) -> Result<axum::response::Response, ErrorResponse> {
     use axum::response::IntoResponse;
     let index = parse_index(&index)?;
+    require_same_as_bearer("lease_key", &request.lease_key, &bearer)?;
     if request.command.is_empty() || request.command[0].is_empty() {
         return Err(err(AgentError::Invalid(FieldError::new(
             "command",
@@ -257,26 +392,37 @@ impl futures_core::Stream for ReceiverStream {
 
 async fn cancel_job(
     State(agent): App,
-    headers: HeaderMap,
+    Extension(bearer): Extension<Bearer>,
     Path(job_id): Path<String>,
 ) -> Answer<serde_json::Value> {
-    let (job_id, bearer) = job_id_and_bearer(&job_id, &headers)?;
-    let cancelled = agent.cancel_job(job_id, &bearer).map_err(err)?;
+    let job_id = parse_job_id(&job_id)?;
+    let cancelled = agent
+        .cancel_job(job_id, &bearer.0)
+        .map_err(hide_other_leases_job)?;
     Ok(Json(
         serde_json::json!({"job_id": job_id, "cancelled": cancelled}),
     ))
 }
 
-/// The job id of a path and the caller's bearer (lender token or lease key).
-fn job_id_and_bearer(job_id: &str, headers: &HeaderMap) -> Result<(u64, String), ErrorResponse> {
-    let job_id = job_id.parse().map_err(|_| {
+fn parse_job_id(job_id: &str) -> Result<u64, ErrorResponse> {
+    job_id.parse().map_err(|_| {
         err(AgentError::Invalid(FieldError::new(
             "job_id",
             format!("'{job_id}' is not a job id"),
         )))
-    })?;
-    let bearer = bearer_token(headers).ok_or_else(|| err(AgentError::Unauthorized))?;
-    Ok((job_id, bearer.to_string()))
+    })
+}
+
+/// A job of another lease answers exactly as a job that does not exist
+/// (the same status and body, naming no id), so job ids reveal nothing to
+/// other borrowers.
+fn hide_other_leases_job(error: AgentError) -> ErrorResponse {
+    match error {
+        AgentError::KeyRejected(KeyRejection::WrongLease) | AgentError::NotFound(_) => {
+            err(AgentError::NotFound("no such job on this host".to_string()))
+        }
+        other => err(other),
+    }
 }
 
 /// A job's state: for the host's lender, or with a lease key of the job's
@@ -284,18 +430,22 @@ fn job_id_and_bearer(job_id: &str, headers: &HeaderMap) -> Result<(u64, String),
 /// agent stopped reads `lost`.
 async fn get_job(
     State(agent): App,
-    headers: HeaderMap,
+    Extension(bearer): Extension<Bearer>,
     Path(job_id): Path<String>,
 ) -> Answer<JobResult> {
-    let (job_id, bearer) = job_id_and_bearer(&job_id, &headers)?;
-    let job = agent.job(job_id, &bearer).map_err(err)?;
+    let job_id = parse_job_id(&job_id)?;
+    let job = agent
+        .job(job_id, &bearer.0)
+        .map_err(hide_other_leases_job)?;
     Ok(Json(job))
 }
 
 async fn notice(
     State(agent): App,
+    Extension(bearer): Extension<Bearer>,
     JsonBody(request): JsonBody<NoticeRequest>,
 ) -> Answer<serde_json::Value> {
+    require_same_as_bearer("notice", &request.notice, &bearer)?;
     agent.apply_notice(&request.notice).await.map_err(err)?;
     Ok(Json(serde_json::json!({"applied": true})))
 }

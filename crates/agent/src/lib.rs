@@ -260,7 +260,7 @@ impl Agent {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn trusted_keys(&self) -> key::TrustedKeys {
+    pub(crate) fn trusted_keys(&self) -> key::TrustedKeys {
         self.broker_keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -270,7 +270,10 @@ impl Agent {
     /// Verifies a lease key; a key signed by a key the agent does not know
     /// yet (the broker rotated) makes it fetch the broker's keys, at most
     /// once per [`KEY_REFRESH_INTERVAL_MS`], and try again.
-    async fn verify_lease_key(&self, token: &str) -> Result<key::LeaseKeyClaims, KeyRejection> {
+    pub(crate) async fn verify_lease_key(
+        &self,
+        token: &str,
+    ) -> Result<key::LeaseKeyClaims, KeyRejection> {
         let first = key::decode_and_verify_trusted(token, &self.trusted_keys());
         if first != Err(KeyRejection::BadSignature) || !self.key_refresh_due() {
             return first;
@@ -661,10 +664,14 @@ impl Agent {
     ) -> Result<JobResult, AgentError> {
         let result = self.run_job_with_key(index, request, output, started).await;
         if let Err(AgentError::KeyRejected(reason)) = &result {
-            self.refused_keys
-                .note(index, reason, self.config.clock.now_ms());
+            self.note_refused_key(Some(index), reason);
         }
         result
+    }
+
+    pub(crate) fn note_refused_key(&self, partition: Option<u32>, reason: &KeyRejection) {
+        self.refused_keys
+            .note(partition, reason, self.config.clock.now_ms());
     }
 
     async fn run_job_with_key(

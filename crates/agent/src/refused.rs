@@ -56,7 +56,7 @@ impl RefusedKeyLog {
         }
     }
 
-    pub fn note(&self, partition: u32, reason: &KeyRejection, now_ms: u64) {
+    pub fn note(&self, partition: Option<u32>, reason: &KeyRejection, now_ms: u64) {
         if let Logging::Log { suppressed_before } = self.decide(now_ms) {
             if suppressed_before > 0 {
                 tracing::warn!(
@@ -64,7 +64,7 @@ impl RefusedKeyLog {
                     "more lease keys were refused in the last window than were logged"
                 );
             }
-            tracing::warn!(partition, reason = ?reason, "refused a lease key: {reason}");
+            tracing::warn!(?partition, reason = ?reason, "refused a lease key: {reason}");
         }
     }
 }

@@ -72,6 +72,9 @@ impl Client {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(64)
+            // Below the servers' 10 s idle timeout, so a pooled connection is
+            // dropped here before the server closes it under a request.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .expect("reqwest client builds with static settings");
         Client {
@@ -339,13 +342,16 @@ impl Client {
             .timeout_ms
             .map(|ms| Duration::from_millis(ms.saturating_add(30_000)))
             .unwrap_or(Duration::from_secs(24 * 3600));
-        self.send(
-            Method::POST,
-            &format!("/v1/partitions/{index}/jobs"),
-            Some(request),
-            Some(wait),
-        )
-        .await
+        // The key goes as the bearer too: the agent checks it before it
+        // reads the body.
+        self.with_token(Some(request.lease_key.clone()))
+            .send(
+                Method::POST,
+                &format!("/v1/partitions/{index}/jobs"),
+                Some(request),
+                Some(wait),
+            )
+            .await
     }
 
     /// A job's record; the client's token is the lender token or a lease key.
@@ -372,6 +378,7 @@ impl Client {
         let mut response = self
             .http
             .post(&url)
+            .bearer_auth(&request.lease_key)
             .json(&body)
             .timeout(wait)
             .send()
@@ -457,13 +464,15 @@ impl Client {
         let body = NoticeRequest {
             notice: notice.to_string(),
         };
-        self.send(
-            Method::POST,
-            "/v1/notices",
-            Some(&body),
-            Some(Duration::from_secs(5)),
-        )
-        .await
+        // The signed notice is its own credential, checked before the body.
+        self.with_token(Some(notice.to_string()))
+            .send(
+                Method::POST,
+                "/v1/notices",
+                Some(&body),
+                Some(Duration::from_secs(5)),
+            )
+            .await
     }
 }
 

@@ -8,7 +8,7 @@ use crate::{token_sha256, AppState};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use leasehold_api::*;
 use leasehold_core::key::{self, LeaseKeyClaims, NoticeClaims, NoticeKind};
 use leasehold_core::lease::{Bill, Lease, LeaseState, ReleaseOutcome};
@@ -25,11 +25,14 @@ type Answer<T> = Result<Json<T>, ErrorResponse>;
 const MAX_LIST: u32 = 10_000;
 const DEFAULT_LIST: u32 = 1000;
 
+/// Request bodies on the broker are small JSON documents (the largest, a
+/// partition's terms with 32 image names, is about 3 KiB).
+const BODY_LIMIT_BYTES: usize = 16 * 1024;
+
 pub(crate) fn router(app: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/openapi.json", get(openapi))
-        .route("/v1/broker", get(broker_info))
+    // Everything but health, the API document and the broker's public key
+    // needs a principal, resolved before any body is read.
+    let authenticated = Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/principals", post(create_principal_handler))
         .route("/v1/hosts", get(list_hosts))
@@ -45,9 +48,31 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/v1/leases/{lease_id}/release", post(release))
         .route("/v1/bill", get(bill))
         .route("/v1/ledger", get(ledger_view))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_principal,
+        ));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/broker", get(broker_info))
+        .merge(authenticated)
         .fallback(leasehold_service::not_found_fallback)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(app)
+}
+
+/// Resolves the bearer token to a principal before the handler (and so
+/// before any body) runs: an anonymous client gets 401 without a byte of its
+/// body read. Handlers take the principal from the request's extensions.
+async fn require_principal(
+    State(app): App,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ErrorResponse> {
+    let principal = authenticate(&app, request.headers())?;
+    request.extensions_mut().insert(principal);
+    Ok(next.run(request).await)
 }
 
 fn err(error: BrokerError) -> ErrorResponse {
@@ -98,8 +123,7 @@ async fn broker_info(State(app): App) -> Json<BrokerInfo> {
     })
 }
 
-async fn whoami(State(app): App, headers: HeaderMap) -> Answer<WhoAmI> {
-    let principal = authenticate(&app, &headers)?;
+async fn whoami(Extension(principal): Extension<Principal>) -> Answer<WhoAmI> {
     Ok(Json(WhoAmI {
         name: principal.name,
         role: principal.role,
@@ -124,10 +148,9 @@ pub(crate) async fn create_principal(
 
 async fn create_principal_handler(
     State(app): App,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     JsonBody(request): JsonBody<CreatePrincipalRequest>,
 ) -> Result<(StatusCode, Json<PrincipalCreated>), ErrorResponse> {
-    let principal = authenticate(&app, &headers)?;
     require_role(&principal, &[Role::Admin], "create principals")?;
     let token = create_principal(&app, request.name.clone(), request.role)
         .await
@@ -152,8 +175,7 @@ fn host_view(entry: &crate::state::HostEntry) -> HostView {
     }
 }
 
-async fn list_hosts(State(app): App, headers: HeaderMap) -> Answer<Vec<HostView>> {
-    authenticate(&app, &headers)?;
+async fn list_hosts(State(app): App) -> Answer<Vec<HostView>> {
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     let mut hosts: Vec<HostView> = state.hosts.values().map(host_view).collect();
     hosts.sort_by(|a, b| a.host_id.cmp(&b.host_id));
@@ -163,11 +185,10 @@ async fn list_hosts(State(app): App, headers: HeaderMap) -> Answer<Vec<HostView>
 
 async fn register_host(
     State(app): App,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Path(host_id): Path<String>,
     JsonBody(request): JsonBody<RegisterHostRequest>,
 ) -> Answer<HostView> {
-    let principal = authenticate(&app, &headers)?;
     require_role(&principal, &[Role::Lender], "register hosts")?;
     let host_id_for_view = host_id.clone();
     app.writer
@@ -213,11 +234,10 @@ fn parse_index(text: &str) -> Result<u32, ErrorResponse> {
 
 async fn put_partition(
     State(app): App,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Path((host_id, index)): Path<(String, String)>,
     JsonBody(request): JsonBody<RegisterPartitionRequest>,
 ) -> Answer<PartitionView> {
-    let principal = authenticate(&app, &headers)?;
     require_role(&principal, &[Role::Lender], "register or alter partitions")?;
     let partition = PartitionRef::new(host_id, parse_index(&index)?);
     let terms = crate::images::pin_terms(app.images.as_ref(), request.terms)
@@ -236,10 +256,9 @@ async fn put_partition(
 
 async fn withdraw_partition(
     State(app): App,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Path((host_id, index)): Path<(String, String)>,
 ) -> Answer<PartitionView> {
-    let principal = authenticate(&app, &headers)?;
     require_role(&principal, &[Role::Lender], "withdraw partitions")?;
     let partition = PartitionRef::new(host_id, parse_index(&index)?);
     let row = app
@@ -263,10 +282,9 @@ struct ListQuery {
 
 async fn list_partitions(
     State(app): App,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<ListQuery>,
 ) -> Answer<Vec<PartitionView>> {
-    let principal = authenticate(&app, &headers)?;
     require_role(
         &principal,
         &[Role::Lender, Role::Admin],
@@ -305,12 +323,7 @@ async fn list_partitions(
     Ok(Json(views))
 }
 
-async fn find(
-    State(app): App,
-    headers: HeaderMap,
-    JsonBody(request): JsonBody<FindRequest>,
-) -> Answer<FindResponse> {
-    authenticate(&app, &headers)?;
+async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answer<FindResponse> {
     request.requirements.validate().map_err(|e| {
         err(BrokerError::Invalid(leasehold_core::FieldError::new(
             format!("requirements.{}", e.field),
@@ -419,10 +432,10 @@ fn notice_effect(
 
 async fn lease(
     State(app): App,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     JsonBody(request): JsonBody<LeaseRequest>,
 ) -> Result<(StatusCode, Json<LeaseView>), ErrorResponse> {
-    let principal = authenticate(&app, &headers)?;
     require_role(&principal, &[Role::Borrower], "lease partitions")?;
     let idempotency = idempotency_key(&headers)?;
     let target = match (request.partition, request.best) {
@@ -518,10 +531,9 @@ fn may_view(viewer: &Principal, lease: &Lease) -> bool {
 
 async fn get_lease(
     State(app): App,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Path(lease_id): Path<String>,
 ) -> Answer<LeaseView> {
-    let principal = authenticate(&app, &headers)?;
     let lease_id = parse_lease_id(&lease_id)?;
     let active = {
         let state = app.state.read().unwrap_or_else(|p| p.into_inner());
@@ -540,19 +552,17 @@ async fn get_lease(
         Some(lease) if may_view(&principal, &lease) => {
             Ok(Json(lease_view(&app, &lease, &principal)))
         }
-        Some(_) => Err(err(BrokerError::Forbidden(format!(
-            "lease {lease_id} is not yours: only its borrower, its lender and admins may see it"
-        )))),
-        None => Err(err(BrokerError::NotFound(format!("no lease {lease_id}")))),
+        // A lease the caller may not see answers exactly as one that does
+        // not exist, so lease ids reveal nothing to strangers.
+        Some(_) | None => Err(err(no_such_lease(lease_id))),
     }
 }
 
 async fn list_leases(
     State(app): App,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<ListQuery>,
 ) -> Answer<Vec<LeaseView>> {
-    let principal = authenticate(&app, &headers)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let leases = leases_of(&app, &principal, limit)?;
     Ok(Json(
@@ -582,10 +592,10 @@ fn leases_of(
 
 async fn release(
     State(app): App,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     Path(lease_id): Path<String>,
 ) -> Answer<ReleaseReceipt> {
-    let principal = authenticate(&app, &headers)?;
     let lease_id = parse_lease_id(&lease_id)?;
     idempotency_key(&headers)?;
     let releaser = principal.clone();
@@ -603,7 +613,7 @@ async fn release(
                 let lease = ctx
                     .db
                     .lease(lease_id)?
-                    .ok_or_else(|| BrokerError::NotFound(format!("no lease {lease_id}")))?;
+                    .ok_or_else(|| no_such_lease(lease_id))?;
                 check_releaser(&releaser, &lease)?;
                 let bill = stored_bill(ctx.db, &lease)?;
                 return Ok((lease, bill, true, None));
@@ -656,7 +666,19 @@ async fn release(
     }))
 }
 
+/// The one answer for a lease id the caller cannot see, whether it exists
+/// or not: the same status and the same body, which names no id (the
+/// caller knows which it asked for).
+fn no_such_lease(_lease_id: u64) -> BrokerError {
+    BrokerError::NotFound("no such lease".to_string())
+}
+
+/// Only the borrower releases; the lender and admins, who may see the
+/// lease, learn that; anyone else is told it does not exist.
 fn check_releaser(releaser: &Principal, lease: &Lease) -> Result<(), BrokerError> {
+    if !may_view(releaser, lease) {
+        return Err(no_such_lease(lease.lease_id));
+    }
     if releaser.name != lease.borrower {
         return Err(BrokerError::Forbidden(format!(
             "only the borrower of lease {} may release it",
@@ -694,8 +716,7 @@ fn accounts_of(principal: &Principal) -> Vec<String> {
     }
 }
 
-async fn bill(State(app): App, headers: HeaderMap) -> Answer<BillView> {
-    let principal = authenticate(&app, &headers)?;
+async fn bill(State(app): App, Extension(principal): Extension<Principal>) -> Answer<BillView> {
     let leases = leases_of(&app, &principal, DEFAULT_LIST)?;
     let accounts = accounts_of(&principal);
     let balances = app
@@ -722,10 +743,9 @@ async fn bill(State(app): App, headers: HeaderMap) -> Answer<BillView> {
 
 async fn ledger_view(
     State(app): App,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Query(query): Query<ListQuery>,
 ) -> Answer<LedgerView> {
-    let principal = authenticate(&app, &headers)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let accounts = (principal.role != Role::Admin).then(|| accounts_of(&principal));
     let reader = app.reader.lock().unwrap_or_else(|p| p.into_inner());

@@ -271,16 +271,12 @@ impl BrokerState {
     }
 
     fn owned_host(&self, lender: &str, host_id: &str) -> Result<&HostEntry, BrokerError> {
-        let host = self
-            .hosts
+        // Another lender's host answers exactly as a host that does not
+        // exist, so host ids reveal nothing to strangers.
+        self.hosts
             .get(host_id)
-            .ok_or_else(|| BrokerError::NotFound(format!("no host '{host_id}' is registered")))?;
-        if host.row.lender != lender {
-            return Err(BrokerError::Forbidden(format!(
-                "host '{host_id}' belongs to another lender; only its lender may change its partitions"
-            )));
-        }
-        Ok(host)
+            .filter(|host| host.row.lender == lender)
+            .ok_or_else(|| BrokerError::NotFound("no such host is registered".to_string()))
     }
 
     /// Registers a new partition or alters one (S14-S17, S22-S29).

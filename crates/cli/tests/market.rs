@@ -442,9 +442,10 @@ async fn jobs_run_only_with_a_valid_key() {
             .exit_code,
         Some(0)
     );
-    // The earlier borrower cannot fetch the new key from the broker.
+    // The earlier borrower cannot fetch the new key from the broker: to it
+    // the lease does not exist.
     let error = borrower.get_lease(second.lease_id).await.unwrap_err();
-    assert_eq!(error.status(), Some(403));
+    assert_eq!(error.status(), Some(404));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -105,7 +105,8 @@ async fn roles_decide_who_may_do_what() {
     assert_eq!(error.status(), Some(403));
     let error = bob.create_principal("eve", Role::Admin).await.unwrap_err();
     assert_eq!(error.status(), Some(403));
-    // A second lender may not touch the first lender's host.
+    // A second lender may not touch the first lender's host: to it the
+    // host does not exist.
     let other_lender = cluster
         .admin()
         .create_principal("lender2", Role::Lender)
@@ -116,14 +117,15 @@ async fn roles_decide_who_may_do_what() {
         .withdraw_partition("alpha", 1)
         .await
         .unwrap_err();
-    assert_eq!(error.status(), Some(403));
+    assert_eq!(error.status(), Some(404));
 
-    // Only the borrower of a lease may see its key, run on it or release it.
+    // Only the borrower of a lease may see its key, run on it or release
+    // it; to other borrowers it does not exist.
     let lease = bob.lease(&lease_named("alpha/1")).await.unwrap();
     let error = carol.release(lease.lease_id).await.unwrap_err();
-    assert_eq!(error.status(), Some(403));
+    assert_eq!(error.status(), Some(404));
     let error = carol.get_lease(lease.lease_id).await.unwrap_err();
-    assert_eq!(error.status(), Some(403));
+    assert_eq!(error.status(), Some(404));
     let carol_run = cli(
         &url,
         None,

@@ -7,9 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use leasehold_api::{
-    ErrorBody, ErrorDetail, IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LEN, MAX_REQUEST_BODY_BYTES,
-};
+use leasehold_api::{ErrorBody, ErrorDetail, IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LEN};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
@@ -80,8 +78,10 @@ impl IntoResponse for ErrorResponse {
     }
 }
 
-/// A JSON body, read with a size limit and decoded so that an error names
-/// the path of the field at fault (`terms.vcpus: invalid type ...`).
+/// A JSON object body: refused with 415 unless `Content-Type` is JSON,
+/// read with the route's size limit, refused with 400 unless it is a JSON
+/// object, and decoded so that an error names the path of the field at
+/// fault (`terms.vcpus: invalid type ...`).
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
@@ -92,15 +92,88 @@ where
     type Rejection = ErrorResponse;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            ErrorResponse::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_unreadable",
-                format!("cannot read the request body (at most {MAX_REQUEST_BODY_BYTES} bytes): {rejection}"),
-            )
-        })?;
+        // Checked before the body is read: a wrong type costs no buffering.
+        require_json_content_type(request.headers())?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(body_read_error)?;
+        require_json_object(&bytes)?;
         decode_json(&bytes).map(JsonBody)
     }
+}
+
+/// 415 unless the request says its body is JSON (`application/json`,
+/// parameters such as `charset` allowed, or a `+json` type).
+pub fn require_json_content_type(headers: &HeaderMap) -> Result<(), ErrorResponse> {
+    let value = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let media_type = value
+        .as_deref()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let is_json = media_type.as_deref().is_some_and(|t| {
+        t == "application/json" || (t.starts_with("application/") && t.ends_with("+json"))
+    });
+    if is_json {
+        return Ok(());
+    }
+    let got = match value {
+        Some(value) => format!("got '{}'", value.chars().take(100).collect::<String>()),
+        None => "the header is missing".to_string(),
+    };
+    Err(ErrorResponse::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("Content-Type: must be application/json; {got}"),
+    )
+    .with_field("Content-Type"))
+}
+
+/// 400 unless the body's top-level JSON value is an object: arrays,
+/// `null`, numbers, strings and an empty body are refused by name rather
+/// than reported as a missing field.
+pub fn require_json_object(bytes: &[u8]) -> Result<(), ErrorResponse> {
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first == Some(&b'{') {
+        return Ok(());
+    }
+    let found = match first {
+        None => "it is empty",
+        Some(b'[') => "it is an array",
+        Some(b'n') => "it is null",
+        Some(b'"') => "it is a string",
+        Some(b't' | b'f') => "it is a boolean",
+        Some(b'-' | b'0'..=b'9') => "it is a number",
+        Some(_) => "it is not JSON",
+    };
+    Err(ErrorResponse::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+        format!("body: the body must be a JSON object; {found}"),
+    )
+    .with_field("body"))
+}
+
+/// A body that could not be read: too large (413), or too slow or broken
+/// off (408; the body read timeout ends a stalled upload).
+fn body_read_error(rejection: axum::extract::rejection::BytesRejection) -> ErrorResponse {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ErrorResponse::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("body: larger than this route accepts: {rejection}"),
+        )
+        .with_field("body");
+    }
+    ErrorResponse::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_unreadable",
+        format!("body: not received in time or broken off: {rejection}"),
+    )
+    .with_field("body")
 }
 
 /// Decodes JSON, naming the field at fault on error.
@@ -198,6 +271,34 @@ pub async fn not_found_fallback(uri: axum::http::Uri) -> ErrorResponse {
     )
 }
 
+/// The bounds every server keeps, whoever connects: an anonymous client
+/// can hold at most a connection slot, for at most a header timeout, with
+/// at most one read buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Connections served at once; more wait in the kernel's accept queue.
+    /// Also capped at half the process's open-file limit.
+    pub max_connections: usize,
+    /// Time to send a request's headers, counted from the moment the server
+    /// waits for them; on a kept-alive connection this is the idle timeout.
+    pub header_read_timeout: std::time::Duration,
+    /// The longest wait for the next piece of a request body.
+    pub body_read_timeout: std::time::Duration,
+    /// The connection's read buffer, and so the largest request head.
+    pub max_buffer_bytes: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 8192,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            body_read_timeout: std::time::Duration::from_secs(10),
+            max_buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
 /// A running HTTP server: it stops on Ctrl-C / SIGTERM or [`ServerHandle::shutdown`].
 pub struct ServerHandle {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -205,19 +306,28 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Serves `router` on `listener` in a background task.
+    /// Serves `router` on `listener` in a background task, with the default limits.
     pub fn spawn(listener: tokio::net::TcpListener, router: axum::Router) -> Self {
+        Self::spawn_with_limits(listener, router, ServeLimits::default())
+    }
+
+    /// Serves `router` on `listener` in a background task, within `limits`.
+    pub fn spawn_with_limits(
+        listener: tokio::net::TcpListener,
+        router: axum::Router,
+        limits: ServeLimits,
+    ) -> Self {
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    tokio::select! {
-                        _ = shutdown_signal() => {},
-                        _ = shutdown_rx.changed() => {},
-                    }
-                })
-                .await
-        });
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown_signal() => {},
+                _ = shutdown_rx.changed() => {},
+            }
+        };
+        let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            limits.body_read_timeout,
+        ));
+        let server = tokio::spawn(serve_connections(listener, router, limits, stop));
         ServerHandle { server, shutdown }
     }
 
@@ -234,6 +344,93 @@ impl ServerHandle {
             Err(error) => Err(std::io::Error::other(error)),
         }
     }
+}
+
+/// The accept loop: a connection is accepted only when a slot is free, each
+/// is served by hyper with a header timeout and a bounded buffer, and at
+/// `stop` the open connections finish their requests and close.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    limits: ServeLimits,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(connection_slots(&limits)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_buffer_bytes.max(8192))
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.map_err(std::io::Error::other)?,
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    accept_failed(error).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // Timeouts and hang-ups end here; they are the client's business.
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Accept fails when the process is out of file descriptors or the peer
+/// left before it was accepted; back off briefly instead of spinning.
+async fn accept_failed(error: std::io::Error) {
+    tracing::warn!(%error, "accepting a connection failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// The connection cap: the configured one, but at most half the open-file
+/// limit (raised to its hard limit first) so the rest of the process keeps
+/// descriptors for its database, children and outgoing calls.
+fn connection_slots(limits: &ServeLimits) -> usize {
+    let open_files = raise_open_files_limit();
+    limits.max_connections.min((open_files / 2) as usize).max(1)
+}
+
+/// Raises this process's soft limit of open files to its hard limit and
+/// returns the soft limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
 }
 
 /// Resolves on Ctrl-C or SIGTERM, for graceful shutdown.
@@ -303,5 +500,168 @@ mod tests {
             "extra",
         );
         check(r#""#, "invalid_field", "body");
+    }
+
+    #[test]
+    fn only_json_content_types_are_read() {
+        let check = |value: Option<&str>, accepted: bool| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(axum::http::header::CONTENT_TYPE, value.parse().unwrap());
+            }
+            match require_json_content_type(&headers) {
+                Ok(()) => assert!(accepted, "{value:?} was accepted"),
+                Err(error) => {
+                    assert!(!accepted, "{value:?} was refused");
+                    assert_eq!(error.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+                    assert_eq!(error.detail.field.as_deref(), Some("Content-Type"));
+                }
+            }
+        };
+        check(Some("application/json"), true);
+        check(Some("Application/JSON; charset=utf-8"), true);
+        check(Some("application/merge-patch+json"), true);
+        check(Some("text/plain"), false);
+        check(Some("application/x-www-form-urlencoded"), false);
+        check(Some("application/jsonx"), false);
+        check(None, false);
+    }
+
+    #[test]
+    fn only_json_objects_are_decoded() {
+        let check = |body: &str, problem: &str| {
+            let error = require_json_object(body.as_bytes()).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(error.detail.field.as_deref(), Some("body"), "{body}");
+            assert!(
+                error.detail.message.contains("must be a JSON object")
+                    && error.detail.message.contains(problem),
+                "{body}: {}",
+                error.detail.message
+            );
+        };
+        check("[]", "array");
+        check(" \n[{}]", "array");
+        check("null", "null");
+        check("42", "number");
+        check("\"x\"", "string");
+        check("true", "boolean");
+        check("", "empty");
+        check("  ", "empty");
+        assert!(require_json_object(b" {\"a\": 1}").is_ok());
+    }
+
+    /// A server on 127.0.0.1:0 answering `GET /` with "ok", within `limits`.
+    async fn serve_ok(limits: ServeLimits) -> (ServerHandle, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        (
+            ServerHandle::spawn_with_limits(listener, router, limits),
+            address,
+        )
+    }
+
+    /// Reads until the server closes the connection; fails after `deadline`.
+    async fn read_until_closed(
+        stream: &mut tokio::net::TcpStream,
+        deadline: std::time::Duration,
+    ) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut received = Vec::new();
+        tokio::time::timeout(deadline, stream.read_to_end(&mut received))
+            .await
+            .expect("the server closed the connection in time")
+            .ok();
+        received
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_after_the_header_timeout() {
+        let limits = ServeLimits {
+            header_read_timeout: std::time::Duration::from_millis(200),
+            ..ServeLimits::default()
+        };
+        let (server, address) = serve_ok(limits).await;
+        // Never sends a byte: without a header timeout it would be held forever.
+        let mut idle = tokio::net::TcpStream::connect(address).await.unwrap();
+        let received = read_until_closed(&mut idle, std::time::Duration::from_secs(10)).await;
+        assert!(
+            !String::from_utf8_lossy(&received).contains(" 200 "),
+            "nothing was asked, nothing answered"
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+        use tokio::io::AsyncWriteExt;
+        let limits = ServeLimits {
+            max_connections: 1,
+            header_read_timeout: std::time::Duration::from_secs(60),
+            ..ServeLimits::default()
+        };
+        let (server, address) = serve_ok(limits).await;
+        let mut first = tokio::net::TcpStream::connect(address).await.unwrap();
+        first
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        use tokio::io::AsyncReadExt;
+        let mut answer = [0u8; 12];
+        first.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        // The first connection holds the only slot (kept alive): the second
+        // is not served while it lasts...
+        let mut second = tokio::net::TcpStream::connect(address).await.unwrap();
+        second
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            second.read(&mut byte),
+        )
+        .await;
+        assert!(waited.is_err(), "served beyond the cap");
+        // ...and is served as soon as the first goes.
+        drop(first);
+        let received = read_until_closed(&mut second, std::time::Duration::from_secs(10)).await;
+        assert!(
+            String::from_utf8_lossy(&received).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&received)
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_is_answered_408_after_the_body_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let router = axum::Router::new().route(
+            "/",
+            axum::routing::post(|JsonBody(_): JsonBody<serde_json::Value>| async { "read" }),
+        );
+        let limits = ServeLimits {
+            body_read_timeout: std::time::Duration::from_millis(200),
+            ..ServeLimits::default()
+        };
+        let server = ServerHandle::spawn_with_limits(listener, router, limits);
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        // Ten bytes of a declared hundred, then nothing.
+        stream
+            .write_all(
+                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"a\": 1,  ",
+            )
+            .await
+            .unwrap();
+        let received = read_until_closed(&mut stream, std::time::Duration::from_secs(10)).await;
+        let text = String::from_utf8_lossy(&received);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("body_unreadable"), "{text}");
+        server.shutdown().await;
     }
 }

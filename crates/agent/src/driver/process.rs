@@ -874,6 +874,13 @@ mod tests {
             chunk = live.recv() => assert_eq!(chunk.unwrap().1, b"up\n"),
         }
         std::mem::forget(running);
+        // The shell has printed "up"; its sleep may not have been exec'd yet
+        // and /proc offers no event for that, so poll with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while processes_with(&marker).len() < 2 && std::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+            std::thread::yield_now();
+        }
         assert_eq!(
             processes_with(&marker).len(),
             2,

@@ -271,3 +271,109 @@ pub fn terms(
 fn rand_suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
+
+/// A process's resident set size, from /proc/PID/status (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// The `host:port` of a `http://host:port` URL.
+pub fn address_of(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Connections that each send a request declaring a `declared_bytes` body
+/// but only `sent_bytes` of it, then stall (the slow-body attack). A
+/// connection the server already closed while we wrote is kept too.
+pub async fn open_stalled_bodies(
+    address: &str,
+    count: usize,
+    path: &str,
+    token: Option<&str>,
+    declared_bytes: usize,
+    sent_bytes: usize,
+) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n{authorization}Content-Length: {declared_bytes}\r\n\r\n"
+    );
+    let mut request = head.into_bytes();
+    request.extend(vec![b' '; sent_bytes]);
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect for a stalled body");
+        // The server may answer and close before it has all of it: fine.
+        let _ = stream.write_all(&request).await;
+        streams.push(stream);
+    }
+    streams
+}
+
+/// Connections that send nothing at all (the idle-connection attack).
+pub async fn open_idle_connections(address: &str, count: usize) -> Vec<tokio::net::TcpStream> {
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        streams.push(
+            tokio::net::TcpStream::connect(address)
+                .await
+                .expect("connect an idle connection"),
+        );
+    }
+    streams
+}
+
+/// The status code a server wrote on `stream` (it may close right after);
+/// None when it closed without answering. Panics after `deadline`.
+pub async fn answered_status(
+    stream: &mut tokio::net::TcpStream,
+    deadline: std::time::Duration,
+) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read = async {
+        let mut buffer = [0u8; 512];
+        while !received.windows(2).any(|w| w == b"\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .expect("the server answered or closed in time");
+    let line = String::from_utf8_lossy(&received);
+    line.split_whitespace().nth(1).and_then(|s| s.parse().ok())
+}
+
+/// One request, its status and its body bytes exactly as sent.
+pub async fn status_and_body(
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<&str>,
+) -> (u16, Vec<u8>) {
+    let mut request = reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(token)
+        .header("content-type", "application/json");
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    (status, response.bytes().await.expect("body").to_vec())
+}
