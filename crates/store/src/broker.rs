@@ -8,7 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::collections::HashMap;
 use std::path::Path;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE principals (
     name TEXT PRIMARY KEY,
@@ -71,7 +72,8 @@ CREATE TABLE idempotency (
     at_ms INTEGER NOT NULL,
     PRIMARY KEY (principal, key)
 );
-"#, r#"
+"#,
+    r#"
 -- Release notices not yet acknowledged by their agent (the outbox). A row is
 -- written in the same transaction as its release, so a crash cannot lose it.
 CREATE TABLE notice_outbox (
@@ -93,7 +95,8 @@ CREATE TABLE revocations (
 );
 CREATE INDEX revocations_by_host ON revocations (host_id, seq);
 CREATE INDEX revocations_by_expiry ON revocations (key_expires_at_ms);
-"#];
+"#,
+];
 
 /// One write of the broker; a batch of them commits atomically.
 #[derive(Debug, Clone)]
@@ -831,7 +834,9 @@ mod tests {
             listed.iter().map(|r| r.lease_id).collect::<Vec<_>>(),
             vec![2, 1]
         );
-        let after_first = db.revocations_after("alpha", listed[0].seq, 100, 10).unwrap();
+        let after_first = db
+            .revocations_after("alpha", listed[0].seq, 100, 10)
+            .unwrap();
         assert_eq!(after_first.len(), 1);
         assert_eq!(after_first[0].lease_id, 1);
         assert!(db.revocations_after("beta", 0, 100, 10).unwrap().is_empty());
