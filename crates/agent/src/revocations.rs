@@ -167,7 +167,10 @@ mod tests {
         let forger = SigningKey::from_bytes(&[9; 32]);
         let trusted = TrustedKeys::single(broker.verifying_key());
         let genuine = listed(5, notice(NoticeKind::LeaseReleased, "alpha", 5, &broker));
-        assert_eq!(verify_pulled(&genuine, "alpha", &trusted).unwrap().lease_id, 5);
+        assert_eq!(
+            verify_pulled(&genuine, "alpha", &trusted).unwrap().lease_id,
+            5
+        );
         let refused = [
             // Signed by another key: a forged list must not stop jobs.
             listed(5, notice(NoticeKind::LeaseReleased, "alpha", 5, &forger)),

@@ -635,7 +635,7 @@ async fn release(
         .await
         .map_err(err)?;
     let agent_notified = match first_attempt {
-        Some(receiver) => crate::outbox::first_attempt_acknowledged(receiver).await,
+        Some(first_attempt) => crate::outbox::first_attempt_acknowledged(first_attempt).await,
         None => already_released,
     };
     Ok(Json(ReleaseReceipt {

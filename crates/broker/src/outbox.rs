@@ -47,14 +47,15 @@ pub struct PendingNotice {
     first_attempt: Option<oneshot::Sender<bool>>,
 }
 
-/// Signs `lease`'s release notice, queues its outbox row in the release's
-/// batch and its delivery for after the commit. The receiver learns whether
-/// the agent acknowledged the first attempt.
+/// Signs `lease`'s release notice and lists it for the host's agent to pull;
+/// when the host has an agent URL, also queues its outbox row in the
+/// release's batch and its delivery for after the commit. The receiver
+/// learns whether the agent acknowledged the first attempt.
 pub(crate) fn queue_release_notice(
     ctx: &mut WriteContext<'_>,
     app: &AppState,
     lease: &Lease,
-) -> oneshot::Receiver<bool> {
+) -> Option<oneshot::Receiver<bool>> {
     let notice = key::sign_notice(
         &NoticeClaims {
             kind: NoticeKind::LeaseReleased,
@@ -74,20 +75,34 @@ pub(crate) fn queue_release_notice(
         key_expires_at_ms: lease.key_expires_at_ms,
         created_at_ms: ctx.now_ms,
     };
+    ctx.writes.push(BrokerWrite::InsertRevocation(row.clone()));
+    // A host without an agent URL has nobody to push to (simulations,
+    // benchmarks): its agent, if any, pulls the revocation instead.
+    let has_agent_url = ctx
+        .state
+        .hosts
+        .get(&row.host_id)
+        .is_some_and(|host| host.row.agent_url.is_some());
+    if !has_agent_url {
+        return None;
+    }
     let (reply, receiver) = oneshot::channel();
     ctx.writes
-        .push(BrokerWrite::InsertReleaseNotice(row.clone()));
+        .push(BrokerWrite::InsertOutboxNotice(row.clone()));
     ctx.effects
         .push(Effect::DeliverReleaseNotice(Box::new(PendingNotice {
             row,
             first_attempt: Some(reply),
         })));
-    receiver
+    Some(receiver)
 }
 
 /// Waits up to [`FIRST_ATTEMPT_WAIT`] for the first delivery attempt; true
 /// when the agent acknowledged it (the old key is fenced there already).
-pub(crate) async fn first_attempt_acknowledged(receiver: oneshot::Receiver<bool>) -> bool {
+pub(crate) async fn first_attempt_acknowledged(receiver: Option<oneshot::Receiver<bool>>) -> bool {
+    let Some(receiver) = receiver else {
+        return false;
+    };
     matches!(
         tokio::time::timeout(FIRST_ATTEMPT_WAIT, receiver).await,
         Ok(Ok(true))

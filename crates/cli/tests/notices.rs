@@ -104,7 +104,10 @@ async fn start_sleeping_job(
             })
             .await
     });
-    started.recv().await.expect("the job printed before it ended");
+    started
+        .recv()
+        .await
+        .expect("the job printed before it ended");
     job
 }
 
@@ -136,7 +139,12 @@ async fn with_notices_lost_the_agent_pulls_the_release_and_stops_the_job() {
         &mut cluster,
         "alpha",
         "127.0.0.1:0",
-        &["--advertise-url", &unreachable, "--revocation-poll-secs", "1"],
+        &[
+            "--advertise-url",
+            &unreachable,
+            "--revocation-poll-secs",
+            "1",
+        ],
     );
     Client::new(&alpha, Some(cluster.lender_token.clone()))
         .agent_add_partition(&terms(1, 256, "host", 1000))
@@ -259,9 +267,7 @@ async fn fake_agent(
             let mut response = axum::response::Response::new(axum::body::Body::from(body));
             *response.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
             for (name, value) in headers {
-                response
-                    .headers_mut()
-                    .insert(name, value.parse().unwrap());
+                response.headers_mut().insert(name, value.parse().unwrap());
             }
             response
         }
@@ -319,7 +325,10 @@ async fn the_broker_follows_no_redirect_from_an_agent_url() {
     let (_, bob) = cluster.borrower("bob").await;
     let lease = bob.lease(&lease_named("mallory/1")).await.unwrap();
     let receipt = bob.release(lease.lease_id).await.unwrap();
-    assert!(!receipt.agent_notified, "a redirect is not an acknowledgement");
+    assert!(
+        !receipt.agent_notified,
+        "a redirect is not an acknowledgement"
+    );
     assert!(redirector_seen.load(Ordering::SeqCst) >= 1);
     assert_eq!(
         elsewhere_seen.load(Ordering::SeqCst),
@@ -333,12 +342,8 @@ async fn the_broker_reads_no_more_than_a_small_answer_from_an_agent() {
     let cluster = Cluster::start(&[]).await;
     // A 1 MiB "acknowledgement": over the 64 KiB cap, so not taken as one.
     let huge = format!(r#"{{"applied":true,"pad":"{}"}}"#, "x".repeat(1 << 20));
-    let (chatty, chatty_seen) = fake_agent(
-        200,
-        vec![("content-type", "application/json".into())],
-        huge,
-    )
-    .await;
+    let (chatty, chatty_seen) =
+        fake_agent(200, vec![("content-type", "application/json".into())], huge).await;
     register_host_at(&cluster, "chatty", &chatty).await;
     let (_, bob) = cluster.borrower("bob").await;
     let lease = bob.lease(&lease_named("chatty/1")).await.unwrap();
@@ -385,4 +390,70 @@ async fn a_host_id_of_another_lender_cannot_be_taken_over() {
     let lease = bob.lease(&lease_named("alpha/1")).await.unwrap();
     bob.release(lease.lease_id).await.unwrap();
     assert_eq!(attacker_seen.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hosts_revocations_are_signed_for_its_lender_only_and_bad_cursors_name_the_field() {
+    let cluster = Cluster::start(&[]).await;
+    let owner_url = format!("http://127.0.0.1:{}", closed_port());
+    register_host_at(&cluster, "alpha", &owner_url).await;
+    let (_, bob) = cluster.borrower("bob").await;
+    let lease = bob.lease(&lease_named("alpha/1")).await.unwrap();
+    bob.release(lease.lease_id).await.unwrap();
+
+    let lender = cluster.lender();
+    let page = lender.host_revocations("alpha", 0).await.unwrap();
+    assert_eq!(page.revocations.len(), 1, "{page:?}");
+    assert!(!page.more);
+    let listed = &page.revocations[0];
+    assert_eq!(listed.lease_id, lease.lease_id);
+    assert_eq!(page.next_after_seq, listed.seq);
+    let info = lender.broker_info().await.unwrap();
+    let broker_key = leasehold_core::key::verifying_key_from_hex(&info.public_key_hex).unwrap();
+    let claims = leasehold_core::key::decode_notice(&listed.notice, &broker_key).unwrap();
+    assert_eq!(claims.kind, leasehold_core::key::NoticeKind::LeaseReleased);
+    assert_eq!(
+        (claims.lease_id, claims.epoch),
+        (lease.lease_id, lease.epoch)
+    );
+    let after = lender
+        .host_revocations("alpha", page.next_after_seq)
+        .await
+        .unwrap();
+    assert!(after.revocations.is_empty() && !after.more);
+
+    // Another lender and a borrower learn nothing about the host's leases.
+    let other_token = cluster
+        .admin()
+        .create_principal("other", leasehold_api::Role::Lender)
+        .await
+        .unwrap()
+        .token;
+    let other = Client::new(&cluster.broker_url, Some(other_token.clone()));
+    let error = other.host_revocations("alpha", 0).await.unwrap_err();
+    assert_eq!(error.status(), Some(403), "{error}");
+    let error = bob.host_revocations("alpha", 0).await.unwrap_err();
+    assert_eq!(error.status(), Some(403), "{error}");
+    let error = lender.host_revocations("nowhere", 0).await.unwrap_err();
+    assert_eq!(error.status(), Some(404), "{error}");
+
+    for (query, field) in [
+        ("after_seq=-1", "after_seq"),
+        ("after_seq=x", "after_seq"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+    ] {
+        let response = reqwest::Client::new()
+            .get(format!(
+                "{}/v1/hosts/alpha/revocations?{query}",
+                cluster.broker_url
+            ))
+            .bearer_auth(&cluster.lender_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{query}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["field"], field, "{query}: {body}");
+    }
 }

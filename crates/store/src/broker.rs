@@ -130,9 +130,11 @@ pub enum BrokerWrite {
         body: String,
         at_ms: u64,
     },
-    /// A lease's signed release notice: into the outbox (until its agent
-    /// acknowledges) and the host's revocation list (until the key expires).
-    InsertReleaseNotice(ReleaseNoticeRow),
+    /// A lease's signed release notice into the host's revocation list
+    /// (until the key expires), for its agent to pull.
+    InsertRevocation(ReleaseNoticeRow),
+    /// The same notice into the outbox, until its agent acknowledges it.
+    InsertOutboxNotice(ReleaseNoticeRow),
     /// The agent acknowledged the notice (or will never accept it).
     DeleteOutboxNotice {
         lease_id: u64,
@@ -622,7 +624,7 @@ fn apply_one(tx: &Connection, write: &BrokerWrite) -> StoreResult<()> {
             )?
             .execute(params![principal, key, *status as i64, body, *at_ms as i64])?;
         }
-        BrokerWrite::InsertReleaseNotice(row) => {
+        BrokerWrite::InsertOutboxNotice(row) => {
             tx.prepare_cached(
                 "INSERT INTO notice_outbox (lease_id, host_id, notice, key_expires_at_ms, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
@@ -633,6 +635,8 @@ fn apply_one(tx: &Connection, write: &BrokerWrite) -> StoreResult<()> {
                 row.key_expires_at_ms as i64,
                 row.created_at_ms as i64
             ])?;
+        }
+        BrokerWrite::InsertRevocation(row) => {
             tx.prepare_cached(
                 "INSERT INTO revocations (lease_id, host_id, notice, key_expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
             )?
@@ -818,10 +822,13 @@ mod tests {
         ])
         .unwrap();
         // Lease 2 is released before lease 1: the list follows release order.
-        db.apply(&[BrokerWrite::InsertReleaseNotice(release_notice(2, 1000))])
+        for (lease_id, expires_at_ms) in [(2, 1000), (1, 500)] {
+            db.apply(&[
+                BrokerWrite::InsertRevocation(release_notice(lease_id, expires_at_ms)),
+                BrokerWrite::InsertOutboxNotice(release_notice(lease_id, expires_at_ms)),
+            ])
             .unwrap();
-        db.apply(&[BrokerWrite::InsertReleaseNotice(release_notice(1, 500))])
-            .unwrap();
+        }
         drop(db);
         let mut db = BrokerDb::open(&path, Durability::Normal).unwrap();
         assert_eq!(
