@@ -15,11 +15,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Names a partition to lease. The test's partitions are `process` ones or
+/// fakes, so the borrower opts in to an unisolated partition where the API
+/// has that opt-in; built from JSON so that it reads either way.
 fn lease_named(partition: &str) -> LeaseRequest {
-    LeaseRequest {
-        partition: Some(partition.to_string()),
-        best: None,
-    }
+    let opted_in = serde_json::json!({"partition": partition, "allow_unisolated": true});
+    serde_json::from_value(opted_in)
+        .or_else(|_| serde_json::from_value(serde_json::json!({"partition": partition})))
+        .expect("a lease request naming a partition")
 }
 
 fn capacity() -> leasehold_core::HostCapacity {
