@@ -646,33 +646,6 @@ async fn release(
     }))
 }
 
-#[derive(Debug, Deserialize)]
-struct RevocationQuery {
-    after_seq: Option<String>,
-    limit: Option<String>,
-}
-
-/// The signed release notices of a host's leases whose keys may still be in
-/// use, for its agent to pull (`crate::outbox`).
-async fn host_revocations(
-    State(app): App,
-    headers: HeaderMap,
-    Path(host_id): Path<String>,
-    Query(query): Query<RevocationQuery>,
-) -> Answer<RevocationPage> {
-    let principal = authenticate(&app, &headers)?;
-    require_role(&principal, &[Role::Lender, Role::Admin], "read revocations")?;
-    crate::outbox::revocation_page(
-        &app,
-        &principal,
-        &host_id,
-        query.after_seq.as_deref(),
-        query.limit.as_deref(),
-    )
-    .map(Json)
-    .map_err(err)
-}
-
 fn check_releaser(releaser: &Principal, lease: &Lease) -> Result<(), BrokerError> {
     if releaser.name != lease.borrower {
         return Err(BrokerError::Forbidden(format!(
@@ -775,4 +748,31 @@ async fn ledger_view(
         balances,
         sum_micros,
     }))
+}
+
+#[derive(Debug, Deserialize)]
+struct RevocationQuery {
+    after_seq: Option<String>,
+    limit: Option<String>,
+}
+
+/// The signed release notices of a host's leases whose keys may still be in
+/// use, for its agent to pull (`crate::outbox`).
+async fn host_revocations(
+    State(app): App,
+    headers: HeaderMap,
+    Path(host_id): Path<String>,
+    Query(query): Query<RevocationQuery>,
+) -> Answer<RevocationPage> {
+    let principal = authenticate(&app, &headers)?;
+    require_role(&principal, &[Role::Lender, Role::Admin], "read revocations")?;
+    crate::outbox::revocation_page(
+        &app,
+        &principal,
+        &host_id,
+        query.after_seq.as_deref(),
+        query.limit.as_deref(),
+    )
+    .map(Json)
+    .map_err(err)
 }
