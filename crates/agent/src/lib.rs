@@ -8,9 +8,11 @@ pub mod error;
 mod http;
 pub mod images;
 mod refused;
+mod revocations;
 mod trust;
 
 pub use error::AgentError;
+pub use revocations::DEFAULT_REVOCATION_POLL_SECS;
 
 use driver::{DriverKind, JobEnd, JobSpec, PartitionDriver, PartitionSpec};
 use leasehold_api::{
@@ -41,6 +43,9 @@ pub struct AgentConfig {
     /// `http://` + the address it listens on.
     pub advertise_url: Option<String>,
     pub clock: SharedClock,
+    /// How often the agent pulls its host's revocations from the broker, in
+    /// case a release notice was lost (`revocations`).
+    pub revocation_poll_interval_ms: u64,
 }
 
 /// The least time between two fetches of the broker's keys prompted by a
@@ -80,6 +85,7 @@ pub struct RunningAgent {
     /// What the start-up reconciliation did, for the operator.
     pub reconciled: Vec<String>,
     server: leasehold_service::ServerHandle,
+    revocation_pull: tokio::task::AbortHandle,
 }
 
 impl RunningAgent {
@@ -88,11 +94,14 @@ impl RunningAgent {
     }
 
     pub async fn shutdown(self) {
+        self.revocation_pull.abort();
         self.server.shutdown().await
     }
 
     pub async fn wait(self) -> std::io::Result<()> {
-        self.server.wait().await
+        let served = self.server.wait().await;
+        self.revocation_pull.abort();
+        served
     }
 }
 
@@ -247,11 +256,13 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         Err(other) => return Err(other),
     }
     let server = leasehold_service::ServerHandle::spawn(listener, http::router(agent.clone()));
+    let revocation_pull = revocations::spawn_pull_loop(agent.clone());
     Ok(RunningAgent {
         local_addr,
         driver_name,
         reconciled,
         server,
+        revocation_pull,
     })
 }
 

@@ -61,7 +61,15 @@ pub struct Client {
     base_url: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// Answers longer than this are refused unread (`None`: no cap).
+    max_response_bytes: Option<usize>,
 }
+
+/// The broker's calls to agents: an agent's URL is chosen by its lender, so
+/// it must not make the broker wait, read without end, or call elsewhere.
+pub const AGENT_CALL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const AGENT_CALL_TOTAL_TIMEOUT: Duration = Duration::from_secs(5);
+pub const AGENT_CALL_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 fn new_idempotency_key() -> String {
     hex::encode(rand::random::<[u8; 16]>())
@@ -81,6 +89,28 @@ impl Client {
             base_url: base_url.trim_end_matches('/').to_string(),
             token,
             http,
+            max_response_bytes: None,
+        }
+    }
+
+    /// The client the broker calls agents with: it follows no redirect (a
+    /// lender's URL must not aim the broker at another server), gives up
+    /// connecting after [`AGENT_CALL_CONNECT_TIMEOUT`] and on the whole call
+    /// after [`AGENT_CALL_TOTAL_TIMEOUT`], and reads at most
+    /// [`AGENT_CALL_MAX_RESPONSE_BYTES`] of an answer.
+    pub fn for_calling_agents() -> Self {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(AGENT_CALL_CONNECT_TIMEOUT)
+            .timeout(AGENT_CALL_TOTAL_TIMEOUT)
+            .pool_max_idle_per_host(8)
+            .build()
+            .expect("reqwest client builds with static settings");
+        Client {
+            base_url: String::new(),
+            token: None,
+            http,
+            max_response_bytes: Some(AGENT_CALL_MAX_RESPONSE_BYTES),
         }
     }
 
@@ -94,6 +124,7 @@ impl Client {
             base_url: base_url.trim_end_matches('/').to_string(),
             token: self.token.clone(),
             http: self.http.clone(),
+            max_response_bytes: self.max_response_bytes,
         }
     }
 
@@ -102,6 +133,7 @@ impl Client {
             base_url: self.base_url.clone(),
             token,
             http: self.http.clone(),
+            max_response_bytes: self.max_response_bytes,
         }
     }
 
@@ -128,7 +160,7 @@ impl Client {
             }
             request = request.timeout(timeout.unwrap_or(Duration::from_secs(30)));
             match request.send().await {
-                Ok(response) => return decode(&url, response).await,
+                Ok(response) => return decode(&url, response, self.max_response_bytes).await,
                 Err(error) if error.is_connect() && attempt < MAX_CONNECT_RETRIES => {
                     attempt += 1;
                     // Back off briefly; the key makes the retry safe.
@@ -272,6 +304,19 @@ impl Client {
         .await
     }
 
+    /// A page of the release notices of `host_id`'s leases after `after_seq`
+    /// (for the host's lender; agents pull them).
+    pub async fn host_revocations(
+        &self,
+        host_id: &str,
+        after_seq: u64,
+    ) -> Result<RevocationPage, ApiError> {
+        self.get(&format!(
+            "/v1/hosts/{host_id}/revocations?after_seq={after_seq}"
+        ))
+        .await
+    }
+
     pub async fn bill(&self) -> Result<BillView, ApiError> {
         self.get("/v1/bill").await
     }
@@ -393,7 +438,7 @@ impl Client {
             .is_some_and(|v| v.as_bytes().starts_with(b"application/x-ndjson"));
         if !response.status().is_success() || !streamed {
             // A refusal, or a whole result at once: replay its output.
-            let result: JobResult = decode(&url, response).await?;
+            let result: JobResult = decode(&url, response, self.max_response_bytes).await?;
             on_event(&JobEvent::Started {
                 job_id: result.job_id,
             });
@@ -476,18 +521,47 @@ impl Client {
     }
 }
 
+/// Reads an answer's body, refusing one longer than `max_bytes` as soon as
+/// it says or shows so (without reading the rest).
+async fn read_body(
+    url: &str,
+    mut response: reqwest::Response,
+    max_bytes: Option<usize>,
+) -> Result<Vec<u8>, ApiError> {
+    let unreachable = |source| ApiError::Unreachable {
+        url: url.to_string(),
+        source,
+    };
+    let Some(max_bytes) = max_bytes else {
+        return Ok(response.bytes().await.map_err(unreachable)?.to_vec());
+    };
+    let too_long = || ApiError::Protocol {
+        url: url.to_string(),
+        problem: format!("the answer is longer than {max_bytes} bytes"),
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > max_bytes as u64)
+    {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+        if body.len() + chunk.len() > max_bytes {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 async fn decode<R: DeserializeOwned>(
     url: &str,
     response: reqwest::Response,
+    max_bytes: Option<usize>,
 ) -> Result<R, ApiError> {
     let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|source| ApiError::Unreachable {
-            url: url.to_string(),
-            source,
-        })?;
+    let bytes = read_body(url, response, max_bytes).await?;
     if status.is_success() {
         return serde_json::from_slice(&bytes).map_err(|error| ApiError::Protocol {
             url: url.to_string(),

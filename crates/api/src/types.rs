@@ -240,6 +240,29 @@ pub struct NoticeRequest {
     pub notice: String,
 }
 
+/// One released lease of a host: its signed release notice.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Revocation {
+    /// The release's place in the broker's order of releases.
+    pub seq: u64,
+    pub lease_id: u64,
+    /// The same token the broker pushes to `POST /v1/notices`.
+    pub notice: String,
+}
+
+/// A page of a host's revocations (`GET /v1/hosts/{id}/revocations`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevocationPage {
+    pub revocations: Vec<Revocation>,
+    /// Ask again with `after_seq` set to this to read on.
+    pub next_after_seq: u64,
+    /// Whether more revocations follow this page.
+    pub more: bool,
+}
+
+/// Most revocations in one page.
+pub const MAX_REVOCATION_PAGE: u32 = 1000;
+
 // ---- agent ----
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

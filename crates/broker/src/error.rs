@@ -32,6 +32,8 @@ pub enum BrokerError {
     NoMatch(Box<NoMatchExplanation>),
     #[error("{0}")]
     AlreadyExists(String),
+    #[error("host '{host_id}' is registered by another lender; choose another host id")]
+    HostOwnedByAnotherLender { host_id: String },
     #[error("the broker is shutting down or its writer stopped")]
     Unavailable,
     #[error("{0}")]
@@ -80,6 +82,11 @@ impl BrokerError {
             BrokerError::AlreadyExists(_) => {
                 ErrorResponse::new(StatusCode::CONFLICT, "already_exists", message)
             }
+            BrokerError::HostOwnedByAnotherLender { .. } => ErrorResponse::new(
+                StatusCode::CONFLICT,
+                "host_owned_by_another_lender",
+                message,
+            ),
             BrokerError::Unavailable => {
                 ErrorResponse::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
             }

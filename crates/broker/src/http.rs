@@ -37,6 +37,7 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/v1/principals", post(create_principal_handler))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{host_id}", put(register_host))
+        .route("/v1/hosts/{host_id}/revocations", get(host_revocations))
         .route(
             "/v1/hosts/{host_id}/partitions/{index}",
             put(put_partition).delete(withdraw_partition),
@@ -600,7 +601,7 @@ async fn release(
     idempotency_key(&headers)?;
     let releaser = principal.clone();
     let app_for_job = app.clone();
-    let (lease, bill, already_released, notice) = app
+    let (lease, bill, already_released, first_attempt) = app
         .writer
         .run(move |ctx| {
             let commission = app_for_job.config.commission_basis_points;
@@ -644,18 +645,18 @@ async fn release(
                     ));
             }
             ctx.state.free_partition_of(&lease, ctx.writes);
-            // The release notice is sent by this handler after the commit,
-            // not as a background effect, so the answer can say whether the
-            // host has already fenced the old key.
-            let notice = notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseReleased);
+            // The release notice joins this batch as an outbox row, so it is
+            // durable with the release; the answer waits briefly for its
+            // first delivery to say whether the host fenced the old key.
+            let first_attempt = crate::outbox::queue_release_notice(ctx, &app_for_job, &lease);
             ctx.released_this_batch
                 .insert(lease_id, (lease.clone(), bill));
-            Ok((lease, bill, false, notice))
+            Ok((lease, bill, false, Some(first_attempt)))
         })
         .await
         .map_err(err)?;
-    let agent_notified = match notice {
-        Some(effect) => crate::notify_agent_now(&app.notifier, effect).await,
+    let agent_notified = match first_attempt {
+        Some(first_attempt) => crate::outbox::first_attempt_acknowledged(first_attempt).await,
         None => already_released,
     };
     Ok(Json(ReleaseReceipt {
@@ -778,4 +779,31 @@ async fn ledger_view(
         balances,
         sum_micros,
     }))
+}
+
+#[derive(Debug, Deserialize)]
+struct RevocationQuery {
+    after_seq: Option<String>,
+    limit: Option<String>,
+}
+
+/// The signed release notices of a host's leases whose keys may still be in
+/// use, for its agent to pull (`crate::outbox`).
+async fn host_revocations(
+    State(app): App,
+    headers: HeaderMap,
+    Path(host_id): Path<String>,
+    Query(query): Query<RevocationQuery>,
+) -> Answer<RevocationPage> {
+    let principal = authenticate(&app, &headers)?;
+    require_role(&principal, &[Role::Lender, Role::Admin], "read revocations")?;
+    crate::outbox::revocation_page(
+        &app,
+        &principal,
+        &host_id,
+        query.after_seq.as_deref(),
+        query.limit.as_deref(),
+    )
+    .map(Json)
+    .map_err(err)
 }

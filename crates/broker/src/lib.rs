@@ -9,6 +9,7 @@ pub mod error;
 mod http;
 mod images;
 mod openapi;
+mod outbox;
 pub mod signing_keys;
 pub mod state;
 pub mod writer;
@@ -59,8 +60,6 @@ pub(crate) struct AppState {
     /// Every key whose lease keys may still be valid, for agents.
     pub published_keys: Vec<leasehold_api::BrokerPublicKey>,
     pub config: BrokerConfig,
-    /// Shared connection pool for notices to agents.
-    pub notifier: leasehold_api::Client,
     pub images: Option<images::ImageResolver>,
 }
 
@@ -152,21 +151,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     }
     let snapshot = db.load()?;
     let state = Arc::new(RwLock::new(BrokerState::from_snapshot(snapshot)?));
-    let notifier = leasehold_api::Client::new("http://unused", None);
-    let background_notifier = notifier.clone();
-    let on_effect: Arc<dyn Fn(Effect) + Send + Sync> = Arc::new(move |effect| match effect {
-        Effect::NotifyAgent { agent_url, notice } => {
-            let client = background_notifier.with_base_url(&agent_url);
-            tokio::spawn(async move { deliver_notice(client, notice).await });
-        }
-    });
-    let (writer, _thread) = Writer::start(
-        db,
-        state.clone(),
-        config.clock.clone(),
-        tokio::runtime::Handle::current(),
-        on_effect,
-    );
+    let writer = start_writer_and_outbox(db, state.clone(), &config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| BrokerError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -186,7 +171,6 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         signing_key_id: keys.current_id().to_string(),
         published_keys: keys.published().to_vec(),
         config,
-        notifier,
     });
     let server = leasehold_service::ServerHandle::spawn(listener, http::router(app.clone()));
     Ok(RunningBroker {
@@ -197,27 +181,64 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     })
 }
 
-/// Delivers a notice now, waiting briefly for the agent, so that the key of
-/// a released lease is refused as soon as the release is answered. When the
-/// agent does not answer in time, delivery goes on in the background.
-pub(crate) async fn notify_agent_now(notifier: &leasehold_api::Client, effect: Effect) -> bool {
-    let Effect::NotifyAgent { agent_url, notice } = effect;
-    let client = notifier.with_base_url(&agent_url);
-    let attempt = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        client.send_notice(&notice),
-    )
-    .await;
-    if matches!(attempt, Ok(Ok(_))) {
-        return true;
-    }
-    tokio::spawn(async move { deliver_notice(client, notice).await });
-    false
+/// Starts the writer over `db`, and the deliverer of release notices with
+/// what an earlier run left in the outbox.
+fn start_writer_and_outbox(
+    mut db: BrokerDb,
+    state: Arc<RwLock<BrokerState>>,
+    config: &BrokerConfig,
+) -> Result<Writer, BrokerError> {
+    // One connection pool for every call to agents: no redirects, bounded
+    // time and answer size, since a lender chooses the URL.
+    let notifier = leasehold_api::Client::for_calling_agents();
+    // Notices a crash or a stop left undelivered go out again.
+    db.prune_expired_notices(config.clock.now_ms())?;
+    let pending_notices = db.pending_outbox()?;
+    let (outbox_sender, outbox_receiver) = outbox::channel();
+    let on_effect = effect_handler(notifier.clone(), outbox_sender);
+    let (writer, _thread) = Writer::start(
+        db,
+        state.clone(),
+        config.clock.clone(),
+        tokio::runtime::Handle::current(),
+        on_effect,
+    );
+    outbox::spawn_deliverer(
+        outbox::Deliverer {
+            notifier: notifier.clone(),
+            state: state.clone(),
+            writer: writer.clone(),
+            clock: config.clock.clone(),
+        },
+        outbox_receiver,
+        pending_notices,
+    );
+    Ok(writer)
 }
 
-/// Delivers a notice, retrying a few times. A notice that cannot be
-/// delivered is not fatal: the agent fences by epoch and key expiry anyway,
-/// and learns the current leases from the broker when it starts.
+/// What the writer does with the effects of a committed batch: lease-started
+/// notices are sent best-effort, release notices go to the outbox's
+/// deliverer (their rows are already durable).
+fn effect_handler(
+    notifier: leasehold_api::Client,
+    outbox: outbox::OutboxSender,
+) -> Arc<dyn Fn(Effect) + Send + Sync> {
+    Arc::new(move |effect| match effect {
+        Effect::NotifyAgent { agent_url, notice } => {
+            let client = notifier.with_base_url(&agent_url);
+            tokio::spawn(async move { deliver_notice(client, notice).await });
+        }
+        Effect::DeliverReleaseNotice(pending) => {
+            // Only fails when the deliverer is gone (shutting down); the row
+            // stays in the outbox for the next start.
+            let _ = outbox.send(*pending);
+        }
+    })
+}
+
+/// Delivers a lease-started notice, retrying a few times. One that cannot be
+/// delivered is not fatal: the agent adopts a newer lease from its key, and
+/// learns the current leases from the broker when it starts.
 async fn deliver_notice(client: leasehold_api::Client, notice: String) {
     for attempt in 0..4u64 {
         match client.send_notice(&notice).await {

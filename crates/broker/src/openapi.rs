@@ -20,6 +20,7 @@ pub fn document() -> Value {
             "/v1/principals": {"post": op("Create a principal {name, role}; returns its token once", "admin")},
             "/v1/hosts": {"get": op("List hosts", "any")},
             "/v1/hosts/{host_id}": {"put": op("Register or update a host {agent_url, capacity}", "lender")},
+            "/v1/hosts/{host_id}/revocations": {"get": op("Signed release notices of the host's leases whose keys have not expired, in release order (?after_seq=, ?limit= up to 1000); agents pull them", "lender owning the host, admin")},
             "/v1/hosts/{host_id}/partitions/{index}": {
                 "put": op("Register or alter a partition {terms}; refused with 409 partition_locked while leased", "lender owning the host"),
                 "delete": op("Withdraw a partition; refused with 409 partition_locked while leased", "lender owning the host")

@@ -242,11 +242,13 @@ impl BrokerState {
         if let Some(url) = &agent_url {
             validate_agent_url(url)?;
         }
+        // A host id is its first lender's: another lender re-registering it
+        // would redirect its notices and take over its partitions.
         if let Some(existing) = self.hosts.get(host_id) {
             if existing.row.lender != lender {
-                return Err(BrokerError::Forbidden(format!(
-                    "host '{host_id}' belongs to another lender"
-                )));
+                return Err(BrokerError::HostOwnedByAnotherLender {
+                    host_id: host_id.to_string(),
+                });
             }
         }
         let row = HostRow {

@@ -19,10 +19,12 @@ const MAX_BATCH: usize = 1024;
 const QUEUE_CAPACITY: usize = 8192;
 
 /// Something to do once a batch is durable (never before).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Effect {
-    /// Tell an agent about a lease on one of its partitions.
+    /// Tell an agent about a new lease on one of its partitions, best-effort.
     NotifyAgent { agent_url: String, notice: String },
+    /// Deliver a release notice whose outbox row is in the committed batch.
+    DeliverReleaseNotice(Box<crate::outbox::PendingNotice>),
 }
 
 /// What a job may touch.
@@ -109,8 +111,8 @@ const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// How often old records are forgotten.
 const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 10 * 60 * 1000;
 
-/// Keeps the idempotency records bounded, in memory and on disk, without
-/// waiting for a restart.
+/// Keeps the idempotency records and the release notices (whose keys have
+/// expired) bounded, in memory and on disk, without waiting for a restart.
 fn prune_idempotency_now_and_then(
     db: &mut BrokerDb,
     state: &RwLock<BrokerState>,
@@ -129,6 +131,9 @@ fn prune_idempotency_now_and_then(
         .prune_idempotency(before_ms);
     if let Err(error) = db.prune_idempotency(before_ms) {
         tracing::warn!(%error, "cannot prune old idempotency records");
+    }
+    if let Err(error) = db.prune_expired_notices(now_ms) {
+        tracing::warn!(%error, "cannot prune the release notices of expired keys");
     }
 }
 

@@ -142,6 +142,12 @@ pub struct AgentArgs {
     /// The URL others use to reach this agent (default: http://LISTEN).
     #[arg(long)]
     pub advertise_url: Option<String>,
+    /// How often to ask the broker for this host's released leases, in case
+    /// a release notice did not arrive: an old key stays usable at most this
+    /// long after a lost notice.
+    #[arg(long, default_value_t = leasehold_agent::DEFAULT_REVOCATION_POLL_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub revocation_poll_secs: u64,
     #[command(flatten)]
     pub shape: HostShape,
 }
@@ -342,6 +348,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         capacity: args.shape.capacity(),
         advertise_url: args.advertise_url.clone(),
         clock: Arc::new(SystemClock),
+        revocation_poll_interval_ms: args.revocation_poll_secs * 1000,
     })
     .await
     .context("failed to start the agent")?;
@@ -478,6 +485,7 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         capacity: capacity.clone(),
         advertise_url: None,
         clock: Arc::new(SystemClock),
+        revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
     })
     .await
     .context("failed to start the local agent")?;

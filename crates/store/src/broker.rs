@@ -8,7 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::collections::HashMap;
 use std::path::Path;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE principals (
     name TEXT PRIMARY KEY,
@@ -71,7 +72,31 @@ CREATE TABLE idempotency (
     at_ms INTEGER NOT NULL,
     PRIMARY KEY (principal, key)
 );
-"#];
+"#,
+    r#"
+-- Release notices not yet acknowledged by their agent (the outbox). A row is
+-- written in the same transaction as its release, so a crash cannot lose it.
+CREATE TABLE notice_outbox (
+    lease_id INTEGER PRIMARY KEY REFERENCES leases(lease_id),
+    host_id TEXT NOT NULL,
+    notice TEXT NOT NULL,
+    key_expires_at_ms INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+-- Every release notice whose key may still be in use, for agents to pull;
+-- seq orders them by release, so an agent asks for what came after the last
+-- one it saw.
+CREATE TABLE revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    lease_id INTEGER NOT NULL UNIQUE REFERENCES leases(lease_id),
+    host_id TEXT NOT NULL,
+    notice TEXT NOT NULL,
+    key_expires_at_ms INTEGER NOT NULL
+);
+CREATE INDEX revocations_by_host ON revocations (host_id, seq);
+CREATE INDEX revocations_by_expiry ON revocations (key_expires_at_ms);
+"#,
+];
 
 /// One write of the broker; a batch of them commits atomically.
 #[derive(Debug, Clone)]
@@ -105,6 +130,33 @@ pub enum BrokerWrite {
         body: String,
         at_ms: u64,
     },
+    /// A lease's signed release notice into the host's revocation list
+    /// (until the key expires), for its agent to pull.
+    InsertRevocation(ReleaseNoticeRow),
+    /// The same notice into the outbox, until its agent acknowledges it.
+    InsertOutboxNotice(ReleaseNoticeRow),
+    /// The agent acknowledged the notice (or will never accept it).
+    DeleteOutboxNotice {
+        lease_id: u64,
+    },
+}
+
+/// A signed release notice and the lease it fences.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseNoticeRow {
+    pub lease_id: u64,
+    pub host_id: String,
+    pub notice: String,
+    pub key_expires_at_ms: u64,
+    pub created_at_ms: u64,
+}
+
+/// One entry of a host's revocation list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRow {
+    pub seq: u64,
+    pub lease_id: u64,
+    pub notice: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,6 +386,65 @@ impl BrokerDb {
         )?)
     }
 
+    /// Release notices still waiting for their agent, oldest first.
+    pub fn pending_outbox(&self) -> StoreResult<Vec<ReleaseNoticeRow>> {
+        let mut statement = self.conn.prepare(
+            "SELECT lease_id, host_id, notice, key_expires_at_ms, created_at_ms FROM notice_outbox ORDER BY created_at_ms, lease_id",
+        )?;
+        let rows = statement.query_map([], |r| {
+            Ok(ReleaseNoticeRow {
+                lease_id: r.get::<_, i64>(0)? as u64,
+                host_id: r.get(1)?,
+                notice: r.get(2)?,
+                key_expires_at_ms: r.get::<_, i64>(3)? as u64,
+                created_at_ms: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The host's release notices after `after_seq` whose keys have not
+    /// expired at `now_ms`, in release order, at most `limit`.
+    pub fn revocations_after(
+        &self,
+        host_id: &str,
+        after_seq: u64,
+        now_ms: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<RevocationRow>> {
+        let mut statement = self.conn.prepare_cached(
+            "SELECT seq, lease_id, notice FROM revocations
+             WHERE host_id = ?1 AND seq > ?2 AND key_expires_at_ms > ?3 ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = statement.query_map(
+            params![host_id, after_seq as i64, now_ms as i64, limit as i64],
+            |r| {
+                Ok(RevocationRow {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    lease_id: r.get::<_, i64>(1)? as u64,
+                    notice: r.get(2)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets release notices whose keys expired before `now_ms`: such a
+    /// key is refused anyway, so nothing is left to fence.
+    pub fn prune_expired_notices(&mut self, now_ms: u64) -> StoreResult<usize> {
+        let tx = self.conn.transaction()?;
+        let outbox = tx.execute(
+            "DELETE FROM notice_outbox WHERE key_expires_at_ms < ?1",
+            params![now_ms as i64],
+        )?;
+        let listed = tx.execute(
+            "DELETE FROM revocations WHERE key_expires_at_ms < ?1",
+            params![now_ms as i64],
+        )?;
+        tx.commit()?;
+        Ok(outbox + listed)
+    }
+
     pub fn lease(&self, lease_id: u64) -> StoreResult<Option<Lease>> {
         let row = self
             .conn
@@ -514,6 +625,33 @@ fn apply_one(tx: &Connection, write: &BrokerWrite) -> StoreResult<()> {
             )?
             .execute(params![principal, key, *status as i64, body, *at_ms as i64])?;
         }
+        BrokerWrite::InsertOutboxNotice(row) => {
+            tx.prepare_cached(
+                "INSERT INTO notice_outbox (lease_id, host_id, notice, key_expires_at_ms, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                row.lease_id as i64,
+                row.host_id,
+                row.notice,
+                row.key_expires_at_ms as i64,
+                row.created_at_ms as i64
+            ])?;
+        }
+        BrokerWrite::InsertRevocation(row) => {
+            tx.prepare_cached(
+                "INSERT INTO revocations (lease_id, host_id, notice, key_expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                row.lease_id as i64,
+                row.host_id,
+                row.notice,
+                row.key_expires_at_ms as i64
+            ])?;
+        }
+        BrokerWrite::DeleteOutboxNotice { lease_id } => {
+            tx.prepare_cached("DELETE FROM notice_outbox WHERE lease_id = ?1")?
+                .execute(params![*lease_id as i64])?;
+        }
     }
     Ok(())
 }
@@ -660,6 +798,65 @@ mod tests {
         let balances = db.balances().unwrap();
         assert_eq!(balances.iter().map(|(_, b)| b).sum::<i64>(), 0);
         assert_eq!(db.transfers(None, 10).unwrap().len(), 1);
+    }
+
+    fn release_notice(lease_id: u64, key_expires_at_ms: u64) -> ReleaseNoticeRow {
+        ReleaseNoticeRow {
+            lease_id,
+            host_id: "alpha".into(),
+            notice: format!("notice-{lease_id}"),
+            key_expires_at_ms,
+            created_at_ms: 10 + lease_id,
+        }
+    }
+
+    #[test]
+    fn release_notices_wait_in_the_outbox_and_list_in_release_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let mut db = BrokerDb::open(&path, Durability::Normal).unwrap();
+        seeded(&mut db);
+        let mut second = lease(2);
+        second.partition = PartitionRef::new("alpha", 2);
+        db.apply(&[
+            BrokerWrite::InsertLease(lease(1)),
+            BrokerWrite::InsertLease(second),
+        ])
+        .unwrap();
+        // Lease 2 is released before lease 1: the list follows release order.
+        for (lease_id, expires_at_ms) in [(2, 1000), (1, 500)] {
+            db.apply(&[
+                BrokerWrite::InsertRevocation(release_notice(lease_id, expires_at_ms)),
+                BrokerWrite::InsertOutboxNotice(release_notice(lease_id, expires_at_ms)),
+            ])
+            .unwrap();
+        }
+        drop(db);
+        let mut db = BrokerDb::open(&path, Durability::Normal).unwrap();
+        assert_eq!(
+            db.pending_outbox().unwrap(),
+            vec![release_notice(1, 500), release_notice(2, 1000)],
+            "the outbox survives a reopen, oldest first"
+        );
+        let listed = db.revocations_after("alpha", 0, 100, 10).unwrap();
+        assert_eq!(
+            listed.iter().map(|r| r.lease_id).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        let after_first = db
+            .revocations_after("alpha", listed[0].seq, 100, 10)
+            .unwrap();
+        assert_eq!(after_first.len(), 1);
+        assert_eq!(after_first[0].lease_id, 1);
+        assert!(db.revocations_after("beta", 0, 100, 10).unwrap().is_empty());
+        db.apply(&[BrokerWrite::DeleteOutboxNotice { lease_id: 2 }])
+            .unwrap();
+        assert_eq!(db.pending_outbox().unwrap(), vec![release_notice(1, 500)]);
+        // A key that expired needs no fence: its notice goes everywhere.
+        assert_eq!(db.prune_expired_notices(600).unwrap(), 2);
+        assert!(db.pending_outbox().unwrap().is_empty());
+        let left = db.revocations_after("alpha", 0, 600, 10).unwrap();
+        assert_eq!(left.iter().map(|r| r.lease_id).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]

@@ -99,6 +99,7 @@ async fn main() -> Result<()> {
         },
         advertise_url: None,
         clock: Arc::new(SystemClock),
+        revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
     })
     .await?;
     let agent_client = Client::new(&agent.url(), Some(lender));
