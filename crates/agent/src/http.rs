@@ -82,17 +82,21 @@ fn err(error: AgentError) -> ErrorResponse {
 #[derive(Clone)]
 struct Bearer(String);
 
-/// Lender routes: the host's lender token, or 401.
+/// Lender routes: the agent's own credential or a token of this host's
+/// lender (asked of the broker, remembered briefly), or 401.
 async fn require_lender(
     State(agent): App,
     request: Request,
     next: Next,
 ) -> Result<Response, ErrorResponse> {
-    match bearer_token(request.headers()) {
-        Some(token) if crate::same_secret(token, &agent.config.lender_token) => {
-            Ok(next.run(request).await)
-        }
-        _ => Err(err(AgentError::Unauthorized)),
+    let is_lender = match bearer_token(request.headers()) {
+        Some(token) => agent.is_lender(token).await,
+        None => false,
+    };
+    if is_lender {
+        Ok(next.run(request).await)
+    } else {
+        Err(err(AgentError::Unauthorized))
     }
 }
 

@@ -7,6 +7,7 @@ pub mod driver;
 pub mod error;
 mod http;
 pub mod images;
+mod lender_check;
 mod refused;
 mod revocations;
 mod trust;
@@ -76,6 +77,8 @@ pub(crate) struct Agent {
     running_jobs: Mutex<HashMap<u64, RunningJob>>,
     /// Refused keys, logged with their reason at a bounded rate.
     refused_keys: refused::RefusedKeyLog,
+    /// The broker's answers about tokens offered to the lender interface.
+    lender_check: lender_check::LenderCheck,
 }
 
 /// An agent that is serving.
@@ -243,6 +246,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         partition_locks: Mutex::new(HashMap::new()),
         running_jobs: Mutex::new(HashMap::new()),
         refused_keys: refused::RefusedKeyLog::default(),
+        lender_check: lender_check::LenderCheck::default(),
     });
     let advertise = config
         .advertise_url
@@ -678,6 +682,46 @@ impl Agent {
             self.note_refused_key(Some(index), reason);
         }
         result
+    }
+
+    /// Whether `token` may use the lender interface: the agent's own
+    /// credential, or a token the broker says is this host's lender's.
+    pub(crate) async fn is_lender(&self, token: &str) -> bool {
+        if same_secret(token, &self.config.lender_token) {
+            return true;
+        }
+        let now_ms = self.config.clock.now_ms();
+        match self.lender_check.verdict(token, now_ms) {
+            lender_check::Verdict::Known(answer) => answer,
+            lender_check::Verdict::Refuse => false,
+            lender_check::Verdict::AskBroker => {
+                let answer = self.broker_says_lender_of_this_host(token).await;
+                // An unreachable broker is not remembered: ask again later.
+                if let Some(is_lender) = answer {
+                    self.lender_check.remember(token, is_lender, now_ms);
+                }
+                answer.unwrap_or(false)
+            }
+        }
+    }
+
+    async fn broker_says_lender_of_this_host(&self, token: &str) -> Option<bool> {
+        let own = self.broker.whoami().await.ok()?;
+        let theirs = leasehold_api::Client::new(&self.config.broker_url, Some(token.to_string()))
+            .whoami()
+            .await;
+        match theirs {
+            Ok(who) => Some(
+                who.role == leasehold_api::Role::Lender
+                    && who.name == own.name
+                    && who
+                        .host_scope
+                        .as_deref()
+                        .is_none_or(|h| h == self.host_id()),
+            ),
+            Err(error) if error.status() == Some(401) => Some(false),
+            Err(_) => None,
+        }
     }
 
     pub(crate) fn note_refused_key(&self, partition: Option<u32>, reason: &KeyRejection) {

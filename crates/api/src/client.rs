@@ -216,6 +216,20 @@ impl Client {
         .await
     }
 
+    /// A credential acting for this lender on `host_id` only.
+    pub async fn create_host_credential(
+        &self,
+        host_id: &str,
+    ) -> Result<HostCredentialCreated, ApiError> {
+        self.send(
+            Method::POST,
+            &format!("/v1/hosts/{host_id}/credentials"),
+            Some(&serde_json::json!({})),
+            None,
+        )
+        .await
+    }
+
     pub async fn list_hosts(&self) -> Result<Vec<HostView>, ApiError> {
         self.get("/v1/hosts").await
     }

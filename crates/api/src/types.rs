@@ -92,6 +92,17 @@ pub struct PrincipalCreated {
 pub struct WhoAmI {
     pub name: String,
     pub role: Role,
+    /// For a host credential: the one host it acts for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_scope: Option<String>,
+}
+
+/// A host credential, shown once; the broker keeps only its hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostCredentialCreated {
+    pub host_id: String,
+    pub lender: String,
+    pub token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

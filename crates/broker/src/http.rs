@@ -39,6 +39,10 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/v1/hosts/{host_id}", put(register_host))
         .route("/v1/hosts/{host_id}/revocations", get(host_revocations))
         .route(
+            "/v1/hosts/{host_id}/credentials",
+            post(create_host_credential),
+        )
+        .route(
             "/v1/hosts/{host_id}/partitions/{index}",
             put(put_partition).delete(withdraw_partition),
         )
@@ -72,8 +76,42 @@ async fn require_principal(
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ErrorResponse> {
     let principal = authenticate(&app, request.headers())?;
+    if let Some(host_id) = &principal.host_scope {
+        let uri = request.uri();
+        if !host_scope_allows(host_id, request.method(), uri.path(), uri.query()) {
+            return Err(err(BrokerError::Forbidden(format!(
+                "a host credential acts only for host '{host_id}' (its partitions, its revocations); use the lender's own token for {} {}",
+                request.method(),
+                uri.path()
+            ))));
+        }
+    }
     request.extensions_mut().insert(principal);
     Ok(next.run(request).await)
+}
+
+/// What a host credential may do: what its agent needs for its one host
+/// (register it, its partitions, its revocations), and nothing else, so a
+/// token leaked from one host cannot act for the lender's other hosts.
+pub(crate) fn host_scope_allows(
+    host_id: &str,
+    method: &axum::http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> bool {
+    use axum::http::Method;
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "whoami"] => method == Method::GET,
+        ["v1", "hosts", host] => *host == host_id && method == Method::PUT,
+        ["v1", "hosts", host, "partitions", _] => *host == host_id,
+        ["v1", "hosts", host, "revocations"] => *host == host_id && method == Method::GET,
+        ["v1", "partitions"] => {
+            method == Method::GET
+                && query.is_some_and(|q| q.split('&').any(|pair| pair == format!("host={host_id}")))
+        }
+        _ => false,
+    }
 }
 
 fn err(error: BrokerError) -> ErrorResponse {
@@ -128,6 +166,7 @@ async fn whoami(Extension(principal): Extension<Principal>) -> Answer<WhoAmI> {
     Ok(Json(WhoAmI {
         name: principal.name,
         role: principal.role,
+        host_scope: principal.host_scope,
     }))
 }
 
@@ -161,6 +200,43 @@ async fn create_principal_handler(
         Json(PrincipalCreated {
             name: request.name,
             role: request.role,
+            token,
+        }),
+    ))
+}
+
+pub(crate) async fn issue_host_credential(
+    app: &AppState,
+    lender: String,
+    host_id: String,
+) -> Result<String, BrokerError> {
+    let token = crate::new_token();
+    let hash = token_sha256(&token);
+    app.writer
+        .run(move |ctx| {
+            ctx.state
+                .create_host_credential(&lender, &host_id, hash, ctx.now_ms, ctx.writes)
+        })
+        .await?;
+    Ok(token)
+}
+
+/// A lender makes a credential for one of its hosts (or a host id it will
+/// register with it); it is shown once.
+async fn create_host_credential(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+    Path(host_id): Path<String>,
+) -> Result<(StatusCode, Json<HostCredentialCreated>), ErrorResponse> {
+    require_role(&principal, &[Role::Lender], "make host credentials")?;
+    let token = issue_host_credential(&app, principal.name.clone(), host_id.clone())
+        .await
+        .map_err(err)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(HostCredentialCreated {
+            host_id,
+            lender: principal.name,
             token,
         }),
     ))
@@ -806,4 +882,54 @@ async fn host_revocations(
     )
     .map(Json)
     .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_scope_allows;
+    use axum::http::Method;
+
+    #[test]
+    fn a_host_credential_reaches_only_its_own_host() {
+        let check = |method: Method, path: &str, query: Option<&str>, expect: bool| {
+            assert_eq!(
+                host_scope_allows("alpha", &method, path, query),
+                expect,
+                "{method} {path}?{query:?}"
+            );
+        };
+        check(Method::PUT, "/v1/hosts/alpha", None, true);
+        check(Method::PUT, "/v1/hosts/alpha/partitions/3", None, true);
+        check(Method::DELETE, "/v1/hosts/alpha/partitions/3", None, true);
+        check(
+            Method::GET,
+            "/v1/hosts/alpha/revocations",
+            Some("after_seq=0"),
+            true,
+        );
+        check(
+            Method::GET,
+            "/v1/partitions",
+            Some("host=alpha&limit=10"),
+            true,
+        );
+        check(Method::GET, "/v1/whoami", None, true);
+        // Another host of the same lender, or the lender's other powers.
+        check(Method::PUT, "/v1/hosts/beta", None, false);
+        check(Method::PUT, "/v1/hosts/beta/partitions/1", None, false);
+        check(Method::GET, "/v1/hosts/beta/revocations", None, false);
+        check(Method::GET, "/v1/partitions", Some("host=beta"), false);
+        check(Method::GET, "/v1/partitions", Some("host=alphabet"), false);
+        check(Method::GET, "/v1/partitions", None, false);
+        check(Method::POST, "/v1/hosts/alpha/credentials", None, false);
+        check(Method::GET, "/v1/leases", None, false);
+        check(Method::GET, "/v1/ledger", None, false);
+        check(Method::POST, "/v1/principals", None, false);
+        check(
+            Method::PUT,
+            "/v1/hosts/alpha/partitions/3/../../beta",
+            None,
+            false,
+        );
+    }
 }

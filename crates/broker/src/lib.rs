@@ -90,6 +90,16 @@ impl RunningBroker {
         http::create_principal(&self.app, name.to_string(), role).await
     }
 
+    /// Makes a credential acting for `lender` on `host_id` only (used by
+    /// `leasehold up` for its local agent).
+    pub async fn create_host_credential(
+        &self,
+        lender: &str,
+        host_id: &str,
+    ) -> Result<String, BrokerError> {
+        http::issue_host_credential(&self.app, lender.to_string(), host_id.to_string()).await
+    }
+
     /// Stops accepting requests and waits for the server to finish.
     pub async fn shutdown(self) {
         self.server.shutdown().await

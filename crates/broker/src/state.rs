@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 pub struct Principal {
     pub name: String,
     pub role: Role,
+    /// A host credential acts for its lender on this one host only.
+    pub host_scope: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +108,17 @@ impl BrokerState {
                 Principal {
                     name: principal.name,
                     role,
+                    host_scope: None,
+                },
+            );
+        }
+        for credential in snapshot.host_credentials {
+            state.principals_by_token_sha256.insert(
+                credential.token_sha256,
+                Principal {
+                    name: credential.lender,
+                    role: Role::Lender,
+                    host_scope: Some(credential.host_id),
                 },
             );
         }
@@ -217,12 +230,52 @@ impl BrokerState {
             Principal {
                 name: name.to_string(),
                 role,
+                host_scope: None,
             },
         );
         writes.push(BrokerWrite::InsertPrincipal {
             name: name.to_string(),
             role: role.as_str().to_string(),
             token_sha256,
+            at_ms: now_ms,
+        });
+        Ok(())
+    }
+
+    /// A credential acting for `lender` on `host_id` only. The host may not
+    /// exist yet (the agent registers it with this credential); a host of
+    /// another lender answers as if it did not exist.
+    pub fn create_host_credential(
+        &mut self,
+        lender: &str,
+        host_id: &str,
+        token_sha256: String,
+        now_ms: u64,
+        writes: &mut Vec<BrokerWrite>,
+    ) -> Result<(), BrokerError> {
+        leasehold_core::ids::validate_host_id("host_id", host_id)?;
+        if self
+            .hosts
+            .get(host_id)
+            .is_some_and(|h| h.row.lender != lender)
+        {
+            return Err(BrokerError::NotFound("no such host is registered".into()));
+        }
+        let credential = leasehold_store::broker::HostCredentialRow {
+            token_sha256: token_sha256.clone(),
+            lender: lender.to_string(),
+            host_id: host_id.to_string(),
+        };
+        self.principals_by_token_sha256.insert(
+            token_sha256,
+            Principal {
+                name: lender.to_string(),
+                role: Role::Lender,
+                host_scope: Some(host_id.to_string()),
+            },
+        );
+        writes.push(BrokerWrite::InsertHostCredential {
+            credential,
             at_ms: now_ms,
         });
         Ok(())

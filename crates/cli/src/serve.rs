@@ -438,9 +438,11 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
     .await
     .context("failed to start the broker")?;
     let broker_url = running_broker.url();
-    // The local agent lends as the lender; its token is kept in the agent's
-    // data directory because the agent needs it again on every start.
-    let lender_token_path = agent_dir.join("lender.token");
+    // The local agent acts for the lender on host 'local' only: it keeps a
+    // host credential (0600) in its data directory, never the lender's own
+    // token. Data directories of older versions kept `lender.token`.
+    let host_token_path = agent_dir.join("host.token");
+    let old_lender_token_path = agent_dir.join("lender.token");
     let mut tokens = serde_json::Map::new();
     if let Some(admin) = &running_broker.bootstrap_admin_token {
         tokens.insert("admin".into(), admin.clone().into());
@@ -452,15 +454,24 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
             .create_principal("borrower", Role::Borrower)
             .await
             .context("failed to create the borrower")?;
+        let host_credential = running_broker
+            .create_host_credential("lender", "local")
+            .await
+            .context("failed to make the local host's credential")?;
         private_fs::ensure_private_dir(&agent_dir)?;
-        private_fs::write_private_file(&lender_token_path, lender.as_bytes())?;
+        private_fs::write_private_file(&host_token_path, host_credential.as_bytes())?;
         tokens.insert("lender".into(), lender.into());
         tokens.insert("borrower".into(), borrower.into());
     }
-    let lender_token = private_fs::read_private_file(&lender_token_path).with_context(|| {
+    let agent_token_path = if host_token_path.exists() || !old_lender_token_path.exists() {
+        host_token_path
+    } else {
+        old_lender_token_path
+    };
+    let lender_token = private_fs::read_private_file(&agent_token_path).with_context(|| {
         format!(
-            "failed to read the local lender's token from {}",
-            lender_token_path.display()
+            "failed to read the local agent's credential from {}",
+            agent_token_path.display()
         )
     })?;
     let plan = plan_driver(

@@ -307,6 +307,13 @@ pub enum HostCommand {
         #[command(flatten)]
         agent: AgentArg,
     },
+    /// Make a credential that acts for you on this one host only (asks the
+    /// broker; shown once). Give it to that host's agent with --token-file,
+    /// so a token leaked from one host cannot act for your other hosts.
+    Credential {
+        /// The host id the credential acts for.
+        host_id: String,
+    },
 }
 
 fn print_agent_partitions(global: &Global, rows: &[leasehold_api::AgentPartitionView]) {
@@ -336,6 +343,20 @@ fn print_agent_partitions(global: &Global, rows: &[leasehold_api::AgentPartition
 
 pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
     match command {
+        HostCommand::Credential { host_id } => {
+            let created = broker(global)
+                .create_host_credential(&host_id)
+                .await
+                .with_context(|| format!("failed to make a credential for host '{host_id}'"))?;
+            if global.output == OutputFormat::Json {
+                print_json(&created);
+            } else {
+                println!(
+                    "credential for host '{}' (acts only for it; shown once):\n{}",
+                    created.host_id, created.token
+                );
+            }
+        }
         HostCommand::Add { agent, terms } => {
             let client = Client::new(&agent.agent, global.token.clone());
             let info = client

@@ -335,3 +335,92 @@ async fn a_refused_key_is_logged_with_its_reason_and_never_the_key() {
     let signature = forged.rsplit('.').next().unwrap();
     assert!(!log.contains(signature), "the key itself is never logged");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_credential_acts_for_its_one_host_only() {
+    let cluster = Cluster::start(&[]).await;
+    let made = cli(
+        &cluster.broker_url,
+        Some(&cluster.lender_token),
+        &["host", "credential", "alpha", "--output", "json"],
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    let credential = made.json()["token"].as_str().unwrap().to_string();
+    assert_ne!(credential, cluster.lender_token);
+    let data = cluster.path("agent-alpha").display().to_string();
+    let agent = common::spawn_ready_with_token(
+        &[
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--host-id",
+            "alpha",
+            "--driver",
+            "sim",
+            "--broker",
+            &cluster.broker_url,
+            "--output",
+            "json",
+        ],
+        Some(&credential),
+        &cluster.path("agent-alpha.log"),
+    );
+    let alpha = agent.ready["agent_url"].as_str().unwrap().to_string();
+    // The lender manages the host with its own token, which the agent
+    // does not hold: the broker vouches for it.
+    Client::new(&alpha, Some(cluster.lender_token.clone()))
+        .agent_add_partition(&terms(1, 256, "busybox", 1000))
+        .await
+        .unwrap();
+    let (borrower_token, _) = cluster.borrower("bob").await;
+    let refused = Client::new(&alpha, Some(borrower_token))
+        .agent_list_partitions()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(401));
+    // The attack: alpha's credential, leaked, used for the lender's other
+    // hosts or the lender's other powers.
+    let leaked = Client::new(&cluster.broker_url, Some(credential.clone()));
+    let register = leasehold_api::RegisterHostRequest {
+        agent_url: Some("http://127.0.0.1:9".into()),
+        capacity: leasehold_core::HostCapacity {
+            cpu_centicores: 400,
+            memory_mib: 4096,
+            disk_gib: 10,
+            owner_share_cpu_centicores: 0,
+            owner_share_memory_mib: 0,
+            owner_share_disk_gib: 0,
+        },
+    };
+    let attempts = [
+        leaked.register_host("beta", &register).await.map(|_| ()),
+        leaked.list_partitions().await.map(|_| ()),
+        leaked.list_leases().await.map(|_| ()),
+        leaked.create_host_credential("alpha").await.map(|_| ()),
+        leaked.create_host_credential("beta").await.map(|_| ()),
+    ];
+    for attempt in attempts {
+        assert_eq!(attempt.unwrap_err().status(), Some(403));
+    }
+    assert!(
+        cluster
+            .lender()
+            .list_hosts()
+            .await
+            .unwrap()
+            .iter()
+            .all(|h| h.host_id != "beta"),
+        "nothing was registered"
+    );
+    // What the agent needs for its own host still works.
+    assert_eq!(
+        leaked
+            .list_host_partitions("alpha", None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

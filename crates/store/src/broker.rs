@@ -96,6 +96,16 @@ CREATE TABLE revocations (
 CREATE INDEX revocations_by_host ON revocations (host_id, seq);
 CREATE INDEX revocations_by_expiry ON revocations (key_expires_at_ms);
 "#,
+    r#"
+-- Host credentials: a token that acts for its lender on one host only, so
+-- a token leaked from one host cannot act for the lender's other hosts.
+CREATE TABLE host_credentials (
+    token_sha256 TEXT PRIMARY KEY,
+    lender TEXT NOT NULL REFERENCES principals(name),
+    host_id TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+"#,
 ];
 
 /// One write of the broker; a batch of them commits atomically.
@@ -113,6 +123,10 @@ pub enum BrokerWrite {
         name: String,
         role: String,
         token_sha256: String,
+        at_ms: u64,
+    },
+    InsertHostCredential {
+        credential: HostCredentialRow,
         at_ms: u64,
     },
     UpsertHost {
@@ -166,6 +180,14 @@ pub struct PrincipalRow {
     pub token_sha256: String,
 }
 
+/// A token that acts for `lender` on `host_id` only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCredentialRow {
+    pub token_sha256: String,
+    pub lender: String,
+    pub host_id: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRow {
     pub host_id: String,
@@ -197,6 +219,7 @@ pub struct IdempotencyRow {
 pub struct BrokerSnapshot {
     pub meta: HashMap<String, String>,
     pub principals: Vec<PrincipalRow>,
+    pub host_credentials: Vec<HostCredentialRow>,
     pub hosts: Vec<HostRow>,
     pub partitions: Vec<PartitionRow>,
     pub active_leases: Vec<Lease>,
@@ -306,6 +329,18 @@ impl BrokerDb {
             })
         })? {
             snapshot.principals.push(row?);
+        }
+        let mut statement = self
+            .conn
+            .prepare("SELECT token_sha256, lender, host_id FROM host_credentials")?;
+        for row in statement.query_map([], |r| {
+            Ok(HostCredentialRow {
+                token_sha256: r.get(0)?,
+                lender: r.get(1)?,
+                host_id: r.get(2)?,
+            })
+        })? {
+            snapshot.host_credentials.push(row?);
         }
         let mut statement = self
             .conn
@@ -560,6 +595,12 @@ fn apply_one(tx: &Connection, write: &BrokerWrite) -> StoreResult<()> {
             tx.execute(
                 "INSERT INTO principals (name, role, token_sha256, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
                 params![name, role, token_sha256, *at_ms as i64],
+            )?;
+        }
+        BrokerWrite::InsertHostCredential { credential, at_ms } => {
+            tx.execute(
+                "INSERT INTO host_credentials (token_sha256, lender, host_id, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![credential.token_sha256, credential.lender, credential.host_id, *at_ms as i64],
             )?;
         }
         BrokerWrite::UpsertHost { host, at_ms } => {
