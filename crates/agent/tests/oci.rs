@@ -1,6 +1,8 @@
 //! The `oci` driver against the real kernel: runc, cgroups, loop mounts.
 //! These need root, runc and busybox-static (CI installs both and runs as
 //! root); without them each test says why it skipped.
+// Unsafe: the attack tests switch uids and send signals like an attacker would.
+#![allow(unsafe_code)]
 
 use leasehold_agent::driver::oci::{ImageSource, OciDriver};
 use leasehold_agent::driver::{

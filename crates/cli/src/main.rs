@@ -155,13 +155,18 @@ fn resolve_token(global: &mut Global) -> Result<(), String> {
     Ok(())
 }
 
-fn main() {
-    // Everything this process creates (databases, keys, images, partition
-    // disks) is private to its user unless it widens a mode on purpose.
+/// Everything this process creates (databases, keys, images, partition
+/// disks) is private to its user unless it widens a mode on purpose.
+#[allow(unsafe_code)]
+fn make_new_files_private() {
     // SAFETY: umask only sets the process's file mode mask; it cannot fail.
     unsafe {
         libc::umask(0o077);
     }
+}
+
+fn main() {
+    make_new_files_private();
     let mut cli = Cli::parse();
     if let Err(problem) = resolve_token(&mut cli.global) {
         eprintln!("leasehold: {problem}");

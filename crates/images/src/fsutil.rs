@@ -128,6 +128,7 @@ pub(crate) struct LockFile {
 }
 
 impl LockFile {
+    #[allow(unsafe_code)]
     pub(crate) fn acquire(path: &Path) -> Result<LockFile, ImageError> {
         let file = OpenOptions::new()
             .create(true)
@@ -149,6 +150,7 @@ impl LockFile {
     }
 }
 
+#[allow(unsafe_code)]
 pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

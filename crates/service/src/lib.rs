@@ -410,6 +410,7 @@ fn connection_slots(limits: &ServeLimits) -> usize {
 
 /// Raises this process's soft limit of open files to its hard limit and
 /// returns the soft limit now in force.
+#[allow(unsafe_code)]
 pub fn raise_open_files_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

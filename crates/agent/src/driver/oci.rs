@@ -15,6 +15,8 @@
 //! per-user resources. The partition's directory and disk image are root's
 //! alone (0700/0600). Wiping a partition removes its containers, cgroup,
 //! mount, files and its claim on a uid range.
+// Unsafe: geteuid and rlimits for runc; each block says why it is sound.
+#![allow(unsafe_code)]
 
 use super::cgroup::{Cgroups, PartitionLimits, CPU_PERIOD_US};
 use super::job_root::{roots_dir, JobRoot};

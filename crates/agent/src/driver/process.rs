@@ -19,6 +19,8 @@
 //!   [`PartitionDriver::reconcile`] kills what a crash of the agent left of
 //!   them (checking the start time, so a recycled pid is never killed),
 //!   removes their cgroups and says so.
+// Unsafe: pre_exec hooks (setsid, pdeathsig, setuid, rlimits) and kill; each block says why it is sound.
+#![allow(unsafe_code)]
 
 use super::cgroup::{Cgroups, PartitionLimits, CPU_PERIOD_US, ROOT_GROUP};
 use super::{BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver, PartitionSpec};

@@ -20,6 +20,8 @@
 //! as inotify instances) to the namespace's owner in the parent namespace;
 //! had runc made it as root, every partition would share (and could exhaust)
 //! root's count. runc then joins the namespace by path.
+// Unsafe: fork/exec of the namespace holder and its id maps; each block says why it is sound.
+#![allow(unsafe_code)]
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;

@@ -29,6 +29,7 @@ impl Drop for Proc {
 
 impl Proc {
     /// Asks the process to stop as Ctrl-C would, and returns its exit code.
+    #[allow(unsafe_code)]
     pub fn interrupt(mut self) -> Option<i32> {
         // SAFETY: signalling our own child by pid.
         unsafe {
