@@ -38,9 +38,13 @@ pub struct AgentConfig {
     pub driver: DriverKind,
     pub capacity: HostCapacity,
     /// The URL borrowers and the broker use to reach this agent; defaults to
-    /// `http://` + the address it listens on.
+    /// `http://` (`https://` with TLS) + the address it listens on.
     pub advertise_url: Option<String>,
     pub clock: SharedClock,
+    /// Serve over TLS with this identity; `None` serves plain HTTP.
+    pub tls: Option<leasehold_service::ServerTls>,
+    /// The certificates accepted from the broker on https.
+    pub client_trust: leasehold_api::ServerTrust,
 }
 
 /// The least time between two fetches of the broker's keys prompted by a
@@ -79,12 +83,14 @@ pub struct RunningAgent {
     pub driver_name: &'static str,
     /// What the start-up reconciliation did, for the operator.
     pub reconciled: Vec<String>,
+    /// `https` when serving TLS, else `http`.
+    scheme: &'static str,
     server: leasehold_service::ServerHandle,
 }
 
 impl RunningAgent {
     pub fn url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        format!("{}://{}", self.scheme, self.local_addr)
     }
 
     pub async fn shutdown(self) {
@@ -211,7 +217,17 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
             "{lost} job(s) were running when the agent stopped; marked lost"
         ));
     }
-    let broker = leasehold_api::Client::new(&config.broker_url, Some(config.lender_token.clone()));
+    let broker = leasehold_api::Client::with_trust(
+        &config.broker_url,
+        Some(config.lender_token.clone()),
+        &config.client_trust,
+    )
+    .map_err(|e| AgentError::Internal(e.to_string()))?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let broker_keys = trust_broker_keys(&db, &broker, &config, &mut reconciled).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -238,7 +254,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let advertise = config
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{local_addr}"));
+        .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
     match agent.register_and_reconcile(&advertise).await {
         Ok(mut notes) => reconciled.append(&mut notes),
         Err(AgentError::BrokerUnreachable(error)) => {
@@ -246,11 +262,17 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         }
         Err(other) => return Err(other),
     }
-    let server = leasehold_service::ServerHandle::spawn(listener, http::router(agent.clone()));
+    let server = leasehold_service::ServerHandle::spawn_with_tls(
+        listener,
+        http::router(agent.clone()),
+        leasehold_service::ServeLimits::default(),
+        config.tls.clone(),
+    );
     Ok(RunningAgent {
         local_addr,
         driver_name,
         reconciled,
+        scheme,
         server,
     })
 }

@@ -45,6 +45,10 @@ pub struct BrokerConfig {
     /// The image store whose digests partitions' images are pinned to when
     /// registered; `None` keeps images as given (simulations).
     pub image_store_url: Option<String>,
+    /// Serve over TLS with this identity; `None` serves plain HTTP.
+    pub tls: Option<leasehold_service::ServerTls>,
+    /// The certificates accepted from agents and the image store on https.
+    pub client_trust: leasehold_api::ServerTrust,
 }
 
 pub(crate) struct AppState {
@@ -83,7 +87,12 @@ pub fn new_token() -> String {
 
 impl RunningBroker {
     pub fn url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        let scheme = if self.app.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.local_addr)
     }
 
     /// Creates a principal directly (used by `leasehold up` to bootstrap).
@@ -152,7 +161,8 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     }
     let snapshot = db.load()?;
     let state = Arc::new(RwLock::new(BrokerState::from_snapshot(snapshot)?));
-    let notifier = leasehold_api::Client::new("http://unused", None);
+    let notifier = leasehold_api::Client::with_trust("http://unused", None, &config.client_trust)
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
     let background_notifier = notifier.clone();
     let on_effect: Arc<dyn Fn(Effect) + Send + Sync> = Arc::new(move |effect| match effect {
         Effect::NotifyAgent { agent_url, notice } => {
@@ -174,7 +184,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         .local_addr()
         .map_err(|e| BrokerError::Internal(e.to_string()))?;
     let images = match &config.image_store_url {
-        Some(url) => Some(images::ImageResolver::new(url)?),
+        Some(url) => Some(images::ImageResolver::new(url, &config.client_trust)?),
         None => None,
     };
     let app = Arc::new(AppState {
@@ -188,7 +198,12 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         config,
         notifier,
     });
-    let server = leasehold_service::ServerHandle::spawn(listener, http::router(app.clone()));
+    let server = leasehold_service::ServerHandle::spawn_with_tls(
+        listener,
+        http::router(app.clone()),
+        leasehold_service::ServeLimits::default(),
+        app.config.tls.clone(),
+    );
     Ok(RunningBroker {
         local_addr,
         bootstrap_admin_token,
