@@ -396,3 +396,69 @@ fn a_tls_key_file_others_can_read_is_refused_with_the_chmod_fix() {
         refused.stderr
     );
 }
+
+#[test]
+fn up_beyond_loopback_serves_tls_with_its_local_ca_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let up = spawn_ready(
+        &[
+            "up",
+            "--listen",
+            "0.0.0.0:0",
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--image-store-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &text(&data),
+            "--driver",
+            "sim",
+            "--output",
+            "json",
+        ],
+        &dir.path().join("up.log"),
+    );
+    let broker_url = up.ready["broker_url"].as_str().unwrap();
+    assert!(broker_url.starts_with("https://0.0.0.0:"), "{}", up.ready);
+    let ca_cert = up.ready["ca_cert"].as_str().expect("ca_cert");
+    // Reached on loopback: the certificate names 127.0.0.1 as well.
+    let local_url = broker_url.replace("0.0.0.0", "127.0.0.1");
+    let admin = up.ready["tokens"]["admin"].as_str().unwrap();
+    let whoami = cli_with_env(
+        &local_url,
+        Some(admin),
+        &[("LEASEHOLD_CA_CERT", ca_cert)],
+        &["whoami"],
+    );
+    assert_eq!(whoami.code, 0, "{}", whoami.stderr);
+    // Asking for plain HTTP beyond loopback instead is an explicit choice.
+    let plain = spawn_ready(
+        &[
+            "up",
+            "--listen",
+            "0.0.0.0:0",
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--image-store-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &text(&dir.path().join("plain")),
+            "--driver",
+            "sim",
+            "--insecure-http",
+            "--output",
+            "json",
+        ],
+        &dir.path().join("plain.log"),
+    );
+    assert!(plain.ready["ca_cert"].is_null(), "{}", plain.ready);
+    assert!(
+        plain.ready["broker_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://"),
+        "{}",
+        plain.ready
+    );
+}
