@@ -291,7 +291,7 @@ fn a_client_pinned_to_another_ca_or_to_none_refuses_the_server_as_not_trusted() 
 }
 
 #[test]
-fn plain_http_to_a_tls_port_gets_no_answer() {
+fn plain_http_to_a_tls_port_is_refused_and_told_to_use_https() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("operator CA");
     let ca_cert = ca.write_certificate(dir.path(), "operator-ca");
@@ -311,7 +311,8 @@ fn plain_http_to_a_tls_port_gets_no_answer() {
     let http_url = https_url.replace("https://", "http://");
     let plain = cli_with_env(&http_url, Some(admin), &[], &["whoami"]);
     assert_eq!(plain.code, 1, "{}", plain.stdout);
-    assert!(plain.stdout.is_empty(), "{}", plain.stdout);
+    assert!(!plain.stdout.contains("admin"), "{}", plain.stdout);
+    assert!(plain.stderr.contains("https://"), "{}", plain.stderr);
     // The same request over TLS, pinned, is answered.
     let pinned = cli_with_env(
         https_url,

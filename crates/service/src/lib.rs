@@ -377,6 +377,9 @@ async fn serve_connections(
         .max_buf_size(limits.max_buffer_bytes.max(8192))
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Handshakes in progress end at `stop` too: they are not connections
+    // hyper could close gracefully, and must not hold the shutdown up.
+    let (stop_handshakes, handshakes_stopped) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
     loop {
         let slot = tokio::select! {
@@ -396,6 +399,7 @@ async fn serve_connections(
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
+        let mut handshakes_stopped = handshakes_stopped.clone();
         tokio::spawn(async move {
             // Timeouts and hang-ups end here; they are the client's business.
             match tls {
@@ -404,7 +408,11 @@ async fn serve_connections(
                     let _ = watcher.watch(http.serve_connection(io, service)).await;
                 }
                 Some(tls) => {
-                    if let Some(stream) = tls.accept(stream, limits.header_read_timeout).await {
+                    let accepted = tokio::select! {
+                        accepted = tls.accept(stream, limits.header_read_timeout) => accepted,
+                        _ = handshakes_stopped.changed() => None,
+                    };
+                    if let Some(stream) = accepted {
                         let io = hyper_util::rt::TokioIo::new(stream);
                         let _ = watcher.watch(http.serve_connection(io, service)).await;
                     }
@@ -414,6 +422,7 @@ async fn serve_connections(
         });
     }
     drop(listener);
+    let _ = stop_handshakes.send(true);
     graceful.shutdown().await;
     Ok(())
 }

@@ -105,13 +105,62 @@ impl ServerTls {
         stream: tokio::net::TcpStream,
         deadline: std::time::Duration,
     ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
-        match tokio::time::timeout(deadline, self.acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => Some(stream),
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "TLS handshake failed");
-                None
+        let handshake = async {
+            if !starts_with_tls_handshake(&stream).await {
+                refuse_plain_http(stream).await;
+                return None;
             }
-            Err(_) => None,
+            match self.acceptor.accept(stream).await {
+                Ok(stream) => Some(stream),
+                Err(error) => {
+                    tracing::debug!(%error, "TLS handshake failed");
+                    None
+                }
+            }
+        };
+        tokio::time::timeout(deadline, handshake)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Whether the client's first byte opens a TLS handshake record (0x16); a
+/// plain HTTP request starts with a method's letter instead.
+async fn starts_with_tls_handshake(stream: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16)
+}
+
+/// Answers a plain HTTP client with a 400 that says to use https, so it
+/// does not see a garbled TLS alert, then closes. What it sent is drained
+/// (at most 64 KiB, within the caller's deadline) rather than read: closing
+/// with unread bytes would reset the connection before the client reads
+/// the answer.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::to_string(&leasehold_api::ErrorBody {
+        error: leasehold_api::ErrorDetail {
+            code: "tls_required".into(),
+            message: "this server speaks TLS only: use an https:// URL".into(),
+            field: None,
+            key_rejection: None,
+            explanation: None,
+        },
+    })
+    .unwrap_or_default();
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    let mut drained = [0u8; 4096];
+    let mut left_bytes: usize = 64 * 1024;
+    while left_bytes > 0 {
+        match stream.read(&mut drained).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left_bytes = left_bytes.saturating_sub(n),
         }
     }
 }
@@ -362,7 +411,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn plain_http_to_a_tls_port_is_not_answered_in_http() {
+    async fn shutdown_does_not_wait_for_a_client_that_never_handshakes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(&dir.path().join("tls")).unwrap();
+        let limits = crate::ServeLimits {
+            header_read_timeout: std::time::Duration::from_secs(60),
+            ..crate::ServeLimits::default()
+        };
+        let tls = ca.issue_server_tls(&[LOCALHOST], &[]).unwrap();
+        let (server, address) = serve_tls(tls, limits).await;
+        let _silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        // Connections are accepted in order: once this one is answered, the
+        // silent one is in its handshake.
+        let ca_pem = std::fs::read(ca.certificate_path()).unwrap();
+        get_over_tls(address, &ca_pem).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server.shutdown())
+            .await
+            .expect("shutdown did not wait for the handshake's 60 s timeout");
+    }
+
+    #[tokio::test]
+    async fn plain_http_to_a_tls_port_is_told_to_use_https_and_not_served() {
         let dir = tempfile::tempdir().unwrap();
         let ca = LocalCa::load_or_create(&dir.path().join("tls")).unwrap();
         let tls = ca.issue_server_tls(&[LOCALHOST], &[]).unwrap();
@@ -381,8 +450,9 @@ mod tests {
         .expect("the server closed the plain connection")
         .ok();
         let text = String::from_utf8_lossy(&received);
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
         assert!(
-            !text.contains("HTTP/1.1 200") && !text.contains("ok"),
+            text.contains("tls_required") && text.contains("https://"),
             "{text}"
         );
         server.shutdown().await;
