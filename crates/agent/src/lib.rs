@@ -41,12 +41,16 @@ pub struct AgentConfig {
     pub driver: DriverKind,
     pub capacity: HostCapacity,
     /// The URL borrowers and the broker use to reach this agent; defaults to
-    /// `http://` + the address it listens on.
+    /// `http://` (`https://` with TLS) + the address it listens on.
     pub advertise_url: Option<String>,
     pub clock: SharedClock,
     /// How often the agent pulls its host's revocations from the broker, in
     /// case a release notice was lost (`revocations`).
     pub revocation_poll_interval_ms: u64,
+    /// Serve over TLS with this identity; `None` serves plain HTTP.
+    pub tls: Option<leasehold_service::ServerTls>,
+    /// The certificates accepted from the broker on https.
+    pub client_trust: leasehold_api::ServerTrust,
 }
 
 /// The least time between two fetches of the broker's keys prompted by a
@@ -87,13 +91,15 @@ pub struct RunningAgent {
     pub driver_name: &'static str,
     /// What the start-up reconciliation did, for the operator.
     pub reconciled: Vec<String>,
+    /// `https` when serving TLS, else `http`.
+    scheme: &'static str,
     server: leasehold_service::ServerHandle,
     revocation_pull: tokio::task::AbortHandle,
 }
 
 impl RunningAgent {
     pub fn url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        format!("{}://{}", self.scheme, self.local_addr)
     }
 
     pub async fn shutdown(self) {
@@ -223,7 +229,17 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
             "{lost} job(s) were running when the agent stopped; marked lost"
         ));
     }
-    let broker = leasehold_api::Client::new(&config.broker_url, Some(config.lender_token.clone()));
+    let broker = leasehold_api::Client::with_trust(
+        &config.broker_url,
+        Some(config.lender_token.clone()),
+        &config.client_trust,
+    )
+    .map_err(|e| AgentError::Internal(e.to_string()))?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let broker_keys = trust_broker_keys(&db, &broker, &config, &mut reconciled).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -251,7 +267,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let advertise = config
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{local_addr}"));
+        .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
     match agent.register_and_reconcile(&advertise).await {
         Ok(mut notes) => reconciled.append(&mut notes),
         Err(AgentError::BrokerUnreachable(error)) => {
@@ -259,12 +275,18 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         }
         Err(other) => return Err(other),
     }
-    let server = leasehold_service::ServerHandle::spawn(listener, http::router(agent.clone()));
+    let server = leasehold_service::ServerHandle::spawn_with_tls(
+        listener,
+        http::router(agent.clone()),
+        leasehold_service::ServeLimits::default(),
+        config.tls.clone(),
+    );
     let revocation_pull = revocations::spawn_pull_loop(agent.clone());
     Ok(RunningAgent {
         local_addr,
         driver_name,
         reconciled,
+        scheme,
         server,
         revocation_pull,
     })

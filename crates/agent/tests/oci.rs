@@ -315,9 +315,11 @@ async fn the_cpu_cap_holds_and_partitions_get_their_own_cores() {
     .await;
     let cpu_ms = out.cpu_ms.unwrap();
     let ratio = cpu_ms as f64 / out.wall_ms as f64;
+    // The cap is the upper bound; the floor only shows the job ran, and is
+    // low because on a loaded 2-core machine the job gets less than its cap.
     assert!(
-        (0.35..=0.65).contains(&ratio),
-        "used {cpu_ms} ms of CPU in {} ms: ratio {ratio:.2}, expected 0.5 +- 0.15",
+        (0.15..=0.65).contains(&ratio),
+        "used {cpu_ms} ms of CPU in {} ms: ratio {ratio:.2}, expected at most 0.5 + 0.15",
         out.wall_ms
     );
     let mine = out.stdout.lines().last().unwrap().to_string();

@@ -31,6 +31,16 @@ pub enum ApiError {
     },
     #[error("unexpected answer from {url}: {problem}")]
     Protocol { url: String, problem: String },
+    /// The server's TLS certificate is not signed by a CA this client
+    /// trusts (the pinned one, or a public one when none is pinned).
+    #[error("refusing {url}: its TLS certificate is not trusted ({reason}); give the certificate of the CA that signed it with --ca-cert FILE or LEASEHOLD_CA_CERT")]
+    UntrustedCertificate { url: String, reason: String },
+    /// The CA certificate to pin is not usable.
+    #[error("{source_name}: not a usable CA certificate: {problem}")]
+    InvalidCaCertificate {
+        source_name: String,
+        problem: String,
+    },
 }
 
 impl ApiError {
@@ -75,43 +85,129 @@ fn new_idempotency_key() -> String {
     hex::encode(rand::random::<[u8; 16]>())
 }
 
+/// The server certificates a client accepts on `https://` URLs.
+#[derive(Debug, Clone, Default)]
+pub enum ServerTrust {
+    /// Certificates signed by a public CA (the Mozilla list built into the
+    /// client): for servers with real certificates.
+    #[default]
+    PublicRoots,
+    /// Only certificates signed by this CA (PEM, one or more certificates),
+    /// no public one: a local CA such as the one `leasehold up` makes.
+    PinnedCa {
+        /// Where the PEM came from, for error messages.
+        source_name: String,
+        pem: Vec<u8>,
+    },
+}
+
+impl ServerTrust {
+    /// Pins the CA certificate(s) in the PEM file at `path`.
+    pub fn pinned_ca_file(path: &std::path::Path) -> Result<Self, ApiError> {
+        let source_name = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|e| ApiError::InvalidCaCertificate {
+            source_name: source_name.clone(),
+            problem: format!("cannot read it: {e}"),
+        })?;
+        let trust = ServerTrust::PinnedCa { source_name, pem };
+        // Checked now (building parses the certificates), so a bad file is
+        // reported once, at start.
+        trust.build(reqwest::Client::builder())?;
+        Ok(trust)
+    }
+
+    /// Builds `builder` trusting exactly these roots.
+    pub fn build(&self, builder: reqwest::ClientBuilder) -> Result<reqwest::Client, ApiError> {
+        self.configure(builder)?
+            .build()
+            .map_err(|e| ApiError::InvalidCaCertificate {
+                source_name: self.source_name().to_string(),
+                problem: error_chain(&e),
+            })
+    }
+
+    fn source_name(&self) -> &str {
+        match self {
+            ServerTrust::PublicRoots => "the public CAs",
+            ServerTrust::PinnedCa { source_name, .. } => source_name,
+        }
+    }
+
+    /// `builder` trusting exactly these roots.
+    fn configure(
+        &self,
+        builder: reqwest::ClientBuilder,
+    ) -> Result<reqwest::ClientBuilder, ApiError> {
+        let ServerTrust::PinnedCa { source_name, pem } = self else {
+            return Ok(builder);
+        };
+        let invalid = |problem: String| ApiError::InvalidCaCertificate {
+            source_name: source_name.clone(),
+            problem,
+        };
+        let certificates =
+            reqwest::Certificate::from_pem_bundle(pem).map_err(|e| invalid(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(invalid(
+                "it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+            ));
+        }
+        // No public root: a certificate from any other CA, even a real one,
+        // is refused. That is the pinning.
+        let mut builder = builder.tls_built_in_root_certs(false);
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+        Ok(builder)
+    }
+}
+
 impl Client {
+    /// A client that trusts public CAs on `https://` URLs.
     pub fn new(base_url: &str, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
+        Self::with_trust(base_url, token, &ServerTrust::PublicRoots)
+            .expect("reqwest client builds with static settings")
+    }
+
+    /// A client that accepts only the server certificates `trust` allows.
+    pub fn with_trust(
+        base_url: &str,
+        token: Option<String>,
+        trust: &ServerTrust,
+    ) -> Result<Self, ApiError> {
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(64)
             // Below the servers' 10 s idle timeout, so a pooled connection is
             // dropped here before the server closes it under a request.
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build()
-            .expect("reqwest client builds with static settings");
-        Client {
+            .pool_idle_timeout(Duration::from_secs(5));
+        let http = trust.build(builder)?;
+        Ok(Client {
             base_url: base_url.trim_end_matches('/').to_string(),
             token,
             http,
             max_response_bytes: None,
-        }
+        })
     }
 
     /// The client the broker calls agents with: it follows no redirect (a
     /// lender's URL must not aim the broker at another server), gives up
     /// connecting after [`AGENT_CALL_CONNECT_TIMEOUT`] and on the whole call
-    /// after [`AGENT_CALL_TOTAL_TIMEOUT`], and reads at most
-    /// [`AGENT_CALL_MAX_RESPONSE_BYTES`] of an answer.
-    pub fn for_calling_agents() -> Self {
-        let http = reqwest::Client::builder()
+    /// after [`AGENT_CALL_TOTAL_TIMEOUT`], reads at most
+    /// [`AGENT_CALL_MAX_RESPONSE_BYTES`] of an answer, and accepts only the
+    /// certificates `trust` allows on https.
+    pub fn for_calling_agents(trust: &ServerTrust) -> Result<Self, ApiError> {
+        let builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(AGENT_CALL_CONNECT_TIMEOUT)
             .timeout(AGENT_CALL_TOTAL_TIMEOUT)
-            .pool_max_idle_per_host(8)
-            .build()
-            .expect("reqwest client builds with static settings");
-        Client {
+            .pool_max_idle_per_host(8);
+        Ok(Client {
             base_url: String::new(),
             token: None,
-            http,
+            http: trust.build(builder)?,
             max_response_bytes: Some(AGENT_CALL_MAX_RESPONSE_BYTES),
-        }
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -161,12 +257,17 @@ impl Client {
             request = request.timeout(timeout.unwrap_or(Duration::from_secs(30)));
             match request.send().await {
                 Ok(response) => return decode(&url, response, self.max_response_bytes).await,
-                Err(error) if error.is_connect() && attempt < MAX_CONNECT_RETRIES => {
+                // A certificate refused now is refused on every retry.
+                Err(error)
+                    if error.is_connect()
+                        && attempt < MAX_CONNECT_RETRIES
+                        && untrusted_certificate(&error).is_none() =>
+                {
                     attempt += 1;
                     // Back off briefly; the key makes the retry safe.
                     tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
                 }
-                Err(source) => return Err(ApiError::Unreachable { url, source }),
+                Err(source) => return Err(send_failed(url, source)),
             }
         }
     }
@@ -442,10 +543,7 @@ impl Client {
             .timeout(wait)
             .send()
             .await
-            .map_err(|source| ApiError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(|source| send_failed(url.clone(), source))?;
         let streamed = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -569,6 +667,47 @@ async fn read_body(
     Ok(body)
 }
 
+/// An error and its sources, joined by ": ".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        text.push_str(&format!(": {source}"));
+        next = source.source();
+    }
+    text
+}
+
+/// A request that got no answer: refused because of the server's
+/// certificate, or the server could not be reached.
+fn send_failed(url: String, source: reqwest::Error) -> ApiError {
+    match untrusted_certificate(&source) {
+        Some(reason) => ApiError::UntrustedCertificate { url, reason },
+        None => ApiError::Unreachable { url, source },
+    }
+}
+
+/// Why the server's certificate was refused, if that is why `error`
+/// happened. rustls's error sits inside `io::Error`s in the chain, whose
+/// `source()` skips what they wrap, so an `io::Error` is opened instead.
+pub fn untrusted_certificate(error: &reqwest::Error) -> Option<String> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = next {
+        if let Some(rustls::Error::InvalidCertificate(reason)) =
+            current.downcast_ref::<rustls::Error>()
+        {
+            return Some(format!("{reason:?}"));
+        }
+        next = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
+    }
+    None
+}
+
 async fn decode<R: DeserializeOwned>(
     url: &str,
     response: reqwest::Response,
@@ -617,4 +756,38 @@ fn status_code_name(status: StatusCode) -> String {
         .unwrap_or("error")
         .to_lowercase()
         .replace(' ', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_without_a_usable_certificate_is_refused_naming_it() {
+        let dir = std::env::temp_dir().join(format!("leasehold-api-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let check = |name: &str, contents: &[u8], problem: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, contents).unwrap();
+            let error = ServerTrust::pinned_ca_file(&path).unwrap_err().to_string();
+            assert!(
+                error.contains(&path.display().to_string()) && error.contains(problem),
+                "{error}"
+            );
+        };
+        check("empty.pem", b"", "no PEM certificate");
+        check(
+            "key.pem",
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            "no PEM certificate",
+        );
+        check(
+            "garbage.pem",
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            "not a usable CA certificate",
+        );
+        let missing = ServerTrust::pinned_ca_file(&dir.join("missing.pem")).unwrap_err();
+        assert!(missing.to_string().contains("cannot read it"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -5,5 +5,5 @@
 pub mod client;
 pub mod types;
 
-pub use client::{ApiError, Client};
+pub use client::{ApiError, Client, ServerTrust};
 pub use types::*;

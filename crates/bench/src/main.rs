@@ -200,6 +200,8 @@ async fn run(plan: Plan, work_dir: Option<std::path::PathBuf>) -> Result<Report>
         commission_basis_points: 100,
         key_ttl_ms: leasehold_broker::DEFAULT_KEY_TTL_MS,
         clock: Arc::new(SystemClock),
+        tls: None,
+        client_trust: Default::default(),
     })
     .await
     .context("cannot start the broker")?;

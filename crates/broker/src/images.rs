@@ -16,8 +16,11 @@ pub(crate) struct ImageResolver {
 }
 
 impl ImageResolver {
-    pub(crate) fn new(store_url: &str) -> Result<Self, BrokerError> {
-        let store = StoreClient::new(store_url)
+    pub(crate) fn new(
+        store_url: &str,
+        trust: &leasehold_api::ServerTrust,
+    ) -> Result<Self, BrokerError> {
+        let store = StoreClient::with_trust(store_url, trust)
             .map_err(|e| BrokerError::Internal(format!("cannot use the image store: {e}")))?;
         Ok(ImageResolver { store })
     }

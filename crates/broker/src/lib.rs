@@ -46,6 +46,10 @@ pub struct BrokerConfig {
     /// The image store whose digests partitions' images are pinned to when
     /// registered; `None` keeps images as given (simulations).
     pub image_store_url: Option<String>,
+    /// Serve over TLS with this identity; `None` serves plain HTTP.
+    pub tls: Option<leasehold_service::ServerTls>,
+    /// The certificates accepted from agents and the image store on https.
+    pub client_trust: leasehold_api::ServerTrust,
 }
 
 pub(crate) struct AppState {
@@ -82,7 +86,12 @@ pub fn new_token() -> String {
 
 impl RunningBroker {
     pub fn url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        let scheme = if self.app.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.local_addr)
     }
 
     /// Creates a principal directly (used by `leasehold up` to bootstrap).
@@ -169,7 +178,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         .local_addr()
         .map_err(|e| BrokerError::Internal(e.to_string()))?;
     let images = match &config.image_store_url {
-        Some(url) => Some(images::ImageResolver::new(url)?),
+        Some(url) => Some(images::ImageResolver::new(url, &config.client_trust)?),
         None => None,
     };
     let app = Arc::new(AppState {
@@ -182,7 +191,12 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         published_keys: keys.published().to_vec(),
         config,
     });
-    let server = leasehold_service::ServerHandle::spawn(listener, http::router(app.clone()));
+    let server = leasehold_service::ServerHandle::spawn_with_tls(
+        listener,
+        http::router(app.clone()),
+        leasehold_service::ServeLimits::default(),
+        app.config.tls.clone(),
+    );
     Ok(RunningBroker {
         local_addr,
         bootstrap_admin_token,
@@ -200,7 +214,8 @@ fn start_writer_and_outbox(
 ) -> Result<Writer, BrokerError> {
     // One connection pool for every call to agents: no redirects, bounded
     // time and answer size, since a lender chooses the URL.
-    let notifier = leasehold_api::Client::for_calling_agents();
+    let notifier = leasehold_api::Client::for_calling_agents(&config.client_trust)
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
     // Notices a crash or a stop left undelivered go out again.
     db.prune_expired_notices(config.clock.now_ms())?;
     let pending_notices = db.pending_outbox()?;

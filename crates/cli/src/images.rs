@@ -44,6 +44,8 @@ pub enum ImagesCommand {
         listen: SocketAddr,
         #[arg(long, default_value_os_t = default_store_dir())]
         store: PathBuf,
+        #[command(flatten)]
+        tls: crate::serve::TlsArgs,
     },
 }
 
@@ -104,14 +106,16 @@ pub async fn images(global: &Global, command: ImagesCommand) -> Result<i32> {
                 }
             }
         }
-        ImagesCommand::Serve { listen, store } => {
+        ImagesCommand::Serve { listen, store, tls } => {
+            let tls = tls.identity_for("image store", listen)?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
             let store = Arc::new(open(&store)?);
             let count = store.list().map(|l| l.len()).unwrap_or(0);
             let root = store.root().to_path_buf();
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?;
-            let url = format!("http://{}", listener.local_addr()?);
+            let url = format!("{scheme}://{}", listener.local_addr()?);
             if global.output == OutputFormat::Json {
                 println!(
                     "{}",
@@ -123,7 +127,8 @@ pub async fn images(global: &Global, command: ImagesCommand) -> Result<i32> {
                     root.display()
                 );
             }
-            leasehold_service::ServerHandle::spawn(listener, store.router())
+            let limits = leasehold_service::ServeLimits::default();
+            leasehold_service::ServerHandle::spawn_with_tls(listener, store.router(), limits, tls)
                 .wait()
                 .await
                 .context("the image store stopped with an error")?;

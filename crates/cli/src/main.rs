@@ -51,6 +51,16 @@ pub struct Global {
     /// The token, from --token-file or LEASEHOLD_TOKEN (never the command line).
     #[arg(skip)]
     pub token: Option<String>,
+    /// The certificate (PEM) of the CA that signs the servers' TLS
+    /// certificates, such as the `ca_cert` that `leasehold up` prints: only
+    /// certificates it signed are accepted on https:// (pinning). Without
+    /// it, https:// URLs are checked against the public CAs built in
+    /// (Mozilla's list), for servers with real certificates.
+    #[arg(long, global = true, env = "LEASEHOLD_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// What --ca-cert makes of server certificates.
+    #[arg(skip)]
+    pub server_trust: leasehold_api::ServerTrust,
     /// `text` for people, `json` for scripts (one JSON document on stdout).
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub output: OutputFormat,
@@ -171,6 +181,15 @@ fn main() {
     if let Err(problem) = resolve_token(&mut cli.global) {
         eprintln!("leasehold: {problem}");
         std::process::exit(2);
+    }
+    if let Some(path) = &cli.global.ca_cert {
+        match leasehold_api::ServerTrust::pinned_ca_file(path) {
+            Ok(trust) => cli.global.server_trust = trust,
+            Err(error) => {
+                eprintln!("leasehold: failed to read --ca-cert: {error}");
+                std::process::exit(2);
+            }
+        }
     }
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
         // Warnings, plus the agent's and the image cache's progress notes

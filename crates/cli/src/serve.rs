@@ -14,6 +14,72 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// How a server is reached: over TLS with a given certificate, or plain
+/// HTTP, which is allowed beyond loopback only when asked for.
+#[derive(Args, Clone)]
+pub struct TlsArgs {
+    /// Serve TLS with this certificate chain (PEM, the server's certificate
+    /// first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM); refused when group or others
+    /// can read it.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on an address that is not loopback anyway: tokens
+    /// and lease keys then cross the network in clear. Without TLS, only
+    /// loopback addresses (127.0.0.0/8, ::1) are served otherwise.
+    #[arg(long)]
+    pub insecure_http: bool,
+}
+
+impl TlsArgs {
+    /// The identity given with --tls-cert/--tls-key, if any.
+    fn given_identity(&self) -> Result<Option<leasehold_service::ServerTls>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        leasehold_service::ServerTls::from_pem_files(cert, key)
+            .map(Some)
+            .context("failed to load --tls-cert/--tls-key")
+    }
+
+    /// The given identity, after checking that `listen` may be served
+    /// without one.
+    pub(crate) fn identity_for(
+        &self,
+        what: &str,
+        listen: SocketAddr,
+    ) -> Result<Option<leasehold_service::ServerTls>> {
+        let identity = self.given_identity()?;
+        check_listen_address(what, listen, identity.is_some(), self.insecure_http)?;
+        Ok(identity)
+    }
+}
+
+/// Plain HTTP only on loopback, which no other machine reaches: elsewhere
+/// tokens and lease keys would cross the network in clear, so it takes TLS
+/// or an explicit --insecure-http (and a warning).
+pub fn check_listen_address(
+    what: &str,
+    listen: SocketAddr,
+    tls: bool,
+    insecure_http: bool,
+) -> Result<()> {
+    if tls || leasehold_service::tls::is_loopback(&listen) {
+        return Ok(());
+    }
+    if insecure_http {
+        tracing::warn!(
+            "the {what} serves plain HTTP on {listen} (--insecure-http): tokens and lease keys cross the network in clear"
+        );
+        return Ok(());
+    }
+    Err(anyhow!(
+        "refusing to serve the {what} in plain HTTP on {listen}, which is not a loopback address: tokens and lease keys would cross the network in clear; give it a certificate with --tls-cert FILE --tls-key FILE, or pass --insecure-http to serve plain HTTP anyway"
+    ))
+}
+
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct BrokerArgs {
@@ -41,6 +107,8 @@ pub struct BrokerArgs {
     /// refused. Without it images are kept as given (simulations).
     #[arg(long)]
     pub image_store: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -139,7 +207,8 @@ pub struct AgentArgs {
     /// The image store agents fetch images from (`leasehold images serve`).
     #[arg(long, env = "LEASEHOLD_IMAGE_STORE")]
     pub image_store: Option<String>,
-    /// The URL others use to reach this agent (default: http://LISTEN).
+    /// The URL others use to reach this agent (default: http://LISTEN, or
+    /// https://LISTEN with --tls-cert).
     #[arg(long)]
     pub advertise_url: Option<String>,
     /// How often to ask the broker for this host's released leases, in case
@@ -148,6 +217,8 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = leasehold_agent::DEFAULT_REVOCATION_POLL_SECS,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub revocation_poll_secs: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub shape: HostShape,
 }
@@ -175,6 +246,15 @@ pub struct UpArgs {
     /// The broker's commission, in basis points.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
     pub commission_basis_points: u32,
+    /// Serve TLS even on loopback, with a certificate from a local CA kept
+    /// in DATA_DIR/tls (made on first use; its certificate, `ca_cert` in the
+    /// ready line, is what clients give as --ca-cert). A listen address that
+    /// is not loopback does this by itself, unless --tls-cert or
+    /// --insecure-http is given.
+    #[arg(long)]
+    pub tls: bool,
+    #[command(flatten)]
+    pub tls_args: TlsArgs,
     #[command(flatten)]
     pub shape: HostShape,
 }
@@ -220,6 +300,12 @@ struct DriverPlan {
     reason: String,
 }
 
+/// Where the agent fetches images, and the certificates it accepts there.
+struct ImageStoreAccess {
+    url: Option<String>,
+    trust: leasehold_api::ServerTrust,
+}
+
 /// Picks the driver: `auto` takes `oci` where this host can run it (and,
 /// for `up`, where the busybox image can be made), and otherwise refuses.
 async fn plan_driver(
@@ -228,7 +314,7 @@ async fn plan_driver(
     host_id: &str,
     sim_images: Vec<String>,
     oci_images: Vec<String>,
-    image_store: Option<String>,
+    image_store: ImageStoreAccess,
     oci_precondition: Result<(), String>,
 ) -> Result<DriverPlan> {
     let process = |reason: String| DriverPlan {
@@ -238,9 +324,12 @@ async fn plan_driver(
         reason,
     };
     let oci = |reason: String| async {
-        let cache =
-            leasehold_images::ImageCache::new(&data_dir.join("image-cache"), image_store.clone())
-                .context("failed to open the image cache")?;
+        let cache = leasehold_images::ImageCache::with_trust(
+            &data_dir.join("image-cache"),
+            image_store.url.clone(),
+            &image_store.trust,
+        )
+        .context("failed to open the image cache")?;
         // The offered images are pinned to digests now, so that the terms
         // registered name digests and no job asks the store about a name.
         let images = leasehold_agent::images::CachedImages::pinned(cache, oci_images.clone())
@@ -289,6 +378,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
     if let Some(BrokerAction::RotateKey(rotate)) = &args.action {
         return rotate_key(global, rotate);
     }
+    let tls = args.tls.identity_for("broker", args.listen)?;
     let running = leasehold_broker::start(BrokerConfig {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
@@ -297,6 +387,8 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         key_ttl_ms: args.key_ttl_secs.saturating_mul(1000),
         clock: Arc::new(SystemClock),
         image_store_url: args.image_store.clone(),
+        tls,
+        client_trust: global.server_trust.clone(),
     })
     .await
     .context("failed to start the broker")?;
@@ -327,13 +419,18 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         )
     })?;
     let host_id = args.host_id.clone().unwrap_or_else(default_host_id);
+    let tls = args.tls.identity_for("agent", args.listen)?;
+    let image_store = ImageStoreAccess {
+        url: args.image_store.clone(),
+        trust: global.server_trust.clone(),
+    };
     let plan = plan_driver(
         args.driver,
         &args.data_dir,
         &host_id,
         args.sim_images.clone(),
         args.images.clone(),
-        args.image_store.clone(),
+        image_store,
         Ok(()),
     )
     .await?;
@@ -349,6 +446,8 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         advertise_url: args.advertise_url.clone(),
         clock: Arc::new(SystemClock),
         revocation_poll_interval_ms: args.revocation_poll_secs * 1000,
+        tls,
+        client_trust: global.server_trust.clone(),
     })
     .await
     .context("failed to start the agent")?;
@@ -394,8 +493,89 @@ fn default_partition_terms(count: u32, images: &[String], capacity: &HostCapacit
     chosen
 }
 
+/// How `up` serves its three listeners, and what its own clients (its
+/// agent, the broker's notices, the hints it prints) trust.
+struct UpTls {
+    identity: Option<leasehold_service::ServerTls>,
+    /// The local CA's certificate, when `up` issued the identity.
+    ca_cert: Option<PathBuf>,
+    client_trust: leasehold_api::ServerTrust,
+}
+
+impl UpTls {
+    fn scheme(&self) -> &'static str {
+        if self.identity.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// `--tls-cert/--tls-key` if given; else a certificate from the local CA
+/// with `--tls` or when a listener is not on loopback (unless
+/// `--insecure-http`); else plain HTTP on loopback.
+fn up_tls(global: &Global, args: &UpArgs) -> Result<UpTls> {
+    let listens = [
+        ("broker", args.listen),
+        ("agent", args.agent_listen),
+        ("image store", args.image_store_listen),
+    ];
+    if let Some(identity) = args.tls_args.given_identity()? {
+        return Ok(UpTls {
+            identity: Some(identity),
+            ca_cert: None,
+            client_trust: global.server_trust.clone(),
+        });
+    }
+    let beyond_loopback = listens
+        .iter()
+        .any(|(_, listen)| !leasehold_service::tls::is_loopback(listen));
+    if !args.tls && (!beyond_loopback || args.tls_args.insecure_http) {
+        for (what, listen) in listens {
+            check_listen_address(what, listen, false, args.tls_args.insecure_http)?;
+        }
+        return Ok(UpTls {
+            identity: None,
+            ca_cert: None,
+            client_trust: global.server_trust.clone(),
+        });
+    }
+    let ca = leasehold_service::tls::LocalCa::load_or_create(&args.data_dir.join("tls"))
+        .context("failed to open the local CA")?;
+    let mut addresses: Vec<std::net::IpAddr> = listens.iter().map(|(_, a)| a.ip()).collect();
+    addresses.push(std::net::Ipv4Addr::LOCALHOST.into());
+    addresses.push(std::net::Ipv6Addr::LOCALHOST.into());
+    let identity = ca
+        .issue_server_tls(&addresses, &host_dns_name().into_iter().collect::<Vec<_>>())
+        .context("failed to issue the server certificate")?;
+    // Absolute, so the printed hint works from any directory.
+    let ca_cert = std::fs::canonicalize(ca.certificate_path())
+        .unwrap_or_else(|_| ca.certificate_path().to_path_buf());
+    let client_trust = leasehold_api::ServerTrust::pinned_ca_file(&ca_cert)?;
+    Ok(UpTls {
+        identity: Some(identity),
+        ca_cert: Some(ca_cert),
+        client_trust,
+    })
+}
+
+/// This machine's name, for the certificate `up` issues, when it is a
+/// plain DNS name.
+fn host_dns_name() -> Option<String> {
+    let name = std::fs::read_to_string("/etc/hostname").ok()?;
+    let name = name.trim().to_ascii_lowercase();
+    let plain = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    plain.then_some(name)
+}
+
 pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
     private_fs::ensure_private_dir(&args.data_dir)?;
+    let tls = up_tls(global, &args)?;
     let broker_dir = args.data_dir.join("broker");
     let agent_dir = args.data_dir.join("agent");
     // The oci driver boots images: `up` keeps a store beside its data,
@@ -423,8 +603,14 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
                     args.image_store_listen
                 )
             })?;
-        image_store_url = Some(format!("http://{}", listener.local_addr()?));
-        tokio::spawn(leasehold_service::ServerHandle::spawn(listener, store.router()).wait());
+        image_store_url = Some(format!("{}://{}", tls.scheme(), listener.local_addr()?));
+        let server = leasehold_service::ServerHandle::spawn_with_tls(
+            listener,
+            store.router(),
+            leasehold_service::ServeLimits::default(),
+            tls.identity.clone(),
+        );
+        tokio::spawn(server.wait());
     }
     let running_broker = leasehold_broker::start(BrokerConfig {
         data_dir: broker_dir,
@@ -434,6 +620,8 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         key_ttl_ms: leasehold_broker::DEFAULT_KEY_TTL_MS,
         clock: Arc::new(SystemClock),
         image_store_url: image_store_url.clone(),
+        tls: tls.identity.clone(),
+        client_trust: tls.client_trust.clone(),
     })
     .await
     .context("failed to start the broker")?;
@@ -480,7 +668,10 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         "local",
         vec!["busybox".into(), "debian-12".into()],
         vec!["busybox".into()],
-        image_store_url.clone(),
+        ImageStoreAccess {
+            url: image_store_url.clone(),
+            trust: tls.client_trust.clone(),
+        },
         busybox_ready,
     )
     .await?;
@@ -497,11 +688,14 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         advertise_url: None,
         clock: Arc::new(SystemClock),
         revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
+        tls: tls.identity.clone(),
+        client_trust: tls.client_trust.clone(),
     })
     .await
     .context("failed to start the local agent")?;
     let agent_url = running_agent.url();
-    let agent_client = leasehold_api::Client::new(&agent_url, Some(lender_token));
+    let agent_client =
+        leasehold_api::Client::with_trust(&agent_url, Some(lender_token), &tls.client_trust)?;
     let mut partitions = agent_client
         .agent_list_partitions()
         .await
@@ -538,6 +732,12 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
             store_dir.display()
         ));
     }
+    if let Some(path) = &tls.ca_cert {
+        text.push_str(&format!(
+            "  ca cert {}   (clients pin it: --ca-cert FILE or LEASEHOLD_CA_CERT)\n",
+            path.display()
+        ));
+    }
     for note in &running_agent.reconciled {
         text.push_str(&format!("  agent: {note}\n"));
     }
@@ -552,8 +752,12 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
             .get("borrower")
             .and_then(|t| t.as_str())
             .unwrap_or("");
+        let ca_cert = match &tls.ca_cert {
+            Some(path) => format!(" LEASEHOLD_CA_CERT={}", path.display()),
+            None => String::new(),
+        };
         text.push_str(&format!(
-            "Next, in another terminal:\n  export LEASEHOLD_BROKER={broker_url} LEASEHOLD_TOKEN={borrower}\n  {exe} find\n  {exe} lease --best\n  {exe} run --lease 1 -- sh -c 'echo hello from $(pwd)'\n  {exe} release 1\n  {exe} bill\n"
+            "Next, in another terminal:\n  export LEASEHOLD_BROKER={broker_url}{ca_cert} LEASEHOLD_TOKEN={borrower}\n  {exe} find\n  {exe} lease --best\n  {exe} run --lease 1 -- sh -c 'echo hello from $(pwd)'\n  {exe} release 1\n  {exe} bill\n"
         ));
     }
     text.push_str("Ctrl-C stops; `leasehold up` on the same --data-dir resumes.");
@@ -566,6 +770,7 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
             "driver": running_agent.driver_name,
             "driver_reason": plan.reason,
             "image_store_url": image_store_url,
+            "ca_cert": tls.ca_cert,
             "partitions": partitions.len(),
             "tokens": if tokens.is_empty() { serde_json::Value::Null } else { serde_json::Value::Object(tokens) },
         }),

@@ -16,8 +16,15 @@ pub const EXIT_CONFLICT: i32 = 4;
 pub const EXIT_JOB_TIMED_OUT: i32 = 124;
 pub const EXIT_JOB_CANCELLED: i32 = 130;
 
-fn broker(global: &Global) -> Client {
-    Client::new(&global.broker, global.token.clone())
+fn broker(global: &Global) -> Result<Client> {
+    client_of(global, &global.broker, global.token.clone())
+}
+
+/// A client of `url` that accepts the server certificates `--ca-cert`
+/// allows: only those of that CA when it is given, else public CAs.
+pub fn client_of(global: &Global, url: &str, token: Option<String>) -> Result<Client> {
+    Client::with_trust(url, token, &global.server_trust)
+        .with_context(|| format!("failed to make a client of {url}"))
 }
 
 fn print_json<T: Serialize>(value: &T) {
@@ -174,7 +181,7 @@ fn parse_role(text: &str) -> Result<Role, String> {
 pub async fn principal(global: &Global, command: PrincipalCommand) -> Result<i32> {
     match command {
         PrincipalCommand::Add { name, role } => {
-            let created = broker(global)
+            let created = broker(global)?
                 .create_principal(&name, role)
                 .await
                 .with_context(|| format!("failed to create principal '{name}'"))?;
@@ -194,7 +201,7 @@ pub async fn principal(global: &Global, command: PrincipalCommand) -> Result<i32
 }
 
 pub async fn whoami(global: &Global) -> Result<i32> {
-    let me = broker(global)
+    let me = broker(global)?
         .whoami()
         .await
         .context("failed to ask the broker who you are")?;
@@ -344,7 +351,7 @@ fn print_agent_partitions(global: &Global, rows: &[leasehold_api::AgentPartition
 pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
     match command {
         HostCommand::Credential { host_id } => {
-            let created = broker(global)
+            let created = broker(global)?
                 .create_host_credential(&host_id)
                 .await
                 .with_context(|| format!("failed to make a credential for host '{host_id}'"))?;
@@ -358,7 +365,7 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
             }
         }
         HostCommand::Add { agent, terms } => {
-            let client = Client::new(&agent.agent, global.token.clone());
+            let client = client_of(global, &agent.agent, global.token.clone())?;
             let info = client
                 .agent_info()
                 .await
@@ -379,7 +386,7 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
             }
         }
         HostCommand::List { agent } => {
-            let client = Client::new(&agent.agent, global.token.clone());
+            let client = client_of(global, &agent.agent, global.token.clone())?;
             let rows = client
                 .agent_list_partitions()
                 .await
@@ -391,7 +398,7 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
             agent,
             terms,
         } => {
-            let client = Client::new(&agent.agent, global.token.clone());
+            let client = client_of(global, &agent.agent, global.token.clone())?;
             let rows = client
                 .agent_list_partitions()
                 .await
@@ -418,7 +425,7 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
             }
         }
         HostCommand::Withdraw { index, agent } => {
-            let client = Client::new(&agent.agent, global.token.clone());
+            let client = client_of(global, &agent.agent, global.token.clone())?;
             let row = client
                 .agent_withdraw_partition(index)
                 .await
@@ -488,7 +495,7 @@ pub struct FindArgs {
 
 pub async fn find(global: &Global, args: FindArgs) -> Result<i32> {
     let requirements = args.requirements.to_requirements()?;
-    let answer = broker(global)
+    let answer = broker(global)?
         .find(&requirements, Some(args.limit))
         .await
         .context("failed to find partitions")?;
@@ -564,7 +571,7 @@ pub async fn lease(global: &Global, args: LeaseArgs) -> Result<i32> {
         .partition
         .clone()
         .unwrap_or_else(|| "the best match".to_string());
-    let lease = broker(global)
+    let lease = broker(global)?
         .lease(&request)
         .await
         .with_context(|| format!("failed to lease {what}"))?;
@@ -630,7 +637,7 @@ fn given_lease_key(args: &RunArgs) -> Result<Option<String>> {
 
 pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
     let given_key = given_lease_key(&args)?;
-    let client = broker(global);
+    let client = broker(global)?;
     let lease = client
         .get_lease(args.lease)
         .await
@@ -649,7 +656,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
             args.lease
         ),
     };
-    let agent = Client::new(&agent_url, None);
+    let agent = client_of(global, &agent_url, None)?;
     let request = SubmitJobRequest {
         lease_key: key.clone(),
         command: args.command.clone(),
@@ -660,7 +667,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
     let text = global.output == OutputFormat::Text;
     // The job id arrives with the first event; Ctrl-C uses it to cancel.
     let (job_id_sender, job_id_receiver) = tokio::sync::watch::channel(None::<u64>);
-    let canceller = Client::new(&agent_url, Some(key));
+    let canceller = client_of(global, &agent_url, Some(key))?;
     let cancel_on_interrupt = tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             let job_id = *job_id_receiver.borrow();
@@ -724,7 +731,7 @@ pub struct ReleaseArgs {
 }
 
 pub async fn release(global: &Global, args: ReleaseArgs) -> Result<i32> {
-    let receipt = broker(global)
+    let receipt = broker(global)?
         .release(args.lease)
         .await
         .with_context(|| format!("failed to release lease {}", args.lease))?;
@@ -750,7 +757,7 @@ pub async fn release(global: &Global, args: ReleaseArgs) -> Result<i32> {
 }
 
 pub async fn leases(global: &Global) -> Result<i32> {
-    let leases = broker(global)
+    let leases = broker(global)?
         .list_leases()
         .await
         .context("failed to list leases")?;
@@ -768,7 +775,7 @@ pub async fn leases(global: &Global) -> Result<i32> {
 }
 
 pub async fn bill(global: &Global) -> Result<i32> {
-    let bill = broker(global)
+    let bill = broker(global)?
         .bill()
         .await
         .context("failed to fetch your bill")?;
@@ -799,7 +806,7 @@ pub async fn bill(global: &Global) -> Result<i32> {
 }
 
 pub async fn ledger(global: &Global) -> Result<i32> {
-    let ledger = broker(global)
+    let ledger = broker(global)?
         .ledger()
         .await
         .context("failed to fetch the ledger")?;

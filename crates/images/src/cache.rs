@@ -15,8 +15,6 @@ use crate::client::{read_error, transport};
 use crate::fsutil::{self, LockFile};
 use crate::{digest_hex, digest_of, unpack, validate_name, ImageEntry, ImageError, MAX_BLOB_BYTES};
 
-/// How long to wait to connect to a store.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A download that sends nothing for this long is given up.
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// `progress` is called at most once per this many bytes (and at the start and end).
@@ -67,16 +65,33 @@ impl ImageCache {
     /// `store_url` is the base URL of an image store (`http://host:port`);
     /// without one only images already cached can be used.
     pub fn new(cache_dir: &Path, store_url: Option<String>) -> Result<Self, ImageError> {
+        Self::with_trust(
+            cache_dir,
+            store_url,
+            &leasehold_api::ServerTrust::PublicRoots,
+        )
+    }
+
+    /// [`ImageCache::new`], accepting only the store certificates `trust`
+    /// allows on `https://`.
+    pub fn with_trust(
+        cache_dir: &Path,
+        store_url: Option<String>,
+        trust: &leasehold_api::ServerTrust,
+    ) -> Result<Self, ImageError> {
+        let store_url = store_url.map(|u| u.trim_end_matches('/').to_string());
+        let client = crate::client::http_client(
+            store_url.as_deref().unwrap_or("(no image store)"),
+            trust,
+            reqwest::Client::builder(),
+        )?;
         let cache = ImageCache {
             rootfs_dir: cache_dir.join("rootfs"),
             tmp: cache_dir.join("tmp"),
             index: cache_dir.join("index.json"),
             lock: cache_dir.join(".lock"),
-            store_url: store_url.map(|u| u.trim_end_matches('/').to_string()),
-            client: reqwest::Client::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .build()
-                .map_err(|e| ImageError::Internal(format!("cannot make an HTTP client: {e}")))?,
+            store_url,
+            client,
             digest_locks: Mutex::new(HashMap::new()),
         };
         for dir in [cache_dir, &cache.rootfs_dir, &cache.tmp] {

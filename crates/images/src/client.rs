@@ -2,6 +2,7 @@
 //! blob: the cache resolves names this way when a partition is registered,
 //! and a broker with an image store checks the images in terms.
 
+use leasehold_api::ServerTrust;
 use std::time::Duration;
 
 use crate::error::chain;
@@ -23,17 +24,38 @@ pub struct StoreClient {
     client: reqwest::Client,
 }
 
-impl StoreClient {
-    /// `base` is the store's URL, e.g. `http://127.0.0.1:7072`.
-    pub fn new(base: &str) -> Result<Self, ImageError> {
-        Ok(StoreClient {
-            base: base.trim_end_matches('/').to_string(),
-            client: reqwest::Client::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .timeout(LOOKUP_TIMEOUT)
-                .build()
-                .map_err(|e| ImageError::Internal(format!("cannot make an HTTP client: {e}")))?,
+/// An HTTP client for the store at `base` that accepts the certificates
+/// `trust` allows on `https://` (a pinned CA only, or public CAs).
+pub(crate) fn http_client(
+    base: &str,
+    trust: &ServerTrust,
+    builder: reqwest::ClientBuilder,
+) -> Result<reqwest::Client, ImageError> {
+    trust
+        .build(builder.connect_timeout(CONNECT_TIMEOUT))
+        .map_err(|source| ImageError::Tls {
+            url: base.to_string(),
+            source,
         })
+}
+
+impl StoreClient {
+    /// `base` is the store's URL, e.g. `http://127.0.0.1:7072`; `https://`
+    /// URLs are checked against public CAs.
+    pub fn new(base: &str) -> Result<Self, ImageError> {
+        Self::with_trust(base, &ServerTrust::PublicRoots)
+    }
+
+    /// A client of the store at `base` that accepts only the server
+    /// certificates `trust` allows.
+    pub fn with_trust(base: &str, trust: &ServerTrust) -> Result<Self, ImageError> {
+        let base = base.trim_end_matches('/').to_string();
+        let client = http_client(
+            &base,
+            trust,
+            reqwest::Client::builder().timeout(LOOKUP_TIMEOUT),
+        )?;
+        Ok(StoreClient { base, client })
     }
 
     pub fn url(&self) -> &str {
@@ -119,6 +141,15 @@ pub(crate) async fn fetch_entry(
 }
 
 pub(crate) fn transport(base: &str, url: &str, error: reqwest::Error) -> ImageError {
+    if let Some(reason) = leasehold_api::client::untrusted_certificate(&error) {
+        return ImageError::Tls {
+            url: base.to_string(),
+            source: leasehold_api::ApiError::UntrustedCertificate {
+                url: url.to_string(),
+                reason,
+            },
+        };
+    }
     if error.is_connect() || error.is_timeout() {
         ImageError::Unreachable {
             url: base.to_string(),

@@ -36,6 +36,15 @@ pub enum ImageError {
     #[error("cannot reach the image store at {url}: {reason}; check that it is running and that the URL is right")]
     Unreachable { url: String, reason: String },
 
+    /// The store's TLS certificate is not signed by a trusted CA, or the CA
+    /// to pin is not usable.
+    #[error("the image store at {url}: {source}")]
+    Tls {
+        url: String,
+        #[source]
+        source: leasehold_api::ApiError,
+    },
+
     #[error("{path} is not a usable image: {reason}")]
     Corrupt { path: String, reason: String },
 

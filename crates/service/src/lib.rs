@@ -11,6 +11,9 @@ use leasehold_api::{ErrorBody, ErrorDetail, IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
+pub mod tls;
+pub use tls::{ServerTls, TlsError};
+
 /// The time source. Services take one so tests and simulations can drive time.
 pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> u64;
@@ -317,6 +320,17 @@ impl ServerHandle {
         router: axum::Router,
         limits: ServeLimits,
     ) -> Self {
+        Self::spawn_with_tls(listener, router, limits, None)
+    }
+
+    /// Serves `router` on `listener` within `limits`, over TLS when `tls`
+    /// is given (the handshake is bounded by the header timeout).
+    pub fn spawn_with_tls(
+        listener: tokio::net::TcpListener,
+        router: axum::Router,
+        limits: ServeLimits,
+        tls: Option<ServerTls>,
+    ) -> Self {
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
         let stop = async move {
             tokio::select! {
@@ -327,7 +341,7 @@ impl ServerHandle {
         let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             limits.body_read_timeout,
         ));
-        let server = tokio::spawn(serve_connections(listener, router, limits, stop));
+        let server = tokio::spawn(serve_connections(listener, router, limits, tls, stop));
         ServerHandle { server, shutdown }
     }
 
@@ -353,6 +367,7 @@ async fn serve_connections(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     limits: ServeLimits,
+    tls: Option<ServerTls>,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(connection_slots(&limits)));
@@ -362,6 +377,9 @@ async fn serve_connections(
         .max_buf_size(limits.max_buffer_bytes.max(8192))
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Handshakes in progress end at `stop` too: they are not connections
+    // hyper could close gracefully, and must not hold the shutdown up.
+    let (stop_handshakes, handshakes_stopped) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
     loop {
         let slot = tokio::select! {
@@ -380,15 +398,31 @@ async fn serve_connections(
         };
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
+        let mut handshakes_stopped = handshakes_stopped.clone();
         tokio::spawn(async move {
             // Timeouts and hang-ups end here; they are the client's business.
-            let _ = connection.await;
+            match tls {
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = watcher.watch(http.serve_connection(io, service)).await;
+                }
+                Some(tls) => {
+                    let accepted = tokio::select! {
+                        accepted = tls.accept(stream, limits.header_read_timeout) => accepted,
+                        _ = handshakes_stopped.changed() => None,
+                    };
+                    if let Some(stream) = accepted {
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        let _ = watcher.watch(http.serve_connection(io, service)).await;
+                    }
+                }
+            }
             drop(slot);
         });
     }
     drop(listener);
+    let _ = stop_handshakes.send(true);
     graceful.shutdown().await;
     Ok(())
 }

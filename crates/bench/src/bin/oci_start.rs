@@ -58,6 +58,8 @@ async fn main() -> Result<()> {
         commission_basis_points: 0,
         key_ttl_ms: leasehold_broker::DEFAULT_KEY_TTL_MS,
         clock: Arc::new(SystemClock),
+        tls: None,
+        client_trust: Default::default(),
     })
     .await?;
     let lender = broker.create_principal("lender", Role::Lender).await?;
@@ -100,6 +102,8 @@ async fn main() -> Result<()> {
         advertise_url: None,
         clock: Arc::new(SystemClock),
         revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
+        tls: None,
+        client_trust: Default::default(),
     })
     .await?;
     let agent_client = Client::new(&agent.url(), Some(lender));

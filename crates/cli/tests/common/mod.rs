@@ -378,3 +378,61 @@ pub async fn status_and_body(
     let status = response.status().as_u16();
     (status, response.bytes().await.expect("body").to_vec())
 }
+
+/// Runs one CLI command to completion with extra environment variables
+/// (such as LEASEHOLD_CA_CERT).
+pub fn cli_with_env(
+    broker_url: &str,
+    token: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> CliOutput {
+    let mut command = Command::new(leasehold_binary());
+    command
+        .env_remove("LEASEHOLD_TOKEN")
+        .env_remove("LEASEHOLD_CA_CERT")
+        .env("LEASEHOLD_BROKER", broker_url)
+        .envs(env.iter().copied())
+        .args(args);
+    if let Some(token) = token {
+        command.env("LEASEHOLD_TOKEN", token);
+    }
+    let output = command.output().expect("run leasehold");
+    CliOutput {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Starts a service (`broker`, `agent`, `up`, `images serve`) that must
+/// refuse to start: its exit code and stderr. Panics if it prints a ready
+/// line instead (it is killed first).
+pub fn refused_start(args: &[&str], env: &[(&str, &str)]) -> CliOutput {
+    let mut child = Command::new(leasehold_binary())
+        .args(args)
+        .env_remove("LEASEHOLD_TOKEN")
+        .env_remove("LEASEHOLD_BROKER")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn leasehold");
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout piped");
+    // A refused start closes stdout without a line; a start prints one.
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read stdout");
+    if !line.is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("leasehold {args:?} started: {line}");
+    }
+    let output = child.wait_with_output().expect("wait for leasehold");
+    CliOutput {
+        code: output.status.code().unwrap_or(-1),
+        stdout: line,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
