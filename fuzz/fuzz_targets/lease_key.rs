@@ -2,11 +2,12 @@
 //!
 //! 1. Arbitrary bytes as a token: the key and notice decoders never panic,
 //!    and nothing unsigned by a trusted key verifies.
-//! 2. Structured claims (built with `arbitrary`): sign then decode gives the
-//!    same claims back (or `Malformed` past the length bound, or
-//!    `BadSignature` when the claims name a key that did not sign them); one
-//!    changed byte never verifies to different claims; a key is never read
-//!    as a notice nor a notice as a key; `check_binding` never panics.
+//! 2. Structured claims (built with `arbitrary`; the borrower may be padded
+//!    past `MAX_KEY_LEN`): sign then decode gives the same claims back (or
+//!    `Malformed` past the length bound, or `BadSignature` when the claims
+//!    name a key that did not sign them); one changed byte never verifies to
+//!    different claims; a key is never read as a notice nor a notice as a
+//!    key; `check_binding` never panics.
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -57,6 +58,9 @@ struct ClaimsInput {
     state_released_through_epoch: u64,
     now_ms: u64,
     notice_released: bool,
+    /// 240 and above pad the borrower with 1 to 16 KiB, so that short
+    /// inputs also reach keys near and past `MAX_KEY_LEN`.
+    borrower_padding: u8,
 }
 
 struct Keys {
@@ -116,13 +120,18 @@ fn claims_of(keys: &Keys, input: &ClaimsInput) -> (LeaseKeyClaims, bool) {
         host_id: input.host_id.clone(),
         partition_index: input.partition_index,
         epoch: input.epoch,
-        borrower: input.borrower.clone(),
+        borrower: padded_borrower(input),
         issued_at_ms: input.issued_at_ms,
         expires_at_ms: input.expires_at_ms,
         key_id,
         terms,
     };
     (claims, signed_by_named_key)
+}
+
+fn padded_borrower(input: &ClaimsInput) -> String {
+    let padding_kib = input.borrower_padding.saturating_sub(239) as usize;
+    format!("{}{}", input.borrower, "b".repeat(padding_kib * 1024))
 }
 
 fn check_structured(keys: &Keys, input: ClaimsInput) {
