@@ -968,3 +968,40 @@ fn unpack_tar_into_never_reaches_outside_through_a_symlink() {
         assert_eq!(mode, 0o700, "{name}: the directory outside was chmodded");
     }
 }
+
+const UMASK_CHILD_ENV: &str = "LEASEHOLD_IMAGES_TEST_UMASK_ZERO_CHILD";
+
+/// Found by the `image_unpack` fuzz target run with umask 0: directories a
+/// tar names only as parents of its entries were made by the unpacker with
+/// the process's umask, so a permissive umask left them world-writable. The
+/// umask is process-wide, so the unpacking runs in a child process (this
+/// same test, re-run with `UMASK_CHILD_ENV` set).
+#[test]
+fn implicit_parent_directories_are_not_writable_by_others_whatever_the_umask() {
+    if std::env::var_os(UMASK_CHILD_ENV).is_some() {
+        // SAFETY: umask only sets this (child) process's file mode mask.
+        unsafe { libc::umask(0) };
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("image");
+        fs::create_dir(&image).unwrap();
+        let tar = raw_tar(&[("deep/implicit/file", tar::EntryType::Regular, b"x", "")]);
+        crate::unpack_tar_into(&tar[..], &image).unwrap();
+        for dir in ["deep", "deep/implicit"] {
+            let mode = fs::metadata(image.join(dir)).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode & 0o022, 0, "{dir} has mode {mode:o}");
+        }
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "tests::implicit_parent_directories_are_not_writable_by_others_whatever_the_umask",
+            "--test-threads=1",
+        ])
+        .env(UMASK_CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "the child failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+}
