@@ -101,7 +101,22 @@ fn lease_key_seeds() -> Vec<(String, Vec<u8>)> {
 }
 
 fn request_body_seeds() -> Vec<(String, Vec<u8>)> {
-    let json = |value: &dyn erased::Json| value.to_json();
+    let mut seeds = broker_body_seeds();
+    seeds.extend(agent_body_seeds());
+    seeds.push(("empty-object".into(), b"{}".to_vec()));
+    seeds.push((
+        "unknown-field".into(),
+        br#"{"terms":{"vcpus":1},"extra":true}"#.to_vec(),
+    ));
+    seeds
+}
+
+fn json(value: &dyn erased::Json) -> Vec<u8> {
+    value.to_json()
+}
+
+/// Bodies the broker reads.
+fn broker_body_seeds() -> Vec<(String, Vec<u8>)> {
     let requirements = Requirements {
         min_vcpus: Some(2),
         min_memory_mib: Some(512),
@@ -109,7 +124,6 @@ fn request_body_seeds() -> Vec<(String, Vec<u8>)> {
         max_price_per_hour_micros: Some(200_000),
         ..Requirements::default()
     };
-    let key_token = lease_key_seeds().remove(0).1;
     vec![
         (
             "lease-named".into(),
@@ -139,12 +153,6 @@ fn request_body_seeds() -> Vec<(String, Vec<u8>)> {
             }),
         ),
         (
-            "add-partition".into(),
-            json(&AddPartitionRequest {
-                terms: sample_terms(),
-            }),
-        ),
-        (
             "register-host".into(),
             json(&RegisterHostRequest {
                 agent_url: Some("http://127.0.0.1:7070".into()),
@@ -156,6 +164,26 @@ fn request_body_seeds() -> Vec<(String, Vec<u8>)> {
                     owner_share_memory_mib: 1024,
                     owner_share_disk_gib: 10,
                 },
+            }),
+        ),
+        (
+            "create-principal".into(),
+            json(&CreatePrincipalRequest {
+                name: "bob".into(),
+                role: Role::Borrower,
+            }),
+        ),
+    ]
+}
+
+/// Bodies the agent reads.
+fn agent_body_seeds() -> Vec<(String, Vec<u8>)> {
+    let key_token = lease_key_seeds().remove(0).1;
+    vec![
+        (
+            "add-partition".into(),
+            json(&AddPartitionRequest {
+                terms: sample_terms(),
             }),
         ),
         (
@@ -173,18 +201,6 @@ fn request_body_seeds() -> Vec<(String, Vec<u8>)> {
             json(&NoticeRequest {
                 notice: String::from_utf8(lease_key_seeds().remove(3).1).expect("notices are text"),
             }),
-        ),
-        (
-            "create-principal".into(),
-            json(&CreatePrincipalRequest {
-                name: "bob".into(),
-                role: Role::Borrower,
-            }),
-        ),
-        ("empty-object".into(), b"{}".to_vec()),
-        (
-            "unknown-field".into(),
-            br#"{"terms":{"vcpus":1},"extra":true}"#.to_vec(),
         ),
     ]
 }
@@ -269,147 +285,99 @@ fn raw_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
     builder.into_inner().expect("finish the tar")
 }
 
-fn hostile_tars() -> Vec<(String, Vec<u8>)> {
-    use tar::EntryType::{Block, Char, Directory, Fifo, Link, Regular, Symlink};
-    let file = |name, data| RawEntry {
+fn entry<'a>(name: &'a str, kind: tar::EntryType, mode: u32, link: &'a str) -> RawEntry<'a> {
+    RawEntry {
         name,
-        kind: Regular,
-        mode: 0o644,
+        kind,
+        mode,
+        link,
+        data: b"",
+    }
+}
+
+fn file<'a>(name: &'a str, mode: u32, data: &'a [u8]) -> RawEntry<'a> {
+    RawEntry {
+        name,
+        kind: tar::EntryType::Regular,
+        mode,
         link: "",
         data,
-    };
-    let sandbox_canary = format!("{UNPACK_SANDBOX}/canary");
+    }
+}
+
+fn hostile_tars() -> Vec<(String, Vec<u8>)> {
+    let mut seeds = escaping_tars();
+    seeds.extend(mode_and_type_tars());
+    seeds.push(("long-name-and-pax".into(), long_name_tar()));
+    seeds
+}
+
+/// Tars that try to write, link or chmod outside the image directory.
+fn escaping_tars() -> Vec<(String, Vec<u8>)> {
+    use tar::EntryType::{Directory, Link, Symlink};
+    let canary = format!("{UNPACK_SANDBOX}/canary");
+    let pwned: &[u8] = b"pwned\n";
+    let up = entry("up", Symlink, 0o777, "..");
     let tars: Vec<(&str, Vec<RawEntry<'_>>)> = vec![
-        ("dotdot-file", vec![file("../canary", b"pwned\n")]),
-        ("absolute-file", vec![file(&sandbox_canary, b"pwned\n")]),
+        ("dotdot-file", vec![file("../canary", 0o644, pwned)]),
+        ("absolute-file", vec![file(&canary, 0o644, pwned)]),
         (
             "symlink-up-then-write",
             vec![
-                RawEntry {
-                    name: "up",
-                    kind: Symlink,
-                    mode: 0o777,
-                    link: "..",
-                    data: b"",
-                },
-                file("up/canary", b"pwned\n"),
+                entry("up", Symlink, 0o777, ".."),
+                file("up/canary", 0o644, pwned),
             ],
         ),
         (
             "symlink-absolute-then-write",
             vec![
-                RawEntry {
-                    name: "abs",
-                    kind: Symlink,
-                    mode: 0o777,
-                    link: UNPACK_SANDBOX,
-                    data: b"",
-                },
-                file("abs/canary", b"pwned\n"),
+                entry("abs", Symlink, 0o777, UNPACK_SANDBOX),
+                file("abs/canary", 0o644, pwned),
             ],
         ),
         (
             "hardlink-through-symlink-then-overwrite",
             vec![
-                RawEntry {
-                    name: "up",
-                    kind: Symlink,
-                    mode: 0o777,
-                    link: "..",
-                    data: b"",
-                },
-                RawEntry {
-                    name: "h",
-                    kind: Link,
-                    mode: 0o644,
-                    link: "up/canary",
-                    data: b"",
-                },
-                file("h", b"pwned\n"),
+                entry("up", Symlink, 0o777, ".."),
+                entry("h", Link, 0o644, "up/canary"),
+                file("h", 0o644, pwned),
             ],
         ),
-        (
-            "hardlink-absolute",
-            vec![RawEntry {
-                name: "h",
-                kind: Link,
-                mode: 0o644,
-                link: &sandbox_canary,
-                data: b"",
-            }],
-        ),
+        ("hardlink-absolute", vec![entry("h", Link, 0o644, &canary)]),
         (
             "symlink-then-chmod-through-dir",
-            vec![
-                RawEntry {
-                    name: "up",
-                    kind: Symlink,
-                    mode: 0o777,
-                    link: "..",
-                    data: b"",
-                },
-                RawEntry {
-                    name: "up",
-                    kind: Directory,
-                    mode: 0o777,
-                    link: "",
-                    data: b"",
-                },
-            ],
+            vec![up, entry("up", Directory, 0o777, "")],
         ),
+    ];
+    tars.into_iter()
+        .map(|(name, entries)| (name.to_string(), raw_tar(&entries)))
+        .collect()
+}
+
+/// Tars with modes and entry types the unpacker must defang or skip.
+fn mode_and_type_tars() -> Vec<(String, Vec<u8>)> {
+    use tar::EntryType::{Block, Char, Directory, Fifo};
+    let tars: Vec<(&str, Vec<RawEntry<'_>>)> = vec![
         (
             "setid-and-world-writable",
             vec![
-                RawEntry {
-                    name: "su",
-                    kind: Regular,
-                    mode: 0o6777,
-                    link: "",
-                    data: b"x",
-                },
-                RawEntry {
-                    name: "tmp/",
-                    kind: Directory,
-                    mode: 0o1777,
-                    link: "",
-                    data: b"",
-                },
-                file("deep/implicit/dir/file", b"x"),
+                file("su", 0o6777, b"x"),
+                entry("tmp/", Directory, 0o1777, ""),
+                file("deep/implicit/dir/file", 0o644, b"x"),
             ],
         ),
         (
             "devices-and-fifo",
             vec![
-                RawEntry {
-                    name: "dev/null",
-                    kind: Char,
-                    mode: 0o666,
-                    link: "",
-                    data: b"",
-                },
-                RawEntry {
-                    name: "dev/sda",
-                    kind: Block,
-                    mode: 0o660,
-                    link: "",
-                    data: b"",
-                },
-                RawEntry {
-                    name: "run/fifo",
-                    kind: Fifo,
-                    mode: 0o666,
-                    link: "",
-                    data: b"",
-                },
+                entry("dev/null", Char, 0o666, ""),
+                entry("dev/sda", Block, 0o660, ""),
+                entry("run/fifo", Fifo, 0o666, ""),
             ],
         ),
     ];
-    let mut seeds: Vec<(String, Vec<u8>)> = tars
-        .into_iter()
+    tars.into_iter()
         .map(|(name, entries)| (name.to_string(), raw_tar(&entries)))
-        .collect();
-    seeds.push(("long-name-and-pax".into(), long_name_tar()));
-    seeds
+        .collect()
 }
 
 /// GNU long names and a pax path header, which the tar crate reads as the
