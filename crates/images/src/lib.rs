@@ -96,6 +96,24 @@ pub fn validate_name(name: &str) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// Unpacks an image tar from `reader` into `dst` (an existing, empty
+/// directory) exactly as the cache does: unsafe entries refuse the archive,
+/// set-id, sticky and group/other write bits are dropped, device nodes and
+/// fifos skipped. On error `dst` may hold a partial tree; remove it. Public
+/// for the fuzz targets (`fuzz/`); the agent goes through [`ImageCache`].
+pub fn unpack_tar_into<R: std::io::Read>(
+    reader: R,
+    dst: &std::path::Path,
+) -> Result<(), ImageError> {
+    unpack::unpack_safely(reader, dst, "tar")
+}
+
+/// Reads a whole tar and checks every entry as [`ImageStore::add_tarball`]
+/// does; returns how many entries it holds. Public for the fuzz targets.
+pub fn verify_tar<R: std::io::Read>(reader: R) -> Result<u64, ImageError> {
+    unpack::verify_tar(reader, "tar")
+}
+
 /// Checks a digest (`sha256:<64 lowercase hex>`) and returns its hex part.
 pub fn digest_hex(digest: &str) -> Result<&str, ImageError> {
     let hex = digest

@@ -925,3 +925,84 @@ async fn nobody_cannot_traverse_the_cache_to_reach_an_image() {
     }
     server.stop().await;
 }
+
+/// The fuzz target's hostile seeds, as a test: a hard link made through a
+/// symlink that leaves the image, then a write to it, must not reach the
+/// file outside; nor may a directory entry over such a symlink chmod (or,
+/// as root, chown) the directory outside.
+#[test]
+fn unpack_tar_into_never_reaches_outside_through_a_symlink() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside.txt");
+    fs::write(&outside, "original").unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let hard_link = raw_tar(&[
+        ("up", tar::EntryType::Symlink, b"", ".."),
+        ("h", tar::EntryType::Link, b"", "up/outside.txt"),
+    ]);
+    let hard_link_then_write = raw_tar(&[
+        ("up", tar::EntryType::Symlink, b"", ".."),
+        ("h", tar::EntryType::Link, b"", "up/outside.txt"),
+        ("h", tar::EntryType::Regular, b"pwned", ""),
+    ]);
+    let directory_over_symlink = raw_tar(&[
+        ("up", tar::EntryType::Symlink, b"", ".."),
+        ("up", tar::EntryType::Directory, b"", ""),
+    ]);
+    for (name, tar) in [
+        ("hard link", hard_link),
+        ("hard link then write", hard_link_then_write),
+        ("directory over symlink", directory_over_symlink),
+    ] {
+        let image = tmp.path().join("image");
+        fs::create_dir(&image).unwrap();
+        let result = crate::unpack_tar_into(&tar[..], &image);
+        assert!(result.is_err(), "{name}: unpacked");
+        // Checked before the image is removed: a hard link from inside
+        // raises the link count only while it exists.
+        let meta = fs::metadata(&outside).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&meta), 1, "{name}");
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "original", "{name}");
+        fs::remove_dir_all(&image).unwrap();
+        let mode = fs::metadata(tmp.path()).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "{name}: the directory outside was chmodded");
+    }
+}
+
+const UMASK_CHILD_ENV: &str = "LEASEHOLD_IMAGES_TEST_UMASK_ZERO_CHILD";
+
+/// Found by the `image_unpack` fuzz target run with umask 0: directories a
+/// tar names only as parents of its entries were made by the unpacker with
+/// the process's umask, so a permissive umask left them world-writable. The
+/// umask is process-wide, so the unpacking runs in a child process (this
+/// same test, re-run with `UMASK_CHILD_ENV` set).
+#[test]
+#[allow(unsafe_code)]
+fn implicit_parent_directories_are_not_writable_by_others_whatever_the_umask() {
+    if std::env::var_os(UMASK_CHILD_ENV).is_some() {
+        // SAFETY: umask only sets this (child) process's file mode mask.
+        unsafe { libc::umask(0) };
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("image");
+        fs::create_dir(&image).unwrap();
+        let tar = raw_tar(&[("deep/implicit/file", tar::EntryType::Regular, b"x", "")]);
+        crate::unpack_tar_into(&tar[..], &image).unwrap();
+        for dir in ["deep", "deep/implicit"] {
+            let mode = fs::metadata(image.join(dir)).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode & 0o022, 0, "{dir} has mode {mode:o}");
+        }
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "tests::implicit_parent_directories_are_not_writable_by_others_whatever_the_umask",
+            "--test-threads=1",
+        ])
+        .env(UMASK_CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "the child failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+}

@@ -173,6 +173,33 @@ pub(crate) fn unpack_safely<R: Read>(
             reason: "it holds no files (an empty file, or not a tar)".to_string(),
         });
     }
+    strip_masked_bits(&dst)
+}
+
+/// Drops `UNPACK_MODE_MASK` from every entry under `dst` but symlinks (whose
+/// mode is unused, and which are not followed). The tar crate makes the
+/// directories a tar names only as parents of other entries with the
+/// process's umask, not the tar's modes, so without this pass a permissive
+/// umask (0) would leave them world-writable.
+fn strip_masked_bits(dst: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pending = vec![dst.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| ImageError::io(&path, e))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & UNPACK_MODE_MASK != 0 {
+            let kept = std::fs::Permissions::from_mode(mode & !UNPACK_MODE_MASK);
+            std::fs::set_permissions(&path, kept).map_err(|e| ImageError::io(&path, e))?;
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(|e| ImageError::io(&path, e))? {
+                pending.push(entry.map_err(|e| ImageError::io(&path, e))?.path());
+            }
+        }
+    }
     Ok(())
 }
 

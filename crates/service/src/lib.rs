@@ -222,6 +222,13 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ErrorResponse
                     }
                 }
                 (None, ".") => "body".to_string(),
+                // A key with an empty name ends the path in an empty segment
+                // ("" or "terms."): name the object holding it instead.
+                (None, path) if message.starts_with("unknown field ``") => path
+                    .strip_suffix('.')
+                    .filter(|parent| !parent.is_empty())
+                    .unwrap_or("body")
+                    .to_string(),
                 (None, path) => path.to_string(),
             };
             Err(ErrorResponse::new(
@@ -698,5 +705,42 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 408"), "{text}");
         assert!(text.contains("body_unreadable"), "{text}");
         server.shutdown().await;
+    }
+
+    /// Found by the `request_bodies` fuzz target: a key with an empty name
+    /// was refused with an empty `field`, which names nothing.
+    #[test]
+    fn an_unknown_field_with_an_empty_name_names_its_object() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Strict {
+            #[serde(default)]
+            inner: Option<StrictInner>,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct StrictInner {
+            #[serde(default)]
+            vcpus: u32,
+        }
+        for (body, field) in [
+            (r#"{"": 1}"#, "body"),
+            (r#"{"inner": {"": 1}}"#, "inner"),
+            (r#"{"inner": {"vcpus": 1, "": 1}}"#, "inner"),
+        ] {
+            let error = decode_json::<Strict>(body.as_bytes()).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(error.detail.field.as_deref(), Some(field), "{body}");
+            assert!(
+                error
+                    .detail
+                    .message
+                    .starts_with(&format!("{field}: unknown field ``")),
+                "{body}: {}",
+                error.detail.message
+            );
+        }
     }
 }
