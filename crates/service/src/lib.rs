@@ -339,9 +339,12 @@ impl ServerHandle {
         tls: Option<ServerTls>,
     ) -> Self {
         let (shutdown, mut shutdown_rx) = tokio::sync::watch::channel(false);
+        // Registered now, not when the task first runs: a Ctrl-C that comes
+        // right after the ready line must stop the server, not kill it.
+        let signalled = registered_shutdown_signal();
         let stop = async move {
             tokio::select! {
-                _ = shutdown_signal() => {},
+                _ = signalled => {},
                 _ = shutdown_rx.changed() => {},
             }
         };
@@ -473,6 +476,35 @@ pub fn raise_open_files_limit() -> u64 {
         }
     }
     limit.rlim_cur
+}
+
+/// Registers for Ctrl-C and SIGTERM at once (so a signal that arrives
+/// before the returned future is first polled is not lost to the default
+/// action) and resolves when one arrives.
+#[cfg(unix)]
+pub fn registered_shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    use tokio::signal::unix::{signal, SignalKind};
+    let interrupt = signal(SignalKind::interrupt()).ok();
+    let terminate = signal(SignalKind::terminate()).ok();
+    async move {
+        let wait = |stream: Option<tokio::signal::unix::Signal>| async move {
+            match stream {
+                Some(mut stream) => {
+                    stream.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = wait(interrupt) => {},
+            _ = wait(terminate) => {},
+        }
+    }
+}
+
+#[cfg(not(unix))]
+pub fn registered_shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    shutdown_signal()
 }
 
 /// Resolves on Ctrl-C or SIGTERM, for graceful shutdown.
