@@ -194,6 +194,7 @@ async fn run(plan: Plan, work_dir: Option<std::path::PathBuf>) -> Result<Report>
     .context("cannot create the broker's temporary data directory")?;
     let broker = leasehold_broker::start(BrokerConfig {
         image_store_url: None,
+        database_url: None,
         data_dir: data_dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("a valid socket address"),
         durability: plan.durability.store(),

@@ -766,7 +766,10 @@ fn check_releaser(releaser: &Principal, lease: &Lease) -> Result<(), BrokerError
 }
 
 /// The bill of a lease released earlier, rebuilt from the lease and its transfers.
-fn stored_bill(db: &leasehold_store::broker::BrokerDb, lease: &Lease) -> Result<Bill, BrokerError> {
+fn stored_bill(
+    db: &mut dyn leasehold_store::BrokerStore,
+    lease: &Lease,
+) -> Result<Bill, BrokerError> {
     let transfers = db.lease_transfers(lease.lease_id)?;
     let commission: u64 = transfers
         .iter()
@@ -825,7 +828,7 @@ async fn ledger_view(
 ) -> Answer<LedgerView> {
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let accounts = (principal.role != Role::Admin).then(|| accounts_of(&principal));
-    let reader = app.reader.lock().unwrap_or_else(|p| p.into_inner());
+    let mut reader = app.reader.lock().unwrap_or_else(|p| p.into_inner());
     let transfers = reader
         .transfers(accounts.as_deref(), limit)
         .map_err(|e| err(e.into()))?;

@@ -2,7 +2,8 @@
 //! leases and their keys, and the ledger, served over HTTP.
 //!
 //! Layout: `state` holds the in-memory resource table, `writer` is the single
-//! thread that changes it and group-commits to SQLite, `http` parses requests,
+//! thread that changes it and group-commits to the store (SQLite or
+//! PostgreSQL), `http` parses requests,
 //! checks roles and maps errors (in `error`), `openapi` describes the API.
 
 pub mod error;
@@ -19,8 +20,8 @@ pub use error::BrokerError;
 use ed25519_dalek::SigningKey;
 use leasehold_api::Role;
 use leasehold_service::SharedClock;
-use leasehold_store::broker::{BrokerDb, BrokerWrite};
-use leasehold_store::Durability;
+use leasehold_store::broker::BrokerWrite;
+use leasehold_store::{BrokerDatabase, BrokerStore, Durability};
 use sha2::{Digest, Sha256};
 use state::BrokerState;
 use std::net::SocketAddr;
@@ -50,6 +51,10 @@ pub struct BrokerConfig {
     pub tls: Option<leasehold_service::ServerTls>,
     /// The certificates accepted from agents and the image store on https.
     pub client_trust: leasehold_api::ServerTrust,
+    /// A `postgres://` URL to keep the broker's state in PostgreSQL; `None`
+    /// keeps it in SQLite in `data_dir` (the default). A secret when it
+    /// carries a password: never logged.
+    pub database_url: Option<String>,
 }
 
 pub(crate) struct AppState {
@@ -57,7 +62,7 @@ pub(crate) struct AppState {
     pub writer: Writer,
     /// A second connection for history queries (bills, ledger), so reads
     /// never wait behind the writer's commits.
-    pub reader: Mutex<BrokerDb>,
+    pub reader: Mutex<Box<dyn BrokerStore>>,
     /// The current signing key, kept in its own 0600 file (`signing_keys`).
     pub signing_key: SigningKey,
     pub signing_key_id: String,
@@ -120,18 +125,30 @@ impl RunningBroker {
     }
 }
 
-/// Opens (or creates) the broker's database in `data_dir` and starts serving.
-/// Stops on Ctrl-C / SIGTERM or [`RunningBroker::shutdown`].
-pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
-    leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
-        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+/// Where the broker's state lives: PostgreSQL at `database_url`, else
+/// SQLite in the data directory, whose files must be private.
+fn broker_database(config: &BrokerConfig) -> Result<BrokerDatabase, BrokerError> {
+    if let Some(url) = &config.database_url {
+        return Ok(BrokerDatabase::Postgres(url.clone()));
+    }
     let db_path = config.data_dir.join("broker.db");
     for path in [db_path.clone(), config.data_dir.join("broker.db-wal")] {
         leasehold_store::private_fs::check_private_file(&path)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
     }
-    let mut db = BrokerDb::open(&db_path, config.durability)?;
-    let reader = BrokerDb::open(&db_path, config.durability)?;
+    Ok(BrokerDatabase::Sqlite(db_path))
+}
+
+/// Opens (or creates) the broker's database (SQLite in `data_dir`, or
+/// PostgreSQL at `database_url`) and starts serving.
+/// Stops on Ctrl-C / SIGTERM or [`RunningBroker::shutdown`].
+pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    // The data directory holds the signing keys whichever database is used.
+    leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let database = broker_database(&config)?;
+    let mut db = leasehold_store::open_broker_store(&database, config.durability)?;
+    let reader = leasehold_store::open_broker_store(&database, config.durability)?;
     let snapshot = db.load()?;
     let mut bootstrap = Vec::new();
     // The signing key lives in its own file. A seed left in the database by
@@ -208,7 +225,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
 /// Starts the writer over `db`, and the deliverer of release notices with
 /// what an earlier run left in the outbox.
 fn start_writer_and_outbox(
-    mut db: BrokerDb,
+    mut db: Box<dyn BrokerStore>,
     state: Arc<RwLock<BrokerState>>,
     config: &BrokerConfig,
 ) -> Result<Writer, BrokerError> {

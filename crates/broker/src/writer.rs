@@ -1,14 +1,16 @@
 //! The single writer. Every change to the resource table, leases and ledger
 //! runs here, one job after another on one thread, so decisions never race;
-//! the jobs that arrive together commit together in one SQLite transaction
-//! (group commit), and nobody is answered before that commit is durable.
+//! the jobs that arrive together commit together in one transaction
+//! (group commit) through the storage interface (SQLite or PostgreSQL), and
+//! nobody is answered before that commit is durable.
 
 use crate::error::BrokerError;
 use crate::state::BrokerState;
 use leasehold_core::lease::Bill;
 use leasehold_core::LeaseId;
 use leasehold_service::SharedClock;
-use leasehold_store::broker::{BrokerDb, BrokerWrite};
+use leasehold_store::broker::BrokerWrite;
+use leasehold_store::BrokerStore;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
@@ -30,7 +32,7 @@ pub enum Effect {
 /// What a job may touch.
 pub struct WriteContext<'a> {
     pub state: &'a mut BrokerState,
-    pub db: &'a BrokerDb,
+    pub db: &'a mut dyn BrokerStore,
     pub writes: &'a mut Vec<BrokerWrite>,
     pub effects: &'a mut Vec<Effect>,
     pub now_ms: u64,
@@ -49,7 +51,7 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer thread over `db`, sharing `state` with readers.
     pub fn start(
-        mut db: BrokerDb,
+        mut db: Box<dyn BrokerStore>,
         state: Arc<RwLock<BrokerState>>,
         clock: SharedClock,
         runtime: tokio::runtime::Handle,
@@ -70,7 +72,7 @@ impl Writer {
                         }
                     }
                     run_batch(
-                        &mut db,
+                        db.as_mut(),
                         &state,
                         &clock,
                         jobs,
@@ -114,7 +116,7 @@ const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 10 * 60 * 1000;
 /// Keeps the idempotency records and the release notices (whose keys have
 /// expired) bounded, in memory and on disk, without waiting for a restart.
 fn prune_idempotency_now_and_then(
-    db: &mut BrokerDb,
+    db: &mut dyn BrokerStore,
     state: &RwLock<BrokerState>,
     clock: &SharedClock,
     next_prune_ms: &mut u64,
@@ -138,7 +140,7 @@ fn prune_idempotency_now_and_then(
 }
 
 fn run_batch(
-    db: &mut BrokerDb,
+    db: &mut dyn BrokerStore,
     state: &RwLock<BrokerState>,
     clock: &SharedClock,
     jobs: Vec<Job>,
@@ -159,7 +161,7 @@ fn run_batch(
             let effects_before = effects.len();
             let mut context = WriteContext {
                 state: &mut guard,
-                db,
+                db: &mut *db,
                 writes: &mut writes,
                 effects: &mut effects,
                 now_ms,

@@ -109,6 +109,16 @@ pub struct BrokerArgs {
     pub image_store: Option<String>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Keep the broker's state in PostgreSQL instead of SQLite in
+    /// --data-dir: a `postgres://user@host:port/database` URL without a
+    /// password (trust or peer authentication, or ~/.pgpass). A URL with a
+    /// password is a secret and is refused here, where every local user can
+    /// read it: use --database-url-file or LEASEHOLD_DATABASE_URL.
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
+    /// A file only you can read (mode 0600) holding the PostgreSQL URL.
+    #[arg(long, value_name = "FILE", conflicts_with = "database")]
+    pub database_url_file: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -379,6 +389,19 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         return rotate_key(global, rotate);
     }
     let tls = args.tls.identity_for("broker", args.listen)?;
+    let database_url = match database_url(&args) {
+        Ok(url) => url,
+        Err(problem) => {
+            eprintln!("leasehold: {problem}");
+            return Ok(2);
+        }
+    };
+    // Which engine, never the URL itself (it may carry a password).
+    let database = if database_url.is_some() {
+        "postgresql"
+    } else {
+        "sqlite"
+    };
     let running = leasehold_broker::start(BrokerConfig {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
@@ -389,12 +412,13 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         image_store_url: args.image_store.clone(),
         tls,
         client_trust: global.server_trust.clone(),
+        database_url,
     })
     .await
     .context("failed to start the broker")?;
     let url = running.url();
     let mut text = format!(
-        "broker listening on {url} (data in {})",
+        "broker listening on {url} ({database}; data in {})",
         args.data_dir.display()
     );
     if let Some(token) = &running.bootstrap_admin_token {
@@ -402,7 +426,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
     }
     print_ready(
         global,
-        serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "admin_token": running.bootstrap_admin_token}),
+        serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "database": database, "admin_token": running.bootstrap_admin_token}),
         text,
     );
     running
@@ -410,6 +434,34 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         .await
         .context("the broker stopped with an error")?;
     Ok(0)
+}
+
+/// The broker's PostgreSQL URL, from --database (only without a password),
+/// --database-url-file (0600) or LEASEHOLD_DATABASE_URL; `None` for SQLite.
+fn database_url(args: &BrokerArgs) -> Result<Option<String>, String> {
+    let (url, from) = if let Some(url) = &args.database {
+        let has_password = leasehold_store::postgres::database_url_has_password(url)
+            .map_err(|e| format!("refusing --database: {e}"))?;
+        if has_password {
+            return Err("refusing --database with a password: a command line can be read by every local user (in /proc/PID/cmdline); put the URL in a file only you can read and pass --database-url-file FILE, or set LEASEHOLD_DATABASE_URL".into());
+        }
+        (url.clone(), "--database")
+    } else if let Some(path) = &args.database_url_file {
+        let url = private_fs::read_private_file(path)
+            .map_err(|e| format!("failed to read the database URL: {e}"))?;
+        (url.trim().to_string(), "--database-url-file")
+    } else {
+        match std::env::var("LEASEHOLD_DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => (url.trim().to_string(), "LEASEHOLD_DATABASE_URL"),
+            _ => return Ok(None),
+        }
+    };
+    if !leasehold_store::is_postgres_url(&url) {
+        return Err(format!(
+            "{from} takes a postgres:// URL; without one the broker keeps SQLite in --data-dir"
+        ));
+    }
+    Ok(Some(url))
 }
 
 pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
@@ -622,6 +674,7 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         image_store_url: image_store_url.clone(),
         tls: tls.identity.clone(),
         client_trust: tls.client_trust.clone(),
+        database_url: None,
     })
     .await
     .context("failed to start the broker")?;

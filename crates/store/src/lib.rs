@@ -1,15 +1,25 @@
-//! Persistence for leasehold: SQLite (WAL) with versioned migrations.
+//! Persistence for leasehold: SQLite (WAL) with versioned migrations, and
+//! PostgreSQL for the broker.
 //!
-//! The broker writes through [`broker::BrokerDb::apply`], which takes a batch
-//! of [`broker::BrokerWrite`]s and commits them in one transaction: that is
-//! how the broker's single writer groups many leases into one fsync. The
-//! agent keeps its partition table (FIG. 2) and job history in
-//! [`agent::AgentDb`].
+//! The broker uses its storage through one interface, [`BrokerStore`],
+//! implemented by SQLite ([`broker::BrokerDb`]) and PostgreSQL
+//! ([`postgres::PostgresBrokerDb`]) with the same statements
+//! (`broker_sql`). [`BrokerStore::apply`] takes a batch of
+//! [`broker::BrokerWrite`]s and commits them in one transaction: that is how
+//! the broker's single writer groups many leases into one fsync. The agent
+//! keeps its partition table (FIG. 2) and job history in [`agent::AgentDb`].
 
 pub mod agent;
 pub mod broker;
+mod broker_sql;
 mod migrate;
+pub mod postgres;
 pub mod private_fs;
+mod sql;
+mod sqlite;
+mod store_trait;
+
+pub use store_trait::{is_postgres_url, open_broker_store, BrokerDatabase, BrokerStore};
 
 /// The error enum of the store crate.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +35,12 @@ pub enum StoreError {
     SchemaTooNew { found: i64, known: i64 },
     #[error(transparent)]
     NotPrivate(#[from] private_fs::PrivateFsError),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    #[error("bad database URL: {0}")]
+    BadDatabaseUrl(String),
+    #[error("the database connection's thread failed: {0}")]
+    DatabaseThread(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -34,8 +50,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub enum Durability {
     /// fsync on every commit: an acknowledged write survives a power cut.
     Full,
-    /// WAL with synchronous=NORMAL: survives a process crash, not a power cut.
-    /// For tests and throwaway simulations only.
+    /// WAL with synchronous=NORMAL (PostgreSQL: synchronous_commit off):
+    /// survives a process crash, not a power cut. For tests and throwaway
+    /// simulations only.
     Normal,
 }
 

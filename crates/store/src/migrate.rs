@@ -1,21 +1,26 @@
-//! Versioned migrations kept in `PRAGMA user_version`. Each migration runs
-//! once, in order, inside a transaction; a database newer than the binary is
+//! Versioned migrations kept in `PRAGMA user_version`. Pending migrations run
+//! in order inside one transaction; a database newer than the binary is
 //! refused rather than misread.
 
 use crate::{StoreError, StoreResult};
-use rusqlite::Connection;
+use rusqlite::{Connection, TransactionBehavior};
 
 pub(crate) fn migrate(conn: &mut Connection, migrations: &[&str]) -> StoreResult<()> {
-    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    // IMMEDIATE takes the write lock before the version is read, so two
+    // processes opening one new database migrate one after the other
+    // instead of both creating the same tables.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
     let known = migrations.len() as i64;
     if found > known {
         return Err(StoreError::SchemaTooNew { found, known });
     }
-    for (number, sql) in migrations.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction()?;
+    for sql in migrations.iter().skip(found as usize) {
         tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (number + 1) as i64)?;
-        tx.commit()?;
     }
+    if found < known {
+        tx.pragma_update(None, "user_version", known)?;
+    }
+    tx.commit()?;
     Ok(())
 }

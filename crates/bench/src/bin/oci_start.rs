@@ -52,6 +52,7 @@ async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let broker = leasehold_broker::start(leasehold_broker::BrokerConfig {
         image_store_url: None,
+        database_url: None,
         data_dir: dir.path().join("broker"),
         listen: "127.0.0.1:0".parse()?,
         durability: leasehold_store::Durability::Full,

@@ -1,0 +1,459 @@
+//! The broker's statements, written once for both engines (see `sql`).
+//! Every function here backs one method of [`crate::BrokerStore`].
+
+use crate::broker::{
+    AssetBalance, BrokerSnapshot, BrokerWrite, HostCredentialRow, HostRow, IdempotencyRow,
+    LeaseFilter, PartitionRow, PrincipalRow, ReleaseNoticeRow, RevocationRow, MONEY_ASSET,
+};
+use crate::sql::{int, opt_int, Param, SqlConnection, SqlEngine, SqlRow};
+use crate::{corrupt, StoreResult};
+use leasehold_core::lease::{Lease, LeaseState};
+use leasehold_core::ledger::Transfer;
+use leasehold_core::PartitionRef;
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("domain values serialize")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(table: &'static str, text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| corrupt(table, e))
+}
+
+const LEASE_COLUMNS: &str = "lease_id, host_id, idx, borrower, lender, terms_json, epoch, started_at_ms, key_expires_at_ms, state, release_requested_at_ms, charge_micros";
+
+fn lease_from_row(row: &SqlRow) -> StoreResult<Lease> {
+    Ok(Lease {
+        lease_id: row.u64(0)?,
+        partition: PartitionRef::new(row.text(1)?, row.u64(2)? as u32),
+        borrower: row.text(3)?,
+        lender: row.text(4)?,
+        terms: from_json("leases", &row.text(5)?)?,
+        epoch: row.u64(6)?,
+        started_at_ms: row.u64(7)?,
+        key_expires_at_ms: row.u64(8)?,
+        state: if row.text(9)? == "active" {
+            LeaseState::Active
+        } else {
+            LeaseState::Released
+        },
+        release_requested_at_ms: row.opt_u64(10)?,
+        charge_micros: row.opt_u64(11)?,
+    })
+}
+
+fn state_text(state: LeaseState) -> &'static str {
+    match state {
+        LeaseState::Active => "active",
+        LeaseState::Released => "released",
+    }
+}
+
+/// Applies a batch in one transaction: all or nothing, one commit.
+pub(crate) fn apply(engine: &mut dyn SqlEngine, writes: &[BrokerWrite]) -> StoreResult<()> {
+    engine.transaction(&mut |tx| {
+        for write in writes {
+            apply_one(tx, write)?;
+        }
+        Ok(())
+    })
+}
+
+fn apply_one(tx: &mut dyn SqlConnection, write: &BrokerWrite) -> StoreResult<()> {
+    match write {
+        BrokerWrite::PutMeta { key, value } => tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[key.into(), value.into()],
+        ),
+        BrokerWrite::DeleteMeta { key } => {
+            tx.execute("DELETE FROM meta WHERE key = ?1", &[key.into()])
+        }
+        BrokerWrite::InsertPrincipal { name, role, token_sha256, at_ms } => tx.execute(
+            "INSERT INTO principals (name, role, token_sha256, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            &[name.into(), role.into(), token_sha256.into(), int(*at_ms)],
+        ),
+        BrokerWrite::InsertHostCredential { credential, at_ms } => tx.execute(
+            "INSERT INTO host_credentials (token_sha256, lender, host_id, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            &[(&credential.token_sha256).into(), (&credential.lender).into(), (&credential.host_id).into(), int(*at_ms)],
+        ),
+        BrokerWrite::UpsertHost { host, at_ms } => tx.execute(
+            "INSERT INTO hosts (host_id, lender, agent_url, capacity_json, registered_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (host_id) DO UPDATE SET agent_url = excluded.agent_url, capacity_json = excluded.capacity_json",
+            &[(&host.host_id).into(), (&host.lender).into(), Param::OptText(host.agent_url.as_deref()), json(&host.capacity).into(), int(*at_ms)],
+        ),
+        BrokerWrite::UpsertPartition(row) => tx.execute(
+            "INSERT INTO partitions (host_id, idx, terms_json, epoch, lease_id, withdrawn) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (host_id, idx) DO UPDATE SET terms_json = excluded.terms_json, epoch = excluded.epoch,
+             lease_id = excluded.lease_id, withdrawn = excluded.withdrawn",
+            &[(&row.partition.host_id).into(), int(row.partition.index.into()), json(&row.terms).into(), int(row.epoch), opt_int(row.lease_id), Param::Bool(row.withdrawn)],
+        ),
+        BrokerWrite::InsertLease(lease) => insert_lease(tx, lease),
+        BrokerWrite::UpdateLease(lease) => tx.execute(
+            "UPDATE leases SET state = ?2, release_requested_at_ms = ?3, charge_micros = ?4 WHERE lease_id = ?1",
+            &[int(lease.lease_id), state_text(lease.state).into(), opt_int(lease.release_requested_at_ms), opt_int(lease.charge_micros)],
+        ),
+        BrokerWrite::InsertTransfer(transfer) => insert_transfer(tx, MONEY_ASSET, transfer),
+        BrokerWrite::InsertAssetTransfer { asset, transfer } => insert_transfer(tx, asset, transfer),
+        BrokerWrite::PutIdempotency { principal, key, status, body, at_ms } => tx.execute(
+            "INSERT INTO idempotency (principal, key, status, body, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (principal, key) DO UPDATE SET status = excluded.status, body = excluded.body, at_ms = excluded.at_ms",
+            &[principal.into(), key.into(), int((*status).into()), body.into(), int(*at_ms)],
+        ),
+        BrokerWrite::InsertOutboxNotice(row) => tx.execute(
+            "INSERT INTO notice_outbox (lease_id, host_id, notice, key_expires_at_ms, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            &[int(row.lease_id), (&row.host_id).into(), (&row.notice).into(), int(row.key_expires_at_ms), int(row.created_at_ms)],
+        ),
+        BrokerWrite::InsertRevocation(row) => tx.execute(
+            "INSERT INTO revocations (lease_id, host_id, notice, key_expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            &[int(row.lease_id), (&row.host_id).into(), (&row.notice).into(), int(row.key_expires_at_ms)],
+        ),
+        BrokerWrite::DeleteOutboxNotice { lease_id } => {
+            tx.execute("DELETE FROM notice_outbox WHERE lease_id = ?1", &[int(*lease_id)])
+        }
+    }?;
+    Ok(())
+}
+
+fn insert_lease(tx: &mut dyn SqlConnection, lease: &Lease) -> StoreResult<u64> {
+    tx.execute(
+        "INSERT INTO leases (lease_id, host_id, idx, borrower, lender, terms_json, epoch, started_at_ms, key_expires_at_ms, state, release_requested_at_ms, charge_micros)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        &[
+            int(lease.lease_id),
+            (&lease.partition.host_id).into(),
+            int(lease.partition.index.into()),
+            (&lease.borrower).into(),
+            (&lease.lender).into(),
+            json(&lease.terms).into(),
+            int(lease.epoch),
+            int(lease.started_at_ms),
+            int(lease.key_expires_at_ms),
+            state_text(lease.state).into(),
+            opt_int(lease.release_requested_at_ms),
+            opt_int(lease.charge_micros),
+        ],
+    )
+}
+
+fn insert_transfer(
+    tx: &mut dyn SqlConnection,
+    asset: &str,
+    transfer: &Transfer,
+) -> StoreResult<u64> {
+    tx.execute(
+        "INSERT INTO transfers (lease_id, debit_account, credit_account, amount_micros, at_ms, asset) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        &[
+            int(transfer.lease_id),
+            (&transfer.debit_account).into(),
+            (&transfer.credit_account).into(),
+            int(transfer.amount_micros),
+            int(transfer.at_ms),
+            asset.into(),
+        ],
+    )
+}
+
+/// Everything the broker keeps in memory, read at start.
+pub(crate) fn load(conn: &mut dyn SqlConnection) -> StoreResult<BrokerSnapshot> {
+    let mut snapshot = BrokerSnapshot::default();
+    for row in conn.query("SELECT key, value FROM meta", &[])? {
+        snapshot.meta.insert(row.text(0)?, row.text(1)?);
+    }
+    for row in conn.query("SELECT name, role, token_sha256 FROM principals", &[])? {
+        snapshot.principals.push(PrincipalRow {
+            name: row.text(0)?,
+            role: row.text(1)?,
+            token_sha256: row.text(2)?,
+        });
+    }
+    for row in conn.query(
+        "SELECT token_sha256, lender, host_id FROM host_credentials",
+        &[],
+    )? {
+        snapshot.host_credentials.push(HostCredentialRow {
+            token_sha256: row.text(0)?,
+            lender: row.text(1)?,
+            host_id: row.text(2)?,
+        });
+    }
+    for row in conn.query(
+        "SELECT host_id, lender, agent_url, capacity_json FROM hosts",
+        &[],
+    )? {
+        snapshot.hosts.push(HostRow {
+            host_id: row.text(0)?,
+            lender: row.text(1)?,
+            agent_url: row.opt_text(2)?,
+            capacity: from_json("hosts", &row.text(3)?)?,
+        });
+    }
+    for row in conn.query(
+        "SELECT host_id, idx, terms_json, epoch, lease_id, withdrawn FROM partitions",
+        &[],
+    )? {
+        snapshot.partitions.push(PartitionRow {
+            partition: PartitionRef::new(row.text(0)?, row.u64(1)? as u32),
+            terms: from_json("partitions", &row.text(2)?)?,
+            epoch: row.u64(3)?,
+            lease_id: row.opt_u64(4)?,
+            withdrawn: row.bool(5)?,
+        });
+    }
+    let active = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'active'");
+    for row in conn.query(&active, &[])? {
+        snapshot.active_leases.push(lease_from_row(&row)?);
+    }
+    let last = conn.query("SELECT COALESCE(MAX(lease_id), 0) FROM leases", &[])?;
+    snapshot.last_lease_id = last.first().map(|row| row.u64(0)).transpose()?.unwrap_or(0);
+    for row in conn.query(
+        "SELECT principal, key, status, body, at_ms FROM idempotency",
+        &[],
+    )? {
+        snapshot.idempotency.push(IdempotencyRow {
+            principal: row.text(0)?,
+            key: row.text(1)?,
+            status: row.u64(2)? as u16,
+            body: row.text(3)?,
+            at_ms: row.u64(4)?,
+        });
+    }
+    Ok(snapshot)
+}
+
+pub(crate) fn prune_idempotency(
+    conn: &mut dyn SqlConnection,
+    before_ms: u64,
+) -> StoreResult<usize> {
+    let pruned = conn.execute(
+        "DELETE FROM idempotency WHERE at_ms < ?1",
+        &[int(before_ms)],
+    )?;
+    Ok(pruned as usize)
+}
+
+pub(crate) fn pending_outbox(conn: &mut dyn SqlConnection) -> StoreResult<Vec<ReleaseNoticeRow>> {
+    conn.query(
+        "SELECT lease_id, host_id, notice, key_expires_at_ms, created_at_ms FROM notice_outbox ORDER BY created_at_ms, lease_id",
+        &[],
+    )?
+    .iter()
+    .map(|row| {
+        Ok(ReleaseNoticeRow {
+            lease_id: row.u64(0)?,
+            host_id: row.text(1)?,
+            notice: row.text(2)?,
+            key_expires_at_ms: row.u64(3)?,
+            created_at_ms: row.u64(4)?,
+        })
+    })
+    .collect()
+}
+
+pub(crate) fn revocations_after(
+    conn: &mut dyn SqlConnection,
+    host_id: &str,
+    after_seq: u64,
+    now_ms: u64,
+    limit: u32,
+) -> StoreResult<Vec<RevocationRow>> {
+    conn.query(
+        "SELECT seq, lease_id, notice FROM revocations
+         WHERE host_id = ?1 AND seq > ?2 AND key_expires_at_ms > ?3 ORDER BY seq LIMIT ?4",
+        &[
+            host_id.into(),
+            int(after_seq),
+            int(now_ms),
+            int(limit.into()),
+        ],
+    )?
+    .iter()
+    .map(|row| {
+        Ok(RevocationRow {
+            seq: row.u64(0)?,
+            lease_id: row.u64(1)?,
+            notice: row.text(2)?,
+        })
+    })
+    .collect()
+}
+
+pub(crate) fn prune_expired_notices(engine: &mut dyn SqlEngine, now_ms: u64) -> StoreResult<usize> {
+    let mut pruned = 0;
+    engine.transaction(&mut |tx| {
+        pruned = tx.execute(
+            "DELETE FROM notice_outbox WHERE key_expires_at_ms < ?1",
+            &[int(now_ms)],
+        )?;
+        pruned += tx.execute(
+            "DELETE FROM revocations WHERE key_expires_at_ms < ?1",
+            &[int(now_ms)],
+        )?;
+        Ok(())
+    })?;
+    Ok(pruned as usize)
+}
+
+pub(crate) fn lease(conn: &mut dyn SqlConnection, lease_id: u64) -> StoreResult<Option<Lease>> {
+    let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE lease_id = ?1");
+    conn.query(&sql, &[int(lease_id)])?
+        .first()
+        .map(lease_from_row)
+        .transpose()
+}
+
+pub(crate) fn leases(
+    conn: &mut dyn SqlConnection,
+    filter: &LeaseFilter,
+    limit: u32,
+) -> StoreResult<Vec<Lease>> {
+    let limit = int(limit.into());
+    let rows = match filter {
+        LeaseFilter::All => conn.query(
+            &format!("SELECT {LEASE_COLUMNS} FROM leases ORDER BY lease_id DESC LIMIT ?1"),
+            &[limit],
+        )?,
+        LeaseFilter::Borrower(name) => conn.query(
+            &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE borrower = ?1 ORDER BY lease_id DESC LIMIT ?2"),
+            &[name.into(), limit],
+        )?,
+        LeaseFilter::Lender(name) => conn.query(
+            &format!("SELECT {LEASE_COLUMNS} FROM leases WHERE lender = ?1 ORDER BY lease_id DESC LIMIT ?2"),
+            &[name.into(), limit],
+        )?,
+    };
+    rows.iter().map(lease_from_row).collect()
+}
+
+fn transfer_from_row(row: &SqlRow) -> StoreResult<(u64, Transfer)> {
+    Ok((
+        row.u64(0)?,
+        Transfer {
+            lease_id: row.u64(1)?,
+            debit_account: row.text(2)?,
+            credit_account: row.text(3)?,
+            amount_micros: row.u64(4)?,
+            at_ms: row.u64(5)?,
+        },
+    ))
+}
+
+/// Money transfers touching any of `accounts` (all when `None`), newest
+/// first, at most `limit`: filtered and limited by the database.
+pub(crate) fn transfers(
+    conn: &mut dyn SqlConnection,
+    accounts: Option<&[String]>,
+    limit: u32,
+) -> StoreResult<Vec<(u64, Transfer)>> {
+    const COLUMNS: &str =
+        "transfer_id, lease_id, debit_account, credit_account, amount_micros, at_ms";
+    let mut params: Vec<Param<'_>> = vec![MONEY_ASSET.into()];
+    let condition = match accounts {
+        None => String::new(),
+        Some([]) => return Ok(Vec::new()),
+        Some(accounts) => {
+            // ?2..?n+1, used for both sides: each account is bound once.
+            let placeholders: Vec<String> =
+                (0..accounts.len()).map(|i| format!("?{}", i + 2)).collect();
+            let list = placeholders.join(", ");
+            params.extend(accounts.iter().map(Param::from));
+            format!(" AND (debit_account IN ({list}) OR credit_account IN ({list}))")
+        }
+    };
+    let limit_placeholder = params.len() + 1;
+    params.push(int(limit.into()));
+    let sql = format!(
+        "SELECT {COLUMNS} FROM transfers WHERE asset = ?1{condition} ORDER BY transfer_id DESC LIMIT ?{limit_placeholder}"
+    );
+    conn.query(&sql, &params)?
+        .iter()
+        .map(transfer_from_row)
+        .collect()
+}
+
+pub(crate) fn lease_transfers(
+    conn: &mut dyn SqlConnection,
+    lease_id: u64,
+) -> StoreResult<Vec<Transfer>> {
+    conn.query(
+        "SELECT transfer_id, lease_id, debit_account, credit_account, amount_micros, at_ms FROM transfers
+         WHERE lease_id = ?1 AND asset = ?2 ORDER BY transfer_id",
+        &[int(lease_id), MONEY_ASSET.into()],
+    )?
+    .iter()
+    .map(|row| Ok(transfer_from_row(row)?.1))
+    .collect()
+}
+
+/// Balance (credits minus debits) per account and asset, summed by the
+/// database. Sorted here, not by `ORDER BY`, because the engines' text
+/// collations differ.
+pub(crate) fn balances_by_asset(conn: &mut dyn SqlConnection) -> StoreResult<Vec<AssetBalance>> {
+    let mut balances = conn
+        .query(
+            "SELECT account, asset, CAST(SUM(amount) AS BIGINT) FROM (
+                SELECT credit_account AS account, asset, amount_micros AS amount FROM transfers
+                UNION ALL
+                SELECT debit_account AS account, asset, -amount_micros AS amount FROM transfers
+             ) AS entries GROUP BY account, asset",
+            &[],
+        )?
+        .iter()
+        .map(|row| {
+            Ok(AssetBalance {
+                account: row.text(0)?,
+                asset: row.text(1)?,
+                balance: row.i64(2)?,
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    balances.sort_by(|a, b| (&a.asset, &a.account).cmp(&(&b.asset, &b.account)));
+    Ok(balances)
+}
+
+/// Money balance of each account, sorted by account.
+pub(crate) fn balances(conn: &mut dyn SqlConnection) -> StoreResult<Vec<(String, i64)>> {
+    Ok(balances_by_asset(conn)?
+        .into_iter()
+        .filter(|balance| balance.asset == MONEY_ASSET)
+        .map(|balance| (balance.account, balance.balance))
+        .collect())
+}
+
+/// Takes or renews the fenced lease `name` for `holder` until
+/// `now_ms + ttl_ms`, in one statement so that two contenders cannot both
+/// win: a free or expired lease goes to the caller with the next epoch, the
+/// holder renews at the same epoch, anyone else gets `None`.
+pub(crate) fn acquire_lease(
+    conn: &mut dyn SqlConnection,
+    name: &str,
+    holder: &str,
+    ttl_ms: u64,
+    now_ms: u64,
+) -> StoreResult<Option<u64>> {
+    let expires_at_ms = now_ms.saturating_add(ttl_ms);
+    let rows = conn.query(
+        "INSERT INTO fenced_leases (name, holder, epoch, expires_at_ms) VALUES (?1, ?2, 1, ?3)
+         ON CONFLICT (name) DO UPDATE SET
+             epoch = CASE WHEN fenced_leases.holder = excluded.holder AND fenced_leases.expires_at_ms > ?4
+                          THEN fenced_leases.epoch ELSE fenced_leases.epoch + 1 END,
+             holder = excluded.holder,
+             expires_at_ms = excluded.expires_at_ms
+         WHERE fenced_leases.holder = excluded.holder OR fenced_leases.expires_at_ms <= ?4
+         RETURNING epoch",
+        &[name.into(), holder.into(), int(expires_at_ms), int(now_ms)],
+    )?;
+    rows.first().map(|row| row.u64(0)).transpose()
+}
+
+/// Gives the lease up at once if `holder` holds it; the next acquirer gets
+/// the next epoch.
+pub(crate) fn release_lease(
+    conn: &mut dyn SqlConnection,
+    name: &str,
+    holder: &str,
+) -> StoreResult<bool> {
+    let changed = conn.execute(
+        "UPDATE fenced_leases SET expires_at_ms = 0 WHERE name = ?1 AND holder = ?2",
+        &[name.into(), holder.into()],
+    )?;
+    Ok(changed > 0)
+}
