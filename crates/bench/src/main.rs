@@ -195,7 +195,9 @@ async fn run(plan: Plan, work_dir: Option<std::path::PathBuf>) -> Result<Report>
     let broker = leasehold_broker::start(BrokerConfig {
         image_store_url: None,
         database_url: None,
-        data_dir: data_dir.path().to_path_buf(),
+        // A subdirectory the broker makes itself, 0700 (the temporary
+        // directory takes the umask).
+        data_dir: data_dir.path().join("broker"),
         listen: "127.0.0.1:0".parse().expect("a valid socket address"),
         durability: plan.durability.store(),
         commission_basis_points: 100,
