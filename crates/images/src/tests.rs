@@ -979,30 +979,38 @@ const UMASK_CHILD_ENV: &str = "LEASEHOLD_IMAGES_TEST_UMASK_ZERO_CHILD";
 #[test]
 #[allow(unsafe_code)]
 fn implicit_parent_directories_are_not_writable_by_others_whatever_the_umask() {
-    if std::env::var_os(UMASK_CHILD_ENV).is_some() {
+    if let Some(umask) = std::env::var_os(UMASK_CHILD_ENV) {
+        let umask = u32::from_str_radix(&umask.to_string_lossy(), 8).unwrap();
         // SAFETY: umask only sets this (child) process's file mode mask.
-        unsafe { libc::umask(0) };
+        unsafe { libc::umask(umask as libc::mode_t) };
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join("image");
         fs::create_dir(&image).unwrap();
         let tar = raw_tar(&[("deep/implicit/file", tar::EntryType::Regular, b"x", "")]);
         crate::unpack_tar_into(&tar[..], &image).unwrap();
+        // Neither world-writable (umask 0) nor shut to the job's user
+        // (the agent's umask 077): 0755, as OCI image tools make them.
         for dir in ["deep", "deep/implicit"] {
             let mode = fs::metadata(image.join(dir)).unwrap().permissions().mode() & 0o7777;
-            assert_eq!(mode & 0o022, 0, "{dir} has mode {mode:o}");
+            assert_eq!(mode, 0o755, "{dir} has mode {mode:o} under umask {umask:o}");
         }
         return;
     }
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "tests::implicit_parent_directories_are_not_writable_by_others_whatever_the_umask",
-            "--test-threads=1",
-        ])
-        .env(UMASK_CHILD_ENV, "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "the child failed:\n{text}");
-    assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+    for umask in ["0", "077"] {
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::implicit_parent_directories_are_not_writable_by_others_whatever_the_umask",
+                "--test-threads=1",
+            ])
+            .env(UMASK_CHILD_ENV, umask)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "the child (umask {umask}) failed:\n{text}"
+        );
+        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+    }
 }

@@ -2,7 +2,7 @@
 //! their target directory.
 
 use std::io::Read;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use crate::error::chain;
 use crate::ImageError;
@@ -164,7 +164,9 @@ pub(crate) fn unpack_safely<R: Read>(
         unpack_one(&mut entry, &dst, archive)?;
     }
     directories.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
+    let mut named_directories = std::collections::HashSet::new();
     for mut dir in directories {
+        named_directories.insert(normalized(&dir.path_bytes()));
         unpack_one(&mut dir, &dst, archive)?;
     }
     if count == 0 {
@@ -173,15 +175,28 @@ pub(crate) fn unpack_safely<R: Read>(
             reason: "it holds no files (an empty file, or not a tar)".to_string(),
         });
     }
-    strip_masked_bits(&dst)
+    strip_masked_bits(&dst, &named_directories)
+}
+
+/// A tar path as a relative path without `./` or a trailing slash.
+fn normalized(path_bytes: &[u8]) -> PathBuf {
+    let text = String::from_utf8_lossy(path_bytes);
+    Path::new(text.as_ref())
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect()
 }
 
 /// Drops `UNPACK_MODE_MASK` from every entry under `dst` but symlinks (whose
 /// mode is unused, and which are not followed). The tar crate makes the
 /// directories a tar names only as parents of other entries with the
-/// process's umask, not the tar's modes, so without this pass a permissive
-/// umask (0) would leave them world-writable.
-fn strip_masked_bits(dst: &Path) -> Result<(), ImageError> {
+/// process's umask, not the tar's modes: those become 0755, as OCI image
+/// tools make them, so that neither a permissive umask (0) leaves them
+/// world-writable nor the agent's umask (077) shuts a job out of them.
+fn strip_masked_bits(
+    dst: &Path,
+    named_directories: &std::collections::HashSet<PathBuf>,
+) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     let mut pending = vec![dst.to_path_buf()];
     while let Some(path) = pending.pop() {
@@ -190,8 +205,17 @@ fn strip_masked_bits(dst: &Path) -> Result<(), ImageError> {
             continue;
         }
         let mode = meta.permissions().mode() & 0o7777;
-        if mode & UNPACK_MODE_MASK != 0 {
-            let kept = std::fs::Permissions::from_mode(mode & !UNPACK_MODE_MASK);
+        let relative = path.strip_prefix(dst).unwrap_or(&path);
+        let implicit_directory = meta.is_dir()
+            && !relative.as_os_str().is_empty()
+            && !named_directories.contains(relative);
+        let wanted = if implicit_directory {
+            0o755
+        } else {
+            mode & !UNPACK_MODE_MASK
+        };
+        if wanted != mode {
+            let kept = std::fs::Permissions::from_mode(wanted);
             std::fs::set_permissions(&path, kept).map_err(|e| ImageError::io(&path, e))?;
         }
         if meta.is_dir() {
