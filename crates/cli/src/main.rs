@@ -19,7 +19,7 @@ use std::path::PathBuf;
     name = "leasehold",
     version,
     about = "A capacity exchange for partitioned servers: lend idle partitions, lease them, run jobs, pay by the second.",
-    long_about = "A capacity exchange for partitioned servers.\n\nStart everything on this machine with `leasehold up`, then use the printed tokens with `find`, `lease`, `run`, `release` and `bill`.\nEvery verb talks to the broker at --broker (or LEASEHOLD_BROKER) with the token in --token (or LEASEHOLD_TOKEN); `--output json` prints one JSON document for scripts.\n\nExit codes: 0 success, 1 failure, 2 bad usage, 3 nothing matched, 4 conflict (taken or locked); `run` exits with the job's exit code (124 on timeout)."
+    long_about = "A capacity exchange for partitioned servers.\n\nStart everything on this machine with `leasehold up`, then use the printed tokens with `find`, `lease`, `run`, `release` and `bill`.\nEvery verb talks to the broker at --broker (or LEASEHOLD_BROKER) with the token from --token-file FILE (or LEASEHOLD_TOKEN; never on the command line); `--output json` prints one JSON document for scripts.\n\nExit codes: 0 success, 1 failure, 2 bad usage, 3 nothing matched, 4 conflict (taken or locked); `run` exits with the job's exit code (124 on timeout)."
 )]
 struct Cli {
     #[command(flatten)]
