@@ -175,14 +175,24 @@ pub(crate) async fn create_principal(
     name: String,
     role: Role,
 ) -> Result<String, BrokerError> {
+    issue_token(app, move |ctx, hash| {
+        ctx.state
+            .create_principal(&name, role, hash, ctx.now_ms, ctx.writes)
+    })
+    .await
+}
+
+/// Makes a random token, has `record` keep its hash through the writer, and
+/// answers the token itself (shown once; the broker keeps only the hash).
+async fn issue_token<F>(app: &AppState, record: F) -> Result<String, BrokerError>
+where
+    F: FnOnce(&mut crate::writer::WriteContext<'_>, String) -> Result<(), BrokerError>
+        + Send
+        + 'static,
+{
     let token = crate::new_token();
     let hash = token_sha256(&token);
-    app.writer
-        .run(move |ctx| {
-            ctx.state
-                .create_principal(&name, role, hash, ctx.now_ms, ctx.writes)
-        })
-        .await?;
+    app.writer.run(move |ctx| record(ctx, hash)).await?;
     Ok(token)
 }
 
@@ -210,15 +220,11 @@ pub(crate) async fn issue_host_credential(
     lender: String,
     host_id: String,
 ) -> Result<String, BrokerError> {
-    let token = crate::new_token();
-    let hash = token_sha256(&token);
-    app.writer
-        .run(move |ctx| {
-            ctx.state
-                .create_host_credential(&lender, &host_id, hash, ctx.now_ms, ctx.writes)
-        })
-        .await?;
-    Ok(token)
+    issue_token(app, move |ctx, hash| {
+        ctx.state
+            .create_host_credential(&lender, &host_id, hash, ctx.now_ms, ctx.writes)
+    })
+    .await
 }
 
 /// A lender makes a credential for one of its hosts (or a host id it will
@@ -492,7 +498,14 @@ fn notice_effect(
         .row
         .agent_url
         .clone()?;
-    let notice = key::sign_notice(
+    let notice = sign_lease_notice(app, lease, kind);
+    Some(Effect::NotifyAgent { agent_url, notice })
+}
+
+/// The broker's signed notice to the agent about `lease` (lock on a new
+/// lease, fence on release), with the current signing key.
+pub(crate) fn sign_lease_notice(app: &AppState, lease: &Lease, kind: NoticeKind) -> String {
+    key::sign_notice(
         &NoticeClaims {
             kind,
             host_id: lease.partition.host_id.clone(),
@@ -503,8 +516,7 @@ fn notice_effect(
             key_id: app.signing_key_id.clone(),
         },
         &app.signing_key,
-    );
-    Some(Effect::NotifyAgent { agent_url, notice })
+    )
 }
 
 async fn lease(

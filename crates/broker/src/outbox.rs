@@ -17,7 +17,7 @@ use crate::state::{BrokerState, Principal};
 use crate::writer::{Effect, WriteContext, Writer};
 use crate::AppState;
 use leasehold_api::{ApiError, Revocation, RevocationPage, Role, MAX_REVOCATION_PAGE};
-use leasehold_core::key::{self, NoticeClaims, NoticeKind};
+use leasehold_core::key::NoticeKind;
 use leasehold_core::lease::Lease;
 use leasehold_core::FieldError;
 use leasehold_service::SharedClock;
@@ -56,18 +56,7 @@ pub(crate) fn queue_release_notice(
     app: &AppState,
     lease: &Lease,
 ) -> Option<oneshot::Receiver<bool>> {
-    let notice = key::sign_notice(
-        &NoticeClaims {
-            kind: NoticeKind::LeaseReleased,
-            host_id: lease.partition.host_id.clone(),
-            partition_index: lease.partition.index,
-            lease_id: lease.lease_id,
-            epoch: lease.epoch,
-            key_expires_at_ms: lease.key_expires_at_ms,
-            key_id: app.signing_key_id.clone(),
-        },
-        &app.signing_key,
-    );
+    let notice = crate::http::sign_lease_notice(app, lease, NoticeKind::LeaseReleased);
     let row = ReleaseNoticeRow {
         lease_id: lease.lease_id,
         host_id: lease.partition.host_id.clone(),
