@@ -89,19 +89,20 @@ pub fn rotate(
             dir.display()
         )));
     };
-    let previous_key = signing_key_of(previous, &dir)?;
+    let (previous, previous_key) = previous;
     // Strictly later than the previous key, so the order never ties.
     let created_at_ms = now_ms.max(previous.created_at_ms + 1);
     files.push(write_key_file(
         &dir,
         fresh_seed,
         created_at_ms,
-        Some(&previous_key),
+        Some(previous_key),
     )?);
     Ok(assemble(files))
 }
 
-fn read_key_files(dir: &Path) -> Result<Vec<KeyFile>, BrokerError> {
+/// The key files in `dir`, oldest first, each with its checked key.
+fn read_key_files(dir: &Path) -> Result<Vec<(KeyFile, SigningKey)>, BrokerError> {
     let mut files = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| io(dir, e))?;
     for entry in entries {
@@ -112,10 +113,10 @@ fn read_key_files(dir: &Path) -> Result<Vec<KeyFile>, BrokerError> {
         let text = private_fs::read_private_file(&path)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
         let file: KeyFile = serde_json::from_str(&text).map_err(|e| io(&path, e))?;
-        signing_key_of(&file, &path)?;
-        files.push(file);
+        let signing = signing_key_of(&file, &path)?;
+        files.push((file, signing));
     }
-    files.sort_by(|a, b| (a.created_at_ms, &a.key_id).cmp(&(b.created_at_ms, &b.key_id)));
+    files.sort_by(|(a, _), (b, _)| (a.created_at_ms, &a.key_id).cmp(&(b.created_at_ms, &b.key_id)));
     Ok(files)
 }
 
@@ -136,7 +137,7 @@ fn write_key_file(
     seed: [u8; 32],
     created_at_ms: u64,
     endorser: Option<&SigningKey>,
-) -> Result<KeyFile, BrokerError> {
+) -> Result<(KeyFile, SigningKey), BrokerError> {
     let signing = key::signing_key_from_seed(seed);
     let key_id = key::key_id(&signing.verifying_key());
     let file = KeyFile {
@@ -150,18 +151,10 @@ fn write_key_file(
     let path = dir.join(format!("{key_id}.key"));
     private_fs::write_private_file(&path, text.as_bytes())
         .map_err(|e| BrokerError::Internal(e.to_string()))?;
-    Ok(file)
+    Ok((file, signing))
 }
 
-fn assemble(files: Vec<KeyFile>) -> BrokerKeys {
-    // Every file was checked by `signing_key_of` when read or written.
-    let keys: Vec<(KeyFile, SigningKey)> = files
-        .into_iter()
-        .filter_map(|file| {
-            let signing = signing_key_of(&file, Path::new(&file.key_id)).ok()?;
-            Some((file, signing))
-        })
-        .collect();
+fn assemble(keys: Vec<(KeyFile, SigningKey)>) -> BrokerKeys {
     let published = keys
         .iter()
         .map(|(file, signing)| BrokerPublicKey {
