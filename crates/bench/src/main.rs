@@ -195,6 +195,7 @@ async fn run(plan: Plan, work_dir: Option<std::path::PathBuf>) -> Result<Report>
     let broker = leasehold_broker::start(BrokerConfig {
         image_store_url: None,
         database_url: None,
+        store_layer: None,
         // A subdirectory the broker makes itself, 0700 (the temporary
         // directory takes the umask).
         data_dir: data_dir.path().join("broker"),

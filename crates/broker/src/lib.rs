@@ -55,7 +55,13 @@ pub struct BrokerConfig {
     /// keeps it in SQLite in `data_dir` (the default). A secret when it
     /// carries a password: never logged.
     pub database_url: Option<String>,
+    /// Wraps the opened store (the writer's), e.g. to inject faults in the
+    /// simulation; `None` in production.
+    pub store_layer: Option<StoreLayer>,
 }
+
+/// A function that wraps the writer's store in another `BrokerStore`.
+pub type StoreLayer = Arc<dyn Fn(Box<dyn BrokerStore>) -> Box<dyn BrokerStore> + Send + Sync>;
 
 pub(crate) struct AppState {
     pub state: Arc<RwLock<BrokerState>>,
@@ -187,6 +193,9 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
     }
     let snapshot = db.load()?;
     let state = Arc::new(RwLock::new(BrokerState::from_snapshot(snapshot)?));
+    if let Some(layer) = &config.store_layer {
+        db = layer(db);
+    }
     let writer = start_writer_and_outbox(db, state.clone(), &config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

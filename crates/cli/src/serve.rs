@@ -413,6 +413,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         tls,
         client_trust: global.server_trust.clone(),
         database_url,
+        store_layer: None,
     })
     .await
     .context("failed to start the broker")?;
@@ -675,6 +676,7 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
         tls: tls.identity.clone(),
         client_trust: tls.client_trust.clone(),
         database_url: None,
+        store_layer: None,
     })
     .await
     .context("failed to start the broker")?;

@@ -33,6 +33,40 @@ impl Clock for SystemClock {
 
 pub type SharedClock = Arc<dyn Clock>;
 
+/// A clock that moves only when told to: tests and the simulation advance it
+/// instead of sleeping or setting a zero TTL. Clones share the same time.
+#[derive(Debug, Clone)]
+pub struct SimulatedClock {
+    now_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SimulatedClock {
+    /// A clock that reads `start_ms` until advanced.
+    pub fn starting_at(start_ms: u64) -> Self {
+        SimulatedClock {
+            now_ms: Arc::new(std::sync::atomic::AtomicU64::new(start_ms)),
+        }
+    }
+
+    /// Moves the time forward by `by_ms` (never backwards) and returns the new time.
+    pub fn advance_ms(&self, by_ms: u64) -> u64 {
+        self.now_ms
+            .fetch_add(by_ms, std::sync::atomic::Ordering::SeqCst)
+            .saturating_add(by_ms)
+    }
+
+    /// This clock as the `SharedClock` services take.
+    pub fn shared(&self) -> SharedClock {
+        Arc::new(self.clone())
+    }
+}
+
+impl Clock for SimulatedClock {
+    fn now_ms(&self) -> u64 {
+        self.now_ms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// An error on the wire: a status and the body every client understands.
 #[derive(Debug)]
 pub struct ErrorResponse {
@@ -532,6 +566,16 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_simulated_clock_moves_only_when_advanced_and_its_clones_move_with_it() {
+        let clock = SimulatedClock::starting_at(1_000);
+        let shared = clock.shared();
+        assert_eq!(shared.now_ms(), 1_000);
+        assert_eq!(shared.now_ms(), 1_000, "no time passes by itself");
+        assert_eq!(clock.advance_ms(250), 1_250);
+        assert_eq!(shared.now_ms(), 1_250);
+    }
 
     #[derive(serde::Deserialize, Debug)]
     #[serde(deny_unknown_fields)]

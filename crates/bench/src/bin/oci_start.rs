@@ -53,6 +53,7 @@ async fn main() -> Result<()> {
     let broker = leasehold_broker::start(leasehold_broker::BrokerConfig {
         image_store_url: None,
         database_url: None,
+        store_layer: None,
         data_dir: dir.path().join("broker"),
         listen: "127.0.0.1:0".parse()?,
         durability: leasehold_store::Durability::Full,
