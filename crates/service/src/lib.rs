@@ -67,6 +67,67 @@ impl Clock for SimulatedClock {
     }
 }
 
+/// A clock whose time is a number of milliseconds in a file, for end-to-end
+/// tests that run the real binary as separate processes and must move its
+/// time (`leasehold broker|agent|up --simulated-clock-file FILE`, hidden from
+/// `--help`). The file must be ours and private (0600): whoever can write it
+/// sets the time keys expire by. It is read on every call (a test writes it
+/// with an atomic rename), and the time never goes backwards: a read that
+/// fails or goes back keeps the latest time seen.
+#[derive(Debug)]
+pub struct FileClock {
+    path: std::path::PathBuf,
+    latest_ms: std::sync::atomic::AtomicU64,
+}
+
+impl FileClock {
+    /// Opens the clock at `path`, refusing a file that is missing, not
+    /// private or does not hold a number of milliseconds.
+    pub fn open(
+        path: &std::path::Path,
+    ) -> Result<Self, leasehold_store::private_fs::PrivateFsError> {
+        let start_ms = read_clock_file(path)?;
+        Ok(FileClock {
+            path: path.to_path_buf(),
+            latest_ms: std::sync::atomic::AtomicU64::new(start_ms),
+        })
+    }
+}
+
+/// The milliseconds written in a private clock file.
+fn read_clock_file(
+    path: &std::path::Path,
+) -> Result<u64, leasehold_store::private_fs::PrivateFsError> {
+    let text = leasehold_store::private_fs::read_private_file(path)?;
+    text.parse::<u64>()
+        .map_err(|_| leasehold_store::private_fs::PrivateFsError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "a clock file holds milliseconds since 1970 (digits only), not '{}'",
+                    text.chars().take(40).collect::<String>()
+                ),
+            ),
+        })
+}
+
+impl Clock for FileClock {
+    fn now_ms(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        match read_clock_file(&self.path) {
+            Ok(read_ms) => self
+                .latest_ms
+                .fetch_max(read_ms, Ordering::SeqCst)
+                .max(read_ms),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the simulated clock; keeping its last time");
+                self.latest_ms.load(Ordering::SeqCst)
+            }
+        }
+    }
+}
+
 /// An error on the wire: a status and the body every client understands.
 #[derive(Debug)]
 pub struct ErrorResponse {
@@ -382,9 +443,7 @@ impl ServerHandle {
                 _ = shutdown_rx.changed() => {},
             }
         };
-        let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            limits.body_read_timeout,
-        ));
+        let router = limited_router(router, &limits);
         let server = tokio::spawn(serve_connections(listener, router, limits, tls, stop));
         ServerHandle { server, shutdown }
     }
@@ -404,6 +463,43 @@ impl ServerHandle {
     }
 }
 
+/// `router` with the body read timeout of `limits` (a tokio timer, reset by
+/// every piece of the body that arrives).
+fn limited_router(router: axum::Router, limits: &ServeLimits) -> axum::Router {
+    router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.body_read_timeout,
+    ))
+}
+
+/// hyper's HTTP/1 settings within `limits`: the header read timeout (also
+/// the keep-alive idle timeout) runs on tokio's timer, so tests move it with
+/// tokio's paused time.
+fn http1_builder(limits: &ServeLimits) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_buffer_bytes.max(8192))
+        .keep_alive(true);
+    http
+}
+
+/// One connection served by `router` with `http`'s settings, over any byte
+/// stream (a TCP or TLS stream here, an in-memory pipe in tests).
+fn http1_connection<IO>(
+    io: IO,
+    http: &hyper::server::conn::http1::Builder,
+    router: axum::Router,
+) -> hyper::server::conn::http1::Connection<
+    hyper_util::rt::TokioIo<IO>,
+    hyper_util::service::TowerToHyperService<axum::Router>,
+>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    http.serve_connection(hyper_util::rt::TokioIo::new(io), service)
+}
+
 /// The accept loop: a connection is accepted only when a slot is free, each
 /// is served by hyper with a header timeout and a bounded buffer, and at
 /// `stop` the open connections finish their requests and close.
@@ -415,11 +511,7 @@ async fn serve_connections(
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(connection_slots(&limits)));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_buffer_bytes.max(8192))
-        .keep_alive(true);
+    let http = http1_builder(&limits);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // Handshakes in progress end at `stop` too: they are not connections
     // hyper could close gracefully, and must not hold the shutdown up.
@@ -441,15 +533,14 @@ async fn serve_connections(
             _ = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
         let mut handshakes_stopped = handshakes_stopped.clone();
         tokio::spawn(async move {
             // Timeouts and hang-ups end here; they are the client's business.
             match tls {
                 None => {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = watcher.watch(http.serve_connection(io, service)).await;
+                    let _ = watcher.watch(http1_connection(stream, &http, router)).await;
                 }
                 Some(tls) => {
                     let accepted = tokio::select! {
@@ -457,8 +548,7 @@ async fn serve_connections(
                         _ = handshakes_stopped.changed() => None,
                     };
                     if let Some(stream) = accepted {
-                        let io = hyper_util::rt::TokioIo::new(stream);
-                        let _ = watcher.watch(http.serve_connection(io, service)).await;
+                        let _ = watcher.watch(http1_connection(stream, &http, router)).await;
                     }
                 }
             }
@@ -575,6 +665,43 @@ mod tests {
         assert_eq!(shared.now_ms(), 1_000, "no time passes by itself");
         assert_eq!(clock.advance_ms(250), 1_250);
         assert_eq!(shared.now_ms(), 1_250);
+    }
+
+    #[test]
+    fn a_file_clock_reads_its_private_file_and_never_goes_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clock");
+        let set = |ms: &str| {
+            leasehold_store::private_fs::write_private_file(&path, ms.as_bytes()).unwrap()
+        };
+        set("1700000000000\n");
+        let clock = FileClock::open(&path).unwrap();
+        assert_eq!(clock.now_ms(), 1_700_000_000_000);
+        set("1700000090000");
+        assert_eq!(
+            clock.now_ms(),
+            1_700_000_090_000,
+            "a new time is read at once"
+        );
+        set("1000");
+        assert_eq!(clock.now_ms(), 1_700_000_090_000, "never backwards");
+        set("soon");
+        assert_eq!(
+            clock.now_ms(),
+            1_700_000_090_000,
+            "junk keeps the last time"
+        );
+        let refused = FileClock::open(&path).unwrap_err().to_string();
+        assert!(refused.contains("milliseconds"), "{refused}");
+        set("5");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = FileClock::open(&path).unwrap_err().to_string();
+        assert!(refused.contains("chmod 600"), "{refused}");
+        let missing = FileClock::open(&dir.path().join("none"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("no such file"), "{missing}");
     }
 
     #[derive(serde::Deserialize, Debug)]
@@ -694,21 +821,134 @@ mod tests {
         received
     }
 
-    #[tokio::test]
-    async fn a_silent_connection_is_closed_after_the_header_timeout() {
-        let limits = ServeLimits {
-            header_read_timeout: std::time::Duration::from_millis(200),
-            ..ServeLimits::default()
-        };
-        let (server, address) = serve_ok(limits).await;
-        // Never sends a byte: without a header timeout it would be held forever.
-        let mut idle = tokio::net::TcpStream::connect(address).await.unwrap();
-        let received = read_until_closed(&mut idle, std::time::Duration::from_secs(10)).await;
-        assert!(
-            !String::from_utf8_lossy(&received).contains(" 200 "),
-            "nothing was asked, nothing answered"
+    /// One connection served as production serves it (`http1_builder`,
+    /// `limited_router`), over an in-memory pipe: with no socket in between,
+    /// tokio's paused time moves only when every task waits, so timeouts
+    /// fire exactly when due. Returns the client's end.
+    fn serve_in_memory(limits: ServeLimits, router: axum::Router) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let connection = http1_connection(
+            server,
+            &http1_builder(&limits),
+            limited_router(router, &limits),
         );
-        server.shutdown().await;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
+    fn ok_router() -> axum::Router {
+        axum::Router::new().route("/", axum::routing::get(|| async { "ok" }))
+    }
+
+    /// True when nothing arrives and the server does not close for `window`.
+    async fn stays_silent_and_open(
+        stream: &mut tokio::io::DuplexStream,
+        window: std::time::Duration,
+    ) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(window, stream.read(&mut byte))
+            .await
+            .is_err()
+    }
+
+    /// Reads an answer's head (up to the blank line).
+    async fn answer_head(stream: &mut tokio::io::DuplexStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut received = Vec::new();
+        let mut byte = [0u8; 1];
+        while !received.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => received.push(byte[0]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&received).into_owned()
+    }
+
+    /// Waits until the server closes `stream`; the time that took.
+    async fn time_until_closed(stream: &mut tokio::io::DuplexStream) -> std::time::Duration {
+        use tokio::io::AsyncReadExt;
+        let started = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+        started.elapsed()
+    }
+
+    const ONE_MS: std::time::Duration = std::time::Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_exactly_at_the_header_timeout() {
+        let limits = ServeLimits::default();
+        let mut client = serve_in_memory(limits, ok_router());
+        // Never sends a byte: open until the timeout, closed at it.
+        let window = limits.header_read_timeout - ONE_MS;
+        assert!(stays_silent_and_open(&mut client, window).await);
+        assert_eq!(time_until_closed(&mut client).await, ONE_MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_idles_for_the_header_timeout_then_closes() {
+        use tokio::io::AsyncWriteExt;
+        let limits = ServeLimits::default();
+        let mut client = serve_in_memory(limits, ok_router());
+        let window = limits.header_read_timeout - ONE_MS;
+        for request in 0..2 {
+            // Headers sent 1 ms before the timeout are read and answered.
+            assert!(
+                stays_silent_and_open(&mut client, window).await,
+                "request {request}"
+            );
+            client
+                .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let head = answer_head(&mut client).await;
+            assert!(
+                head.starts_with("HTTP/1.1 200"),
+                "request {request}: {head}"
+            );
+            let mut body = [0u8; 2];
+            tokio::io::AsyncReadExt::read_exact(&mut client, &mut body)
+                .await
+                .unwrap();
+            assert_eq!(&body, b"ok");
+        }
+        // Idle after an answer: closed one header timeout later, not sooner.
+        assert_eq!(
+            time_until_closed(&mut client).await,
+            limits.header_read_timeout
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_is_answered_408_exactly_at_the_body_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let router = axum::Router::new().route(
+            "/",
+            axum::routing::post(|JsonBody(_): JsonBody<serde_json::Value>| async { "read" }),
+        );
+        let limits = ServeLimits::default();
+        let mut client = serve_in_memory(limits, router);
+        // Ten bytes of a declared hundred, then nothing.
+        client
+            .write_all(
+                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"a\": 1,  ",
+            )
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let window = limits.body_read_timeout - ONE_MS;
+        assert!(stays_silent_and_open(&mut client, window).await);
+        let head = answer_head(&mut client).await;
+        assert_eq!(started.elapsed(), limits.body_read_timeout);
+        assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+        let mut rest = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut rest).await;
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(rest.contains("body_unreadable"), "{rest}");
     }
 
     #[tokio::test]
@@ -751,35 +991,6 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&received)
         );
-        server.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn a_stalled_body_is_answered_408_after_the_body_timeout() {
-        use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let router = axum::Router::new().route(
-            "/",
-            axum::routing::post(|JsonBody(_): JsonBody<serde_json::Value>| async { "read" }),
-        );
-        let limits = ServeLimits {
-            body_read_timeout: std::time::Duration::from_millis(200),
-            ..ServeLimits::default()
-        };
-        let server = ServerHandle::spawn_with_limits(listener, router, limits);
-        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-        // Ten bytes of a declared hundred, then nothing.
-        stream
-            .write_all(
-                b"POST / HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"a\": 1,  ",
-            )
-            .await
-            .unwrap();
-        let received = read_until_closed(&mut stream, std::time::Duration::from_secs(10)).await;
-        let text = String::from_utf8_lossy(&received);
-        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-        assert!(text.contains("body_unreadable"), "{text}");
         server.shutdown().await;
     }
 
