@@ -8,7 +8,7 @@ use leasehold_agent::AgentConfig;
 use leasehold_api::Role;
 use leasehold_broker::BrokerConfig;
 use leasehold_core::{HostCapacity, Terms};
-use leasehold_service::SystemClock;
+use leasehold_service::{FileClock, SharedClock, SystemClock};
 use leasehold_store::{private_fs, Durability};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,6 +80,29 @@ pub fn check_listen_address(
     ))
 }
 
+/// The clock a service reads: the system's, or (tests only, hidden from
+/// `--help`) a file the test writes the time into.
+#[derive(Args, Clone, Default)]
+pub struct ClockArgs {
+    /// Test only: read the time (milliseconds since 1970) from FILE, which
+    /// must be yours and 0600, instead of the system clock; end-to-end tests
+    /// move it to expire keys and bill exact durations without waiting.
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub simulated_clock_file: Option<PathBuf>,
+}
+
+impl ClockArgs {
+    /// The one place the processes of this binary pick their clock.
+    pub fn clock(&self) -> Result<SharedClock> {
+        let Some(path) = &self.simulated_clock_file else {
+            return Ok(Arc::new(SystemClock));
+        };
+        let clock = FileClock::open(path).context("failed to use --simulated-clock-file")?;
+        tracing::warn!(file = %path.display(), "the time is read from a simulated clock file (tests only)");
+        Ok(Arc::new(clock))
+    }
+}
+
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct BrokerArgs {
@@ -119,6 +142,8 @@ pub struct BrokerArgs {
     /// A file only you can read (mode 0600) holding the PostgreSQL URL.
     #[arg(long, value_name = "FILE", conflicts_with = "database")]
     pub database_url_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub clock: ClockArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -231,6 +256,8 @@ pub struct AgentArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub shape: HostShape,
+    #[command(flatten)]
+    pub clock: ClockArgs,
 }
 
 #[derive(Args)]
@@ -267,6 +294,8 @@ pub struct UpArgs {
     pub tls_args: TlsArgs,
     #[command(flatten)]
     pub shape: HostShape,
+    #[command(flatten)]
+    pub clock: ClockArgs,
 }
 
 fn durability(text: &str) -> Durability {
@@ -389,6 +418,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         return rotate_key(global, rotate);
     }
     let tls = args.tls.identity_for("broker", args.listen)?;
+    let clock = args.clock.clock()?;
     let database_url = match database_url(&args) {
         Ok(url) => url,
         Err(problem) => {
@@ -408,7 +438,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         durability: durability(&args.durability),
         commission_basis_points: args.commission_basis_points,
         key_ttl_ms: args.key_ttl_secs.saturating_mul(1000),
-        clock: Arc::new(SystemClock),
+        clock,
         image_store_url: args.image_store.clone(),
         tls,
         client_trust: global.server_trust.clone(),
@@ -473,6 +503,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
     })?;
     let host_id = args.host_id.clone().unwrap_or_else(default_host_id);
     let tls = args.tls.identity_for("agent", args.listen)?;
+    let clock = args.clock.clock()?;
     let image_store = ImageStoreAccess {
         url: args.image_store.clone(),
         trust: global.server_trust.clone(),
@@ -497,7 +528,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         driver: plan.kind,
         capacity: args.shape.capacity(),
         advertise_url: args.advertise_url.clone(),
-        clock: Arc::new(SystemClock),
+        clock,
         revocation_poll_interval_ms: args.revocation_poll_secs * 1000,
         tls,
         client_trust: global.server_trust.clone(),
@@ -628,13 +659,115 @@ fn host_dns_name() -> Option<String> {
 
 pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
     private_fs::ensure_private_dir(&args.data_dir)?;
+    let clock = args.clock.clock()?;
     let tls = up_tls(global, &args)?;
-    let broker_dir = args.data_dir.join("broker");
     let agent_dir = args.data_dir.join("agent");
-    // The oci driver boots images: `up` keeps a store beside its data,
-    // makes the busybox image in it once, and serves it to its agent and to
-    // its broker (which pins partitions' images to the store's digests), so
-    // the store starts first.
+    let images = start_up_image_store(&args, &tls).await?;
+    let running_broker = start_up_broker(&args, &tls, &images, clock.clone()).await?;
+    let broker_url = running_broker.url();
+    let tokens = bootstrap_up_principals(&running_broker, &agent_dir).await?;
+    let lender_token = read_up_agent_credential(&agent_dir)?;
+    let capacity = args.shape.capacity();
+    let agent = UpAgent {
+        data_dir: agent_dir,
+        broker_url: broker_url.clone(),
+        lender_token: lender_token.clone(),
+        capacity: capacity.clone(),
+        clock,
+    };
+    let (running_agent, plan) = start_up_agent(&args, &tls, &images, agent).await?;
+    let agent_url = running_agent.url();
+    let agent_client =
+        leasehold_api::Client::with_trust(&agent_url, Some(lender_token), &tls.client_trust)?;
+    let first_start = !tokens.is_empty();
+    let partitions =
+        lend_default_partitions(&agent_client, args.partitions, &capacity, first_start).await?;
+    let ready = UpReady {
+        broker_url,
+        agent_url,
+        driver: running_agent.driver_name,
+        driver_reason: plan.reason,
+        image_store_url: images.url,
+        store_dir: images.store_dir,
+        ca_cert: tls.ca_cert,
+        partitions,
+        reconciled: running_agent.reconciled.clone(),
+        tokens,
+    };
+    print_ready(
+        global,
+        ready.json(&args.data_dir),
+        ready.text(&args.data_dir),
+    );
+    // Both stop on Ctrl-C / SIGTERM; wait for both to finish cleanly.
+    let (broker_result, agent_result) = tokio::join!(running_broker.wait(), running_agent.wait());
+    broker_result.context("the broker stopped with an error")?;
+    agent_result.context("the agent stopped with an error")?;
+    Ok(0)
+}
+
+/// What `up`'s local agent is started with, beside `up`'s arguments.
+struct UpAgent {
+    data_dir: PathBuf,
+    broker_url: String,
+    lender_token: String,
+    capacity: HostCapacity,
+    clock: SharedClock,
+}
+
+/// Picks the local agent's driver and starts it as host 'local'.
+async fn start_up_agent(
+    args: &UpArgs,
+    tls: &UpTls,
+    images: &UpImages,
+    agent: UpAgent,
+) -> Result<(leasehold_agent::RunningAgent, DriverPlan)> {
+    let plan = plan_driver(
+        args.driver,
+        &agent.data_dir,
+        "local",
+        vec!["busybox".into(), "debian-12".into()],
+        vec!["busybox".into()],
+        ImageStoreAccess {
+            url: images.url.clone(),
+            trust: tls.client_trust.clone(),
+        },
+        images.busybox_ready.clone(),
+    )
+    .await?;
+    let running = leasehold_agent::start(AgentConfig {
+        host_id: "local".into(),
+        data_dir: agent.data_dir,
+        listen: args.agent_listen,
+        broker_url: agent.broker_url,
+        lender_token: agent.lender_token,
+        driver: plan.kind.clone(),
+        capacity: agent.capacity,
+        advertise_url: None,
+        clock: agent.clock,
+        revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
+        tls: tls.identity.clone(),
+        client_trust: tls.client_trust.clone(),
+    })
+    .await
+    .context("failed to start the local agent")?;
+    Ok((running, plan))
+}
+
+/// The image store `up` keeps beside its data for the oci driver.
+struct UpImages {
+    store_dir: PathBuf,
+    /// Where it serves, when it does (the oci driver can run here).
+    url: Option<String>,
+    /// Whether the busybox image is in the store (the oci driver needs it).
+    busybox_ready: Result<(), String>,
+}
+
+/// The oci driver boots images: `up` keeps a store beside its data, makes
+/// the busybox image in it once, and serves it to its agent and to its
+/// broker (which pins partitions' images to the store's digests), so the
+/// store starts first.
+async fn start_up_image_store(args: &UpArgs, tls: &UpTls) -> Result<UpImages> {
     let store_dir = args.data_dir.join("images");
     let wants_oci = matches!(args.driver, DriverChoice::Oci | DriverChoice::Auto);
     let busybox_ready = if wants_oci {
@@ -642,200 +775,237 @@ pub async fn up(global: &Global, args: UpArgs) -> Result<i32> {
     } else {
         Ok(())
     };
-    let mut image_store_url = None;
-    if wants_oci && busybox_ready.is_ok() && leasehold_agent::driver::oci::probe().is_ok() {
-        let store = Arc::new(
-            leasehold_images::ImageStore::open(&store_dir)
-                .context("failed to open the image store")?,
-        );
-        let listener = tokio::net::TcpListener::bind(args.image_store_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "failed to listen on {} for the image store",
-                    args.image_store_listen
-                )
-            })?;
-        image_store_url = Some(format!("{}://{}", tls.scheme(), listener.local_addr()?));
-        let server = leasehold_service::ServerHandle::spawn_with_tls(
-            listener,
-            store.router(),
-            leasehold_service::ServeLimits::default(),
-            tls.identity.clone(),
-        );
-        tokio::spawn(server.wait());
+    let serves =
+        wants_oci && busybox_ready.is_ok() && leasehold_agent::driver::oci::probe().is_ok();
+    if !serves {
+        return Ok(UpImages {
+            store_dir,
+            url: None,
+            busybox_ready,
+        });
     }
-    let running_broker = leasehold_broker::start(BrokerConfig {
-        data_dir: broker_dir,
+    let store = Arc::new(
+        leasehold_images::ImageStore::open(&store_dir).context("failed to open the image store")?,
+    );
+    let listener = tokio::net::TcpListener::bind(args.image_store_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to listen on {} for the image store",
+                args.image_store_listen
+            )
+        })?;
+    let url = format!("{}://{}", tls.scheme(), listener.local_addr()?);
+    let server = leasehold_service::ServerHandle::spawn_with_tls(
+        listener,
+        store.router(),
+        leasehold_service::ServeLimits::default(),
+        tls.identity.clone(),
+    );
+    tokio::spawn(server.wait());
+    Ok(UpImages {
+        store_dir,
+        url: Some(url),
+        busybox_ready,
+    })
+}
+
+async fn start_up_broker(
+    args: &UpArgs,
+    tls: &UpTls,
+    images: &UpImages,
+    clock: SharedClock,
+) -> Result<leasehold_broker::RunningBroker> {
+    leasehold_broker::start(BrokerConfig {
+        data_dir: args.data_dir.join("broker"),
         listen: args.listen,
         durability: Durability::Full,
         commission_basis_points: args.commission_basis_points,
         key_ttl_ms: leasehold_broker::DEFAULT_KEY_TTL_MS,
-        clock: Arc::new(SystemClock),
-        image_store_url: image_store_url.clone(),
+        clock,
+        image_store_url: images.url.clone(),
         tls: tls.identity.clone(),
         client_trust: tls.client_trust.clone(),
         database_url: None,
         store_layer: None,
     })
     .await
-    .context("failed to start the broker")?;
-    let broker_url = running_broker.url();
-    // The local agent acts for the lender on host 'local' only: it keeps a
-    // host credential (0600) in its data directory, never the lender's own
-    // token. Data directories of older versions kept `lender.token`.
+    .context("failed to start the broker")
+}
+
+/// On the first start (the broker made an admin): the lender, the borrower
+/// and the local host's credential (0600 in the agent's directory, so the
+/// agent never holds the lender's own token). The tokens to print, by
+/// name; none on later starts.
+async fn bootstrap_up_principals(
+    broker: &leasehold_broker::RunningBroker,
+    agent_dir: &Path,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut tokens = serde_json::Map::new();
+    let Some(admin) = &broker.bootstrap_admin_token else {
+        return Ok(tokens);
+    };
+    tokens.insert("admin".into(), admin.clone().into());
+    let lender = broker
+        .create_principal("lender", Role::Lender)
+        .await
+        .context("failed to create the lender")?;
+    let borrower = broker
+        .create_principal("borrower", Role::Borrower)
+        .await
+        .context("failed to create the borrower")?;
+    let host_credential = broker
+        .create_host_credential("lender", "local")
+        .await
+        .context("failed to make the local host's credential")?;
+    private_fs::ensure_private_dir(agent_dir)?;
+    private_fs::write_private_file(&agent_dir.join("host.token"), host_credential.as_bytes())?;
+    tokens.insert("lender".into(), lender.into());
+    tokens.insert("borrower".into(), borrower.into());
+    Ok(tokens)
+}
+
+/// The local agent's credential: `host.token`, or the `lender.token` that
+/// data directories of older versions kept.
+fn read_up_agent_credential(agent_dir: &Path) -> Result<String> {
     let host_token_path = agent_dir.join("host.token");
     let old_lender_token_path = agent_dir.join("lender.token");
-    let mut tokens = serde_json::Map::new();
-    if let Some(admin) = &running_broker.bootstrap_admin_token {
-        tokens.insert("admin".into(), admin.clone().into());
-        let lender = running_broker
-            .create_principal("lender", Role::Lender)
-            .await
-            .context("failed to create the lender")?;
-        let borrower = running_broker
-            .create_principal("borrower", Role::Borrower)
-            .await
-            .context("failed to create the borrower")?;
-        let host_credential = running_broker
-            .create_host_credential("lender", "local")
-            .await
-            .context("failed to make the local host's credential")?;
-        private_fs::ensure_private_dir(&agent_dir)?;
-        private_fs::write_private_file(&host_token_path, host_credential.as_bytes())?;
-        tokens.insert("lender".into(), lender.into());
-        tokens.insert("borrower".into(), borrower.into());
-    }
-    let agent_token_path = if host_token_path.exists() || !old_lender_token_path.exists() {
+    let path = if host_token_path.exists() || !old_lender_token_path.exists() {
         host_token_path
     } else {
         old_lender_token_path
     };
-    let lender_token = private_fs::read_private_file(&agent_token_path).with_context(|| {
+    private_fs::read_private_file(&path).with_context(|| {
         format!(
             "failed to read the local agent's credential from {}",
-            agent_token_path.display()
+            path.display()
         )
-    })?;
-    let plan = plan_driver(
-        args.driver,
-        &agent_dir,
-        "local",
-        vec!["busybox".into(), "debian-12".into()],
-        vec!["busybox".into()],
-        ImageStoreAccess {
-            url: image_store_url.clone(),
-            trust: tls.client_trust.clone(),
-        },
-        busybox_ready,
-    )
-    .await?;
-    let driver = plan.kind.clone();
-    let capacity = args.shape.capacity();
-    let running_agent = leasehold_agent::start(AgentConfig {
-        host_id: "local".into(),
-        data_dir: agent_dir,
-        listen: args.agent_listen,
-        broker_url: broker_url.clone(),
-        lender_token: lender_token.clone(),
-        driver,
-        capacity: capacity.clone(),
-        advertise_url: None,
-        clock: Arc::new(SystemClock),
-        revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
-        tls: tls.identity.clone(),
-        client_trust: tls.client_trust.clone(),
     })
-    .await
-    .context("failed to start the local agent")?;
-    let agent_url = running_agent.url();
-    let agent_client =
-        leasehold_api::Client::with_trust(&agent_url, Some(lender_token), &tls.client_trust)?;
-    let mut partitions = agent_client
+}
+
+/// The agent's partitions; on the first start, an empty table is filled
+/// with up to `count` default partitions first.
+async fn lend_default_partitions(
+    agent: &leasehold_api::Client,
+    count: u32,
+    capacity: &HostCapacity,
+    first_start: bool,
+) -> Result<usize> {
+    let partitions = agent
         .agent_list_partitions()
         .await
         .context("failed to read the partition table")?;
-    if partitions.is_empty() && !tokens.is_empty() {
-        let info = agent_client
-            .agent_info()
+    if !partitions.is_empty() || !first_start {
+        return Ok(partitions.len());
+    }
+    let info = agent
+        .agent_info()
+        .await
+        .context("failed to ask the agent")?;
+    for terms in default_partition_terms(count, &info.images, capacity) {
+        agent
+            .agent_add_partition(&terms)
             .await
-            .context("failed to ask the agent")?;
-        for terms in default_partition_terms(args.partitions, &info.images, &capacity) {
-            agent_client
-                .agent_add_partition(&terms)
-                .await
-                .context("failed to add a default partition")?;
+            .context("failed to add a default partition")?;
+    }
+    let partitions = agent
+        .agent_list_partitions()
+        .await
+        .context("failed to read the partition table")?;
+    Ok(partitions.len())
+}
+
+/// What `up` prints once everything serves.
+struct UpReady {
+    broker_url: String,
+    agent_url: String,
+    driver: &'static str,
+    driver_reason: String,
+    image_store_url: Option<String>,
+    store_dir: PathBuf,
+    ca_cert: Option<PathBuf>,
+    partitions: usize,
+    reconciled: Vec<String>,
+    tokens: serde_json::Map<String, serde_json::Value>,
+}
+
+impl UpReady {
+    fn json(&self, data_dir: &Path) -> serde_json::Value {
+        serde_json::json!({
+            "broker_url": self.broker_url,
+            "agent_url": self.agent_url,
+            "data_dir": data_dir,
+            "driver": self.driver,
+            "driver_reason": self.driver_reason,
+            "image_store_url": self.image_store_url,
+            "ca_cert": self.ca_cert,
+            "partitions": self.partitions,
+            "tokens": if self.tokens.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::Value::Object(self.tokens.clone())
+            },
+        })
+    }
+
+    fn text(&self, data_dir: &Path) -> String {
+        let mut text = format!(
+            "leasehold is up.\n  broker  {}   (data in {})\n  agent   {}   host 'local', driver {}, {} partition(s)\n  driver  {}\n",
+            self.broker_url,
+            data_dir.display(),
+            self.agent_url,
+            self.driver,
+            self.partitions,
+            self.driver_reason
+        );
+        if let Some(url) = &self.image_store_url {
+            text.push_str(&format!(
+                "  images  {url}   (store in {})\n",
+                self.store_dir.display()
+            ));
         }
-        partitions = agent_client
-            .agent_list_partitions()
-            .await
-            .context("failed to read the partition table")?;
+        if let Some(path) = &self.ca_cert {
+            text.push_str(&format!(
+                "  ca cert {}   (clients pin it: --ca-cert FILE or LEASEHOLD_CA_CERT)\n",
+                path.display()
+            ));
+        }
+        for note in &self.reconciled {
+            text.push_str(&format!("  agent: {note}\n"));
+        }
+        text.push_str(&self.tokens_text());
+        text.push_str("Ctrl-C stops; `leasehold up` on the same --data-dir resumes.");
+        text
     }
-    let exe = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "leasehold".into());
-    let mut text = format!(
-        "leasehold is up.\n  broker  {broker_url}   (data in {})\n  agent   {agent_url}   host 'local', driver {}, {} partition(s)\n  driver  {}\n",
-        args.data_dir.display(),
-        running_agent.driver_name,
-        partitions.len(),
-        plan.reason
-    );
-    if let Some(url) = &image_store_url {
-        text.push_str(&format!(
-            "  images  {url}   (store in {})\n",
-            store_dir.display()
-        ));
-    }
-    if let Some(path) = &tls.ca_cert {
-        text.push_str(&format!(
-            "  ca cert {}   (clients pin it: --ca-cert FILE or LEASEHOLD_CA_CERT)\n",
-            path.display()
-        ));
-    }
-    for note in &running_agent.reconciled {
-        text.push_str(&format!("  agent: {note}\n"));
-    }
-    if tokens.is_empty() {
-        text.push_str("Resumed from the data directory; tokens were printed on the first start.\n");
-    } else {
-        text.push_str("Tokens (shown once; keep them):\n");
-        for (name, token) in &tokens {
+
+    /// The tokens and the next steps on a first start; a note otherwise.
+    fn tokens_text(&self) -> String {
+        if self.tokens.is_empty() {
+            return "Resumed from the data directory; tokens were printed on the first start.\n"
+                .into();
+        }
+        let mut text = String::from("Tokens (shown once; keep them):\n");
+        for (name, token) in &self.tokens {
             text.push_str(&format!("  {name:<9} {}\n", token.as_str().unwrap_or("")));
         }
-        let borrower = tokens
+        let borrower = self
+            .tokens
             .get("borrower")
             .and_then(|t| t.as_str())
             .unwrap_or("");
-        let ca_cert = match &tls.ca_cert {
+        let ca_cert = match &self.ca_cert {
             Some(path) => format!(" LEASEHOLD_CA_CERT={}", path.display()),
             None => String::new(),
         };
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "leasehold".into());
+        let broker_url = &self.broker_url;
         text.push_str(&format!(
             "Next, in another terminal:\n  export LEASEHOLD_BROKER={broker_url}{ca_cert} LEASEHOLD_TOKEN={borrower}\n  {exe} find\n  {exe} lease --best\n  {exe} run --lease 1 -- sh -c 'echo hello from $(pwd)'\n  {exe} release 1\n  {exe} bill\n"
         ));
+        text
     }
-    text.push_str("Ctrl-C stops; `leasehold up` on the same --data-dir resumes.");
-    print_ready(
-        global,
-        serde_json::json!({
-            "broker_url": broker_url,
-            "agent_url": agent_url,
-            "data_dir": args.data_dir,
-            "driver": running_agent.driver_name,
-            "driver_reason": plan.reason,
-            "image_store_url": image_store_url,
-            "ca_cert": tls.ca_cert,
-            "partitions": partitions.len(),
-            "tokens": if tokens.is_empty() { serde_json::Value::Null } else { serde_json::Value::Object(tokens) },
-        }),
-        text,
-    );
-    // Both stop on Ctrl-C / SIGTERM; wait for both to finish cleanly.
-    let (broker_result, agent_result) = tokio::join!(running_broker.wait(), running_agent.wait());
-    broker_result.context("the broker stopped with an error")?;
-    agent_result.context("the agent stopped with an error")?;
-    Ok(0)
 }
 
 /// Makes the busybox image in `store_dir` unless it is there already.
@@ -852,7 +1022,7 @@ fn ensure_busybox(store_dir: &Path) -> Result<(), String> {
 
 fn rotate_key(global: &Global, args: &RotateKeyArgs) -> Result<i32> {
     private_fs::ensure_private_dir(&args.data_dir)?;
-    let now_ms = leasehold_service::Clock::now_ms(&SystemClock);
+    let now_ms = ClockArgs::default().clock()?.now_ms();
     let keys = leasehold_broker::signing_keys::rotate(&args.data_dir, rand_seed(), now_ms)
         .context("failed to rotate the signing key")?;
     let ids: Vec<&str> = keys.published().iter().map(|k| k.key_id.as_str()).collect();

@@ -350,41 +350,8 @@ fn print_agent_partitions(global: &Global, rows: &[leasehold_api::AgentPartition
 
 pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
     match command {
-        HostCommand::Credential { host_id } => {
-            let created = broker(global)?
-                .create_host_credential(&host_id)
-                .await
-                .with_context(|| format!("failed to make a credential for host '{host_id}'"))?;
-            if global.output == OutputFormat::Json {
-                print_json(&created);
-            } else {
-                println!(
-                    "credential for host '{}' (acts only for it; shown once):\n{}",
-                    created.host_id, created.token
-                );
-            }
-        }
-        HostCommand::Add { agent, terms } => {
-            let client = client_of(global, &agent.agent, global.token.clone())?;
-            let info = client
-                .agent_info()
-                .await
-                .context("failed to reach the agent")?;
-            let terms = terms.apply(None, &info.images)?;
-            let row = client
-                .agent_add_partition(&terms)
-                .await
-                .context("failed to add the partition")?;
-            if global.output == OutputFormat::Json {
-                print_json(&row);
-            } else {
-                println!(
-                    "added and registered partition {}: {}",
-                    row.partition,
-                    terms_text(&row.terms)
-                );
-            }
-        }
+        HostCommand::Credential { host_id } => host_credential(global, &host_id).await?,
+        HostCommand::Add { agent, terms } => host_add(global, &agent.agent, &terms).await?,
         HostCommand::List { agent } => {
             let client = client_of(global, &agent.agent, global.token.clone())?;
             let rows = client
@@ -397,33 +364,7 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
             index,
             agent,
             terms,
-        } => {
-            let client = client_of(global, &agent.agent, global.token.clone())?;
-            let rows = client
-                .agent_list_partitions()
-                .await
-                .context("failed to read the partition table")?;
-            let current = rows
-                .iter()
-                .find(|r| r.partition.index == index)
-                .ok_or_else(|| {
-                    anyhow!("failed to alter partition {index}: no such partition on this host")
-                })?;
-            let terms = terms.apply(Some(&current.terms), &[])?;
-            let row = client
-                .agent_alter_partition(index, &terms)
-                .await
-                .with_context(|| format!("failed to alter partition {}", current.partition))?;
-            if global.output == OutputFormat::Json {
-                print_json(&row);
-            } else {
-                println!(
-                    "altered partition {}: {}",
-                    row.partition,
-                    terms_text(&row.terms)
-                );
-            }
-        }
+        } => host_alter(global, &agent.agent, index, &terms).await?,
         HostCommand::Withdraw { index, agent } => {
             let client = client_of(global, &agent.agent, global.token.clone())?;
             let row = client
@@ -438,6 +379,74 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+async fn host_credential(global: &Global, host_id: &str) -> Result<()> {
+    let created = broker(global)?
+        .create_host_credential(host_id)
+        .await
+        .with_context(|| format!("failed to make a credential for host '{host_id}'"))?;
+    if global.output == OutputFormat::Json {
+        print_json(&created);
+    } else {
+        println!(
+            "credential for host '{}' (acts only for it; shown once):\n{}",
+            created.host_id, created.token
+        );
+    }
+    Ok(())
+}
+
+async fn host_add(global: &Global, agent_url: &str, terms: &TermsArgs) -> Result<()> {
+    let client = client_of(global, agent_url, global.token.clone())?;
+    let info = client
+        .agent_info()
+        .await
+        .context("failed to reach the agent")?;
+    let terms = terms.apply(None, &info.images)?;
+    let row = client
+        .agent_add_partition(&terms)
+        .await
+        .context("failed to add the partition")?;
+    if global.output == OutputFormat::Json {
+        print_json(&row);
+    } else {
+        println!(
+            "added and registered partition {}: {}",
+            row.partition,
+            terms_text(&row.terms)
+        );
+    }
+    Ok(())
+}
+
+async fn host_alter(global: &Global, agent_url: &str, index: u32, terms: &TermsArgs) -> Result<()> {
+    let client = client_of(global, agent_url, global.token.clone())?;
+    let rows = client
+        .agent_list_partitions()
+        .await
+        .context("failed to read the partition table")?;
+    let current = rows
+        .iter()
+        .find(|r| r.partition.index == index)
+        .ok_or_else(|| {
+            anyhow!("failed to alter partition {index}: no such partition on this host")
+        })?;
+    let terms = terms.apply(Some(&current.terms), &[])?;
+    let row = client
+        .agent_alter_partition(index, &terms)
+        .await
+        .with_context(|| format!("failed to alter partition {}", current.partition))?;
+    if global.output == OutputFormat::Json {
+        print_json(&row);
+    } else {
+        println!(
+            "altered partition {}: {}",
+            row.partition,
+            terms_text(&row.terms)
+        );
+    }
+    Ok(())
 }
 
 // ---- borrower ----
@@ -656,7 +665,6 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
             args.lease
         ),
     };
-    let agent = client_of(global, &agent_url, None)?;
     let request = SubmitJobRequest {
         lease_key: key.clone(),
         command: args.command.clone(),
@@ -664,10 +672,35 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
         image: args.image.clone(),
         stream: false,
     };
+    let result = submit_cancelling_on_interrupt(global, &agent_url, &key, &lease, &request)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to run the job on lease {} ({})",
+                args.lease, lease.partition
+            )
+        })?;
+    report_job_end(global, &result);
+    Ok(match result.state {
+        leasehold_api::JobState::TimedOut => EXIT_JOB_TIMED_OUT,
+        leasehold_api::JobState::Cancelled => EXIT_JOB_CANCELLED,
+        _ => result.exit_code.unwrap_or(EXIT_FAILURE),
+    })
+}
+
+/// Runs the job on the agent, printing its output live (text output);
+/// Ctrl-C meanwhile cancels the job, whose id arrives with the first event.
+async fn submit_cancelling_on_interrupt(
+    global: &Global,
+    agent_url: &str,
+    key: &str,
+    lease: &leasehold_api::LeaseView,
+    request: &SubmitJobRequest,
+) -> Result<leasehold_api::JobResult> {
+    let agent = client_of(global, agent_url, None)?;
     let text = global.output == OutputFormat::Text;
-    // The job id arrives with the first event; Ctrl-C uses it to cancel.
     let (job_id_sender, job_id_receiver) = tokio::sync::watch::channel(None::<u64>);
-    let canceller = client_of(global, &agent_url, Some(key))?;
+    let canceller = client_of(global, agent_url, Some(key.to_string()))?;
     let cancel_on_interrupt = tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             let job_id = *job_id_receiver.borrow();
@@ -678,7 +711,7 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
         }
     });
     let result = agent
-        .submit_job_streaming(lease.partition.index, &request, |event| {
+        .submit_job_streaming(lease.partition.index, request, |event| {
             use std::io::Write;
             match event {
                 leasehold_api::JobEvent::Started { job_id } => {
@@ -694,35 +727,28 @@ pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
                 _ => {}
             }
         })
-        .await
-        .with_context(|| {
-            format!(
-                "failed to run the job on lease {} ({})",
-                args.lease, lease.partition
-            )
-        });
+        .await;
     cancel_on_interrupt.abort();
-    let result = result?;
+    Ok(result?)
+}
+
+/// The job's record for scripts, or what people should know about its end.
+fn report_job_end(global: &Global, result: &leasehold_api::JobResult) {
     if global.output == OutputFormat::Json {
-        print_json(&result);
-    } else {
-        if result.output_truncated {
-            eprintln!("leasehold: the job's output was cut at 1 MiB per stream in its record");
-        }
-        if result.oom_killed {
-            eprintln!("leasehold: the job was killed: it ran out of the partition's memory");
-        }
-        match result.state {
-            leasehold_api::JobState::TimedOut => eprintln!("leasehold: the job timed out"),
-            leasehold_api::JobState::Cancelled => eprintln!("leasehold: the job was cancelled"),
-            _ => {}
-        }
+        print_json(result);
+        return;
     }
-    Ok(match result.state {
-        leasehold_api::JobState::TimedOut => EXIT_JOB_TIMED_OUT,
-        leasehold_api::JobState::Cancelled => EXIT_JOB_CANCELLED,
-        _ => result.exit_code.unwrap_or(EXIT_FAILURE),
-    })
+    if result.output_truncated {
+        eprintln!("leasehold: the job's output was cut at 1 MiB per stream in its record");
+    }
+    if result.oom_killed {
+        eprintln!("leasehold: the job was killed: it ran out of the partition's memory");
+    }
+    match result.state {
+        leasehold_api::JobState::TimedOut => eprintln!("leasehold: the job timed out"),
+        leasehold_api::JobState::Cancelled => eprintln!("leasehold: the job was cancelled"),
+        _ => {}
+    }
 }
 
 #[derive(Args)]
