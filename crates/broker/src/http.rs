@@ -550,6 +550,10 @@ async fn lease(
                     .state
                     .idempotent_leases
                     .get(&(borrower.clone(), key.clone()))
+                    // Older than the retention: forgotten, pruned or not yet.
+                    .filter(|(_, at_ms)| {
+                        ctx.now_ms.saturating_sub(*at_ms) <= crate::writer::IDEMPOTENCY_RETENTION_MS
+                    })
                 {
                     let (lease_id, _) = *lease_id;
                     // Newest first: active, released in this very batch

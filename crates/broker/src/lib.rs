@@ -187,7 +187,12 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         bootstrap_admin_token = Some(token);
     }
     // Idempotency records older than a day are forgotten.
-    db.prune_idempotency(config.clock.now_ms().saturating_sub(24 * 3600 * 1000))?;
+    db.prune_idempotency(
+        config
+            .clock
+            .now_ms()
+            .saturating_sub(writer::IDEMPOTENCY_RETENTION_MS),
+    )?;
     if !bootstrap.is_empty() {
         db.apply(&bootstrap)?;
     }

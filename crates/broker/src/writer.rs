@@ -108,8 +108,8 @@ impl Writer {
     }
 }
 
-/// Idempotency records are kept for a day.
-const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 3600 * 1000;
+/// Idempotency records are kept for a day: honoured while at most this old.
+pub const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// How often old records are forgotten.
 const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 10 * 60 * 1000;
 
