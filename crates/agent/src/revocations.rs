@@ -24,20 +24,35 @@ const MAX_PAGES_PER_POLL: u32 = 100;
 pub(crate) fn spawn_pull_loop(agent: Arc<Agent>) -> tokio::task::AbortHandle {
     // At least 100 ms between polls, whatever the configuration says.
     let interval = Duration::from_millis(agent.config.revocation_poll_interval_ms.max(100));
-    let task = tokio::spawn(async move {
-        // From the start of the list: revocations made while the agent was
-        // down are read once, and those already fenced are skipped.
-        let mut after_seq = 0u64;
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
+    // From the start of the list: revocations made while the agent was down
+    // are read once, and those already fenced are skipped.
+    let after_seq = Arc::new(tokio::sync::Mutex::new(0u64));
+    let task = tokio::spawn(poll_every(interval, move || {
+        let (agent, after_seq) = (agent.clone(), after_seq.clone());
+        async move {
+            let mut after_seq = after_seq.lock().await;
             if let Err(error) = pull_new_revocations(&agent, &mut after_seq).await {
                 tracing::warn!(%error, "cannot pull revocations from the broker; will try again");
             }
         }
-    });
+    }));
     task.abort_handle()
+}
+
+/// Calls `poll` at once, then every `interval` on tokio's timer (so tests
+/// move it with paused time). A poll that overruns delays the next one by
+/// the overrun instead of making polls bunch up to catch up.
+async fn poll_every<F, Polled>(interval: Duration, mut poll: F)
+where
+    F: FnMut() -> Polled,
+    Polled: std::future::Future<Output = ()>,
+{
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        poll().await;
+    }
 }
 
 /// Reads the pages after `after_seq`, applying each revocation, and moves
@@ -159,6 +174,47 @@ mod tests {
             lease_id,
             notice,
         }
+    }
+
+    /// The times, from the start, at which `poll_every` polls, the first
+    /// poll taking `first_poll_ms` (tokio's paused time: exact, no waiting).
+    async fn poll_times_ms(interval_ms: u64, first_poll_ms: u64, polls: usize) -> Vec<u64> {
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let started = tokio::time::Instant::now();
+        let mut first = true;
+        let poller = tokio::spawn(poll_every(Duration::from_millis(interval_ms), move || {
+            let _ = sender.send(started.elapsed().as_millis() as u64);
+            let took = if std::mem::take(&mut first) {
+                first_poll_ms
+            } else {
+                0
+            };
+            tokio::time::sleep(Duration::from_millis(took))
+        }));
+        let mut times = Vec::new();
+        while times.len() < polls {
+            times.push(receiver.recv().await.expect("the poller runs"));
+        }
+        poller.abort();
+        times
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revocations_are_pulled_at_start_and_then_every_interval_exactly() {
+        assert_eq!(
+            poll_times_ms(5_000, 0, 4).await,
+            vec![0, 5_000, 10_000, 15_000]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_pull_delays_the_next_instead_of_bunching_them() {
+        // The first pull takes 7 s: the one due at 5 s starts when it ends,
+        // and the interval counts from there, never two polls at once.
+        assert_eq!(
+            poll_times_ms(5_000, 7_000, 4).await,
+            vec![0, 7_000, 12_000, 17_000]
+        );
     }
 
     #[test]
