@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cli, terms, Cluster};
+use common::{cli, terms, Cluster, SimulatedClockFile};
 use leasehold_api::{LeaseRequest, SubmitJobRequest};
 use leasehold_core::key::KeyRejection;
 
@@ -448,11 +448,20 @@ async fn jobs_run_only_with_a_valid_key() {
     assert_eq!(error.status(), Some(404));
 }
 
+/// `leasehold run` with the borrower's token on `lease_id`, as JSON.
+fn run_true(url: &str, token: &str, lease_id: &str) -> common::CliOutput {
+    let args = ["run", "--lease", lease_id, "--output", "json", "--", "true"];
+    cli(url, Some(token), &args)
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn an_expired_key_is_refused() {
-    // Keys that expire the moment they are issued.
-    let mut cluster = Cluster::start(&["--key-ttl-secs", "0"]).await;
-    let alpha = cluster.start_agent("alpha", "sim");
+async fn a_key_runs_jobs_until_its_expiry_and_is_refused_from_it() {
+    // The broker and the agent read one clock the test moves: the default
+    // key lifetime (a week) passes without waiting.
+    let clock = SimulatedClockFile::starting_at(1_700_000_000_000);
+    let clock_args = clock.args();
+    let mut cluster = Cluster::start(&[&clock_args[0], &clock_args[1]]).await;
+    let alpha = cluster.start_agent_with("alpha", "sim", &[&clock_args[0], &clock_args[1]]);
     let (token, _) = cluster.borrower("bob").await;
     leasehold_api::Client::new(&alpha, Some(cluster.lender_token.clone()))
         .agent_add_partition(&terms(1, 512, "busybox", 1000))
@@ -462,22 +471,20 @@ async fn an_expired_key_is_refused() {
     let lease = cli(
         &url,
         Some(&token),
-        &["lease", "alpha/1", "--allow-unisolated", "--output", "json"],
+        &["lease", "alpha/1", "--output", "json"],
     )
     .json();
-    let run = cli(
-        &url,
-        Some(&token),
-        &[
-            "run",
-            "--lease",
-            &lease["lease_id"].to_string(),
-            "--output",
-            "json",
-            "--",
-            "true",
-        ],
-    );
+    let expires_at_ms = lease["key_expires_at_ms"].as_u64().unwrap();
+    assert_eq!(expires_at_ms, clock.now_ms() + 7 * 24 * 3600 * 1000);
+    let lease_id = lease["lease_id"].to_string();
+    let run = run_true(&url, &token, &lease_id);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    clock.set_ms(expires_at_ms - 1);
+    let run = run_true(&url, &token, &lease_id);
+    assert_eq!(run.code, 0, "a millisecond before expiry: {}", run.stderr);
+    // From its expiry on, the user is told the key has expired.
+    clock.set_ms(expires_at_ms);
+    let run = run_true(&url, &token, &lease_id);
     assert_eq!(run.code, 1);
     assert_eq!(
         run.json()["error"]["key_rejection"],

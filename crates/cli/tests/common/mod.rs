@@ -176,34 +176,37 @@ impl Cluster {
 
     /// Starts an agent for `host_id` with the given driver.
     pub fn start_agent(&mut self, host_id: &str, driver: &str) -> String {
+        self.start_agent_with(host_id, driver, &[])
+    }
+
+    /// Starts an agent for `host_id` with the given driver and extra flags.
+    pub fn start_agent_with(&mut self, host_id: &str, driver: &str, extra: &[&str]) -> String {
         let data = self.path(&format!("agent-{host_id}"));
         let log = self.path(&format!("agent-{host_id}-{}.log", rand_suffix()));
         let data_text = data.display().to_string();
-        let proc = spawn_ready_with_token(
-            &[
-                "agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data_text,
-                "--host-id",
-                host_id,
-                "--driver",
-                driver,
-                "--cpus",
-                "64",
-                "--memory-mib",
-                "65536",
-                "--disk-gib",
-                "1000",
-                "--broker",
-                &self.broker_url,
-                "--output",
-                "json",
-            ],
-            Some(&self.lender_token),
-            &log,
-        );
+        let mut args = vec![
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_text,
+            "--host-id",
+            host_id,
+            "--driver",
+            driver,
+            "--cpus",
+            "64",
+            "--memory-mib",
+            "65536",
+            "--disk-gib",
+            "1000",
+            "--broker",
+            &self.broker_url,
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let proc = spawn_ready_with_token(&args, Some(&self.lender_token), &log);
         let url = proc.ready["agent_url"]
             .as_str()
             .expect("agent_url")
@@ -249,6 +252,56 @@ impl Cluster {
             "a restart must not bootstrap a new admin"
         );
         self.broker = Some(proc);
+    }
+}
+
+/// The time of the real binary's processes, set by the test: a private
+/// (0600) file of milliseconds since 1970 that a broker, agent or `up` reads
+/// when started with the hidden `--simulated-clock-file FILE`. Every write
+/// is an atomic rename, so a process never reads half a number.
+pub struct SimulatedClockFile {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    now_ms: std::sync::atomic::AtomicU64,
+}
+
+impl SimulatedClockFile {
+    pub fn starting_at(start_ms: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = SimulatedClockFile {
+            path: dir.path().join("clock"),
+            _dir: dir,
+            now_ms: std::sync::atomic::AtomicU64::new(start_ms),
+        };
+        clock.set_ms(start_ms);
+        clock
+    }
+
+    /// The flag and its value, to append to a service's arguments.
+    pub fn args(&self) -> [String; 2] {
+        [
+            "--simulated-clock-file".to_string(),
+            self.path.display().to_string(),
+        ]
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Sets the processes' time to `now_ms` (they never go backwards).
+    pub fn set_ms(&self, now_ms: u64) {
+        leasehold_store::private_fs::write_private_file(&self.path, now_ms.to_string().as_bytes())
+            .expect("write the simulated clock file");
+        self.now_ms
+            .store(now_ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Moves the processes' time forward by `by_ms`; the new time.
+    pub fn advance_ms(&self, by_ms: u64) -> u64 {
+        let now_ms = self.now_ms() + by_ms;
+        self.set_ms(now_ms);
+        now_ms
     }
 }
 
