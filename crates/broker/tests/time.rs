@@ -56,6 +56,17 @@ fn terms() -> Terms {
     }
 }
 
+fn capacity() -> HostCapacity {
+    HostCapacity {
+        cpu_centicores: 800,
+        memory_mib: 8192,
+        disk_gib: 100,
+        owner_share_cpu_centicores: 0,
+        owner_share_memory_mib: 0,
+        owner_share_disk_gib: 0,
+    }
+}
+
 async fn start_market() -> Market {
     let dir = tempfile::tempdir().unwrap();
     let clock = SimulatedClock::starting_at(START_MS);
@@ -73,17 +84,9 @@ async fn start_market() -> Market {
     let lender = Client::new(&broker.url(), Some(token_of(Role::Lender).await));
     let borrower_token = token_of(Role::Borrower).await;
     let borrower = Client::new(&broker.url(), Some(borrower_token.clone()));
-    let capacity = HostCapacity {
-        cpu_centicores: 800,
-        memory_mib: 8192,
-        disk_gib: 100,
-        owner_share_cpu_centicores: 0,
-        owner_share_memory_mib: 0,
-        owner_share_disk_gib: 0,
-    };
     let host = RegisterHostRequest {
         agent_url: None,
-        capacity,
+        capacity: capacity(),
     };
     lender.register_host("alpha", &host).await.unwrap();
     for index in [1, 2] {
@@ -247,4 +250,106 @@ async fn a_release_notice_is_listed_until_the_key_it_fences_expires() {
     // ...and not after: an expired key is refused by its expiry alone.
     market.clock.advance_ms(1);
     assert_eq!(listed(&market).await, Vec::<u64>::new());
+}
+
+/// An agent on 127.0.0.1:0 that never takes a release notice (503: try
+/// again) and takes every other notice. It reports the lease of each
+/// release notice as it arrives, and on the second attempt for the lease
+/// named in `expire_on_second_attempt` it moves the clock to that key's
+/// expiry before answering, so the broker sees the key expire between two
+/// attempts at a known point, whatever the machine's load.
+struct RefusingAgent {
+    clock: SimulatedClock,
+    /// (lease id, its key's expiry).
+    expire_on_second_attempt: std::sync::Mutex<Option<(u64, u64)>>,
+    attempts: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
+    arrived: tokio::sync::mpsc::UnboundedSender<u64>,
+    broker_key: ed25519_dalek::VerifyingKey,
+}
+
+impl RefusingAgent {
+    fn take(&self, notice: &str) -> axum::http::StatusCode {
+        use leasehold_core::key::{decode_notice, NoticeKind};
+        let claims = decode_notice(notice, &self.broker_key).expect("the broker signs notices");
+        if claims.kind != NoticeKind::LeaseReleased {
+            return axum::http::StatusCode::OK;
+        }
+        let attempt = {
+            let mut attempts = self.attempts.lock().unwrap();
+            let count = attempts.entry(claims.lease_id).or_default();
+            *count += 1;
+            *count
+        };
+        let target = *self.expire_on_second_attempt.lock().unwrap();
+        if let Some((lease_id, expires_at_ms)) = target {
+            if lease_id == claims.lease_id && attempt == 2 {
+                let now_ms = leasehold_service::Clock::now_ms(&self.clock);
+                self.clock.advance_ms(expires_at_ms.saturating_sub(now_ms));
+            }
+        }
+        let _ = self.arrived.send(claims.lease_id);
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn start_refusing_agent(agent: std::sync::Arc<RefusingAgent>) -> String {
+    let handler = move |headers: axum::http::HeaderMap| {
+        let agent = agent.clone();
+        async move {
+            let notice = leasehold_service::bearer_token(&headers).unwrap_or("");
+            (agent.take(notice), "{}")
+        }
+    };
+    let router = axum::Router::new().route("/v1/notices", axum::routing::post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+#[tokio::test]
+async fn an_undelivered_release_notice_is_retried_until_its_key_expires_then_dropped() {
+    let market = start_market().await;
+    let info = market.borrower.broker_info().await.unwrap();
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let agent = std::sync::Arc::new(RefusingAgent {
+        clock: market.clock.clone(),
+        expire_on_second_attempt: Default::default(),
+        attempts: Default::default(),
+        arrived,
+        broker_key: leasehold_core::key::verifying_key_from_hex(&info.public_key_hex).unwrap(),
+    });
+    let host = RegisterHostRequest {
+        agent_url: Some(start_refusing_agent(agent.clone()).await),
+        capacity: capacity(),
+    };
+    market.lender.register_host("alpha", &host).await.unwrap();
+    let first = market
+        .borrower
+        .lease(&lease_named("alpha/1"))
+        .await
+        .unwrap();
+    *agent.expire_on_second_attempt.lock().unwrap() =
+        Some((first.lease_id, first.key_expires_at_ms));
+    let receipt = market.borrower.release(first.lease_id).await.unwrap();
+    assert!(!receipt.agent_notified);
+    // Refused while the key is valid: tried again. The second attempt is
+    // refused as the key expires: that one is the last, since an expired
+    // key is refused by its expiry alone.
+    assert_eq!(arrivals.recv().await, Some(first.lease_id));
+    assert_eq!(arrivals.recv().await, Some(first.lease_id));
+    // A notice whose key is valid goes on being retried with backoff (0.2 s,
+    // then 0.4 s). Had the first stayed queued, its next attempt (due 0.4 s
+    // after its last) would have come before this one's third.
+    let second = market
+        .borrower
+        .lease(&lease_named("alpha/2"))
+        .await
+        .unwrap();
+    market.borrower.release(second.lease_id).await.unwrap();
+    let mut attempts = Vec::new();
+    while attempts.len() < 3 {
+        attempts.push(arrivals.recv().await.unwrap());
+    }
+    assert_eq!(attempts, vec![second.lease_id; 3]);
 }
