@@ -1,8 +1,8 @@
 //! The agent's wall-clock rules, tested by moving a simulated clock that
 //! the agent and its broker share, instead of waiting or issuing keys with
-//! a zero TTL: a lease key's expiry, and the broker-key refresh at most once
-//! per 10 s. Both services run in this process on 127.0.0.1:0, driven over
-//! HTTP.
+//! a zero TTL: a lease key's expiry, the broker-key refresh at most once per
+//! 10 s, and the 60 s the broker's word on a lender's token is trusted. Both
+//! services run in this process on 127.0.0.1:0, driven over HTTP.
 
 use leasehold_agent::driver::DriverKind;
 use leasehold_agent::{AgentConfig, RunningAgent};
@@ -243,4 +243,37 @@ async fn the_agent_asks_the_broker_for_new_keys_at_most_once_per_ten_seconds() {
     let old_key = first.lease_key.clone().unwrap();
     assert_eq!(run_with(&market, 1, &old_key).await, Ok(0));
     market.agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_brokers_word_on_a_lender_token_is_trusted_for_sixty_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(START_MS);
+    let listen = "127.0.0.1:0".parse().unwrap();
+    let broker = leasehold_broker::start(broker_config(dir.path().join("broker"), listen, &clock))
+        .await
+        .unwrap();
+    let admin = Client::new(&broker.url(), broker.bootstrap_admin_token.clone());
+    let lender_token = admin
+        .create_principal("lender", Role::Lender)
+        .await
+        .unwrap()
+        .token;
+    let lender = Client::new(&broker.url(), Some(lender_token.clone()));
+    let credential = lender.create_host_credential("alpha").await.unwrap().token;
+    // The agent holds only the host's credential; the lender's own token is
+    // accepted at its lender interface because the broker vouches for it.
+    let mut config = agent_config(dir.path().join("agent"), broker.url(), credential);
+    config.clock = clock.shared();
+    let agent = leasehold_agent::start(config).await.unwrap();
+    let lender_at_agent = Client::new(&agent.url(), Some(lender_token));
+    assert!(lender_at_agent.agent_list_partitions().await.is_ok());
+    // With the broker gone, the answer it gave holds for 60 s, not longer.
+    broker.shutdown().await;
+    clock.advance_ms(60_000 - 1);
+    assert!(lender_at_agent.agent_list_partitions().await.is_ok());
+    clock.advance_ms(1);
+    let error = lender_at_agent.agent_list_partitions().await.unwrap_err();
+    assert!(matches!(error.status(), Some(401 | 403)), "{error}");
+    agent.shutdown().await;
 }
