@@ -1,7 +1,8 @@
 //! The broker's wall-clock rules, tested by moving a simulated clock instead
 //! of waiting: billing by the started second, the idempotency records' day,
-//! and the revocation list that lasts as long as the key it fences. The
-//! broker runs in this process on 127.0.0.1:0 and is driven over HTTP.
+//! and release notices that last as long as the key they fence (in the
+//! revocation list, and in the outbox's retries). The broker runs in this
+//! process on 127.0.0.1:0 and is driven over HTTP.
 
 use leasehold_api::{
     Client, LeaseRequest, LeaseView, RegisterHostRequest, RegisterPartitionRequest, Role,
@@ -10,6 +11,7 @@ use leasehold_broker::{BrokerConfig, RunningBroker, DEFAULT_KEY_TTL_MS};
 use leasehold_core::{HostCapacity, Terms};
 use leasehold_service::SimulatedClock;
 use leasehold_store::Durability;
+use std::time::Duration;
 
 /// Any fixed time will do; this one reads like a real date (2023-11-14).
 const START_MS: u64 = 1_700_000_000_000;
@@ -263,7 +265,8 @@ struct RefusingAgent {
     /// (lease id, its key's expiry).
     expire_on_second_attempt: std::sync::Mutex<Option<(u64, u64)>>,
     attempts: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
-    arrived: tokio::sync::mpsc::UnboundedSender<u64>,
+    /// Each release notice's lease, and when it arrived.
+    arrived: tokio::sync::mpsc::UnboundedSender<(u64, tokio::time::Instant)>,
     broker_key: ed25519_dalek::VerifyingKey,
 }
 
@@ -287,7 +290,9 @@ impl RefusingAgent {
                 self.clock.advance_ms(expires_at_ms.saturating_sub(now_ms));
             }
         }
-        let _ = self.arrived.send(claims.lease_id);
+        let _ = self
+            .arrived
+            .send((claims.lease_id, tokio::time::Instant::now()));
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     }
 }
@@ -336,8 +341,9 @@ async fn an_undelivered_release_notice_is_retried_until_its_key_expires_then_dro
     // Refused while the key is valid: tried again. The second attempt is
     // refused as the key expires: that one is the last, since an expired
     // key is refused by its expiry alone.
-    assert_eq!(arrivals.recv().await, Some(first.lease_id));
-    assert_eq!(arrivals.recv().await, Some(first.lease_id));
+    let lease_of = |arrival: Option<(u64, tokio::time::Instant)>| arrival.map(|(lease, _)| lease);
+    assert_eq!(lease_of(arrivals.recv().await), Some(first.lease_id));
+    assert_eq!(lease_of(arrivals.recv().await), Some(first.lease_id));
     // A notice whose key is valid goes on being retried with backoff (0.2 s,
     // then 0.4 s). Had the first stayed queued, its next attempt (due 0.4 s
     // after its last) would have come before this one's third.
@@ -351,5 +357,11 @@ async fn an_undelivered_release_notice_is_retried_until_its_key_expires_then_dro
     while attempts.len() < 3 {
         attempts.push(arrivals.recv().await.unwrap());
     }
-    assert_eq!(attempts, vec![second.lease_id; 3]);
+    let leases: Vec<u64> = attempts.iter().map(|(lease, _)| *lease).collect();
+    assert_eq!(leases, vec![second.lease_id; 3]);
+    // The waits are at least the backoff (a timer never fires early; how
+    // much later depends on the machine, so no upper bound is asserted).
+    let waited = |n: usize| attempts[n].1 - attempts[n - 1].1;
+    assert!(waited(1) >= Duration::from_millis(200), "{:?}", waited(1));
+    assert!(waited(2) >= Duration::from_millis(400), "{:?}", waited(2));
 }
