@@ -118,7 +118,7 @@ pub struct BrokerArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10000))]
     pub commission_basis_points: u32,
     /// How long a lease key stays valid, in seconds (0 makes keys that are
-    /// expired at once: only for tests of expiry).
+    /// expired at once).
     #[arg(long, default_value_t = leasehold_broker::DEFAULT_KEY_TTL_MS / 1000)]
     pub key_ttl_secs: u64,
     /// `full` fsyncs every commit (an acknowledged lease survives a power
