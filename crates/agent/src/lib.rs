@@ -215,11 +215,12 @@ fn restate_isolation(
     Ok(notes)
 }
 
-/// Starts an agent: opens its partition table, pins the broker's public key,
-/// registers the host and reconciles its partitions with the broker, then
-/// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
-pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
-    leasehold_core::ids::validate_host_id("host_id", &config.host_id)?;
+/// Opens the partition table in the private data directory; jobs that
+/// were running when the agent stopped are marked lost.
+fn open_partition_table(
+    config: &AgentConfig,
+    notes: &mut Vec<String>,
+) -> Result<AgentDb, AgentError> {
     leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     let db_path = config.data_dir.join("agent.db");
@@ -227,12 +228,33 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     let db = AgentDb::open(&db_path)?;
     let lost = db.mark_running_jobs_lost(config.clock.now_ms())?;
-    let mut reconciled = Vec::new();
     if lost > 0 {
-        reconciled.push(format!(
+        notes.push(format!(
             "{lost} job(s) were running when the agent stopped; marked lost"
         ));
     }
+    Ok(db)
+}
+
+/// Each partition keeps the cores it had before the restart.
+fn restore_cores(db: &AgentDb, driver: &dyn PartitionDriver) -> Result<(), AgentError> {
+    let kept: Vec<(u32, Vec<u32>)> = db
+        .partitions()?
+        .into_iter()
+        .filter(|row| !row.cores.is_empty())
+        .map(|row| (row.index, row.cores))
+        .collect();
+    driver.restore_cores(&kept);
+    Ok(())
+}
+
+/// Starts an agent: opens its partition table, pins the broker's public key,
+/// registers the host and reconciles its partitions with the broker, then
+/// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
+pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
+    leasehold_core::ids::validate_host_id("host_id", &config.host_id)?;
+    let mut reconciled = Vec::new();
+    let db = open_partition_table(&config, &mut reconciled)?;
     let broker = leasehold_api::Client::with_trust(
         &config.broker_url,
         Some(config.lender_token.clone()),
@@ -255,14 +277,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let driver_name = driver.name();
     // Kills what a crash left of earlier jobs before anything is served.
     reconciled.extend(driver.reconcile());
-    // Each partition keeps the cores it had before the restart.
-    let kept_cores: Vec<(u32, Vec<u32>)> = db
-        .partitions()?
-        .into_iter()
-        .filter(|row| !row.cores.is_empty())
-        .map(|row| (row.index, row.cores))
-        .collect();
-    driver.restore_cores(&kept_cores);
+    restore_cores(&db, driver.as_ref())?;
     reconciled.extend(restate_isolation(&db, config.driver.isolation())?);
     let agent = Arc::new(Agent {
         config: config.clone(),
