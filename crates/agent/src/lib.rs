@@ -14,6 +14,8 @@ mod notices;
 mod reconcile;
 mod refused;
 mod revocations;
+#[cfg(test)]
+mod tests;
 mod trust;
 
 pub use error::AgentError;
