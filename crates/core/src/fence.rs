@@ -269,15 +269,29 @@ fn on_key_presented(
     now_ms: u64,
 ) -> FenceOutcome {
     check_key(&fence, lease_id, epoch, key_expires_at_ms, now_ms).map_err(FenceRefusal::Key)?;
-    if let FencePhase::Leased { built, .. } = fence.phase {
+    if let FencePhase::Leased {
+        built,
+        key_expires_at_ms: known_expiry,
+        ..
+    } = fence.phase
+    {
         if epoch == fence.epoch {
-            // The lease the host knows: build it once.
-            let actions = if built {
-                vec![]
-            } else {
-                vec![FenceAction::Build]
-            };
-            return Ok((fence, actions));
+            // The lease the host knows: build it once. A lease learned from
+            // the broker's list at start learns its key's expiry here.
+            let mut actions = Vec::new();
+            let mut current = fence;
+            if known_expiry.is_none() {
+                current = fence.with_phase(FencePhase::Leased {
+                    lease_id,
+                    key_expires_at_ms: Some(key_expires_at_ms),
+                    built,
+                });
+                actions.push(FenceAction::Persist);
+            }
+            if !built {
+                actions.push(FenceAction::Build);
+            }
+            return Ok((current, actions));
         }
     }
     // A newer lease than the host knew (the broker signed it): adopt it.
@@ -948,6 +962,24 @@ mod tests {
         ("withdrawn", "reconcile newer lease", "refused Gone"),
         ("withdrawn", "reconcile newer free", "refused Gone"),
     ];
+
+    #[test]
+    fn a_lease_adopted_at_start_learns_its_key_expiry_from_the_first_key() {
+        let adopted = PartitionFence {
+            epoch: 5,
+            released_through_epoch: 4,
+            phase: FencePhase::Leased {
+                lease_id: 50,
+                key_expires_at_ms: None,
+                built: true,
+            },
+        };
+        let (after, actions) = on_event(adopted, key(50, 5, 5_000), NOW_MS).unwrap();
+        assert_eq!(after.key_expires_at_ms(), Some(5_000));
+        assert_eq!(actions, vec![FenceAction::Persist]);
+        let (expired, _) = on_event(after, FenceEvent::KeyExpiryCheck, LATER_MS).unwrap();
+        assert_eq!(expired.phase, FencePhase::Fenced);
+    }
 
     fn arbitrary_event() -> impl Strategy<Value = (FenceEvent, u64)> {
         let epoch = 0u64..8;

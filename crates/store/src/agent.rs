@@ -123,6 +123,7 @@ fn finish_partition(raw: RawPartition) -> StoreResult<AgentPartitionRow> {
         },
         ("fenced", _) => FencePhase::Fenced,
         ("wiping", _) => FencePhase::Wiping,
+        ("withdrawn", _) => FencePhase::Withdrawn,
         (other, _) => {
             return Err(corrupt(
                 "partitions",
