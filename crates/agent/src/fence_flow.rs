@@ -124,8 +124,10 @@ impl Agent {
 
     /// Fences the leases whose keys expired: no key of theirs can run a job
     /// again, and a release notice for them may never come (the broker
-    /// stops delivering at the key's expiry).
-    pub(crate) async fn fence_expired_keys(self: &Arc<Self>) -> Result<(), AgentError> {
+    /// stops delivering at the key's expiry). Answers the wipes under way.
+    pub(crate) fn fence_expired_keys(
+        self: &Arc<Self>,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, AgentError> {
         let now_ms = self.config.clock.now_ms();
         let expired: Vec<u32> = self
             .db()
@@ -134,13 +136,19 @@ impl Agent {
             .filter(|row| row.fence.key_expires_at_ms().is_some_and(|at| now_ms >= at))
             .map(|row| row.index)
             .collect();
+        let mut wipes = Vec::new();
         for index in expired {
             let decided = self.drive_fence(index, FenceEvent::KeyExpiryCheck)?;
             if decided.must(FenceAction::WipeWhenStopped) {
                 tracing::info!(partition = index, "the lease's key expired; fenced");
-                self.wipe_when_stopped(index).await;
+                // Not awaited: a job slow to stop must not hold up the
+                // sweep of the other partitions, nor the next poll.
+                let agent = self.clone();
+                wipes.push(tokio::spawn(
+                    async move { agent.wipe_when_stopped(index).await },
+                ));
             }
         }
-        Ok(())
+        Ok(wipes)
     }
 }

@@ -35,7 +35,7 @@ pub(crate) fn spawn_pull_loop(agent: Arc<Agent>) -> tokio::task::AbortHandle {
             if let Err(error) = pull_new_revocations(&agent, &mut after_seq).await {
                 tracing::warn!(%error, "cannot pull revocations from the broker; will try again");
             }
-            if let Err(error) = agent.fence_expired_keys().await {
+            if let Err(error) = agent.fence_expired_keys() {
                 tracing::warn!(%error, "cannot fence the leases whose keys expired");
             }
         }

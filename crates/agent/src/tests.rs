@@ -312,7 +312,7 @@ async fn an_expired_key_fences_its_lease_once_the_clock_passes_it() {
     let h = harness(&[1]);
     let key = h.key(1, 10, 1, 5_000);
     h.run(1, key.clone()).await.unwrap();
-    h.agent.fence_expired_keys().await.unwrap();
+    assert!(h.agent.fence_expired_keys().unwrap().is_empty());
     assert!(
         matches!(h.phase(1), FencePhase::Leased { .. }),
         "not expired yet"
@@ -322,7 +322,16 @@ async fn an_expired_key_fences_its_lease_once_the_clock_passes_it() {
         Err(AgentError::Locked { lease_id: 10, .. })
     ));
     h.clock.advance_ms(4_000);
-    h.agent.fence_expired_keys().await.unwrap();
+    let wipes = h.agent.fence_expired_keys().unwrap();
+    assert_eq!(wipes.len(), 1);
+    assert_eq!(
+        rejected(h.run(1, key.clone()).await),
+        Some(KeyRejection::Released),
+        "fenced before the wipe"
+    );
+    for wipe in wipes {
+        wipe.await.unwrap();
+    }
     assert_eq!(h.phase(1), FencePhase::Free);
     assert_eq!(h.agent.load(1).unwrap().fence.released_through_epoch, 1);
     assert_eq!(*h.driver.wipes.lock().unwrap(), vec![1]);
