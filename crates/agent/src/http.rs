@@ -281,49 +281,55 @@ async fn submit_job(
     use axum::response::IntoResponse;
     let index = parse_index(&index)?;
     require_same_as_bearer("lease_key", &request.lease_key, &bearer)?;
+    check_job_request(&request).map_err(|problem| err(AgentError::Invalid(problem)))?;
+    if request.stream {
+        return stream_job(agent, index, request).await;
+    }
+    // In its own task: a client that hangs up must not abandon a running
+    // job (its lock, its timeout, its record).
+    let result = tokio::spawn(async move { agent.run_job(index, request, None, None).await })
+        .await
+        .map_err(|join| err(AgentError::Internal(join.to_string())))?
+        .map_err(err)?;
+    Ok(Json(result).into_response())
+}
+
+/// The command and timeout of a job, within their bounds.
+fn check_job_request(request: &SubmitJobRequest) -> Result<(), FieldError> {
     if request.command.is_empty() || request.command[0].is_empty() {
-        return Err(err(AgentError::Invalid(FieldError::new(
-            "command",
-            "must name a program to run",
-        ))));
+        return Err(FieldError::new("command", "must name a program to run"));
     }
     if request.command.len() > MAX_COMMAND_ARGS {
-        return Err(err(AgentError::Invalid(FieldError::new(
+        return Err(FieldError::new(
             "command",
             format!("at most {MAX_COMMAND_ARGS} arguments"),
-        ))));
+        ));
     }
     let total: usize = request.command.iter().map(String::len).sum();
     if total > MAX_COMMAND_BYTES || request.command.iter().any(|a| a.contains('\0')) {
-        return Err(err(AgentError::Invalid(FieldError::new(
+        return Err(FieldError::new(
             "command",
             format!("at most {MAX_COMMAND_BYTES} bytes in all, without NUL characters"),
-        ))));
+        ));
     }
     if request.timeout_ms == Some(0) {
-        return Err(err(AgentError::Invalid(FieldError::new(
-            "timeout_ms",
-            "must be at least 1",
-        ))));
+        return Err(FieldError::new("timeout_ms", "must be at least 1"));
     }
-    if !request.stream {
-        // In its own task: a client that hangs up must not abandon a
-        // running job (its lock, its timeout, its record).
-        let job_agent = agent.clone();
-        let result =
-            tokio::spawn(async move { job_agent.run_job(index, request, None, None).await })
-                .await
-                .map_err(|join| err(AgentError::Internal(join.to_string())))?
-                .map_err(err)?;
-        return Ok(Json(result).into_response());
-    }
-    // Streamed: newline-delimited JSON events, live output first, the
-    // result last. Errors before the job starts still get a plain 4xx.
-    let (output_sender, mut output) = tokio::sync::mpsc::channel::<(Stream, Vec<u8>)>(256);
+    Ok(())
+}
+
+/// Streamed: newline-delimited JSON events, live output first, the result
+/// last. Errors before the job starts still get a plain 4xx.
+async fn stream_job(
+    agent: Arc<Agent>,
+    index: u32,
+    request: SubmitJobRequest,
+) -> Result<axum::response::Response, ErrorResponse> {
+    use axum::response::IntoResponse;
+    let (output_sender, output) = tokio::sync::mpsc::channel::<(Stream, Vec<u8>)>(256);
     let (started_sender, started) = tokio::sync::oneshot::channel();
-    let job_agent = agent.clone();
     let mut job = tokio::spawn(async move {
-        job_agent
+        agent
             .run_job(index, request, Some(output_sender), Some(started_sender))
             .await
     });
@@ -341,43 +347,54 @@ async fn submit_job(
         }
     };
     let (lines, body_stream) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(256);
-    tokio::spawn(async move {
-        let line = |event: &JobEvent| {
-            Ok(format!(
-                "{}\n",
-                serde_json::to_string(event).expect("events serialize")
-            ))
-        };
-        if let Some(job_id) = job_id {
-            let _ = lines.send(line(&JobEvent::Started { job_id })).await;
-        }
-        while let Some((stream, bytes)) = output.recv().await {
-            let data = String::from_utf8_lossy(&bytes).into_owned();
-            let event = match stream {
-                Stream::Stdout => JobEvent::Stdout { data },
-                Stream::Stderr => JobEvent::Stderr { data },
-            };
-            if lines.send(line(&event)).await.is_err() {
-                break;
-            }
-        }
-        let last = match job.await {
-            Ok(Ok(result)) => JobEvent::Result { result },
-            Ok(Err(error)) => JobEvent::Error {
-                error: *err(error).detail,
-            },
-            Err(join) => JobEvent::Error {
-                error: *err(AgentError::Internal(join.to_string())).detail,
-            },
-        };
-        let _ = lines.send(line(&last)).await;
-    });
+    tokio::spawn(forward_job_events(job_id, output, job, lines));
     let body = axum::body::Body::from_stream(ReceiverStream(body_stream));
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
         body,
     )
         .into_response())
+}
+
+type JobTask = tokio::task::JoinHandle<Result<JobResult, AgentError>>;
+
+/// Writes a streamed job's events as lines: started, its output as it
+/// comes, then its result (or error).
+async fn forward_job_events(
+    job_id: Option<u64>,
+    mut output: tokio::sync::mpsc::Receiver<(Stream, Vec<u8>)>,
+    job: JobTask,
+    lines: tokio::sync::mpsc::Sender<Result<String, std::io::Error>>,
+) {
+    let line = |event: &JobEvent| {
+        Ok(format!(
+            "{}\n",
+            serde_json::to_string(event).expect("events serialize")
+        ))
+    };
+    if let Some(job_id) = job_id {
+        let _ = lines.send(line(&JobEvent::Started { job_id })).await;
+    }
+    while let Some((stream, bytes)) = output.recv().await {
+        let data = String::from_utf8_lossy(&bytes).into_owned();
+        let event = match stream {
+            Stream::Stdout => JobEvent::Stdout { data },
+            Stream::Stderr => JobEvent::Stderr { data },
+        };
+        if lines.send(line(&event)).await.is_err() {
+            break;
+        }
+    }
+    let last = match job.await {
+        Ok(Ok(result)) => JobEvent::Result { result },
+        Ok(Err(error)) => JobEvent::Error {
+            error: *err(error).detail,
+        },
+        Err(join) => JobEvent::Error {
+            error: *err(AgentError::Internal(join.to_string())).detail,
+        },
+    };
+    let _ = lines.send(line(&last)).await;
 }
 
 /// A tokio receiver as a `Stream` of body chunks.

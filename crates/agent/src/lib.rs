@@ -5,25 +5,31 @@
 
 pub mod driver;
 pub mod error;
+mod fence_flow;
 mod http;
 pub mod images;
+mod job_run;
 mod lender_check;
+mod notices;
+mod reconcile;
 mod refused;
 mod revocations;
+#[cfg(test)]
+mod tests;
 mod trust;
 
 pub use error::AgentError;
 pub use revocations::DEFAULT_REVOCATION_POLL_SECS;
 
-use driver::{DriverKind, JobEnd, JobSpec, PartitionDriver, PartitionSpec};
+use driver::{DriverKind, PartitionDriver};
 use leasehold_api::{
-    AgentPartitionView, JobResult, JobState, LendingFlag, RegisterHostRequest,
-    RegisterPartitionRequest, SubmitJobRequest,
+    AgentPartitionView, JobResult, JobState, LendingFlag, RegisterPartitionRequest,
 };
-use leasehold_core::key::{self, KeyAcceptance, KeyRejection, NoticeKind, PartitionKeyState};
+use leasehold_core::fence::{FenceAction, FenceEvent};
+use leasehold_core::key::{self, KeyRejection};
 use leasehold_core::{FieldError, HostCapacity, PartitionRef, Terms};
 use leasehold_service::SharedClock;
-use leasehold_store::agent::{AgentDb, AgentPartitionRow, JobRow};
+use leasehold_store::agent::{AgentDb, AgentPartitionRow};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -147,10 +153,10 @@ fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
         } else {
             LendingFlag::Unregistered
         },
-        epoch: row.epoch,
-        lease_id: row.lease_id,
-        released_through_epoch: row.released_through_epoch,
-        built: row.built,
+        epoch: row.fence.epoch,
+        lease_id: row.fence.lease_id(),
+        released_through_epoch: row.fence.released_through_epoch,
+        built: row.fence.built(),
     }
 }
 
@@ -200,7 +206,7 @@ fn restate_isolation(
             row.terms.isolation = Some(isolation);
             // Registered again at the broker by the reconciliation below.
             row.registered = false;
-            db.update_partition(&row)?;
+            db.update_terms_and_registration(&row)?;
             notes.push(format!(
                 "partition {}: isolation is now '{}' (this agent's driver)",
                 row.index,
@@ -211,11 +217,12 @@ fn restate_isolation(
     Ok(notes)
 }
 
-/// Starts an agent: opens its partition table, pins the broker's public key,
-/// registers the host and reconciles its partitions with the broker, then
-/// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
-pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
-    leasehold_core::ids::validate_host_id("host_id", &config.host_id)?;
+/// Opens the partition table in the private data directory; jobs that
+/// were running when the agent stopped are marked lost.
+fn open_partition_table(
+    config: &AgentConfig,
+    notes: &mut Vec<String>,
+) -> Result<AgentDb, AgentError> {
     leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     let db_path = config.data_dir.join("agent.db");
@@ -223,12 +230,33 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         .map_err(|e| AgentError::Internal(e.to_string()))?;
     let db = AgentDb::open(&db_path)?;
     let lost = db.mark_running_jobs_lost(config.clock.now_ms())?;
-    let mut reconciled = Vec::new();
     if lost > 0 {
-        reconciled.push(format!(
+        notes.push(format!(
             "{lost} job(s) were running when the agent stopped; marked lost"
         ));
     }
+    Ok(db)
+}
+
+/// Each partition keeps the cores it had before the restart.
+fn restore_cores(db: &AgentDb, driver: &dyn PartitionDriver) -> Result<(), AgentError> {
+    let kept: Vec<(u32, Vec<u32>)> = db
+        .partitions()?
+        .into_iter()
+        .filter(|row| !row.cores.is_empty())
+        .map(|row| (row.index, row.cores))
+        .collect();
+    driver.restore_cores(&kept);
+    Ok(())
+}
+
+/// Starts an agent: opens its partition table, pins the broker's public key,
+/// registers the host and reconciles its partitions with the broker, then
+/// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
+pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
+    leasehold_core::ids::validate_host_id("host_id", &config.host_id)?;
+    let mut reconciled = Vec::new();
+    let db = open_partition_table(&config, &mut reconciled)?;
     let broker = leasehold_api::Client::with_trust(
         &config.broker_url,
         Some(config.lender_token.clone()),
@@ -251,6 +279,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     let driver_name = driver.name();
     // Kills what a crash left of earlier jobs before anything is served.
     reconciled.extend(driver.reconcile());
+    restore_cores(&db, driver.as_ref())?;
     reconciled.extend(restate_isolation(&db, config.driver.isolation())?);
     let agent = Arc::new(Agent {
         config: config.clone(),
@@ -359,149 +388,26 @@ impl Agent {
     }
 
     fn load(&self, index: u32) -> Result<AgentPartitionRow, AgentError> {
-        self.db().partition(index)?.ok_or_else(|| {
-            AgentError::NotFound(format!("no partition {} on host {}", index, self.host_id()))
-        })
+        self.db()
+            .partition(index)?
+            .ok_or_else(|| self.no_partition(index))
+    }
+
+    /// Writes the cores the driver gave a partition, when they changed, so
+    /// that a restart gives the partition the same ones.
+    fn persist_cores(&self, index: u32) -> Result<(), AgentError> {
+        let Some(cores) = self.driver.cores_of(index) else {
+            return Ok(());
+        };
+        let db = self.db();
+        if db.partition(index)?.is_some_and(|row| row.cores != cores) {
+            db.update_cores(index, &cores)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn view(&self, row: &AgentPartitionRow) -> AgentPartitionView {
         row_view(self.host_id(), row)
-    }
-
-    /// Registers the host and brings the broker and the partition table into
-    /// agreement: partitions the broker lacks are registered, leases the
-    /// broker knows are adopted (so the partition is locked here too).
-    /// This host's partitions as the broker has them, page by page (a
-    /// lender may have far more partitions than one page holds).
-    async fn partitions_at_broker(
-        &self,
-    ) -> Result<HashMap<u32, leasehold_api::PartitionView>, AgentError> {
-        const PAGE: u32 = 1000;
-        let mut all = HashMap::new();
-        let mut after = None;
-        loop {
-            let page = self
-                .broker
-                .list_host_partitions(self.host_id(), after, PAGE)
-                .await?;
-            let full = page.len() as u32 >= PAGE;
-            after = page.last().map(|p| p.partition.index);
-            for view in page {
-                if view.partition.host_id == self.host_id() {
-                    all.insert(view.partition.index, view);
-                }
-            }
-            if !full || after.is_none() {
-                return Ok(all);
-            }
-        }
-    }
-
-    async fn register_and_reconcile(&self, advertise_url: &str) -> Result<Vec<String>, AgentError> {
-        let mut notes = Vec::new();
-        self.broker
-            .register_host(
-                self.host_id(),
-                &RegisterHostRequest {
-                    agent_url: Some(advertise_url.to_string()),
-                    capacity: self.config.capacity.clone(),
-                },
-            )
-            .await?;
-        let at_broker = self.partitions_at_broker().await?;
-        let rows = self.db().partitions()?;
-        // Partitions the broker offers but this host no longer has (an add
-        // whose answer was lost, a lost data directory) are withdrawn, so
-        // nobody leases a partition that cannot run jobs.
-        for (index, view) in &at_broker {
-            let unknown = !rows.iter().any(|r| r.index == *index);
-            if unknown && !view.withdrawn && view.lease_id.is_none() {
-                self.broker
-                    .withdraw_partition(self.host_id(), *index)
-                    .await?;
-                notes.push(format!(
-                    "partition {index}: unknown here, withdrawn at the broker"
-                ));
-            }
-        }
-        for mut row in rows {
-            match at_broker.get(&row.index) {
-                Some(view) if !view.withdrawn => {
-                    if view.epoch > row.epoch {
-                        if let Some(lease_id) = view.lease_id {
-                            notes.push(format!(
-                                "partition {}: adopted lease {lease_id} from the broker",
-                                row.index
-                            ));
-                            // A newer lease than the one this agent knew: the
-                            // older leases are over and their files go.
-                            if row.built {
-                                self.driver.wipe(row.index)?;
-                                row.built = false;
-                            }
-                            row.released_through_epoch = row.released_through_epoch.max(row.epoch);
-                            row.lease_id = Some(lease_id);
-                        } else {
-                            row.lease_id = None;
-                            row.released_through_epoch = view.epoch;
-                            row.built = false;
-                            self.driver.wipe(row.index)?;
-                        }
-                        row.epoch = view.epoch;
-                    } else if view.lease_id.is_none() && row.lease_id.is_some() {
-                        notes.push(format!(
-                            "partition {}: its lease ended while the agent was away; wiped",
-                            row.index
-                        ));
-                        row.released_through_epoch = row.epoch;
-                        row.lease_id = None;
-                        row.built = false;
-                        self.driver.wipe(row.index)?;
-                    }
-                    if view.terms != row.terms && row.lease_id.is_none() {
-                        // The broker's record wins: the lender altered it
-                        // there while this agent was away.
-                        // The isolation stays this driver's: only it knows.
-                        let mut adopted = view.terms.clone();
-                        adopted.isolation = row.terms.isolation;
-                        match self.validate_terms(&adopted, Some(row.index)) {
-                            Ok(()) => {
-                                row.terms = adopted;
-                                notes.push(format!(
-                                    "partition {}: terms taken from the broker's record",
-                                    row.index
-                                ));
-                            }
-                            Err(error) => notes.push(format!(
-                                "partition {}: the broker's terms do not fit this host ({error}); keys carrying them will be refused",
-                                row.index
-                            )),
-                        }
-                    }
-                    row.registered = true;
-                    self.db().update_partition(&row)?;
-                    // Terms that changed here (the isolation) while the
-                    // broker offers the old ones: register them again,
-                    // unless leased (locked; the next start tries again).
-                    if view.terms != row.terms && view.lease_id.is_none() && row.lease_id.is_none()
-                    {
-                        self.register_row(&mut row).await?;
-                        notes.push(format!(
-                            "partition {}: terms registered again with the broker",
-                            row.index
-                        ));
-                    }
-                }
-                _ => {
-                    self.register_row(&mut row).await?;
-                    notes.push(format!(
-                        "partition {}: registered with the broker",
-                        row.index
-                    ));
-                }
-            }
-        }
-        Ok(notes)
     }
 
     /// The broker's record of a partition's terms is the one truth (it
@@ -517,7 +423,7 @@ impl Agent {
         if &row.terms == sold {
             return Ok(());
         }
-        if row.built {
+        if row.fence.built() {
             return Err(AgentError::Invalid(FieldError::new(
                 "lease_key.terms",
                 format!(
@@ -552,7 +458,7 @@ impl Agent {
             "building the terms the broker sold, which differ from the local copy"
         );
         row.terms = sold.clone();
-        self.db().update_partition(row)?;
+        self.db().update_terms_and_registration(row)?;
         Ok(())
     }
 
@@ -585,7 +491,7 @@ impl Agent {
             .register_partition(self.host_id(), row.index, &request)
             .await?;
         row.registered = true;
-        self.db().update_partition(row)?;
+        self.db().update_terms_and_registration(row)?;
         Ok(())
     }
 
@@ -635,7 +541,7 @@ impl Agent {
             return Err(error);
         }
         row.registered = true;
-        self.db().update_partition(&row)?;
+        self.db().update_terms_and_registration(&row)?;
         Ok(row)
     }
 
@@ -650,10 +556,8 @@ impl Agent {
         // the broker's answer and the write below and be overwritten.
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
+        self.drive_fence(index, FenceEvent::Altered)?;
         let mut row = self.load(index)?;
-        if let Some(lease_id) = row.lease_id {
-            return Err(AgentError::Locked { index, lease_id });
-        }
         let terms = images::pin_to_offered(terms, &self.driver.images());
         let terms = self.stamp_isolation(terms)?;
         self.validate_terms(&terms, Some(index))?;
@@ -665,7 +569,7 @@ impl Agent {
             .await?;
         row.terms = terms;
         row.registered = true;
-        self.db().update_partition(&row)?;
+        self.db().update_terms_and_registration(&row)?;
         Ok(row)
     }
 
@@ -676,34 +580,23 @@ impl Agent {
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
         let row = self.load(index)?;
-        if let Some(lease_id) = row.lease_id {
-            return Err(AgentError::Locked { index, lease_id });
-        }
+        // Decided only: a withdrawn partition's row is deleted, not fenced.
+        let (_, actions) = leasehold_core::fence::on_event(
+            row.fence,
+            FenceEvent::Withdrawn,
+            self.config.clock.now_ms(),
+        )
+        .map_err(|refusal| self.fence_refusal(index, refusal))?;
         match self.broker.withdraw_partition(self.host_id(), index).await {
             Ok(_) => {}
             Err(error) if error.status() == Some(404) => {}
             Err(error) => return Err(error.into()),
         }
-        self.driver.wipe(index)?;
-        self.db().delete_partition(index)?;
-        Ok(row)
-    }
-
-    /// FIG. 9: check the key (S52-S54), build the partition if needed
-    /// (FIG. 5), run the job (S55) and report its end (S56-S57). Live output
-    /// goes to `output`; `started` learns the job id once it runs.
-    pub(crate) async fn run_job(
-        &self,
-        index: u32,
-        request: SubmitJobRequest,
-        output: Option<driver::OutputSender>,
-        started: Option<tokio::sync::oneshot::Sender<u64>>,
-    ) -> Result<JobResult, AgentError> {
-        let result = self.run_job_with_key(index, request, output, started).await;
-        if let Err(AgentError::KeyRejected(reason)) = &result {
-            self.note_refused_key(Some(index), reason);
+        if actions.contains(&FenceAction::Remove) {
+            self.driver.remove(index)?;
+            self.db().delete_partition(index)?;
         }
-        result
+        Ok(row)
     }
 
     /// Whether `token` may use the lender interface: the agent's own
@@ -749,213 +642,6 @@ impl Agent {
     pub(crate) fn note_refused_key(&self, partition: Option<u32>, reason: &KeyRejection) {
         self.refused_keys
             .note(partition, reason, self.config.clock.now_ms());
-    }
-
-    async fn run_job_with_key(
-        &self,
-        index: u32,
-        request: SubmitJobRequest,
-        output: Option<driver::OutputSender>,
-        started: Option<tokio::sync::oneshot::Sender<u64>>,
-    ) -> Result<JobResult, AgentError> {
-        let claims = self
-            .verify_lease_key(&request.lease_key)
-            .await
-            .map_err(AgentError::KeyRejected)?;
-        // A key for another host or partition is refused before it waits for
-        // this partition's lock, so it cannot queue behind a running job.
-        if claims.host_id != self.host_id() {
-            return Err(AgentError::KeyRejected(KeyRejection::WrongHost));
-        }
-        if claims.partition_index != index {
-            return Err(AgentError::KeyRejected(KeyRejection::WrongPartition));
-        }
-        let lock = self.partition_lock(index);
-        let _guard = lock.lock().await;
-        let mut row = self.load(index).map_err(|error| match error {
-            AgentError::NotFound(_) if claims.partition_index != index => {
-                AgentError::KeyRejected(KeyRejection::WrongPartition)
-            }
-            other => other,
-        })?;
-        let now_ms = self.config.clock.now_ms();
-        let acceptance = key::check_binding(
-            &claims,
-            self.host_id(),
-            index,
-            None,
-            PartitionKeyState {
-                epoch: row.epoch,
-                lease_id: row.lease_id,
-                released_through_epoch: row.released_through_epoch,
-            },
-            now_ms,
-        )
-        .map_err(AgentError::KeyRejected)?;
-        if acceptance == KeyAcceptance::AdoptNewer {
-            // A newer lease than we knew: the previous borrower's files go.
-            if row.built {
-                self.driver.wipe(index)?;
-            }
-            row.epoch = claims.epoch;
-            row.lease_id = Some(claims.lease_id);
-            row.key_expires_at_ms = Some(claims.expires_at_ms);
-            row.built = false;
-            self.db().update_partition(&row)?;
-        }
-        if let Some(sold) = &claims.terms {
-            self.adopt_sold_terms(&mut row, sold)?;
-        }
-        let wanted = request
-            .image
-            .clone()
-            .or_else(|| row.terms.images.first().cloned())
-            .unwrap_or_default();
-        // A bare name picks the digest the terms pin for it.
-        let Some(image) = row
-            .terms
-            .images
-            .iter()
-            .find(|offered| leasehold_core::image_ref::offers_image(offered, &wanted))
-            .cloned()
-        else {
-            return Err(AgentError::Invalid(FieldError::new(
-                "image",
-                format!(
-                    "partition {index} cannot boot '{wanted}'; its terms offer: {}",
-                    row.terms.images.join(", ")
-                ),
-            )));
-        };
-        let spec = PartitionSpec {
-            index,
-            terms: row.terms.clone(),
-        };
-        if !row.built {
-            self.driver.build(&spec)?;
-            row.built = true;
-            self.db().update_partition(&row)?;
-        }
-        let job_id = self
-            .db()
-            .insert_job(index, claims.lease_id, &request.command, now_ms)?;
-        let (cancel_switch, cancel) = tokio::sync::watch::channel(false);
-        self.running_jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                job_id,
-                RunningJob {
-                    index,
-                    lease_id: claims.lease_id,
-                    stop: cancel_switch,
-                },
-            );
-        // A release notice writes its fence before it cancels jobs: so
-        // either it saw this job registered and cancelled it, or the fence
-        // is visible now.
-        let fenced = self.db().partition(index)?.is_none_or(|r| {
-            claims.epoch <= r.released_through_epoch || r.lease_id != Some(claims.lease_id)
-        });
-        if fenced {
-            self.running_jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&job_id);
-            let record = JobRow {
-                job_id,
-                index,
-                lease_id: claims.lease_id,
-                command: request.command,
-                state: "cancelled".into(),
-                exit_code: None,
-                stdout: String::new(),
-                stderr: "the lease was released before the job started\n".into(),
-                output_truncated: false,
-                started_at_ms: now_ms,
-                finished_at_ms: Some(self.config.clock.now_ms()),
-            };
-            self.db().finish_job(&record)?;
-            return Err(AgentError::KeyRejected(KeyRejection::Released));
-        }
-        if let Some(started) = started {
-            let _ = started.send(job_id);
-        }
-        let outcome = self
-            .driver
-            .run_job(JobSpec {
-                partition: spec,
-                command: request.command.clone(),
-                timeout: request.timeout_ms.map(std::time::Duration::from_millis),
-                image: Some(image),
-                cancel,
-                output,
-            })
-            .await;
-        self.running_jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&job_id);
-        let result = match outcome {
-            Ok(outcome) => {
-                let (state, code) = match outcome.end {
-                    JobEnd::Exited(0) if !outcome.oom_killed => (JobState::Succeeded, Some(0)),
-                    JobEnd::Exited(code) => (JobState::Failed, Some(code)),
-                    JobEnd::Signalled(signal) => (JobState::Failed, Some(128 + signal)),
-                    JobEnd::TimedOut => (JobState::TimedOut, None),
-                    JobEnd::Cancelled => (JobState::Cancelled, None),
-                };
-                JobResult {
-                    job_id,
-                    lease_id: claims.lease_id,
-                    partition: PartitionRef::new(self.host_id(), index),
-                    state,
-                    exit_code: code,
-                    stdout: outcome.stdout,
-                    stderr: outcome.stderr,
-                    output_truncated: outcome.output_truncated,
-                    wall_ms: outcome.wall_ms,
-                    cpu_ms: outcome.cpu_ms,
-                    peak_memory_bytes: outcome.peak_memory_bytes,
-                    oom_killed: outcome.oom_killed,
-                }
-            }
-            Err(error) => {
-                let record = JobRow {
-                    job_id,
-                    index,
-                    lease_id: claims.lease_id,
-                    command: request.command,
-                    state: "failed".into(),
-                    exit_code: None,
-                    stdout: String::new(),
-                    stderr: format!("{error}\n"),
-                    output_truncated: false,
-                    started_at_ms: now_ms,
-                    finished_at_ms: Some(self.config.clock.now_ms()),
-                };
-                self.db().finish_job(&record)?;
-                return Err(error.into());
-            }
-        };
-        let state_text = serde_json::to_value(result.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| "failed".into());
-        self.db().finish_job(&JobRow {
-            job_id,
-            index,
-            lease_id: claims.lease_id,
-            command: request.command,
-            state: state_text,
-            exit_code: result.exit_code,
-            stdout: result.stdout.clone(),
-            stderr: result.stderr.clone(),
-            output_truncated: result.output_truncated,
-            started_at_ms: now_ms,
-            finished_at_ms: Some(self.config.clock.now_ms()),
-        })?;
-        Ok(result)
     }
 
     /// Stops a running job, for the lender or the holder of a key of its lease.
@@ -1004,10 +690,7 @@ impl Agent {
                 return Err(AgentError::KeyRejected(KeyRejection::WrongLease));
             }
         }
-        let state: JobState = serde_json::from_value(serde_json::Value::String(job.state.clone()))
-            .map_err(|_| {
-                AgentError::Internal(format!("job {job_id} has an unknown state '{}'", job.state))
-            })?;
+        let state: JobState = job.state;
         Ok(JobResult {
             job_id,
             lease_id: job.lease_id,
@@ -1025,98 +708,5 @@ impl Agent {
             peak_memory_bytes: None,
             oom_killed: false,
         })
-    }
-
-    /// A signed notice from the broker: lock on a new lease, fence and wipe
-    /// on release.
-    pub(crate) async fn apply_notice(self: &Arc<Self>, notice: &str) -> Result<(), AgentError> {
-        let claims = key::decode_notice_trusted(notice, &self.trusted_keys())
-            .map_err(AgentError::KeyRejected)?;
-        if claims.host_id != self.host_id() {
-            return Err(AgentError::KeyRejected(KeyRejection::WrongHost));
-        }
-        let index = claims.partition_index;
-        match claims.kind {
-            NoticeKind::LeaseReleased => {
-                // The fence goes first, durably, without waiting for the
-                // partition's lock: from here on no job of this lease (or an
-                // older one) passes the key check, even one already queued.
-                let cleared = {
-                    let db = self.db();
-                    let mut row = db.partition(index)?.ok_or_else(|| {
-                        AgentError::NotFound(format!(
-                            "no partition {index} on host {}",
-                            self.host_id()
-                        ))
-                    })?;
-                    let cleared = claims.epoch >= row.epoch;
-                    row.released_through_epoch = row.released_through_epoch.max(claims.epoch);
-                    row.epoch = row.epoch.max(claims.epoch);
-                    if cleared {
-                        row.lease_id = None;
-                        row.key_expires_at_ms = None;
-                    }
-                    db.update_partition(&row)?;
-                    cleared
-                };
-                // Then its jobs stop now, not when they finish.
-                if cleared {
-                    self.cancel_jobs_of_partition(index);
-                } else {
-                    self.cancel_jobs_of_lease(claims.lease_id);
-                }
-                // The wipe waits for the stopped jobs to let go of the
-                // partition. It runs in its own task so that it completes
-                // even if the broker stops waiting for this answer.
-                let agent = self.clone();
-                let wipe = tokio::spawn(async move { agent.wipe_if_free(index).await });
-                if let Ok(Err(error)) = wipe.await {
-                    // The partition stays marked built; the next lease's
-                    // first job wipes it before it runs.
-                    tracing::warn!(partition = index, %error, "cannot wipe a released partition yet");
-                }
-            }
-            NoticeKind::LeaseStarted => {
-                let known = self.load(index)?;
-                if claims.epoch <= known.epoch || claims.epoch <= known.released_through_epoch {
-                    return Ok(());
-                }
-                // A newer lease: whatever still runs there belongs to an
-                // older one.
-                self.cancel_jobs_of_partition(index);
-                let lock = self.partition_lock(index);
-                let _guard = lock.lock().await;
-                let mut row = self.load(index)?;
-                if claims.epoch > row.epoch && claims.epoch > row.released_through_epoch {
-                    if row.built {
-                        self.driver.wipe(row.index)?;
-                    }
-                    row.released_through_epoch = row.released_through_epoch.max(row.epoch);
-                    row.epoch = claims.epoch;
-                    row.lease_id = Some(claims.lease_id);
-                    row.key_expires_at_ms = Some(claims.key_expires_at_ms);
-                    row.built = false;
-                    self.db().update_partition(&row)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Wipes a partition that no lease holds, under its lock.
-    async fn wipe_if_free(&self, index: u32) -> Result<(), AgentError> {
-        let lock = self.partition_lock(index);
-        let _guard = lock.lock().await;
-        let row = self.load(index)?;
-        if row.lease_id.is_none() && row.built {
-            self.driver.wipe(index)?;
-            // Only the built flag changes: the fence may have moved meanwhile.
-            let db = self.db();
-            if let Some(mut current) = db.partition(index)? {
-                current.built = false;
-                db.update_partition(&current)?;
-            }
-        }
-        Ok(())
     }
 }

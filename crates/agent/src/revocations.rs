@@ -34,6 +34,9 @@ pub(crate) fn spawn_pull_loop(agent: Arc<Agent>) -> tokio::task::AbortHandle {
             if let Err(error) = pull_new_revocations(&agent, &mut after_seq).await {
                 tracing::warn!(%error, "cannot pull revocations from the broker; will try again");
             }
+            if let Err(error) = agent.fence_expired_keys() {
+                tracing::warn!(%error, "cannot fence the leases whose keys expired");
+            }
         }
     }));
     task.abort_handle()
@@ -137,9 +140,7 @@ fn apply_pulled(agent: &Arc<Agent>, revocation: &Revocation) {
 /// does not have needs no fence either.
 fn already_fenced(agent: &Agent, claims: &NoticeClaims) -> bool {
     match agent.db().partition(claims.partition_index) {
-        Ok(Some(row)) => {
-            row.released_through_epoch >= claims.epoch && row.lease_id != Some(claims.lease_id)
-        }
+        Ok(Some(row)) => row.fence.covers_release(claims.lease_id, claims.epoch),
         Ok(None) => true,
         Err(error) => {
             tracing::warn!(%error, "cannot read the partition table; applying the revocation");

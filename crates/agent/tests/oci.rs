@@ -895,3 +895,53 @@ async fn a_disk_left_by_the_shared_uid_is_given_to_the_partition_without_followi
         "the chown did not follow the job's symlink"
     );
 }
+
+/// The cores a job of the partition may run on, as the kernel tells it.
+async fn allowed_cores(driver: &OciDriver, partition: &PartitionSpec) -> String {
+    let outcome = run(
+        driver,
+        partition,
+        "grep Cpus_allowed_list /proc/self/status",
+        None,
+    )
+    .await;
+    outcome
+        .stdout
+        .trim()
+        .trim_start_matches("Cpus_allowed_list:")
+        .trim()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_restart_keeps_each_partitions_cores_and_a_removed_partition_frees_them() {
+    require_oci!();
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: one core cannot show partitions keeping distinct cores");
+        return;
+    }
+    let f = fixture();
+    let (first, second) = (partition(1, 64, 100), partition(2, 64, 100));
+    let first_cores = allowed_cores(&f.driver, &first).await;
+    let second_cores = allowed_cores(&f.driver, &second).await;
+    assert_ne!(first_cores, second_cores, "partitions share no core");
+    let kept = vec![
+        (1, f.driver.cores_of(1).unwrap()),
+        (2, f.driver.cores_of(2).unwrap()),
+    ];
+    // A new driver on the same state, as after an agent restart, given the
+    // cores the agent kept with its partitions. Partition 2 builds first:
+    // without what was kept it would take partition 1's (least shared) core.
+    let restarted = f.driver_clone();
+    restarted.reconcile();
+    restarted.restore_cores(&kept);
+    assert_eq!(allowed_cores(&restarted, &second).await, second_cores);
+    assert_eq!(allowed_cores(&restarted, &first).await, first_cores);
+    // Removing partition 1 frees its cores: the next partition gets them.
+    restarted.remove(1).unwrap();
+    assert_eq!(restarted.cores_of(1), None);
+    let third = partition(3, 64, 100);
+    assert_eq!(allowed_cores(&restarted, &third).await, first_cores);
+    restarted.wipe(2).unwrap();
+    restarted.wipe(3).unwrap();
+}

@@ -353,18 +353,8 @@ pub enum JobEvent {
 pub const MAX_COMMAND_ARGS: usize = 256;
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Running,
-    Succeeded,
-    Failed,
-    TimedOut,
-    /// Cancelled by its borrower, or stopped because its lease ended.
-    Cancelled,
-    /// The agent restarted while the job ran; its outcome is unknown.
-    Lost,
-}
+/// The job states live in core, named once (`as_str`, `FromStr`).
+pub use leasehold_core::job::JobState;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobResult {

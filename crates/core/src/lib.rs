@@ -7,8 +7,10 @@
 //! simulated clock in tests and in the fleet simulator.
 
 pub mod error;
+pub mod fence;
 pub mod ids;
 pub mod image_ref;
+pub mod job;
 pub mod key;
 pub mod lease;
 pub mod ledger;

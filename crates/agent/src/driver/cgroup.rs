@@ -170,89 +170,72 @@ impl Cgroups {
     pub fn create_partition(&self, name: &str, limits: &PartitionLimits) -> io::Result<()> {
         let relative = format!("{ROOT_GROUP}/{name}");
         match self {
-            Cgroups::V1 { mounts, .. } => {
-                for controller in V1_CONTROLLERS {
-                    mkdir(&mounts[controller].join(ROOT_GROUP))?;
-                    mkdir(&mounts[controller].join(&relative))?;
-                }
-                // cpuset: a v1 cpuset cgroup must have cpus and mems before
-                // anything can join it, parents included.
-                let cpuset_root = &mounts["cpuset"];
-                let mems = read_trimmed(&cpuset_root.join("cpuset.mems"))?;
-                let all_cpus = read_trimmed(&cpuset_root.join("cpuset.cpus"))?;
-                let parent = cpuset_root.join(ROOT_GROUP);
-                if read_trimmed(&parent.join("cpuset.cpus"))?.is_empty() {
-                    write(&parent.join("cpuset.cpus"), &all_cpus)?;
-                }
-                if read_trimmed(&parent.join("cpuset.mems"))?.is_empty() {
-                    write(&parent.join("cpuset.mems"), &mems)?;
-                }
-                write(
-                    &self.v1("cpuset", &relative).join("cpuset.cpus"),
-                    &limits.cpuset_cpus,
-                )?;
-                write(&self.v1("cpuset", &relative).join("cpuset.mems"), &mems)?;
-                let cpu = self.v1("cpu", &relative);
-                write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                write(
-                    &cpu.join("cpu.cfs_quota_us"),
-                    &limits.cpu_quota_us.to_string(),
-                )?;
-                let memory = self.v1("memory", &relative);
-                // memsw must stay >= the memory limit, so order the writes
-                // to never cross it.
-                let memsw = memory.join("memory.memsw.limit_in_bytes");
-                let current: u64 = read_trimmed(&memory.join("memory.limit_in_bytes"))?
-                    .parse()
-                    .unwrap_or(u64::MAX);
-                if limits.memory_bytes < current {
-                    write(
-                        &memory.join("memory.limit_in_bytes"),
-                        &limits.memory_bytes.to_string(),
-                    )?;
-                    if memsw.exists() {
-                        write(&memsw, &limits.memory_bytes.to_string())?;
-                    }
-                } else {
-                    if memsw.exists() {
-                        write(&memsw, &limits.memory_bytes.to_string())?;
-                    }
-                    write(
-                        &memory.join("memory.limit_in_bytes"),
-                        &limits.memory_bytes.to_string(),
-                    )?;
-                }
-                write(
-                    &self.v1("pids", &relative).join("pids.max"),
-                    &limits.pids_max.to_string(),
-                )?;
-            }
-            Cgroups::V2 { root } => {
-                let enable = V2_CONTROLLERS
-                    .iter()
-                    .map(|c| format!("+{c}"))
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                write(&root.join("cgroup.subtree_control"), &enable)?;
-                mkdir(&root.join(ROOT_GROUP))?;
-                write(
-                    &root.join(ROOT_GROUP).join("cgroup.subtree_control"),
-                    &enable,
-                )?;
-                let group = root.join(&relative);
-                mkdir(&group)?;
-                write(&group.join("cpuset.cpus"), &limits.cpuset_cpus)?;
-                write(
-                    &group.join("cpu.max"),
-                    &format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
-                )?;
-                write(&group.join("memory.max"), &limits.memory_bytes.to_string())?;
-                let _ = write(&group.join("memory.swap.max"), "0");
-                write(&group.join("pids.max"), &limits.pids_max.to_string())?;
-                // Jobs are children: the partition itself holds no processes.
-                write(&group.join("cgroup.subtree_control"), &enable)?;
-            }
+            Cgroups::V1 { mounts, .. } => self.create_partition_v1(mounts, &relative, limits),
+            Cgroups::V2 { root } => create_partition_v2(root, &relative, limits),
         }
+    }
+
+    fn create_partition_v1(
+        &self,
+        mounts: &HashMap<String, PathBuf>,
+        relative: &str,
+        limits: &PartitionLimits,
+    ) -> io::Result<()> {
+        for controller in V1_CONTROLLERS {
+            mkdir(&mounts[controller].join(ROOT_GROUP))?;
+            mkdir(&mounts[controller].join(relative))?;
+        }
+        // cpuset: a v1 cpuset cgroup must have cpus and mems before
+        // anything can join it, parents included.
+        let cpuset_root = &mounts["cpuset"];
+        let mems = read_trimmed(&cpuset_root.join("cpuset.mems"))?;
+        let all_cpus = read_trimmed(&cpuset_root.join("cpuset.cpus"))?;
+        let parent = cpuset_root.join(ROOT_GROUP);
+        if read_trimmed(&parent.join("cpuset.cpus"))?.is_empty() {
+            write(&parent.join("cpuset.cpus"), &all_cpus)?;
+        }
+        if read_trimmed(&parent.join("cpuset.mems"))?.is_empty() {
+            write(&parent.join("cpuset.mems"), &mems)?;
+        }
+        write(
+            &self.v1("cpuset", relative).join("cpuset.cpus"),
+            &limits.cpuset_cpus,
+        )?;
+        write(&self.v1("cpuset", relative).join("cpuset.mems"), &mems)?;
+        let cpu = self.v1("cpu", relative);
+        write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        write(
+            &cpu.join("cpu.cfs_quota_us"),
+            &limits.cpu_quota_us.to_string(),
+        )?;
+        let memory = self.v1("memory", relative);
+        // memsw must stay >= the memory limit, so order the writes
+        // to never cross it.
+        let memsw = memory.join("memory.memsw.limit_in_bytes");
+        let current: u64 = read_trimmed(&memory.join("memory.limit_in_bytes"))?
+            .parse()
+            .unwrap_or(u64::MAX);
+        if limits.memory_bytes < current {
+            write(
+                &memory.join("memory.limit_in_bytes"),
+                &limits.memory_bytes.to_string(),
+            )?;
+            if memsw.exists() {
+                write(&memsw, &limits.memory_bytes.to_string())?;
+            }
+        } else {
+            if memsw.exists() {
+                write(&memsw, &limits.memory_bytes.to_string())?;
+            }
+            write(
+                &memory.join("memory.limit_in_bytes"),
+                &limits.memory_bytes.to_string(),
+            )?;
+        }
+        write(
+            &self.v1("pids", relative).join("pids.max"),
+            &limits.pids_max.to_string(),
+        )?;
         Ok(())
     }
 
@@ -355,4 +338,32 @@ impl Cgroups {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect()
     }
+}
+
+/// Creates (or updates) a partition's cgroup on cgroup v2.
+fn create_partition_v2(root: &Path, relative: &str, limits: &PartitionLimits) -> io::Result<()> {
+    let enable = V2_CONTROLLERS
+        .iter()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    write(&root.join("cgroup.subtree_control"), &enable)?;
+    mkdir(&root.join(ROOT_GROUP))?;
+    write(
+        &root.join(ROOT_GROUP).join("cgroup.subtree_control"),
+        &enable,
+    )?;
+    let group = root.join(relative);
+    mkdir(&group)?;
+    write(&group.join("cpuset.cpus"), &limits.cpuset_cpus)?;
+    write(
+        &group.join("cpu.max"),
+        &format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us),
+    )?;
+    write(&group.join("memory.max"), &limits.memory_bytes.to_string())?;
+    let _ = write(&group.join("memory.swap.max"), "0");
+    write(&group.join("pids.max"), &limits.pids_max.to_string())?;
+    // Jobs are children: the partition itself holds no processes.
+    write(&group.join("cgroup.subtree_control"), &enable)?;
+    Ok(())
 }

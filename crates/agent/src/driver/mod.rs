@@ -99,6 +99,18 @@ pub trait PartitionDriver: Send + Sync + 'static {
     fn run_job(&self, job: JobSpec) -> BoxFuture<'_, Result<JobOutcome, DriverError>>;
     /// Removes everything the last borrower left in the partition.
     fn wipe(&self, index: u32) -> Result<(), DriverError>;
+    /// The partition is withdrawn: wipes it and frees what the driver kept
+    /// for it across leases (the `oci` driver's cores).
+    fn remove(&self, index: u32) -> Result<(), DriverError> {
+        self.wipe(index)
+    }
+    /// The cores the driver gave a partition, for the agent to keep with
+    /// the partition (`None`: this driver does not pin cores).
+    fn cores_of(&self, _index: u32) -> Option<Vec<u32>> {
+        None
+    }
+    /// At start: the cores each partition had, as the agent kept them.
+    fn restore_cores(&self, _kept: &[(u32, Vec<u32>)]) {}
     /// Cleans up what a crash of the agent left behind; says what it did.
     fn reconcile(&self) -> Vec<String> {
         Vec::new()

@@ -71,8 +71,9 @@ pub struct OciDriver {
     cores: Vec<u32>,
     /// The machine-wide claims of partitions' uid ranges.
     claims_dir: PathBuf,
-    /// Cores given to each partition.
-    core_assignments: Mutex<HashMap<u32, Vec<u32>>>,
+    /// Cores given to each partition, kept across its leases and (by the
+    /// agent, with the partition) across restarts; freed when it is removed.
+    core_assignments: Mutex<CoreAssignments>,
     job_counter: std::sync::atomic::AtomicU64,
 }
 
@@ -244,7 +245,7 @@ impl OciDriver {
             images,
             cores,
             claims_dir: PathBuf::from(super::userns::SLOT_CLAIMS_DIR),
-            core_assignments: Mutex::new(HashMap::new()),
+            core_assignments: Mutex::new(CoreAssignments::default()),
             job_counter: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -268,46 +269,11 @@ impl OciDriver {
         run_quiet("runc", &all)
     }
 
-    /// Gives a partition `count` cores, preferring the least shared ones, so
-    /// partitions do not share cores while there are enough.
     fn assign_cores(&self, index: u32, count: u32) -> Vec<u32> {
-        let mut assignments = self
-            .core_assignments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        // A partition keeps its cores for as long as it has them.
-        if let Some(cores) = assignments.get(&index) {
-            if cores.len() == count.max(1) as usize {
-                return cores.clone();
-            }
-        }
-        assignments.remove(&index);
-        let mut load: Vec<(usize, u32)> = self
-            .cores
-            .iter()
-            .map(|core| {
-                (
-                    assignments.values().filter(|cs| cs.contains(core)).count(),
-                    *core,
-                )
-            })
-            .collect();
-        load.sort();
-        let mut chosen: Vec<u32> = load
-            .iter()
-            .take(count.max(1) as usize)
-            .map(|(_, c)| *c)
-            .collect();
-        chosen.sort();
-        assignments.insert(index, chosen.clone());
-        chosen
-    }
-
-    fn release_cores(&self, index: u32) {
         self.core_assignments
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&index);
+            .assign(&self.cores, index, count)
     }
 
     fn limits(&self, partition: &PartitionSpec) -> PartitionLimits {
@@ -666,7 +632,6 @@ impl PartitionDriver for OciDriver {
                 .remove_partition(&group)
                 .map_err(|e| fail(e.to_string()))?;
         }
-        self.release_cores(index);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -678,11 +643,122 @@ impl PartitionDriver for OciDriver {
     fn reconcile(&self) -> Vec<String> {
         self.reconcile_now()
     }
+
+    fn remove(&self, index: u32) -> Result<(), DriverError> {
+        self.wipe(index)?;
+        self.core_assignments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(index);
+        Ok(())
+    }
+
+    fn cores_of(&self, index: u32) -> Option<Vec<u32>> {
+        self.core_assignments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .of(index)
+    }
+
+    fn restore_cores(&self, kept: &[(u32, Vec<u32>)]) {
+        self.core_assignments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&self.cores, kept);
+    }
+}
+
+/// Which cores each partition runs on. A partition gets `vcpus` cores, the
+/// least shared first, so partitions do not share cores while there are
+/// enough, and keeps them for as long as it exists with that many vCPUs.
+#[derive(Debug, Default)]
+pub struct CoreAssignments {
+    by_partition: HashMap<u32, Vec<u32>>,
+}
+
+impl CoreAssignments {
+    /// The partition's cores, choosing them if it has none (or the wrong
+    /// number, after its terms were altered).
+    pub fn assign(&mut self, machine_cores: &[u32], index: u32, count: u32) -> Vec<u32> {
+        let wanted = count.max(1) as usize;
+        if let Some(cores) = self.by_partition.get(&index) {
+            if cores.len() == wanted {
+                return cores.clone();
+            }
+        }
+        self.by_partition.remove(&index);
+        let mut load: Vec<(usize, u32)> = machine_cores
+            .iter()
+            .map(|core| {
+                let sharing = self
+                    .by_partition
+                    .values()
+                    .filter(|cores| cores.contains(core))
+                    .count();
+                (sharing, *core)
+            })
+            .collect();
+        load.sort();
+        let mut chosen: Vec<u32> = load.iter().take(wanted).map(|(_, c)| *c).collect();
+        chosen.sort();
+        self.by_partition.insert(index, chosen.clone());
+        chosen
+    }
+
+    pub fn of(&self, index: u32) -> Option<Vec<u32>> {
+        self.by_partition.get(&index).cloned()
+    }
+
+    pub fn release(&mut self, index: u32) {
+        self.by_partition.remove(&index);
+    }
+
+    /// Takes back what the agent kept; cores this machine no longer has
+    /// (the cpuset shrank) drop the partition's claim, to be chosen again.
+    pub fn restore(&mut self, machine_cores: &[u32], kept: &[(u32, Vec<u32>)]) {
+        for (index, cores) in kept {
+            if !cores.is_empty() && cores.iter().all(|c| machine_cores.contains(c)) {
+                self.by_partition.insert(*index, cores.clone());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_keep_their_cores_across_a_restart_and_a_removed_one_frees_them() {
+        let machine = [0, 1, 2, 3];
+        let mut before = CoreAssignments::default();
+        // Built in this order, partitions 1..3 take the least shared cores.
+        assert_eq!(before.assign(&machine, 1, 2), vec![0, 1]);
+        assert_eq!(before.assign(&machine, 2, 1), vec![2]);
+        assert_eq!(before.assign(&machine, 3, 1), vec![3]);
+        let kept: Vec<(u32, Vec<u32>)> = [1, 2, 3]
+            .iter()
+            .map(|i| (*i, before.of(*i).unwrap()))
+            .collect();
+        // After a restart the agent gives back what it kept; built again in
+        // another order, each partition gets the same cores.
+        let mut after = CoreAssignments::default();
+        after.restore(&machine, &kept);
+        assert_eq!(after.assign(&machine, 3, 1), vec![3]);
+        assert_eq!(after.assign(&machine, 2, 1), vec![2]);
+        assert_eq!(after.assign(&machine, 1, 2), vec![0, 1]);
+        // Without what was kept, the first built would take core 0.
+        assert_eq!(CoreAssignments::default().assign(&machine, 3, 1), vec![0]);
+        // A removed partition frees its cores for the next one.
+        after.release(2);
+        assert_eq!(after.of(2), None);
+        assert_eq!(after.assign(&machine, 4, 1), vec![2]);
+        // Cores the machine lost are not restored.
+        let mut shrunk = CoreAssignments::default();
+        shrunk.restore(&[0, 1], &kept);
+        assert_eq!(shrunk.of(1), Some(vec![0, 1]));
+        assert_eq!(shrunk.of(3), None);
+    }
 
     #[test]
     fn cpu_lists_parse() {
