@@ -2,6 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use leasehold_core::command::Refusal;
 use leasehold_core::matching::NoMatchExplanation;
 use leasehold_core::{FieldError, LeaseId, PartitionRef};
 use leasehold_service::ErrorResponse;
@@ -104,4 +105,62 @@ impl IntoResponse for BrokerError {
     fn into_response(self) -> Response {
         self.to_error_response().into_response()
     }
+}
+
+impl From<Refusal> for BrokerError {
+    /// A refusal decided in core, in the broker's words (and so, through
+    /// [`BrokerError::to_error_response`], its status).
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Invalid(field) => BrokerError::Invalid(field),
+            Refusal::PrincipalExists { name } => {
+                BrokerError::AlreadyExists(format!("a principal named '{name}' exists already"))
+            }
+            Refusal::NoSuchHost => BrokerError::NotFound("no such host is registered".into()),
+            Refusal::NoSuchPartition(partition) => {
+                BrokerError::NotFound(format!("no partition {partition} is registered"))
+            }
+            Refusal::HostOwnedByAnotherLender { host_id } => {
+                BrokerError::HostOwnedByAnotherLender { host_id }
+            }
+            Refusal::Locked {
+                partition,
+                lease_id,
+            } => BrokerError::Locked {
+                partition,
+                lease_id,
+            },
+            Refusal::Conflict {
+                partition,
+                lease_id,
+            } => BrokerError::Conflict {
+                partition,
+                lease_id,
+            },
+            Refusal::Withdrawn(partition) => BrokerError::Withdrawn(partition),
+            Refusal::Unisolated(partition) => unisolated_refusal(&partition),
+            Refusal::NoMatch(explanation) => BrokerError::NoMatch(explanation),
+            // The one answer for a lease id the caller cannot see, whether it
+            // exists or not: the same body, which names no id.
+            Refusal::NoSuchLease | Refusal::LeaseNotActive { .. } => {
+                BrokerError::NotFound("no such lease".to_string())
+            }
+            Refusal::NotTheBorrower { lease_id } => BrokerError::Forbidden(format!(
+                "only the borrower of lease {lease_id} may release it"
+            )),
+            Refusal::Internal(message) => BrokerError::Internal(message),
+        }
+    }
+}
+
+/// The refusal of an unisolated partition to a borrower who did not opt
+/// in: it names the field and how to opt in.
+fn unisolated_refusal(partition: &PartitionRef) -> BrokerError {
+    BrokerError::Invalid(FieldError::new(
+        "allow_unisolated",
+        format!(
+            "partition {partition} is unisolated (its jobs run as plain processes of the host, which see its files); \
+             lease it only if you trust the host: send allow_unisolated: true (leasehold lease --allow-unisolated)"
+        ),
+    ))
 }

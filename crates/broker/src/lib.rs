@@ -18,7 +18,7 @@ pub mod writer;
 pub use error::BrokerError;
 
 use ed25519_dalek::SigningKey;
-use leasehold_api::Role;
+use leasehold_core::Role;
 use leasehold_service::SharedClock;
 use leasehold_store::broker::BrokerWrite;
 use leasehold_store::{BrokerDatabase, BrokerStore, Durability};
@@ -180,23 +180,32 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         let token = new_token();
         bootstrap.push(BrokerWrite::InsertPrincipal {
             name: "admin".into(),
-            role: "admin".into(),
+            role: Role::Admin.as_str().into(),
             token_sha256: token_sha256(&token),
             at_ms: config.clock.now_ms(),
         });
         bootstrap_admin_token = Some(token);
     }
     // Idempotency records older than a day are forgotten.
-    db.prune_idempotency(config.clock.now_ms().saturating_sub(24 * 3600 * 1000))?;
+    db.prune_idempotency(
+        config
+            .clock
+            .now_ms()
+            .saturating_sub(writer::IDEMPOTENCY_RETENTION_MS),
+    )?;
     if !bootstrap.is_empty() {
         db.apply(&bootstrap)?;
     }
     let snapshot = db.load()?;
-    let state = Arc::new(RwLock::new(BrokerState::from_snapshot(snapshot)?));
+    let state = Arc::new(RwLock::new(state::table_from_snapshot(snapshot)?));
     if let Some(layer) = &config.store_layer {
         db = layer(db);
     }
-    let writer = start_writer_and_outbox(db, state.clone(), &config)?;
+    let signer = Arc::new(outbox::NoticeSigner {
+        key: keys.current().clone(),
+        key_id: keys.current_id().to_string(),
+    });
+    let writer = start_writer_and_outbox(db, state.clone(), signer, &config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| BrokerError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -236,6 +245,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
 fn start_writer_and_outbox(
     mut db: Box<dyn BrokerStore>,
     state: Arc<RwLock<BrokerState>>,
+    signer: Arc<outbox::NoticeSigner>,
     config: &BrokerConfig,
 ) -> Result<Writer, BrokerError> {
     // One connection pool for every call to agents: no redirects, bounded
@@ -251,6 +261,7 @@ fn start_writer_and_outbox(
         db,
         state.clone(),
         config.clock.clone(),
+        signer,
         tokio::runtime::Handle::current(),
         on_effect,
     );

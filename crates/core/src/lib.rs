@@ -6,6 +6,7 @@
 //! the time (`now_ms`) and the key material in, so the same code runs under a
 //! simulated clock in tests and in the fleet simulator.
 
+pub mod command;
 pub mod error;
 pub mod ids;
 pub mod image_ref;
@@ -14,8 +15,11 @@ pub mod lease;
 pub mod ledger;
 pub mod matching;
 pub mod money;
+pub mod role;
+pub mod table;
 pub mod terms;
 
 pub use error::{CoreError, FieldError};
 pub use ids::{HostId, LeaseId, PartitionRef};
+pub use role::Role;
 pub use terms::{HostCapacity, Isolation, Requirements, Terms};

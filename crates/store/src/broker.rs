@@ -5,7 +5,8 @@ use crate::{broker_sql, BrokerStore};
 use crate::{migrate::migrate, open_connection, Durability, StoreResult};
 use leasehold_core::lease::Lease;
 use leasehold_core::ledger::Transfer;
-use leasehold_core::{HostCapacity, PartitionRef, Terms};
+use leasehold_core::table::Change;
+pub use leasehold_core::table::{HostCredentialRow, HostRow, PartitionRow};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -182,6 +183,68 @@ pub enum BrokerWrite {
     DeleteOutboxNotice {
         lease_id: u64,
     },
+    /// Forgets idempotency records older than `before_ms`.
+    PruneIdempotency {
+        before_ms: u64,
+    },
+}
+
+impl BrokerWrite {
+    /// The one place where a state change of the broker becomes the rows
+    /// that persist it.
+    pub fn extend_from_change(writes: &mut Vec<BrokerWrite>, change: &Change) {
+        match change {
+            Change::AddPrincipal {
+                name,
+                role,
+                token_sha256,
+                at_ms,
+            } => writes.push(BrokerWrite::InsertPrincipal {
+                name: name.clone(),
+                role: role.as_str().to_string(),
+                token_sha256: token_sha256.clone(),
+                at_ms: *at_ms,
+            }),
+            Change::AddHostCredential { credential, at_ms } => {
+                writes.push(BrokerWrite::InsertHostCredential {
+                    credential: credential.clone(),
+                    at_ms: *at_ms,
+                })
+            }
+            Change::PutHost { host, at_ms } => writes.push(BrokerWrite::UpsertHost {
+                host: host.clone(),
+                at_ms: *at_ms,
+            }),
+            Change::PutPartition(row) => writes.push(BrokerWrite::UpsertPartition(row.clone())),
+            Change::StartLease(lease) => writes.push(BrokerWrite::InsertLease(lease.clone())),
+            Change::EndLease {
+                lease, transfers, ..
+            } => {
+                writes.push(BrokerWrite::UpdateLease(lease.clone()));
+                writes.extend(transfers.iter().cloned().map(BrokerWrite::InsertTransfer));
+            }
+            Change::RememberIdempotency {
+                principal,
+                key,
+                lease_id,
+                at_ms,
+            } => writes.push(BrokerWrite::PutIdempotency {
+                principal: principal.clone(),
+                key: key.clone(),
+                status: 201,
+                body: lease_id.to_string(),
+                at_ms: *at_ms,
+            }),
+            Change::ForgetIdempotency { before_ms } => writes.push(BrokerWrite::PruneIdempotency {
+                before_ms: *before_ms,
+            }),
+            Change::ForgetReleaseNotice { lease_id } => {
+                writes.push(BrokerWrite::DeleteOutboxNotice {
+                    lease_id: *lease_id,
+                })
+            }
+        }
+    }
 }
 
 /// A signed release notice and the lease it fences.
@@ -207,31 +270,6 @@ pub struct PrincipalRow {
     pub name: String,
     pub role: String,
     pub token_sha256: String,
-}
-
-/// A token that acts for `lender` on `host_id` only.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostCredentialRow {
-    pub token_sha256: String,
-    pub lender: String,
-    pub host_id: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostRow {
-    pub host_id: String,
-    pub lender: String,
-    pub agent_url: Option<String>,
-    pub capacity: HostCapacity,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionRow {
-    pub partition: PartitionRef,
-    pub terms: Terms,
-    pub epoch: u64,
-    pub lease_id: Option<u64>,
-    pub withdrawn: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -106,6 +106,9 @@ fn apply_one(tx: &mut dyn SqlConnection, write: &BrokerWrite) -> StoreResult<()>
             "INSERT INTO revocations (lease_id, host_id, notice, key_expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
             &[int(row.lease_id), (&row.host_id).into(), (&row.notice).into(), int(row.key_expires_at_ms)],
         ),
+        BrokerWrite::PruneIdempotency { before_ms } => {
+            return prune_idempotency(tx, *before_ms).map(|_| ())
+        }
         BrokerWrite::DeleteOutboxNotice { lease_id } => {
             tx.execute("DELETE FROM notice_outbox WHERE lease_id = ?1", &[int(*lease_id)])
         }
