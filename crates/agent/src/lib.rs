@@ -138,6 +138,16 @@ pub(crate) fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// The lock rule (core's `decide_alter`): a leased partition is neither
+/// altered nor withdrawn.
+fn check_unlocked(index: u32, lease_id: Option<u64>) -> Result<(), AgentError> {
+    use leasehold_core::lease::{decide_alter, AlterRefusal, PartitionStatus};
+    match decide_alter(PartitionStatus::of(false, lease_id)) {
+        Err(AlterRefusal::Locked { lease_id }) => Err(AgentError::Locked { index, lease_id }),
+        Ok(()) | Err(AlterRefusal::Withdrawn) => Ok(()),
+    }
+}
+
 fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
     AgentPartitionView {
         partition: PartitionRef::new(host_id, row.index),
@@ -651,9 +661,7 @@ impl Agent {
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
         let mut row = self.load(index)?;
-        if let Some(lease_id) = row.lease_id {
-            return Err(AgentError::Locked { index, lease_id });
-        }
+        check_unlocked(index, row.lease_id)?;
         let terms = images::pin_to_offered(terms, &self.driver.images());
         let terms = self.stamp_isolation(terms)?;
         self.validate_terms(&terms, Some(index))?;
@@ -676,9 +684,7 @@ impl Agent {
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
         let row = self.load(index)?;
-        if let Some(lease_id) = row.lease_id {
-            return Err(AgentError::Locked { index, lease_id });
-        }
+        check_unlocked(index, row.lease_id)?;
         match self.broker.withdraw_partition(self.host_id(), index).await {
             Ok(_) => {}
             Err(error) if error.status() == Some(404) => {}
@@ -809,7 +815,7 @@ impl Agent {
         let wanted = request
             .image
             .clone()
-            .or_else(|| row.terms.images.first().cloned())
+            .or_else(|| row.terms.default_image().map(str::to_string))
             .unwrap_or_default();
         // A bare name picks the digest the terms pin for it.
         let Some(image) = row

@@ -56,6 +56,13 @@ impl Isolation {
 }
 
 impl Terms {
+    /// The image a job boots when it names none: the partition's first
+    /// offered image. The one place that default is chosen (the agent's
+    /// key check and the `oci` driver both ask here).
+    pub fn default_image(&self) -> Option<&str> {
+        self.images.first().map(String::as_str)
+    }
+
     /// Whether a borrower must opt in to lease this partition: its isolation
     /// is `none`, or unknown (an old row, or a lender that did not say).
     pub fn is_unisolated(&self) -> bool {
