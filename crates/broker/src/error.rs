@@ -27,6 +27,13 @@ pub enum BrokerError {
         partition: PartitionRef,
         lease_id: LeaseId,
     },
+    #[error(
+        "partition {partition} is booked from {from_ms} ms (a reservation); try another partition"
+    )]
+    Booked {
+        partition: PartitionRef,
+        from_ms: u64,
+    },
     #[error("partition {0} was withdrawn by its lender")]
     Withdrawn(PartitionRef),
     #[error("no free partition meets the requirements")]
@@ -71,6 +78,9 @@ impl BrokerError {
             }
             BrokerError::Locked { .. } => {
                 ErrorResponse::new(StatusCode::CONFLICT, "partition_locked", message)
+            }
+            BrokerError::Booked { .. } => {
+                ErrorResponse::new(StatusCode::CONFLICT, "partition_booked", message)
             }
             BrokerError::Withdrawn(_) => {
                 ErrorResponse::new(StatusCode::CONFLICT, "partition_withdrawn", message)
@@ -138,6 +148,13 @@ impl From<Refusal> for BrokerError {
                 lease_id,
             },
             Refusal::Withdrawn(partition) => BrokerError::Withdrawn(partition),
+            Refusal::Booked {
+                partition,
+                existing,
+            } => BrokerError::Booked {
+                partition,
+                from_ms: existing.from_ms,
+            },
             Refusal::Unisolated(partition) => unisolated_refusal(&partition),
             Refusal::NoMatch(explanation) => BrokerError::NoMatch(explanation),
             // The one answer for a lease id the caller cannot see, whether it

@@ -47,6 +47,12 @@ pub fn table_from_snapshot(snapshot: BrokerSnapshot) -> Result<ResourceTable, Br
     for lease in snapshot.active_leases {
         table.apply(&Change::StartLease(lease));
     }
+    for (partition, interval) in snapshot.intervals {
+        table.apply(&Change::Book {
+            partition,
+            interval,
+        });
+    }
     for record in snapshot.idempotency {
         // Only lease requests are remembered; their body is the lease id.
         if let Ok(lease_id) = record.body.parse::<u64>() {

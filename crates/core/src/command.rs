@@ -7,6 +7,7 @@
 //! table after the commit and then answers. Later issues add variants
 //! (reservations, usage-right transfers) beside these.
 
+use crate::calendar::{Booking, Interval};
 use crate::ids::{validate_host_id, LeaseId, PartitionRef};
 use crate::lease::{
     decide_alter, decide_isolation, decide_lease, AlterRefusal, Bill, Lease, LeaseRefusal,
@@ -149,6 +150,12 @@ pub enum Refusal {
         lease_id: LeaseId,
     },
     Withdrawn(PartitionRef),
+    /// The partition's calendar holds another booking over the interval
+    /// asked for (a reservation; a lease answers `Conflict`).
+    Booked {
+        partition: PartitionRef,
+        existing: Interval,
+    },
     /// The borrower did not opt in to an unisolated partition.
     Unisolated(PartitionRef),
     NoMatch(Box<NoMatchExplanation>),
@@ -504,10 +511,24 @@ fn decide_lease_command(
     })?;
     decide_isolation(&entry.terms, allow_unisolated)
         .map_err(|_| Refusal::Unisolated(partition.clone()))?;
+    let lease_id = table.last_lease_id() + 1;
+    // Today's lease holds the partition from now until its release.
+    let interval = Interval::lease_from(lease_id, now_ms);
+    if let Some(existing) = entry.calendar.first_overlap(now_ms, None) {
+        return Err(match existing.booking {
+            Booking::Leased { lease_id } => Refusal::Conflict {
+                partition,
+                lease_id,
+            },
+            Booking::Reserved { .. } => Refusal::Booked {
+                partition,
+                existing: *existing,
+            },
+        });
+    }
     let host = table
         .host(&partition.host_id)
         .ok_or_else(|| Refusal::Internal(format!("partition {partition} has no host")))?;
-    let lease_id = table.last_lease_id() + 1;
     // The epoch grows with every lease so that older keys are fenced.
     let mut row = entry.row(&partition);
     row.epoch += 1;
@@ -525,7 +546,14 @@ fn decide_lease_command(
         release_requested_at_ms: None,
         charge_micros: None,
     };
-    let mut changes = vec![Change::StartLease(lease.clone()), Change::PutPartition(row)];
+    let mut changes = vec![
+        Change::StartLease(lease.clone()),
+        Change::PutPartition(row),
+        Change::Book {
+            partition: lease.partition.clone(),
+            interval,
+        },
+    ];
     if let Some(key) = idempotency_key {
         changes.push(Change::RememberIdempotency {
             principal: borrower.to_string(),
@@ -608,6 +636,10 @@ fn decide_release(
             changes.push(Change::PutPartition(row));
         }
     }
+    changes.push(Change::Unbook {
+        partition: lease.partition.clone(),
+        booking: Booking::Leased { lease_id },
+    });
     let agent_url = table
         .host(&lease.partition.host_id)
         .and_then(|host| host.row.agent_url.clone());
@@ -914,5 +946,115 @@ mod tests {
             },
         );
         assert_eq!(stranger, Err(Refusal::NoSuchHost));
+    }
+}
+
+#[cfg(test)]
+mod calendar_tests {
+    use super::*;
+    use crate::table::{Overlay, ResourceTable};
+    use crate::terms::sample_terms;
+
+    fn table_with_one_partition() -> (ResourceTable, PartitionRef) {
+        let mut table = ResourceTable::default();
+        let partition = PartitionRef::new("a", 1);
+        table.apply(&Change::PutHost {
+            host: HostRow {
+                host_id: "a".into(),
+                lender: "ann".into(),
+                agent_url: None,
+                capacity: HostCapacity {
+                    cpu_centicores: 800,
+                    memory_mib: 8192,
+                    disk_gib: 100,
+                    owner_share_cpu_centicores: 0,
+                    owner_share_memory_mib: 0,
+                    owner_share_disk_gib: 0,
+                },
+            },
+            at_ms: 0,
+        });
+        table.apply(&Change::PutPartition(PartitionRow {
+            partition: partition.clone(),
+            terms: sample_terms(),
+            epoch: 0,
+            lease_id: None,
+            withdrawn: false,
+        }));
+        (table, partition)
+    }
+
+    fn lease_named(partition: &PartitionRef) -> BrokerCommand {
+        BrokerCommand::Lease {
+            borrower: "bob".into(),
+            target: LeaseTarget::Named {
+                partition: partition.clone(),
+                allow_unisolated: false,
+            },
+            idempotency_key: None,
+            key_ttl_ms: 1_000,
+        }
+    }
+
+    fn commit_at(
+        table: &mut ResourceTable,
+        command: &BrokerCommand,
+        now_ms: u64,
+    ) -> Result<Outcome, Refusal> {
+        let decision = decide(TableView::new(table, &Overlay::default()), command, now_ms)?;
+        for change in &decision.changes {
+            table.apply(change);
+        }
+        Ok(decision.outcome)
+    }
+
+    #[test]
+    fn a_lease_is_an_interval_from_its_start_until_its_release() {
+        let (mut table, partition) = table_with_one_partition();
+        commit_at(&mut table, &lease_named(&partition), 5_000).unwrap();
+        let calendar = &table.partitions[&partition].calendar;
+        assert!(calendar.is_free_at(4_999));
+        assert_eq!(
+            calendar.occupant_at(5_000).map(|i| i.booking),
+            Some(Booking::Leased { lease_id: 1 })
+        );
+        let release = BrokerCommand::Release {
+            releaser: Principal {
+                name: "bob".into(),
+                role: Role::Borrower,
+                host_scope: None,
+            },
+            lease_id: 1,
+            commission_basis_points: 0,
+        };
+        commit_at(&mut table, &release, 9_000).unwrap();
+        assert!(table.partitions[&partition].calendar.is_empty());
+        // An alteration keeps the calendar; the next lease books again.
+        commit_at(&mut table, &lease_named(&partition), 9_000).unwrap();
+        assert!(!table.partitions[&partition].calendar.is_free_at(9_000));
+    }
+
+    #[test]
+    fn a_reservation_in_the_calendar_refuses_an_open_ended_lease() {
+        let (mut table, partition) = table_with_one_partition();
+        let reserved = Interval {
+            booking: Booking::Reserved { reservation_id: 4 },
+            from_ms: 20_000,
+            to_ms: Some(30_000),
+        };
+        table.apply(&Change::Book {
+            partition: partition.clone(),
+            interval: reserved,
+        });
+        // Free now (the free index agrees), but a lease from now on would
+        // run into the reservation.
+        assert_eq!(table.free.len(), 1);
+        assert_eq!(
+            commit_at(&mut table, &lease_named(&partition), 10_000),
+            Err(Refusal::Booked {
+                partition,
+                existing: reserved
+            })
+        );
     }
 }

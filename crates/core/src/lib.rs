@@ -6,6 +6,7 @@
 //! the time (`now_ms`) and the key material in, so the same code runs under a
 //! simulated clock in tests and in the fleet simulator.
 
+pub mod calendar;
 pub mod command;
 pub mod error;
 pub mod ids;

@@ -6,6 +6,7 @@
 //! through a [`TableView`], so later commands of a batch see earlier ones
 //! while readers of the table see committed state only.
 
+use crate::calendar::{Booking, Calendar, Interval};
 use crate::ids::{LeaseId, PartitionRef};
 use crate::lease::{Bill, Lease, PartitionStatus};
 use crate::ledger::Transfer;
@@ -60,15 +61,13 @@ pub struct PartitionEntry {
     pub epoch: u64,
     pub lease_id: Option<LeaseId>,
     pub withdrawn: bool,
+    /// When it is leased or reserved; kept across alterations of the row.
+    pub calendar: Calendar,
 }
 
 impl PartitionEntry {
     pub fn status(&self) -> PartitionStatus {
-        match (self.withdrawn, self.lease_id) {
-            (true, _) => PartitionStatus::Withdrawn,
-            (false, Some(lease_id)) => PartitionStatus::Leased { lease_id },
-            (false, None) => PartitionStatus::Free,
-        }
+        PartitionStatus::of(self.withdrawn, self.lease_id)
     }
 
     /// Free for a new lease now: neither leased nor withdrawn.
@@ -86,12 +85,14 @@ impl PartitionEntry {
         }
     }
 
-    pub fn from_row(row: &PartitionRow) -> Self {
+    /// The entry of `row`, with the calendar it had (`calendar`).
+    pub fn from_row(row: &PartitionRow, calendar: Calendar) -> Self {
         PartitionEntry {
             terms: row.terms.clone(),
             epoch: row.epoch,
             lease_id: row.lease_id,
             withdrawn: row.withdrawn,
+            calendar,
         }
     }
 }
@@ -124,6 +125,16 @@ pub enum Change {
         lease: Lease,
         bill: Bill,
         transfers: Vec<Transfer>,
+    },
+    /// An interval booked in a partition's calendar.
+    Book {
+        partition: PartitionRef,
+        interval: Interval,
+    },
+    /// A booking's interval is over and forgotten (its lease was released).
+    Unbook {
+        partition: PartitionRef,
+        booking: Booking,
     },
     /// A lease request with an idempotency key concluded `lease_id`.
     RememberIdempotency {
@@ -189,6 +200,20 @@ impl ResourceTable {
                     .or_insert_with(|| new_host_entry(host));
             }
             Change::PutPartition(row) => self.put_partition(row),
+            Change::Book {
+                partition,
+                interval,
+            } => {
+                if let Some(entry) = self.partitions.get_mut(partition) {
+                    // Decided against this very calendar: it cannot overlap.
+                    let _ = entry.calendar.book(*interval);
+                }
+            }
+            Change::Unbook { partition, booking } => {
+                if let Some(entry) = self.partitions.get_mut(partition) {
+                    entry.calendar.unbook(*booking);
+                }
+            }
             Change::StartLease(lease) => {
                 self.last_lease_id = self.last_lease_id.max(lease.lease_id);
                 self.active_leases.insert(lease.lease_id, lease.clone());
@@ -214,10 +239,12 @@ impl ResourceTable {
     }
 
     fn put_partition(&mut self, row: &PartitionRow) {
-        let entry = PartitionEntry::from_row(row);
-        if let Some(previous) = self.partitions.remove(&row.partition) {
-            self.unindex_partition(&row.partition, &previous);
+        let previous = self.partitions.remove(&row.partition);
+        if let Some(previous) = &previous {
+            self.unindex_partition(&row.partition, previous);
         }
+        let calendar = previous.map(|p| p.calendar).unwrap_or_default();
+        let entry = PartitionEntry::from_row(row, calendar);
         self.index_partition(&row.partition, &entry);
         if let Some(host) = self.hosts.get_mut(&row.partition.host_id) {
             host.partitions.insert(row.partition.index);
@@ -335,6 +362,19 @@ impl Overlay {
                 }
             }
             Change::PutPartition(row) => self.put_partition(base, row),
+            Change::Book {
+                partition,
+                interval,
+            } => {
+                if let Some(entry) = self.partition_entry_mut(base, partition) {
+                    let _ = entry.calendar.book(*interval);
+                }
+            }
+            Change::Unbook { partition, booking } => {
+                if let Some(entry) = self.partition_entry_mut(base, partition) {
+                    entry.calendar.unbook(*booking);
+                }
+            }
             Change::StartLease(lease) => {
                 self.last_lease_id = self.last_lease_id.max(lease.lease_id);
                 self.leases.insert(lease.lease_id, Some(lease.clone()));
@@ -369,6 +409,22 @@ impl Overlay {
         self.hosts.get_mut(host_id)
     }
 
+    /// The batch's copy of a partition, made from the table's on first touch.
+    fn partition_entry_mut(
+        &mut self,
+        base: &ResourceTable,
+        partition: &PartitionRef,
+    ) -> Option<&mut PartitionEntry> {
+        if !self.partitions.contains_key(partition) {
+            let committed = base.partitions.get(partition)?.clone();
+            if committed.is_free() {
+                self.free.insert(partition.clone(), committed.terms.clone());
+            }
+            self.partitions.insert(partition.clone(), committed);
+        }
+        self.partitions.get_mut(partition)
+    }
+
     fn put_partition(&mut self, base: &ResourceTable, row: &PartitionRow) {
         let previous = match self.partitions.get(&row.partition) {
             Some(entry) => Some(entry.clone()),
@@ -378,7 +434,8 @@ impl Overlay {
             self.count_images(previous, -1);
             self.free.remove(&row.partition, &previous.terms);
         }
-        let entry = PartitionEntry::from_row(row);
+        let calendar = previous.map(|p| p.calendar).unwrap_or_default();
+        let entry = PartitionEntry::from_row(row, calendar);
         self.count_images(&entry, 1);
         if entry.is_free() {
             self.free.insert(row.partition.clone(), entry.terms.clone());
