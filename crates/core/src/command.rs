@@ -17,7 +17,8 @@ use crate::ledger;
 use crate::matching::NoMatchExplanation;
 use crate::role::Role;
 use crate::table::{
-    Change, HostCredentialRow, HostEntry, HostRow, PartitionRow, Principal, TableView,
+    Change, HostCredentialRow, HostEntry, HostRow, PartitionEntry, PartitionRow, Principal,
+    TableView,
 };
 use crate::terms::{HostCapacity, Requirements, Terms};
 use crate::FieldError;
@@ -484,6 +485,43 @@ fn replay_lease(table: TableView<'_>, lease_id: LeaseId) -> Decision {
     }
 }
 
+/// Whether `partition` can be leased from `now_ms` on, open-ended: free
+/// (not leased, not withdrawn), isolated or opted into, and nothing booked
+/// in its calendar from now on.
+fn check_leasable<'a>(
+    table: TableView<'a>,
+    partition: &PartitionRef,
+    allow_unisolated: bool,
+    now_ms: u64,
+) -> Result<&'a PartitionEntry, Refusal> {
+    let entry = table
+        .partition(partition)
+        .ok_or_else(|| Refusal::NoSuchPartition(partition.clone()))?;
+    decide_lease(entry.status()).map_err(|refusal| match refusal {
+        LeaseRefusal::Conflict { lease_id } => Refusal::Conflict {
+            partition: partition.clone(),
+            lease_id,
+        },
+        LeaseRefusal::Withdrawn => Refusal::Withdrawn(partition.clone()),
+        LeaseRefusal::Unisolated => Refusal::Unisolated(partition.clone()),
+    })?;
+    decide_isolation(&entry.terms, allow_unisolated)
+        .map_err(|_| Refusal::Unisolated(partition.clone()))?;
+    match entry.calendar.first_overlap(now_ms, None) {
+        None => Ok(entry),
+        Some(existing) => Err(match existing.booking {
+            Booking::Leased { lease_id } => Refusal::Conflict {
+                partition: partition.clone(),
+                lease_id,
+            },
+            Booking::Reserved { .. } => Refusal::Booked {
+                partition: partition.clone(),
+                existing: *existing,
+            },
+        }),
+    }
+}
+
 fn decide_lease_command(
     table: TableView<'_>,
     borrower: &str,
@@ -498,34 +536,8 @@ fn decide_lease_command(
         }
     }
     let (partition, allow_unisolated) = choose_partition(table, target)?;
-    let entry = table
-        .partition(&partition)
-        .ok_or_else(|| Refusal::NoSuchPartition(partition.clone()))?;
-    decide_lease(entry.status()).map_err(|refusal| match refusal {
-        LeaseRefusal::Conflict { lease_id } => Refusal::Conflict {
-            partition: partition.clone(),
-            lease_id,
-        },
-        LeaseRefusal::Withdrawn => Refusal::Withdrawn(partition.clone()),
-        LeaseRefusal::Unisolated => Refusal::Unisolated(partition.clone()),
-    })?;
-    decide_isolation(&entry.terms, allow_unisolated)
-        .map_err(|_| Refusal::Unisolated(partition.clone()))?;
+    let entry = check_leasable(table, &partition, allow_unisolated, now_ms)?;
     let lease_id = table.last_lease_id() + 1;
-    // Today's lease holds the partition from now until its release.
-    let interval = Interval::lease_from(lease_id, now_ms);
-    if let Some(existing) = entry.calendar.first_overlap(now_ms, None) {
-        return Err(match existing.booking {
-            Booking::Leased { lease_id } => Refusal::Conflict {
-                partition,
-                lease_id,
-            },
-            Booking::Reserved { .. } => Refusal::Booked {
-                partition,
-                existing: *existing,
-            },
-        });
-    }
     let host = table
         .host(&partition.host_id)
         .ok_or_else(|| Refusal::Internal(format!("partition {partition} has no host")))?;
@@ -549,9 +561,10 @@ fn decide_lease_command(
     let mut changes = vec![
         Change::StartLease(lease.clone()),
         Change::PutPartition(row),
+        // Today's lease holds the partition from now until its release.
         Change::Book {
             partition: lease.partition.clone(),
-            interval,
+            interval: Interval::lease_from(lease_id, now_ms),
         },
     ];
     if let Some(key) = idempotency_key {
@@ -918,6 +931,33 @@ mod tests {
         )
         .unwrap();
         assert!(table.idempotent_leases.is_empty());
+    }
+
+    #[test]
+    fn partitions_registered_earlier_in_a_batch_count_against_the_capacity() {
+        let table = market();
+        let mut overlay = Overlay::default();
+        // 700 lendable centicores; partitions 1 and 2 take 100 each, and
+        // each of these 300: one fits, a second one does not.
+        let half_host = Terms {
+            vcpus: 6,
+            cpu_cap_percent: 50,
+            ..sample_terms()
+        };
+        let put = |index: u32| BrokerCommand::PutPartition {
+            lender: "ann".into(),
+            partition: PartitionRef::new("a", index),
+            terms: half_host.clone(),
+        };
+        assert!(run(&table, &mut overlay, put(3)).is_ok());
+        let view = TableView::new(&table, &overlay);
+        assert_eq!(view.host("a").unwrap().partitions.len(), 3);
+        assert!(matches!(
+            run(&table, &mut overlay, put(4)),
+            Err(Refusal::Invalid(e)) if e.field == "terms.vcpus"
+        ));
+        // The committed host still lists two.
+        assert_eq!(table.hosts["a"].partitions.len(), 2);
     }
 
     #[test]

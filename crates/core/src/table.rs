@@ -258,7 +258,13 @@ impl ResourceTable {
             return;
         }
         for image in &entry.terms.images {
-            *self.image_offers.entry(image.clone()).or_insert(0) += 1;
+            // Most images are offered already: count without allocating.
+            match self.image_offers.get_mut(image) {
+                Some(count) => *count += 1,
+                None => {
+                    self.image_offers.insert(image.clone(), 1);
+                }
+            }
         }
         if entry.lease_id.is_none() {
             self.free.insert(partition.clone(), entry.terms.clone());
@@ -440,8 +446,15 @@ impl Overlay {
         if entry.is_free() {
             self.free.insert(row.partition.clone(), entry.terms.clone());
         }
-        if let Some(host) = self.host_entry_mut(base, &row.partition.host_id) {
-            host.partitions.insert(row.partition.index);
+        // A lease or release changes a partition the host lists already:
+        // the host is copied into the batch only for a new partition.
+        let listed = TableView::new(base, self)
+            .host(&row.partition.host_id)
+            .is_some_and(|host| host.partitions.contains(&row.partition.index));
+        if !listed {
+            if let Some(host) = self.host_entry_mut(base, &row.partition.host_id) {
+                host.partitions.insert(row.partition.index);
+            }
         }
         self.partitions.insert(row.partition.clone(), entry);
     }
