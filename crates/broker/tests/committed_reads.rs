@@ -10,7 +10,7 @@ use leasehold_service::SimulatedClock;
 use leasehold_store::broker::{
     AssetBalance, BrokerSnapshot, BrokerWrite, LeaseFilter, ReleaseNoticeRow, RevocationRow,
 };
-use leasehold_store::{BrokerStore, StoreResult};
+use leasehold_store::{BrokerStore, StoreError, StoreResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -23,12 +23,17 @@ struct GatedStore {
 
 struct Gate {
     armed: AtomicBool,
+    /// The next `apply` fails without writing anything.
+    fail_next: AtomicBool,
     entered: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     release: Mutex<mpsc::Receiver<()>>,
 }
 
 impl BrokerStore for GatedStore {
     fn apply(&mut self, writes: &[BrokerWrite]) -> StoreResult<()> {
+        if self.gate.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::DatabaseThread("injected failure".into()));
+        }
         if self.gate.armed.swap(false, Ordering::SeqCst) {
             if let Some(entered) = self.gate.entered.lock().unwrap().take() {
                 let _ = entered.send(());
@@ -150,12 +155,23 @@ async fn market(url: &str, admin_token: String) -> (Client, Client) {
     (lender, Client::new(url, Some(borrower_token)))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_never_sees_a_lease_whose_batch_has_not_committed() {
+/// A broker over a gated store, with its market made.
+struct GatedBroker {
+    broker: leasehold_broker::RunningBroker,
+    gate: Arc<Gate>,
+    release_sender: mpsc::Sender<()>,
+    entered: tokio::sync::oneshot::Receiver<()>,
+    lender: Client,
+    borrower: Client,
+    _data_dir: tempfile::TempDir,
+}
+
+async fn gated_broker() -> GatedBroker {
     let (release_sender, release_receiver) = mpsc::channel();
     let (entered_sender, entered) = tokio::sync::oneshot::channel();
     let gate = Arc::new(Gate {
         armed: AtomicBool::new(false),
+        fail_next: AtomicBool::new(false),
         entered: Mutex::new(Some(entered_sender)),
         release: Mutex::new(release_receiver),
     });
@@ -184,18 +200,40 @@ async fn a_reader_never_sees_a_lease_whose_batch_has_not_committed() {
     .unwrap();
     let url = broker.url();
     let (lender, borrower) = market(&url, broker.bootstrap_admin_token.clone().unwrap()).await;
+    GatedBroker {
+        broker,
+        gate,
+        release_sender,
+        entered,
+        lender,
+        borrower,
+        _data_dir: data_dir,
+    }
+}
 
+fn lease_h1_1() -> LeaseRequest {
+    LeaseRequest {
+        partition: Some("h1/1".into()),
+        best: None,
+        allow_unisolated: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_sees_a_lease_whose_batch_has_not_committed() {
+    let GatedBroker {
+        broker,
+        gate,
+        release_sender,
+        entered,
+        lender,
+        borrower,
+        _data_dir,
+    } = gated_broker().await;
     gate.armed.store(true, Ordering::SeqCst);
     let leasing = {
         let borrower = borrower.clone();
-        tokio::spawn(async move {
-            let request = LeaseRequest {
-                partition: Some("h1/1".into()),
-                best: None,
-                allow_unisolated: false,
-            };
-            borrower.lease(&request).await
-        })
+        tokio::spawn(async move { borrower.lease(&lease_h1_1()).await })
     };
     entered.await.expect("the lease's batch reaches the store");
 
@@ -222,5 +260,31 @@ async fn a_reader_never_sees_a_lease_whose_batch_has_not_committed() {
     assert_eq!(listed[0].lease_id, Some(1));
     assert_eq!(listed[0].epoch, 1);
     assert_eq!(borrower.get_lease(1).await.unwrap().lease_id, 1);
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_shows_nothing_and_never_reuses_its_lease_id_or_epoch() {
+    let GatedBroker {
+        broker,
+        gate,
+        lender,
+        borrower,
+        // Kept to the end: the broker's data lives there.
+        _data_dir,
+        ..
+    } = gated_broker().await;
+    gate.fail_next.store(true, Ordering::SeqCst);
+    let failed = borrower.lease(&lease_h1_1()).await.unwrap_err();
+    assert_eq!(failed.status(), Some(500));
+    // The lost lease left no trace for readers.
+    let found = borrower.find(&Requirements::default(), None).await.unwrap();
+    assert_eq!(found.offers.len(), 1);
+    assert_eq!(lender.list_partitions().await.unwrap()[0].lease_id, None);
+    assert_eq!(borrower.get_lease(1).await.unwrap_err().status(), Some(404));
+    // Its id and epoch may have been seen (a commit reported failed may have
+    // happened): the next lease takes new ones.
+    let lease = borrower.lease(&lease_h1_1()).await.unwrap();
+    assert_eq!((lease.lease_id, lease.epoch), (2, 2));
     broker.shutdown().await;
 }
