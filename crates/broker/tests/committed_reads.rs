@@ -120,8 +120,8 @@ fn terms() -> Terms {
     }
 }
 
-/// A lender with host `h1` and its partition 1, and a borrower.
-async fn market(url: &str, admin_token: String) -> (Client, Client) {
+/// A lender with host `h1` and its partitions 1..=`partitions`, and a borrower.
+async fn market(url: &str, admin_token: String, partitions: u32) -> (Client, Client) {
     let admin = Client::new(url, Some(admin_token));
     let lender_token = admin
         .create_principal("ann", Role::Lender)
@@ -135,7 +135,7 @@ async fn market(url: &str, admin_token: String) -> (Client, Client) {
         .token;
     let lender = Client::new(url, Some(lender_token));
     let capacity = HostCapacity {
-        cpu_centicores: 400,
+        cpu_centicores: 1600,
         memory_mib: 4096,
         disk_gib: 10,
         owner_share_cpu_centicores: 0,
@@ -148,10 +148,12 @@ async fn market(url: &str, admin_token: String) -> (Client, Client) {
     };
     lender.register_host("h1", &host).await.unwrap();
     let partition = RegisterPartitionRequest { terms: terms() };
-    lender
-        .register_partition("h1", 1, &partition)
-        .await
-        .unwrap();
+    for index in 1..=partitions {
+        lender
+            .register_partition("h1", index, &partition)
+            .await
+            .unwrap();
+    }
     (lender, Client::new(url, Some(borrower_token)))
 }
 
@@ -166,7 +168,7 @@ struct GatedBroker {
     _data_dir: tempfile::TempDir,
 }
 
-async fn gated_broker() -> GatedBroker {
+async fn gated_broker(partitions: u32) -> GatedBroker {
     let (release_sender, release_receiver) = mpsc::channel();
     let (entered_sender, entered) = tokio::sync::oneshot::channel();
     let gate = Arc::new(Gate {
@@ -199,7 +201,12 @@ async fn gated_broker() -> GatedBroker {
     .await
     .unwrap();
     let url = broker.url();
-    let (lender, borrower) = market(&url, broker.bootstrap_admin_token.clone().unwrap()).await;
+    let (lender, borrower) = market(
+        &url,
+        broker.bootstrap_admin_token.clone().unwrap(),
+        partitions,
+    )
+    .await;
     GatedBroker {
         broker,
         gate,
@@ -229,7 +236,7 @@ async fn a_reader_never_sees_a_lease_whose_batch_has_not_committed() {
         lender,
         borrower,
         _data_dir,
-    } = gated_broker().await;
+    } = gated_broker(1).await;
     gate.armed.store(true, Ordering::SeqCst);
     let leasing = {
         let borrower = borrower.clone();
@@ -273,7 +280,7 @@ async fn a_failed_commit_shows_nothing_and_never_reuses_its_lease_id_or_epoch() 
         // Kept to the end: the broker's data lives there.
         _data_dir,
         ..
-    } = gated_broker().await;
+    } = gated_broker(1).await;
     gate.fail_next.store(true, Ordering::SeqCst);
     let failed = borrower.lease(&lease_h1_1()).await.unwrap_err();
     assert_eq!(failed.status(), Some(500));
@@ -286,5 +293,61 @@ async fn a_failed_commit_shows_nothing_and_never_reuses_its_lease_id_or_epoch() 
     // happened): the next lease takes new ones.
     let lease = borrower.lease(&lease_h1_1()).await.unwrap();
     assert_eq!((lease.lease_id, lease.epoch), (2, 2));
+    broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_by_requirements_in_one_batch_each_get_another_partition() {
+    let GatedBroker {
+        broker,
+        gate,
+        release_sender,
+        entered,
+        borrower,
+        _data_dir,
+        ..
+    } = gated_broker(8).await;
+    let best = LeaseRequest {
+        partition: None,
+        best: Some(Requirements::default()),
+        allow_unisolated: false,
+    };
+    // The first lease holds the writer inside its commit, so the next
+    // seven queue up and those that arrived meanwhile are decided in one
+    // batch (core's `a_batch_sees_its_own_leases_and_the_table_does_not`
+    // is the deterministic proof; this one goes through HTTP and the
+    // writer): whichever way they batch, no partition is leased twice.
+    gate.armed.store(true, Ordering::SeqCst);
+    let mut leasing = Vec::new();
+    let first = borrower.clone();
+    let first_request = best.clone();
+    leasing.push(tokio::spawn(
+        async move { first.lease(&first_request).await },
+    ));
+    entered
+        .await
+        .expect("the first lease's batch reaches the store");
+    for _ in 0..7 {
+        let borrower = borrower.clone();
+        let request = best.clone();
+        leasing.push(tokio::spawn(async move { borrower.lease(&request).await }));
+    }
+    release_sender.send(()).unwrap();
+    let mut partitions = Vec::new();
+    for task in leasing {
+        let lease = task
+            .await
+            .unwrap()
+            .expect("every borrower gets a partition");
+        partitions.push(lease.partition.index);
+    }
+    partitions.sort_unstable();
+    assert_eq!(
+        partitions,
+        (1..=8).collect::<Vec<u32>>(),
+        "never one partition twice"
+    );
+    let found = borrower.find(&Requirements::default(), None).await.unwrap();
+    assert!(found.offers.is_empty());
     broker.shutdown().await;
 }
