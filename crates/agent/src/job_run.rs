@@ -266,7 +266,7 @@ fn pick_image(spec: &PartitionSpec, wanted: Option<&str>) -> Result<String, Agen
     let terms: &Terms = &spec.terms;
     let wanted = wanted
         .map(str::to_string)
-        .or_else(|| terms.images.first().cloned())
+        .or_else(|| terms.default_image().map(str::to_string))
         .unwrap_or_default();
     terms
         .images

@@ -30,23 +30,8 @@ pub struct ErrorDetail {
     pub explanation: Option<NoMatchExplanation>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Lender,
-    Borrower,
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Lender => "lender",
-            Role::Borrower => "borrower",
-            Role::Admin => "admin",
-        }
-    }
-}
+/// Roles are defined (and parsed) once, in core.
+pub use leasehold_core::Role;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BrokerInfo {

@@ -2,6 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use leasehold_core::command::Refusal;
 use leasehold_core::matching::NoMatchExplanation;
 use leasehold_core::{FieldError, LeaseId, PartitionRef};
 use leasehold_service::ErrorResponse;
@@ -25,6 +26,13 @@ pub enum BrokerError {
     Locked {
         partition: PartitionRef,
         lease_id: LeaseId,
+    },
+    #[error(
+        "partition {partition} is booked from {from_ms} ms (a reservation); try another partition"
+    )]
+    Booked {
+        partition: PartitionRef,
+        from_ms: u64,
     },
     #[error("partition {0} was withdrawn by its lender")]
     Withdrawn(PartitionRef),
@@ -71,6 +79,9 @@ impl BrokerError {
             BrokerError::Locked { .. } => {
                 ErrorResponse::new(StatusCode::CONFLICT, "partition_locked", message)
             }
+            BrokerError::Booked { .. } => {
+                ErrorResponse::new(StatusCode::CONFLICT, "partition_booked", message)
+            }
             BrokerError::Withdrawn(_) => {
                 ErrorResponse::new(StatusCode::CONFLICT, "partition_withdrawn", message)
             }
@@ -104,4 +115,69 @@ impl IntoResponse for BrokerError {
     fn into_response(self) -> Response {
         self.to_error_response().into_response()
     }
+}
+
+impl From<Refusal> for BrokerError {
+    /// A refusal decided in core, in the broker's words (and so, through
+    /// [`BrokerError::to_error_response`], its status).
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Invalid(field) => BrokerError::Invalid(field),
+            Refusal::PrincipalExists { name } => {
+                BrokerError::AlreadyExists(format!("a principal named '{name}' exists already"))
+            }
+            Refusal::NoSuchHost => BrokerError::NotFound("no such host is registered".into()),
+            Refusal::NoSuchPartition(partition) => {
+                BrokerError::NotFound(format!("no partition {partition} is registered"))
+            }
+            Refusal::HostOwnedByAnotherLender { host_id } => {
+                BrokerError::HostOwnedByAnotherLender { host_id }
+            }
+            Refusal::Locked {
+                partition,
+                lease_id,
+            } => BrokerError::Locked {
+                partition,
+                lease_id,
+            },
+            Refusal::Conflict {
+                partition,
+                lease_id,
+            } => BrokerError::Conflict {
+                partition,
+                lease_id,
+            },
+            Refusal::Withdrawn(partition) => BrokerError::Withdrawn(partition),
+            Refusal::Booked {
+                partition,
+                existing,
+            } => BrokerError::Booked {
+                partition,
+                from_ms: existing.from_ms,
+            },
+            Refusal::Unisolated(partition) => unisolated_refusal(&partition),
+            Refusal::NoMatch(explanation) => BrokerError::NoMatch(explanation),
+            // The one answer for a lease id the caller cannot see, whether it
+            // exists or not: the same body, which names no id.
+            Refusal::NoSuchLease | Refusal::LeaseNotActive { .. } => {
+                BrokerError::NotFound("no such lease".to_string())
+            }
+            Refusal::NotTheBorrower { lease_id } => BrokerError::Forbidden(format!(
+                "only the borrower of lease {lease_id} may release it"
+            )),
+            Refusal::Internal(message) => BrokerError::Internal(message),
+        }
+    }
+}
+
+/// The refusal of an unisolated partition to a borrower who did not opt
+/// in: it names the field and how to opt in.
+fn unisolated_refusal(partition: &PartitionRef) -> BrokerError {
+    BrokerError::Invalid(FieldError::new(
+        "allow_unisolated",
+        format!(
+            "partition {partition} is unisolated (its jobs run as plain processes of the host, which see its files); \
+             lease it only if you trust the host: send allow_unisolated: true (leasehold lease --allow-unisolated)"
+        ),
+    ))
 }

@@ -2,20 +2,26 @@
 //! the writer, map errors. No decisions are made here.
 
 use crate::error::BrokerError;
-use crate::state::{LeaseTarget, Principal};
-use crate::writer::Effect;
 use crate::{token_sha256, AppState};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use leasehold_api::*;
-use leasehold_core::key::{self, LeaseKeyClaims, NoticeClaims, NoticeKind};
-use leasehold_core::lease::{Bill, Lease, LeaseState, ReleaseOutcome};
+use leasehold_core::command::{
+    check_known_image, may_see_lease, BrokerCommand, LeaseTarget, Outcome, Refusal,
+};
+use leasehold_core::key::{self, LeaseKeyClaims};
+use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::{self, BROKER_COMMISSION_ACCOUNT};
-use leasehold_core::{money, PartitionRef};
+use leasehold_core::table::{HostRow, Overlay, Principal, TableView};
+use leasehold_core::PartitionRef;
 use leasehold_service::{bearer_token, idempotency_key, ErrorResponse, JsonBody};
 use leasehold_store::broker::{LeaseFilter, PartitionRow};
+
+/// What readers lay over the committed table: nothing.
+static NO_UNCOMMITTED_CHANGES: std::sync::LazyLock<Overlay> =
+    std::sync::LazyLock::new(Overlay::default);
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -175,24 +181,23 @@ pub(crate) async fn create_principal(
     name: String,
     role: Role,
 ) -> Result<String, BrokerError> {
-    issue_token(app, move |ctx, hash| {
-        ctx.state
-            .create_principal(&name, role, hash, ctx.now_ms, ctx.writes)
+    issue_token(app, move |token_sha256| BrokerCommand::CreatePrincipal {
+        name,
+        role,
+        token_sha256,
     })
     .await
 }
 
-/// Makes a random token, has `record` keep its hash through the writer, and
-/// answers the token itself (shown once; the broker keeps only the hash).
-async fn issue_token<F>(app: &AppState, record: F) -> Result<String, BrokerError>
-where
-    F: FnOnce(&mut crate::writer::WriteContext<'_>, String) -> Result<(), BrokerError>
-        + Send
-        + 'static,
-{
+/// Makes a random token, has the command `record` makes of its hash keep
+/// it through the writer, and answers the token itself (shown once; the
+/// broker keeps only the hash).
+async fn issue_token(
+    app: &AppState,
+    record: impl FnOnce(String) -> BrokerCommand,
+) -> Result<String, BrokerError> {
     let token = crate::new_token();
-    let hash = token_sha256(&token);
-    app.writer.run(move |ctx| record(ctx, hash)).await?;
+    app.writer.submit(record(token_sha256(&token))).await?;
     Ok(token)
 }
 
@@ -220,9 +225,12 @@ pub(crate) async fn issue_host_credential(
     lender: String,
     host_id: String,
 ) -> Result<String, BrokerError> {
-    issue_token(app, move |ctx, hash| {
-        ctx.state
-            .create_host_credential(&lender, &host_id, hash, ctx.now_ms, ctx.writes)
+    issue_token(app, move |token_sha256| {
+        BrokerCommand::CreateHostCredential {
+            lender,
+            host_id,
+            token_sha256,
+        }
     })
     .await
 }
@@ -248,19 +256,30 @@ async fn create_host_credential(
     ))
 }
 
-fn host_view(entry: &crate::state::HostEntry) -> HostView {
+fn host_view(host: &HostRow, partitions: u64) -> HostView {
     HostView {
-        host_id: entry.row.host_id.clone(),
-        lender: entry.row.lender.clone(),
-        agent_url: entry.row.agent_url.clone(),
-        capacity: entry.row.capacity.clone(),
-        partitions: entry.partitions.len() as u64,
+        host_id: host.host_id.clone(),
+        lender: host.lender.clone(),
+        agent_url: host.agent_url.clone(),
+        capacity: host.capacity.clone(),
+        partitions,
     }
+}
+
+/// An outcome a handler did not expect from its command: a bug, said so.
+fn unexpected(outcome: Outcome) -> ErrorResponse {
+    err(BrokerError::Internal(format!(
+        "unexpected outcome {outcome:?}"
+    )))
 }
 
 async fn list_hosts(State(app): App) -> Answer<Vec<HostView>> {
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
-    let mut hosts: Vec<HostView> = state.hosts.values().map(host_view).collect();
+    let mut hosts: Vec<HostView> = state
+        .hosts
+        .values()
+        .map(|entry| host_view(&entry.row, entry.partitions.len() as u64))
+        .collect();
     hosts.sort_by(|a, b| a.host_id.cmp(&b.host_id));
     hosts.truncate(MAX_LIST as usize);
     Ok(Json(hosts))
@@ -273,27 +292,16 @@ async fn register_host(
     JsonBody(request): JsonBody<RegisterHostRequest>,
 ) -> Answer<HostView> {
     require_role(&principal, &[Role::Lender], "register hosts")?;
-    let host_id_for_view = host_id.clone();
-    app.writer
-        .run(move |ctx| {
-            ctx.state.register_host(
-                &principal.name,
-                &host_id,
-                request.agent_url,
-                request.capacity,
-                ctx.now_ms,
-                ctx.writes,
-            )
-        })
-        .await
-        .map_err(err)?;
-    let state = app.state.read().unwrap_or_else(|p| p.into_inner());
-    let entry = state.hosts.get(&host_id_for_view).ok_or_else(|| {
-        err(BrokerError::Internal(
-            "host vanished after registration".into(),
-        ))
-    })?;
-    Ok(Json(host_view(entry)))
+    let command = BrokerCommand::RegisterHost {
+        lender: principal.name,
+        host_id,
+        agent_url: request.agent_url,
+        capacity: request.capacity,
+    };
+    match app.writer.submit(command).await.map_err(err)?.outcome {
+        Outcome::HostRegistered { host, partitions } => Ok(Json(host_view(&host, partitions))),
+        other => Err(unexpected(other)),
+    }
 }
 
 fn partition_view(row: PartitionRow) -> PartitionView {
@@ -326,15 +334,15 @@ async fn put_partition(
     let terms = crate::images::pin_terms(app.images.as_ref(), request.terms)
         .await
         .map_err(err)?;
-    let row = app
-        .writer
-        .run(move |ctx| {
-            ctx.state
-                .put_partition(&principal.name, &partition, terms, ctx.writes)
-        })
-        .await
-        .map_err(err)?;
-    Ok(Json(partition_view(row)))
+    let command = BrokerCommand::PutPartition {
+        lender: principal.name,
+        partition,
+        terms,
+    };
+    match app.writer.submit(command).await.map_err(err)?.outcome {
+        Outcome::PartitionPut(row) => Ok(Json(partition_view(row))),
+        other => Err(unexpected(other)),
+    }
 }
 
 async fn withdraw_partition(
@@ -344,15 +352,14 @@ async fn withdraw_partition(
 ) -> Answer<PartitionView> {
     require_role(&principal, &[Role::Lender], "withdraw partitions")?;
     let partition = PartitionRef::new(host_id, parse_index(&index)?);
-    let row = app
-        .writer
-        .run(move |ctx| {
-            ctx.state
-                .withdraw_partition(&principal.name, &partition, ctx.writes)
-        })
-        .await
-        .map_err(err)?;
-    Ok(Json(partition_view(row)))
+    let command = BrokerCommand::WithdrawPartition {
+        lender: principal.name,
+        partition,
+    };
+    match app.writer.submit(command).await.map_err(err)?.outcome {
+        Outcome::PartitionWithdrawn(row) => Ok(Json(partition_view(row))),
+        other => Err(unexpected(other)),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -421,9 +428,10 @@ async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answ
         ))));
     }
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
-    state
-        .check_known_image(&request.requirements, "requirements.image")
-        .map_err(err)?;
+    // Readers see the committed table only: no batch's changes on top.
+    let committed = TableView::new(&state, &NO_UNCOMMITTED_CHANGES);
+    check_known_image(committed, &request.requirements, "requirements.image")
+        .map_err(|refusal| err(refusal.into()))?;
     let offers: Vec<Offer> = state
         .free
         .find(&request.requirements, limit as usize)
@@ -432,7 +440,7 @@ async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answ
         .collect();
     let explanation = offers
         .is_empty()
-        .then(|| state.explain(&request.requirements));
+        .then(|| committed.explain(&request.requirements));
     Ok(Json(FindResponse {
         offers,
         explanation,
@@ -486,37 +494,19 @@ fn sign_lease_key(app: &AppState, lease: &Lease) -> String {
     )
 }
 
-fn notice_effect(
-    app: &AppState,
-    state: &crate::state::BrokerState,
-    lease: &Lease,
-    kind: NoticeKind,
-) -> Option<Effect> {
-    let agent_url = state
-        .hosts
-        .get(&lease.partition.host_id)?
-        .row
-        .agent_url
-        .clone()?;
-    let notice = sign_lease_notice(app, lease, kind);
-    Some(Effect::NotifyAgent { agent_url, notice })
-}
-
-/// The broker's signed notice to the agent about `lease` (lock on a new
-/// lease, fence on release), with the current signing key.
-pub(crate) fn sign_lease_notice(app: &AppState, lease: &Lease, kind: NoticeKind) -> String {
-    key::sign_notice(
-        &NoticeClaims {
-            kind,
-            host_id: lease.partition.host_id.clone(),
-            partition_index: lease.partition.index,
-            lease_id: lease.lease_id,
-            epoch: lease.epoch,
-            key_expires_at_ms: lease.key_expires_at_ms,
-            key_id: app.signing_key_id.clone(),
-        },
-        &app.signing_key,
-    )
+/// The partition a lease request names, or its requirements.
+fn lease_target(request: LeaseRequest) -> Result<LeaseTarget, ErrorResponse> {
+    match (request.partition, request.best) {
+        (Some(text), None) => Ok(LeaseTarget::Named {
+            partition: text.parse().map_err(|e| err(BrokerError::Invalid(e)))?,
+            allow_unisolated: request.allow_unisolated,
+        }),
+        (None, Some(requirements)) => Ok(LeaseTarget::Best(requirements)),
+        _ => Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
+            "partition",
+            "give exactly one of 'partition' (HOST/INDEX) or 'best' (requirements)",
+        )))),
+    }
 }
 
 async fn lease(
@@ -526,84 +516,18 @@ async fn lease(
     JsonBody(request): JsonBody<LeaseRequest>,
 ) -> Result<(StatusCode, Json<LeaseView>), ErrorResponse> {
     require_role(&principal, &[Role::Borrower], "lease partitions")?;
-    let idempotency = idempotency_key(&headers)?;
-    let target = match (request.partition, request.best) {
-        (Some(text), None) => LeaseTarget::Named {
-            partition: text.parse().map_err(|e| err(BrokerError::Invalid(e)))?,
-            allow_unisolated: request.allow_unisolated,
-        },
-        (None, Some(requirements)) => LeaseTarget::Best(requirements),
-        _ => {
-            return Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
-                "partition",
-                "give exactly one of 'partition' (HOST/INDEX) or 'best' (requirements)",
-            ))))
-        }
+    let command = BrokerCommand::Lease {
+        borrower: principal.name.clone(),
+        idempotency_key: idempotency_key(&headers)?,
+        target: lease_target(request)?,
+        key_ttl_ms: app.config.key_ttl_ms,
     };
-    let borrower = principal.name.clone();
-    let app_for_job = app.clone();
-    let (lease, replayed) = app
-        .writer
-        .run(move |ctx| {
-            if let Some(key) = &idempotency {
-                if let Some(lease_id) = ctx
-                    .state
-                    .idempotent_leases
-                    .get(&(borrower.clone(), key.clone()))
-                    // Older than the retention: forgotten, pruned or not yet.
-                    .filter(|(_, at_ms)| {
-                        ctx.now_ms.saturating_sub(*at_ms) <= crate::writer::IDEMPOTENCY_RETENTION_MS
-                    })
-                {
-                    let (lease_id, _) = *lease_id;
-                    // Newest first: active, released in this very batch
-                    // (not committed yet), then the database.
-                    let lease = match ctx.state.active_leases.get(&lease_id) {
-                        Some(lease) => lease.clone(),
-                        None => match ctx.released_this_batch.get(&lease_id) {
-                            Some((lease, _)) => lease.clone(),
-                            None => ctx.db.lease(lease_id)?.ok_or_else(|| {
-                                BrokerError::Internal(format!("lease {lease_id} vanished"))
-                            })?,
-                        },
-                    };
-                    return Ok((lease, true));
-                }
-            }
-            let lease = ctx.state.conclude_lease(
-                &borrower,
-                &target,
-                ctx.now_ms,
-                app_for_job.config.key_ttl_ms,
-                ctx.writes,
-            )?;
-            if let Some(key) = idempotency {
-                ctx.state.idempotent_leases.insert(
-                    (borrower.clone(), key.clone()),
-                    (lease.lease_id, ctx.now_ms),
-                );
-                ctx.writes
-                    .push(leasehold_store::broker::BrokerWrite::PutIdempotency {
-                        principal: borrower.clone(),
-                        key,
-                        status: 201,
-                        body: lease.lease_id.to_string(),
-                        at_ms: ctx.now_ms,
-                    });
-            }
-            if let Some(effect) =
-                notice_effect(&app_for_job, ctx.state, &lease, NoticeKind::LeaseStarted)
-            {
-                ctx.effects.push(effect);
-            }
-            Ok((lease, false))
-        })
-        .await
-        .map_err(err)?;
-    let status = if replayed {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
+    let (status, lease) = match app.writer.submit(command).await.map_err(err)?.outcome {
+        Outcome::Leased { lease, .. } => (StatusCode::CREATED, lease),
+        Outcome::LeaseReplayed {
+            lease: Some(lease), ..
+        } => (StatusCode::OK, lease),
+        other => return Err(unexpected(other)),
     };
     Ok((status, Json(lease_view(&app, &lease, &principal))))
 }
@@ -615,11 +539,6 @@ fn parse_lease_id(text: &str) -> Result<u64, ErrorResponse> {
             format!("'{text}' is not a lease id"),
         )))
     })
-}
-
-/// May `viewer` see this lease? Its borrower, its lender, admins.
-fn may_view(viewer: &Principal, lease: &Lease) -> bool {
-    viewer.role == Role::Admin || viewer.name == lease.borrower || viewer.name == lease.lender
 }
 
 async fn get_lease(
@@ -642,12 +561,12 @@ async fn get_lease(
             .map_err(|e| err(e.into()))?,
     };
     match lease {
-        Some(lease) if may_view(&principal, &lease) => {
+        Some(lease) if may_see_lease(&principal, &lease) => {
             Ok(Json(lease_view(&app, &lease, &principal)))
         }
         // A lease the caller may not see answers exactly as one that does
         // not exist, so lease ids reveal nothing to strangers.
-        Some(_) | None => Err(err(no_such_lease(lease_id))),
+        Some(_) | None => Err(err(Refusal::NoSuchLease.into())),
     }
 }
 
@@ -691,65 +610,24 @@ async fn release(
 ) -> Answer<ReleaseReceipt> {
     let lease_id = parse_lease_id(&lease_id)?;
     idempotency_key(&headers)?;
-    let releaser = principal.clone();
-    let app_for_job = app.clone();
-    let (lease, bill, already_released, first_attempt) = app
-        .writer
-        .run(move |ctx| {
-            let commission = app_for_job.config.commission_basis_points;
-            let Some(mut lease) = ctx.state.active_leases.get(&lease_id).cloned() else {
-                // Released before: answer with the bill already written.
-                if let Some((lease, bill)) = ctx.released_this_batch.get(&lease_id) {
-                    check_releaser(&releaser, lease)?;
-                    return Ok((lease.clone(), *bill, true, None));
-                }
-                let lease = ctx
-                    .db
-                    .lease(lease_id)?
-                    .ok_or_else(|| no_such_lease(lease_id))?;
-                check_releaser(&releaser, &lease)?;
-                let bill = stored_bill(ctx.db, &lease)?;
-                return Ok((lease, bill, true, None));
-            };
-            check_releaser(&releaser, &lease)?;
-            let ReleaseOutcome::Released(bill) = lease
-                .release(ctx.now_ms, commission)
-                .map_err(|e| BrokerError::Internal(e.to_string()))?
-            else {
-                return Err(BrokerError::Internal(format!(
-                    "lease {lease_id} was active and released at once"
-                )));
-            };
-            ctx.writes
-                .push(leasehold_store::broker::BrokerWrite::UpdateLease(
-                    lease.clone(),
-                ));
-            for transfer in ledger::settle(
-                &bill,
-                lease.lease_id,
-                &lease.borrower,
-                &lease.lender,
-                ctx.now_ms,
-            ) {
-                ctx.writes
-                    .push(leasehold_store::broker::BrokerWrite::InsertTransfer(
-                        transfer,
-                    ));
-            }
-            ctx.state.free_partition_of(&lease, ctx.writes);
-            // The release notice joins this batch as an outbox row, so it is
-            // durable with the release; the answer waits briefly for its
-            // first delivery to say whether the host fenced the old key.
-            let first_attempt = crate::outbox::queue_release_notice(ctx, &app_for_job, &lease);
-            ctx.released_this_batch
-                .insert(lease_id, (lease.clone(), bill));
-            Ok((lease, bill, false, Some(first_attempt)))
-        })
-        .await
-        .map_err(err)?;
-    let agent_notified = match first_attempt {
-        Some(first_attempt) => crate::outbox::first_attempt_acknowledged(first_attempt).await,
-        None => already_released,
+    let command = BrokerCommand::Release {
+        releaser: principal.clone(),
+        lease_id,
+        commission_basis_points: app.config.commission_basis_points,
+    };
+    let committed = app.writer.submit(command).await.map_err(err)?;
+    let (lease, bill, already_released) = match committed.outcome {
+        Outcome::Released { lease, bill, .. } => (lease, bill, false),
+        Outcome::AlreadyReleased { lease, bill } => (lease, bill, true),
+        other => return Err(unexpected(other)),
+    };
+    // The release notice committed with the release; the answer waits
+    // briefly for its first delivery to say whether the host fenced the
+    // old key (a lease released before says it did).
+    let agent_notified = if already_released {
+        true
+    } else {
+        crate::outbox::first_attempt_acknowledged(committed.first_delivery).await
     };
     Ok(Json(ReleaseReceipt {
         lease: lease_view(&app, &lease, &principal),
@@ -757,51 +635,6 @@ async fn release(
         already_released,
         agent_notified,
     }))
-}
-
-/// The one answer for a lease id the caller cannot see, whether it exists
-/// or not: the same status and the same body, which names no id (the
-/// caller knows which it asked for).
-fn no_such_lease(_lease_id: u64) -> BrokerError {
-    BrokerError::NotFound("no such lease".to_string())
-}
-
-/// Only the borrower releases; the lender and admins, who may see the
-/// lease, learn that; anyone else is told it does not exist.
-fn check_releaser(releaser: &Principal, lease: &Lease) -> Result<(), BrokerError> {
-    if !may_view(releaser, lease) {
-        return Err(no_such_lease(lease.lease_id));
-    }
-    if releaser.name != lease.borrower {
-        return Err(BrokerError::Forbidden(format!(
-            "only the borrower of lease {} may release it",
-            lease.lease_id
-        )));
-    }
-    Ok(())
-}
-
-/// The bill of a lease released earlier, rebuilt from the lease and its transfers.
-fn stored_bill(
-    db: &mut dyn leasehold_store::BrokerStore,
-    lease: &Lease,
-) -> Result<Bill, BrokerError> {
-    let transfers = db.lease_transfers(lease.lease_id)?;
-    let commission: u64 = transfers
-        .iter()
-        .filter(|t| t.credit_account == BROKER_COMMISSION_ACCOUNT)
-        .map(|t| t.amount_micros)
-        .sum();
-    let charge = lease.charge_micros.unwrap_or(0);
-    Ok(Bill {
-        billable_seconds: money::billable_seconds(
-            lease.started_at_ms,
-            lease.release_requested_at_ms.unwrap_or(lease.started_at_ms),
-        ),
-        charge_micros: charge,
-        lender_credit_micros: charge.saturating_sub(commission),
-        commission_micros: commission,
-    })
 }
 
 fn accounts_of(principal: &Principal) -> Vec<String> {

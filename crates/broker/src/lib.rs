@@ -18,7 +18,7 @@ pub mod writer;
 pub use error::BrokerError;
 
 use ed25519_dalek::SigningKey;
-use leasehold_api::Role;
+use leasehold_core::Role;
 use leasehold_service::SharedClock;
 use leasehold_store::broker::BrokerWrite;
 use leasehold_store::{BrokerDatabase, BrokerStore, Durability};
@@ -145,14 +145,21 @@ fn broker_database(config: &BrokerConfig) -> Result<BrokerDatabase, BrokerError>
     Ok(BrokerDatabase::Sqlite(db_path))
 }
 
-/// Opens (or creates) the broker's database (SQLite in `data_dir`, or
-/// PostgreSQL at `database_url`) and starts serving.
-/// Stops on Ctrl-C / SIGTERM or [`RunningBroker::shutdown`].
-pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
-    // The data directory holds the signing keys whichever database is used.
-    leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
-        .map_err(|e| BrokerError::Internal(e.to_string()))?;
-    let database = broker_database(&config)?;
+/// The store opened, upgraded and bootstrapped, and what start-up read.
+struct OpenedStore {
+    db: Box<dyn BrokerStore>,
+    /// A second connection for history queries.
+    reader: Box<dyn BrokerStore>,
+    table: BrokerState,
+    keys: signing_keys::BrokerKeys,
+    bootstrap_admin_token: Option<String>,
+}
+
+/// Opens the broker's database, moves a legacy signing-key seed out of it,
+/// makes the first admin when there is none, forgets old idempotency
+/// records and loads the resource table.
+fn open_store(config: &BrokerConfig) -> Result<OpenedStore, BrokerError> {
+    let database = broker_database(config)?;
     let mut db = leasehold_store::open_broker_store(&database, config.durability)?;
     let reader = leasehold_store::open_broker_store(&database, config.durability)?;
     let snapshot = db.load()?;
@@ -180,28 +187,53 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         let token = new_token();
         bootstrap.push(BrokerWrite::InsertPrincipal {
             name: "admin".into(),
-            role: "admin".into(),
+            role: Role::Admin.as_str().into(),
             token_sha256: token_sha256(&token),
             at_ms: config.clock.now_ms(),
         });
         bootstrap_admin_token = Some(token);
     }
-    // Idempotency records older than a day are forgotten.
-    db.prune_idempotency(
-        config
-            .clock
-            .now_ms()
-            .saturating_sub(writer::IDEMPOTENCY_RETENTION_MS),
-    )?;
+    let retained_from_ms = config
+        .clock
+        .now_ms()
+        .saturating_sub(writer::IDEMPOTENCY_RETENTION_MS);
+    db.prune_idempotency(retained_from_ms)?;
     if !bootstrap.is_empty() {
         db.apply(&bootstrap)?;
     }
-    let snapshot = db.load()?;
-    let state = Arc::new(RwLock::new(BrokerState::from_snapshot(snapshot)?));
+    let table = state::table_from_snapshot(db.load()?)?;
+    Ok(OpenedStore {
+        db,
+        reader,
+        table,
+        keys,
+        bootstrap_admin_token,
+    })
+}
+
+/// Opens (or creates) the broker's database (SQLite in `data_dir`, or
+/// PostgreSQL at `database_url`) and starts serving.
+/// Stops on Ctrl-C / SIGTERM or [`RunningBroker::shutdown`].
+pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    // The data directory holds the signing keys whichever database is used.
+    leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let OpenedStore {
+        mut db,
+        reader,
+        table,
+        keys,
+        bootstrap_admin_token,
+    } = open_store(&config)?;
+    let state = Arc::new(RwLock::new(table));
     if let Some(layer) = &config.store_layer {
         db = layer(db);
     }
-    let writer = start_writer_and_outbox(db, state.clone(), &config)?;
+    let signer = Arc::new(outbox::NoticeSigner {
+        key: keys.current().clone(),
+        key_id: keys.current_id().to_string(),
+    });
+    let writer = start_writer_and_outbox(db, state.clone(), signer, &config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| BrokerError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -241,6 +273,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
 fn start_writer_and_outbox(
     mut db: Box<dyn BrokerStore>,
     state: Arc<RwLock<BrokerState>>,
+    signer: Arc<outbox::NoticeSigner>,
     config: &BrokerConfig,
 ) -> Result<Writer, BrokerError> {
     // One connection pool for every call to agents: no redirects, bounded
@@ -256,6 +289,7 @@ fn start_writer_and_outbox(
         db,
         state.clone(),
         config.clock.clone(),
+        signer,
         tokio::runtime::Handle::current(),
         on_effect,
     );

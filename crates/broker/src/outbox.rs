@@ -14,12 +14,14 @@
 
 use crate::error::BrokerError;
 use crate::state::{BrokerState, Principal};
-use crate::writer::{Effect, WriteContext, Writer};
+use crate::writer::{Effect, Writer};
 use crate::AppState;
-use leasehold_api::{ApiError, Revocation, RevocationPage, Role, MAX_REVOCATION_PAGE};
+use leasehold_api::{ApiError, Revocation, RevocationPage, MAX_REVOCATION_PAGE};
+use leasehold_core::command::BrokerCommand;
 use leasehold_core::key::NoticeKind;
 use leasehold_core::lease::Lease;
 use leasehold_core::FieldError;
+use leasehold_core::Role;
 use leasehold_service::SharedClock;
 use leasehold_store::broker::{BrokerWrite, ReleaseNoticeRow};
 use std::collections::BTreeMap;
@@ -47,42 +49,62 @@ pub struct PendingNotice {
     first_attempt: Option<oneshot::Sender<bool>>,
 }
 
+/// Signs the broker's notices to agents (lock on a new lease, fence on
+/// release) with the current signing key. The writer holds one: signing is
+/// I/O-free but needs the key, so it happens after core's decision.
+pub struct NoticeSigner {
+    pub key: ed25519_dalek::SigningKey,
+    pub key_id: String,
+}
+
+impl NoticeSigner {
+    pub fn sign(&self, lease: &Lease, kind: NoticeKind) -> String {
+        leasehold_core::key::sign_notice(
+            &leasehold_core::key::NoticeClaims {
+                kind,
+                host_id: lease.partition.host_id.clone(),
+                partition_index: lease.partition.index,
+                lease_id: lease.lease_id,
+                epoch: lease.epoch,
+                key_expires_at_ms: lease.key_expires_at_ms,
+                key_id: self.key_id.clone(),
+            },
+            &self.key,
+        )
+    }
+}
+
 /// Signs `lease`'s release notice and lists it for the host's agent to pull;
 /// when the host has an agent URL, also queues its outbox row in the
 /// release's batch and its delivery for after the commit. The receiver
 /// learns whether the agent acknowledged the first attempt.
 pub(crate) fn queue_release_notice(
-    ctx: &mut WriteContext<'_>,
-    app: &AppState,
+    signer: &NoticeSigner,
     lease: &Lease,
+    has_agent_url: bool,
+    now_ms: u64,
+    writes: &mut Vec<BrokerWrite>,
+    effects: &mut Vec<Effect>,
 ) -> Option<oneshot::Receiver<bool>> {
-    let notice = crate::http::sign_lease_notice(app, lease, NoticeKind::LeaseReleased);
     let row = ReleaseNoticeRow {
         lease_id: lease.lease_id,
         host_id: lease.partition.host_id.clone(),
-        notice,
+        notice: signer.sign(lease, NoticeKind::LeaseReleased),
         key_expires_at_ms: lease.key_expires_at_ms,
-        created_at_ms: ctx.now_ms,
+        created_at_ms: now_ms,
     };
-    ctx.writes.push(BrokerWrite::InsertRevocation(row.clone()));
+    writes.push(BrokerWrite::InsertRevocation(row.clone()));
     // A host without an agent URL has nobody to push to (simulations,
     // benchmarks): its agent, if any, pulls the revocation instead.
-    let has_agent_url = ctx
-        .state
-        .hosts
-        .get(&row.host_id)
-        .is_some_and(|host| host.row.agent_url.is_some());
     if !has_agent_url {
         return None;
     }
     let (reply, receiver) = oneshot::channel();
-    ctx.writes
-        .push(BrokerWrite::InsertOutboxNotice(row.clone()));
-    ctx.effects
-        .push(Effect::DeliverReleaseNotice(Box::new(PendingNotice {
-            row,
-            first_attempt: Some(reply),
-        })));
+    writes.push(BrokerWrite::InsertOutboxNotice(row.clone()));
+    effects.push(Effect::DeliverReleaseNotice(Box::new(PendingNotice {
+        row,
+        first_attempt: Some(reply),
+    })));
     Some(receiver)
 }
 
@@ -236,11 +258,7 @@ impl Deliverer {
         }
         let forgotten = self
             .writer
-            .run(move |ctx| {
-                ctx.writes
-                    .push(BrokerWrite::DeleteOutboxNotice { lease_id });
-                Ok(())
-            })
+            .submit(BrokerCommand::ForgetReleaseNotice { lease_id })
             .await;
         if let Err(error) = forgotten {
             // The row stays; the next start delivers it again, which the

@@ -1,24 +1,36 @@
-//! The single writer. Every change to the resource table, leases and ledger
-//! runs here, one job after another on one thread, so decisions never race;
-//! the jobs that arrive together commit together in one transaction
-//! (group commit) through the storage interface (SQLite or PostgreSQL), and
-//! nobody is answered before that commit is durable.
+//! The single writer. Every change of the broker's state is a
+//! [`BrokerCommand`]; the writer takes them one after another on one thread,
+//! so decisions never race. Each command of a batch is decided in core
+//! against the committed table plus the batch's earlier changes (an
+//! [`Overlay`]), its changes become the store's writes, the batch commits in
+//! one transaction (group commit) through the storage interface, and only
+//! then are the changes applied to the shared table (under its write lock,
+//! never held across the commit) and the callers answered. Readers therefore
+//! see committed state only.
 
 use crate::error::BrokerError;
-use crate::state::BrokerState;
-use leasehold_core::lease::Bill;
-use leasehold_core::LeaseId;
+use crate::outbox::NoticeSigner;
+use crate::state::{table_from_snapshot, BrokerState};
+use leasehold_core::command::{check_releaser, decide, BrokerCommand, Outcome, Refusal};
+use leasehold_core::key::NoticeKind;
+use leasehold_core::lease::{Bill, Lease};
+use leasehold_core::ledger::BROKER_COMMISSION_ACCOUNT;
+use leasehold_core::table::{Change, Overlay, Principal, TableView};
+use leasehold_core::{money, LeaseId};
 use leasehold_service::SharedClock;
 use leasehold_store::broker::BrokerWrite;
 use leasehold_store::BrokerStore;
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
-/// Most jobs committed in one transaction.
+/// Most commands committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Most jobs waiting for the writer; callers wait when it is full.
+/// Most commands waiting for the writer; callers wait when it is full.
 const QUEUE_CAPACITY: usize = 8192;
+/// Idempotency records are kept for a day (the rule lives in core).
+pub use leasehold_core::table::IDEMPOTENCY_RETENTION_MS;
+/// How often old records are forgotten.
+const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 10 * 60 * 1000;
 
 /// Something to do once a batch is durable (never before).
 #[derive(Debug)]
@@ -29,191 +41,312 @@ pub enum Effect {
     DeliverReleaseNotice(Box<crate::outbox::PendingNotice>),
 }
 
-/// What a job may touch.
-pub struct WriteContext<'a> {
-    pub state: &'a mut BrokerState,
-    pub db: &'a mut dyn BrokerStore,
-    pub writes: &'a mut Vec<BrokerWrite>,
-    pub effects: &'a mut Vec<Effect>,
-    pub now_ms: u64,
-    /// Leases released earlier in this (not yet committed) batch.
-    pub released_this_batch: &'a mut HashMap<LeaseId, (leasehold_core::lease::Lease, Bill)>,
+/// A command's answer once its batch has committed.
+#[derive(Debug)]
+pub struct Committed {
+    pub outcome: Outcome,
+    /// For a release pushed to an agent: whether its first delivery was
+    /// acknowledged.
+    pub first_delivery: Option<oneshot::Receiver<bool>>,
 }
 
-type Completion = Box<dyn FnOnce(Result<(), BrokerError>) + Send>;
-type Job = Box<dyn FnOnce(&mut WriteContext<'_>) -> (bool, Completion) + Send>;
+type Reply = oneshot::Sender<Result<Committed, BrokerError>>;
+
+struct Request {
+    command: BrokerCommand,
+    reply: Option<Reply>,
+}
 
 #[derive(Clone)]
 pub struct Writer {
-    sender: mpsc::Sender<Job>,
+    sender: mpsc::Sender<Request>,
+}
+
+/// What the writer thread owns.
+struct WriterThread {
+    db: Box<dyn BrokerStore>,
+    state: Arc<RwLock<BrokerState>>,
+    clock: SharedClock,
+    signer: Arc<NoticeSigner>,
+    on_effect: Arc<dyn Fn(Effect) + Send + Sync>,
+    next_prune_ms: u64,
+}
+
+/// One batch being decided: the changes not committed yet and what each
+/// caller will be told once they are.
+#[derive(Default)]
+struct Batch {
+    overlay: Overlay,
+    changes: Vec<Change>,
+    writes: Vec<BrokerWrite>,
+    effects: Vec<Effect>,
+    answers: Vec<(Option<Reply>, Result<Committed, BrokerError>)>,
 }
 
 impl Writer {
     /// Starts the writer thread over `db`, sharing `state` with readers.
     pub fn start(
-        mut db: Box<dyn BrokerStore>,
+        db: Box<dyn BrokerStore>,
         state: Arc<RwLock<BrokerState>>,
         clock: SharedClock,
+        signer: Arc<NoticeSigner>,
         runtime: tokio::runtime::Handle,
         on_effect: Arc<dyn Fn(Effect) + Send + Sync>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
-        let (sender, mut receiver) = mpsc::channel::<Job>(QUEUE_CAPACITY);
-        let thread = std::thread::Builder::new()
+        let (sender, mut receiver) = mpsc::channel::<Request>(QUEUE_CAPACITY);
+        let mut thread = WriterThread {
+            db,
+            state,
+            clock,
+            signer,
+            on_effect,
+            next_prune_ms: 0,
+        };
+        let handle = std::thread::Builder::new()
             .name("leasehold-writer".into())
             .spawn(move || {
                 let _guard = runtime.enter();
-                let mut next_prune_ms = 0u64;
                 while let Some(first) = receiver.blocking_recv() {
-                    let mut jobs = vec![first];
-                    while jobs.len() < MAX_BATCH {
+                    let mut requests = vec![first];
+                    while requests.len() < MAX_BATCH {
                         match receiver.try_recv() {
-                            Ok(job) => jobs.push(job),
+                            Ok(request) => requests.push(request),
                             Err(_) => break,
                         }
                     }
-                    run_batch(
-                        db.as_mut(),
-                        &state,
-                        &clock,
-                        jobs,
-                        &on_effect,
-                        &mut next_prune_ms,
-                    );
+                    thread.run_batch(requests);
                 }
             })
             .expect("spawn the writer thread");
-        (Writer { sender }, thread)
+        (Writer { sender }, handle)
     }
 
-    /// Runs `job` on the writer and answers once its batch is committed.
-    pub async fn run<T, F>(&self, job: F) -> Result<T, BrokerError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut WriteContext<'_>) -> Result<T, BrokerError> + Send + 'static,
-    {
+    /// Has the writer decide `command` and answers once its batch is
+    /// committed and visible to readers.
+    pub async fn submit(&self, command: BrokerCommand) -> Result<Committed, BrokerError> {
         let (reply, answer) = oneshot::channel();
-        let boxed: Job = Box::new(move |context| {
-            let result = job(context);
-            let succeeded = result.is_ok();
-            let completion: Completion = Box::new(move |commit| {
-                let _ = reply.send(commit.and(result));
-            });
-            (succeeded, completion)
-        });
         self.sender
-            .send(boxed)
+            .send(Request {
+                command,
+                reply: Some(reply),
+            })
             .await
             .map_err(|_| BrokerError::Unavailable)?;
         answer.await.map_err(|_| BrokerError::Unavailable)?
     }
 }
 
-/// Idempotency records are kept for a day: honoured while at most this old.
-pub const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 3600 * 1000;
-/// How often old records are forgotten.
-const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 10 * 60 * 1000;
+impl WriterThread {
+    fn run_batch(&mut self, mut requests: Vec<Request>) {
+        let now_ms = self.clock.now_ms();
+        if now_ms >= self.next_prune_ms {
+            // Keeps the idempotency records bounded without a restart.
+            self.next_prune_ms = now_ms + IDEMPOTENCY_PRUNE_INTERVAL_MS;
+            requests.push(Request {
+                command: BrokerCommand::PruneIdempotency {
+                    before_ms: now_ms.saturating_sub(IDEMPOTENCY_RETENTION_MS),
+                },
+                reply: None,
+            });
+        }
+        let mut batch = Batch::default();
+        {
+            // Readers share this lock; only this thread ever writes.
+            let state = self.state.clone();
+            let table = state.read().unwrap_or_else(|p| p.into_inner());
+            for request in requests {
+                let answer = self.decide_one(&table, &mut batch, &request.command, now_ms);
+                batch.answers.push((request.reply, answer));
+            }
+        }
+        let commit = if batch.writes.is_empty() {
+            Ok(())
+        } else {
+            self.db.apply(&batch.writes)
+        };
+        match commit {
+            Ok(()) => self.publish(batch, now_ms),
+            Err(error) => self.discard(batch, error),
+        }
+    }
 
-/// Keeps the idempotency records and the release notices (whose keys have
-/// expired) bounded, in memory and on disk, without waiting for a restart.
-fn prune_idempotency_now_and_then(
-    db: &mut dyn BrokerStore,
-    state: &RwLock<BrokerState>,
-    clock: &SharedClock,
-    next_prune_ms: &mut u64,
-) {
-    let now_ms = clock.now_ms();
-    if now_ms < *next_prune_ms {
-        return;
+    /// Decides one command into the batch; a refused one adds nothing.
+    fn decide_one(
+        &mut self,
+        table: &BrokerState,
+        batch: &mut Batch,
+        command: &BrokerCommand,
+        now_ms: u64,
+    ) -> Result<Committed, BrokerError> {
+        let decision = match decide(TableView::new(table, &batch.overlay), command, now_ms) {
+            Ok(decision) => decision,
+            Err(Refusal::LeaseNotActive { lease_id }) => {
+                let BrokerCommand::Release { releaser, .. } = command else {
+                    return Err(Refusal::LeaseNotActive { lease_id }.into());
+                };
+                return self.released_earlier(releaser, lease_id);
+            }
+            Err(refusal) => return Err(refusal.into()),
+        };
+        let outcome = match decision.outcome {
+            Outcome::LeaseReplayed {
+                lease_id,
+                lease: None,
+            } => Outcome::LeaseReplayed {
+                lease_id,
+                lease: Some(self.stored_lease(lease_id)?),
+            },
+            outcome => outcome,
+        };
+        for change in &decision.changes {
+            batch.overlay.apply(table, change);
+            BrokerWrite::extend_from_change(&mut batch.writes, change);
+        }
+        batch.changes.extend(decision.changes);
+        let first_delivery = self.queue_notices(&outcome, batch, now_ms);
+        Ok(Committed {
+            outcome,
+            first_delivery,
+        })
     }
-    *next_prune_ms = now_ms + IDEMPOTENCY_PRUNE_INTERVAL_MS;
-    let before_ms = now_ms.saturating_sub(IDEMPOTENCY_RETENTION_MS);
-    state
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .prune_idempotency(before_ms);
-    if let Err(error) = db.prune_idempotency(before_ms) {
-        tracing::warn!(%error, "cannot prune old idempotency records");
-    }
-    if let Err(error) = db.prune_expired_notices(now_ms) {
-        tracing::warn!(%error, "cannot prune the release notices of expired keys");
-    }
-}
 
-fn run_batch(
-    db: &mut dyn BrokerStore,
-    state: &RwLock<BrokerState>,
-    clock: &SharedClock,
-    jobs: Vec<Job>,
-    on_effect: &Arc<dyn Fn(Effect) + Send + Sync>,
-    next_prune_ms: &mut u64,
-) {
-    let mut writes = Vec::new();
-    let mut effects = Vec::new();
-    let mut completions = Vec::with_capacity(jobs.len());
-    let mut released_this_batch = HashMap::new();
-    {
-        let mut guard = state
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now_ms = clock.now_ms();
-        for job in jobs {
-            let writes_before = writes.len();
-            let effects_before = effects.len();
-            let mut context = WriteContext {
-                state: &mut guard,
-                db: &mut *db,
-                writes: &mut writes,
-                effects: &mut effects,
+    /// The notices a decision sends: a best-effort one for a new lease, and
+    /// for a release a durable one (revocation and outbox rows in this very
+    /// batch) whose first delivery the release answer waits for.
+    fn queue_notices(
+        &self,
+        outcome: &Outcome,
+        batch: &mut Batch,
+        now_ms: u64,
+    ) -> Option<oneshot::Receiver<bool>> {
+        match outcome {
+            Outcome::Leased {
+                lease,
+                agent_url: Some(agent_url),
+            } => {
+                batch.effects.push(Effect::NotifyAgent {
+                    agent_url: agent_url.clone(),
+                    notice: self.signer.sign(lease, NoticeKind::LeaseStarted),
+                });
+                None
+            }
+            Outcome::Released {
+                lease, agent_url, ..
+            } => crate::outbox::queue_release_notice(
+                &self.signer,
+                lease,
+                agent_url.is_some(),
                 now_ms,
-                released_this_batch: &mut released_this_batch,
-            };
-            let (succeeded, completion) = job(&mut context);
-            if !succeeded {
-                // A refused job changes nothing: drop anything it queued.
-                writes.truncate(writes_before);
-                effects.truncate(effects_before);
-            }
-            completions.push(completion);
+                &mut batch.writes,
+                &mut batch.effects,
+            ),
+            _ => None,
         }
     }
-    let commit = if writes.is_empty() {
-        Ok(())
-    } else {
-        db.apply(&writes)
-    };
-    match commit {
-        Ok(()) => {
-            for completion in completions {
-                completion(Ok(()));
-            }
-            prune_idempotency_now_and_then(db, state, clock, next_prune_ms);
-            for effect in effects {
-                on_effect(effect);
+
+    fn stored_lease(&mut self, lease_id: LeaseId) -> Result<Lease, BrokerError> {
+        self.db
+            .lease(lease_id)?
+            .ok_or_else(|| BrokerError::Internal(format!("lease {lease_id} vanished")))
+    }
+
+    /// A release of a lease released before this batch: the bill already
+    /// written, for whoever may release it.
+    fn released_earlier(
+        &mut self,
+        releaser: &Principal,
+        lease_id: LeaseId,
+    ) -> Result<Committed, BrokerError> {
+        let lease = self
+            .db
+            .lease(lease_id)?
+            .ok_or(BrokerError::from(Refusal::NoSuchLease))?;
+        check_releaser(releaser, &lease)?;
+        let bill = stored_bill(self.db.as_mut(), &lease)?;
+        Ok(Committed {
+            outcome: Outcome::AlreadyReleased { lease, bill },
+            first_delivery: None,
+        })
+    }
+
+    /// After the commit: the changes become visible, then callers hear.
+    fn publish(&mut self, batch: Batch, now_ms: u64) {
+        if !batch.changes.is_empty() {
+            let mut table = self.state.write().unwrap_or_else(|p| p.into_inner());
+            for change in &batch.changes {
+                table.apply(change);
             }
         }
-        Err(error) => {
-            tracing::error!(%error, "commit failed; reloading the resource table from the database");
-            let reloaded = db
-                .load()
-                .map_err(BrokerError::from)
-                .and_then(BrokerState::from_snapshot);
-            match reloaded {
-                Ok(mut fresh) => {
-                    let mut guard = state.write().unwrap_or_else(|p| p.into_inner());
-                    fresh.keep_high_water_marks(&guard);
-                    *guard = fresh;
-                }
-                Err(reload_error) => {
-                    tracing::error!(%reload_error, "cannot reload the resource table; refusing further writes");
-                    std::process::abort();
-                }
+        for (reply, answer) in batch.answers {
+            if let Some(reply) = reply {
+                let _ = reply.send(answer);
             }
-            let message = error.to_string();
-            for completion in completions {
-                completion(Err(BrokerError::Internal(format!(
+        }
+        // Release notices whose keys expired fence nothing any more.
+        if batch
+            .changes
+            .iter()
+            .any(|change| matches!(change, Change::ForgetIdempotency { .. }))
+        {
+            if let Err(error) = self.db.prune_expired_notices(now_ms) {
+                tracing::warn!(%error, "cannot prune the release notices of expired keys");
+            }
+        }
+        for effect in batch.effects {
+            (self.on_effect)(effect);
+        }
+    }
+
+    /// After a failed commit: the batch's changes are thrown away and every
+    /// caller is told. The table is reloaded from the database, since a
+    /// commit reported as failed may still have happened; lease ids and
+    /// epochs the batch used are never handed out again.
+    fn discard(&mut self, batch: Batch, error: leasehold_store::StoreError) {
+        tracing::error!(%error, "commit failed; reloading the resource table from the database");
+        let reloaded = self
+            .db
+            .load()
+            .map_err(BrokerError::from)
+            .and_then(table_from_snapshot);
+        match reloaded {
+            Ok(mut fresh) => {
+                let mut table = self.state.write().unwrap_or_else(|p| p.into_inner());
+                fresh.keep_high_water_marks(&batch.overlay);
+                fresh.last_lease_id = fresh.last_lease_id.max(table.last_lease_id);
+                *table = fresh;
+            }
+            Err(reload_error) => {
+                tracing::error!(%reload_error, "cannot reload the resource table; refusing further writes");
+                std::process::abort();
+            }
+        }
+        let message = error.to_string();
+        for (reply, _) in batch.answers {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(BrokerError::Internal(format!(
                     "the change was not saved: {message}"
                 ))));
             }
         }
     }
+}
+
+/// The bill of a lease released earlier, rebuilt from the lease and its transfers.
+fn stored_bill(db: &mut dyn BrokerStore, lease: &Lease) -> Result<Bill, BrokerError> {
+    let transfers = db.lease_transfers(lease.lease_id)?;
+    let commission: u64 = transfers
+        .iter()
+        .filter(|t| t.credit_account == BROKER_COMMISSION_ACCOUNT)
+        .map(|t| t.amount_micros)
+        .sum();
+    let charge = lease.charge_micros.unwrap_or(0);
+    Ok(Bill {
+        billable_seconds: money::billable_seconds(
+            lease.started_at_ms,
+            lease.release_requested_at_ms.unwrap_or(lease.started_at_ms),
+        ),
+        charge_micros: charge,
+        lender_credit_micros: charge.saturating_sub(commission),
+        commission_micros: commission,
+    })
 }

@@ -168,14 +168,7 @@ pub enum PrincipalCommand {
 }
 
 fn parse_role(text: &str) -> Result<Role, String> {
-    match text {
-        "lender" => Ok(Role::Lender),
-        "borrower" => Ok(Role::Borrower),
-        "admin" => Ok(Role::Admin),
-        _ => Err(format!(
-            "'{text}' is not a role: use lender, borrower or admin"
-        )),
-    }
+    text.parse::<Role>().map_err(|e| e.to_string())
 }
 
 pub async fn principal(global: &Global, command: PrincipalCommand) -> Result<i32> {

@@ -17,6 +17,18 @@ pub enum PartitionStatus {
     Withdrawn,
 }
 
+impl PartitionStatus {
+    /// The status of a partition from what its row records: withdrawn, or
+    /// leased by `lease_id`, or else free.
+    pub fn of(withdrawn: bool, lease_id: Option<LeaseId>) -> Self {
+        match (withdrawn, lease_id) {
+            (true, _) => PartitionStatus::Withdrawn,
+            (false, Some(lease_id)) => PartitionStatus::Leased { lease_id },
+            (false, None) => PartitionStatus::Free,
+        }
+    }
+}
+
 /// Why a lease attempt did not conclude.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "refusal", rename_all = "snake_case")]

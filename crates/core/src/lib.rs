@@ -6,6 +6,8 @@
 //! the time (`now_ms`) and the key material in, so the same code runs under a
 //! simulated clock in tests and in the fleet simulator.
 
+pub mod calendar;
+pub mod command;
 pub mod error;
 pub mod fence;
 pub mod ids;
@@ -16,8 +18,11 @@ pub mod lease;
 pub mod ledger;
 pub mod matching;
 pub mod money;
+pub mod role;
+pub mod table;
 pub mod terms;
 
 pub use error::{CoreError, FieldError};
 pub use ids::{HostId, LeaseId, PartitionRef};
+pub use role::Role;
 pub use terms::{HostCapacity, Isolation, Requirements, Terms};

@@ -159,6 +159,17 @@ impl FreeIndex {
 
     /// Up to `limit` matching free partitions, in answer order.
     pub fn find(&self, requirements: &Requirements, limit: usize) -> Vec<(PartitionRef, Terms)> {
+        self.find_where(requirements, limit, |_| true)
+    }
+
+    /// Like [`Self::find`], skipping partitions `keep` says no to (those an
+    /// uncommitted batch changed, which it answers for itself).
+    pub fn find_where(
+        &self,
+        requirements: &Requirements,
+        limit: usize,
+        keep: impl Fn(&PartitionRef) -> bool,
+    ) -> Vec<(PartitionRef, Terms)> {
         let mut found = Vec::new();
         if limit == 0 {
             return found;
@@ -175,7 +186,7 @@ impl FreeIndex {
             if key.price_per_hour_micros > max_price {
                 break;
             }
-            if matches(terms, requirements) {
+            if keep(&key.partition) && matches(terms, requirements) {
                 found.push((key.partition.clone(), terms.clone()));
                 if found.len() == limit {
                     break;

@@ -56,6 +56,13 @@ impl Isolation {
 }
 
 impl Terms {
+    /// The image a job boots when it names none: the partition's first
+    /// offered image. The one place that default is chosen (the agent's
+    /// key check and the `oci` driver both ask here).
+    pub fn default_image(&self) -> Option<&str> {
+        self.images.first().map(String::as_str)
+    }
+
     /// Whether a borrower must opt in to lease this partition: its isolation
     /// is `none`, or unknown (an old row, or a lender that did not say).
     pub fn is_unisolated(&self) -> bool {
@@ -202,6 +209,45 @@ pub struct HostCapacity {
 }
 
 impl HostCapacity {
+    /// Every figure in range and the owner share within the host; the
+    /// refusal names `capacity.<field>`.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let check = |field: &str, value: u64, max: u64| -> Result<(), FieldError> {
+            if value > max {
+                return Err(FieldError::new(
+                    format!("capacity.{field}"),
+                    format!("{value} is out of range; at most {max}"),
+                ));
+            }
+            Ok(())
+        };
+        check("cpu_centicores", self.cpu_centicores, 1024 * 100)?;
+        check("memory_mib", self.memory_mib, MAX_MEMORY_MIB)?;
+        check("disk_gib", self.disk_gib, MAX_DISK_GIB)?;
+        check(
+            "owner_share_cpu_centicores",
+            self.owner_share_cpu_centicores,
+            self.cpu_centicores,
+        )?;
+        check(
+            "owner_share_memory_mib",
+            self.owner_share_memory_mib,
+            self.memory_mib,
+        )?;
+        check(
+            "owner_share_disk_gib",
+            self.owner_share_disk_gib,
+            self.disk_gib,
+        )?;
+        if self.cpu_centicores == 0 {
+            return Err(FieldError::new(
+                "capacity.cpu_centicores",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks that `candidate` fits beside `others` without touching the owner
     /// share. Returns the field that does not fit and by how much.
     pub fn admits<'a>(

@@ -3,9 +3,12 @@
 use crate::sqlite::SqliteEngine;
 use crate::{broker_sql, BrokerStore};
 use crate::{migrate::migrate, open_connection, Durability, StoreResult};
+use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::Lease;
 use leasehold_core::ledger::Transfer;
-use leasehold_core::{HostCapacity, PartitionRef, Terms};
+use leasehold_core::table::Change;
+pub use leasehold_core::table::{HostCredentialRow, HostRow, PartitionRow};
+use leasehold_core::PartitionRef;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -129,6 +132,24 @@ CREATE TABLE fenced_leases (
     expires_at_ms INTEGER NOT NULL
 );
 "#,
+    r#"
+-- Each partition's calendar: the intervals it is leased or reserved for,
+-- [from_ms, to_ms) or open-ended (to_ms NULL); over intervals are deleted
+-- (a lease's history is its row in leases). Today's active leases are
+-- open-ended intervals from their start.
+CREATE TABLE partition_intervals (
+    host_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('leased', 'reserved')),
+    holder_id INTEGER NOT NULL,
+    from_ms INTEGER NOT NULL,
+    to_ms INTEGER,
+    PRIMARY KEY (host_id, idx, from_ms)
+);
+CREATE UNIQUE INDEX partition_intervals_by_holder ON partition_intervals (kind, holder_id);
+INSERT INTO partition_intervals (host_id, idx, kind, holder_id, from_ms, to_ms)
+    SELECT host_id, idx, 'leased', lease_id, started_at_ms, NULL FROM leases WHERE state = 'active';
+"#,
 ];
 
 /// One write of the broker; a batch of them commits atomically.
@@ -182,6 +203,89 @@ pub enum BrokerWrite {
     DeleteOutboxNotice {
         lease_id: u64,
     },
+    /// Forgets idempotency records older than `before_ms`.
+    PruneIdempotency {
+        before_ms: u64,
+    },
+    /// An interval booked in a partition's calendar.
+    InsertInterval {
+        partition: PartitionRef,
+        interval: Interval,
+    },
+    /// A booking's interval is over (its lease was released).
+    DeleteInterval {
+        partition: PartitionRef,
+        booking: Booking,
+    },
+}
+
+impl BrokerWrite {
+    /// The one place where a state change of the broker becomes the rows
+    /// that persist it.
+    pub fn extend_from_change(writes: &mut Vec<BrokerWrite>, change: &Change) {
+        match change {
+            Change::AddPrincipal {
+                name,
+                role,
+                token_sha256,
+                at_ms,
+            } => writes.push(BrokerWrite::InsertPrincipal {
+                name: name.clone(),
+                role: role.as_str().to_string(),
+                token_sha256: token_sha256.clone(),
+                at_ms: *at_ms,
+            }),
+            Change::AddHostCredential { credential, at_ms } => {
+                writes.push(BrokerWrite::InsertHostCredential {
+                    credential: credential.clone(),
+                    at_ms: *at_ms,
+                })
+            }
+            Change::PutHost { host, at_ms } => writes.push(BrokerWrite::UpsertHost {
+                host: host.clone(),
+                at_ms: *at_ms,
+            }),
+            Change::PutPartition(row) => writes.push(BrokerWrite::UpsertPartition(row.clone())),
+            Change::StartLease(lease) => writes.push(BrokerWrite::InsertLease(lease.clone())),
+            Change::EndLease {
+                lease, transfers, ..
+            } => {
+                writes.push(BrokerWrite::UpdateLease(lease.clone()));
+                writes.extend(transfers.iter().cloned().map(BrokerWrite::InsertTransfer));
+            }
+            Change::RememberIdempotency {
+                principal,
+                key,
+                lease_id,
+                at_ms,
+            } => writes.push(BrokerWrite::PutIdempotency {
+                principal: principal.clone(),
+                key: key.clone(),
+                status: 201,
+                body: lease_id.to_string(),
+                at_ms: *at_ms,
+            }),
+            Change::ForgetIdempotency { before_ms } => writes.push(BrokerWrite::PruneIdempotency {
+                before_ms: *before_ms,
+            }),
+            Change::Book {
+                partition,
+                interval,
+            } => writes.push(BrokerWrite::InsertInterval {
+                partition: partition.clone(),
+                interval: *interval,
+            }),
+            Change::Unbook { partition, booking } => writes.push(BrokerWrite::DeleteInterval {
+                partition: partition.clone(),
+                booking: *booking,
+            }),
+            Change::ForgetReleaseNotice { lease_id } => {
+                writes.push(BrokerWrite::DeleteOutboxNotice {
+                    lease_id: *lease_id,
+                })
+            }
+        }
+    }
 }
 
 /// A signed release notice and the lease it fences.
@@ -207,31 +311,6 @@ pub struct PrincipalRow {
     pub name: String,
     pub role: String,
     pub token_sha256: String,
-}
-
-/// A token that acts for `lender` on `host_id` only.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostCredentialRow {
-    pub token_sha256: String,
-    pub lender: String,
-    pub host_id: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostRow {
-    pub host_id: String,
-    pub lender: String,
-    pub agent_url: Option<String>,
-    pub capacity: HostCapacity,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionRow {
-    pub partition: PartitionRef,
-    pub terms: Terms,
-    pub epoch: u64,
-    pub lease_id: Option<u64>,
-    pub withdrawn: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,6 +341,8 @@ pub struct BrokerSnapshot {
     pub active_leases: Vec<Lease>,
     pub last_lease_id: u64,
     pub idempotency: Vec<IdempotencyRow>,
+    /// Every partition's calendar intervals.
+    pub intervals: Vec<(PartitionRef, Interval)>,
 }
 
 /// Which leases a query returns.
@@ -400,5 +481,25 @@ mod tests {
         );
         assert_eq!(db.lease_transfers(1).unwrap().len(), 1);
         assert_eq!(db.acquire_lease("leader", "a", 10, 0).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_database_from_before_calendars_books_its_active_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrate(&mut conn, &MIGRATIONS[..4]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO leases VALUES (1, 'alpha', 1, 'bob', 'ann', '{}', 1, 0, 9, 'released', 5, 7);
+                 INSERT INTO leases VALUES (2, 'alpha', 1, 'bob', 'ann', '{\"vcpus\":1,\"cpu_cap_percent\":100,\"memory_mib\":1,\"disk_gib\":1,\"images\":[],\"price_per_hour_micros\":1}', 2, 40, 90, 'active', NULL, NULL);",
+            )
+            .unwrap();
+        }
+        let mut db = BrokerDb::open(&path, Durability::Normal).unwrap();
+        assert_eq!(
+            db.load().unwrap().intervals,
+            vec![(PartitionRef::new("alpha", 1), Interval::lease_from(2, 40))]
+        );
     }
 }

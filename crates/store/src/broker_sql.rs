@@ -7,6 +7,7 @@ use crate::broker::{
 };
 use crate::sql::{int, opt_int, Param, SqlConnection, SqlEngine, SqlRow};
 use crate::{corrupt, StoreResult};
+use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::Transfer;
 use leasehold_core::PartitionRef;
@@ -105,6 +106,17 @@ fn apply_one(tx: &mut dyn SqlConnection, write: &BrokerWrite) -> StoreResult<()>
         BrokerWrite::InsertRevocation(row) => tx.execute(
             "INSERT INTO revocations (lease_id, host_id, notice, key_expires_at_ms) VALUES (?1, ?2, ?3, ?4)",
             &[int(row.lease_id), (&row.host_id).into(), (&row.notice).into(), int(row.key_expires_at_ms)],
+        ),
+        BrokerWrite::PruneIdempotency { before_ms } => {
+            return prune_idempotency(tx, *before_ms).map(|_| ())
+        }
+        BrokerWrite::InsertInterval { partition, interval } => tx.execute(
+            "INSERT INTO partition_intervals (host_id, idx, kind, holder_id, from_ms, to_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            &[(&partition.host_id).into(), int(partition.index.into()), interval.booking.kind_name().into(), int(interval.booking.holder_id()), int(interval.from_ms), opt_int(interval.to_ms)],
+        ),
+        BrokerWrite::DeleteInterval { partition, booking } => tx.execute(
+            "DELETE FROM partition_intervals WHERE host_id = ?1 AND idx = ?2 AND kind = ?3 AND holder_id = ?4",
+            &[(&partition.host_id).into(), int(partition.index.into()), booking.kind_name().into(), int(booking.holder_id())],
         ),
         BrokerWrite::DeleteOutboxNotice { lease_id } => {
             tx.execute("DELETE FROM notice_outbox WHERE lease_id = ?1", &[int(*lease_id)])
@@ -216,7 +228,32 @@ pub(crate) fn load(conn: &mut dyn SqlConnection) -> StoreResult<BrokerSnapshot> 
             at_ms: row.u64(4)?,
         });
     }
+    snapshot.intervals = load_intervals(conn)?;
     Ok(snapshot)
+}
+
+/// Every partition's calendar, by partition and start.
+fn load_intervals(conn: &mut dyn SqlConnection) -> StoreResult<Vec<(PartitionRef, Interval)>> {
+    let rows = conn.query(
+        "SELECT host_id, idx, kind, holder_id, from_ms, to_ms FROM partition_intervals ORDER BY host_id, idx, from_ms",
+        &[],
+    )?;
+    let mut intervals = Vec::with_capacity(rows.len());
+    for row in rows {
+        let kind = row.text(2)?;
+        let booking = Booking::from_stored(&kind, row.u64(3)?)
+            .ok_or_else(|| corrupt("partition_intervals", format!("unknown kind '{kind}'")))?;
+        let interval = Interval {
+            booking,
+            from_ms: row.u64(4)?,
+            to_ms: row.opt_u64(5)?,
+        };
+        intervals.push((
+            PartitionRef::new(row.text(0)?, row.u64(1)? as u32),
+            interval,
+        ));
+    }
+    Ok(intervals)
 }
 
 pub(crate) fn prune_idempotency(

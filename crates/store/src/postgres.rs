@@ -27,7 +27,8 @@ use std::time::Duration;
 
 /// The PostgreSQL schema: SQLite's migrations 1-4 (`broker::MIGRATIONS`) as
 /// one step. A later change adds a step here and a migration there.
-pub(crate) const MIGRATIONS: &[&str] = &[r#"
+pub(crate) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE principals (
     name TEXT PRIMARY KEY,
@@ -117,7 +118,26 @@ CREATE TABLE fenced_leases (
     epoch BIGINT NOT NULL,
     expires_at_ms BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+-- Each partition's calendar: the intervals it is leased or reserved for,
+-- [from_ms, to_ms) or open-ended (to_ms NULL); over intervals are deleted
+-- (a lease's history is its row in leases). Today's active leases are
+-- open-ended intervals from their start.
+CREATE TABLE partition_intervals (
+    host_id TEXT NOT NULL,
+    idx BIGINT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('leased', 'reserved')),
+    holder_id BIGINT NOT NULL,
+    from_ms BIGINT NOT NULL,
+    to_ms BIGINT,
+    PRIMARY KEY (host_id, idx, from_ms)
+);
+CREATE UNIQUE INDEX partition_intervals_by_holder ON partition_intervals (kind, holder_id);
+INSERT INTO partition_intervals (host_id, idx, kind, holder_id, from_ms, to_ms)
+    SELECT host_id, idx, 'leased', lease_id, started_at_ms, NULL FROM leases WHERE state = 'active';
+"#,
+];
 
 /// Any number: brokers starting together take this advisory lock so that
 /// one migrates and the others then find the schema current.

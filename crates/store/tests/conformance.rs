@@ -4,6 +4,7 @@
 //! cluster). Each test gets a fresh database: a temporary SQLite file, or a
 //! PostgreSQL database made for it and dropped after.
 
+use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::Transfer;
 use leasehold_core::{HostCapacity, PartitionRef, Terms};
@@ -132,6 +133,7 @@ conformance!(
     release_notices_wait_in_the_outbox_and_list_in_release_order,
     acquire_lease_bumps_the_epoch_renews_and_refuses_another_holder,
     racing_holders_get_a_lease_exactly_once,
+    calendar_intervals_are_kept_until_unbooked_and_never_two_at_one_start,
 );
 
 fn terms() -> Terms {
@@ -578,5 +580,57 @@ fn racing_holders_get_a_lease_exactly_once(database: &FreshDatabase) {
         epochs.iter().flatten().collect::<Vec<_>>(),
         vec![&1],
         "exactly one contender wins, at epoch 1: {epochs:?}"
+    );
+}
+
+fn calendar_intervals_are_kept_until_unbooked_and_never_two_at_one_start(database: &FreshDatabase) {
+    let mut db = seeded(database);
+    let partition = PartitionRef::new("alpha", 1);
+    let lease = lease_on(1, 1, "bob");
+    let leased = Interval::lease_from(1, lease.started_at_ms);
+    let reserved = Interval {
+        booking: Booking::Reserved { reservation_id: 9 },
+        from_ms: lease.started_at_ms + 5_000,
+        to_ms: Some(lease.started_at_ms + 6_000),
+    };
+    db.apply(&[
+        BrokerWrite::InsertLease(lease.clone()),
+        BrokerWrite::InsertInterval {
+            partition: partition.clone(),
+            interval: reserved,
+        },
+        BrokerWrite::InsertInterval {
+            partition: partition.clone(),
+            interval: leased,
+        },
+    ])
+    .unwrap();
+    // Two intervals of one partition never start at the same moment.
+    let twin = Interval {
+        booking: Booking::Reserved { reservation_id: 10 },
+        ..reserved
+    };
+    assert!(db
+        .apply(&[BrokerWrite::InsertInterval {
+            partition: partition.clone(),
+            interval: twin,
+        }])
+        .is_err());
+    let mut reopened = database.open();
+    let intervals = reopened.load().unwrap().intervals;
+    assert_eq!(
+        intervals,
+        vec![(partition.clone(), leased), (partition.clone(), reserved)],
+        "by partition, then start"
+    );
+    reopened
+        .apply(&[BrokerWrite::DeleteInterval {
+            partition: partition.clone(),
+            booking: Booking::Leased { lease_id: 1 },
+        }])
+        .unwrap();
+    assert_eq!(
+        reopened.load().unwrap().intervals,
+        vec![(partition, reserved)]
     );
 }

@@ -393,10 +393,9 @@ impl OciDriver {
             None => job
                 .partition
                 .terms
-                .images
-                .first()
-                .cloned()
-                .unwrap_or_default(),
+                .default_image()
+                .unwrap_or_default()
+                .to_string(),
         };
         let rootfs = self.images.rootfs(&image).await?;
         // runc resolves a relative root against the bundle: make it absolute.
