@@ -81,3 +81,28 @@ fn a_dropped_release_write_is_caught() {
         "is active but its partition",
     );
 }
+
+/// The same simulation with the broker on PostgreSQL (CI's throw-away
+/// cluster): commits, lost acknowledgements and restarts through the other
+/// adapter of the storage interface, answered exactly as on SQLite (the
+/// same trace).
+#[test]
+fn every_invariant_holds_on_postgres_with_the_same_trace_as_on_sqlite() {
+    let Ok(admin_url) = std::env::var("LEASEHOLD_TEST_POSTGRES_URL") else {
+        eprintln!("skipped: set LEASEHOLD_TEST_POSTGRES_URL (CI starts a throw-away cluster)");
+        return;
+    };
+    for seed in 0..2 {
+        let report = run_seed(&SimConfig {
+            postgres_admin_url: Some(admin_url.clone()),
+            ..SimConfig::new(seed, 150)
+        });
+        if let Some(failure) = &report.failure {
+            panic!("on PostgreSQL: {failure}");
+        }
+        assert!(report.counters.leases > 0, "{:?}", report.counters);
+        assert!(report.counters.restarts > 0, "{:?}", report.counters);
+        let on_sqlite = run(seed, 150, None);
+        assert_eq!(report.trace_digest, on_sqlite.trace_digest, "seed {seed}");
+    }
+}

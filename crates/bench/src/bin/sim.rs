@@ -7,7 +7,7 @@
 
 use anyhow::Result;
 use clap::Parser;
-use leasehold_bench::sim::{run_seed, Counters, SimConfig};
+use leasehold_bench::sim::{run_seed, Counters, PlantedBug, SimConfig};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -40,10 +40,38 @@ struct Args {
     /// Print every seed's whole trace to stderr
     #[arg(long)]
     trace: bool,
+
+    /// Run the broker on PostgreSQL: each seed in a database of its own, made
+    /// and dropped on the server LEASEHOLD_TEST_POSTGRES_URL names (an admin
+    /// URL; from the environment, so no password is on the command line)
+    #[arg(long)]
+    postgres: bool,
+
+    /// Check the checker: plant this bug in the store (every seed must fail)
+    #[arg(long, value_enum)]
+    plant_bug: Option<BugArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BugArg {
+    /// Every batch loses its first ledger transfer.
+    DropTransfer,
+    /// Every batch loses the write that marks a lease released.
+    DropRelease,
+}
+
+impl BugArg {
+    fn planted(self) -> PlantedBug {
+        match self {
+            BugArg::DropTransfer => PlantedBug::DropOneTransferWrite,
+            BugArg::DropRelease => PlantedBug::DropLeaseReleaseWrite,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
 struct Summary {
+    database: &'static str,
     seeds: u64,
     seed_start: u64,
     steps_per_seed: u64,
@@ -56,6 +84,12 @@ struct Summary {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let postgres_admin_url = match args.postgres {
+        true => Some(std::env::var("LEASEHOLD_TEST_POSTGRES_URL").map_err(|_| {
+            anyhow::anyhow!("--postgres needs LEASEHOLD_TEST_POSTGRES_URL (an admin URL of a throw-away server)")
+        })?),
+        false => None,
+    };
     let (seed_start, seeds) = match args.seed {
         Some(seed) => (seed, 1),
         None => (args.seed_start, args.seeds),
@@ -67,6 +101,8 @@ fn main() -> Result<()> {
     for seed in seed_start..seed_start.saturating_add(seeds) {
         let config = SimConfig {
             keep_full_trace: args.trace,
+            planted_bug: args.plant_bug.map(BugArg::planted),
+            postgres_admin_url: postgres_admin_url.clone(),
             ..SimConfig::new(seed, args.steps)
         };
         let report = run_seed(&config);
@@ -89,6 +125,11 @@ fn main() -> Result<()> {
         }
     }
     let summary = Summary {
+        database: if args.postgres {
+            "postgresql"
+        } else {
+            "sqlite"
+        },
         seeds,
         seed_start,
         steps_per_seed: args.steps,

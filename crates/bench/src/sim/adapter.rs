@@ -79,6 +79,8 @@ pub type Answer<T> = Result<T, Refusal>;
 pub struct SimBroker {
     running: Option<RunningBroker>,
     data_dir: PathBuf,
+    /// PostgreSQL's URL, or `None` for SQLite in `data_dir`.
+    database_url: Option<String>,
     clock: SimulatedClock,
     faults: FaultControl,
     commission_basis_points: u32,
@@ -104,13 +106,21 @@ impl SimBroker {
     /// (with no fault armed).
     pub async fn start(
         data_dir: PathBuf,
+        database_url: Option<String>,
         clock: SimulatedClock,
         faults: FaultControl,
         commission_basis_points: u32,
         lenders: usize,
         borrowers: usize,
     ) -> Result<SimBroker, String> {
-        let running = start_broker(&data_dir, &clock, &faults, commission_basis_points).await?;
+        let running = start_broker(
+            &data_dir,
+            database_url.clone(),
+            &clock,
+            &faults,
+            commission_basis_points,
+        )
+        .await?;
         let admin_token = running
             .bootstrap_admin_token
             .clone()
@@ -134,10 +144,11 @@ impl SimBroker {
         for index in 0..borrowers {
             borrower_clients.push(make(Role::Borrower, borrower_name(index)).await?);
         }
-        let store = open_store(&data_dir)?;
+        let store = open_store(&data_dir, database_url.as_deref())?;
         Ok(SimBroker {
             running: Some(running),
             data_dir,
+            database_url,
             clock,
             faults,
             commission_basis_points,
@@ -157,6 +168,7 @@ impl SimBroker {
         make_database_files_private(&self.data_dir)?;
         let running = start_broker(
             &self.data_dir,
+            self.database_url.clone(),
             &self.clock,
             &self.faults,
             self.commission_basis_points,
@@ -291,8 +303,14 @@ fn make_database_files_private(data_dir: &std::path::Path) -> Result<(), String>
     Ok(())
 }
 
-fn open_store(data_dir: &std::path::Path) -> Result<Box<dyn BrokerStore>, String> {
-    let database = BrokerDatabase::Sqlite(data_dir.join("broker.db"));
+fn open_store(
+    data_dir: &std::path::Path,
+    database_url: Option<&str>,
+) -> Result<Box<dyn BrokerStore>, String> {
+    let database = match database_url {
+        Some(url) => BrokerDatabase::Postgres(url.to_string()),
+        None => BrokerDatabase::Sqlite(data_dir.join("broker.db")),
+    };
     leasehold_store::open_broker_store(&database, Durability::Full)
         .map_err(|e| format!("cannot open the broker's store: {e}"))
 }
@@ -301,6 +319,7 @@ fn open_store(data_dir: &std::path::Path) -> Result<Box<dyn BrokerStore>, String
 /// clock, and the fault injector around its writer's store.
 async fn start_broker(
     data_dir: &std::path::Path,
+    database_url: Option<String>,
     clock: &SimulatedClock,
     faults: &FaultControl,
     commission_basis_points: u32,
@@ -316,7 +335,7 @@ async fn start_broker(
         image_store_url: None,
         tls: None,
         client_trust: Default::default(),
-        database_url: None,
+        database_url,
         store_layer: Some(faults.layer(incarnation)),
     })
     .await

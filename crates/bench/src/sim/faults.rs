@@ -30,6 +30,16 @@ pub enum PlantedBug {
     DropLeaseReleaseWrite,
 }
 
+impl PlantedBug {
+    /// Its name for `leasehold-sim --plant-bug`.
+    pub fn flag_value(self) -> &'static str {
+        match self {
+            PlantedBug::DropOneTransferWrite => "drop-transfer",
+            PlantedBug::DropLeaseReleaseWrite => "drop-release",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ControlState {
     armed: Option<Fault>,

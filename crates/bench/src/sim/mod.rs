@@ -21,6 +21,7 @@ mod invariants;
 mod lenders;
 pub mod model;
 mod ops;
+mod postgres;
 pub mod trace;
 
 pub use faults::PlantedBug;
@@ -48,15 +49,33 @@ pub struct SimConfig {
     pub planted_bug: Option<PlantedBug>,
     /// Keep every trace line (for `--trace`), not only the latest.
     pub keep_full_trace: bool,
+    /// Run the broker on PostgreSQL, in a database of the seed's own made
+    /// on the server this admin URL names; `None`: SQLite in the seed's
+    /// temporary directory.
+    pub postgres_admin_url: Option<String>,
 }
 
 impl SimConfig {
+    /// The flags of `leasehold-sim` that reproduce this configuration
+    /// besides the seed and the steps.
+    fn replay_flags(&self) -> String {
+        let mut flags = String::new();
+        if let Some(bug) = self.planted_bug {
+            flags.push_str(&format!(" --plant-bug {}", bug.flag_value()));
+        }
+        if self.postgres_admin_url.is_some() {
+            flags.push_str(" --postgres");
+        }
+        flags
+    }
+
     pub fn new(seed: u64, steps: u64) -> Self {
         SimConfig {
             seed,
             steps,
             planted_bug: None,
             keep_full_trace: false,
+            postgres_admin_url: None,
         }
     }
 }
@@ -101,6 +120,8 @@ pub struct Failure {
     pub message: String,
     /// The latest trace lines (all of them with `keep_full_trace`).
     pub trace_tail: Vec<String>,
+    /// What else the replay needs (`--plant-bug ...`, `--postgres`).
+    pub replay_flags: String,
 }
 
 impl std::fmt::Display for Failure {
@@ -112,8 +133,8 @@ impl std::fmt::Display for Failure {
         )?;
         writeln!(
             f,
-            "replay: cargo run -p leasehold-bench --bin leasehold-sim -- --seed {} --steps {} --trace",
-            self.seed, self.step
+            "replay: cargo run -p leasehold-bench --bin leasehold-sim -- --seed {} --steps {} --trace{}",
+            self.seed, self.step, self.replay_flags
         )?;
         writeln!(f, "trace (latest lines):")?;
         for line in &self.trace_tail {
@@ -139,17 +160,50 @@ pub struct SeedReport {
 /// (dropped at the end, which also ends the writer threads of the broker
 /// incarnations it stopped).
 pub fn run_seed(config: &SimConfig) -> SeedReport {
+    // Made before the runtime and dropped after it, once the broker's
+    // connections are closed.
+    let database = match &config.postgres_admin_url {
+        None => None,
+        Some(admin_url) => match postgres::SeedDatabase::create(admin_url, config.seed) {
+            Ok(database) => Some(database),
+            Err(message) => return SeedReport::failed_to_start(config, message),
+        },
+    };
+    let database_url = database.as_ref().map(|d| d.url.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    runtime.block_on(run_seed_async(config))
+    let report = runtime.block_on(run_seed_async(config, database_url));
+    drop(runtime);
+    drop(database);
+    report
 }
 
-async fn run_seed_async(config: &SimConfig) -> SeedReport {
+impl SeedReport {
+    fn failed_to_start(config: &SimConfig, message: String) -> SeedReport {
+        let trace = Trace::new(false);
+        SeedReport {
+            seed: config.seed,
+            counters: Counters::default(),
+            failure: Some(Failure {
+                seed: config.seed,
+                step: 0,
+                message,
+                trace_tail: Vec::new(),
+                replay_flags: config.replay_flags(),
+            }),
+            trace_digest: trace.digest_hex(),
+            trace_lines: 0,
+            trace: Vec::new(),
+        }
+    }
+}
+
+async fn run_seed_async(config: &SimConfig, database_url: Option<String>) -> SeedReport {
     let mut trace = Trace::new(config.keep_full_trace);
-    let outcome = match Sim::start(config).await {
+    let outcome = match Sim::start(config, database_url).await {
         Ok(mut sim) => {
             let result = sim.run(config.steps).await;
             let counters = sim.counters.clone();
@@ -165,6 +219,7 @@ async fn run_seed_async(config: &SimConfig) -> SeedReport {
         step,
         message,
         trace_tail: trace.kept_lines(),
+        replay_flags: config.replay_flags(),
     });
     SeedReport {
         seed: config.seed,
@@ -193,7 +248,7 @@ pub(crate) struct Sim {
 }
 
 impl Sim {
-    async fn start(config: &SimConfig) -> Result<Sim, String> {
+    async fn start(config: &SimConfig, database_url: Option<String>) -> Result<Sim, String> {
         let mut rng = StdRng::seed_from_u64(config.seed);
         let work_dir = tempfile::tempdir().map_err(|e| format!("no temporary directory: {e}"))?;
         let clock = leasehold_service::SimulatedClock::starting_at(CLOCK_START_MS);
@@ -204,6 +259,7 @@ impl Sim {
         // A subdirectory the broker makes itself, 0700.
         let broker = SimBroker::start(
             work_dir.path().join("broker"),
+            database_url,
             clock.clone(),
             faults.clone(),
             commission_basis_points,
