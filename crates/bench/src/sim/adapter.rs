@@ -5,8 +5,8 @@
 
 use super::faults::FaultControl;
 use leasehold_api::{
-    ApiError, Client, FindResponse, HostView, LeaseRequest, LeaseView, LedgerView, PartitionView,
-    RegisterHostRequest, RegisterPartitionRequest, ReleaseReceipt, Role,
+    ApiError, BillView, Client, FindResponse, HostView, LeaseRequest, LeaseView, LedgerView,
+    PartitionView, RegisterHostRequest, RegisterPartitionRequest, ReleaseReceipt, Role,
 };
 use leasehold_broker::{BrokerConfig, RunningBroker};
 use leasehold_core::{HostCapacity, PartitionRef, Requirements, Terms};
@@ -253,6 +253,11 @@ impl SimBroker {
 
     pub async fn release(&self, borrower: usize, lease_id: u64) -> Answer<ReleaseReceipt> {
         Ok(self.borrowers[borrower].release(lease_id).await?)
+    }
+
+    /// The borrower's bill: its leases and its balance.
+    pub async fn borrower_bill(&self, borrower: usize) -> Answer<BillView> {
+        Ok(self.borrowers[borrower].bill().await?)
     }
 
     /// The borrower's own leases, newest first.

@@ -14,6 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Most offers a find returns: enough for every simulated partition.
 const FIND_ALL_LIMIT: u32 = 1_000;
+/// Bills are checked every this many steps: a bill signs the key of each
+/// active lease it lists, which is slow in a debug build.
+const BILL_CHECK_INTERVAL_STEPS: u64 = 10;
+/// Leases a bill lists: the broker's default page.
+const BILL_PAGE: usize = 1_000;
 
 impl Sim {
     pub(super) async fn check_invariants(&mut self) -> Result<(), String> {
@@ -169,7 +174,42 @@ impl Sim {
         if ledger.sum_micros != 0 {
             return Err(format!("the API's ledger sums to {}", ledger.sum_micros));
         }
+        if self.step.is_multiple_of(BILL_CHECK_INTERVAL_STEPS) {
+            self.check_borrower_bills().await?;
+        }
         Ok(count)
+    }
+
+    /// Each borrower's bill lists its leases and a balance of minus what
+    /// its released leases were charged.
+    async fn check_borrower_bills(&mut self) -> Result<(), String> {
+        for borrower in 0..super::BORROWERS {
+            let bill = self
+                .broker
+                .borrower_bill(borrower)
+                .await
+                .map_err(|e| format!("cannot read borrower {borrower}'s bill: {e}"))?;
+            let leases = self
+                .model
+                .leases
+                .values()
+                .filter(|l| l.borrower == borrower);
+            let charged: i64 = leases
+                .clone()
+                .filter_map(|l| l.released.as_ref())
+                .map(|r| r.bill.charge_micros as i64)
+                .sum();
+            let listed: BTreeSet<u64> = bill.leases.iter().map(|l| l.lease_id).collect();
+            // The bill lists the newest leases, one default page of them.
+            let known: BTreeSet<u64> = leases.map(|l| l.lease_id).rev().take(BILL_PAGE).collect();
+            if bill.balance_micros != -charged || listed != known {
+                return Err(format!(
+                    "borrower {borrower}'s bill shows leases {listed:?} and balance {}; the model has {known:?} charged {charged}",
+                    bill.balance_micros
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A find for everything answers exactly the partitions the model has
