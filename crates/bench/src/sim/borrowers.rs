@@ -20,7 +20,9 @@ impl Sim {
         requirements: &Requirements,
     ) -> Result<(), String> {
         let limit = super::ops::FIND_LIMIT;
-        let expect = self.model.expect_find(requirements, limit as usize);
+        let expect = self
+            .model
+            .expect_find(requirements, limit as usize, "requirements");
         let answer = self.broker.find(borrower, requirements, limit).await;
         match self.classify(answer)? {
             Outcome::Known(Ok(found)) => {
@@ -238,7 +240,10 @@ impl Sim {
             Outcome::Known(Err(refusal)) => {
                 let expect: Expect<()> = match self.model.leases.get(&lease_id) {
                     Some(lease) if lease.borrower == borrower => Expect::Succeeds(()),
-                    _ => Expect::RefusedWith(vec!["not_found"]),
+                    _ => Expect::RefusedWith(vec![super::model::Refused {
+                        code: "not_found",
+                        field: None,
+                    }]),
                 };
                 self.accept_refusal(&expect, &refusal)
             }

@@ -219,7 +219,9 @@ impl Sim {
             allow_unisolated: true,
             ..Requirements::default()
         };
-        let expect = self.model.expect_find(&everything, FIND_ALL_LIMIT as usize);
+        let expect = self
+            .model
+            .expect_find(&everything, FIND_ALL_LIMIT as usize, "requirements");
         let found = self
             .broker
             .find(0, &everything, FIND_ALL_LIMIT)

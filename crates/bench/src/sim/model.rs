@@ -44,12 +44,30 @@ pub struct ModelLease {
     pub released: Option<ModelRelease>,
 }
 
-/// What the broker must answer: success, or one of these error codes
-/// (several when more than one refusal applies, whichever it checks first).
+/// What the broker must answer: success, or one of these refusals
+/// (several when more than one applies, whichever it checks first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect<T> {
     Succeeds(T),
-    RefusedWith(Vec<&'static str>),
+    RefusedWith(Vec<Refused>),
+}
+
+/// An error code, and the field it must name when it names one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: &'static str,
+    pub field: Option<String>,
+}
+
+fn refused(code: &'static str) -> Refused {
+    Refused { code, field: None }
+}
+
+fn refused_on(code: &'static str, field: String) -> Refused {
+    Refused {
+        code,
+        field: Some(field),
+    }
 }
 
 pub struct Model {
@@ -72,7 +90,7 @@ impl Model {
     pub fn expect_register_host(&self, lender: usize, host_id: &str) -> Expect<()> {
         match self.hosts.get(host_id) {
             Some(host) if host.lender != lender => {
-                Expect::RefusedWith(vec!["host_owned_by_another_lender"])
+                Expect::RefusedWith(vec![refused("host_owned_by_another_lender")])
             }
             _ => Expect::Succeeds(()),
         }
@@ -97,26 +115,36 @@ impl Model {
         partition: &PartitionRef,
         terms: &Terms,
     ) -> Expect<()> {
+        // Bad terms are refused whoever asks; the rest only to the owner.
+        if let Err(error) = terms.validate(None) {
+            return Expect::RefusedWith(vec![refused_on(
+                "invalid_field",
+                format!("terms.{}", error.field),
+            )]);
+        }
         if !self.owns(lender, &partition.host_id) {
-            return Expect::RefusedWith(vec!["not_found"]);
+            return Expect::RefusedWith(vec![refused("not_found")]);
         }
         let mut refusals = Vec::new();
         let capacity = &self.hosts[&partition.host_id].capacity;
-        if capacity.admits(self.other_terms(partition), terms).is_err() {
-            refusals.push("invalid_field");
+        if let Err(error) = capacity.admits(self.other_terms(partition), terms) {
+            refusals.push(refused_on(
+                "invalid_field",
+                format!("terms.{}", error.field),
+            ));
         }
         if self.leased(partition) {
-            refusals.push("partition_locked");
+            refusals.push(refused("partition_locked"));
         }
         expect_from(refusals)
     }
 
     pub fn expect_withdraw(&self, lender: usize, partition: &PartitionRef) -> Expect<()> {
         if !self.owns(lender, &partition.host_id) || !self.partitions.contains_key(partition) {
-            return Expect::RefusedWith(vec!["not_found"]);
+            return Expect::RefusedWith(vec![refused("not_found")]);
         }
         if self.leased(partition) {
-            return Expect::RefusedWith(vec!["partition_locked"]);
+            return Expect::RefusedWith(vec![refused("partition_locked")]);
         }
         Expect::Succeeds(())
     }
@@ -148,13 +176,21 @@ impl Model {
             .any(|offered| leasehold_core::image_ref::offers_image(offered, image))
     }
 
+    /// What a find answers; bad requirements are named under
+    /// `field_prefix` (`requirements` for a find, `best` for a lease).
     pub fn expect_find(
         &self,
         requirements: &Requirements,
         limit: usize,
+        field_prefix: &str,
     ) -> Expect<Vec<(PartitionRef, Terms)>> {
+        if let Err(error) = requirements.validate() {
+            let field = format!("{field_prefix}.{}", error.field);
+            return Expect::RefusedWith(vec![refused_on("invalid_field", field)]);
+        }
         if !self.image_offered(requirements) {
-            return Expect::RefusedWith(vec!["invalid_field"]);
+            let field = format!("{field_prefix}.image");
+            return Expect::RefusedWith(vec![refused_on("invalid_field", field)]);
         }
         Expect::Succeeds(naive_find(self.free(), requirements, limit))
     }
@@ -165,17 +201,17 @@ impl Model {
         allow_unisolated: bool,
     ) -> Expect<PartitionRef> {
         let Some(entry) = self.partitions.get(partition) else {
-            return Expect::RefusedWith(vec!["not_found"]);
+            return Expect::RefusedWith(vec![refused("not_found")]);
         };
         let mut refusals = Vec::new();
         if entry.withdrawn {
-            refusals.push("partition_withdrawn");
+            refusals.push(refused("partition_withdrawn"));
         }
         if entry.lease_id.is_some() {
-            refusals.push("partition_taken");
+            refusals.push(refused("partition_taken"));
         }
         if entry.terms.is_unisolated() && !allow_unisolated {
-            refusals.push("invalid_field");
+            refusals.push(refused_on("invalid_field", "allow_unisolated".into()));
         }
         match expect_from(refusals) {
             Expect::Succeeds(()) => Expect::Succeeds(partition.clone()),
@@ -184,11 +220,11 @@ impl Model {
     }
 
     pub fn expect_lease_best(&self, requirements: &Requirements) -> Expect<PartitionRef> {
-        match self.expect_find(requirements, 1) {
-            Expect::RefusedWith(codes) => Expect::RefusedWith(codes),
+        match self.expect_find(requirements, 1, "best") {
+            Expect::RefusedWith(refusals) => Expect::RefusedWith(refusals),
             Expect::Succeeds(found) => match found.into_iter().next() {
                 Some((partition, _)) => Expect::Succeeds(partition),
-                None => Expect::RefusedWith(vec!["no_match"]),
+                None => Expect::RefusedWith(vec![refused("no_match")]),
             },
         }
     }
@@ -285,7 +321,7 @@ impl Model {
     }
 }
 
-fn expect_from(refusals: Vec<&'static str>) -> Expect<()> {
+fn expect_from(refusals: Vec<Refused>) -> Expect<()> {
     if refusals.is_empty() {
         Expect::Succeeds(())
     } else {

@@ -292,7 +292,7 @@ impl Sim {
             2..=4 => Some(Isolation::Container),
             _ => Some(Isolation::Simulated),
         };
-        Terms {
+        let mut terms = Terms {
             vcpus: self.rng.gen_range(1..=4),
             cpu_cap_percent: [25, 50, 100][self.rng.gen_range(0..3)],
             memory_mib: [256, 512, 1_024, 2_048][self.rng.gen_range(0..4)],
@@ -301,13 +301,30 @@ impl Sim {
             price_per_hour_micros: [0, 1_000, 50_000, 1_000_000, 3_600_000, 7_777_777]
                 [self.rng.gen_range(0..6)],
             isolation,
+        };
+        if self.rng.gen_ratio(1, 15) {
+            self.break_terms(&mut terms);
+        }
+        terms
+    }
+
+    /// Bad input, which must be refused with a 400 naming the field and
+    /// change nothing.
+    fn break_terms(&mut self, terms: &mut Terms) {
+        match self.rng.gen_range(0..6) {
+            0 => terms.vcpus = 0,
+            1 => terms.cpu_cap_percent = 101,
+            2 => terms.memory_mib = 0,
+            3 => terms.disk_gib = 0,
+            4 => terms.images.clear(),
+            _ => terms.price_per_hour_micros = leasehold_core::money::MAX_PRICE_PER_HOUR_MICROS + 1,
         }
     }
 
     fn random_requirements(&mut self) -> Requirements {
         let maybe = |rng: &mut rand::rngs::StdRng| rng.gen_ratio(1, 4);
         let rng = &mut self.rng;
-        Requirements {
+        let mut requirements = Requirements {
             min_vcpus: maybe(rng).then(|| rng.gen_range(1..=4)),
             min_cpu_cap_percent: maybe(rng).then(|| [25, 50, 100][rng.gen_range(0..3)]),
             min_memory_mib: maybe(rng).then(|| [256, 1_024, 2_048][rng.gen_range(0..3)]),
@@ -316,7 +333,14 @@ impl Sim {
             max_price_per_hour_micros: maybe(rng)
                 .then(|| [0, 50_000, 3_600_000][rng.gen_range(0..3)]),
             allow_unisolated: rng.gen_ratio(1, 5),
+        };
+        // Now and then bad input, refused with a 400 naming the field.
+        match self.rng.gen_range(0..30) {
+            0 => requirements.min_vcpus = Some(0),
+            1 => requirements.min_cpu_cap_percent = Some(101),
+            _ => {}
         }
+        requirements
     }
 
     /// Classifies an answer with the fault that fired for it: a server
@@ -354,8 +378,11 @@ impl Sim {
         refusal: &Refusal,
     ) -> Result<(), String> {
         self.record(format!("-> refused {refusal}"));
+        let expected = |r: &&super::model::Refused| {
+            r.code == refusal.code && (r.field.is_none() || r.field == refusal.field)
+        };
         match expect {
-            Expect::RefusedWith(codes) if codes.contains(&refusal.code.as_str()) => {
+            Expect::RefusedWith(refusals) if refusals.iter().any(|r| expected(&r)) => {
                 self.counters.refusals += 1;
                 Ok(())
             }
