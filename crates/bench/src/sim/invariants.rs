@@ -183,7 +183,7 @@ impl Sim {
     /// Each borrower's bill lists its leases and a balance of minus what
     /// its released leases were charged.
     async fn check_borrower_bills(&mut self) -> Result<(), String> {
-        for borrower in 0..super::BORROWERS {
+        for borrower in 0..self.borrowers {
             let bill = self
                 .broker
                 .borrower_bill(borrower)
@@ -249,10 +249,11 @@ impl Sim {
         let hosts: BTreeMap<&str, _> = snapshot
             .hosts
             .iter()
-            .map(|h| (h.host_id.as_str(), &h.capacity))
+            .map(|h| (h.host_id.as_str(), (h.lender.clone(), &h.capacity)))
             .collect();
         for (host_id, host) in &self.model.hosts {
-            if hosts.get(host_id.as_str()) != Some(&&host.capacity) {
+            let acknowledged = (super::adapter::lender_name(host.lender), &host.capacity);
+            if hosts.get(host_id.as_str()) != Some(&acknowledged) {
                 return Err(format!(
                     "host {host_id} is not in the store as acknowledged"
                 ));
@@ -265,9 +266,12 @@ impl Sim {
             .collect();
         for (partition, entry) in &self.model.partitions {
             let same = rows.get(partition).is_some_and(|row| {
+                // The epoch never goes back below an acknowledged lease's:
+                // keys of older epochs stay fenced after a restart.
                 row.terms == entry.terms
                     && row.withdrawn == entry.withdrawn
                     && row.lease_id == entry.lease_id
+                    && row.epoch >= entry.last_lease_epoch
             });
             if !same {
                 return Err(format!(

@@ -34,9 +34,9 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use trace::Trace;
 
-/// Lender and borrower principals of every seed.
-const LENDERS: usize = 3;
-const BORROWERS: usize = 4;
+/// Lender and borrower principals of a seed: between these, by the seed.
+const LENDERS_RANGE: std::ops::RangeInclusive<usize> = 2..=4;
+const BORROWERS_RANGE: std::ops::RangeInclusive<usize> = 2..=6;
 /// Where the simulated clock starts: 2026-01-01, so times look real.
 const CLOCK_START_MS: u64 = 1_767_225_600_000;
 
@@ -243,6 +243,9 @@ pub(crate) struct Sim {
     /// The current step (0 while setting up).
     step: u64,
     next_idempotency_key: u64,
+    /// How many lender and borrower principals this seed has.
+    lenders: usize,
+    borrowers: usize,
     /// Kept alive for the run: the broker's data directory is inside.
     _work_dir: tempfile::TempDir,
 }
@@ -256,6 +259,8 @@ impl Sim {
         // Several commissions, so that both legs of a bill and the lender's
         // rounding are exercised.
         let commission_basis_points = [0, 100, 2_500][rng.gen_range(0..3)];
+        let lenders = rng.gen_range(LENDERS_RANGE);
+        let borrowers = rng.gen_range(BORROWERS_RANGE);
         // A subdirectory the broker makes itself, 0700.
         let broker = SimBroker::start(
             work_dir.path().join("broker"),
@@ -263,13 +268,13 @@ impl Sim {
             clock.clone(),
             faults.clone(),
             commission_basis_points,
-            LENDERS,
-            BORROWERS,
+            lenders,
+            borrowers,
         )
         .await?;
         let mut trace = Trace::new(config.keep_full_trace);
         trace.record(format!(
-            "seed {} commission_bp {commission_basis_points}",
+            "seed {} commission_bp {commission_basis_points} lenders {lenders} borrowers {borrowers}",
             config.seed
         ));
         Ok(Sim {
@@ -282,6 +287,8 @@ impl Sim {
             counters: Counters::default(),
             step: 0,
             next_idempotency_key: 0,
+            lenders,
+            borrowers,
             _work_dir: work_dir,
         })
     }

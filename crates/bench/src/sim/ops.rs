@@ -6,7 +6,7 @@
 use super::adapter::{Answer, Refusal};
 use super::faults::Fault;
 use super::model::Expect;
-use super::{Sim, BORROWERS, LENDERS};
+use super::Sim;
 use leasehold_core::terms::Isolation;
 use leasehold_core::{HostCapacity, PartitionRef, Requirements, Terms};
 use rand::seq::SliceRandom;
@@ -73,7 +73,7 @@ impl Sim {
     /// Hosts and partitions to start from, with no fault armed.
     pub(super) async fn set_up(&mut self) -> Result<(), String> {
         for (position, host_id) in HOST_IDS.iter().take(3).enumerate() {
-            let lender = position % LENDERS;
+            let lender = position % self.lenders;
             let capacity = self.random_capacity();
             self.execute(
                 Op::RegisterHost {
@@ -175,7 +175,7 @@ impl Sim {
     }
 
     fn choose_op(&mut self) -> Op {
-        let borrower = self.rng.gen_range(0..BORROWERS);
+        let borrower = self.rng.gen_range(0..self.borrowers);
         match self.rng.gen_range(0..100) {
             0..=5 => self.choose_register_host(),
             6..=19 => self.choose_put_partition(),
@@ -212,7 +212,7 @@ impl Sim {
         // must be refused.
         let lender = match self.model.hosts.get(&host_id) {
             Some(host) if self.rng.gen_ratio(9, 10) => host.lender,
-            _ => self.rng.gen_range(0..LENDERS),
+            _ => self.rng.gen_range(0..self.lenders),
         };
         Op::RegisterHost {
             lender,
@@ -235,7 +235,7 @@ impl Sim {
     fn lender_of_mostly(&mut self, host_id: &str) -> usize {
         match self.model.hosts.get(host_id) {
             Some(host) if self.rng.gen_ratio(9, 10) => host.lender,
-            _ => self.rng.gen_range(0..LENDERS),
+            _ => self.rng.gen_range(0..self.lenders),
         }
     }
 
