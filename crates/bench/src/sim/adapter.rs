@@ -6,7 +6,8 @@
 use super::faults::FaultControl;
 use leasehold_api::{
     ApiError, BillView, Client, FindResponse, HostView, LeaseRequest, LeaseView, LedgerView,
-    PartitionView, RegisterHostRequest, RegisterPartitionRequest, ReleaseReceipt, Role,
+    PartitionView, RegisterHostRequest, RegisterPartitionRequest, ReleaseReceipt, RevocationPage,
+    Role,
 };
 use leasehold_broker::{BrokerConfig, RunningBroker};
 use leasehold_core::{HostCapacity, PartitionRef, Requirements, Terms};
@@ -272,6 +273,12 @@ impl SimBroker {
     /// Every partition, as the admin sees them.
     pub async fn all_partitions(&self) -> Answer<Vec<PartitionView>> {
         Ok(self.admin.list_partitions().await?)
+    }
+
+    /// A page of a host's release notices after `after_seq`, as the admin
+    /// (and the host's agent, which pulls them) sees them.
+    pub async fn host_revocations(&self, host_id: &str, after_seq: u64) -> Answer<RevocationPage> {
+        Ok(self.admin.host_revocations(host_id, after_seq).await?)
     }
 
     /// Every host, as the admin sees them.

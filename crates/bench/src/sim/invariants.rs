@@ -176,13 +176,58 @@ impl Sim {
         }
         if self.step.is_multiple_of(BILL_CHECK_INTERVAL_STEPS) {
             self.check_borrower_bills().await?;
+            self.check_release_notices().await?;
         }
         Ok(count)
     }
 
+    /// A release notice is durable with its release: each host's
+    /// revocation list (what its agent pulls) names exactly its released
+    /// leases whose keys have not expired, in release order.
+    pub(super) async fn check_release_notices(&mut self) -> Result<(), String> {
+        let now_ms = self.now_ms();
+        let host_ids: Vec<String> = self.model.hosts.keys().cloned().collect();
+        for host_id in host_ids {
+            let mut listed = BTreeSet::new();
+            let mut after_seq = 0;
+            loop {
+                let page = self
+                    .broker
+                    .host_revocations(&host_id, after_seq)
+                    .await
+                    .map_err(|e| format!("cannot read host {host_id}'s revocations: {e}"))?;
+                for revocation in &page.revocations {
+                    if revocation.seq <= after_seq || !listed.insert(revocation.lease_id) {
+                        return Err(format!(
+                            "host {host_id}'s revocations repeat or go back: {page:?}"
+                        ));
+                    }
+                    after_seq = revocation.seq;
+                }
+                if !page.more {
+                    break;
+                }
+            }
+            let released: BTreeSet<u64> = self
+                .model
+                .leases
+                .values()
+                .filter(|l| l.partition.host_id == host_id && l.released.is_some())
+                .filter(|l| l.started_at_ms + leasehold_broker::DEFAULT_KEY_TTL_MS > now_ms)
+                .map(|l| l.lease_id)
+                .collect();
+            if listed != released {
+                return Err(format!(
+                    "host {host_id}'s revocations name leases {listed:?}; released with live keys: {released:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Each borrower's bill lists its leases and a balance of minus what
     /// its released leases were charged.
-    async fn check_borrower_bills(&mut self) -> Result<(), String> {
+    pub(super) async fn check_borrower_bills(&mut self) -> Result<(), String> {
         for borrower in 0..self.borrowers {
             let bill = self
                 .broker

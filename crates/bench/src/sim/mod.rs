@@ -342,6 +342,8 @@ impl Sim {
         self.broker.restart().await?;
         if check_snapshot {
             self.check_store_snapshot()?;
+            self.check_borrower_bills().await?;
+            self.check_release_notices().await?;
         }
         Ok(())
     }
