@@ -240,8 +240,20 @@ impl Client {
         body: Option<&B>,
         timeout: Option<Duration>,
     ) -> Result<R, ApiError> {
-        let url = format!("{}{}", self.base_url, path);
         let idempotency_key = (method != Method::GET).then(new_idempotency_key);
+        self.send_with_key(method, path, body, timeout, idempotency_key)
+            .await
+    }
+
+    async fn send_with_key<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+        idempotency_key: Option<String>,
+    ) -> Result<R, ApiError> {
+        let url = format!("{}{}", self.base_url, path);
         let mut attempt = 0;
         loop {
             let mut request = self.http.request(method.clone(), &url);
@@ -399,6 +411,24 @@ impl Client {
     pub async fn lease(&self, request: &LeaseRequest) -> Result<LeaseView, ApiError> {
         self.send(Method::POST, "/v1/leases", Some(request), None)
             .await
+    }
+
+    /// Leases with the caller's idempotency key: a caller that got an
+    /// error (or no answer) asks again with the same key and gets the lease
+    /// the first request concluded, if it did, instead of a second one.
+    pub async fn lease_with_idempotency_key(
+        &self,
+        request: &LeaseRequest,
+        idempotency_key: &str,
+    ) -> Result<LeaseView, ApiError> {
+        self.send_with_key(
+            Method::POST,
+            "/v1/leases",
+            Some(request),
+            None,
+            Some(idempotency_key.to_string()),
+        )
+        .await
     }
 
     pub async fn get_lease(&self, lease_id: u64) -> Result<LeaseView, ApiError> {
