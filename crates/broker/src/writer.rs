@@ -137,18 +137,8 @@ impl Writer {
 }
 
 impl WriterThread {
-    fn run_batch(&mut self, mut requests: Vec<Request>) {
+    fn run_batch(&mut self, requests: Vec<Request>) {
         let now_ms = self.clock.now_ms();
-        if now_ms >= self.next_prune_ms {
-            // Keeps the idempotency records bounded without a restart.
-            self.next_prune_ms = now_ms + IDEMPOTENCY_PRUNE_INTERVAL_MS;
-            requests.push(Request {
-                command: BrokerCommand::PruneIdempotency {
-                    before_ms: now_ms.saturating_sub(IDEMPOTENCY_RETENTION_MS),
-                },
-                reply: None,
-            });
-        }
         let mut batch = Batch::default();
         {
             // Readers share this lock; only this thread ever writes.
@@ -165,8 +155,46 @@ impl WriterThread {
             self.db.apply(&batch.writes)
         };
         match commit {
-            Ok(()) => self.publish(batch, now_ms),
+            Ok(()) => self.publish(batch),
             Err(error) => self.discard(batch, error),
+        }
+        self.prune_now_and_then(now_ms);
+    }
+
+    /// Keeps the idempotency records and the release notices of expired
+    /// keys bounded without a restart. It runs apart from the callers'
+    /// batches (as its own statements, not through `apply`), so a failure
+    /// of this housekeeping never fails a caller's command, nor theirs it.
+    fn prune_now_and_then(&mut self, now_ms: u64) {
+        if now_ms < self.next_prune_ms {
+            return;
+        }
+        self.next_prune_ms = now_ms + IDEMPOTENCY_PRUNE_INTERVAL_MS;
+        let before_ms = now_ms.saturating_sub(IDEMPOTENCY_RETENTION_MS);
+        let command = BrokerCommand::PruneIdempotency { before_ms };
+        let decision = {
+            let table = self.state.read().unwrap_or_else(|p| p.into_inner());
+            decide(
+                TableView::new(&table, &Overlay::default()),
+                &command,
+                now_ms,
+            )
+        };
+        let Ok(decision) = decision else {
+            return;
+        };
+        if let Err(error) = self.db.prune_idempotency(before_ms) {
+            tracing::warn!(%error, "cannot prune old idempotency records");
+            return;
+        }
+        {
+            let mut table = self.state.write().unwrap_or_else(|p| p.into_inner());
+            for change in &decision.changes {
+                table.apply(change);
+            }
+        }
+        if let Err(error) = self.db.prune_expired_notices(now_ms) {
+            tracing::warn!(%error, "cannot prune the release notices of expired keys");
         }
     }
 
@@ -270,7 +298,7 @@ impl WriterThread {
     }
 
     /// After the commit: the changes become visible, then callers hear.
-    fn publish(&mut self, batch: Batch, now_ms: u64) {
+    fn publish(&mut self, batch: Batch) {
         if !batch.changes.is_empty() {
             let mut table = self.state.write().unwrap_or_else(|p| p.into_inner());
             for change in &batch.changes {
@@ -280,16 +308,6 @@ impl WriterThread {
         for (reply, answer) in batch.answers {
             if let Some(reply) = reply {
                 let _ = reply.send(answer);
-            }
-        }
-        // Release notices whose keys expired fence nothing any more.
-        if batch
-            .changes
-            .iter()
-            .any(|change| matches!(change, Change::ForgetIdempotency { .. }))
-        {
-            if let Err(error) = self.db.prune_expired_notices(now_ms) {
-                tracing::warn!(%error, "cannot prune the release notices of expired keys");
             }
         }
         for effect in batch.effects {
