@@ -16,7 +16,9 @@ mod stats;
 mod workload;
 
 use anyhow::{bail, Context, Result};
-use bench::borrowers::{self, BorrowersConfig, BorrowersReport, FinderReport, LeasePath};
+use bench::borrowers::{
+    self, BorrowersConfig, BorrowersReport, FinderPace, FinderReport, LeasePath,
+};
 use bench::broker_process::{leasehold_binary, BrokerLaunch, BrokerProcess};
 use bench::{costs, fill, postgres::ThrowawayPostgres, procfs, seed};
 use clap::{Parser, ValueEnum};
@@ -24,11 +26,12 @@ use leasehold_api::{Client, Role};
 use leasehold_store::BrokerDatabase;
 use serde::Serialize;
 use stats::{dir_size_mib, round1};
+use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Stream numbers that keep the finders' generators apart from the rest.
 const IDLE_FIND_STREAM: u64 = 1 << 40;
@@ -116,6 +119,11 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     borrower_threads: usize,
 
+    /// Microseconds between the starts of two finds of the finder that
+    /// times finds during a load run (it browses; it is not more load)
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    finder_interval_us: u64,
+
     /// Seed of the workload generator; the same seed gives the same terms and
     /// the same requirements
     #[arg(long, default_value_t = 1)]
@@ -182,6 +190,9 @@ struct Plan {
     postgres: bool,
     direct_fill: bool,
     borrower_threads: usize,
+    finder_interval_us: u64,
+    /// The throw-away PostgreSQL's postmaster, whose CPU each run reports.
+    database_pid: Option<u32>,
     seed: u64,
     lenders: u64,
     registration_concurrency: u64,
@@ -222,6 +233,8 @@ impl Plan {
                 FillArg::Direct => true,
             },
             borrower_threads: args.borrower_threads.max(1),
+            finder_interval_us: args.finder_interval_us,
+            database_pid: None,
             seed: args.seed,
             lenders: args.lenders,
             registration_concurrency: args.registration_concurrency,
@@ -269,7 +282,7 @@ fn main() -> Result<()> {
 struct Storage {
     launch: BrokerLaunch,
     database: BrokerDatabase,
-    _postgres: Option<ThrowawayPostgres>,
+    postgres: Option<ThrowawayPostgres>,
 }
 
 fn prepare_storage(plan: &Plan, args: &Args, work_dir: &Path) -> Result<Storage> {
@@ -297,7 +310,7 @@ fn prepare_storage(plan: &Plan, args: &Args, work_dir: &Path) -> Result<Storage>
             durability: plan.durability.name(),
         },
         database,
-        _postgres: postgres,
+        postgres,
     })
 }
 
@@ -465,6 +478,10 @@ async fn run(plan: Plan, args: &Args) -> Result<Report> {
     }
     .context("cannot create the temporary directory")?;
     let storage = prepare_storage(&plan, args, work_dir.path())?;
+    let plan = Plan {
+        database_pid: storage.postgres.as_ref().and_then(|p| p.postmaster_pid()),
+        ..plan
+    };
     eprintln!(
         "{} hosts x {} partitions on {} ({} durability), data in {}",
         plan.hosts,
@@ -495,7 +512,10 @@ async fn run(plan: Plan, args: &Args) -> Result<Report> {
         plan.seed,
         IDLE_FIND_STREAM,
         Arc::new(AtomicBool::new(false)),
-        plan.finds,
+        FinderPace {
+            max_finds: plan.finds,
+            interval: None,
+        },
     )
     .await;
     eprintln!(
@@ -596,13 +616,15 @@ struct RunReport {
     borrowers: BorrowersReport,
     /// Finds from a separate client in this process while the load ran.
     finds_under_load: FinderReport,
-    /// The broker's CPU time over the run's wall time (200 = both cores).
-    broker_cpu_percent: Option<f64>,
+    /// The broker's CPU (by thread) and the machine's, over the run.
+    #[serde(flatten)]
+    broker: procfs::Usage,
+    /// Broker CPU per lease (its lease, its release, and a share of the
+    /// finder's finds), by thread name: what a lease costs the broker,
+    /// whatever else the machine was doing.
+    broker_cpu_us_per_lease: BTreeMap<String, f64>,
     borrowers_cpu_percent: Option<f64>,
     broker_rss_mib: Option<f64>,
-    /// All CPUs of the machine over the run: busy, and idle waiting on I/O.
-    machine_busy_percent: f64,
-    machine_iowait_percent: f64,
 }
 
 async fn run_load(
@@ -636,13 +658,12 @@ async fn run_load(
         plan.seed,
         LOAD_FIND_STREAM + load.run_number,
         stop.clone(),
-        usize::MAX,
+        FinderPace {
+            max_finds: usize::MAX,
+            interval: Some(Duration::from_micros(plan.finder_interval_us)),
+        },
     ));
-    let (cpu_before, machine_before, started) = (
-        procfs::cpu_seconds(broker.pid()),
-        procfs::MachineTicks::now(),
-        Instant::now(),
-    );
+    let before = procfs::BrokerSample::take(broker.pid(), plan.database_pid);
     let output = tokio::process::Command::new(std::env::current_exe()?)
         .arg("--borrowers-only")
         .env(borrowers::CONFIG_ENV, serde_json::to_string(&config)?)
@@ -652,11 +673,7 @@ async fn run_load(
         .output()
         .await
         .context("cannot run the borrowers' process")?;
-    let seconds = started.elapsed().as_secs_f64();
-    let (cpu_after, machine_after) = (
-        procfs::cpu_seconds(broker.pid()),
-        procfs::MachineTicks::now(),
-    );
+    let usage = procfs::BrokerSample::take(broker.pid(), plan.database_pid).usage_since(&before);
     stop.store(true, Ordering::Relaxed);
     let finds_under_load = finder.await.context("the finder panicked")?;
     let _ = std::fs::remove_file(&config.tokens_file);
@@ -665,22 +682,29 @@ async fn run_load(
     }
     let borrowers: BorrowersReport = serde_json::from_slice(&output.stdout)
         .context("the borrowers' process printed no report")?;
-    let (machine_busy_percent, machine_iowait_percent) =
-        machine_after.busy_and_iowait_percent_since(&machine_before);
     let report = RunReport {
         path: load.path.name(),
         clients: load.clients,
-        wall_seconds: round3(seconds),
+        wall_seconds: round3(usage.seconds),
         leases_per_second: borrowers::rate(borrowers.leases, borrowers.seconds),
         cycles_per_second: borrowers::rate(borrowers.cycles, borrowers.seconds),
-        broker_cpu_percent: cpu_before
-            .zip(cpu_after)
-            .map(|(b, a)| round1(100.0 * (a - b) / seconds)),
-        borrowers_cpu_percent: borrowers.cpu_seconds.map(|c| round1(100.0 * c / seconds)),
+        broker_cpu_us_per_lease: usage
+            .broker_thread_cpu_percent
+            .iter()
+            .map(|(name, percent)| {
+                let micros = percent / 100.0 * usage.seconds * 1e6;
+                (
+                    name.clone(),
+                    round1(micros / borrowers.leases.max(1) as f64),
+                )
+            })
+            .collect(),
+        borrowers_cpu_percent: borrowers
+            .cpu_seconds
+            .map(|c| round1(100.0 * c / usage.seconds)),
         broker_rss_mib: procfs::status_mib(&broker.pid().to_string(), "VmRSS"),
         finds_under_load,
-        machine_busy_percent,
-        machine_iowait_percent,
+        broker: usage,
         borrowers,
     };
     print_run(&report);
@@ -701,9 +725,9 @@ fn print_run(run: &RunReport) {
         run.borrowers.release_p99_us,
         run.finds_under_load.find_p50_us,
         run.finds_under_load.find_p99_us,
-        run.broker_cpu_percent,
-        run.machine_busy_percent,
-        run.machine_iowait_percent,
+        run.broker.broker_cpu_percent,
+        run.broker.machine_busy_percent,
+        run.broker.machine_iowait_percent,
     );
 }
 

@@ -268,6 +268,16 @@ async fn find_then_lease(
     None
 }
 
+/// How a finder paces itself.
+pub struct FinderPace {
+    /// Stop after this many finds.
+    pub max_finds: usize,
+    /// Start a find at most this often; `None`: back to back. Under load
+    /// the finder is a browsing borrower, not more load: back to back it
+    /// would take a core of the broker's on its own.
+    pub interval: Option<Duration>,
+}
+
 /// Sequential finds with random requirements until `stop` is set: the
 /// latency a browsing borrower sees while the load runs (or without load).
 pub async fn finder(
@@ -275,7 +285,7 @@ pub async fn finder(
     seed: u64,
     stream: u64,
     stop: Arc<AtomicBool>,
-    max_finds: usize,
+    pace: FinderPace,
 ) -> FinderReport {
     let mut rng = SplitMix64::stream(seed, stream);
     // One untimed call opens the connection, so the maximum measures the
@@ -283,7 +293,15 @@ pub async fn finder(
     let _ = client.find(&Default::default(), Some(1)).await;
     let mut latencies = Latencies::default();
     let (mut finds, mut empty, mut errors) = (0usize, 0u64, Errors::default());
-    while !stop.load(Ordering::Relaxed) && finds < max_finds {
+    let mut ticks = pace.interval.map(|period| {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
+    while !stop.load(Ordering::Relaxed) && finds < pace.max_finds {
+        if let Some(ticks) = &mut ticks {
+            ticks.tick().await;
+        }
         finds += 1;
         let requirements = workload::random_requirements(&mut rng);
         let call = Instant::now();

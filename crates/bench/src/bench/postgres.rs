@@ -128,6 +128,15 @@ impl ThrowawayPostgres {
     }
 }
 
+impl ThrowawayPostgres {
+    /// The postmaster's pid (the first line of `postmaster.pid`); its
+    /// children are the backends, the checkpointer and the WAL writer.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+}
+
 impl Drop for ThrowawayPostgres {
     fn drop(&mut self) {
         let data = self.dir.path().join("data");

@@ -1,6 +1,8 @@
 //! What the kernel says about a process and the machine: CPU time, memory,
 //! and how the machine's CPUs spent a run (busy, waiting on the disk).
 
+use std::collections::BTreeMap;
+
 /// Clock ticks per second of /proc's CPU times. Linux fixes USER_HZ at 100
 /// in its user-space ABI on every architecture we run on, so no sysconf call
 /// (and no unsafe code) is needed.
@@ -8,7 +10,56 @@ const TICKS_PER_SECOND: f64 = 100.0;
 
 /// User plus system CPU time of process `pid` (all its threads), in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// CPU seconds of process `root` and its direct children (PostgreSQL's
+/// postmaster and its backends, checkpointer and WAL writer).
+pub fn process_and_children_cpu_seconds(root: u32) -> Option<f64> {
+    let mut total = cpu_seconds(root)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The parent's pid is the second field after the command name.
+        let parent = stat
+            .rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent == Some(root) {
+            total += stat_cpu_seconds(&stat).unwrap_or(0.0);
+        }
+    }
+    Some(total)
+}
+
+/// CPU seconds of each kind of thread of process `pid`, by thread name
+/// (the broker's `leasehold-write` writer, its `tokio-rt-worker`s), so a
+/// run can say whether the single writer is the one that is saturated.
+pub fn cpu_seconds_by_thread_name(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        if let Some(seconds) = stat_cpu_seconds(&stat) {
+            *by_name.entry(name.trim().to_string()).or_insert(0.0) += seconds;
+        }
+    }
+    by_name
+}
+
+/// utime + stime of a /proc `stat` line, in seconds.
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     // The command name may hold spaces and parentheses; the fields after
     // the last ')' are fixed: state is field 3, utime 14 and stime 15.
     let after_name = &stat[stat.rfind(')')? + 1..];
@@ -77,6 +128,75 @@ impl MachineTicks {
     }
 }
 
+/// The broker's and the machine's CPU counters at one moment.
+pub struct BrokerSample {
+    at: std::time::Instant,
+    cpu_seconds: Option<f64>,
+    /// The database server's processes (a throw-away PostgreSQL's).
+    database_cpu_seconds: Option<f64>,
+    threads: BTreeMap<String, f64>,
+    machine: MachineTicks,
+}
+
+/// CPU use between two samples, in percent of one core (200 = both cores
+/// of this machine).
+#[derive(Debug, serde::Serialize)]
+pub struct Usage {
+    #[serde(skip)]
+    pub seconds: f64,
+    pub broker_cpu_percent: Option<f64>,
+    /// The PostgreSQL server's processes (null for SQLite, inside the
+    /// broker, or a database the benchmark did not start).
+    pub database_cpu_percent: Option<f64>,
+    /// By thread name: `leasehold-write` is the single writer (at 100 it is
+    /// CPU-bound), `tokio-rt-worker` the HTTP handlers.
+    pub broker_thread_cpu_percent: BTreeMap<String, f64>,
+    /// All CPUs of the machine: busy, and idle waiting on I/O.
+    pub machine_busy_percent: f64,
+    pub machine_iowait_percent: f64,
+}
+
+impl BrokerSample {
+    pub fn take(pid: u32, database_pid: Option<u32>) -> BrokerSample {
+        BrokerSample {
+            at: std::time::Instant::now(),
+            cpu_seconds: cpu_seconds(pid),
+            database_cpu_seconds: database_pid.and_then(process_and_children_cpu_seconds),
+            threads: cpu_seconds_by_thread_name(pid),
+            machine: MachineTicks::now(),
+        }
+    }
+
+    pub fn usage_since(&self, earlier: &BrokerSample) -> Usage {
+        let seconds = self.at.duration_since(earlier.at).as_secs_f64().max(1e-9);
+        let percent = |cpu: f64| crate::stats::round1(100.0 * cpu / seconds);
+        let (machine_busy_percent, machine_iowait_percent) =
+            self.machine.busy_and_iowait_percent_since(&earlier.machine);
+        Usage {
+            seconds,
+            broker_cpu_percent: self
+                .cpu_seconds
+                .zip(earlier.cpu_seconds)
+                .map(|(now, then)| percent(now - then)),
+            database_cpu_percent: self
+                .database_cpu_seconds
+                .zip(earlier.database_cpu_seconds)
+                .map(|(now, then)| percent(now - then)),
+            broker_thread_cpu_percent: self
+                .threads
+                .iter()
+                .map(|(name, now)| {
+                    let then = earlier.threads.get(name).copied().unwrap_or(0.0);
+                    (name.clone(), percent(now - then))
+                })
+                .filter(|(_, p)| *p > 0.0)
+                .collect(),
+            machine_busy_percent,
+            machine_iowait_percent,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +213,14 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(cpu_seconds(u32::MAX).is_none());
+        let threads = cpu_seconds_by_thread_name(pid);
+        assert!(!threads.is_empty(), "a live process has threads");
+        assert!(threads.values().all(|s| *s >= 0.0));
+        assert!(cpu_seconds_by_thread_name(u32::MAX).is_empty());
+        // This test's process has no children: its tree is itself.
+        let tree = process_and_children_cpu_seconds(pid).unwrap();
+        assert!(tree >= cpu_seconds(pid).unwrap() - 0.05, "{tree}");
+        assert!(process_and_children_cpu_seconds(u32::MAX).is_none());
         assert!(status_mib("self", "VmRSS").unwrap() > 0.0);
         assert!(status_mib(&pid.to_string(), "VmHWM").unwrap() > 0.0);
         assert!(status_mib("self", "NoSuchField").is_none());
