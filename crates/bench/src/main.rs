@@ -272,7 +272,15 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let report = runtime.block_on(run(plan, &args))?;
+    // On Ctrl-C or SIGTERM the run is dropped, which stops the broker,
+    // stops the throw-away PostgreSQL and removes the temporary directories
+    // (a daemonised cluster would otherwise outlive the benchmark).
+    let report = runtime.block_on(async {
+        tokio::select! {
+            report = run(plan, &args) => report,
+            () = leasehold_service::shutdown_signal() => bail!("interrupted; no report"),
+        }
+    })?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
@@ -742,4 +750,46 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     file.write_all(text.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_spread_evenly_over_hosts_or_are_refused() {
+        assert_eq!(per_host(1_000_000, 100_000).unwrap(), 10);
+        assert_eq!(per_host(100_000, 10_000).unwrap(), 10);
+        // Not a multiple of the hosts, none at all, or more than fit a host.
+        assert!(per_host(1_000_001, 100_000).is_err());
+        assert!(per_host(0, 10).is_err());
+        assert!(per_host(1_000_000, 10_000).is_err());
+    }
+
+    #[test]
+    fn big_markets_are_seeded_directly_and_small_ones_over_http() {
+        let plan = |extra: &[&str]| {
+            let mut argv = vec!["leasehold-bench"];
+            argv.extend_from_slice(extra);
+            Plan::from_args(&Args::parse_from(argv)).unwrap()
+        };
+        assert!(!plan(&[]).direct_fill);
+        assert!(plan(&["--hosts", "100000", "--partitions", "1000000"]).direct_fill);
+        assert!(
+            !plan(&[
+                "--hosts",
+                "100000",
+                "--partitions",
+                "1000000",
+                "--fill",
+                "http"
+            ])
+            .direct_fill
+        );
+        assert!(plan(&["--quick", "--fill", "direct"]).direct_fill);
+        assert!(plan(&["--database", "postgres"]).postgres);
+        let quick = plan(&["--quick"]);
+        assert_eq!((quick.hosts, quick.partitions_per_host), (200, 5));
+        assert!(Plan::from_args(&Args::parse_from(["b", "--clients", "0"])).is_err());
+    }
 }
