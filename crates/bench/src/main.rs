@@ -1,46 +1,53 @@
 //! `leasehold-bench`: a load benchmark of the broker, end to end over HTTP.
 //!
-//! It starts a broker in this process on 127.0.0.1 with a throwaway data
-//! directory, fills it with hosts and partitions through the typed client,
-//! then measures find latency and the sustained rate of find → lease → release
-//! cycles at several levels of concurrency. Progress goes to stderr; the
-//! result is one JSON line on stdout, so runs can be collected and compared.
-//!
-//! Everything goes through the public HTTP API (not the broker's internals),
-//! so the numbers include JSON, authentication, the single writer's group
-//! commit and SQLite: what a real borrower would see on this machine.
+//! The broker is the real `leasehold broker` process on 127.0.0.1 with a
+//! throw-away data directory (SQLite, or PostgreSQL in a throw-away
+//! cluster). The benchmark fills it with hosts and partitions (over HTTP, or
+//! straight into the database for big markets), restarts it to time its
+//! start-up, times finds without load, then runs borrowers in a separate
+//! process (this binary re-executed with `--borrowers-only`) on both lease
+//! paths (find then lease a chosen partition, and lease by requirements),
+//! each followed by a release, while a finder in this process times finds
+//! under that load. Progress goes to stderr; the result is one JSON line on
+//! stdout, so runs can be collected and compared.
 
+mod bench;
 mod stats;
 mod workload;
 
 use anyhow::{bail, Context, Result};
+use bench::borrowers::{
+    self, BorrowersConfig, BorrowersReport, FinderPace, FinderReport, LeasePath,
+};
+use bench::broker_process::{leasehold_binary, BrokerLaunch, BrokerProcess};
+use bench::{costs, fill, postgres::ThrowawayPostgres, procfs, seed};
 use clap::{Parser, ValueEnum};
-use leasehold_api::{Client, LeaseRequest, RegisterHostRequest, RegisterPartitionRequest, Role};
-use leasehold_broker::{BrokerConfig, RunningBroker};
-use leasehold_service::SystemClock;
-use leasehold_store::Durability;
+use leasehold_api::{Client, Role};
+use leasehold_store::BrokerDatabase;
 use serde::Serialize;
-use stats::{dir_size_mib, proc_status_mib, round1, Errors, Latencies};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use stats::{dir_size_mib, round1};
+use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use workload::SplitMix64;
 
-/// Offers asked for per find in a cycle: enough to fall back on when
-/// concurrent clients race for the same cheapest partition.
-const CYCLE_FIND_LIMIT: u32 = 5;
-/// Stream numbers that keep the generators of the phases apart.
-const FIND_STREAM: u64 = 1 << 40;
-const CYCLE_STREAM: u64 = 2 << 40;
+/// Stream numbers that keep the finders' generators apart from the rest.
+const IDLE_FIND_STREAM: u64 = 1 << 40;
+const LOAD_FIND_STREAM: u64 = 3 << 40;
+/// Above this many partitions `--fill auto` seeds the database directly.
+const AUTO_DIRECT_FILL_ABOVE_PARTITIONS: u64 = 200_000;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "leasehold-bench",
-    about = "Benchmark the leasehold broker over HTTP: registration rate, find latency, and find/lease/release throughput.",
-    long_about = "Starts a broker in this process on 127.0.0.1 with a temporary data directory, registers \
-                  hosts and partitions over HTTP, measures find latency, then runs find -> lease -> release \
-                  cycles with each requested number of concurrent borrowers. Progress goes to stderr; \
-                  exactly one JSON line with all results goes to stdout."
+    about = "Benchmark the real leasehold broker over HTTP: fill, start-up, find latency, and lease/release throughput on both lease paths, with borrowers in a separate process.",
+    long_about = "Starts `leasehold broker` (next to this binary, or --leasehold) on 127.0.0.1 with a temporary \
+                  data directory (SQLite, or a throw-away PostgreSQL with --database postgres), fills it, \
+                  restarts it to time start-up, times finds, then for each lease path and each borrower count \
+                  runs the borrowers in a separate process while timing finds and the broker's CPU and RSS. \
+                  Progress goes to stderr; exactly one JSON line with all results goes to stdout."
 )]
 struct Args {
     /// Hosts to register [default: 10000, or 200 with --quick]
@@ -51,18 +58,32 @@ struct Args {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=workload::MAX_PARTITIONS_PER_HOST as i64))]
     partitions_per_host: Option<u32>,
 
-    /// Sequential finds timed for the latency percentiles [default: 2000, or 200 with --quick]
+    /// Partitions in all, spread evenly over --hosts (instead of
+    /// --partitions-per-host); e.g. --hosts 100000 --partitions 1000000
+    #[arg(long, conflicts_with = "partitions_per_host")]
+    partitions: Option<u64>,
+
+    /// Sequential finds timed without load [default: 2000, or 200 with --quick]
     #[arg(long)]
     finds: Option<usize>,
 
-    /// Seconds each find/lease/release run lasts [default: 10, or 2 with --quick]
+    /// Seconds each load run lasts [default: 10, or 2 with --quick]
     #[arg(long)]
-    seconds: Option<u64>,
+    seconds: Option<f64>,
 
-    /// Concurrent borrowers for each find/lease/release run, comma separated;
-    /// one run per entry, in order, each client its own borrower principal
-    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    /// Concurrent borrowers of each load run, comma separated; one run per
+    /// entry and lease path, each borrower its own principal
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     clients: Vec<usize>,
+
+    /// Lease paths to measure, comma separated
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "find-then-lease,best"
+    )]
+    paths: Vec<LeasePath>,
 
     /// Small smoke run: 200 hosts x 5 partitions, 200 finds, 2-second runs
     /// (explicit --hosts, --partitions-per-host, --finds, --seconds still win)
@@ -74,6 +95,35 @@ struct Args {
     #[arg(long, value_enum, default_value_t = DurabilityArg::Full)]
     durability: DurabilityArg,
 
+    /// The broker's database: SQLite in its data directory, or PostgreSQL
+    /// (a throw-away cluster started here unless --database-url-file)
+    #[arg(long, value_enum, default_value_t = DatabaseArg::Sqlite)]
+    database: DatabaseArg,
+
+    /// A file holding the URL of an existing PostgreSQL database to use
+    /// (it is filled; use an empty database); implies --database postgres
+    #[arg(long)]
+    database_url_file: Option<PathBuf>,
+
+    /// How the market is filled: over HTTP as agents would, or straight
+    /// into the database before the broker starts (auto: direct above
+    /// 200,000 partitions)
+    #[arg(long, value_enum, default_value_t = FillArg::Auto)]
+    fill: FillArg,
+
+    /// The `leasehold` binary [default: the one next to this benchmark]
+    #[arg(long)]
+    leasehold: Option<PathBuf>,
+
+    /// Worker threads of the borrowers' process
+    #[arg(long, default_value_t = 2)]
+    borrower_threads: usize,
+
+    /// Microseconds between the starts of two finds of the finder that
+    /// times finds during a load run (it browses; it is not more load)
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    finder_interval_us: u64,
+
     /// Seed of the workload generator; the same seed gives the same terms and
     /// the same requirements
     #[arg(long, default_value_t = 1)]
@@ -83,15 +133,20 @@ struct Args {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     lenders: u64,
 
-    /// Registration requests in flight at once during setup
+    /// Registration requests in flight at once during an HTTP fill
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     registration_concurrency: u64,
 
-    /// Directory in which the broker's temporary data directory is created
+    /// Directory in which the temporary data directories are created
     /// (removed at exit); pick the disk whose fsync you want to measure
     /// [default: the system temporary directory]
     #[arg(long)]
-    work_dir: Option<std::path::PathBuf>,
+    work_dir: Option<PathBuf>,
+
+    /// Internal: run as the borrowers' process (configured by the parent
+    /// through the environment)
+    #[arg(long, hide = true)]
+    borrowers_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -101,13 +156,6 @@ enum DurabilityArg {
 }
 
 impl DurabilityArg {
-    fn store(self) -> Durability {
-        match self {
-            DurabilityArg::Full => Durability::Full,
-            DurabilityArg::Normal => Durability::Normal,
-        }
-    }
-
     fn name(self) -> &'static str {
         match self {
             DurabilityArg::Full => "full",
@@ -116,15 +164,35 @@ impl DurabilityArg {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DatabaseArg {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FillArg {
+    Auto,
+    Http,
+    Direct,
+}
+
 /// The parameters after applying --quick and the defaults.
 #[derive(Debug, Clone)]
 struct Plan {
     hosts: usize,
     partitions_per_host: u32,
     finds: usize,
-    seconds: u64,
+    seconds: f64,
     clients: Vec<usize>,
+    paths: Vec<LeasePath>,
     durability: DurabilityArg,
+    postgres: bool,
+    direct_fill: bool,
+    borrower_threads: usize,
+    finder_interval_us: u64,
+    /// The throw-away PostgreSQL's postmaster, whose CPU each run reports.
+    database_pid: Option<u32>,
     seed: u64,
     lenders: u64,
     registration_concurrency: u64,
@@ -132,58 +200,283 @@ struct Plan {
 
 impl Plan {
     fn from_args(args: &Args) -> Result<Plan> {
-        let pick = |explicit: Option<usize>, quick: usize, full: usize| {
-            explicit.unwrap_or(if args.quick { quick } else { full })
+        let quick = args.quick;
+        let hosts = args.hosts.unwrap_or(if quick { 200 } else { 10_000 });
+        if hosts == 0 {
+            bail!("--hosts must be at least 1");
+        }
+        let partitions_per_host = match args.partitions {
+            Some(total) => per_host(total, hosts)?,
+            None => args
+                .partitions_per_host
+                .unwrap_or(if quick { 5 } else { 10 }),
         };
-        let plan = Plan {
-            hosts: pick(args.hosts, 200, 10_000),
-            partitions_per_host: pick(args.partitions_per_host.map(|p| p as usize), 5, 10) as u32,
-            finds: pick(args.finds, 200, 2000),
-            seconds: pick(args.seconds.map(|s| s as usize), 2, 10) as u64,
+        if args.clients.is_empty() || args.clients.contains(&0) {
+            bail!("--clients must list positive numbers, e.g. 1,8,32");
+        }
+        if args.paths.is_empty() {
+            bail!("--paths must name at least one lease path");
+        }
+        let partitions = hosts as u64 * u64::from(partitions_per_host);
+        Ok(Plan {
+            hosts,
+            partitions_per_host,
+            finds: args.finds.unwrap_or(if quick { 200 } else { 2000 }),
+            seconds: args.seconds.unwrap_or(if quick { 2.0 } else { 10.0 }),
             clients: args.clients.clone(),
+            paths: args.paths.clone(),
             durability: args.durability,
+            postgres: args.database == DatabaseArg::Postgres || args.database_url_file.is_some(),
+            direct_fill: match args.fill {
+                FillArg::Auto => partitions > AUTO_DIRECT_FILL_ABOVE_PARTITIONS,
+                FillArg::Http => false,
+                FillArg::Direct => true,
+            },
+            borrower_threads: args.borrower_threads.max(1),
+            finder_interval_us: args.finder_interval_us,
+            database_pid: None,
             seed: args.seed,
             lenders: args.lenders,
             registration_concurrency: args.registration_concurrency,
-        };
-        if plan.hosts == 0 {
-            bail!("--hosts must be at least 1");
-        }
-        if plan.clients.is_empty() || plan.clients.contains(&0) {
-            bail!("--clients must list positive numbers, e.g. 1,8");
-        }
-        Ok(plan)
+        })
     }
 
     fn partitions(&self) -> u64 {
-        self.hosts as u64 * self.partitions_per_host as u64
+        self.hosts as u64 * u64::from(self.partitions_per_host)
     }
+}
+
+/// Partitions per host for `total` partitions over `hosts` hosts.
+fn per_host(total: u64, hosts: usize) -> Result<u32> {
+    let hosts = hosts as u64;
+    let per_host = total / hosts;
+    if per_host == 0 || per_host * hosts != total {
+        bail!("--partitions {total} must be a positive multiple of --hosts {hosts}");
+    }
+    if per_host > u64::from(workload::MAX_PARTITIONS_PER_HOST) {
+        bail!(
+            "--partitions {total} over {hosts} hosts is {per_host} per host; at most {} fit a host: raise --hosts",
+            workload::MAX_PARTITIONS_PER_HOST
+        );
+    }
+    Ok(per_host as u32)
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.borrowers_only {
+        return borrowers::run_borrowers_process();
+    }
     let plan = Plan::from_args(&args)?;
-    // Multi-threaded so the broker's handlers and the benchmark's clients
-    // share the machine's cores the way separate processes would.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let report = runtime.block_on(run(plan, args.work_dir))?;
+    // On Ctrl-C or SIGTERM the run is dropped, which stops the broker,
+    // stops the throw-away PostgreSQL and removes the temporary directories
+    // (a daemonised cluster would otherwise outlive the benchmark).
+    let report = runtime.block_on(async {
+        tokio::select! {
+            report = run(plan, &args) => report,
+            () = leasehold_service::shutdown_signal() => bail!("interrupted; no report"),
+        }
+    })?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
-async fn run(plan: Plan, work_dir: Option<std::path::PathBuf>) -> Result<Report> {
-    // The broker listens for Ctrl-C / SIGTERM and stops serving; without this
-    // the benchmark would carry on against a dead broker and report garbage.
-    tokio::spawn(async {
-        leasehold_service::shutdown_signal().await;
-        eprintln!("interrupted; no report");
-        std::process::exit(130);
-    });
+/// Where the broker keeps its state, and the throw-away cluster if any
+/// (stopped when dropped, after the broker).
+struct Storage {
+    launch: BrokerLaunch,
+    database: BrokerDatabase,
+    postgres: Option<ThrowawayPostgres>,
+}
 
-    let data_dir = match &work_dir {
+fn prepare_storage(plan: &Plan, args: &Args, work_dir: &Path) -> Result<Storage> {
+    let data_dir = work_dir.join("broker");
+    let (database_url, postgres) = if let Some(file) = &args.database_url_file {
+        let url = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        (Some(url.trim().to_string()), None)
+    } else if plan.postgres {
+        eprintln!("starting a throw-away PostgreSQL cluster");
+        let cluster = ThrowawayPostgres::start(args.work_dir.as_deref())?;
+        (Some(cluster.url.clone()), Some(cluster))
+    } else {
+        (None, None)
+    };
+    let database = match &database_url {
+        Some(url) => BrokerDatabase::Postgres(url.clone()),
+        None => BrokerDatabase::Sqlite(data_dir.join("broker.db")),
+    };
+    Ok(Storage {
+        launch: BrokerLaunch {
+            binary: leasehold_binary(args.leasehold.as_deref())?,
+            data_dir,
+            database_url,
+            durability: plan.durability.name(),
+        },
+        database,
+        postgres,
+    })
+}
+
+/// How the market was filled.
+#[derive(Debug, Serialize)]
+struct FillReport {
+    /// `http` (registration requests, as agents send) or `direct` (rows
+    /// written through `leasehold_store` before the broker started).
+    mode: &'static str,
+    seconds: f64,
+    /// Successful registrations (http) or rows written (direct).
+    count: u64,
+    per_second: f64,
+    errors: u64,
+}
+
+/// Fills the market and returns the running broker and the admin's token.
+async fn fill_market(
+    plan: &Plan,
+    storage: &Storage,
+) -> Result<(BrokerProcess, String, FillReport)> {
+    if plan.direct_fill {
+        let admin_token = leasehold_broker::new_token();
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&storage.launch.data_dir)?;
+        let seed_plan = seed::SeedPlan {
+            hosts: plan.hosts,
+            partitions_per_host: plan.partitions_per_host,
+            lenders: plan.lenders,
+            seed: plan.seed,
+            admin_token: admin_token.clone(),
+        };
+        let database = storage.database.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || seed::seed_database(&database, &seed_plan))
+                .await??;
+        make_database_files_private(&storage.launch.data_dir)?;
+        let broker = storage.launch.start().await?;
+        let report = FillReport {
+            mode: "direct",
+            seconds: round3(outcome.seconds),
+            count: outcome.rows,
+            per_second: borrowers::rate(outcome.rows, outcome.seconds),
+            errors: 0,
+        };
+        return Ok((broker, admin_token, report));
+    }
+    let broker = storage.launch.start().await?;
+    let admin_token = broker
+        .admin_token
+        .clone()
+        .context("the broker did not bootstrap an admin: its database was not empty")?;
+    let admin = Client::new(&broker.url, Some(admin_token.clone()));
+    let outcome = fill::register_all(
+        &admin,
+        fill::FillPlan {
+            hosts: plan.hosts,
+            partitions_per_host: plan.partitions_per_host,
+            lenders: plan.lenders,
+            seed: plan.seed,
+            concurrency: plan.registration_concurrency,
+        },
+    )
+    .await?;
+    let report = FillReport {
+        mode: "http",
+        seconds: round3(outcome.seconds),
+        count: outcome.registrations,
+        per_second: borrowers::rate(outcome.registrations, outcome.seconds),
+        errors: outcome.errors.total,
+    };
+    Ok((broker, admin_token, report))
+}
+
+/// The broker refuses a database file open to group or others; rusqlite
+/// made them with the benchmark's umask.
+fn make_database_files_private(data_dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(data_dir)? {
+        let path = entry?.path();
+        if path.is_file() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
+/// The broker restarted on the filled database.
+#[derive(Debug, Serialize)]
+struct StartupReport {
+    /// From spawning `leasehold broker` to its ready line: the snapshot is
+    /// loaded and the free index built.
+    ready_ms: f64,
+    /// From spawning it to its first answer to `GET /v1/health`.
+    health_ms: f64,
+    rss_mib: Option<f64>,
+}
+
+async fn restart_broker(
+    broker: BrokerProcess,
+    launch: &BrokerLaunch,
+) -> Result<(BrokerProcess, StartupReport)> {
+    broker.stop().await?;
+    let started = Instant::now();
+    let broker = launch.start().await?;
+    Client::new(&broker.url, None)
+        .health()
+        .await
+        .context("the restarted broker does not answer health")?;
+    let report = StartupReport {
+        ready_ms: round1(broker.ready_ms),
+        health_ms: round1(started.elapsed().as_secs_f64() * 1000.0),
+        rss_mib: procfs::status_mib(&broker.pid().to_string(), "VmRSS"),
+    };
+    eprintln!(
+        "restart: ready in {} ms, answering health in {} ms, RSS {:?} MiB",
+        report.ready_ms, report.health_ms, report.rss_mib
+    );
+    Ok((broker, report))
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+/// The one JSON line on stdout. A struct rather than `json!` so the fields
+/// come out in this order (parameters first). Latencies in microseconds,
+/// `null` when nothing was measured; memory in MiB.
+#[derive(Debug, Serialize)]
+struct Report {
+    bench: &'static str,
+    /// Where the broker ran: `process` (the real `leasehold broker`).
+    broker: &'static str,
+    /// Where the borrowers ran: `process` (a separate one per load run).
+    borrowers: &'static str,
+    database: &'static str,
+    durability: &'static str,
+    hosts: usize,
+    partitions_per_host: u32,
+    partitions: u64,
+    seed: u64,
+    lenders: u64,
+    fill: FillReport,
+    startup: StartupReport,
+    /// Sequential finds from one client, nothing else running.
+    idle_finds: FinderReport,
+    runs: Vec<RunReport>,
+    broker_rss_mib_end: Option<f64>,
+    broker_peak_rss_mib: Option<f64>,
+    /// The broker's SQLite files at the end (null on PostgreSQL).
+    db_mib: Option<f64>,
+    /// Single steps timed in the benchmark with the broker's own code.
+    step_costs: costs::StepCosts,
+}
+
+async fn run(plan: Plan, args: &Args) -> Result<Report> {
+    // Ctrl-C: the temporary directories and the cluster must still go.
+    let work_dir = match &args.work_dir {
         Some(dir) => tempfile::Builder::new()
             .prefix("leasehold-bench-")
             .tempdir_in(dir),
@@ -191,479 +484,312 @@ async fn run(plan: Plan, work_dir: Option<std::path::PathBuf>) -> Result<Report>
             .prefix("leasehold-bench-")
             .tempdir(),
     }
-    .context("cannot create the broker's temporary data directory")?;
-    let broker = leasehold_broker::start(BrokerConfig {
-        image_store_url: None,
-        database_url: None,
-        store_layer: None,
-        // A subdirectory the broker makes itself, 0700 (the temporary
-        // directory takes the umask).
-        data_dir: data_dir.path().join("broker"),
-        listen: "127.0.0.1:0".parse().expect("a valid socket address"),
-        durability: plan.durability.store(),
-        commission_basis_points: 100,
-        key_ttl_ms: leasehold_broker::DEFAULT_KEY_TTL_MS,
-        clock: Arc::new(SystemClock),
-        tls: None,
-        client_trust: Default::default(),
-    })
-    .await
-    .context("cannot start the broker")?;
-    let url = broker.url();
-    if broker.bootstrap_admin_token.is_none() {
-        // A fresh directory always bootstraps an admin; anything else means
-        // we are not looking at the empty broker we think we are.
-        bail!("the broker did not bootstrap an admin: its data directory was not empty");
-    }
+    .context("cannot create the temporary directory")?;
+    let storage = prepare_storage(&plan, args, work_dir.path())?;
+    let plan = Plan {
+        database_pid: storage.postgres.as_ref().and_then(|p| p.postmaster_pid()),
+        ..plan
+    };
     eprintln!(
-        "broker on {url}, data in {} ({} durability); {} hosts x {} partitions",
-        data_dir.path().display(),
-        plan.durability.name(),
+        "{} hosts x {} partitions on {} ({} durability), data in {}",
         plan.hosts,
-        plan.partitions_per_host
+        plan.partitions_per_host,
+        if plan.postgres {
+            "postgresql"
+        } else {
+            "sqlite"
+        },
+        plan.durability.name(),
+        work_dir.path().display()
     );
-
-    let setup = register_all(&broker, &url, &plan).await?;
-    let rss_after_setup = proc_status_mib("VmRSS");
-
-    let finder = Client::new(
-        &url,
-        Some(
-            broker
-                .create_principal("bench-finder", Role::Borrower)
+    let (broker, admin_token, fill) = fill_market(&plan, &storage).await?;
+    eprintln!(
+        "fill ({}): {} in {:.1} s, {} errors",
+        fill.mode, fill.count, fill.seconds, fill.errors
+    );
+    let (broker, startup) = restart_broker(broker, &storage.launch).await?;
+    let admin = Client::new(&broker.url, Some(admin_token));
+    let finder_client = admin.with_token(Some(
+        admin
+            .create_principal("bench-finder", Role::Borrower)
+            .await?
+            .token,
+    ));
+    let idle_finds = borrowers::finder(
+        finder_client.clone(),
+        plan.seed,
+        IDLE_FIND_STREAM,
+        Arc::new(AtomicBool::new(false)),
+        FinderPace {
+            max_finds: plan.finds,
+            interval: None,
+        },
+    )
+    .await;
+    eprintln!(
+        "idle finds: {}, p50 {:?} us, p99 {:?} us",
+        idle_finds.finds, idle_finds.find_p50_us, idle_finds.find_p99_us
+    );
+    let tokens = create_borrowers(&admin, &plan).await?;
+    let mut runs = Vec::new();
+    let mut run_number = 0;
+    for &path in &plan.paths {
+        for &clients in &plan.clients {
+            let load = Load {
+                path,
+                clients,
+                run_number,
+            };
+            runs.push(
+                run_load(
+                    &plan,
+                    &broker,
+                    &finder_client,
+                    &tokens[..clients],
+                    work_dir.path(),
+                    load,
+                )
                 .await?,
-        ),
-    );
-    let finds = measure_finds(&finder, &plan).await;
-
-    let most_clients = plan.clients.iter().copied().max().unwrap_or(1);
-    let mut borrowers = Vec::with_capacity(most_clients);
-    for i in 0..most_clients {
-        let token = broker
-            .create_principal(&format!("bench-borrower-{i}"), Role::Borrower)
-            .await
-            .context("cannot create a borrower")?;
-        borrowers.push(token);
+            );
+            run_number += 1;
+        }
     }
-    let mut cycle_reports = Vec::new();
-    for (run_number, &clients) in plan.clients.iter().enumerate() {
-        let tokens = &borrowers[..clients];
-        cycle_reports.push(measure_cycles(&url, tokens, &plan, run_number as u64).await);
-    }
-
+    let pid = broker.pid().to_string();
     let report = Report {
         bench: "broker",
+        broker: "process",
+        borrowers: "process",
+        database: if plan.postgres {
+            "postgresql"
+        } else {
+            "sqlite"
+        },
+        durability: plan.durability.name(),
         hosts: plan.hosts,
         partitions_per_host: plan.partitions_per_host,
         partitions: plan.partitions(),
-        durability: plan.durability.name(),
         seed: plan.seed,
         lenders: plan.lenders,
-        registration_concurrency: plan.registration_concurrency,
-        setup_seconds: round3(setup.seconds),
-        registrations: setup.registrations,
-        registrations_per_second: round1(setup.registrations as f64 / setup.seconds),
-        registration_errors: setup.errors.total,
-        finds: plan.finds,
-        find_p50_us: finds.p50,
-        find_p99_us: finds.p99,
-        find_max_us: finds.max,
-        find_empty: finds.empty,
-        find_errors: finds.errors.total,
-        cycle_seconds: plan.seconds,
-        cycles: cycle_reports,
-        rss_mib_after_setup: rss_after_setup,
-        rss_mib_end: proc_status_mib("VmRSS"),
-        peak_rss_mib: proc_status_mib("VmHWM"),
-        db_mib: dir_size_mib(data_dir.path()),
+        fill,
+        startup,
+        idle_finds,
+        runs,
+        broker_rss_mib_end: procfs::status_mib(&pid, "VmRSS"),
+        broker_peak_rss_mib: procfs::status_mib(&pid, "VmHWM"),
+        db_mib: if plan.postgres {
+            None
+        } else {
+            dir_size_mib(&storage.launch.data_dir)
+        },
+        step_costs: costs::measure_step_costs(),
     };
-
-    drop(finder);
-    // Stop the broker before its directory is removed; a stuck connection
-    // must not hold up the report.
-    if tokio::time::timeout(Duration::from_secs(5), broker.shutdown())
-        .await
-        .is_err()
-    {
-        eprintln!("the broker did not stop within 5 s; exiting anyway");
-    }
-    drop(data_dir);
+    broker.stop().await?;
+    drop(storage);
     Ok(report)
 }
 
-fn round3(value: f64) -> f64 {
-    (value * 1000.0).round() / 1000.0
-}
-
-/// A latency for a progress line; "-" when nothing was measured.
-fn show(value: Option<u64>) -> String {
-    value.map_or_else(|| "-".to_string(), |v| v.to_string())
-}
-
-/// The one JSON line on stdout. A struct rather than `json!` so the fields
-/// come out in this order (parameters first), not alphabetically. Latencies
-/// are `null` when nothing was measured; memory in MiB.
-#[derive(Debug, Serialize)]
-struct Report {
-    bench: &'static str,
-    hosts: usize,
-    partitions_per_host: u32,
-    partitions: u64,
-    durability: &'static str,
-    seed: u64,
-    lenders: u64,
-    registration_concurrency: u64,
-    /// Registering every host and partition, over HTTP.
-    setup_seconds: f64,
-    /// Successful register-host plus register-partition requests.
-    registrations: u64,
-    registrations_per_second: f64,
-    registration_errors: u64,
-    finds: usize,
-    find_p50_us: Option<u64>,
-    find_p99_us: Option<u64>,
-    find_max_us: Option<u64>,
-    find_empty: u64,
-    find_errors: u64,
-    cycle_seconds: u64,
-    cycles: Vec<CycleReport>,
-    /// The whole process (broker plus benchmark clients).
-    rss_mib_after_setup: Option<f64>,
-    rss_mib_end: Option<f64>,
-    peak_rss_mib: Option<f64>,
-    /// The broker's SQLite files at the end of the run.
-    db_mib: Option<f64>,
-}
-
-/// One find/lease/release run.
-#[derive(Debug, Serialize)]
-struct CycleReport {
-    clients: usize,
-    seconds: f64,
-    cycles: u64,
-    cycles_per_second: f64,
-    leases: u64,
-    leases_per_second: f64,
-    conflicts: u64,
-    unleased_cycles: u64,
-    errors: u64,
-    errors_5xx: u64,
-    errors_unreachable: u64,
-    find_p50_us: Option<u64>,
-    find_p99_us: Option<u64>,
-    lease_p50_us: Option<u64>,
-    lease_p99_us: Option<u64>,
-    lease_max_us: Option<u64>,
-    release_p50_us: Option<u64>,
-    release_p99_us: Option<u64>,
-    release_max_us: Option<u64>,
-}
-
-struct SetupOutcome {
-    seconds: f64,
-    /// Successful register-host and register-partition requests.
-    registrations: u64,
-    errors: Errors,
-}
-
-/// Registers every host and its partitions over HTTP, with a fixed number of
-/// workers pulling host numbers from a shared counter so the load stays at
-/// `registration_concurrency` requests in flight (which is also what lets the
-/// broker's writer group-commit several of them per fsync).
-async fn register_all(broker: &RunningBroker, url: &str, plan: &Plan) -> Result<SetupOutcome> {
-    let mut lenders = Vec::new();
-    for i in 0..plan.lenders {
-        let token = broker
-            .create_principal(&format!("bench-lender-{i}"), Role::Lender)
+/// One borrower principal per borrower of the largest run.
+async fn create_borrowers(admin: &Client, plan: &Plan) -> Result<Vec<String>> {
+    let most = plan.clients.iter().copied().max().unwrap_or(1);
+    let mut tokens = Vec::with_capacity(most);
+    for i in 0..most {
+        let created = admin
+            .create_principal(&format!("bench-borrower-{i}"), Role::Borrower)
             .await
-            .context("cannot create a lender")?;
-        lenders.push(token);
+            .context("cannot create a borrower")?;
+        tokens.push(created.token);
     }
-    // One connection pool for all lenders: they differ only in their token.
-    let base = Client::new(url, None);
-    let lenders: Arc<Vec<Client>> = Arc::new(
-        lenders
-            .into_iter()
-            .map(|t| base.with_token(Some(t)))
+    Ok(tokens)
+}
+
+/// One load run: this many borrowers on this path.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    path: LeasePath,
+    clients: usize,
+    run_number: u64,
+}
+
+/// One load run's figures: the borrowers' (from their process), the
+/// finder's (from this one, during the load) and the broker's (from /proc).
+#[derive(Debug, Serialize)]
+struct RunReport {
+    path: &'static str,
+    clients: usize,
+    /// From spawning the borrowers' process to its exit.
+    wall_seconds: f64,
+    leases_per_second: f64,
+    cycles_per_second: f64,
+    #[serde(flatten)]
+    borrowers: BorrowersReport,
+    /// Finds from a separate client in this process while the load ran.
+    finds_under_load: FinderReport,
+    /// The broker's CPU (by thread) and the machine's, over the run.
+    #[serde(flatten)]
+    broker: procfs::Usage,
+    /// Broker CPU per lease (its lease, its release, and a share of the
+    /// finder's finds), by thread name: what a lease costs the broker,
+    /// whatever else the machine was doing.
+    broker_cpu_us_per_lease: BTreeMap<String, f64>,
+    borrowers_cpu_percent: Option<f64>,
+    broker_rss_mib: Option<f64>,
+}
+
+async fn run_load(
+    plan: &Plan,
+    broker: &BrokerProcess,
+    finder_client: &Client,
+    tokens: &[String],
+    work_dir: &Path,
+    load: Load,
+) -> Result<RunReport> {
+    eprintln!(
+        "load: {} with {} borrower(s) for {} s",
+        load.path.name(),
+        load.clients,
+        plan.seconds
+    );
+    let tokens_file = work_dir.join(format!("borrowers-{}.tokens", load.run_number));
+    write_private(&tokens_file, &(tokens.join("\n") + "\n"))?;
+    let config = BorrowersConfig {
+        url: broker.url.clone(),
+        tokens_file,
+        path: load.path,
+        seconds: plan.seconds,
+        seed: plan.seed,
+        run_number: load.run_number,
+        threads: plan.borrower_threads,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let finder = tokio::spawn(borrowers::finder(
+        finder_client.clone(),
+        plan.seed,
+        LOAD_FIND_STREAM + load.run_number,
+        stop.clone(),
+        FinderPace {
+            max_finds: usize::MAX,
+            interval: Some(Duration::from_micros(plan.finder_interval_us)),
+        },
+    ));
+    let before = procfs::BrokerSample::take(broker.pid(), plan.database_pid);
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--borrowers-only")
+        .env(borrowers::CONFIG_ENV, serde_json::to_string(&config)?)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("cannot run the borrowers' process")?;
+    let usage = procfs::BrokerSample::take(broker.pid(), plan.database_pid).usage_since(&before);
+    stop.store(true, Ordering::Relaxed);
+    let finds_under_load = finder.await.context("the finder panicked")?;
+    let _ = std::fs::remove_file(&config.tokens_file);
+    if !output.status.success() {
+        bail!("the borrowers' process failed: {}", output.status);
+    }
+    let borrowers: BorrowersReport = serde_json::from_slice(&output.stdout)
+        .context("the borrowers' process printed no report")?;
+    let report = RunReport {
+        path: load.path.name(),
+        clients: load.clients,
+        wall_seconds: round3(usage.seconds),
+        leases_per_second: borrowers::rate(borrowers.leases, borrowers.seconds),
+        cycles_per_second: borrowers::rate(borrowers.cycles, borrowers.seconds),
+        broker_cpu_us_per_lease: usage
+            .broker_thread_cpu_percent
+            .iter()
+            .map(|(name, percent)| {
+                let micros = percent / 100.0 * usage.seconds * 1e6;
+                (
+                    name.clone(),
+                    round1(micros / borrowers.leases.max(1) as f64),
+                )
+            })
             .collect(),
-    );
-    let next_host = Arc::new(AtomicUsize::new(0));
-    let hosts_done = Arc::new(AtomicUsize::new(0));
-    let registrations = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(Mutex::new(Errors::default()));
-    let plan = Arc::new(plan.clone());
-    let started = Instant::now();
-
-    let mut workers = Vec::new();
-    for _ in 0..plan.registration_concurrency {
-        let (lenders, next_host, hosts_done, registrations, errors, plan) = (
-            lenders.clone(),
-            next_host.clone(),
-            hosts_done.clone(),
-            registrations.clone(),
-            errors.clone(),
-            plan.clone(),
-        );
-        workers.push(tokio::spawn(async move {
-            let capacity = workload::host_capacity(plan.partitions_per_host);
-            let mut local_errors = Errors::default();
-            loop {
-                let index = next_host.fetch_add(1, Ordering::Relaxed);
-                if index >= plan.hosts {
-                    break;
-                }
-                let client = &lenders[index % lenders.len()];
-                let host_id = workload::host_id(index);
-                let host = RegisterHostRequest {
-                    agent_url: None,
-                    capacity: capacity.clone(),
-                };
-                match client.register_host(&host_id, &host).await {
-                    Ok(_) => {
-                        registrations.fetch_add(1, Ordering::Relaxed);
-                        // Seeded per host, so the table does not depend on
-                        // which worker happened to take which host.
-                        let mut rng = SplitMix64::stream(plan.seed, index as u64);
-                        for partition in 1..=plan.partitions_per_host {
-                            let request = RegisterPartitionRequest {
-                                terms: workload::random_terms(&mut rng),
-                            };
-                            match client
-                                .register_partition(&host_id, partition, &request)
-                                .await
-                            {
-                                Ok(_) => {
-                                    registrations.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Err(error) => local_errors.record("register partition", &error),
-                            }
-                        }
-                    }
-                    // Its partitions would only fail with "no such host".
-                    Err(error) => local_errors.record("register host", &error),
-                }
-                let done = hosts_done.fetch_add(1, Ordering::Relaxed) + 1;
-                // Exactly one worker crosses each 10 % mark.
-                if done * 10 / plan.hosts != (done - 1) * 10 / plan.hosts {
-                    let seconds = started.elapsed().as_secs_f64();
-                    let count = registrations.load(Ordering::Relaxed);
-                    eprintln!(
-                        "setup: {done}/{} hosts in {seconds:.1} s, {count} registrations, {:.0}/s",
-                        plan.hosts,
-                        count as f64 / seconds
-                    );
-                }
-            }
-            errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .merge(local_errors);
-        }));
-    }
-    for worker in workers {
-        worker.await.context("a registration worker panicked")?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let errors = *errors.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(SetupOutcome {
-        seconds,
-        registrations: registrations.load(Ordering::Relaxed),
-        errors,
-    })
-}
-
-struct FindOutcome {
-    p50: Option<u64>,
-    p99: Option<u64>,
-    max: Option<u64>,
-    /// Finds that matched nothing (the broker then also explains why).
-    empty: u64,
-    errors: Errors,
-}
-
-/// Times `plan.finds` sequential finds from one client: latency without
-/// queueing behind other requests.
-async fn measure_finds(client: &Client, plan: &Plan) -> FindOutcome {
-    let mut rng = SplitMix64::stream(plan.seed, FIND_STREAM);
-    // One untimed call opens the connection, so the maximum measures the
-    // broker rather than a TCP handshake.
-    let _ = client.find(&Default::default(), Some(1)).await;
-    let mut latencies = Latencies::default();
-    let (mut empty, mut errors) = (0, Errors::default());
-    let started = Instant::now();
-    for _ in 0..plan.finds {
-        let requirements = workload::random_requirements(&mut rng);
-        let call = Instant::now();
-        match client.find(&requirements, None).await {
-            Ok(answer) => {
-                latencies.since(call);
-                if answer.offers.is_empty() {
-                    empty += 1;
-                }
-            }
-            Err(error) => errors.record("find", &error),
-        }
-    }
-    let outcome = FindOutcome {
-        p50: latencies.percentile(50.0),
-        p99: latencies.percentile(99.0),
-        max: latencies.max(),
-        empty,
-        errors,
+        borrowers_cpu_percent: borrowers
+            .cpu_seconds
+            .map(|c| round1(100.0 * c / usage.seconds)),
+        broker_rss_mib: procfs::status_mib(&broker.pid().to_string(), "VmRSS"),
+        finds_under_load,
+        broker: usage,
+        borrowers,
     };
+    print_run(&report);
+    Ok(report)
+}
+
+fn print_run(run: &RunReport) {
     eprintln!(
-        "finds: {} in {:.1} s, p50 {} us, p99 {} us, max {} us, {} empty, {} errors",
-        plan.finds,
-        started.elapsed().as_secs_f64(),
-        show(outcome.p50),
-        show(outcome.p99),
-        show(outcome.max),
-        outcome.empty,
-        outcome.errors.total
+        "load: {} x{}: {} leases/s, {} conflicts, {} errors, lease p50/p99 {:?}/{:?} us, release p99 {:?} us, \
+         find under load p50/p99 {:?}/{:?} us, broker CPU {:?}%, machine busy {}% iowait {}%",
+        run.path,
+        run.clients,
+        run.leases_per_second,
+        run.borrowers.conflicts,
+        run.borrowers.errors,
+        run.borrowers.lease_p50_us,
+        run.borrowers.lease_p99_us,
+        run.borrowers.release_p99_us,
+        run.finds_under_load.find_p50_us,
+        run.finds_under_load.find_p99_us,
+        run.broker.broker_cpu_percent,
+        run.broker.machine_busy_percent,
+        run.broker.machine_iowait_percent,
     );
-    outcome
 }
 
-/// What one borrower did during a cycle run.
-#[derive(Default)]
-struct CycleStats {
-    /// Cycles started: a find, then lease attempts, then a release.
-    cycles: u64,
-    leases: u64,
-    /// Lease attempts refused with 409 (another borrower got there first).
-    conflicts: u64,
-    /// Cycles whose find (or every offered partition) left nothing to lease.
-    unleased_cycles: u64,
-    errors: Errors,
-    find: Latencies,
-    /// Successful leases only; a refusal is a different, cheaper path.
-    lease: Latencies,
-    release: Latencies,
+/// A file only this user can read (tokens).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
 }
 
-impl CycleStats {
-    fn merge(&mut self, other: CycleStats) {
-        self.cycles += other.cycles;
-        self.leases += other.leases;
-        self.conflicts += other.conflicts;
-        self.unleased_cycles += other.unleased_cycles;
-        self.errors.merge(other.errors);
-        self.find.merge(other.find);
-        self.lease.merge(other.lease);
-        self.release.merge(other.release);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_spread_evenly_over_hosts_or_are_refused() {
+        assert_eq!(per_host(1_000_000, 100_000).unwrap(), 10);
+        assert_eq!(per_host(100_000, 10_000).unwrap(), 10);
+        // Not a multiple of the hosts, none at all, or more than fit a host.
+        assert!(per_host(1_000_001, 100_000).is_err());
+        assert!(per_host(0, 10).is_err());
+        assert!(per_host(1_000_000, 10_000).is_err());
     }
-}
 
-/// Runs find → lease → release cycles with one borrower per token until
-/// `plan.seconds` have passed, and reports their combined rate and latencies.
-async fn measure_cycles(url: &str, tokens: &[String], plan: &Plan, run_number: u64) -> CycleReport {
-    let clients = tokens.len();
-    eprintln!("cycles: {clients} client(s) for {} s", plan.seconds);
-    let deadline = Instant::now() + Duration::from_secs(plan.seconds);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (i, token) in tokens.iter().enumerate() {
-        // A client of its own per borrower (its own connections), like
-        // separate borrower processes would have.
-        let client = Client::new(url, Some(token.clone()));
-        let stream = CYCLE_STREAM + run_number * 1_000_000 + i as u64;
-        let rng = SplitMix64::stream(plan.seed, stream);
-        tasks.push(tokio::spawn(cycle_client(client, rng, deadline)));
-    }
-    let mut total = CycleStats::default();
-    for task in tasks {
-        match task.await {
-            Ok(stats) => total.merge(stats),
-            Err(error) => eprintln!("a cycle client panicked: {error}"),
-        }
-    }
-    // The last cycles may end a little after the deadline; divide by the time
-    // actually taken so the rate is not inflated.
-    let seconds = started.elapsed().as_secs_f64();
-    let report = CycleReport {
-        clients,
-        seconds: round3(seconds),
-        cycles: total.cycles,
-        cycles_per_second: round1(total.cycles as f64 / seconds),
-        leases: total.leases,
-        leases_per_second: round1(total.leases as f64 / seconds),
-        conflicts: total.conflicts,
-        unleased_cycles: total.unleased_cycles,
-        errors: total.errors.total,
-        errors_5xx: total.errors.server,
-        errors_unreachable: total.errors.unreachable,
-        find_p50_us: total.find.percentile(50.0),
-        find_p99_us: total.find.percentile(99.0),
-        lease_p50_us: total.lease.percentile(50.0),
-        lease_p99_us: total.lease.percentile(99.0),
-        lease_max_us: total.lease.max(),
-        release_p50_us: total.release.percentile(50.0),
-        release_p99_us: total.release.percentile(99.0),
-        release_max_us: total.release.max(),
-    };
-    eprintln!(
-        "cycles: {clients} client(s): {:.1} cycles/s, {:.1} leases/s, {} conflicts, {} errors, \
-         lease p50/p99 {}/{} us, release p50/p99 {}/{} us",
-        report.cycles_per_second,
-        report.leases_per_second,
-        report.conflicts,
-        report.errors,
-        show(report.lease_p50_us),
-        show(report.lease_p99_us),
-        show(report.release_p50_us),
-        show(report.release_p99_us),
-    );
-    report
-}
-
-async fn cycle_client(client: Client, mut rng: SplitMix64, deadline: Instant) -> CycleStats {
-    let mut stats = CycleStats::default();
-    while Instant::now() < deadline {
-        stats.cycles += 1;
-        let requirements = workload::random_requirements(&mut rng);
-        let call = Instant::now();
-        let offers = match client.find(&requirements, Some(CYCLE_FIND_LIMIT)).await {
-            Ok(answer) => {
-                stats.find.since(call);
-                answer.offers
-            }
-            Err(error) => {
-                stats.errors.record("find (cycle)", &error);
-                continue;
-            }
+    #[test]
+    fn big_markets_are_seeded_directly_and_small_ones_over_http() {
+        let plan = |extra: &[&str]| {
+            let mut argv = vec!["leasehold-bench"];
+            argv.extend_from_slice(extra);
+            Plan::from_args(&Args::parse_from(argv)).unwrap()
         };
-        let mut leased = false;
-        // Try the offers best first; a 409 means another borrower won the
-        // race for that partition, which is the contention being measured.
-        for offer in offers {
-            let request = LeaseRequest {
-                partition: Some(offer.partition.to_string()),
-                best: None,
-                allow_unisolated: false,
-            };
-            let call = Instant::now();
-            match client.lease(&request).await {
-                Ok(lease) => {
-                    stats.lease.since(call);
-                    stats.leases += 1;
-                    leased = true;
-                    let call = Instant::now();
-                    match client.release(lease.lease_id).await {
-                        Ok(_) => stats.release.since(call),
-                        Err(error) => stats.errors.record("release", &error),
-                    }
-                    break;
-                }
-                Err(error) if error.status() == Some(409) => stats.conflicts += 1,
-                Err(error) => {
-                    stats.errors.record("lease", &error);
-                    break;
-                }
-            }
-        }
-        if !leased {
-            stats.unleased_cycles += 1;
-        }
+        assert!(!plan(&[]).direct_fill);
+        assert!(plan(&["--hosts", "100000", "--partitions", "1000000"]).direct_fill);
+        assert!(
+            !plan(&[
+                "--hosts",
+                "100000",
+                "--partitions",
+                "1000000",
+                "--fill",
+                "http"
+            ])
+            .direct_fill
+        );
+        assert!(plan(&["--quick", "--fill", "direct"]).direct_fill);
+        assert!(plan(&["--database", "postgres"]).postgres);
+        let quick = plan(&["--quick"]);
+        assert_eq!((quick.hosts, quick.partitions_per_host), (200, 5));
+        assert!(Plan::from_args(&Args::parse_from(["b", "--clients", "0"])).is_err());
     }
-    stats
 }

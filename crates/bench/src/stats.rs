@@ -75,23 +75,6 @@ impl Errors {
     }
 }
 
-/// A `Vm*` line of /proc/self/status in MiB (the kernel reports KiB), rounded
-/// to 0.1 MiB. The broker runs in this process, so this is the broker's memory
-/// plus the (much smaller) benchmark clients'.
-pub fn proc_status_mib(field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?;
-    let kib: f64 = line[field.len() + 1..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(round1(kib / 1024.0))
-}
-
 /// Total size of the files directly in `dir` (the database, its WAL and
 /// shared-memory file), in MiB.
 pub fn dir_size_mib(dir: &std::path::Path) -> Option<f64> {
@@ -122,12 +105,5 @@ mod tests {
         assert_eq!(l.percentile(0.0), Some(1));
         assert_eq!(l.max(), Some(100));
         assert_eq!(Latencies::default().percentile(50.0), None);
-    }
-
-    #[test]
-    fn reads_own_memory() {
-        assert!(proc_status_mib("VmHWM").unwrap() > 0.0);
-        assert!(proc_status_mib("VmRSS").unwrap() > 0.0);
-        assert!(proc_status_mib("NoSuchField").is_none());
     }
 }

@@ -363,7 +363,7 @@ impl BrokerDb {
         let mut conn = open_connection(path, durability)?;
         migrate(&mut conn, MIGRATIONS)?;
         Ok(BrokerDb {
-            engine: SqliteEngine { conn },
+            engine: SqliteEngine::for_broker(conn)?,
         })
     }
 }

@@ -67,6 +67,31 @@ pub(crate) struct SqliteEngine {
     pub conn: Connection,
 }
 
+/// Prepared statements kept per connection: `broker_sql` has 35, a batch
+/// of leases and releases uses about 15 and the lookups beside them more,
+/// and with rusqlite's default of 16 the writer re-prepared some (seen as
+/// `sqlite3_prepare_v3` in its profile).
+const STATEMENT_CACHE_CAPACITY: usize = 64;
+/// WAL frames before an automatic checkpoint (SQLite's default is 1,000).
+/// The checkpoint runs on the writer's thread inside a commit; a longer WAL
+/// copies a page updated by many batches (the leases' and ledger's last
+/// pages, the indexes) to the database once instead of once per 1,000
+/// frames, and fsyncs the database file less often.
+const WAL_AUTOCHECKPOINT_FRAMES: i64 = 10_000;
+
+impl SqliteEngine {
+    /// The broker's connection, tuned for its single writer's group commit.
+    /// None of these settings changes what is durable when. (A bigger page
+    /// cache was measured and left out: fewer preads, but every commit then
+    /// walks the whole cache in `pager_end_transaction`, and the writer
+    /// spent more per lease, 162-168 us against 143 us at SQLite's 2 MiB.)
+    pub(crate) fn for_broker(conn: Connection) -> StoreResult<SqliteEngine> {
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_FRAMES)?;
+        Ok(SqliteEngine { conn })
+    }
+}
+
 impl SqlConnection for SqliteEngine {
     fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> StoreResult<u64> {
         SqliteStatements(&self.conn).execute(sql, params)
