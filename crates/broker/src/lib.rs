@@ -162,6 +162,13 @@ fn open_store(config: &BrokerConfig) -> Result<OpenedStore, BrokerError> {
     let database = broker_database(config)?;
     let mut db = leasehold_store::open_broker_store(&database, config.durability)?;
     let reader = leasehold_store::open_broker_store(&database, config.durability)?;
+    let retained_from_ms = config
+        .clock
+        .now_ms()
+        .saturating_sub(writer::IDEMPOTENCY_RETENTION_MS);
+    db.prune_idempotency(retained_from_ms)?;
+    // Loaded once: a million partitions take seconds and most of the
+    // broker's memory, so a second load is only for a first start.
     let snapshot = db.load()?;
     let mut bootstrap = Vec::new();
     // The signing key lives in its own file. A seed left in the database by
@@ -193,15 +200,14 @@ fn open_store(config: &BrokerConfig) -> Result<OpenedStore, BrokerError> {
         });
         bootstrap_admin_token = Some(token);
     }
-    let retained_from_ms = config
-        .clock
-        .now_ms()
-        .saturating_sub(writer::IDEMPOTENCY_RETENTION_MS);
-    db.prune_idempotency(retained_from_ms)?;
-    if !bootstrap.is_empty() {
+    let snapshot = if bootstrap.is_empty() {
+        snapshot
+    } else {
+        drop(snapshot);
         db.apply(&bootstrap)?;
-    }
-    let table = state::table_from_snapshot(db.load()?)?;
+        db.load()?
+    };
+    let table = state::table_from_snapshot(snapshot)?;
     Ok(OpenedStore {
         db,
         reader,
