@@ -453,11 +453,17 @@ fn on_wipe_done(fence: PartitionFence) -> (PartitionFence, Vec<FenceAction>) {
     }
 }
 
+/// The lender's alter and withdraw follow the broker's lock rule
+/// (`lease::decide_alter`), the one place it is written.
 fn lender_may_change(fence: PartitionFence) -> Result<(), FenceRefusal> {
-    match fence.lease_id() {
-        Some(lease_id) => Err(FenceRefusal::Locked { lease_id }),
-        None => Ok(()),
-    }
+    let status = match fence.lease_id() {
+        Some(lease_id) => crate::lease::PartitionStatus::Leased { lease_id },
+        None => crate::lease::PartitionStatus::Free,
+    };
+    crate::lease::decide_alter(status).map_err(|refusal| match refusal {
+        crate::lease::AlterRefusal::Locked { lease_id } => FenceRefusal::Locked { lease_id },
+        crate::lease::AlterRefusal::Withdrawn => FenceRefusal::Gone,
+    })
 }
 
 /// At start, with no job running: the broker's record of the lease wins
