@@ -7,13 +7,14 @@
 //!    `Malformed` past the length bound, or `BadSignature` when the claims
 //!    name a key that did not sign them); one changed byte never verifies to
 //!    different claims; a key is never read as a notice nor a notice as a
-//!    key; `check_binding` never panics.
+//!    key; the partition's fence never panics deciding a presented key.
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
+use leasehold_core::fence::{self, FenceEvent, FencePhase, PartitionFence};
 use leasehold_core::key::{
-    self, check_binding, decode_and_verify_trusted, decode_notice_trusted, KeyRejection,
-    LeaseKeyClaims, NoticeClaims, NoticeKind, PartitionKeyState, TrustedKeys,
+    self, decode_and_verify_trusted, decode_notice_trusted, KeyRejection, LeaseKeyClaims,
+    NoticeClaims, NoticeKind, TrustedKeys,
 };
 use leasehold_core::terms::Terms;
 use libfuzzer_sys::fuzz_target;
@@ -114,6 +115,7 @@ fn claims_of(keys: &Keys, input: &ClaimsInput) -> (LeaseKeyClaims, bool) {
         disk_gib: t.disk_gib,
         images: t.images.clone(),
         price_per_hour_micros: t.price_per_hour_micros,
+        isolation: None,
     });
     let claims = LeaseKeyClaims {
         lease_id: input.lease_id,
@@ -163,17 +165,25 @@ fn check_structured(keys: &Keys, input: ClaimsInput) {
     );
     check_one_changed_byte(keys, &token, &claims, &input);
 
-    let state = PartitionKeyState {
+    let fence_state = PartitionFence {
         epoch: input.state_epoch,
-        lease_id: input.state_lease_id,
         released_through_epoch: input.state_released_through_epoch,
+        phase: match input.state_lease_id {
+            Some(lease_id) => FencePhase::Leased {
+                lease_id,
+                key_expires_at_ms: None,
+                built: false,
+            },
+            None => FencePhase::Free,
+        },
     };
-    let _ = check_binding(
-        &claims,
-        &claims.host_id,
-        claims.partition_index,
-        input.state_lease_id,
-        state,
+    let _ = fence::on_event(
+        fence_state,
+        FenceEvent::KeyPresented {
+            lease_id: claims.lease_id,
+            epoch: claims.epoch,
+            key_expires_at_ms: claims.expires_at_ms,
+        },
         input.now_ms,
     );
     check_notice(keys, &claims, input.notice_released, signed_by_named_key);

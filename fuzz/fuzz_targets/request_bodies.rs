@@ -131,6 +131,7 @@ fn sample_terms() -> Vec<Terms> {
         disk_gib: 10,
         images: vec![image.to_string()],
         price_per_hour_micros: price,
+        isolation: None,
     };
     vec![
         terms(1, 512, "busybox", 10_000),

@@ -109,8 +109,10 @@ pub fn sign(claims: &LeaseKeyClaims, key: &SigningKey) -> String {
     sign_with_prefix(PREFIX, claims, key)
 }
 
-/// Checks the format and signature and returns the claims. Binding to host,
-/// partition, lease, time and epoch is [`check_binding`]'s job.
+/// Checks the format and signature and returns the claims. Binding to host
+/// and partition is the agent's check; to lease, time and epoch, the
+/// partition's fence's (`fence::on_event` with a presented key), the one
+/// place that rule is written.
 pub fn decode_and_verify(token: &str, key: &VerifyingKey) -> Result<LeaseKeyClaims, KeyRejection> {
     decode_with_prefix(PREFIX, token, &TrustedKeys::single(*key))
 }
@@ -293,63 +295,6 @@ pub fn decode_notice_trusted(
     decode_with_prefix(NOTICE_PREFIX, token, keys)
 }
 
-/// What a host knows about one of its partitions when a key arrives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PartitionKeyState {
-    /// The highest epoch this host has seen for the partition.
-    pub epoch: u64,
-    /// The lease holding that epoch, if any is known.
-    pub lease_id: Option<LeaseId>,
-    /// Leases of this epoch and below are released.
-    pub released_through_epoch: u64,
-}
-
-/// What the host must do with a key that passed every check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyAcceptance {
-    /// The key is for the lease the host already knows.
-    Current,
-    /// The key is for a newer lease the host has not heard of yet: the
-    /// broker signed it, so the host adopts it (and locks the partition).
-    AdoptNewer,
-}
-
-/// Checks a verified key against this host, partition, lease and moment.
-pub fn check_binding(
-    claims: &LeaseKeyClaims,
-    host_id: &str,
-    partition_index: u32,
-    expected_lease_id: Option<LeaseId>,
-    state: PartitionKeyState,
-    now_ms: u64,
-) -> Result<KeyAcceptance, KeyRejection> {
-    if claims.host_id != host_id {
-        return Err(KeyRejection::WrongHost);
-    }
-    if claims.partition_index != partition_index {
-        return Err(KeyRejection::WrongPartition);
-    }
-    if expected_lease_id.is_some_and(|lease| lease != claims.lease_id) {
-        return Err(KeyRejection::WrongLease);
-    }
-    if claims.epoch <= state.released_through_epoch {
-        return Err(KeyRejection::Released);
-    }
-    if claims.epoch < state.epoch {
-        return Err(KeyRejection::Stale);
-    }
-    if now_ms >= claims.expires_at_ms {
-        return Err(KeyRejection::Expired);
-    }
-    if claims.epoch == state.epoch {
-        if state.lease_id.is_some_and(|lease| lease != claims.lease_id) {
-            return Err(KeyRejection::WrongLease);
-        }
-        return Ok(KeyAcceptance::Current);
-    }
-    Ok(KeyAcceptance::AdoptNewer)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,14 +310,6 @@ mod tests {
             expires_at_ms: 10_000,
             key_id: String::new(),
             terms: None,
-        }
-    }
-
-    fn state() -> PartitionKeyState {
-        PartitionKeyState {
-            epoch: 5,
-            lease_id: Some(9),
-            released_through_epoch: 4,
         }
     }
 
@@ -413,68 +350,6 @@ mod tests {
         let hex = public_key_hex(&key);
         assert_eq!(verifying_key_from_hex(&hex), Some(key.verifying_key()));
         assert_eq!(verifying_key_from_hex("zz"), None);
-    }
-
-    #[test]
-    fn binding_checks() {
-        let check =
-            |mutate: fn(&mut LeaseKeyClaims, &mut PartitionKeyState) -> (Option<u64>, u64),
-             expect: Result<KeyAcceptance, KeyRejection>| {
-                let mut c = claims();
-                let mut s = state();
-                let (expected_lease, now) = mutate(&mut c, &mut s);
-                assert_eq!(
-                    check_binding(&c, "alpha", 2, expected_lease, s, now),
-                    expect
-                );
-            };
-        check(|_, _| (Some(9), 5000), Ok(KeyAcceptance::Current));
-        check(
-            |c, _| {
-                c.host_id = "beta".into();
-                (None, 5000)
-            },
-            Err(KeyRejection::WrongHost),
-        );
-        check(
-            |c, _| {
-                c.partition_index = 1;
-                (None, 5000)
-            },
-            Err(KeyRejection::WrongPartition),
-        );
-        check(|_, _| (Some(8), 5000), Err(KeyRejection::WrongLease));
-        check(|_, _| (None, 10_000), Err(KeyRejection::Expired));
-        check(
-            |_, s| {
-                s.epoch = 6;
-                s.lease_id = Some(10);
-                (None, 5000)
-            },
-            Err(KeyRejection::Stale),
-        );
-        check(
-            |_, s| {
-                s.released_through_epoch = 5;
-                (None, 5000)
-            },
-            Err(KeyRejection::Released),
-        );
-        check(
-            |_, s| {
-                s.epoch = 4;
-                s.lease_id = None;
-                (None, 5000)
-            },
-            Ok(KeyAcceptance::AdoptNewer),
-        );
-        check(
-            |_, s| {
-                s.lease_id = Some(3);
-                (None, 5000)
-            },
-            Err(KeyRejection::WrongLease),
-        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ fn sample_terms() -> Terms {
         disk_gib: 10,
         images: vec![format!("busybox@sha256:{}", "ab".repeat(32))],
         price_per_hour_micros: 100_000,
+        isolation: None,
     }
 }
 
@@ -130,6 +131,7 @@ fn broker_body_seeds() -> Vec<(String, Vec<u8>)> {
             json(&LeaseRequest {
                 partition: Some("alpha/1".into()),
                 best: None,
+                allow_unisolated: false,
             }),
         ),
         (
@@ -137,6 +139,7 @@ fn broker_body_seeds() -> Vec<(String, Vec<u8>)> {
             json(&LeaseRequest {
                 partition: None,
                 best: Some(requirements.clone()),
+                allow_unisolated: false,
             }),
         ),
         (
