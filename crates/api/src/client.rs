@@ -565,7 +565,7 @@ impl Client {
             .timeout_ms
             .map(|ms| Duration::from_millis(ms.saturating_add(30_000)))
             .unwrap_or(Duration::from_secs(24 * 3600));
-        let mut response = self
+        let response = self
             .http
             .post(&url)
             .bearer_auth(&request.lease_key)
@@ -581,61 +581,77 @@ impl Client {
         if !response.status().is_success() || !streamed {
             // A refusal, or a whole result at once: replay its output.
             let result: JobResult = decode(&url, response, self.max_response_bytes).await?;
-            on_event(&JobEvent::Started {
-                job_id: result.job_id,
-            });
-            if !result.stdout.is_empty() {
-                on_event(&JobEvent::Stdout {
-                    data: result.stdout.clone(),
-                });
-            }
-            if !result.stderr.is_empty() {
-                on_event(&JobEvent::Stderr {
-                    data: result.stderr.clone(),
-                });
-            }
+            replay_job_output(&result, &mut on_event);
             return Ok(result);
         }
-        let mut pending: Vec<u8> = Vec::new();
-        loop {
-            let chunk = response
-                .chunk()
-                .await
-                .map_err(|source| ApiError::Unreachable {
+        read_job_events(url, response, on_event).await
+    }
+}
+
+/// A whole job result told as the events a stream would have carried.
+fn replay_job_output(result: &JobResult, on_event: &mut impl FnMut(&JobEvent)) {
+    on_event(&JobEvent::Started {
+        job_id: result.job_id,
+    });
+    if !result.stdout.is_empty() {
+        on_event(&JobEvent::Stdout {
+            data: result.stdout.clone(),
+        });
+    }
+    if !result.stderr.is_empty() {
+        on_event(&JobEvent::Stderr {
+            data: result.stderr.clone(),
+        });
+    }
+}
+
+/// Reads a job's NDJSON events until its result (or its error).
+async fn read_job_events(
+    url: String,
+    mut response: reqwest::Response,
+    mut on_event: impl FnMut(&JobEvent),
+) -> Result<JobResult, ApiError> {
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let chunk = response
+            .chunk()
+            .await
+            .map_err(|source| ApiError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let Some(chunk) = chunk else {
+            return Err(ApiError::Protocol {
+                url,
+                problem: "the job's stream ended without a result".into(),
+            });
+        };
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let event: JobEvent =
+                serde_json::from_slice(&line).map_err(|error| ApiError::Protocol {
                     url: url.clone(),
-                    source,
+                    problem: format!("cannot decode a job event: {error}"),
                 })?;
-            let Some(chunk) = chunk else {
-                return Err(ApiError::Protocol {
-                    url,
-                    problem: "the job's stream ended without a result".into(),
-                });
-            };
-            pending.extend_from_slice(&chunk);
-            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
-                let event: JobEvent =
-                    serde_json::from_slice(&line).map_err(|error| ApiError::Protocol {
-                        url: url.clone(),
-                        problem: format!("cannot decode a job event: {error}"),
-                    })?;
-                match event {
-                    JobEvent::Result { result } => return Ok(result),
-                    JobEvent::Error { error } => {
-                        return Err(ApiError::Status {
-                            status: 500,
-                            code: error.code.clone(),
-                            message: error.message.clone(),
-                            field: error.field.clone(),
-                            detail: Box::new(error),
-                        })
-                    }
-                    other => on_event(&other),
+            match event {
+                JobEvent::Result { result } => return Ok(result),
+                JobEvent::Error { error } => {
+                    return Err(ApiError::Status {
+                        status: 500,
+                        code: error.code.clone(),
+                        message: error.message.clone(),
+                        field: error.field.clone(),
+                        detail: Box::new(error),
+                    })
                 }
+                other => on_event(&other),
             }
         }
     }
+}
 
+impl Client {
     /// Cancels a running job; the client's token is a key of its lease.
     pub async fn cancel_job(&self, job_id: u64) -> Result<serde_json::Value, ApiError> {
         self.send::<(), _>(

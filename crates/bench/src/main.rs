@@ -474,9 +474,9 @@ struct Report {
     step_costs: costs::StepCosts,
 }
 
-async fn run(plan: Plan, args: &Args) -> Result<Report> {
-    // Ctrl-C: the temporary directories and the cluster must still go.
-    let work_dir = match &args.work_dir {
+/// The run's temporary directory, removed when dropped (also on Ctrl-C).
+fn make_work_dir(args: &Args) -> Result<tempfile::TempDir> {
+    match &args.work_dir {
         Some(dir) => tempfile::Builder::new()
             .prefix("leasehold-bench-")
             .tempdir_in(dir),
@@ -484,7 +484,70 @@ async fn run(plan: Plan, args: &Args) -> Result<Report> {
             .prefix("leasehold-bench-")
             .tempdir(),
     }
-    .context("cannot create the temporary directory")?;
+    .context("cannot create the temporary directory")
+}
+
+/// A borrower that only finds, and its finds timed with no load.
+async fn idle_finds(admin: &Client, plan: &Plan) -> Result<(Client, FinderReport)> {
+    let finder_client = admin.with_token(Some(
+        admin
+            .create_principal("bench-finder", Role::Borrower)
+            .await?
+            .token,
+    ));
+    let idle_finds = borrowers::finder(
+        finder_client.clone(),
+        plan.seed,
+        IDLE_FIND_STREAM,
+        Arc::new(AtomicBool::new(false)),
+        FinderPace {
+            max_finds: plan.finds,
+            interval: None,
+        },
+    )
+    .await;
+    eprintln!(
+        "idle finds: {}, p50 {:?} us, p99 {:?} us",
+        idle_finds.finds, idle_finds.find_p50_us, idle_finds.find_p99_us
+    );
+    Ok((finder_client, idle_finds))
+}
+
+/// One load run per lease path and borrower count, in that order.
+async fn run_loads(
+    plan: &Plan,
+    broker: &BrokerProcess,
+    finder_client: &Client,
+    tokens: &[String],
+    work_dir: &Path,
+) -> Result<Vec<RunReport>> {
+    let mut runs = Vec::new();
+    for &path in &plan.paths {
+        for &clients in &plan.clients {
+            let load = Load {
+                path,
+                clients,
+                run_number: runs.len() as u64,
+            };
+            runs.push(
+                run_load(
+                    plan,
+                    broker,
+                    finder_client,
+                    &tokens[..clients],
+                    work_dir,
+                    load,
+                )
+                .await?,
+            );
+        }
+    }
+    Ok(runs)
+}
+
+async fn run(plan: Plan, args: &Args) -> Result<Report> {
+    // Ctrl-C: the temporary directories and the cluster must still go.
+    let work_dir = make_work_dir(args)?;
     let storage = prepare_storage(&plan, args, work_dir.path())?;
     let plan = Plan {
         database_pid: storage.postgres.as_ref().and_then(|p| p.postmaster_pid()),
@@ -509,51 +572,9 @@ async fn run(plan: Plan, args: &Args) -> Result<Report> {
     );
     let (broker, startup) = restart_broker(broker, &storage.launch).await?;
     let admin = Client::new(&broker.url, Some(admin_token));
-    let finder_client = admin.with_token(Some(
-        admin
-            .create_principal("bench-finder", Role::Borrower)
-            .await?
-            .token,
-    ));
-    let idle_finds = borrowers::finder(
-        finder_client.clone(),
-        plan.seed,
-        IDLE_FIND_STREAM,
-        Arc::new(AtomicBool::new(false)),
-        FinderPace {
-            max_finds: plan.finds,
-            interval: None,
-        },
-    )
-    .await;
-    eprintln!(
-        "idle finds: {}, p50 {:?} us, p99 {:?} us",
-        idle_finds.finds, idle_finds.find_p50_us, idle_finds.find_p99_us
-    );
+    let (finder_client, idle_finds) = idle_finds(&admin, &plan).await?;
     let tokens = create_borrowers(&admin, &plan).await?;
-    let mut runs = Vec::new();
-    let mut run_number = 0;
-    for &path in &plan.paths {
-        for &clients in &plan.clients {
-            let load = Load {
-                path,
-                clients,
-                run_number,
-            };
-            runs.push(
-                run_load(
-                    &plan,
-                    &broker,
-                    &finder_client,
-                    &tokens[..clients],
-                    work_dir.path(),
-                    load,
-                )
-                .await?,
-            );
-            run_number += 1;
-        }
-    }
+    let runs = run_loads(&plan, &broker, &finder_client, &tokens, work_dir.path()).await?;
     let pid = broker.pid().to_string();
     let report = Report {
         bench: "broker",
@@ -690,7 +711,21 @@ async fn run_load(
     }
     let borrowers: BorrowersReport = serde_json::from_slice(&output.stdout)
         .context("the borrowers' process printed no report")?;
-    let report = RunReport {
+    let report = run_report(load, broker, usage, finds_under_load, borrowers);
+    print_run(&report);
+    Ok(report)
+}
+
+/// One load run's figures: the borrowers' own, the broker's CPU per lease
+/// by thread, and the finds timed meanwhile.
+fn run_report(
+    load: Load,
+    broker: &BrokerProcess,
+    usage: procfs::Usage,
+    finds_under_load: FinderReport,
+    borrowers: BorrowersReport,
+) -> RunReport {
+    RunReport {
         path: load.path.name(),
         clients: load.clients,
         wall_seconds: round3(usage.seconds),
@@ -714,9 +749,7 @@ async fn run_load(
         finds_under_load,
         broker: usage,
         borrowers,
-    };
-    print_run(&report);
-    Ok(report)
+    }
 }
 
 fn print_run(run: &RunReport) {

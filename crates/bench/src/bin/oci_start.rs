@@ -67,47 +67,8 @@ async fn main() -> Result<()> {
     let lender = broker.create_principal("lender", Role::Lender).await?;
     let borrower = broker.create_principal("borrower", Role::Borrower).await?;
 
-    let store = Arc::new(leasehold_images::ImageStore::open(
-        &dir.path().join("store"),
-    )?);
-    store
-        .build_busybox("busybox")
-        .context("failed to build the busybox image")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let store_url = format!("http://{}", listener.local_addr()?);
-    let _store_server = leasehold_service::ServerHandle::spawn(listener, store.clone().router());
-
-    let agent_dir = dir.path().join("agent");
-    let cache = leasehold_images::ImageCache::new(&agent_dir.join("image-cache"), Some(store_url))?;
-    let agent = leasehold_agent::start(leasehold_agent::AgentConfig {
-        host_id: "bench".into(),
-        data_dir: agent_dir.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        broker_url: broker.url(),
-        lender_token: lender.clone(),
-        driver: DriverKind::Oci {
-            root_dir: agent_dir.join("oci"),
-            instance: leasehold_agent::instance_name("bench", &agent_dir),
-            images: Arc::new(
-                leasehold_agent::images::CachedImages::pinned(cache, vec!["busybox".into()])
-                    .await?,
-            ),
-        },
-        capacity: HostCapacity {
-            cpu_centicores: 200,
-            memory_mib: 4096,
-            disk_gib: 10,
-            owner_share_cpu_centicores: 0,
-            owner_share_memory_mib: 0,
-            owner_share_disk_gib: 0,
-        },
-        advertise_url: None,
-        clock: Arc::new(SystemClock),
-        revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
-        tls: None,
-        client_trust: Default::default(),
-    })
-    .await?;
+    let (store_url, _store_server) = serve_busybox_store(dir.path()).await?;
+    let agent = start_oci_agent(dir.path(), &broker.url(), &lender, store_url).await?;
     let agent_client = Client::new(&agent.url(), Some(lender));
     agent_client
         .agent_add_partition(&Terms {
@@ -139,13 +100,87 @@ async fn main() -> Result<()> {
     jobs.submit_job_streaming(1, &request, |_| {}).await?;
     let warm_up_ms = warm.elapsed().as_millis() as u64;
 
-    let mut first_output_us = Vec::with_capacity(args.runs);
-    let mut total_us = Vec::with_capacity(args.runs);
-    for n in 0..args.runs {
+    let (first_output_us, total_us) = time_runs(&jobs, &request, args.runs).await?;
+    print_report(args.runs, warm_up_ms, &first_output_us, &total_us);
+    // Releasing wipes the partition (container, cgroup, mount) before the
+    // temporary directory goes.
+    let receipt = borrower_client.release(lease.lease_id).await?;
+    if !receipt.agent_notified {
+        eprintln!("warning: the agent was not told of the release; its partition may stay mounted");
+    }
+    agent.shutdown().await;
+    broker.shutdown().await;
+    Ok(())
+}
+
+/// An image store holding busybox, served on 127.0.0.1: its URL and server.
+async fn serve_busybox_store(
+    dir: &std::path::Path,
+) -> Result<(String, leasehold_service::ServerHandle)> {
+    let store = Arc::new(leasehold_images::ImageStore::open(&dir.join("store"))?);
+    store
+        .build_busybox("busybox")
+        .context("failed to build the busybox image")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let store_url = format!("http://{}", listener.local_addr()?);
+    let server = leasehold_service::ServerHandle::spawn(listener, store.clone().router());
+    Ok((store_url, server))
+}
+
+/// An agent with the oci driver, its images from `store_url`.
+async fn start_oci_agent(
+    dir: &std::path::Path,
+    broker_url: &str,
+    lender: &str,
+    store_url: String,
+) -> Result<leasehold_agent::RunningAgent> {
+    let agent_dir = dir.join("agent");
+    let cache = leasehold_images::ImageCache::new(&agent_dir.join("image-cache"), Some(store_url))?;
+    Ok(leasehold_agent::start(leasehold_agent::AgentConfig {
+        host_id: "bench".into(),
+        data_dir: agent_dir.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        broker_url: broker_url.to_string(),
+        lender_token: lender.to_string(),
+        driver: DriverKind::Oci {
+            root_dir: agent_dir.join("oci"),
+            instance: leasehold_agent::instance_name("bench", &agent_dir),
+            images: Arc::new(
+                leasehold_agent::images::CachedImages::pinned(cache, vec!["busybox".into()])
+                    .await?,
+            ),
+        },
+        capacity: HostCapacity {
+            cpu_centicores: 200,
+            memory_mib: 4096,
+            disk_gib: 10,
+            owner_share_cpu_centicores: 0,
+            owner_share_memory_mib: 0,
+            owner_share_disk_gib: 0,
+        },
+        advertise_url: None,
+        clock: Arc::new(SystemClock),
+        revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
+        tls: None,
+        client_trust: Default::default(),
+    })
+    .await?)
+}
+
+/// Runs the job `runs` times; the sorted times to its first output and to
+/// its end, in µs.
+async fn time_runs(
+    jobs: &Client,
+    request: &SubmitJobRequest,
+    runs: usize,
+) -> Result<(Vec<u64>, Vec<u64>)> {
+    let mut first_output_us = Vec::with_capacity(runs);
+    let mut total_us = Vec::with_capacity(runs);
+    for n in 0..runs {
         let started = Instant::now();
         let mut first = None;
         let result = jobs
-            .submit_job_streaming(1, &request, |event| {
+            .submit_job_streaming(1, request, |event| {
                 if first.is_none() && matches!(event, JobEvent::Stdout { .. }) {
                     first = Some(started.elapsed().as_micros() as u64);
                 }
@@ -160,28 +195,24 @@ async fn main() -> Result<()> {
     }
     first_output_us.sort_unstable();
     total_us.sort_unstable();
+    Ok((first_output_us, total_us))
+}
+
+/// The one JSON line, times in ms.
+fn print_report(runs: usize, warm_up_ms: u64, first_output_us: &[u64], total_us: &[u64]) {
     println!(
         "{}",
         serde_json::json!({
             "bench": "oci_start",
-            "runs": args.runs,
+            "runs": runs,
             "measured_from": "job submission over HTTP (the client leasehold run uses) to the first stdout event",
             "warm_up_ms": warm_up_ms,
-            "first_output_p50_ms": percentile(&first_output_us, 50.0) as f64 / 1000.0,
-            "first_output_p99_ms": percentile(&first_output_us, 99.0) as f64 / 1000.0,
+            "first_output_p50_ms": percentile(first_output_us, 50.0) as f64 / 1000.0,
+            "first_output_p99_ms": percentile(first_output_us, 99.0) as f64 / 1000.0,
             "first_output_max_ms": first_output_us.last().copied().unwrap_or(0) as f64 / 1000.0,
-            "job_total_p50_ms": percentile(&total_us, 50.0) as f64 / 1000.0,
-            "job_total_p99_ms": percentile(&total_us, 99.0) as f64 / 1000.0,
+            "job_total_p50_ms": percentile(total_us, 50.0) as f64 / 1000.0,
+            "job_total_p99_ms": percentile(total_us, 99.0) as f64 / 1000.0,
             "peak_rss_mib_broker_agent_and_bench": peak_rss_mib(),
         })
     );
-    // Releasing wipes the partition (container, cgroup, mount) before the
-    // temporary directory goes.
-    let receipt = borrower_client.release(lease.lease_id).await?;
-    if !receipt.agent_notified {
-        eprintln!("warning: the agent was not told of the release; its partition may stay mounted");
-    }
-    agent.shutdown().await;
-    broker.shutdown().await;
-    Ok(())
 }
