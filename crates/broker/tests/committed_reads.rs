@@ -7,20 +7,13 @@ use leasehold_api::{Client, LeaseRequest, RegisterHostRequest, RegisterPartition
 use leasehold_broker::{BrokerConfig, StoreLayer};
 use leasehold_core::{HostCapacity, Isolation, Requirements, Terms};
 use leasehold_service::SimulatedClock;
-use leasehold_store::broker::{
-    AssetBalance, BrokerSnapshot, BrokerWrite, LeaseFilter, ReleaseNoticeRow, RevocationRow,
-};
-use leasehold_store::{BrokerStore, StoreError, StoreResult};
+use leasehold_store::broker::BrokerWrite;
+use leasehold_store::{BrokerStore, InterceptedStore, StoreError, StoreResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-/// A store whose next `apply`, once armed, says it has started and then
-/// waits until the test lets it go.
-struct GatedStore {
-    inner: Box<dyn BrokerStore>,
-    gate: Arc<Gate>,
-}
-
+/// What the test holds a commit with: once armed, the next `apply` says it
+/// has started and then waits until the test lets it go.
 struct Gate {
     armed: AtomicBool,
     /// The next `apply` fails without writing anything.
@@ -29,82 +22,19 @@ struct Gate {
     release: Mutex<mpsc::Receiver<()>>,
 }
 
-impl BrokerStore for GatedStore {
-    fn apply(&mut self, writes: &[BrokerWrite]) -> StoreResult<()> {
-        if self.gate.fail_next.swap(false, Ordering::SeqCst) {
+impl Gate {
+    fn apply(&self, inner: &mut dyn BrokerStore, writes: &[BrokerWrite]) -> StoreResult<()> {
+        if self.fail_next.swap(false, Ordering::SeqCst) {
             return Err(StoreError::DatabaseThread("injected failure".into()));
         }
-        if self.gate.armed.swap(false, Ordering::SeqCst) {
-            if let Some(entered) = self.gate.entered.lock().unwrap().take() {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            if let Some(entered) = self.entered.lock().unwrap().take() {
                 let _ = entered.send(());
             }
             // Blocks the writer thread only: the commit is "in progress".
-            let _ = self.gate.release.lock().unwrap().recv();
+            let _ = self.release.lock().unwrap().recv();
         }
-        self.inner.apply(writes)
-    }
-    fn load(&mut self) -> StoreResult<BrokerSnapshot> {
-        self.inner.load()
-    }
-    fn prune_idempotency(&mut self, before_ms: u64) -> StoreResult<usize> {
-        self.inner.prune_idempotency(before_ms)
-    }
-    fn pending_outbox(&mut self) -> StoreResult<Vec<ReleaseNoticeRow>> {
-        self.inner.pending_outbox()
-    }
-    fn revocations_after(
-        &mut self,
-        host_id: &str,
-        after_seq: u64,
-        now_ms: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<RevocationRow>> {
-        self.inner
-            .revocations_after(host_id, after_seq, now_ms, limit)
-    }
-    fn prune_expired_notices(&mut self, now_ms: u64) -> StoreResult<usize> {
-        self.inner.prune_expired_notices(now_ms)
-    }
-    fn lease(&mut self, lease_id: u64) -> StoreResult<Option<leasehold_core::lease::Lease>> {
-        self.inner.lease(lease_id)
-    }
-    fn leases(
-        &mut self,
-        filter: &LeaseFilter,
-        limit: u32,
-    ) -> StoreResult<Vec<leasehold_core::lease::Lease>> {
-        self.inner.leases(filter, limit)
-    }
-    fn transfers(
-        &mut self,
-        accounts: Option<&[String]>,
-        limit: u32,
-    ) -> StoreResult<Vec<(u64, leasehold_core::ledger::Transfer)>> {
-        self.inner.transfers(accounts, limit)
-    }
-    fn lease_transfers(
-        &mut self,
-        lease_id: u64,
-    ) -> StoreResult<Vec<leasehold_core::ledger::Transfer>> {
-        self.inner.lease_transfers(lease_id)
-    }
-    fn balances(&mut self) -> StoreResult<Vec<(String, i64)>> {
-        self.inner.balances()
-    }
-    fn balances_by_asset(&mut self) -> StoreResult<Vec<AssetBalance>> {
-        self.inner.balances_by_asset()
-    }
-    fn acquire_lease(
-        &mut self,
-        name: &str,
-        holder: &str,
-        ttl_ms: u64,
-        now_ms: u64,
-    ) -> StoreResult<Option<u64>> {
-        self.inner.acquire_lease(name, holder, ttl_ms, now_ms)
-    }
-    fn release_lease(&mut self, name: &str, holder: &str) -> StoreResult<bool> {
-        self.inner.release_lease(name, holder)
+        inner.apply(writes)
     }
 }
 
@@ -179,10 +109,11 @@ async fn gated_broker(partitions: u32) -> GatedBroker {
     });
     let layer_gate = gate.clone();
     let layer: StoreLayer = Arc::new(move |inner| {
-        Box::new(GatedStore {
+        let gate = layer_gate.clone();
+        Box::new(InterceptedStore::new(
             inner,
-            gate: layer_gate.clone(),
-        })
+            Box::new(move |inner, writes| gate.apply(inner, writes)),
+        ))
     });
     let data_dir = tempfile::tempdir().unwrap();
     let broker = leasehold_broker::start(BrokerConfig {

@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod broker;
 mod broker_sql;
+pub mod intercepted;
 mod migrate;
 pub mod postgres;
 pub mod private_fs;
@@ -19,6 +20,7 @@ mod sql;
 mod sqlite;
 mod store_trait;
 
+pub use intercepted::{ApplyHook, InterceptedStore};
 pub use store_trait::{is_postgres_url, open_broker_store, BrokerDatabase, BrokerStore};
 
 /// The error enum of the store crate.

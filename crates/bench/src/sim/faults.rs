@@ -4,12 +4,8 @@
 //! or writes and loses the acknowledgement. Arming from the simulation's own
 //! generator (never from inside the store) keeps a seed reproducible.
 
-use leasehold_core::lease::Lease;
-use leasehold_core::ledger::Transfer;
-use leasehold_store::broker::{
-    AssetBalance, BrokerSnapshot, BrokerWrite, LeaseFilter, ReleaseNoticeRow, RevocationRow,
-};
-use leasehold_store::{BrokerStore, StoreError, StoreResult};
+use leasehold_store::broker::BrokerWrite;
+use leasehold_store::{BrokerStore, InterceptedStore, StoreError, StoreResult};
 use std::sync::{Arc, Mutex};
 
 /// What the next `apply` does instead of committing normally.
@@ -95,24 +91,17 @@ impl FaultControl {
     pub fn layer(&self, incarnation: u64) -> leasehold_broker::StoreLayer {
         let control = self.clone();
         Arc::new(move |inner| {
-            Box::new(FaultyStore {
+            let control = control.clone();
+            Box::new(InterceptedStore::new(
                 inner,
-                control: control.clone(),
-                incarnation,
-            })
+                Box::new(move |inner, writes| control.apply(incarnation, inner, writes)),
+            ))
         })
     }
 }
 
 fn injected(what: &str) -> StoreError {
     StoreError::DatabaseThread(format!("simulated: {what}"))
-}
-
-/// The wrapper: everything but `apply` passes straight through.
-struct FaultyStore {
-    inner: Box<dyn BrokerStore>,
-    control: FaultControl,
-    incarnation: u64,
 }
 
 /// `writes` without the one write `bug` drops, if the batch has it.
@@ -131,11 +120,19 @@ fn with_planted_bug(writes: &[BrokerWrite], bug: PlantedBug) -> Vec<BrokerWrite>
     kept
 }
 
-impl BrokerStore for FaultyStore {
-    fn apply(&mut self, writes: &[BrokerWrite]) -> StoreResult<()> {
+impl FaultControl {
+    /// One `apply` of incarnation `incarnation`'s writer, as the armed
+    /// fault and the planted bug say; everything else passes straight
+    /// through the wrapper.
+    fn apply(
+        &self,
+        incarnation: u64,
+        inner: &mut dyn BrokerStore,
+        writes: &[BrokerWrite],
+    ) -> StoreResult<()> {
         let (fault, planted_bug) = {
-            let mut state = self.control.lock();
-            if state.live_incarnation != self.incarnation {
+            let mut state = self.lock();
+            if state.live_incarnation != incarnation {
                 return Err(injected("this broker process is dead"));
             }
             let fault = state.armed.take();
@@ -145,84 +142,15 @@ impl BrokerStore for FaultyStore {
         match fault {
             Some(Fault::CrashBeforeCommit) => Err(injected("crash before commit")),
             Some(Fault::AckLost) => {
-                self.inner.apply(writes)?;
+                inner.apply(writes)?;
                 Err(injected(
                     "the commit landed but its acknowledgement was lost",
                 ))
             }
             None => match planted_bug {
-                Some(bug) => self.inner.apply(&with_planted_bug(writes, bug)),
-                None => self.inner.apply(writes),
+                Some(bug) => inner.apply(&with_planted_bug(writes, bug)),
+                None => inner.apply(writes),
             },
         }
-    }
-
-    fn load(&mut self) -> StoreResult<BrokerSnapshot> {
-        self.inner.load()
-    }
-
-    fn prune_idempotency(&mut self, before_ms: u64) -> StoreResult<usize> {
-        self.inner.prune_idempotency(before_ms)
-    }
-
-    fn pending_outbox(&mut self) -> StoreResult<Vec<ReleaseNoticeRow>> {
-        self.inner.pending_outbox()
-    }
-
-    fn revocations_after(
-        &mut self,
-        host_id: &str,
-        after_seq: u64,
-        now_ms: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<RevocationRow>> {
-        self.inner
-            .revocations_after(host_id, after_seq, now_ms, limit)
-    }
-
-    fn prune_expired_notices(&mut self, now_ms: u64) -> StoreResult<usize> {
-        self.inner.prune_expired_notices(now_ms)
-    }
-
-    fn lease(&mut self, lease_id: u64) -> StoreResult<Option<Lease>> {
-        self.inner.lease(lease_id)
-    }
-
-    fn leases(&mut self, filter: &LeaseFilter, limit: u32) -> StoreResult<Vec<Lease>> {
-        self.inner.leases(filter, limit)
-    }
-
-    fn transfers(
-        &mut self,
-        accounts: Option<&[String]>,
-        limit: u32,
-    ) -> StoreResult<Vec<(u64, Transfer)>> {
-        self.inner.transfers(accounts, limit)
-    }
-
-    fn lease_transfers(&mut self, lease_id: u64) -> StoreResult<Vec<Transfer>> {
-        self.inner.lease_transfers(lease_id)
-    }
-
-    fn balances(&mut self) -> StoreResult<Vec<(String, i64)>> {
-        self.inner.balances()
-    }
-
-    fn balances_by_asset(&mut self) -> StoreResult<Vec<AssetBalance>> {
-        self.inner.balances_by_asset()
-    }
-
-    fn acquire_lease(
-        &mut self,
-        name: &str,
-        holder: &str,
-        ttl_ms: u64,
-        now_ms: u64,
-    ) -> StoreResult<Option<u64>> {
-        self.inner.acquire_lease(name, holder, ttl_ms, now_ms)
-    }
-
-    fn release_lease(&mut self, name: &str, holder: &str) -> StoreResult<bool> {
-        self.inner.release_lease(name, holder)
     }
 }
