@@ -9,6 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
 
+mod reservations;
+
 /// How often a request is retried after a connection failure.
 const MAX_CONNECT_RETRIES: u32 = 3;
 

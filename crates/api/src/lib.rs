@@ -3,7 +3,9 @@
 //! agents) and the tests.
 
 pub mod client;
+pub mod reservations;
 pub mod types;
 
 pub use client::{ApiError, Client, ServerTrust};
+pub use reservations::*;
 pub use types::*;

@@ -18,6 +18,7 @@ pub mod lease;
 pub mod ledger;
 pub mod matching;
 pub mod money;
+pub mod reservation;
 pub mod role;
 pub mod table;
 pub mod terms;
