@@ -165,6 +165,12 @@ impl From<Refusal> for BrokerError {
             Refusal::NotTheBorrower { lease_id } => BrokerError::Forbidden(format!(
                 "only the borrower of lease {lease_id} may release it"
             )),
+            Refusal::NoSuchWorkload { name } => {
+                BrokerError::NotFound(format!("no workload named '{name}' (of yours)"))
+            }
+            Refusal::WorkloadOwnedByAnother { name } => BrokerError::AlreadyExists(format!(
+                "a workload named '{name}' belongs to another principal; choose another name"
+            )),
             Refusal::Internal(message) => BrokerError::Internal(message),
         }
     }

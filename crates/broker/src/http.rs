@@ -2,6 +2,7 @@
 //! the writer, map errors. No decisions are made here.
 
 use crate::error::BrokerError;
+use crate::reservations;
 use crate::{token_sha256, AppState};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -59,6 +60,22 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/v1/leases/{lease_id}/release", post(release))
         .route("/v1/bill", get(bill))
         .route("/v1/ledger", get(ledger_view))
+        .route(
+            "/v1/hosts/{host_id}/samples",
+            post(reservations::host_sample),
+        )
+        .route(
+            "/v1/workloads",
+            post(reservations::apply_workload).get(reservations::list_workloads),
+        )
+        .route(
+            "/v1/workloads/{name}",
+            get(reservations::get_workload).delete(reservations::delete_workload),
+        )
+        .route("/v1/pools", get(reservations::list_pools))
+        .route("/v1/host-capacity", get(reservations::host_capacity))
+        .route("/v1/warnings", get(reservations::list_warnings))
+        .route("/v1/plan", post(reservations::plan_now))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             require_principal,
@@ -112,6 +129,7 @@ pub(crate) fn host_scope_allows(
         ["v1", "hosts", host] => *host == host_id && method == Method::PUT,
         ["v1", "hosts", host, "partitions", _] => *host == host_id,
         ["v1", "hosts", host, "revocations"] => *host == host_id && method == Method::GET,
+        ["v1", "hosts", host, "samples"] => *host == host_id && method == Method::POST,
         ["v1", "partitions"] => {
             method == Method::GET
                 && query.is_some_and(|q| q.split('&').any(|pair| pair == format!("host={host_id}")))

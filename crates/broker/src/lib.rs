@@ -11,6 +11,7 @@ mod http;
 mod images;
 mod openapi;
 mod outbox;
+mod reservations;
 pub mod signing_keys;
 pub mod state;
 pub mod writer;
@@ -58,6 +59,11 @@ pub struct BrokerConfig {
     /// Wraps the opened store (the writer's), e.g. to inject faults in the
     /// simulation; `None` in production.
     pub store_layer: Option<StoreLayer>,
+    /// How the planner of seed 003 acquires, and its interval.
+    pub plan_policy: leasehold_core::reservation::planner::PlanPolicy,
+    /// Whether a timer runs a planning round every interval (tests that
+    /// drive rounds themselves turn it off).
+    pub run_planner: bool,
 }
 
 /// A function that wraps the writer's store in another `BrokerStore`.
@@ -260,6 +266,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         published_keys: keys.published().to_vec(),
         config,
     });
+    reservations::spawn_planner(app.clone());
     let server = leasehold_service::ServerHandle::spawn_with_tls(
         listener,
         http::router(app.clone()),

@@ -4,6 +4,7 @@
 //! start, through the same [`Change`]s the writer applies.
 
 use crate::error::BrokerError;
+use leasehold_core::reservation::{Pool, Workload};
 use leasehold_core::table::{Change, ResourceTable};
 use leasehold_core::Role;
 use leasehold_store::broker::BrokerSnapshot;
@@ -64,5 +65,33 @@ pub fn table_from_snapshot(snapshot: BrokerSnapshot) -> Result<ResourceTable, Br
             });
         }
     }
+    load_reservations(
+        &mut table,
+        snapshot.workloads,
+        snapshot.pools,
+        snapshot.fruitless_rounds,
+    );
     Ok(table)
+}
+
+/// Seed 003's book, through the same changes the writer applies.
+fn load_reservations(
+    table: &mut BrokerState,
+    workloads: Vec<Workload>,
+    pools: Vec<Pool>,
+    fruitless_rounds: Vec<(String, u32)>,
+) {
+    use leasehold_core::reservation::ReservationChange as R;
+    for workload in workloads {
+        table.apply(&Change::Reservation(R::PutWorkload(workload)));
+    }
+    for pool in pools {
+        table.apply(&Change::Reservation(R::PutPool(pool)));
+    }
+    for (demand, rounds) in fruitless_rounds {
+        table.apply(&Change::Reservation(R::SetFruitlessRounds {
+            demand,
+            rounds,
+        }));
+    }
 }

@@ -128,6 +128,8 @@ async fn gated_broker(partitions: u32) -> GatedBroker {
         client_trust: Default::default(),
         database_url: None,
         store_layer: Some(layer),
+        plan_policy: Default::default(),
+        run_planner: false,
     })
     .await
     .unwrap();

@@ -43,6 +43,8 @@ fn broker_config(data_dir: std::path::PathBuf, clock: &SimulatedClock) -> Broker
         client_trust: Default::default(),
         database_url: None,
         store_layer: None,
+        plan_policy: Default::default(),
+        run_planner: false,
     }
 }
 

@@ -103,6 +103,34 @@ impl ClockArgs {
     }
 }
 
+/// How the broker's planner of seed 003 gathers capacity for workloads.
+#[derive(Args, Clone)]
+pub struct PlanArgs {
+    /// Seconds between planning rounds: each round a ramping pool raises
+    /// its guarantee by at most one step; also the unit of the forecast.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub plan_interval_secs: u64,
+    /// Hosts that ramp for one instance at once; the first to hold the
+    /// whole target is kept and the others released (seed 003, S903-S904).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub plan_candidates: u64,
+    /// Rounds in a row without gain before an instance is warned about.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub plan_fruitless_rounds: u32,
+}
+
+impl PlanArgs {
+    pub fn policy(&self) -> leasehold_core::reservation::planner::PlanPolicy {
+        leasehold_core::reservation::planner::PlanPolicy {
+            interval_ms: self.plan_interval_secs.saturating_mul(1000),
+            threshold: None,
+            step: None,
+            candidates: self.plan_candidates as usize,
+            fruitless_limit: self.plan_fruitless_rounds,
+        }
+    }
+}
+
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct BrokerArgs {
@@ -142,6 +170,8 @@ pub struct BrokerArgs {
     /// A file only you can read (mode 0600) holding the PostgreSQL URL.
     #[arg(long, value_name = "FILE", conflicts_with = "database")]
     pub database_url_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub plan: PlanArgs,
     #[command(flatten)]
     pub clock: ClockArgs,
 }
@@ -295,6 +325,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub shape: HostShape,
     #[command(flatten)]
+    pub plan: PlanArgs,
+    #[command(flatten)]
     pub clock: ClockArgs,
 }
 
@@ -444,6 +476,8 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         client_trust: global.server_trust.clone(),
         database_url,
         store_layer: None,
+        plan_policy: args.plan.policy(),
+        run_planner: true,
     })
     .await
     .context("failed to start the broker")?;
@@ -828,6 +862,8 @@ async fn start_up_broker(
         client_trust: tls.client_trust.clone(),
         database_url: None,
         store_layer: None,
+        plan_policy: args.plan.policy(),
+        run_planner: true,
     })
     .await
     .context("failed to start the broker")

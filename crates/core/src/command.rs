@@ -15,6 +15,8 @@ use crate::lease::{
 };
 use crate::ledger;
 use crate::matching::NoMatchExplanation;
+use crate::reservation::planner::PlanPolicy;
+use crate::reservation::{self, Capacity, Workload};
 use crate::role::Role;
 use crate::table::{
     Change, HostCredentialRow, HostEntry, HostRow, PartitionEntry, PartitionRow, Principal,
@@ -78,9 +80,33 @@ pub enum BrokerCommand {
         commission_basis_points: u32,
     },
     /// Idempotency records older than `before_ms` are forgotten.
-    PruneIdempotency { before_ms: u64 },
+    PruneIdempotency {
+        before_ms: u64,
+    },
     /// The agent acknowledged a release notice (or never will).
-    ForgetReleaseNotice { lease_id: LeaseId },
+    ForgetReleaseNotice {
+        lease_id: LeaseId,
+    },
+    /// Creates or replaces a workload (seed 003, FIG. 4); `owner` and
+    /// `seq` of the workload given are set by the decision.
+    ApplyWorkload {
+        principal: Principal,
+        workload: Box<Workload>,
+    },
+    DeleteWorkload {
+        principal: Principal,
+        name: String,
+    },
+    /// A host's agent reports what the owner's own work uses now.
+    RecordHostSample {
+        host_id: String,
+        owner_used: Capacity,
+        plan_interval_ms: u64,
+    },
+    /// One round of the planner (FIG. 8-13).
+    PlanRound {
+        policy: PlanPolicy,
+    },
 }
 
 /// What a decided command did.
@@ -119,6 +145,17 @@ pub enum Outcome {
     },
     IdempotencyPruned,
     ReleaseNoticeForgotten,
+    WorkloadApplied(Box<Workload>),
+    WorkloadDeleted {
+        name: String,
+    },
+    HostSampleRecorded {
+        guaranteed: Capacity,
+        next_sample_after_ms: u64,
+    },
+    PlanRoundRan {
+        changes: usize,
+    },
 }
 
 /// An outcome and the changes it implies, in the order they apply.
@@ -170,6 +207,14 @@ pub enum Refusal {
     /// unknown; the broker looks in the database.
     LeaseNotActive {
         lease_id: LeaseId,
+    },
+    /// No workload by that name that the caller may see.
+    NoSuchWorkload {
+        name: String,
+    },
+    /// The workload's name is taken by another principal's workload.
+    WorkloadOwnedByAnother {
+        name: String,
     },
     Internal(String),
 }
@@ -235,6 +280,27 @@ pub fn decide(
                 lease_id: *lease_id,
             }],
         }),
+        BrokerCommand::ApplyWorkload {
+            principal,
+            workload,
+        } => reservation::commands::decide_apply_workload(table, principal, workload),
+        BrokerCommand::DeleteWorkload { principal, name } => {
+            reservation::commands::decide_delete_workload(table, principal, name)
+        }
+        BrokerCommand::RecordHostSample {
+            host_id,
+            owner_used,
+            plan_interval_ms,
+        } => reservation::commands::decide_host_sample(
+            table,
+            host_id,
+            *owner_used,
+            *plan_interval_ms,
+            now_ms,
+        ),
+        BrokerCommand::PlanRound { policy } => {
+            reservation::commands::decide_plan_round(table, *policy, now_ms)
+        }
     }
 }
 
@@ -372,8 +438,11 @@ fn decide_put_partition(
         )));
     }
     let others = table.other_offered_terms(host, partition.index);
+    // Pools and started instances of seed 003 hold their capacity too.
+    let held = table.reservations().held_on_host(&partition.host_id);
     host.row
         .capacity
+        .less(held.cpu_centicores, held.memory_mib, held.disk_gib)
         .admits(others.into_iter(), terms)
         .map_err(|e| prefix_field("terms", e))?;
     let epoch = match table.partition(partition) {

@@ -11,6 +11,7 @@ use crate::ids::{LeaseId, PartitionRef};
 use crate::lease::{Bill, Lease, PartitionStatus};
 use crate::ledger::Transfer;
 use crate::matching::{explain_no_match, FitKey, FreeIndex, NoMatchExplanation};
+use crate::reservation::{HostSample, ReservationBook, ReservationChange, SampleWindow};
 use crate::role::Role;
 use crate::terms::{HostCapacity, Requirements, Terms};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -155,6 +156,14 @@ pub enum Change {
     ForgetReleaseNotice {
         lease_id: LeaseId,
     },
+    /// Workloads, pools and the planner's counters (seed 003).
+    Reservation(ReservationChange),
+    /// A host's sample of free capacity: kept in memory only (the agent
+    /// samples again every interval, so a restart loses one interval).
+    RecordSample {
+        host_id: String,
+        sample: HostSample,
+    },
 }
 
 /// The committed resource table, shared with readers.
@@ -171,6 +180,10 @@ pub struct ResourceTable {
     /// (principal, idempotency key) -> (the lease, when it was concluded).
     pub idempotent_leases: HashMap<(String, String), (LeaseId, u64)>,
     pub last_lease_id: LeaseId,
+    /// Workloads and their acquisition pools (seed 003).
+    pub reservations: ReservationBook,
+    /// Each host's recent samples, for the planner's forecast.
+    pub samples: HashMap<String, SampleWindow>,
 }
 
 impl ResourceTable {
@@ -239,6 +252,13 @@ impl ResourceTable {
                     .retain(|_, (_, at_ms)| *at_ms >= *before_ms);
             }
             Change::ForgetReleaseNotice { .. } => {}
+            Change::Reservation(change) => self.reservations.apply(change),
+            Change::RecordSample { host_id, sample } => {
+                self.samples
+                    .entry(host_id.clone())
+                    .or_default()
+                    .push(*sample);
+            }
         }
     }
 
@@ -346,6 +366,10 @@ pub struct Overlay {
     idempotency: HashMap<(String, String), (LeaseId, u64)>,
     idempotency_forgotten_before_ms: Option<u64>,
     last_lease_id: LeaseId,
+    /// The batch's copy of the reservation book, made on its first change.
+    reservations: Option<ReservationBook>,
+    /// The batch's copies of the sample windows it recorded into.
+    samples: HashMap<String, SampleWindow>,
 }
 
 impl Overlay {
@@ -407,6 +431,15 @@ impl Overlay {
                     .retain(|_, (_, at_ms)| *at_ms >= *before_ms);
                 self.idempotency_forgotten_before_ms = Some(*before_ms);
             }
+            Change::Reservation(change) => self
+                .reservations
+                .get_or_insert_with(|| base.reservations.clone())
+                .apply(change),
+            Change::RecordSample { host_id, sample } => self
+                .samples
+                .entry(host_id.clone())
+                .or_insert_with(|| base.samples.get(host_id).cloned().unwrap_or_default())
+                .push(*sample),
         }
     }
 
@@ -496,6 +529,33 @@ impl<'a> TableView<'a> {
             .hosts
             .get(host_id)
             .or_else(|| self.base.hosts.get(host_id))
+    }
+
+    /// Every host: the batch's copies, then the committed ones it did not
+    /// touch.
+    pub fn hosts(&self) -> impl Iterator<Item = &'a HostEntry> + 'a {
+        let overlay = self.overlay;
+        overlay.hosts.values().chain(
+            self.base
+                .hosts
+                .iter()
+                .filter(move |(host_id, _)| !overlay.hosts.contains_key(*host_id))
+                .map(|(_, entry)| entry),
+        )
+    }
+
+    pub fn reservations(&self) -> &'a ReservationBook {
+        self.overlay
+            .reservations
+            .as_ref()
+            .unwrap_or(&self.base.reservations)
+    }
+
+    pub fn sample_window(&self, host_id: &str) -> Option<&'a SampleWindow> {
+        self.overlay
+            .samples
+            .get(host_id)
+            .or_else(|| self.base.samples.get(host_id))
     }
 
     pub fn partition(&self, partition: &PartitionRef) -> Option<&'a PartitionEntry> {

@@ -248,6 +248,17 @@ impl HostCapacity {
         Ok(())
     }
 
+    /// The same host with capacity held elsewhere (pools, started
+    /// instances) taken out of what it can lend.
+    pub fn less(&self, cpu_centicores: u64, memory_mib: u64, disk_gib: u64) -> HostCapacity {
+        HostCapacity {
+            cpu_centicores: self.cpu_centicores.saturating_sub(cpu_centicores),
+            memory_mib: self.memory_mib.saturating_sub(memory_mib),
+            disk_gib: self.disk_gib.saturating_sub(disk_gib),
+            ..self.clone()
+        }
+    }
+
     /// Checks that `candidate` fits beside `others` without touching the owner
     /// share. Returns the field that does not fit and by how much.
     pub fn admits<'a>(

@@ -6,6 +6,7 @@ use crate::{migrate::migrate, open_connection, Durability, StoreResult};
 use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::Lease;
 use leasehold_core::ledger::Transfer;
+use leasehold_core::reservation::{Pool, ReservationChange, Workload};
 use leasehold_core::table::Change;
 pub use leasehold_core::table::{HostCredentialRow, HostRow, PartitionRow};
 use leasehold_core::PartitionRef;
@@ -150,6 +151,26 @@ CREATE UNIQUE INDEX partition_intervals_by_holder ON partition_intervals (kind, 
 INSERT INTO partition_intervals (host_id, idx, kind, holder_id, from_ms, to_ms)
     SELECT host_id, idx, 'leased', lease_id, started_at_ms, NULL FROM leases WHERE state = 'active';
 "#,
+    r#"
+-- Seed 003: workloads (their spec as JSON), their acquisition pools (a
+-- pool's row of FIG. 3 as JSON, the workload beside it for deletion) and
+-- the planner's count of fruitless rounds per demand. Hosts' samples are
+-- not stored: agents send one every interval.
+CREATE TABLE workloads (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE acquisition_pools (
+    pool_id INTEGER PRIMARY KEY,
+    workload TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX acquisition_pools_by_workload ON acquisition_pools (workload);
+CREATE TABLE fruitless_rounds (
+    demand TEXT PRIMARY KEY,
+    rounds INTEGER NOT NULL
+);
+"#,
 ];
 
 /// One write of the broker; a batch of them commits atomically.
@@ -212,6 +233,8 @@ pub enum BrokerWrite {
         partition: PartitionRef,
         interval: Interval,
     },
+    /// A change of seed 003's reservation book.
+    Reservation(ReservationChange),
     /// A booking's interval is over (its lease was released).
     DeleteInterval {
         partition: PartitionRef,
@@ -279,6 +302,9 @@ impl BrokerWrite {
                 partition: partition.clone(),
                 booking: *booking,
             }),
+            Change::Reservation(change) => writes.push(BrokerWrite::Reservation(change.clone())),
+            // Samples live in memory only (see the change).
+            Change::RecordSample { .. } => {}
             Change::ForgetReleaseNotice { lease_id } => {
                 writes.push(BrokerWrite::DeleteOutboxNotice {
                     lease_id: *lease_id,
@@ -343,6 +369,10 @@ pub struct BrokerSnapshot {
     pub idempotency: Vec<IdempotencyRow>,
     /// Every partition's calendar intervals.
     pub intervals: Vec<(PartitionRef, Interval)>,
+    /// Seed 003's workloads, pools and fruitless-round counts.
+    pub workloads: Vec<Workload>,
+    pub pools: Vec<Pool>,
+    pub fruitless_rounds: Vec<(String, u32)>,
 }
 
 /// Which leases a query returns.

@@ -10,6 +10,7 @@ use crate::{corrupt, StoreResult};
 use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::Transfer;
+use leasehold_core::reservation::ReservationChange;
 use leasehold_core::PartitionRef;
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -121,7 +122,63 @@ fn apply_one(tx: &mut dyn SqlConnection, write: &BrokerWrite) -> StoreResult<()>
         BrokerWrite::DeleteOutboxNotice { lease_id } => {
             tx.execute("DELETE FROM notice_outbox WHERE lease_id = ?1", &[int(*lease_id)])
         }
+        BrokerWrite::Reservation(change) => apply_reservation(tx, change),
     }?;
+    Ok(())
+}
+
+/// A change of seed 003's book as rows.
+fn apply_reservation(tx: &mut dyn SqlConnection, change: &ReservationChange) -> StoreResult<u64> {
+    match change {
+        ReservationChange::PutWorkload(workload) => tx.execute(
+            "INSERT INTO workloads (name, body) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+            &[(&workload.name).into(), json(workload).into()],
+        ),
+        ReservationChange::RemoveWorkload { name } => {
+            tx.execute("DELETE FROM acquisition_pools WHERE workload = ?1", &[name.into()])?;
+            tx.execute("DELETE FROM workloads WHERE name = ?1", &[name.into()])
+        }
+        ReservationChange::PutPool(pool) => tx.execute(
+            "INSERT INTO acquisition_pools (pool_id, workload, body) VALUES (?1, ?2, ?3)
+             ON CONFLICT (pool_id) DO UPDATE SET workload = excluded.workload, body = excluded.body",
+            &[int(pool.pool_id), (&pool.workload).into(), json(pool).into()],
+        ),
+        ReservationChange::RemovePool { pool_id } => {
+            tx.execute("DELETE FROM acquisition_pools WHERE pool_id = ?1", &[int(*pool_id)])
+        }
+        ReservationChange::SetFruitlessRounds { demand, rounds: 0 } => {
+            tx.execute("DELETE FROM fruitless_rounds WHERE demand = ?1", &[demand.into()])
+        }
+        ReservationChange::SetFruitlessRounds { demand, rounds } => tx.execute(
+            "INSERT INTO fruitless_rounds (demand, rounds) VALUES (?1, ?2) ON CONFLICT (demand) DO UPDATE SET rounds = excluded.rounds",
+            &[demand.into(), int(u64::from(*rounds))],
+        ),
+    }
+}
+
+/// Seed 003's workloads, pools and counters.
+fn load_reservations(
+    conn: &mut dyn SqlConnection,
+    snapshot: &mut BrokerSnapshot,
+) -> StoreResult<()> {
+    for row in conn.query("SELECT body FROM workloads ORDER BY name", &[])? {
+        snapshot
+            .workloads
+            .push(from_json("workloads", &row.text(0)?)?);
+    }
+    for row in conn.query("SELECT body FROM acquisition_pools ORDER BY pool_id", &[])? {
+        snapshot
+            .pools
+            .push(from_json("acquisition_pools", &row.text(0)?)?);
+    }
+    for row in conn.query(
+        "SELECT demand, rounds FROM fruitless_rounds ORDER BY demand",
+        &[],
+    )? {
+        snapshot
+            .fruitless_rounds
+            .push((row.text(0)?, row.u64(1)? as u32));
+    }
     Ok(())
 }
 
@@ -229,6 +286,7 @@ pub(crate) fn load(conn: &mut dyn SqlConnection) -> StoreResult<BrokerSnapshot> 
         });
     }
     snapshot.intervals = load_intervals(conn)?;
+    load_reservations(conn, &mut snapshot)?;
     Ok(snapshot)
 }
 

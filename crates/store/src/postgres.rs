@@ -137,6 +137,26 @@ CREATE UNIQUE INDEX partition_intervals_by_holder ON partition_intervals (kind, 
 INSERT INTO partition_intervals (host_id, idx, kind, holder_id, from_ms, to_ms)
     SELECT host_id, idx, 'leased', lease_id, started_at_ms, NULL FROM leases WHERE state = 'active';
 "#,
+    r#"
+-- Seed 003: workloads (their spec as JSON), their acquisition pools (a
+-- pool's row of FIG. 3 as JSON, the workload beside it for deletion) and
+-- the planner's count of fruitless rounds per demand. Hosts' samples are
+-- not stored: agents send one every interval.
+CREATE TABLE workloads (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE acquisition_pools (
+    pool_id BIGINT PRIMARY KEY,
+    workload TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX acquisition_pools_by_workload ON acquisition_pools (workload);
+CREATE TABLE fruitless_rounds (
+    demand TEXT PRIMARY KEY,
+    rounds BIGINT NOT NULL
+);
+"#,
 ];
 
 /// Any number: brokers starting together take this advisory lock so that

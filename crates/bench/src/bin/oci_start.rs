@@ -54,6 +54,8 @@ async fn main() -> Result<()> {
         image_store_url: None,
         database_url: None,
         store_layer: None,
+        plan_policy: Default::default(),
+        run_planner: false,
         data_dir: dir.path().join("broker"),
         listen: "127.0.0.1:0".parse()?,
         durability: leasehold_store::Durability::Full,

@@ -349,6 +349,8 @@ async fn start_broker(
         client_trust: Default::default(),
         database_url,
         store_layer: Some(faults.layer(incarnation)),
+        plan_policy: Default::default(),
+        run_planner: false,
     })
     .await
     .map_err(|e| format!("cannot start the broker: {e}"))

@@ -9,8 +9,10 @@
 //! the book, the hosts and their samples.
 
 pub mod capacity;
+pub mod commands;
 pub mod forecast;
 pub mod planner;
+pub mod report;
 pub mod warnings;
 pub mod workload;
 
@@ -144,6 +146,9 @@ pub struct ReservationBook {
     pub fruitless_rounds: BTreeMap<String, u32>,
     pub last_pool_id: u64,
     pub last_workload_seq: u64,
+    /// What pools hold per host, kept with every change (samples ask for
+    /// it every interval on every host).
+    held: BTreeMap<String, Capacity>,
 }
 
 impl ReservationBook {
@@ -170,15 +175,24 @@ impl ReservationBook {
                         self.fruitless_rounds.remove(&instance.name);
                     }
                 }
-                self.pools.retain(|_, pool| &pool.workload != name);
+                let gone: Vec<u64> = self
+                    .pools
+                    .values()
+                    .filter(|pool| &pool.workload == name)
+                    .map(|pool| pool.pool_id)
+                    .collect();
+                for pool_id in gone {
+                    self.remove_pool(pool_id);
+                }
             }
             ReservationChange::PutPool(pool) => {
                 self.last_pool_id = self.last_pool_id.max(pool.pool_id);
+                self.remove_pool(pool.pool_id);
+                let held = self.held.entry(pool.host_id.clone()).or_default();
+                *held = held.saturating_add(pool.held());
                 self.pools.insert(pool.pool_id, pool.clone());
             }
-            ReservationChange::RemovePool { pool_id } => {
-                self.pools.remove(pool_id);
-            }
+            ReservationChange::RemovePool { pool_id } => self.remove_pool(*pool_id),
             ReservationChange::SetFruitlessRounds { demand, rounds } => {
                 if *rounds == 0 {
                     self.fruitless_rounds.remove(demand);
@@ -189,26 +203,29 @@ impl ReservationBook {
         }
     }
 
+    fn remove_pool(&mut self, pool_id: u64) {
+        let Some(old) = self.pools.remove(&pool_id) else {
+            return;
+        };
+        if let Some(held) = self.held.get_mut(&old.host_id) {
+            *held = held.saturating_sub(old.held());
+            if held.is_zero() {
+                self.held.remove(&old.host_id);
+            }
+        }
+    }
+
     /// Capacity the pools on `host_id` keep from everyone else.
     pub fn held_on_host(&self, host_id: &str) -> Capacity {
-        Capacity::sum(
-            self.pools
-                .values()
-                .filter(|pool| pool.host_id == host_id)
-                .map(|pool| pool.held())
-                .collect::<Vec<_>>()
-                .iter(),
-        )
+        self.held.get(host_id).copied().unwrap_or_default()
     }
 
     /// Capacity held on every host that holds any.
     pub fn held_by_host(&self) -> BTreeMap<&str, Capacity> {
-        let mut held: BTreeMap<&str, Capacity> = BTreeMap::new();
-        for pool in self.pools.values() {
-            let entry = held.entry(pool.host_id.as_str()).or_default();
-            *entry = entry.saturating_add(pool.held());
-        }
-        held
+        self.held
+            .iter()
+            .map(|(host, held)| (host.as_str(), *held))
+            .collect()
     }
 
     pub fn pools_of_demand<'a>(&'a self, demand: &'a str) -> impl Iterator<Item = &'a Pool> + 'a {
