@@ -7,6 +7,9 @@
 use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::Transfer;
+use leasehold_core::reservation::{
+    Capacity, InstanceSpec, Pool, PoolPhase, ReservationChange, Workload,
+};
 use leasehold_core::{HostCapacity, PartitionRef, Terms};
 use leasehold_store::broker::{
     BrokerDb, BrokerWrite, HostRow, LeaseFilter, PartitionRow, ReleaseNoticeRow, MONEY_ASSET,
@@ -134,6 +137,7 @@ conformance!(
     acquire_lease_bumps_the_epoch_renews_and_refuses_another_holder,
     racing_holders_get_a_lease_exactly_once,
     calendar_intervals_are_kept_until_unbooked_and_never_two_at_one_start,
+    workloads_pools_and_counters_round_trip_and_deleting_a_workload_takes_its_pools,
 );
 
 fn terms() -> Terms {
@@ -633,4 +637,90 @@ fn calendar_intervals_are_kept_until_unbooked_and_never_two_at_one_start(databas
         reopened.load().unwrap().intervals,
         vec![(partition, reserved)]
     );
+}
+
+fn reservation_workload(name: &str, instance: &str) -> Workload {
+    Workload {
+        name: name.into(),
+        owner: "ops".into(),
+        priority: 3,
+        start_ms: 1_000_000,
+        end_ms: 2_000_000,
+        instances: vec![InstanceSpec {
+            name: instance.into(),
+            vcpus: 2,
+            memory_mib: 4096,
+            disk_gib: 1,
+            image: None,
+        }],
+        rules: vec![],
+        seq: 1,
+    }
+}
+
+fn reservation_pool(pool_id: u64, workload: &str, demand: &str, acquired_mib: u64) -> Pool {
+    Pool {
+        pool_id,
+        host_id: "alpha".into(),
+        workload: workload.into(),
+        demand: demand.into(),
+        instances: vec![demand.into()],
+        phase: PoolPhase::Acquiring,
+        target: Capacity::new(200, 4096, 1),
+        acquired: Capacity::new(200, acquired_mib, 1),
+        requested: Capacity::new(200, acquired_mib, 1),
+        allocated: Capacity::ZERO,
+        last_step_ms: 5,
+        sampled_at_ms: Some(4),
+        created_at_ms: 1,
+    }
+}
+
+fn workloads_pools_and_counters_round_trip_and_deleting_a_workload_takes_its_pools(
+    database: &FreshDatabase,
+) {
+    use ReservationChange as R;
+    let mut db = seeded(database);
+    let (web, batch) = (
+        reservation_workload("web", "w1"),
+        reservation_workload("batch", "b1"),
+    );
+    db.apply(&[
+        BrokerWrite::Reservation(R::PutWorkload(web.clone())),
+        BrokerWrite::Reservation(R::PutWorkload(batch.clone())),
+        BrokerWrite::Reservation(R::PutPool(reservation_pool(1, "web", "w1", 1024))),
+        BrokerWrite::Reservation(R::PutPool(reservation_pool(2, "batch", "b1", 512))),
+        BrokerWrite::Reservation(R::SetFruitlessRounds {
+            demand: "b1".into(),
+            rounds: 3,
+        }),
+    ])
+    .unwrap();
+    // A pool's row is replaced as it ramps.
+    db.apply(&[BrokerWrite::Reservation(R::PutPool(reservation_pool(
+        1, "web", "w1", 2048,
+    )))])
+    .unwrap();
+    let loaded = database.open().load().unwrap();
+    assert_eq!(
+        loaded.workloads,
+        vec![batch.clone(), web.clone()],
+        "by name"
+    );
+    assert_eq!(loaded.pools.len(), 2);
+    assert_eq!(loaded.pools[0].acquired.memory_mib, 2048);
+    assert_eq!(loaded.fruitless_rounds, vec![("b1".to_string(), 3)]);
+    db.apply(&[
+        BrokerWrite::Reservation(R::RemoveWorkload { name: "web".into() }),
+        BrokerWrite::Reservation(R::SetFruitlessRounds {
+            demand: "b1".into(),
+            rounds: 0,
+        }),
+        BrokerWrite::Reservation(R::RemovePool { pool_id: 2 }),
+    ])
+    .unwrap();
+    let loaded = database.open().load().unwrap();
+    assert_eq!(loaded.workloads, vec![batch]);
+    assert!(loaded.pools.is_empty(), "the workload's pool went with it");
+    assert!(loaded.fruitless_rounds.is_empty());
 }
