@@ -168,6 +168,9 @@ impl From<Refusal> for BrokerError {
             Refusal::NoSuchWorkload { name } => {
                 BrokerError::NotFound(format!("no workload named '{name}' (of yours)"))
             }
+            Refusal::NoSuchInstance { name } => {
+                BrokerError::NotFound(format!("no instance named '{name}' (of yours)"))
+            }
             Refusal::WorkloadOwnedByAnother { name } => BrokerError::AlreadyExists(format!(
                 "a workload named '{name}' belongs to another principal; choose another name"
             )),

@@ -72,6 +72,10 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
             "/v1/workloads/{name}",
             get(reservations::get_workload).delete(reservations::delete_workload),
         )
+        .route(
+            "/v1/instances/{name}",
+            axum::routing::delete(reservations::delete_instance),
+        )
         .route("/v1/pools", get(reservations::list_pools))
         .route("/v1/host-capacity", get(reservations::host_capacity))
         .route("/v1/warnings", get(reservations::list_warnings))

@@ -111,6 +111,28 @@ pub(crate) async fn delete_workload(
     }
 }
 
+pub(crate) async fn delete_instance(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Answer<serde_json::Value> {
+    require_role(
+        &principal,
+        &[Role::Borrower, Role::Admin],
+        "delete instances",
+    )?;
+    let command = BrokerCommand::DeleteInstance {
+        principal,
+        name: name.clone(),
+    };
+    match app.writer.submit(command).await.map_err(err)?.outcome {
+        Outcome::WorkloadApplied(_) | Outcome::WorkloadDeleted { .. } => {
+            Ok(Json(serde_json::json!({ "deleted": name })))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 pub(crate) async fn list_workloads(
     State(app): App,
     Extension(principal): Extension<Principal>,

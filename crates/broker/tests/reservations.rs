@@ -360,6 +360,13 @@ async fn spread_and_pack_are_honoured_and_deletion_gives_the_capacity_back() {
         error.detail().unwrap().field.as_deref(),
         Some("rule[1].instances")
     );
+    // Deleting instance a gives its pool back; the rest stay.
+    market.borrower.delete_instance("a").await.unwrap();
+    let pools = market.borrower.list_pools().await.unwrap();
+    assert!(pools.links.iter().all(|l| l.instance != "a"));
+    assert!(pools.links.iter().any(|l| l.instance == "b"));
+    let missing = market.borrower.delete_instance("a").await.unwrap_err();
+    assert_eq!(missing.status(), Some(404));
     market.borrower.delete_workload("web").await.unwrap();
     assert!(market.admin.list_pools().await.unwrap().pools.is_empty());
     let hosts = market.admin.host_capacity().await.unwrap();

@@ -97,6 +97,11 @@ pub enum BrokerCommand {
         principal: Principal,
         name: String,
     },
+    /// Deletes one instance of a workload (FIG. 16).
+    DeleteInstance {
+        principal: Principal,
+        name: String,
+    },
     /// A host's agent reports what the owner's own work uses now.
     RecordHostSample {
         host_id: String,
@@ -212,6 +217,9 @@ pub enum Refusal {
     NoSuchWorkload {
         name: String,
     },
+    NoSuchInstance {
+        name: String,
+    },
     /// The workload's name is taken by another principal's workload.
     WorkloadOwnedByAnother {
         name: String,
@@ -286,6 +294,9 @@ pub fn decide(
         } => reservation::commands::decide_apply_workload(table, principal, workload),
         BrokerCommand::DeleteWorkload { principal, name } => {
             reservation::commands::decide_delete_workload(table, principal, name)
+        }
+        BrokerCommand::DeleteInstance { principal, name } => {
+            reservation::commands::decide_delete_instance(table, principal, name)
         }
         BrokerCommand::RecordHostSample {
             host_id,

@@ -28,6 +28,12 @@ impl Client {
             .await
     }
 
+    /// Deletes one instance of a workload; its pool gives its capacity back.
+    pub async fn delete_instance(&self, name: &str) -> Result<serde_json::Value, ApiError> {
+        self.send::<(), _>(Method::DELETE, &format!("/v1/instances/{name}"), None, None)
+            .await
+    }
+
     /// The pools (FIG. 3) and the instance → pool links (FIG. 6).
     pub async fn list_pools(&self) -> Result<PoolList, ApiError> {
         self.get("/v1/pools").await

@@ -226,3 +226,32 @@ pub fn decide_plan_round(
         changes,
     })
 }
+
+/// Deletes one instance (FIG. 16): its workload goes on without it, and
+/// the pool of its demand gives its capacity back (a pack group's pool
+/// goes too, and is planned again for the instances left in it).
+pub fn decide_delete_instance(
+    table: TableView<'_>,
+    principal: &Principal,
+    instance: &str,
+) -> Result<Decision, Refusal> {
+    let book = table.reservations();
+    let workload = book
+        .instance_owner
+        .get(instance)
+        .and_then(|name| book.workloads.get(name))
+        .filter(|w| w.owner == principal.name || principal.role == Role::Admin)
+        .ok_or_else(|| Refusal::NoSuchInstance {
+            name: instance.to_string(),
+        })?;
+    if workload.instances.len() == 1 {
+        return decide_delete_workload(table, principal, &workload.name.clone());
+    }
+    let mut smaller = workload.clone();
+    smaller.instances.retain(|i| i.name != instance);
+    for rule in &mut smaller.rules {
+        rule.instances.retain(|i| i != instance);
+    }
+    smaller.rules.retain(|rule| !rule.instances.is_empty());
+    decide_apply_workload(table, principal, &smaller)
+}
