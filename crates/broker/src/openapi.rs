@@ -34,7 +34,21 @@ pub fn document() -> Value {
             "/v1/leases/{lease_id}": {"get": op("One lease; the key is shown to its borrower while active", "borrower, lender, admin")},
             "/v1/leases/{lease_id}/release": {"post": op("Release a lease and bill it once; retries answer with the same bill", "the lease's borrower")},
             "/v1/bill": {"get": op("The caller's leases and balance", "any")},
-            "/v1/ledger": {"get": op("Transfers and balances (admin: whole ledger, sums to zero)", "any")}
+            "/v1/ledger": {"get": op("Transfers and balances (admin: whole ledger, sums to zero)", "any")},
+            "/v1/hosts/{host_id}/samples": {"post": op("An agent's sample {owner_used: {cpu_centicores, memory_mib, disk_gib}}; answers {guaranteed, next_sample_after_ms}", "lender owning the host (or its host credential)")},
+            "/v1/workloads": {
+                "post": op("Create or replace a workload {name, priority, start, end, instance: [...], rule: [...]} (seed 003)", "borrower, admin"),
+                "get": op("Workloads with each instance's status and acquisition (own; admin: all)", "borrower, admin")
+            },
+            "/v1/workloads/{name}": {
+                "get": op("One workload", "its owner, admin"),
+                "delete": op("Delete a workload; its pools give their capacity back", "its owner, admin")
+            },
+            "/v1/instances/{name}": {"delete": op("Delete one instance of a workload", "its owner, admin")},
+            "/v1/pools": {"get": op("Acquisition pools (FIG. 3) and instance-pool links (FIG. 6)", "borrower (own workloads), lender (own hosts), admin")},
+            "/v1/host-capacity": {"get": op("Per host: total, owner share, lent, available, held, not yet acquired (FIG. 5)", "admin, lender (own hosts), borrower (hosts of own pools)")},
+            "/v1/warnings": {"get": op("Instances whose target will not be held by their start, with the earliest start and the largest reachable guarantee (FIG. 14)", "borrower (own), admin")},
+            "/v1/plan": {"post": op("Run a planning round now", "admin")}
         }
     })
 }
