@@ -137,6 +137,9 @@ pub struct HostCapacityView {
     pub sampled_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_at_ms: Option<u64>,
+    /// Powered down by power saving (FIG. 17): no new pools go there.
+    #[serde(default)]
+    pub powered_down: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +178,30 @@ pub struct HostSampleRequest {
 pub struct HostSampleAnswer {
     pub guaranteed: Capacity,
     pub next_sample_after_ms: u64,
+}
+
+/// `POST /v1/instances/{name}/migrate`: move a placed instance (FIG. 15).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    pub to: String,
+}
+
+/// `POST /v1/power/save`: drain the least-used host that may go (FIG. 17);
+/// a host holding a pool whose start is within `horizon_secs` (default an
+/// hour) stays up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerSaveRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub horizon_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerSaveView {
+    /// The host being drained, or none when no host may go.
+    pub host_id: Option<String>,
+    pub instances_moving: usize,
 }
 
 /// The answer of `POST /v1/plan`: a planning round run now.

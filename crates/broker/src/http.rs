@@ -76,6 +76,12 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
             "/v1/instances/{name}",
             axum::routing::delete(reservations::delete_instance),
         )
+        .route(
+            "/v1/instances/{name}/migrate",
+            post(reservations::migrate_instance),
+        )
+        .route("/v1/power/save", post(reservations::power_save))
+        .route("/v1/power/up/{host_id}", post(reservations::power_up))
         .route("/v1/pools", get(reservations::list_pools))
         .route("/v1/host-capacity", get(reservations::host_capacity))
         .route("/v1/warnings", get(reservations::list_warnings))

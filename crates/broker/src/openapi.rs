@@ -48,7 +48,10 @@ pub fn document() -> Value {
             "/v1/pools": {"get": op("Acquisition pools (FIG. 3) and instance-pool links (FIG. 6)", "borrower (own workloads), lender (own hosts), admin")},
             "/v1/host-capacity": {"get": op("Per host: total, owner share, lent, available, held, not yet acquired (FIG. 5)", "admin, lender (own hosts), borrower (hosts of own pools)")},
             "/v1/warnings": {"get": op("Instances whose target will not be held by their start, with the earliest start and the largest reachable guarantee (FIG. 14)", "borrower (own), admin")},
-            "/v1/plan": {"post": op("Run a planning round now", "admin")}
+            "/v1/plan": {"post": op("Run a planning round now", "admin")},
+            "/v1/instances/{name}/migrate": {"post": op("Move a placed instance to another host {to}; a pool ramps there and takes over once it holds the target (FIG. 15)", "its owner, admin")},
+            "/v1/power/save": {"post": op("Drain the least-used host that may go {horizon_secs}: its instances move elsewhere, it takes no new pools (FIG. 17)", "admin")},
+            "/v1/power/up/{host_id}": {"post": op("Power a drained host up again", "admin")}
         }
     })
 }

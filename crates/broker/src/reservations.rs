@@ -9,8 +9,8 @@ use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use leasehold_api::{
     ms_from_rfc3339, rfc3339_from_ms, HostCapacityView, HostSampleAnswer, HostSampleRequest,
-    InstancePoolLink, InstanceStatus, InstanceView, PlanRoundView, PoolList, PoolView, WarningView,
-    WorkloadFile, WorkloadView,
+    InstancePoolLink, InstanceStatus, InstanceView, MigrateRequest, PlanRoundView, PoolList,
+    PoolView, PowerSaveRequest, PowerSaveView, WarningView, WorkloadFile, WorkloadView,
 };
 use leasehold_core::command::{BrokerCommand, Outcome};
 use leasehold_core::reservation::commands::{owner_share, plan_hosts, total};
@@ -129,6 +129,80 @@ pub(crate) async fn delete_instance(
         Outcome::WorkloadApplied(_) | Outcome::WorkloadDeleted { .. } => {
             Ok(Json(serde_json::json!({ "deleted": name })))
         }
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) async fn migrate_instance(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+    JsonBody(request): JsonBody<MigrateRequest>,
+) -> Answer<serde_json::Value> {
+    require_role(
+        &principal,
+        &[Role::Borrower, Role::Admin],
+        "migrate instances",
+    )?;
+    let command = BrokerCommand::MigrateInstance {
+        principal,
+        name,
+        to_host: request.to,
+    };
+    match app.writer.submit(command).await.map_err(err)?.outcome {
+        Outcome::InstanceMoving { instance, to_host } => Ok(Json(
+            serde_json::json!({ "instance": instance, "moving_to": to_host }),
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// A host powered down stays so until powered up; an hour by default is
+/// "soon" for a start that keeps a host up.
+const DEFAULT_POWER_HORIZON_SECS: u64 = 3600;
+
+pub(crate) async fn power_save(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+    JsonBody(request): JsonBody<PowerSaveRequest>,
+) -> Answer<PowerSaveView> {
+    require_role(&principal, &[Role::Admin], "save power")?;
+    let horizon_ms = request
+        .horizon_secs
+        .unwrap_or(DEFAULT_POWER_HORIZON_SECS)
+        .saturating_mul(1000);
+    match app
+        .writer
+        .submit(BrokerCommand::PowerSave { horizon_ms })
+        .await
+        .map_err(err)?
+        .outcome
+    {
+        Outcome::PowerSaved {
+            host_id,
+            demands_moved,
+        } => Ok(Json(PowerSaveView {
+            host_id,
+            instances_moving: demands_moved,
+        })),
+        other => Err(unexpected(other)),
+    }
+}
+
+pub(crate) async fn power_up(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+    Path(host_id): Path<String>,
+) -> Answer<serde_json::Value> {
+    require_role(&principal, &[Role::Admin], "power hosts up")?;
+    match app
+        .writer
+        .submit(BrokerCommand::PowerUp { host_id })
+        .await
+        .map_err(err)?
+        .outcome
+    {
+        Outcome::PoweredUp { host_id } => Ok(Json(serde_json::json!({ "powered_up": host_id }))),
         other => Err(unexpected(other)),
     }
 }
@@ -437,6 +511,7 @@ impl Tables<'_> {
                     owner_used: latest.map(|s| s.owner_used),
                     sampled_at: latest.map(|s| rfc3339_from_ms(s.at_ms)),
                     sampled_at_ms: latest.map(|s| s.at_ms),
+                    powered_down: book.powered_off.contains_key(plan_host.host_id),
                 })
             })
             .collect()

@@ -71,6 +71,22 @@ pub fn table_from_snapshot(snapshot: BrokerSnapshot) -> Result<ResourceTable, Br
         snapshot.pools,
         snapshot.fruitless_rounds,
     );
+    for (demand, target) in snapshot.moves {
+        table.apply(&Change::Reservation(
+            leasehold_core::reservation::ReservationChange::SetMove {
+                demand,
+                target: Some(target),
+            },
+        ));
+    }
+    for (host_id, state) in snapshot.host_power {
+        table.apply(&Change::Reservation(
+            leasehold_core::reservation::ReservationChange::SetHostPower {
+                host_id,
+                state: Some(state),
+            },
+        ));
+    }
     Ok(table)
 }
 

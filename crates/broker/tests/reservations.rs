@@ -427,3 +427,174 @@ async fn pools_survive_a_restart_and_partitions_cannot_take_what_they_hold() {
         InstanceStatus::Guaranteed
     );
 }
+
+/// What `instance`'s demand holds on each host (acquired + allocated).
+async fn held_by_host(market: &Market, instance: &str) -> std::collections::BTreeMap<String, u64> {
+    let pools = market.admin.list_pools().await.unwrap();
+    let mut held = std::collections::BTreeMap::new();
+    for pool in pools
+        .pools
+        .iter()
+        .filter(|p| p.instances.iter().any(|i| i == instance))
+    {
+        *held.entry(pool.host_id.clone()).or_insert(0) +=
+            pool.acquired.memory_mib + pool.allocated.memory_mib;
+    }
+    held
+}
+
+#[tokio::test]
+async fn migration_keeps_the_guarantee_until_the_destination_holds_it_all() {
+    let market = start_market(&["h1", "h2"]).await;
+    market.sample("h1", 1024).await;
+    market.sample("h2", 7168).await;
+    let start_ms = START_MS + 3 * SECOND_MS;
+    let file = workload("svc", 1, start_ms, vec![instance("m", 1, 4096)], vec![]);
+    market.borrower.apply_workload(&file).await.unwrap();
+    for _ in 0..6 {
+        market.tick(&[("h1", 1024), ("h2", 7168)]).await;
+    }
+    assert_eq!(
+        held_by_host(&market, "m").await,
+        [("h1".to_string(), 4096)].into()
+    );
+    assert_eq!(market.acquired_mib("m").await.1, PoolPhase::HandedOver);
+    market.borrower.migrate_instance("m", "h2").await.unwrap();
+    // h2's owner frees memory slowly: the old pool keeps the whole guarantee
+    // meanwhile, and the switch happens in one round.
+    let mut owner_h2 = 7168;
+    let mut switched = false;
+    for _ in 0..30 {
+        owner_h2 = (owner_h2 - 512).max(1024);
+        market.tick(&[("h1", 1024), ("h2", owner_h2)]).await;
+        let held = held_by_host(&market, "m").await;
+        let on_h1 = held.get("h1").copied().unwrap_or(0);
+        let on_h2 = held.get("h2").copied().unwrap_or(0);
+        assert!(
+            on_h1 == 4096 || on_h2 == 4096,
+            "the guarantee lapsed: {held:?}"
+        );
+        if on_h1 == 0 {
+            switched = true;
+            break;
+        }
+    }
+    assert!(switched, "moved to h2");
+    let (_, phase, host) = market.acquired_mib("m").await;
+    assert_eq!((phase, host.as_str()), (PoolPhase::HandedOver, "h2"));
+    let error = market
+        .borrower
+        .migrate_instance("m", "h2")
+        .await
+        .unwrap_err();
+    assert_eq!(error.detail().unwrap().field.as_deref(), Some("to"));
+}
+
+#[tokio::test]
+async fn power_saving_empties_the_least_used_host_but_not_one_a_start_soon_needs() {
+    let market = start_market(&["h1", "h2", "h3"]).await;
+    for host in ["h1", "h2", "h3"] {
+        market.sample(host, 1024).await;
+    }
+    let now_start = START_MS + 2 * SECOND_MS;
+    // h1: a running instance; h3: a pool for a start in 10 minutes.
+    let running = workload("run", 1, now_start, vec![instance("r", 1, 1024)], vec![]);
+    market.borrower.apply_workload(&running).await.unwrap();
+    market
+        .tick(&[("h1", 1024), ("h2", 1024), ("h3", 1024)])
+        .await;
+    let on = market.acquired_mib("r").await.2;
+    let later = workload(
+        "later",
+        1,
+        START_MS + 600 * SECOND_MS,
+        vec![instance("l", 1, 2048)],
+        vec![],
+    );
+    market.borrower.apply_workload(&later).await.unwrap();
+    for _ in 0..3 {
+        market
+            .tick(&[("h1", 1024), ("h2", 1024), ("h3", 1024)])
+            .await;
+    }
+    let soon_host = market.acquired_mib("l").await.2;
+    assert_ne!(on, soon_host);
+    let saved = market
+        .admin
+        .power_save(&leasehold_api::PowerSaveRequest::default())
+        .await
+        .unwrap();
+    // The empty host goes first.
+    let empty: Vec<&str> = ["h1", "h2", "h3"]
+        .into_iter()
+        .filter(|h| *h != on && *h != soon_host)
+        .collect();
+    assert_eq!(saved.host_id.as_deref(), Some(empty[0]));
+    assert_eq!(saved.instances_moving, 0);
+    // Then the host of the running instance: it moves, its guarantee kept.
+    let saved = market
+        .admin
+        .power_save(&leasehold_api::PowerSaveRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(saved.host_id.as_deref(), Some(on.as_str()));
+    assert_eq!(saved.instances_moving, 1);
+    for _ in 0..3 {
+        market
+            .tick(&[("h1", 1024), ("h2", 1024), ("h3", 1024)])
+            .await;
+        let held = held_by_host(&market, "r").await;
+        assert!(held.values().any(|v| *v == 1024), "{held:?}");
+    }
+    let (_, phase, host) = market.acquired_mib("r").await;
+    assert_eq!(
+        (phase, host.as_str()),
+        (PoolPhase::HandedOver, soon_host.as_str())
+    );
+    // The host a start in ten minutes needs is not powered down.
+    let saved = market
+        .admin
+        .power_save(&leasehold_api::PowerSaveRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(saved.host_id, None);
+    let hosts = market.admin.host_capacity().await.unwrap();
+    assert_eq!(hosts.iter().filter(|h| h.powered_down).count(), 2);
+    market.admin.power_up(empty[0]).await.unwrap();
+    let hosts = market.admin.host_capacity().await.unwrap();
+    assert_eq!(hosts.iter().filter(|h| h.powered_down).count(), 1);
+}
+
+#[tokio::test]
+async fn a_powered_down_host_is_woken_early_enough_for_a_start_that_needs_it() {
+    let market = start_market(&["h1"]).await;
+    market.sample("h1", 1024).await;
+    let saved = market
+        .admin
+        .power_save(&leasehold_api::PowerSaveRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(saved.host_id.as_deref(), Some("h1"));
+    // 6144 MiB in steps of 1920 (a quarter of 7680 lendable): 4 steps.
+    let start_ms = START_MS + 20 * SECOND_MS;
+    let file = workload("wake", 1, start_ms, vec![instance("w", 1, 6144)], vec![]);
+    market.borrower.apply_workload(&file).await.unwrap();
+    let mut woke_at = None;
+    for second in 1..=20 {
+        market.tick(&[("h1", 1024)]).await;
+        let down = market.admin.host_capacity().await.unwrap()[0].powered_down;
+        if !down && woke_at.is_none() {
+            woke_at = Some(second);
+        }
+    }
+    let woke_at = woke_at.expect("woken");
+    assert!(
+        woke_at > 5,
+        "not woken long before it was needed: second {woke_at}"
+    );
+    assert_eq!(
+        market.acquired_mib("w").await.0,
+        6144,
+        "complete by the start"
+    );
+}

@@ -112,6 +112,19 @@ pub enum BrokerCommand {
     PlanRound {
         policy: PlanPolicy,
     },
+    /// Moves a placed instance to another host (FIG. 15).
+    MigrateInstance {
+        principal: Principal,
+        name: String,
+        to_host: String,
+    },
+    /// Drains the least-used host that may go (FIG. 17).
+    PowerSave {
+        horizon_ms: u64,
+    },
+    PowerUp {
+        host_id: String,
+    },
 }
 
 /// What a decided command did.
@@ -160,6 +173,17 @@ pub enum Outcome {
     },
     PlanRoundRan {
         changes: usize,
+    },
+    InstanceMoving {
+        instance: String,
+        to_host: String,
+    },
+    PowerSaved {
+        host_id: Option<String>,
+        demands_moved: usize,
+    },
+    PoweredUp {
+        host_id: String,
     },
 }
 
@@ -311,6 +335,17 @@ pub fn decide(
         ),
         BrokerCommand::PlanRound { policy } => {
             reservation::commands::decide_plan_round(table, *policy, now_ms)
+        }
+        BrokerCommand::MigrateInstance {
+            principal,
+            name,
+            to_host,
+        } => reservation::commands::decide_migrate(table, principal, name, to_host),
+        BrokerCommand::PowerSave { horizon_ms } => {
+            reservation::commands::decide_power_save(table, *horizon_ms, now_ms)
+        }
+        BrokerCommand::PowerUp { host_id } => {
+            reservation::commands::decide_power_up(table, host_id)
         }
     }
 }

@@ -6,6 +6,7 @@ use crate::{migrate::migrate, open_connection, Durability, StoreResult};
 use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::Lease;
 use leasehold_core::ledger::Transfer;
+use leasehold_core::reservation::moves::{MoveTarget, PowerState};
 use leasehold_core::reservation::{Pool, ReservationChange, Workload};
 use leasehold_core::table::Change;
 pub use leasehold_core::table::{HostCredentialRow, HostRow, PartitionRow};
@@ -169,6 +170,16 @@ CREATE INDEX acquisition_pools_by_workload ON acquisition_pools (workload);
 CREATE TABLE fruitless_rounds (
     demand TEXT PRIMARY KEY,
     rounds INTEGER NOT NULL
+);
+-- Demands being moved to another host (FIG. 15) and hosts powered down
+-- (FIG. 17), as JSON beside their keys.
+CREATE TABLE reservation_moves (
+    demand TEXT PRIMARY KEY,
+    target TEXT NOT NULL
+);
+CREATE TABLE host_power (
+    host_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL
 );
 "#,
 ];
@@ -373,6 +384,8 @@ pub struct BrokerSnapshot {
     pub workloads: Vec<Workload>,
     pub pools: Vec<Pool>,
     pub fruitless_rounds: Vec<(String, u32)>,
+    pub moves: Vec<(String, MoveTarget)>,
+    pub host_power: Vec<(String, PowerState)>,
 }
 
 /// Which leases a query returns.

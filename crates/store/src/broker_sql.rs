@@ -146,6 +146,20 @@ fn apply_reservation(tx: &mut dyn SqlConnection, change: &ReservationChange) -> 
         ReservationChange::RemovePool { pool_id } => {
             tx.execute("DELETE FROM acquisition_pools WHERE pool_id = ?1", &[int(*pool_id)])
         }
+        ReservationChange::SetMove { demand, target: None } => {
+            tx.execute("DELETE FROM reservation_moves WHERE demand = ?1", &[demand.into()])
+        }
+        ReservationChange::SetMove { demand, target: Some(target) } => tx.execute(
+            "INSERT INTO reservation_moves (demand, target) VALUES (?1, ?2) ON CONFLICT (demand) DO UPDATE SET target = excluded.target",
+            &[demand.into(), json(target).into()],
+        ),
+        ReservationChange::SetHostPower { host_id, state: None } => {
+            tx.execute("DELETE FROM host_power WHERE host_id = ?1", &[host_id.into()])
+        }
+        ReservationChange::SetHostPower { host_id, state: Some(state) } => tx.execute(
+            "INSERT INTO host_power (host_id, state) VALUES (?1, ?2) ON CONFLICT (host_id) DO UPDATE SET state = excluded.state",
+            &[host_id.into(), json(state).into()],
+        ),
         ReservationChange::SetFruitlessRounds { demand, rounds: 0 } => {
             tx.execute("DELETE FROM fruitless_rounds WHERE demand = ?1", &[demand.into()])
         }
@@ -178,6 +192,22 @@ fn load_reservations(
         snapshot
             .fruitless_rounds
             .push((row.text(0)?, row.u64(1)? as u32));
+    }
+    for row in conn.query(
+        "SELECT demand, target FROM reservation_moves ORDER BY demand",
+        &[],
+    )? {
+        snapshot
+            .moves
+            .push((row.text(0)?, from_json("reservation_moves", &row.text(1)?)?));
+    }
+    for row in conn.query(
+        "SELECT host_id, state FROM host_power ORDER BY host_id",
+        &[],
+    )? {
+        snapshot
+            .host_power
+            .push((row.text(0)?, from_json("host_power", &row.text(1)?)?));
     }
     Ok(())
 }

@@ -156,6 +156,16 @@ CREATE TABLE fruitless_rounds (
     demand TEXT PRIMARY KEY,
     rounds BIGINT NOT NULL
 );
+-- Demands being moved to another host (FIG. 15) and hosts powered down
+-- (FIG. 17), as JSON beside their keys.
+CREATE TABLE reservation_moves (
+    demand TEXT PRIMARY KEY,
+    target TEXT NOT NULL
+);
+CREATE TABLE host_power (
+    host_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL
+);
 "#,
 ];
 

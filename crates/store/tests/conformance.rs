@@ -7,6 +7,7 @@
 use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::Transfer;
+use leasehold_core::reservation::moves::{MoveTarget, PowerState};
 use leasehold_core::reservation::{
     Capacity, InstanceSpec, Pool, PoolPhase, ReservationChange, Workload,
 };
@@ -694,6 +695,16 @@ fn workloads_pools_and_counters_round_trip_and_deleting_a_workload_takes_its_poo
             demand: "b1".into(),
             rounds: 3,
         }),
+        BrokerWrite::Reservation(R::SetMove {
+            demand: "w1".into(),
+            target: Some(MoveTarget::Host {
+                host_id: "beta".into(),
+            }),
+        }),
+        BrokerWrite::Reservation(R::SetHostPower {
+            host_id: "gamma".into(),
+            state: Some(PowerState::Off),
+        }),
     ])
     .unwrap();
     // A pool's row is replaced as it ramps.
@@ -710,6 +721,19 @@ fn workloads_pools_and_counters_round_trip_and_deleting_a_workload_takes_its_poo
     assert_eq!(loaded.pools.len(), 2);
     assert_eq!(loaded.pools[0].acquired.memory_mib, 2048);
     assert_eq!(loaded.fruitless_rounds, vec![("b1".to_string(), 3)]);
+    assert_eq!(
+        loaded.moves,
+        vec![(
+            "w1".to_string(),
+            MoveTarget::Host {
+                host_id: "beta".into()
+            }
+        )]
+    );
+    assert_eq!(
+        loaded.host_power,
+        vec![("gamma".to_string(), PowerState::Off)]
+    );
     db.apply(&[
         BrokerWrite::Reservation(R::RemoveWorkload { name: "web".into() }),
         BrokerWrite::Reservation(R::SetFruitlessRounds {
@@ -717,10 +741,19 @@ fn workloads_pools_and_counters_round_trip_and_deleting_a_workload_takes_its_poo
             rounds: 0,
         }),
         BrokerWrite::Reservation(R::RemovePool { pool_id: 2 }),
+        BrokerWrite::Reservation(R::SetMove {
+            demand: "w1".into(),
+            target: None,
+        }),
+        BrokerWrite::Reservation(R::SetHostPower {
+            host_id: "gamma".into(),
+            state: None,
+        }),
     ])
     .unwrap();
     let loaded = database.open().load().unwrap();
     assert_eq!(loaded.workloads, vec![batch]);
     assert!(loaded.pools.is_empty(), "the workload's pool went with it");
     assert!(loaded.fruitless_rounds.is_empty());
+    assert!(loaded.moves.is_empty() && loaded.host_power.is_empty());
 }

@@ -2,8 +2,8 @@
 
 use super::{ApiError, Client};
 use crate::reservations::{
-    HostCapacityView, HostSampleAnswer, HostSampleRequest, PlanRoundView, PoolList, WarningView,
-    WorkloadFile, WorkloadView,
+    HostCapacityView, HostSampleAnswer, HostSampleRequest, MigrateRequest, PlanRoundView, PoolList,
+    PowerSaveRequest, PowerSaveView, WarningView, WorkloadFile, WorkloadView,
 };
 use reqwest::Method;
 
@@ -32,6 +32,42 @@ impl Client {
     pub async fn delete_instance(&self, name: &str) -> Result<serde_json::Value, ApiError> {
         self.send::<(), _>(Method::DELETE, &format!("/v1/instances/{name}"), None, None)
             .await
+    }
+
+    /// Moves a placed instance to `to_host` (FIG. 15); the guarantee holds
+    /// throughout.
+    pub async fn migrate_instance(
+        &self,
+        name: &str,
+        to_host: &str,
+    ) -> Result<serde_json::Value, ApiError> {
+        let body = MigrateRequest {
+            to: to_host.to_string(),
+        };
+        self.send(
+            Method::POST,
+            &format!("/v1/instances/{name}/migrate"),
+            Some(&body),
+            None,
+        )
+        .await
+    }
+
+    /// Drains the least-used host that may go (FIG. 17; admin).
+    pub async fn power_save(&self, request: &PowerSaveRequest) -> Result<PowerSaveView, ApiError> {
+        self.send(Method::POST, "/v1/power/save", Some(request), None)
+            .await
+    }
+
+    /// Powers a drained host up again (admin).
+    pub async fn power_up(&self, host_id: &str) -> Result<serde_json::Value, ApiError> {
+        self.send(
+            Method::POST,
+            &format!("/v1/power/up/{host_id}"),
+            Some(&serde_json::json!({})),
+            None,
+        )
+        .await
     }
 
     /// The pools (FIG. 3) and the instance → pool links (FIG. 6).

@@ -3,11 +3,13 @@
 //! round. `command::decide` hands these variants here.
 
 use super::capacity::Capacity;
+use super::moves::{host_to_power_down, power_down_changes, MoveTarget};
 use super::planner::{plan_round, PlanHost, PlanPolicy};
 use super::{HostSample, PoolPhase, ReservationBook, ReservationChange, Workload};
 use crate::command::{Decision, Outcome, Refusal};
 use crate::table::{Change, HostEntry, Principal, TableView};
 use crate::{FieldError, HostCapacity, Role};
+use std::collections::BTreeSet;
 
 /// A start this close (in planning intervals) makes its host sample faster.
 const NEAR_START_INTERVALS: u64 = 10;
@@ -254,4 +256,127 @@ pub fn decide_delete_instance(
     }
     smaller.rules.retain(|rule| !rule.instances.is_empty());
     decide_apply_workload(table, principal, &smaller)
+}
+
+/// Starts moving a placed instance's demand to `to_host` (FIG. 15): the
+/// planner ramps a pool there and switches once it holds the target.
+pub fn decide_migrate(
+    table: TableView<'_>,
+    principal: &Principal,
+    instance: &str,
+    to_host: &str,
+) -> Result<Decision, Refusal> {
+    let book = table.reservations();
+    let workload = book
+        .instance_owner
+        .get(instance)
+        .and_then(|name| book.workloads.get(name))
+        .filter(|w| w.owner == principal.name || principal.role == Role::Admin)
+        .ok_or_else(|| Refusal::NoSuchInstance {
+            name: instance.to_string(),
+        })?;
+    let host = table.host(to_host).ok_or(Refusal::NoSuchHost)?;
+    if book.powered_off.contains_key(to_host) {
+        return Err(Refusal::Invalid(FieldError::new(
+            "to",
+            format!("host '{to_host}' is powered down; power it up first"),
+        )));
+    }
+    let demand = workload
+        .demands()
+        .into_iter()
+        .find(|d| d.instances.iter().any(|i| i == instance))
+        .ok_or_else(|| Refusal::Internal(format!("instance {instance} has no demand")))?;
+    let placed = book
+        .pools
+        .values()
+        .find(|p| p.demand == demand.key && p.phase != PoolPhase::Acquiring)
+        .ok_or_else(|| {
+            Refusal::Invalid(FieldError::new(
+                "name",
+                format!("instance '{instance}' holds no guarantee yet; the planner places it"),
+            ))
+        })?;
+    if placed.host_id == to_host {
+        return Err(Refusal::Invalid(FieldError::new(
+            "to",
+            format!("instance '{instance}' is on '{to_host}' already"),
+        )));
+    }
+    let others = book.held_on_host(to_host);
+    let lendable = total(&host.row.capacity).saturating_sub(owner_share(&host.row.capacity));
+    let room = lendable
+        .saturating_sub(lent_on_host(table, host))
+        .saturating_sub(others);
+    if let Some((field, want, has)) = demand.target.first_excess(room) {
+        return Err(Refusal::Invalid(FieldError::new(
+            "to",
+            format!("host '{to_host}' can never hold it: {field} {want} wanted, {has} at most"),
+        )));
+    }
+    Ok(Decision {
+        outcome: Outcome::InstanceMoving {
+            instance: instance.to_string(),
+            to_host: to_host.to_string(),
+        },
+        changes: vec![Change::Reservation(ReservationChange::SetMove {
+            demand: demand.key,
+            target: Some(MoveTarget::Host {
+                host_id: to_host.to_string(),
+            }),
+        })],
+    })
+}
+
+/// Power saving (FIG. 17): drains the least-used host that may go (none of
+/// its partitions leased, no pool on it of a start within `horizon_ms`).
+pub fn decide_power_save(
+    table: TableView<'_>,
+    horizon_ms: u64,
+    now_ms: u64,
+) -> Result<Decision, Refusal> {
+    let hosts = plan_hosts(table);
+    let leased: BTreeSet<String> = table
+        .hosts()
+        .filter(|host| {
+            host.partitions.iter().any(|index| {
+                let partition = crate::PartitionRef::new(host.row.host_id.clone(), *index);
+                table
+                    .partition(&partition)
+                    .is_some_and(|e| e.lease_id.is_some())
+            })
+        })
+        .map(|host| host.row.host_id.clone())
+        .collect();
+    let book = table.reservations();
+    let Some(host_id) = host_to_power_down(book, &hosts, &leased, horizon_ms, now_ms) else {
+        return Ok(Decision {
+            outcome: Outcome::PowerSaved {
+                host_id: None,
+                demands_moved: 0,
+            },
+            changes: vec![],
+        });
+    };
+    let changes = power_down_changes(book, &host_id);
+    Ok(Decision {
+        outcome: Outcome::PowerSaved {
+            host_id: Some(host_id),
+            demands_moved: changes.len() - 1,
+        },
+        changes: changes.into_iter().map(Change::Reservation).collect(),
+    })
+}
+
+pub fn decide_power_up(table: TableView<'_>, host_id: &str) -> Result<Decision, Refusal> {
+    table.host(host_id).ok_or(Refusal::NoSuchHost)?;
+    Ok(Decision {
+        outcome: Outcome::PoweredUp {
+            host_id: host_id.to_string(),
+        },
+        changes: vec![Change::Reservation(ReservationChange::SetHostPower {
+            host_id: host_id.to_string(),
+            state: None,
+        })],
+    })
 }

@@ -11,6 +11,7 @@
 pub mod capacity;
 pub mod commands;
 pub mod forecast;
+pub mod moves;
 pub mod planner;
 pub mod report;
 pub mod warnings;
@@ -134,6 +135,16 @@ pub enum ReservationChange {
         demand: String,
         rounds: u32,
     },
+    /// A demand to move (FIG. 15), or no longer (`None`).
+    SetMove {
+        demand: String,
+        target: Option<moves::MoveTarget>,
+    },
+    /// A host powered down (FIG. 17), or up again (`None`).
+    SetHostPower {
+        host_id: String,
+        state: Option<moves::PowerState>,
+    },
 }
 
 /// The workloads, their pools and the planner's counters.
@@ -146,6 +157,10 @@ pub struct ReservationBook {
     pub fruitless_rounds: BTreeMap<String, u32>,
     pub last_pool_id: u64,
     pub last_workload_seq: u64,
+    /// Demands being moved, and where to.
+    pub moves: BTreeMap<String, moves::MoveTarget>,
+    /// Hosts powered down (or draining for it).
+    pub powered_off: BTreeMap<String, moves::PowerState>,
     /// What pools hold per host, kept with every change (samples ask for
     /// it every interval on every host).
     held: BTreeMap<String, Capacity>,
@@ -173,6 +188,7 @@ impl ReservationBook {
                     for instance in &old.instances {
                         self.instance_owner.remove(&instance.name);
                         self.fruitless_rounds.remove(&instance.name);
+                        self.moves.remove(&instance.name);
                     }
                 }
                 let gone: Vec<u64> = self
@@ -193,6 +209,22 @@ impl ReservationBook {
                 self.pools.insert(pool.pool_id, pool.clone());
             }
             ReservationChange::RemovePool { pool_id } => self.remove_pool(*pool_id),
+            ReservationChange::SetMove { demand, target } => match target {
+                Some(target) => {
+                    self.moves.insert(demand.clone(), target.clone());
+                }
+                None => {
+                    self.moves.remove(demand);
+                }
+            },
+            ReservationChange::SetHostPower { host_id, state } => match state {
+                Some(state) => {
+                    self.powered_off.insert(host_id.clone(), *state);
+                }
+                None => {
+                    self.powered_off.remove(host_id);
+                }
+            },
             ReservationChange::SetFruitlessRounds { demand, rounds } => {
                 if *rounds == 0 {
                     self.fruitless_rounds.remove(demand);

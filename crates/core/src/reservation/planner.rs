@@ -112,8 +112,17 @@ pub fn plan_round(
     now_ms: u64,
 ) -> Vec<ReservationChange> {
     let mut round = Round::new(book, hosts, policy, now_ms);
-    for (workload, demand) in demands_in_order(book) {
-        round.plan_demand(book, workload, &demand);
+    let demands = demands_in_order(book);
+    for (workload, demand) in &demands {
+        round.plan_demand(book, workload, demand);
+    }
+    if !book.powered_off.is_empty() {
+        for host_id in super::moves::hosts_to_wake(&round, book, &demands) {
+            round.changes.push(ReservationChange::SetHostPower {
+                host_id,
+                state: None,
+            });
+        }
     }
     round.changes
 }
@@ -155,6 +164,11 @@ impl<'a> Round<'a> {
             }
             return;
         }
+        if book.moves.contains_key(&demand.key) {
+            let pools = self.plan_move(book, workload, demand, pools);
+            self.pools.insert(demand.key.clone(), pools);
+            return;
+        }
         if pools.iter().any(|p| p.phase == PoolPhase::HandedOver) {
             self.pools.insert(demand.key.clone(), pools);
             return;
@@ -178,14 +192,15 @@ impl<'a> Round<'a> {
     }
 
     /// Hosts this demand must stay off: where a demand its workload spreads
-    /// it apart from has a pool.
-    fn excluded_hosts(
+    /// it apart from has a pool, and hosts powered down.
+    pub(crate) fn excluded_hosts(
         &self,
         book: &ReservationBook,
         workload: &Workload,
         demand: &Demand,
     ) -> BTreeSet<String> {
-        let mut excluded = BTreeSet::new();
+        // Hosts powered down (or draining for it) take no new pools.
+        let mut excluded: BTreeSet<String> = book.powered_off.keys().cloned().collect();
         if workload.rules.is_empty() {
             return excluded;
         }
@@ -202,7 +217,6 @@ impl<'a> Round<'a> {
                 .unwrap_or_default();
             excluded.extend(pools.iter().map(|p| p.host_id.clone()));
         }
-        let _ = book;
         excluded
     }
 
@@ -310,7 +324,7 @@ impl<'a> Round<'a> {
     /// Every pool due a step raises its guarantee by at most a step, never
     /// above what its host has free; the demand's count of fruitless
     /// rounds follows.
-    fn step_pools(
+    pub(crate) fn step_pools(
         &mut self,
         book: &ReservationBook,
         demand: &Demand,
@@ -355,7 +369,7 @@ impl<'a> Round<'a> {
         pools
     }
 
-    fn grant(&mut self, pool: &mut Pool, grant: Capacity) {
+    pub(crate) fn grant(&mut self, pool: &mut Pool, grant: Capacity) {
         pool.acquired = pool.acquired.saturating_add(grant);
         if pool.requested.fits_in(pool.acquired) || pool.phase == PoolPhase::Chosen {
             pool.requested = pool.requested.max(pool.acquired);
@@ -404,7 +418,7 @@ impl<'a> Round<'a> {
 
     /// At the start: the chosen pool's capacity goes to its instances in
     /// one change (FIG. 13); what it holds on its host does not change.
-    fn hand_over(&mut self, mut pool: Pool) -> Pool {
+    pub(crate) fn hand_over(&mut self, mut pool: Pool) -> Pool {
         if pool.phase != PoolPhase::Chosen {
             return pool;
         }
@@ -416,7 +430,7 @@ impl<'a> Round<'a> {
         pool
     }
 
-    fn release(&mut self, pool: Pool) {
+    pub(crate) fn release(&mut self, pool: Pool) {
         if let Some(held) = self.held.get_mut(&pool.host_id) {
             *held = held.saturating_sub(pool.held());
         }
@@ -425,7 +439,7 @@ impl<'a> Round<'a> {
         });
     }
 
-    fn new_pool(&mut self, workload: &Workload, demand: &Demand, host_id: &str) -> Pool {
+    pub(crate) fn new_pool(&mut self, workload: &Workload, demand: &Demand, host_id: &str) -> Pool {
         self.next_pool_id += 1;
         Pool {
             pool_id: self.next_pool_id,
