@@ -51,6 +51,7 @@ impl Agent {
             FenceEvent::KeyPresented {
                 lease_id: claims.lease_id,
                 epoch: claims.epoch,
+                key_valid_from_ms: claims.not_before_ms.unwrap_or(0),
                 key_expires_at_ms: claims.expires_at_ms,
             },
         )?;

@@ -183,6 +183,7 @@ impl Harness {
     fn key(&self, index: u32, lease_id: u64, epoch: u64, expires_at_ms: u64) -> String {
         key::sign(
             &LeaseKeyClaims {
+                not_before_ms: None,
                 lease_id,
                 host_id: "alpha".into(),
                 partition_index: index,

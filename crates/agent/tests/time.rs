@@ -130,6 +130,8 @@ async fn lease(market: &Market, partition: &str) -> LeaseView {
         partition: Some(partition.into()),
         best: None,
         allow_unisolated: false,
+        start: None,
+        end: None,
     };
     market.borrower.lease(&request).await.unwrap()
 }
@@ -178,6 +180,7 @@ async fn a_key_is_accepted_until_the_millisecond_before_it_expires_and_refused_f
 fn forged_key(lease: &LeaseView) -> String {
     let forger = key::signing_key_from_seed([42; 32]);
     let claims = LeaseKeyClaims {
+        not_before_ms: None,
         lease_id: lease.lease_id,
         host_id: lease.partition.host_id.clone(),
         partition_index: lease.partition.index,
@@ -278,4 +281,38 @@ async fn the_brokers_word_on_a_lender_token_is_trusted_for_sixty_seconds() {
     let error = lender_at_agent.agent_list_partitions().await.unwrap_err();
     assert!(matches!(error.status(), Some(401 | 403)), "{error}");
     agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_booked_ahead_is_refused_before_its_start_and_after_its_end() {
+    let market = start_market().await;
+    let start_ms = START_MS + 60_000;
+    let end_ms = start_ms + 3_600_000;
+    let request = LeaseRequest {
+        partition: Some("alpha/1".into()),
+        best: None,
+        allow_unisolated: false,
+        start: Some(leasehold_api::rfc3339_from_ms(start_ms)),
+        end: Some(leasehold_api::rfc3339_from_ms(end_ms)),
+    };
+    let lease = market.borrower.lease(&request).await.unwrap();
+    assert_eq!(lease.started_at_ms, start_ms, "billed from the start");
+    assert_eq!(lease.key_expires_at_ms, end_ms);
+    let key = lease.lease_key.clone().unwrap();
+    assert_eq!(
+        run_with(&market, 1, &key).await,
+        Err(Some(KeyRejection::NotYetValid))
+    );
+    market.clock.advance_ms(60_000 - 1);
+    assert_eq!(
+        run_with(&market, 1, &key).await,
+        Err(Some(KeyRejection::NotYetValid))
+    );
+    market.clock.advance_ms(1);
+    assert_eq!(run_with(&market, 1, &key).await, Ok(0));
+    market.clock.advance_ms(3_600_000);
+    assert_eq!(
+        run_with(&market, 1, &key).await,
+        Err(Some(KeyRejection::Expired))
+    );
 }

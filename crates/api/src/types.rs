@@ -162,6 +162,12 @@ pub struct LeaseRequest {
     /// (with `best`, `best.allow_unisolated` says so).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_unisolated: bool,
+    /// Book the lease ahead for `[start, end)` (RFC 3339, both or neither):
+    /// billed from the start, its key valid only inside the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use leasehold_api::*;
 use leasehold_core::command::{
-    check_known_image, may_see_lease, BrokerCommand, LeaseTarget, Outcome, Refusal,
+    check_known_image, may_see_lease, BrokerCommand, LeaseTarget, LeaseWindow, Outcome, Refusal,
 };
 use leasehold_core::key::{self, LeaseKeyClaims};
 use leasehold_core::lease::{Lease, LeaseState};
@@ -517,9 +517,37 @@ fn sign_lease_key(app: &AppState, lease: &Lease) -> String {
             expires_at_ms: lease.key_expires_at_ms,
             key_id: app.signing_key_id.clone(),
             terms: Some(lease.terms.clone()),
+            // A lease booked ahead: its key works inside its window only.
+            not_before_ms: lease.ends_at_ms.map(|_| lease.started_at_ms),
         },
         &app.signing_key,
     )
+}
+
+/// The window of a lease booked ahead: both times or neither.
+fn lease_window(request: &LeaseRequest) -> Result<Option<LeaseWindow>, ErrorResponse> {
+    let parse = |field: &str, text: &str| {
+        ms_from_rfc3339(text).map_err(|problem| {
+            err(BrokerError::Invalid(leasehold_core::FieldError::new(
+                field, problem,
+            )))
+        })
+    };
+    match (&request.start, &request.end) {
+        (None, None) => Ok(None),
+        (Some(start), Some(end)) => Ok(Some(LeaseWindow {
+            start_ms: parse("start", start)?,
+            end_ms: parse("end", end)?,
+        })),
+        (Some(_), None) => Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
+            "end",
+            "a lease booked ahead needs an end as well as a start",
+        )))),
+        (None, Some(_)) => Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
+            "start",
+            "a lease booked ahead needs a start as well as an end",
+        )))),
+    }
 }
 
 /// The partition a lease request names, or its requirements.
@@ -544,11 +572,13 @@ async fn lease(
     JsonBody(request): JsonBody<LeaseRequest>,
 ) -> Result<(StatusCode, Json<LeaseView>), ErrorResponse> {
     require_role(&principal, &[Role::Borrower], "lease partitions")?;
+    let window = lease_window(&request)?;
     let command = BrokerCommand::Lease {
         borrower: principal.name.clone(),
         idempotency_key: idempotency_key(&headers)?,
         target: lease_target(request)?,
         key_ttl_ms: app.config.key_ttl_ms,
+        window,
     };
     let (status, lease) = match app.writer.submit(command).await.map_err(err)?.outcome {
         Outcome::Leased { lease, .. } => (StatusCode::CREATED, lease),

@@ -267,6 +267,7 @@ pub(crate) async fn plan_now(
     Extension(principal): Extension<Principal>,
 ) -> Answer<PlanRoundView> {
     require_role(&principal, &[Role::Admin], "run a planning round")?;
+    release_ended_leases(&app).await;
     let policy = app.config.plan_policy;
     match app
         .writer
@@ -568,6 +569,7 @@ pub(crate) fn spawn_planner(app: Arc<AppState>) {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
+            release_ended_leases(&app).await;
             let policy = app.config.plan_policy;
             match app.writer.submit(BrokerCommand::PlanRound { policy }).await {
                 Ok(_) => {}
@@ -578,4 +580,34 @@ pub(crate) fn spawn_planner(app: Arc<AppState>) {
             }
         }
     });
+}
+
+/// Leases booked for a window are released when it ends, as their
+/// borrower would (the bill stops at the end either way; this frees the
+/// partition for its lender and the next borrower).
+pub(crate) async fn release_ended_leases(app: &AppState) {
+    let now_ms = app.config.clock.now_ms();
+    let ended: Vec<(u64, String)> = {
+        let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+        state
+            .active_leases
+            .values()
+            .filter(|lease| lease.ends_at_ms.is_some_and(|end| end <= now_ms))
+            .map(|lease| (lease.lease_id, lease.borrower.clone()))
+            .collect()
+    };
+    for (lease_id, borrower) in ended {
+        let command = BrokerCommand::Release {
+            releaser: Principal {
+                name: borrower,
+                role: Role::Borrower,
+                host_scope: None,
+            },
+            lease_id,
+            commission_basis_points: app.config.commission_basis_points,
+        };
+        if let Err(error) = app.writer.submit(command).await {
+            tracing::warn!(lease_id, %error, "cannot release a lease whose window ended; trying again next round");
+        }
+    }
 }

@@ -156,6 +156,8 @@ fn lease_h1_1() -> LeaseRequest {
         partition: Some("h1/1".into()),
         best: None,
         allow_unisolated: false,
+        start: None,
+        end: None,
     }
 }
 
@@ -244,6 +246,8 @@ async fn leases_by_requirements_in_one_batch_each_get_another_partition() {
         partition: None,
         best: Some(Requirements::default()),
         allow_unisolated: false,
+        start: None,
+        end: None,
     };
     // The first lease holds the writer inside its commit, so the next
     // seven queue up and those that arrived meanwhile are decided in one

@@ -598,3 +598,103 @@ async fn a_powered_down_host_is_woken_early_enough_for_a_start_that_needs_it() {
         "complete by the start"
     );
 }
+
+fn partition_terms() -> Terms {
+    Terms {
+        vcpus: 1,
+        cpu_cap_percent: 100,
+        memory_mib: 256,
+        disk_gib: 1,
+        images: vec!["busybox".into()],
+        // One milli-unit (1,000 micros) per second.
+        price_per_hour_micros: 3_600_000,
+        isolation: None,
+    }
+}
+
+fn booked(partition: &str, start_ms: u64, end_ms: u64) -> leasehold_api::LeaseRequest {
+    leasehold_api::LeaseRequest {
+        partition: Some(partition.into()),
+        best: None,
+        allow_unisolated: true,
+        start: Some(rfc3339_from_ms(start_ms)),
+        end: Some(rfc3339_from_ms(end_ms)),
+    }
+}
+
+#[tokio::test]
+async fn a_lease_booked_ahead_is_billed_from_its_start_to_its_end_and_released_at_its_end() {
+    let market = start_market(&["h1"]).await;
+    for index in [1, 2] {
+        let request = RegisterPartitionRequest {
+            terms: partition_terms(),
+        };
+        market
+            .lender
+            .register_partition("h1", index, &request)
+            .await
+            .unwrap();
+    }
+    // Released before its start: nothing to pay.
+    let early = market
+        .borrower
+        .lease(&booked(
+            "h1/1",
+            START_MS + 60 * SECOND_MS,
+            START_MS + 120 * SECOND_MS,
+        ))
+        .await
+        .unwrap();
+    market.clock.advance_ms(30 * SECOND_MS);
+    let receipt = market.borrower.release(early.lease_id).await.unwrap();
+    assert_eq!(
+        (receipt.bill.billable_seconds, receipt.bill.charge_micros),
+        (0, 0)
+    );
+    // Booked from +60 s to +100 s: billed 40 s, released by the broker at
+    // the end even though the borrower never released it.
+    let window = market
+        .borrower
+        .lease(&booked(
+            "h1/2",
+            START_MS + 60 * SECOND_MS,
+            START_MS + 100 * SECOND_MS,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(window.started_at_ms, START_MS + 60 * SECOND_MS);
+    // The partition is held: another borrower cannot take it meanwhile.
+    let error = market
+        .borrower
+        .lease(&booked(
+            "h1/2",
+            START_MS + 200 * SECOND_MS,
+            START_MS + 300 * SECOND_MS,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(409));
+    market.clock.advance_ms(200 * SECOND_MS);
+    market.admin.plan_now().await.unwrap();
+    let after = market.borrower.get_lease(window.lease_id).await.unwrap();
+    assert_eq!(after.charge_micros, Some(40_000), "{after:?}");
+    // Bad windows are refused naming the field.
+    let backwards = booked(
+        "h1/1",
+        START_MS + 500 * SECOND_MS,
+        START_MS + 400 * SECOND_MS,
+    );
+    let error = market.borrower.lease(&backwards).await.unwrap_err();
+    assert_eq!(error.detail().unwrap().field.as_deref(), Some("end"));
+    let past = booked("h1/1", START_MS, START_MS + 900 * SECOND_MS);
+    let error = market.borrower.lease(&past).await.unwrap_err();
+    assert_eq!(error.detail().unwrap().field.as_deref(), Some("start"));
+    let mut half = booked(
+        "h1/1",
+        START_MS + 500 * SECOND_MS,
+        START_MS + 600 * SECOND_MS,
+    );
+    half.end = None;
+    let error = market.borrower.lease(&half).await.unwrap_err();
+    assert_eq!(error.detail().unwrap().field.as_deref(), Some("end"));
+}

@@ -116,6 +116,8 @@ fn lease_named(partition: &str) -> LeaseRequest {
         best: None,
         // Registered by the lender, not an agent: its isolation is unknown.
         allow_unisolated: true,
+        start: None,
+        end: None,
     }
 }
 

@@ -561,12 +561,16 @@ pub async fn lease(global: &Global, args: LeaseArgs) -> Result<i32> {
             partition: None,
             best: Some(args.requirements.to_requirements()?),
             allow_unisolated: false,
+            start: None,
+            end: None,
         }
     } else {
         LeaseRequest {
             partition: args.partition.clone(),
             best: None,
             allow_unisolated: args.requirements.allow_unisolated,
+            start: None,
+            end: None,
         }
     };
     let what = args

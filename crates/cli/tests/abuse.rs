@@ -20,6 +20,8 @@ fn lease_request(partition: Option<&str>, best: Option<Requirements>) -> LeaseRe
         partition: partition.map(str::to_string),
         best,
         allow_unisolated: false,
+        start: None,
+        end: None,
     }
 }
 

@@ -82,6 +82,8 @@ async fn a_key_for_another_partition_is_refused_without_waiting_for_a_running_jo
         partition: Some(name.to_string()),
         best: None,
         allow_unisolated: true,
+        start: None,
+        end: None,
     };
     let first = bob.lease(&lease("alpha/1")).await.unwrap();
     let second = bob.lease(&lease("alpha/2")).await.unwrap();

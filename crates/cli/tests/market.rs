@@ -12,6 +12,8 @@ fn lease_named(partition: &str) -> LeaseRequest {
         partition: Some(partition.to_string()),
         best: None,
         allow_unisolated: false,
+        start: None,
+        end: None,
     }
 }
 
@@ -394,6 +396,7 @@ async fn jobs_run_only_with_a_valid_key() {
         )
         .err()
         .map(|_| leasehold_core::key::LeaseKeyClaims {
+            not_before_ms: None,
             lease_id: first.lease_id,
             host_id: "alpha".into(),
             partition_index: 1,

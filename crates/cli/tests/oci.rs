@@ -285,6 +285,8 @@ async fn an_oci_agent_killed_mid_job_cleans_up_when_it_restarts() {
             partition: Some("ocihost/1".into()),
             best: None,
             allow_unisolated: false,
+            start: None,
+            end: None,
         })
         .await
         .unwrap();

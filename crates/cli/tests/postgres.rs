@@ -90,6 +90,8 @@ async fn a_lease_and_its_bill_survive_a_broker_restart_on_postgres() {
             partition: Some("alpha/1".into()),
             best: None,
             allow_unisolated: false,
+            start: None,
+            end: None,
         })
         .await
         .unwrap();
@@ -120,6 +122,8 @@ async fn a_lease_and_its_bill_survive_a_broker_restart_on_postgres() {
             partition: Some("alpha/1".into()),
             best: None,
             allow_unisolated: false,
+            start: None,
+            end: None,
         })
         .await
         .unwrap();

@@ -13,6 +13,8 @@ fn lease_named(partition: &str) -> LeaseRequest {
         partition: Some(partition.to_string()),
         best: None,
         allow_unisolated: true,
+        start: None,
+        end: None,
     }
 }
 

@@ -251,6 +251,8 @@ async fn a_rotated_signing_key_is_trusted_by_running_agents_while_old_keys_stay_
         partition: Some(name.to_string()),
         best: None,
         allow_unisolated: false,
+        start: None,
+        end: None,
     };
     let old = bob.lease(&lease("alpha/1")).await.unwrap();
     let old_key = old.lease_key.clone().unwrap();
@@ -304,6 +306,7 @@ async fn a_refused_key_is_logged_with_its_reason_and_never_the_key() {
         .unwrap();
     let forged = leasehold_core::key::sign(
         &leasehold_core::key::LeaseKeyClaims {
+            not_before_ms: None,
             lease_id: 1,
             host_id: "alpha".into(),
             partition_index: 1,

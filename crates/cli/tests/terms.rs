@@ -11,6 +11,8 @@ fn named(partition: &str) -> LeaseRequest {
         partition: Some(partition.to_string()),
         best: None,
         allow_unisolated: false,
+        start: None,
+        end: None,
     }
 }
 

@@ -111,6 +111,8 @@ async fn process_partitions_are_unisolated_and_need_the_opt_in() {
         partition: Some("plain/1".into()),
         best: None,
         allow_unisolated: false,
+        start: None,
+        end: None,
     };
     let refused = bob.lease(&named).await.unwrap_err();
     assert_eq!(refused.status(), Some(400), "{refused}");

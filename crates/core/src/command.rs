@@ -25,6 +25,55 @@ use crate::table::{
 use crate::terms::{HostCapacity, Requirements, Terms};
 use crate::FieldError;
 
+/// The window of a lease booked ahead, in milliseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseWindow {
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+/// A start this far in the past is taken as now (clocks differ a little);
+/// an earlier one is refused.
+const LEASE_START_SLACK_MS: u64 = 60_000;
+
+/// When a lease starts, when its key works and when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LeaseTiming {
+    now_ms: u64,
+    started_at_ms: u64,
+    key_expires_at_ms: u64,
+    ends_at_ms: Option<u64>,
+}
+
+impl LeaseTiming {
+    fn new(key_ttl_ms: u64, window: Option<LeaseWindow>, now_ms: u64) -> Result<Self, Refusal> {
+        let Some(window) = window else {
+            return Ok(LeaseTiming {
+                now_ms,
+                started_at_ms: now_ms,
+                key_expires_at_ms: now_ms.saturating_add(key_ttl_ms),
+                ends_at_ms: None,
+            });
+        };
+        if window.start_ms.saturating_add(LEASE_START_SLACK_MS) < now_ms {
+            return Err(Refusal::Invalid(FieldError::new("start", "is in the past")));
+        }
+        let started_at_ms = window.start_ms.max(now_ms);
+        if window.end_ms <= started_at_ms {
+            return Err(Refusal::Invalid(FieldError::new(
+                "end",
+                "must be after start (and after now)",
+            )));
+        }
+        Ok(LeaseTiming {
+            now_ms,
+            started_at_ms,
+            key_expires_at_ms: window.end_ms,
+            ends_at_ms: Some(window.end_ms),
+        })
+    }
+}
+
 /// Which partition a lease request wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseTarget {
@@ -72,6 +121,10 @@ pub enum BrokerCommand {
         target: LeaseTarget,
         idempotency_key: Option<String>,
         key_ttl_ms: u64,
+        /// A lease booked ahead for `[start, end)` (seed 003): billed from
+        /// its start, its key valid only inside the window; `None` leases
+        /// from now until released.
+        window: Option<LeaseWindow>,
     },
     /// Ends a lease and bills it (S58-S61).
     Release {
@@ -287,13 +340,13 @@ pub fn decide(
             target,
             idempotency_key,
             key_ttl_ms,
+            window,
         } => decide_lease_command(
             table,
             borrower,
             target,
             idempotency_key,
-            *key_ttl_ms,
-            now_ms,
+            LeaseTiming::new(*key_ttl_ms, *window, now_ms)?,
         ),
         BrokerCommand::Release {
             releaser,
@@ -642,9 +695,9 @@ fn decide_lease_command(
     borrower: &str,
     target: &LeaseTarget,
     idempotency_key: &Option<String>,
-    key_ttl_ms: u64,
-    now_ms: u64,
+    timing: LeaseTiming,
 ) -> Result<Decision, Refusal> {
+    let now_ms = timing.now_ms;
     if let Some(key) = idempotency_key {
         if let Some(lease_id) = table.idempotent_lease(borrower, key, now_ms) {
             return Ok(replay_lease(table, lease_id));
@@ -667,19 +720,25 @@ fn decide_lease_command(
         lender: host.row.lender.clone(),
         terms: entry.terms.clone(),
         epoch: row.epoch,
-        started_at_ms: now_ms,
-        key_expires_at_ms: now_ms.saturating_add(key_ttl_ms),
+        started_at_ms: timing.started_at_ms,
+        key_expires_at_ms: timing.key_expires_at_ms,
         state: LeaseState::Active,
         release_requested_at_ms: None,
         charge_micros: None,
+        ends_at_ms: timing.ends_at_ms,
     };
     let mut changes = vec![
         Change::StartLease(lease.clone()),
         Change::PutPartition(row),
-        // Today's lease holds the partition from now until its release.
+        // A lease from now holds the partition until its release; one
+        // booked ahead books its window (and holds the partition from now,
+        // so its capacity is guaranteed at the start).
         Change::Book {
             partition: lease.partition.clone(),
-            interval: Interval::lease_from(lease_id, now_ms),
+            interval: Interval {
+                to_ms: timing.ends_at_ms,
+                ..Interval::lease_from(lease_id, timing.started_at_ms)
+            },
         },
     ];
     if let Some(key) = idempotency_key {
@@ -899,6 +958,7 @@ mod tests {
             target: LeaseTarget::Best(Requirements::default()),
             idempotency_key: None,
             key_ttl_ms: 60_000,
+            window: None,
         }
     }
 
@@ -1027,6 +1087,7 @@ mod tests {
             target: LeaseTarget::Best(Requirements::default()),
             idempotency_key: Some("k1".into()),
             key_ttl_ms: 60_000,
+            window: None,
         };
         let (lease_id, _) = leased_partition(commit(&mut table, command.clone()).unwrap());
         match commit(&mut table, command).unwrap() {
@@ -1148,6 +1209,7 @@ mod calendar_tests {
             },
             idempotency_key: None,
             key_ttl_ms: 1_000,
+            window: None,
         }
     }
 

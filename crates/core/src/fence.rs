@@ -68,6 +68,9 @@ pub enum FenceEvent {
     KeyPresented {
         lease_id: LeaseId,
         epoch: u64,
+        /// Before this the key is not valid yet (a lease booked ahead of
+        /// its start; 0 for a lease from now).
+        key_valid_from_ms: u64,
         key_expires_at_ms: u64,
     },
     /// The driver built the partition for this lease.
@@ -211,8 +214,14 @@ pub fn on_event(fence: PartitionFence, event: FenceEvent, now_ms: u64) -> FenceO
         FenceEvent::KeyPresented {
             lease_id,
             epoch,
+            key_valid_from_ms,
             key_expires_at_ms,
-        } => on_key_presented(fence, lease_id, epoch, key_expires_at_ms, now_ms),
+        } => {
+            if now_ms < key_valid_from_ms {
+                return Err(FenceRefusal::Key(KeyRejection::NotYetValid));
+            }
+            on_key_presented(fence, lease_id, epoch, key_expires_at_ms, now_ms)
+        }
         FenceEvent::Built { lease_id, epoch } => on_built(fence, lease_id, epoch),
         FenceEvent::LeaseStarted {
             lease_id,
@@ -547,6 +556,7 @@ mod tests {
         FenceEvent::KeyPresented {
             lease_id,
             epoch,
+            key_valid_from_ms: 0,
             key_expires_at_ms,
         }
     }
@@ -999,6 +1009,7 @@ mod tests {
                 0 | 1 => FenceEvent::KeyPresented {
                     lease_id,
                     epoch,
+                    key_valid_from_ms: 0,
                     key_expires_at_ms: a,
                 },
                 2 => FenceEvent::Built { lease_id, epoch },

@@ -42,6 +42,9 @@ pub struct LeaseKeyClaims {
     /// keys made before terms were carried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terms: Option<Terms>,
+    /// A lease booked ahead (seed 003): the key works from this time only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
 }
 
 /// Why a key was refused. Each variant is a distinct, explainable refusal.
@@ -58,6 +61,8 @@ pub enum KeyRejection {
     Stale,
     /// The key's lease was released.
     Released,
+    /// The key's lease starts later (a lease booked ahead).
+    NotYetValid,
 }
 
 impl fmt::Display for KeyRejection {
@@ -73,6 +78,9 @@ impl fmt::Display for KeyRejection {
             KeyRejection::Expired => "the lease key has expired",
             KeyRejection::Stale => "the lease key is stale: a newer lease holds this partition",
             KeyRejection::Released => "the lease key belongs to a lease that was released",
+            KeyRejection::NotYetValid => {
+                "the lease key is not valid yet: its lease was booked for a later start"
+            }
         };
         f.write_str(text)
     }
@@ -301,6 +309,7 @@ mod tests {
 
     fn claims() -> LeaseKeyClaims {
         LeaseKeyClaims {
+            not_before_ms: None,
             lease_id: 9,
             host_id: "alpha".into(),
             partition_index: 2,

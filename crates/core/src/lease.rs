@@ -103,6 +103,10 @@ pub struct Lease {
     pub state: LeaseState,
     pub release_requested_at_ms: Option<u64>,
     pub charge_micros: Option<u64>,
+    /// A lease booked for a window (seed 003) ends here: its key expires
+    /// and billing stops, even if it is released later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at_ms: Option<u64>,
 }
 
 /// The bill of a released lease.
@@ -133,7 +137,13 @@ impl Lease {
         if self.state == LeaseState::Released {
             return Ok(ReleaseOutcome::AlreadyReleased);
         }
-        let seconds = money::billable_seconds(self.started_at_ms, now_ms);
+        let billed_until_ms = self.ends_at_ms.map_or(now_ms, |end| now_ms.min(end));
+        // A lease booked ahead and released before its start costs nothing.
+        let seconds = if billed_until_ms <= self.started_at_ms && self.ends_at_ms.is_some() {
+            0
+        } else {
+            money::billable_seconds(self.started_at_ms, billed_until_ms)
+        };
         let charge = money::charge_micros(self.terms.price_per_hour_micros, seconds)?;
         let (lender_credit, commission) = money::split_commission(charge, commission_basis_points);
         self.state = LeaseState::Released;
@@ -166,6 +176,7 @@ mod tests {
             state: LeaseState::Active,
             release_requested_at_ms: None,
             charge_micros: None,
+            ends_at_ms: None,
         }
     }
 

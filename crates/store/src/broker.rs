@@ -181,6 +181,8 @@ CREATE TABLE host_power (
     host_id TEXT PRIMARY KEY,
     state TEXT NOT NULL
 );
+-- A lease booked ahead for a window ends (billing and key) at ends_at_ms.
+ALTER TABLE leases ADD COLUMN ends_at_ms INTEGER;
 "#,
 ];
 

@@ -21,7 +21,7 @@ fn from_json<T: serde::de::DeserializeOwned>(table: &'static str, text: &str) ->
     serde_json::from_str(text).map_err(|e| corrupt(table, e))
 }
 
-const LEASE_COLUMNS: &str = "lease_id, host_id, idx, borrower, lender, terms_json, epoch, started_at_ms, key_expires_at_ms, state, release_requested_at_ms, charge_micros";
+const LEASE_COLUMNS: &str = "lease_id, host_id, idx, borrower, lender, terms_json, epoch, started_at_ms, key_expires_at_ms, state, release_requested_at_ms, charge_micros, ends_at_ms";
 
 fn lease_from_row(row: &SqlRow) -> StoreResult<Lease> {
     Ok(Lease {
@@ -40,6 +40,7 @@ fn lease_from_row(row: &SqlRow) -> StoreResult<Lease> {
         },
         release_requested_at_ms: row.opt_u64(10)?,
         charge_micros: row.opt_u64(11)?,
+        ends_at_ms: row.opt_u64(12)?,
     })
 }
 
@@ -214,8 +215,8 @@ fn load_reservations(
 
 fn insert_lease(tx: &mut dyn SqlConnection, lease: &Lease) -> StoreResult<u64> {
     tx.execute(
-        "INSERT INTO leases (lease_id, host_id, idx, borrower, lender, terms_json, epoch, started_at_ms, key_expires_at_ms, state, release_requested_at_ms, charge_micros)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        "INSERT INTO leases (lease_id, host_id, idx, borrower, lender, terms_json, epoch, started_at_ms, key_expires_at_ms, state, release_requested_at_ms, charge_micros, ends_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         &[
             int(lease.lease_id),
             (&lease.partition.host_id).into(),
@@ -229,6 +230,7 @@ fn insert_lease(tx: &mut dyn SqlConnection, lease: &Lease) -> StoreResult<u64> {
             state_text(lease.state).into(),
             opt_int(lease.release_requested_at_ms),
             opt_int(lease.charge_micros),
+            opt_int(lease.ends_at_ms),
         ],
     )
 }

@@ -177,6 +177,7 @@ fn lease_on(lease_id: u64, index: u32, borrower: &str) -> Lease {
         state: LeaseState::Active,
         release_requested_at_ms: None,
         charge_micros: None,
+        ends_at_ms: None,
     }
 }
 

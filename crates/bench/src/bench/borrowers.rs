@@ -189,6 +189,8 @@ async fn borrower(
                     partition: None,
                     best: Some(requirements),
                     allow_unisolated: false,
+                    start: None,
+                    end: None,
                 };
                 try_lease(&client, &request, &mut stats).await
             }
@@ -256,6 +258,8 @@ async fn find_then_lease(
             partition: Some(offer.partition.to_string()),
             best: None,
             allow_unisolated: false,
+            start: None,
+            end: None,
         };
         let conflicts_before = stats.conflicts;
         if let Some(lease_id) = try_lease(client, &request, stats).await {

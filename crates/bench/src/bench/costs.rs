@@ -29,6 +29,7 @@ fn measure_step_costs_over(rounds: u32) -> StepCosts {
     let signing = key::signing_key_from_seed([7; 32]);
     let mut rng = crate::workload::SplitMix64::stream(1, 99);
     let claims = LeaseKeyClaims {
+        not_before_ms: None,
         lease_id: 123_456,
         host_id: crate::workload::host_id(4242),
         partition_index: 3,

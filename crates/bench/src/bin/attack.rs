@@ -201,6 +201,8 @@ async fn measure(borrower: &Client, finds: usize, until: &AtomicBool) -> Phase {
         partition: None,
         best: Some(wanted),
         allow_unisolated: false,
+        start: None,
+        end: None,
     };
     match borrower.lease(&best).await {
         Ok(lease) if borrower.release(lease.lease_id).await.is_ok() => {}

@@ -89,6 +89,8 @@ async fn main() -> Result<()> {
             partition: Some("bench/1".into()),
             best: None,
             allow_unisolated: false,
+            start: None,
+            end: None,
         })
         .await?;
     let request = SubmitJobRequest {

@@ -360,5 +360,6 @@ fn as_stored(lease: &ModelLease) -> Lease {
         },
         release_requested_at_ms: lease.released.as_ref().map(|r| r.at_ms),
         charge_micros: lease.released.as_ref().map(|r| r.bill.charge_micros),
+        ends_at_ms: None,
     }
 }

@@ -154,6 +154,8 @@ impl Sim {
                     partition: Some(partition.to_string()),
                     best: None,
                     allow_unisolated,
+                    start: None,
+                    end: None,
                 };
                 let expect = self.model.expect_lease_named(&partition, allow_unisolated);
                 self.lease(borrower, request, expect).await
@@ -167,6 +169,8 @@ impl Sim {
                     partition: None,
                     best: Some(requirements),
                     allow_unisolated: false,
+                    start: None,
+                    end: None,
                 };
                 self.lease(borrower, request, expect).await
             }
