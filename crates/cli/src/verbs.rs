@@ -535,6 +535,14 @@ pub struct LeaseArgs {
     pub best: bool,
     #[command(flatten)]
     pub requirements: RequirementArgs,
+    /// Book the lease ahead from this time (RFC 3339, e.g.
+    /// 2026-12-01T09:00:00Z): billed from it, its key valid from it.
+    #[arg(long, requires = "end", value_name = "TIME")]
+    pub start: Option<String>,
+    /// With --start: the lease ends here; its key expires, billing stops
+    /// and the broker releases it.
+    #[arg(long, requires = "start", value_name = "TIME")]
+    pub end: Option<String>,
 }
 
 fn lease_text(lease: &leasehold_api::LeaseView) -> String {
@@ -561,16 +569,16 @@ pub async fn lease(global: &Global, args: LeaseArgs) -> Result<i32> {
             partition: None,
             best: Some(args.requirements.to_requirements()?),
             allow_unisolated: false,
-            start: None,
-            end: None,
+            start: args.start.clone(),
+            end: args.end.clone(),
         }
     } else {
         LeaseRequest {
             partition: args.partition.clone(),
             best: None,
             allow_unisolated: args.requirements.allow_unisolated,
-            start: None,
-            end: None,
+            start: args.start.clone(),
+            end: args.end.clone(),
         }
     };
     let what = args
