@@ -236,7 +236,7 @@ async fn info(State(agent): App) -> Json<AgentInfo> {
         capacity: agent.config.capacity.clone(),
         broker_url: agent.config.broker_url.clone(),
         // Left out if the partition table cannot be read: the rest still answers.
-        owner_used: agent.owner_used_now().ok(),
+        owner_used: agent.owner_used_now(),
         guaranteed: sampled.guaranteed,
         sampled_at_ms: sampled.answered_at_ms,
     })

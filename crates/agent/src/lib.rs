@@ -11,6 +11,7 @@ pub mod images;
 mod job_run;
 mod lender_check;
 mod notices;
+pub mod owner_cgroup;
 pub mod owner_load;
 mod reconcile;
 mod refused;

@@ -48,8 +48,14 @@ pub enum OwnerLoadError {
     },
     #[error("{file}: the owner-load trace has no lines; write `offset_seconds,vcpus,memory_mib` lines such as `0,1.5,2048`")]
     Empty { file: String },
-    #[error("an owner-load trace (--owner-load) simulates the owner's work and needs --driver sim; the '{driver}' driver has no simulated owner yet")]
+    #[error("an owner-load trace (--owner-load) simulates the owner's work and needs --driver sim, not '{driver}' (with --driver oci the owner's real work runs in --owner-cgroup PATH)")]
     NeedsSimDriver { driver: &'static str },
+    #[error("--owner-cgroup runs the owner's real work in a cgroup and needs --driver oci, not '{driver}' (with --driver sim give its load as --owner-load FILE)")]
+    CgroupNeedsOciDriver { driver: &'static str },
+    #[error("--owner-load and --owner-cgroup both say what the owner uses; give one")]
+    BothOwnerSources,
+    #[error("--owner-cgroup: {0}")]
+    Cgroup(String),
 }
 
 impl OwnerLoadTrace {

@@ -10,7 +10,8 @@
 //! without a trace it is the owner share. A failed post is logged at a
 //! bounded rate and retried at the next interval; it never stops the agent.
 
-use crate::owner_load::{self, OwnerLoadTrace};
+use crate::owner_cgroup::{memory_step_mib, owner_limits_goal, OwnerCgroup};
+use crate::owner_load::{self, OwnerLoadError, OwnerLoadTrace};
 use crate::{Agent, AgentError};
 use leasehold_api::{HostSampleAnswer, HostSampleRequest};
 use leasehold_core::reservation::Capacity;
@@ -37,6 +38,9 @@ pub struct SamplingConfig {
     pub interval_ms: u64,
     /// The owner's load trace (`--owner-load`, `sim` driver only).
     pub owner_load_file: Option<PathBuf>,
+    /// The cgroup the owner's real work runs in (`--owner-cgroup`, `oci`
+    /// driver only), relative to the cgroup hierarchies' root.
+    pub owner_cgroup: Option<String>,
 }
 
 impl Default for SamplingConfig {
@@ -44,6 +48,7 @@ impl Default for SamplingConfig {
         SamplingConfig {
             interval_ms: DEFAULT_SAMPLE_INTERVAL_SECS * 1000,
             owner_load_file: None,
+            owner_cgroup: None,
         }
     }
 }
@@ -55,48 +60,90 @@ pub(crate) struct SampleStatus {
     pub guaranteed: Option<Capacity>,
     /// When (agent's clock) the broker last answered a sample.
     pub answered_at_ms: Option<u64>,
+    /// What the last sample reported the owner used.
+    pub owner_used: Option<Capacity>,
+}
+
+/// Where the owner's usage comes from.
+enum OwnerWork {
+    /// Nothing said: the owner uses its share.
+    Share,
+    /// A `sim` host's trace.
+    Trace(OwnerLoadTrace),
+    /// An `oci` host's owner cgroup, measured and limited.
+    Cgroup(OwnerCgroup),
 }
 
 /// The sampler's state, kept in the agent.
 pub(crate) struct Sampler {
-    trace: Option<OwnerLoadTrace>,
+    owner: OwnerWork,
     /// The agent's start on its clock: trace offsets count from here.
     started_at_ms: u64,
     status: Mutex<SampleStatus>,
     failures: Mutex<FailureLog>,
+    /// Limits the kernel refused for the owner cgroup, logged like failures.
+    refused_limits: Mutex<FailureLog>,
+}
+
+/// The driver's name when it is not `wanted`.
+fn other_driver(config: &crate::AgentConfig, wanted: &str) -> Option<&'static str> {
+    use crate::driver::DriverKind;
+    let name = match config.driver {
+        DriverKind::Sim { .. } => "sim",
+        DriverKind::Process { .. } => "process",
+        DriverKind::Oci { .. } => "oci",
+    };
+    (name != wanted).then_some(name)
+}
+
+/// The owner's work as configured: a trace only on `sim`, a cgroup only on
+/// `oci`, not both; a bad trace names `FILE:LINE: field: problem`.
+fn owner_work(config: &crate::AgentConfig) -> Result<OwnerWork, OwnerLoadError> {
+    let sampling = &config.sampling;
+    match (&sampling.owner_load_file, &sampling.owner_cgroup) {
+        (Some(_), Some(_)) => Err(OwnerLoadError::BothOwnerSources),
+        (Some(path), None) => match other_driver(config, "sim") {
+            Some(driver) => Err(OwnerLoadError::NeedsSimDriver { driver }),
+            None => Ok(OwnerWork::Trace(OwnerLoadTrace::read(
+                path,
+                &config.capacity,
+            )?)),
+        },
+        (None, Some(path)) => match other_driver(config, "oci") {
+            Some(driver) => Err(OwnerLoadError::CgroupNeedsOciDriver { driver }),
+            None => Ok(OwnerWork::Cgroup(OwnerCgroup::open(
+                path,
+                &config.capacity,
+            )?)),
+        },
+        (None, None) => Ok(OwnerWork::Share),
+    }
 }
 
 impl Sampler {
-    /// Reads the trace of `config`, refusing it on a driver other than
-    /// `sim`, or a bad line with `FILE:LINE: field: problem`.
+    /// The sampler of `config`'s owner work (see [`owner_work`]).
     pub(crate) fn new(
         config: &crate::AgentConfig,
         started_at_ms: u64,
     ) -> Result<Sampler, AgentError> {
-        let trace = match &config.sampling.owner_load_file {
-            None => None,
-            Some(path) => {
-                use crate::driver::DriverKind;
-                let other_driver = match config.driver {
-                    DriverKind::Sim { .. } => None,
-                    DriverKind::Process { .. } => Some("process"),
-                    DriverKind::Oci { .. } => Some("oci"),
-                };
-                if let Some(driver) = other_driver {
-                    return Err(owner_load::OwnerLoadError::NeedsSimDriver { driver }.into());
-                }
-                Some(OwnerLoadTrace::read(path, &config.capacity)?)
-            }
-        };
-        Ok(Sampler::with_trace(trace, started_at_ms))
+        Ok(Sampler::of(owner_work(config)?, started_at_ms))
     }
 
+    #[cfg(test)]
     pub(crate) fn with_trace(trace: Option<OwnerLoadTrace>, started_at_ms: u64) -> Sampler {
+        Sampler::of(
+            trace.map_or(OwnerWork::Share, OwnerWork::Trace),
+            started_at_ms,
+        )
+    }
+
+    fn of(owner: OwnerWork, started_at_ms: u64) -> Sampler {
         Sampler {
-            trace,
+            owner,
             started_at_ms,
             status: Mutex::new(SampleStatus::default()),
             failures: Mutex::new(FailureLog::default()),
+            refused_limits: Mutex::new(FailureLog::default()),
         }
     }
 
@@ -119,12 +166,14 @@ impl Agent {
         }))
     }
 
-    /// What the owner's work uses now: its trace's value at this moment
-    /// (else its share), clamped by what is lent and by the last guarantee.
-    pub(crate) fn owner_used_now(&self) -> Result<Capacity, AgentError> {
+    /// What the owner's work uses now: measured from its cgroup, or its
+    /// trace's value at this moment (else its share) clamped by what is
+    /// lent and by the last guarantee.
+    fn measure_owner_usage(&self) -> Result<Capacity, AgentError> {
         let host = &self.config.capacity;
-        let wanted = match &self.sampler.trace {
-            Some(trace) => {
+        let wanted = match &self.sampler.owner {
+            OwnerWork::Cgroup(owner) => return Ok(owner.measure(host)),
+            OwnerWork::Trace(trace) => {
                 let offset_ms = self
                     .config
                     .clock
@@ -132,7 +181,7 @@ impl Agent {
                     .saturating_sub(self.sampler.started_at_ms);
                 trace.wanted_at(offset_ms, host)
             }
-            None => owner_load::owner_share(host),
+            OwnerWork::Share => owner_load::owner_share(host),
         };
         let guaranteed = self.sampler.status().guaranteed.unwrap_or(Capacity::ZERO);
         Ok(owner_load::owner_usage(
@@ -142,26 +191,63 @@ impl Agent {
             guaranteed,
         ))
     }
+
+    /// The owner's usage for the agent's info: a measured cgroup's at the
+    /// last sample (measuring moves its CPU-rate mark), else as of now;
+    /// none if the partition table cannot be read.
+    pub(crate) fn owner_used_now(&self) -> Option<Capacity> {
+        match &self.sampler.owner {
+            OwnerWork::Cgroup(_) => self.sampler.status().owner_used,
+            _ => self.measure_owner_usage().ok(),
+        }
+    }
+
+    /// Keeps the owner's cgroup out of what is lent and now guaranteed,
+    /// one memory step per sample; a refused limit is logged at a bounded
+    /// rate and tried again at the next sample.
+    fn limit_owner_cgroup(&self, guaranteed: Capacity) -> Result<(), AgentError> {
+        let OwnerWork::Cgroup(owner) = &self.sampler.owner else {
+            return Ok(());
+        };
+        let host = &self.config.capacity;
+        let goal = owner_limits_goal(host, self.lent_capacity()?, guaranteed);
+        if let Err(problem) = owner.enforce(goal, memory_step_mib(host)) {
+            let now_ms = self.config.clock.now_ms();
+            let mut refused = self
+                .sampler
+                .refused_limits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(unlogged) = refused.on_failure(now_ms) {
+                tracing::warn!(%problem, unlogged_refusals_before = unlogged,
+                    "cannot lower the owner cgroup's limits yet; will try again");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One sample: tells the broker the owner's usage now, keeps the guarantee
 /// it answers (the owner's next usage stays out of it) and hands the answer
 /// back.
 pub(crate) async fn sample_once(agent: &Agent) -> Result<HostSampleAnswer, AgentError> {
-    let request = HostSampleRequest {
-        owner_used: agent.owner_used_now()?,
-    };
+    let owner_used = agent.measure_owner_usage()?;
+    let request = HostSampleRequest { owner_used };
     let answer = agent
         .broker
         .post_host_sample(&agent.config.host_id, &request)
         .await?;
-    let mut status = agent
-        .sampler
-        .status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    status.guaranteed = Some(answer.guaranteed);
-    status.answered_at_ms = Some(agent.config.clock.now_ms());
+    {
+        let mut status = agent
+            .sampler
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        status.guaranteed = Some(answer.guaranteed);
+        status.answered_at_ms = Some(agent.config.clock.now_ms());
+        status.owner_used = Some(owner_used);
+    }
+    agent.limit_owner_cgroup(answer.guaranteed)?;
     Ok(answer)
 }
 

@@ -178,7 +178,7 @@ fn agent_config(dir: &std::path::Path, broker_url: String, clock: &SimulatedCloc
             // The smallest gap: the stub holds each sample until the test
             // answers, so the pace is the test's, not this interval's.
             interval_ms: 100,
-            owner_load_file: None,
+            ..SamplingConfig::default()
         },
     }
 }
@@ -323,4 +323,25 @@ async fn a_trace_on_a_driver_other_than_sim_is_refused_with_the_reason() {
         error.contains("needs --driver sim") && error.contains("'process'"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn an_owner_cgroup_needs_the_oci_driver_and_excludes_a_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(START_MS);
+    let mut config = agent_config(dir.path(), "http://127.0.0.1:9".into(), &clock);
+    config.sampling.owner_cgroup = Some("owner".into());
+    let refusal = |config: AgentConfig| async move {
+        match leasehold_agent::start(config).await {
+            Ok(_) => panic!("the agent started"),
+            Err(error) => error.to_string(),
+        }
+    };
+    let on_sim = refusal(config.clone()).await;
+    assert!(
+        on_sim.contains("--owner-cgroup") && on_sim.contains("needs --driver oci"),
+        "{on_sim}"
+    );
+    let both = refusal(with_trace(config, dir.path(), "0,1,1024\n")).await;
+    assert!(both.contains("--owner-load and --owner-cgroup"), "{both}");
 }

@@ -234,8 +234,15 @@ pub struct SamplingArgs {
     /// starts it uses that much, until the next line. It never takes what
     /// is lent or what the broker guarantees to reservations. Without it the
     /// owner uses its share.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "owner_cgroup")]
     pub owner_load: Option<PathBuf>,
+    /// With --driver oci: the cgroup the owner's own work runs in (e.g.
+    /// `owner`, made in each hierarchy if missing). The agent reports its
+    /// usage and lowers its limits, memory one step per sample and never
+    /// below the owner share, to keep it out of what is guaranteed to
+    /// reservations.
+    #[arg(long, value_name = "PATH")]
+    pub owner_cgroup: Option<String>,
 }
 
 impl SamplingArgs {
@@ -243,6 +250,7 @@ impl SamplingArgs {
         leasehold_agent::SamplingConfig {
             interval_ms: self.sample_interval_secs.saturating_mul(1000),
             owner_load_file: self.owner_load.clone(),
+            owner_cgroup: self.owner_cgroup.clone(),
         }
     }
 }
