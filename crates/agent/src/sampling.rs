@@ -7,8 +7,10 @@
 //!
 //! The owner's usage on a `sim` host follows its trace (`owner_load`), on
 //! the agent's clock from its start, clamped by what is lent and guaranteed;
-//! without a trace it is the owner share. A failed post is logged at a
-//! bounded rate and retried at the next interval; it never stops the agent.
+//! on an `oci` host with an owner cgroup it is measured there, and each
+//! answer's guarantee lowers that cgroup's limits a step (`owner_cgroup`);
+//! otherwise it is the owner share. A failed post is logged at a bounded
+//! rate and retried at the next interval; it never stops the agent.
 
 use crate::owner_cgroup::{memory_step_mib, owner_limits_goal, OwnerCgroup};
 use crate::owner_load::{self, OwnerLoadError, OwnerLoadTrace};
