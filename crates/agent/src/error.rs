@@ -28,6 +28,10 @@ pub enum AgentError {
     Store(#[from] leasehold_store::StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A bad `--owner-load` trace, or one on a driver that cannot use it:
+    /// the agent does not start.
+    #[error(transparent)]
+    OwnerLoad(#[from] crate::owner_load::OwnerLoadError),
 }
 
 impl From<FieldError> for AgentError {
@@ -88,7 +92,10 @@ impl AgentError {
             AgentError::Driver(crate::driver::DriverError::Image(_)) => {
                 ErrorResponse::new(StatusCode::BAD_GATEWAY, "image_unavailable", message)
             }
-            AgentError::Driver(_) | AgentError::Store(_) | AgentError::Internal(_) => {
+            AgentError::Driver(_)
+            | AgentError::Store(_)
+            | AgentError::Internal(_)
+            | AgentError::OwnerLoad(_) => {
                 ErrorResponse::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
             }
         }

@@ -228,12 +228,17 @@ async fn openapi() -> Json<serde_json::Value> {
 }
 
 async fn info(State(agent): App) -> Json<AgentInfo> {
+    let sampled = agent.sampler.status();
     Json(AgentInfo {
         host_id: agent.config.host_id.clone(),
         driver: agent.driver.name().to_string(),
         images: agent.driver.images(),
         capacity: agent.config.capacity.clone(),
         broker_url: agent.config.broker_url.clone(),
+        // Left out if the partition table cannot be read: the rest still answers.
+        owner_used: agent.owner_used_now(),
+        guaranteed: sampled.guaranteed,
+        sampled_at_ms: sampled.answered_at_ms,
     })
 }
 

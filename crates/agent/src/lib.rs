@@ -11,15 +11,19 @@ pub mod images;
 mod job_run;
 mod lender_check;
 mod notices;
+pub mod owner_cgroup;
+pub mod owner_load;
 mod reconcile;
 mod refused;
 mod revocations;
+pub mod sampling;
 #[cfg(test)]
 mod tests;
 mod trust;
 
 pub use error::AgentError;
 pub use revocations::DEFAULT_REVOCATION_POLL_SECS;
+pub use sampling::{SamplingConfig, DEFAULT_SAMPLE_INTERVAL_SECS};
 
 use driver::{DriverKind, PartitionDriver};
 use leasehold_api::{
@@ -57,6 +61,8 @@ pub struct AgentConfig {
     pub tls: Option<leasehold_service::ServerTls>,
     /// The certificates accepted from the broker on https.
     pub client_trust: leasehold_api::ServerTrust,
+    /// The host's samples to the broker and the owner's load (`sampling`).
+    pub sampling: SamplingConfig,
 }
 
 /// The least time between two fetches of the broker's keys prompted by a
@@ -89,6 +95,8 @@ pub(crate) struct Agent {
     refused_keys: refused::RefusedKeyLog,
     /// The broker's answers about tokens offered to the lender interface.
     lender_check: lender_check::LenderCheck,
+    /// The owner's load and the last guarantee the broker answered.
+    sampler: sampling::Sampler,
 }
 
 /// An agent that is serving.
@@ -101,6 +109,7 @@ pub struct RunningAgent {
     scheme: &'static str,
     server: leasehold_service::ServerHandle,
     revocation_pull: tokio::task::AbortHandle,
+    sample_loop: tokio::task::AbortHandle,
 }
 
 impl RunningAgent {
@@ -110,12 +119,14 @@ impl RunningAgent {
 
     pub async fn shutdown(self) {
         self.revocation_pull.abort();
+        self.sample_loop.abort();
         self.server.shutdown().await
     }
 
     pub async fn wait(self) -> std::io::Result<()> {
         let served = self.server.wait().await;
         self.revocation_pull.abort();
+        self.sample_loop.abort();
         served
     }
 }
@@ -255,6 +266,9 @@ fn restore_cores(db: &AgentDb, driver: &dyn PartitionDriver) -> Result<(), Agent
 /// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
 pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     leasehold_core::ids::validate_host_id("host_id", &config.host_id)?;
+    // The owner's trace is read first: a bad one stops the agent before it
+    // touches anything. Its offsets count from now.
+    let sampler = sampling::Sampler::new(&config, config.clock.now_ms())?;
     let mut reconciled = Vec::new();
     let db = open_partition_table(&config, &mut reconciled)?;
     let broker = leasehold_api::Client::with_trust(
@@ -292,6 +306,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         running_jobs: Mutex::new(HashMap::new()),
         refused_keys: refused::RefusedKeyLog::default(),
         lender_check: lender_check::LenderCheck::default(),
+        sampler,
     });
     let advertise = config
         .advertise_url
@@ -311,6 +326,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         config.tls.clone(),
     );
     let revocation_pull = revocations::spawn_pull_loop(agent.clone());
+    let sample_loop = sampling::spawn_sample_loop(agent.clone());
     Ok(RunningAgent {
         local_addr,
         driver_name,
@@ -318,6 +334,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         scheme,
         server,
         revocation_pull,
+        sample_loop,
     })
 }
 

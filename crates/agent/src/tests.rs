@@ -150,6 +150,7 @@ fn harness(partitions: &[u32]) -> Harness {
         revocation_poll_interval_ms: 1_000,
         tls: None,
         client_trust: Default::default(),
+        sampling: Default::default(),
     };
     let mut db = AgentDb::open(&dir.path().join("agent.db")).unwrap();
     for vcpus in partitions {
@@ -169,6 +170,7 @@ fn harness(partitions: &[u32]) -> Harness {
         running_jobs: Mutex::new(HashMap::new()),
         refused_keys: crate::refused::RefusedKeyLog::default(),
         lender_check: crate::lender_check::LenderCheck::default(),
+        sampler: crate::sampling::Sampler::with_trace(None, 1_000),
     });
     Harness {
         _dir: dir,

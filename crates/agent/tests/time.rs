@@ -73,6 +73,7 @@ fn agent_config(data_dir: PathBuf, broker_url: String, lender_token: String) -> 
         revocation_poll_interval_ms: 3_600_000,
         tls: None,
         client_trust: Default::default(),
+        sampling: Default::default(),
     }
 }
 

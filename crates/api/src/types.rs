@@ -274,6 +274,17 @@ pub struct AgentInfo {
     pub images: Vec<String>,
     pub capacity: HostCapacity,
     pub broker_url: String,
+    /// What the owner's own work uses now (its trace on a `sim` host, else
+    /// its share), kept out of what is lent and guaranteed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_used: Option<leasehold_core::reservation::Capacity>,
+    /// What pools and started instances hold on this host, as the broker
+    /// answered the last sample; absent until it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guaranteed: Option<leasehold_core::reservation::Capacity>,
+    /// When (agent's clock, ms) the broker last answered a sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -249,6 +249,42 @@ fn host_memory_mib() -> u64 {
         .unwrap_or(1024)
 }
 
+/// How an agent samples its host for the broker's reservations (seed 003).
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// How often the agent tells the broker what the owner's own work uses
+    /// on this host, in seconds (sooner when the broker asks, as a
+    /// reservation's start nears).
+    #[arg(long, default_value_t = leasehold_agent::DEFAULT_SAMPLE_INTERVAL_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub sample_interval_secs: u64,
+    /// With --driver sim: the owner's own work, as CSV lines
+    /// `offset_seconds,vcpus,memory_mib` (vcpus may be fractional; `#`
+    /// comments and blank lines allowed): from each offset after the agent
+    /// starts it uses that much, until the next line. It never takes what
+    /// is lent or what the broker guarantees to reservations. Without it the
+    /// owner uses its share.
+    #[arg(long, value_name = "FILE", conflicts_with = "owner_cgroup")]
+    pub owner_load: Option<PathBuf>,
+    /// With --driver oci: the cgroup the owner's own work runs in (e.g.
+    /// `owner`, made in each hierarchy if missing). The agent reports its
+    /// usage and lowers its limits, memory one step per sample and never
+    /// below the owner share, to keep it out of what is guaranteed to
+    /// reservations.
+    #[arg(long, value_name = "PATH")]
+    pub owner_cgroup: Option<String>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> leasehold_agent::SamplingConfig {
+        leasehold_agent::SamplingConfig {
+            interval_ms: self.sample_interval_secs.saturating_mul(1000),
+            owner_load_file: self.owner_load.clone(),
+            owner_cgroup: self.owner_cgroup.clone(),
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct AgentArgs {
     /// Address to listen on (port 0 picks a free port).
@@ -282,6 +318,8 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = leasehold_agent::DEFAULT_REVOCATION_POLL_SECS,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub revocation_poll_secs: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -326,6 +364,8 @@ pub struct UpArgs {
     pub shape: HostShape,
     #[command(flatten)]
     pub plan: PlanArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[command(flatten)]
     pub clock: ClockArgs,
 }
@@ -566,6 +606,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         revocation_poll_interval_ms: args.revocation_poll_secs * 1000,
         tls,
         client_trust: global.server_trust.clone(),
+        sampling: args.sampling.config(),
     })
     .await
     .context("failed to start the agent")?;
@@ -782,6 +823,7 @@ async fn start_up_agent(
         revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
         tls: tls.identity.clone(),
         client_trust: tls.client_trust.clone(),
+        sampling: args.sampling.config(),
     })
     .await
     .context("failed to start the local agent")?;

@@ -167,6 +167,7 @@ async fn start_oci_agent(
         revocation_poll_interval_ms: leasehold_agent::DEFAULT_REVOCATION_POLL_SECS * 1000,
         tls: None,
         client_trust: Default::default(),
+        sampling: Default::default(),
     })
     .await?)
 }
