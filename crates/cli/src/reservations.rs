@@ -7,7 +7,7 @@ mod progress;
 mod tables;
 mod workload_file;
 
-use crate::verbs::{client_of, EXIT_FAILURE, EXIT_JOB_CANCELLED};
+use crate::verbs::{client_of, EXIT_FAILURE};
 use crate::{Global, OutputFormat};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -16,6 +16,9 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Duration;
 use workload_file::{FileProblem, WorkloadSource};
+
+/// `workload show --watch` stopped by Ctrl-C, as a shell reports SIGINT.
+const EXIT_INTERRUPTED: i32 = 130;
 
 fn broker(global: &Global) -> Result<Client> {
     client_of(global, &global.broker, global.token.clone())
@@ -49,8 +52,8 @@ pub enum WorkloadCommand {
 pub struct ShowArgs {
     pub name: String,
     /// Redraw each instance's acquisition as a progress bar every second
-    /// until all are guaranteed or running (Ctrl-C stops). Piped: one line
-    /// per change.
+    /// until all are guaranteed or running (Ctrl-C stops, exit 130). Piped:
+    /// one line per change; with --output json, one document per change.
     #[arg(long)]
     pub watch: bool,
     /// How often --watch asks the broker (tests make it short).
@@ -200,7 +203,7 @@ async fn workload_watch(global: &Global, args: &ShowArgs) -> Result<i32> {
     display.finish();
     match outcome {
         Some(outcome) => outcome.map(|()| 0),
-        None => Ok(EXIT_JOB_CANCELLED),
+        None => Ok(EXIT_INTERRUPTED),
     }
 }
 
@@ -256,7 +259,7 @@ impl WatchDisplay {
                     let progress = progress::least_complete(instance);
                     bar.set_length(progress.target.max(1));
                     bar.set_position(progress.acquired);
-                    bar.set_message(progress::instance_line(instance));
+                    bar.set_message(progress::instance_detail(instance));
                 }
             }
         }

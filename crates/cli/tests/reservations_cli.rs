@@ -333,6 +333,33 @@ async fn a_piped_watch_prints_each_change_until_guaranteed() {
     );
     assert_eq!(stub.counters.workload_gets.load(Ordering::SeqCst), 3);
 
+    // For scripts: one document per change, the last one guaranteed.
+    stub.counters.workload_gets.store(0, Ordering::SeqCst);
+    let ran = leasehold(
+        &stub,
+        &[
+            "workload",
+            "show",
+            "ramp",
+            "--watch",
+            "--poll-interval-ms",
+            "10",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    let documents: Vec<Value> = ran
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON document per line"))
+        .collect();
+    assert_eq!(
+        documents,
+        [json!(workload(0)), json!(workload(1)), json!(workload(2))]
+    );
+
     let missing = leasehold(&stub, &["workload", "show", "nope"]).await;
     assert_eq!(missing.code, Some(1));
     assert!(

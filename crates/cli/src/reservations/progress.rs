@@ -90,24 +90,28 @@ pub fn least_complete(instance: &InstanceView) -> Progress {
     least
 }
 
-/// One line about an instance: its status, its least-complete resource,
-/// where and when it is expected to be complete.
+/// One line about an instance: its name, then [`instance_detail`].
 pub fn instance_line(instance: &InstanceView) -> String {
+    format!("{}: {}", instance.name, instance_detail(instance))
+}
+
+/// An instance's status, its least-complete resource, where and when it is
+/// expected to be complete (a progress bar's message: the bar names it).
+pub fn instance_detail(instance: &InstanceView) -> String {
     let progress = least_complete(instance);
-    let mut line = format!(
-        "{}: {}, {} ({}%)",
-        instance.name,
+    let mut detail = format!(
+        "{}, {} ({}%)",
         status_text(instance.status),
         progress.amount_text(),
         progress.percent_complete()
     );
     if let Some(host) = &instance.host_id {
-        line.push_str(&format!(" on {host}"));
+        detail.push_str(&format!(" on {host}"));
     }
     if let (Some(expected), false) = (&instance.expected_completion, is_settled(instance.status)) {
-        line.push_str(&format!(", expected {expected}"));
+        detail.push_str(&format!(", expected {expected}"));
     }
-    line
+    detail
 }
 
 /// Every instance settled: the watch is over.

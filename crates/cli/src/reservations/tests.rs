@@ -212,6 +212,12 @@ fn a_json_syntax_or_type_error_names_its_line() {
     assert_eq!(problem.line, Some(9), "{problem}");
     assert_eq!(problem.field.as_deref(), Some("instance[0].vcpus"));
     assert!(!problem.problem.contains("at line"), "{problem}");
+    let misspelt = JSON_TEXT.replacen("\"image\"", "\"imgae\"", 1);
+    let problem = WorkloadSource::from_text("ramp.json", misspelt)
+        .parse()
+        .expect_err("no such field");
+    assert_eq!(problem.line, Some(18), "{problem}");
+    assert_eq!(problem.field.as_deref(), Some("instance[1].imgae"));
 }
 
 #[test]
