@@ -155,6 +155,8 @@ fn the_plural_spelling_of_the_arrays_is_found_too() {
     assert!(source.parse().is_ok());
     assert_eq!(source.line_of_field("instance[1].vcpus"), Some(15));
     assert_eq!(source.line_of_field("rule[0].instances"), Some(24));
+    assert_eq!(source.line_of_field("rules[0].kind"), Some(23));
+    assert_eq!(good_toml().line_of_field("instances[1].vcpus"), Some(14));
 }
 
 #[test]

@@ -80,14 +80,18 @@ pub fn parse_field_path(path: &str) -> Option<Vec<PathSegment>> {
     (!segments.is_empty()).then_some(segments)
 }
 
-/// Whether a key in the file is the one a path names: the file may spell the
-/// arrays `instances`/`rules` (aliases) where messages say `instance`/`rule`.
+/// Whether a key in the file is the one a path names: the arrays may be
+/// spelt `instance`/`rule` or `instances`/`rules` (aliases), in the file and
+/// in messages alike.
 fn key_matches(wanted: &str, found: &str) -> bool {
-    wanted == found
-        || matches!(
-            (wanted, found),
-            ("instance", "instances") | ("rule", "rules") | ("instances", "instance")
-        )
+    fn singular(key: &str) -> &str {
+        match key {
+            "instances" => "instance",
+            "rules" => "rule",
+            other => other,
+        }
+    }
+    singular(wanted) == singular(found)
 }
 
 /// The 1-based line holding byte `offset` of `text`.
