@@ -479,3 +479,27 @@ fn the_readme_example_workload_is_a_good_file() {
     assert_eq!(file.instances.len(), 2);
     assert_eq!(file.rules.len(), 1);
 }
+
+#[test]
+fn a_file_that_cannot_be_read_is_named_and_a_long_one_refused() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let missing = dir.path().join("missing.toml");
+    let problem = WorkloadSource::read(&missing).expect_err("no such file");
+    assert_eq!(problem.line, None);
+    assert!(
+        problem
+            .to_string()
+            .starts_with(&format!("{}: failed to read", missing.display())),
+        "{problem}"
+    );
+    let long = dir.path().join("long.toml");
+    std::fs::write(&long, "#".repeat(4 * 1024 * 1024 + 1)).expect("write the file");
+    let problem = WorkloadSource::read(&long).expect_err("too long");
+    assert!(problem.problem.contains("longer than"), "{problem}");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, TOML_LINES.join("\n")).expect("write the file");
+    assert!(WorkloadSource::read(&good)
+        .expect("readable")
+        .parse()
+        .is_ok());
+}

@@ -7,6 +7,7 @@ use leasehold_api::{ms_from_rfc3339, WorkloadFile};
 use leasehold_core::reservation::Workload;
 use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess};
 use std::fmt;
+use std::io::Read as _;
 use std::ops::Range;
 use std::path::Path;
 
@@ -115,16 +116,18 @@ impl WorkloadSource {
             field: None,
             problem,
         };
-        let size = std::fs::metadata(path)
-            .map_err(|e| problem(format!("failed to read the workload file: {e}")))?
-            .len();
-        if size > MAX_WORKLOAD_FILE_BYTES {
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| {
+                // One byte past the bound tells a file that is too long.
+                std::io::Read::take(file, MAX_WORKLOAD_FILE_BYTES + 1).read_to_string(&mut text)
+            })
+            .map_err(|e| problem(format!("failed to read the workload file: {e}")))?;
+        if text.len() as u64 > MAX_WORKLOAD_FILE_BYTES {
             return Err(problem(format!(
-                "the workload file is {size} bytes; at most {MAX_WORKLOAD_FILE_BYTES} are read"
+                "the workload file is longer than {MAX_WORKLOAD_FILE_BYTES} bytes"
             )));
         }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| problem(format!("failed to read the workload file: {e}")))?;
         Ok(WorkloadSource::from_text(&file_name, text))
     }
 
