@@ -33,9 +33,13 @@ fn print_json<T: Serialize + ?Sized>(value: &T) {
 
 #[derive(Subcommand)]
 pub enum WorkloadCommand {
-    /// Declare (or replace) a workload from a TOML or JSON file: instances
-    /// guaranteed from its start to its end, with priority and placement
-    /// rules. A bad file is refused with FILE:LINE: field: problem.
+    /// Declare (or replace) a workload from a TOML or JSON file.
+    ///
+    /// The file names the workload, its priority (higher first), its start
+    /// and end (RFC 3339), its `[[instance]]` entries (name, vcpus,
+    /// memory_mib, disk_gib, optional image) and its `[[rule]]` entries
+    /// (kind = "spread" or "pack", instances = [...]). A bad file is refused
+    /// with FILE:LINE: field: problem, before it is sent when it can be.
     Apply {
         /// The workload file (JSON when it ends in .json or starts with `{`).
         file: PathBuf,
@@ -45,11 +49,15 @@ pub enum WorkloadCommand {
     /// Show a workload's instances and how far each has acquired.
     Show(ShowArgs),
     /// Delete a workload; its pools give their capacity back.
-    Delete { name: String },
+    Delete {
+        /// The workload's name.
+        name: String,
+    },
 }
 
 #[derive(Args)]
 pub struct ShowArgs {
+    /// The workload's name.
     pub name: String,
     /// Redraw each instance's acquisition as a progress bar every second
     /// until all are guaranteed or running (Ctrl-C stops, exit 130). Piped:
