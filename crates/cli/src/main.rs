@@ -7,6 +7,7 @@
 //! own exit code (124 when it timed out, like `timeout(1)`).
 
 mod images;
+mod reservations;
 mod serve;
 mod verbs;
 
@@ -122,6 +123,17 @@ enum Command {
     Bill,
     /// Show ledger transfers and balances (admins: the whole ledger).
     Ledger,
+    /// Workloads: capacity guaranteed by a start time (apply, list, show, delete).
+    #[command(subcommand)]
+    Workload(reservations::WorkloadCommand),
+    /// Acquisition pools gathering capacity for instances, and their links.
+    #[command(subcommand)]
+    Pool(reservations::PoolCommand),
+    /// Instances whose capacity will not be guaranteed by their start, and what would fix it.
+    Warnings,
+    /// Admin: reservation planning.
+    #[command(subcommand)]
+    Plan(reservations::PlanCommand),
 }
 
 /// An http(s) URL, so a mistyped one fails here with a clear message
@@ -232,6 +244,10 @@ fn main() {
             Command::Leases => verbs::leases(&global).await,
             Command::Bill => verbs::bill(&global).await,
             Command::Ledger => verbs::ledger(&global).await,
+            Command::Workload(command) => reservations::workload(&global, command).await,
+            Command::Pool(command) => reservations::pool(&global, command).await,
+            Command::Warnings => reservations::warnings(&global).await,
+            Command::Plan(command) => reservations::plan(&global, command).await,
         };
         match result {
             Ok(code) => code,

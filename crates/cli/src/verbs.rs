@@ -314,6 +314,9 @@ pub enum HostCommand {
         /// The host id the credential acts for.
         host_id: String,
     },
+    /// Each host's capacity for reservations: total, owner share, lent,
+    /// available, held by pools, not yet acquired (asks the broker).
+    Capacity,
 }
 
 fn print_agent_partitions(global: &Global, rows: &[leasehold_api::AgentPartitionView]) {
@@ -343,6 +346,7 @@ fn print_agent_partitions(global: &Global, rows: &[leasehold_api::AgentPartition
 
 pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
     match command {
+        HostCommand::Capacity => return crate::reservations::host_capacity(global).await,
         HostCommand::Credential { host_id } => host_credential(global, &host_id).await?,
         HostCommand::Add { agent, terms } => host_add(global, &agent.agent, &terms).await?,
         HostCommand::List { agent } => {
