@@ -64,6 +64,7 @@ fn hosts() -> Vec<HostCapacityView> {
         owner_used: Some(Capacity::new(100, 5120, 0)),
         sampled_at: Some("2026-12-01T08:59:00Z".into()),
         sampled_at_ms: Some(1_796_115_540_000),
+        powered_down: false,
     }]
 }
 

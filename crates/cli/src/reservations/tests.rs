@@ -313,6 +313,7 @@ fn the_host_capacity_table_shows_fig_5() {
             owner_used: Some(capacity(100, 6144, 0)),
             sampled_at: Some("2026-12-01T08:59:00Z".into()),
             sampled_at_ms: Some(1_796_115_540_000),
+            powered_down: false,
         },
         HostCapacityView {
             host_id: "new".into(),
@@ -325,6 +326,7 @@ fn the_host_capacity_table_shows_fig_5() {
             owner_used: None,
             sampled_at: None,
             sampled_at_ms: None,
+            powered_down: false,
         },
     ];
     let expected = "\
