@@ -134,6 +134,12 @@ enum Command {
     /// Admin: reservation planning.
     #[command(subcommand)]
     Plan(reservations::PlanCommand),
+    /// One instance of a workload: migrate it to another host, or delete it.
+    #[command(subcommand)]
+    Instance(reservations::InstanceCommand),
+    /// Admin: power saving (drain the least-used host; power one up).
+    #[command(subcommand)]
+    Power(reservations::PowerCommand),
 }
 
 /// An http(s) URL, so a mistyped one fails here with a clear message
@@ -248,6 +254,8 @@ fn main() {
             Command::Pool(command) => reservations::pool(&global, command).await,
             Command::Warnings => reservations::warnings(&global).await,
             Command::Plan(command) => reservations::plan(&global, command).await,
+            Command::Instance(command) => reservations::instance(&global, command).await,
+            Command::Power(command) => reservations::power(&global, command).await,
         };
         match result {
             Ok(code) => code,

@@ -356,5 +356,99 @@ pub async fn plan(global: &Global, command: PlanCommand) -> Result<i32> {
     }
 }
 
+/// `leasehold instance ...`: one instance of a workload.
+#[derive(Subcommand)]
+pub enum InstanceCommand {
+    /// Move a guaranteed or running instance to another host (seed 003,
+    /// FIG. 15): a pool gathers its capacity there while the old one keeps
+    /// the guarantee, and takes over once it holds all of it.
+    Migrate {
+        /// The instance's name.
+        name: String,
+        /// The host to move it to.
+        #[arg(long, value_name = "HOST")]
+        to: String,
+    },
+    /// Delete one instance (FIG. 16); its pool gives its capacity back.
+    Delete {
+        /// The instance's name.
+        name: String,
+    },
+}
+
+/// `leasehold power ...`: power saving (FIG. 17, admin).
+#[derive(Subcommand)]
+pub enum PowerCommand {
+    /// Drain the least-used host that may go: its instances move to other
+    /// hosts (their guarantees kept), and it takes no new pools. A host a
+    /// reservation starting within --horizon-secs needs stays up.
+    Save {
+        #[arg(long, default_value_t = 3600)]
+        horizon_secs: u64,
+    },
+    /// Power a drained host up again.
+    Up {
+        /// The host's id.
+        host: String,
+    },
+}
+
+pub async fn instance(global: &Global, command: InstanceCommand) -> Result<i32> {
+    let client = broker(global)?;
+    let answer = match command {
+        InstanceCommand::Migrate { name, to } => client
+            .migrate_instance(&name, &to)
+            .await
+            .with_context(|| format!("failed to migrate instance {name} to {to}"))?,
+        InstanceCommand::Delete { name } => client
+            .delete_instance(&name)
+            .await
+            .with_context(|| format!("failed to delete instance {name}"))?,
+    };
+    if global.output == OutputFormat::Json {
+        print_json(&answer);
+    } else if let Some(to) = answer.get("moving_to").and_then(|v| v.as_str()) {
+        println!("moving to {to}: a pool gathers its capacity there; the old one holds the guarantee until then");
+    } else {
+        println!("deleted; its capacity goes back to its host");
+    }
+    Ok(0)
+}
+
+pub async fn power(global: &Global, command: PowerCommand) -> Result<i32> {
+    let client = broker(global)?;
+    match command {
+        PowerCommand::Save { horizon_secs } => {
+            let request = leasehold_api::PowerSaveRequest {
+                horizon_secs: Some(horizon_secs),
+            };
+            let saved = client
+                .power_save(&request)
+                .await
+                .context("failed to save power")?;
+            if global.output == OutputFormat::Json {
+                print_json(&saved);
+            } else {
+                match &saved.host_id {
+                    Some(host) => println!("powering down {host}: {} instance(s) moving off it", saved.instances_moving),
+                    None => println!("no host may be powered down now (each is leased, needed soon, or down already)"),
+                }
+            }
+        }
+        PowerCommand::Up { host } => {
+            let answer = client
+                .power_up(&host)
+                .await
+                .with_context(|| format!("failed to power up {host}"))?;
+            if global.output == OutputFormat::Json {
+                print_json(&answer);
+            } else {
+                println!("{host} is up: it takes pools again");
+            }
+        }
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests;
