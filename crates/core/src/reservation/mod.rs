@@ -11,6 +11,7 @@
 pub mod capacity;
 pub mod forecast;
 pub mod planner;
+pub mod simulation;
 pub mod warnings;
 pub mod workload;
 
