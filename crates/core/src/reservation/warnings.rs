@@ -90,7 +90,7 @@ pub fn warnings(
         let rounds = book.fruitless_rounds.get(&demand.key).copied().unwrap_or(0);
         let reason = if !fits_somewhere {
             WarningReason::LargerThanAnyHost
-        } else if best_done.map_or(true, |done| done > workload.start_ms) {
+        } else if !matches!(best_done, Some(done) if done <= workload.start_ms) {
             WarningReason::NotByStart
         } else if rounds >= policy.fruitless_limit {
             WarningReason::Fruitless
