@@ -9,17 +9,15 @@
 //!    than its target.
 //! 2. Reachable and freed means guaranteed. For a demand D (an instance, or
 //!    a pack group) of a workload starting at S, a host H and a step at time
-//!    u < S, suppose:
-//!    (a) after the round at u, D has an acquiring pool on H holding `a`,
-//!        and the warnings at u do not list D (its forecast says reachable);
-//!    (b) its capacity did free up: with n = the most, over the resources,
-//!        of ceil((target − a) / step), u + n·interval ≤ S, and at each of
-//!        the n steps after u, H's sample less the most each pool of another
-//!        demand held on H around that round (the larger of before and
-//!        after) is at least D's target.
-//!
-//!    Then after the round at S, D's capacity is handed over: it has a pool
-//!    in phase HandedOver whose allocation is its target.
+//!    u < S, suppose that (a) after the round at u, D has an acquiring
+//!    pool on H holding `a`, and the warnings at u do not list D (its
+//!    forecast says reachable); and that (b) its capacity did free up: with
+//!    n = the most, over the resources, of ceil((target − a) / step),
+//!    u + n·interval ≤ S, and at each of the n steps after u, H's sample
+//!    less the most each pool of another demand held on H around that round
+//!    (the larger of before and after) is at least D's target. Then after
+//!    the round at S, D's capacity is handed over: it has a pool in phase
+//!    HandedOver whose allocation is its target.
 //!
 //! The generator gives half of the hosts an owner who lets go of memory
 //! over the run, and starts 10 to 40 minutes after a workload comes, so
