@@ -8,6 +8,7 @@
 
 mod images;
 mod serve;
+mod simulate;
 mod verbs;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -122,6 +123,9 @@ enum Command {
     Bill,
     /// Show ledger transfers and balances (admins: the whole ledger).
     Ledger,
+    /// Run a reservation scenario file through the planner on a simulated
+    /// clock, printing the pools, hosts and warnings at each step.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// An http(s) URL, so a mistyped one fails here with a clear message
@@ -232,6 +236,7 @@ fn main() {
             Command::Leases => verbs::leases(&global).await,
             Command::Bill => verbs::bill(&global).await,
             Command::Ledger => verbs::ledger(&global).await,
+            Command::Simulate(args) => simulate::simulate(&global, args),
         };
         match result {
             Ok(code) => code,
