@@ -98,7 +98,7 @@ pub struct Simulation {
     pub now_ms: u64,
     /// Changes the scenario makes at given times (workloads applied or
     /// deleted), applied at the first step at or after their time.
-    scheduled: Vec<(u64, ReservationChange)>,
+    scheduled: BTreeMap<u64, Vec<ReservationChange>>,
 }
 
 impl Simulation {
@@ -108,15 +108,14 @@ impl Simulation {
             hosts,
             policy,
             now_ms,
-            scheduled: Vec::new(),
+            scheduled: BTreeMap::new(),
         }
     }
 
     /// Applies `change` at the first step at or after `at_ms` (before that
     /// step's samples and round); changes due together keep their order.
     pub fn schedule(&mut self, at_ms: u64, change: ReservationChange) {
-        let at = self.scheduled.partition_point(|(when, _)| *when <= at_ms);
-        self.scheduled.insert(at, (at_ms, change));
+        self.scheduled.entry(at_ms).or_default().push(change);
     }
 
     pub fn plan_hosts(&self) -> Vec<PlanHost<'_>> {
@@ -124,10 +123,9 @@ impl Simulation {
     }
 
     fn apply_scheduled(&mut self) {
-        let due = self
-            .scheduled
-            .partition_point(|(when, _)| *when <= self.now_ms);
-        for (_, change) in self.scheduled.drain(..due) {
+        let later = self.scheduled.split_off(&self.now_ms.saturating_add(1));
+        let due = std::mem::replace(&mut self.scheduled, later);
+        for change in due.into_values().flatten() {
             self.book.apply(&change);
         }
     }
