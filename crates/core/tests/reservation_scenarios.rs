@@ -740,3 +740,54 @@ fn fig_3_5_and_6_tables() {
         ]
     );
 }
+
+/// The host that frees up only after the ramps began is still found: at
+/// minute 10 a 6 GiB instance is wanted from minute 90 and no host's trend
+/// rises, so the two candidates are a-busy and b-busy (2 GiB free each, for
+/// good). From minute 30 z-frees's owner lets go of 512 MiB a minute; once
+/// its trend shows, a pool that can never complete gives its place to it,
+/// and the instance is guaranteed there by its start.
+#[test]
+fn a_host_that_frees_up_later_replaces_a_hopeless_candidate() {
+    let share = memory(512);
+    let mut falling = vec![(0, memory(7168))];
+    falling.extend((1..=12u64).map(|k| ((30 + k) * MINUTE_MS, memory(7168 - 512 * k))));
+    let hosts = vec![
+        small_host("a-busy", share, vec![(0, memory(6144))]),
+        small_host("b-busy", share, vec![(0, memory(6144))]),
+        small_host("z-frees", share, falling),
+    ];
+    let policy = PlanPolicy {
+        interval_ms: MINUTE_MS,
+        ..PlanPolicy::default()
+    };
+    let mut sim = Simulation::new(hosts, policy, 0);
+    let start_ms = 90 * MINUTE_MS;
+    let shape = WorkloadShape {
+        name: "later",
+        priority: 0,
+        start_ms,
+        end_ms: 120 * MINUTE_MS,
+        seq: 1,
+    };
+    sim.schedule(
+        10 * MINUTE_MS,
+        ReservationChange::PutWorkload(workload(shape, vec![instance("big", 1, 6144, 1)], vec![])),
+    );
+    while sim.now_ms <= start_ms {
+        let step = sim.step();
+        assert_within_samples(&sim, &step);
+        if step.at_ms == 10 * MINUTE_MS {
+            let hosts: Vec<&str> = pools_of(&sim, "later")
+                .iter()
+                .map(|p| p.host_id.as_str())
+                .collect();
+            assert_eq!(hosts, vec!["a-busy", "b-busy"]);
+        }
+    }
+    let pools = pools_of(&sim, "later");
+    assert_eq!(pools.len(), 1, "{pools:?}");
+    assert_eq!(pools[0].host_id, "z-frees");
+    assert_eq!(pools[0].phase, PoolPhase::HandedOver);
+    assert_eq!(pools[0].allocated, Capacity::new(100, 6144, 1));
+}

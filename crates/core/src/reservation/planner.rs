@@ -356,8 +356,47 @@ impl<'a> Round<'a> {
             for host_id in add {
                 pools.push(self.new_pool(workload, demand, host_id));
             }
+        } else {
+            pools = self.replace_hopeless(workload, demand, pools, excluded);
         }
         self.step_pools(book, demand, pools)
+    }
+
+    /// With every candidate place taken, a pool whose host will never hold
+    /// the target on its trend gives its place to a host not yet tried
+    /// whose trend will (FIG. 8: candidates by forecast), one a round.
+    /// Without this, hosts picked before any trend showed kept their places
+    /// for good, and a host whose owner let go of capacity later was never
+    /// tried.
+    fn replace_hopeless(
+        &mut self,
+        workload: &Workload,
+        demand: &Demand,
+        mut pools: Vec<Pool>,
+        excluded: &BTreeSet<String>,
+    ) -> Vec<Pool> {
+        let hopeless = pools.iter().position(|pool| {
+            let host = self.hosts[pool.host_id.as_str()];
+            let outlook = self.outlook(&host, pool.acquired);
+            outlook.completion_ms(demand.target).is_none()
+        });
+        let Some(hopeless) = hopeless else {
+            return pools;
+        };
+        let better = self
+            .candidates(demand.target, excluded)
+            .into_iter()
+            .find(|(host_id, done)| {
+                done.is_some() && !pools.iter().any(|pool| pool.host_id == *host_id)
+            })
+            .map(|(host_id, _)| host_id);
+        let Some(host_id) = better else {
+            return pools;
+        };
+        let gone = pools.remove(hopeless);
+        self.release(gone);
+        pools.push(self.new_pool(workload, demand, host_id));
+        pools
     }
 
     /// A host where a target at or below its threshold is free now, the
