@@ -130,9 +130,15 @@ impl Simulation {
         }
     }
 
-    /// Every host takes a sample at the current time.
-    pub fn sample_hosts(&mut self) {
-        let held = self.book.held_by_host();
+    /// Every host takes a sample at the current time; answers what pools
+    /// held on each host then.
+    pub fn sample_hosts(&mut self) -> BTreeMap<String, Capacity> {
+        let held: BTreeMap<String, Capacity> = self
+            .book
+            .held_by_host()
+            .into_iter()
+            .map(|(host, held)| (host.to_string(), held))
+            .collect();
         let samples: Vec<HostSample> = self
             .hosts
             .iter()
@@ -144,19 +150,14 @@ impl Simulation {
         for (host, sample) in self.hosts.iter_mut().zip(samples) {
             host.window.push(sample);
         }
+        held
     }
 
     /// One interval: the scheduled changes now due, a sample per host, a
     /// round, its changes applied; then the clock moves one interval on.
     pub fn step(&mut self) -> SimulationStep {
         self.apply_scheduled();
-        self.sample_hosts();
-        let held_before = self
-            .book
-            .held_by_host()
-            .into_iter()
-            .map(|(host, held)| (host.to_string(), held))
-            .collect();
+        let held_before = self.sample_hosts();
         let changes = plan_round(&self.book, &self.plan_hosts(), self.policy, self.now_ms);
         for change in &changes {
             self.book.apply(change);
