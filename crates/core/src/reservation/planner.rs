@@ -129,7 +129,14 @@ pub fn plan_round(
     now_ms: u64,
 ) -> Vec<ReservationChange> {
     let mut round = Round::new(book, hosts, policy, now_ms);
+    // An ended workload without pools has nothing left to decide; past
+    // workloads stay in the book, and remaking their demands every round
+    // was most of a long-running fleet's round.
+    let with_pools: BTreeSet<&str> = book.pools.values().map(|p| p.workload.as_str()).collect();
     for workload in workloads_in_order(book) {
+        if now_ms >= workload.end_ms && !with_pools.contains(workload.name.as_str()) {
+            continue;
+        }
         let demands = workload.demands();
         for demand in &demands {
             round.plan_demand(book, workload, &demands, demand);
