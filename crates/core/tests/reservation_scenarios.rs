@@ -791,3 +791,51 @@ fn a_host_that_frees_up_later_replaces_a_hopeless_candidate() {
     assert_eq!(pools[0].phase, PoolPhase::HandedOver);
     assert_eq!(pools[0].allocated, Capacity::new(100, 6144, 1));
 }
+
+/// A ramp bound by its steps, by hand: the whole host is free, the step is
+/// 1 GiB and the target 6 GiB, wanted from minute 4. The round at minute 0
+/// takes the first step (1 GiB); the next ones come at minutes 1-5, so the
+/// pool holds 5 GiB at the start and 6 GiB at minute 5. The warning asked
+/// for right after the round says so: not by the start, earliest start
+/// minute 5, 5 GiB reachable by the start.
+#[test]
+fn a_ramp_short_of_steps_is_warned_counting_the_step_already_taken() {
+    let hosts = vec![small_host("h1", Capacity::ZERO, vec![])];
+    let policy = PlanPolicy {
+        interval_ms: MINUTE_MS,
+        threshold: Some(Capacity::new(100, 512, 10)),
+        step: Some(Capacity::new(400, 1024, 100)),
+        candidates: 1,
+        fruitless_limit: 5,
+    };
+    let mut sim = Simulation::new(hosts, policy, 0);
+    let shape = WorkloadShape {
+        name: "steps",
+        priority: 0,
+        start_ms: 4 * MINUTE_MS,
+        end_ms: 60 * MINUTE_MS,
+        seq: 1,
+    };
+    sim.schedule(
+        0,
+        ReservationChange::PutWorkload(workload(shape, vec![instance("wide", 1, 6144, 1)], vec![])),
+    );
+    let step = sim.step();
+    assert_eq!(pools_of(&sim, "steps")[0].acquired.memory_mib, 1024);
+    let warnings = sim.warnings_at(step.at_ms);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].reason, WarningReason::NotByStart);
+    assert_eq!(warnings[0].earliest_start_ms, Some(5 * MINUTE_MS));
+    assert_eq!(warnings[0].largest_guarantee, Capacity::new(100, 5120, 1));
+    let mut handed_over_at_ms = None;
+    while sim.now_ms <= 6 * MINUTE_MS {
+        let step = sim.step();
+        if step.at_ms == 4 * MINUTE_MS {
+            assert_eq!(pools_of(&sim, "steps")[0].acquired.memory_mib, 5120);
+        }
+        if assert_hand_over_continuous(&sim, &step) {
+            handed_over_at_ms.get_or_insert(step.at_ms);
+        }
+    }
+    assert_eq!(handed_over_at_ms, Some(5 * MINUTE_MS));
+}
