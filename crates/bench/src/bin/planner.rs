@@ -125,11 +125,11 @@ fn main() -> Result<()> {
     if args.hosts == 0 || args.fleet_hosts == 0 {
         bail!("--hosts and --fleet-hosts must be at least 1");
     }
-    let placement = placement(&args)?;
-    // The fleet day's peak is its own: the placement run's memory is freed
-    // and the high-water mark reset (Linux 4.0 and later).
-    reset_peak_rss();
+    // The smaller run first, so each peak is (nearly) its own: VmHWM
+    // cannot always be reset (/proc/self/clear_refs is refused in some
+    // containers).
     let fleet_day = fleet_day(&args);
+    let placement = placement(&args)?;
     let report = Report {
         bench: "planner",
         placement,
@@ -150,12 +150,6 @@ fn peak_rss_mib() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib / 1024)
-}
-
-fn reset_peak_rss() {
-    // "5" resets the peak RSS; an older kernel refuses and the figure then
-    // includes the placement run.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// `count` instances in workloads of ten: priorities 0-9; in each, the
