@@ -19,6 +19,9 @@
 //!    the round at S, D's capacity is handed over: it has a pool in phase
 //!    HandedOver whose allocation is its target.
 //!
+//! A fifth of the workloads are deleted at a random time: from the step of
+//! the deletion on, none of their pools is left, and they drop out of (2).
+//!
 //! The generator gives half of the hosts an owner who lets go of memory
 //! over the run, and starts 10 to 40 minutes after a workload comes, so
 //! (2)'s hypothesis holds in many cases; the test counts them and fails if
@@ -54,6 +57,8 @@ struct WorkloadPlan {
     instances: Vec<(u32, u64, u64)>,
     spread_first_two: bool,
     pack_last_two: bool,
+    /// Deleted this many minutes after it was applied (its pools go).
+    deleted_after_minutes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,9 +94,10 @@ fn workload_plan() -> impl Strategy<Value = WorkloadPlan> {
         prop::collection::vec((1..=2u32, 2..=16u64, 1..=5u64), 1..=3),
         any::<bool>(),
         any::<bool>(),
+        prop::option::weighted(0.2, 1..30u64),
     )
         .prop_map(
-            |(priority, applied, lead, instances, spread, pack)| WorkloadPlan {
+            |(priority, applied, lead, instances, spread, pack, deleted)| WorkloadPlan {
                 priority,
                 applied_minute: applied,
                 lead_minutes: lead,
@@ -101,6 +107,7 @@ fn workload_plan() -> impl Strategy<Value = WorkloadPlan> {
                     .collect(),
                 spread_first_two: spread,
                 pack_last_two: pack,
+                deleted_after_minutes: deleted,
             },
         )
 }
@@ -227,15 +234,24 @@ fn run(plan: &ScenarioPlan) -> (Simulation, Vec<StepRecord>) {
     for (index, workload_plan) in plan.workloads.iter().enumerate() {
         let workload = build_workload(index, workload_plan);
         last_start_ms = last_start_ms.max(workload.start_ms);
-        sim.schedule(
-            workload_plan.applied_minute * MINUTE_MS,
-            ReservationChange::PutWorkload(workload),
-        );
+        let applied_ms = workload_plan.applied_minute * MINUTE_MS;
+        if let Some(minutes) = workload_plan.deleted_after_minutes {
+            let name = workload.name.clone();
+            let deleted_ms = applied_ms + minutes * MINUTE_MS;
+            sim.schedule(deleted_ms, ReservationChange::RemoveWorkload { name });
+        }
+        sim.schedule(applied_ms, ReservationChange::PutWorkload(workload));
     }
     let mut records = Vec::new();
     while sim.now_ms <= last_start_ms {
         let step = sim.step();
         check_capacity(&sim, step.at_ms);
+        for pool in sim.book.pools.values() {
+            assert!(
+                sim.book.workloads.contains_key(&pool.workload),
+                "{pool:?} outlived its deleted workload"
+            );
+        }
         let warned = sim
             .warnings_at(step.at_ms)
             .into_iter()
