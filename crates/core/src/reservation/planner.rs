@@ -8,7 +8,8 @@
 //!   (S903), raise their guarantee by a step per interval, never above what
 //!   that host's latest sample left free (FIG. 9); when one holds the whole
 //!   target it is chosen, by the most capacity left free on its host, and
-//!   the others are released (S904);
+//!   the others are released (S904); a pool whose host's trend will never
+//!   reach the target gives its place to an untried host whose trend will;
 //! - at the start the chosen pool hands its capacity to the instances in one
 //!   change, so the guarantee never lapses (FIG. 13); at the end, or when
 //!   the workload is deleted, the capacity goes back to the host.
