@@ -85,3 +85,60 @@ fn a_bad_scenario_names_the_field() {
         "{stderr}"
     );
 }
+
+/// examples/fig-3-5.toml ends with the tables its comment (and core's
+/// fig_3_5_and_6_tables) gives.
+#[test]
+fn the_fig_3_5_example_ends_with_its_tables() {
+    let file = example("fig-3-5.toml");
+    let out = simulate(&[file.to_str().unwrap(), "--output", "json"]);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let gib = |v: &serde_json::Value| v["memory_mib"].as_u64().unwrap() / 1024;
+    let hosts: Vec<(String, u64, u64, u64)> = last["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            let id = h["host_id"].as_str().unwrap().to_string();
+            (
+                id,
+                gib(&h["total"]),
+                gib(&h["available"]),
+                gib(&h["not_yet_acquired"]),
+            )
+        })
+        .collect();
+    let expected = [
+        ("host-1", 80, 0),
+        ("host-2", 60, 60),
+        ("host-3", 60, 0),
+        ("host-4", 0, 0),
+    ];
+    let expected: Vec<(String, u64, u64, u64)> = expected
+        .iter()
+        .map(|&(id, available, not_yet)| (id.to_string(), 120, available, not_yet))
+        .collect();
+    assert_eq!(hosts, expected);
+    let links: Vec<(&str, u64)> = last["pools"]["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["instance"].as_str().unwrap(),
+                l["pool_id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(links, vec![("VS1", 1), ("VS2", 1), ("VS3", 1), ("VS11", 2)]);
+    let pool_2 = &last["pools"]["pools"][1];
+    assert_eq!(
+        (
+            gib(&pool_2["requested"]),
+            gib(&pool_2["acquired"]),
+            gib(&pool_2["target"])
+        ),
+        (80, 60, 100)
+    );
+    assert_eq!(pool_2["acquiring"], true);
+}
