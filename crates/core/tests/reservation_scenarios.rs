@@ -839,3 +839,37 @@ fn a_ramp_short_of_steps_is_warned_counting_the_step_already_taken() {
     }
     assert_eq!(handed_over_at_ms, Some(5 * MINUTE_MS));
 }
+
+/// An instance larger than any host (64 vCPUs on hosts of 4) is warned
+/// from its first round, with no earliest start, and never gets a pool.
+#[test]
+fn an_instance_larger_than_any_host_is_warned_without_an_earliest_start() {
+    let hosts = vec![
+        small_host("h1", memory(512), vec![]),
+        small_host("h2", memory(512), vec![]),
+    ];
+    let policy = PlanPolicy {
+        interval_ms: MINUTE_MS,
+        ..PlanPolicy::default()
+    };
+    let mut sim = Simulation::new(hosts, policy, 0);
+    let shape = WorkloadShape {
+        name: "huge",
+        priority: 1,
+        start_ms: 40 * MINUTE_MS,
+        end_ms: 100 * MINUTE_MS,
+        seq: 1,
+    };
+    sim.schedule(
+        0,
+        ReservationChange::PutWorkload(workload(shape, vec![instance("wide", 64, 256, 1)], vec![])),
+    );
+    for _ in 0..3 {
+        let step = sim.step();
+        let warnings = sim.warnings_at(step.at_ms);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].reason, WarningReason::LargerThanAnyHost);
+        assert_eq!(warnings[0].earliest_start_ms, None);
+        assert!(sim.book.pools.is_empty());
+    }
+}
