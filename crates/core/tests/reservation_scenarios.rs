@@ -873,3 +873,42 @@ fn an_instance_larger_than_any_host_is_warned_without_an_earliest_start() {
         assert!(sim.book.pools.is_empty());
     }
 }
+
+/// Fruitless rounds, by hand: the owner lets go of 2 GiB at minute 1 and
+/// then nothing more. The trend over the window still rises, so the
+/// forecast keeps saying the 6 GiB instance (from minute 30) will make it,
+/// but from minute 3 its pool gains nothing; after five such rounds
+/// (minute 7) it is warned as fruitless, not before.
+#[test]
+fn a_ramp_that_stops_gaining_is_warned_after_the_fruitless_limit() {
+    let owner_load = vec![(0, memory(8192)), (MINUTE_MS, memory(6144))];
+    let hosts = vec![small_host("h1", Capacity::ZERO, owner_load)];
+    let policy = PlanPolicy {
+        interval_ms: MINUTE_MS,
+        ..PlanPolicy::default()
+    };
+    let mut sim = Simulation::new(hosts, policy, 0);
+    let shape = WorkloadShape {
+        name: "stuck",
+        priority: 0,
+        start_ms: 30 * MINUTE_MS,
+        end_ms: 60 * MINUTE_MS,
+        seq: 1,
+    };
+    sim.schedule(
+        2 * MINUTE_MS,
+        ReservationChange::PutWorkload(workload(shape, vec![instance("big", 1, 6144, 1)], vec![])),
+    );
+    while sim.now_ms <= 7 * MINUTE_MS {
+        let step = sim.step();
+        let warnings = sim.warnings_at(step.at_ms);
+        if step.at_ms < 7 * MINUTE_MS {
+            assert!(warnings.is_empty(), "at {} ms: {warnings:?}", step.at_ms);
+            continue;
+        }
+        assert_eq!(pools_of(&sim, "stuck")[0].acquired.memory_mib, 2048);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].reason, WarningReason::Fruitless);
+        assert_eq!(warnings[0].fruitless_rounds, 5);
+    }
+}
