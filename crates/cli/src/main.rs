@@ -9,6 +9,7 @@
 mod images;
 mod reservations;
 mod serve;
+mod simulate;
 mod verbs;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -140,6 +141,9 @@ enum Command {
     /// Admin: power saving (drain the least-used host; power one up).
     #[command(subcommand)]
     Power(reservations::PowerCommand),
+    /// Run a reservation scenario file through the planner on a simulated
+    /// clock, printing the pools, hosts and warnings at each step.
+    Simulate(simulate::SimulateArgs),
 }
 
 /// An http(s) URL, so a mistyped one fails here with a clear message
@@ -256,6 +260,7 @@ fn main() {
             Command::Plan(command) => reservations::plan(&global, command).await,
             Command::Instance(command) => reservations::instance(&global, command).await,
             Command::Power(command) => reservations::power(&global, command).await,
+            Command::Simulate(args) => simulate::simulate(&global, args),
         };
         match result {
             Ok(code) => code,

@@ -14,6 +14,7 @@ pub mod forecast;
 pub mod moves;
 pub mod planner;
 pub mod report;
+pub mod simulation;
 pub mod warnings;
 pub mod workload;
 

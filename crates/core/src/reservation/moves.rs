@@ -52,7 +52,7 @@ impl<'a> Round<'a> {
             self.forget_move(demand);
             return ramping;
         };
-        let mut excluded = self.excluded_hosts(book, workload, demand);
+        let mut excluded = self.excluded_hosts(book, workload, &workload.demands(), demand);
         excluded.insert(current.host_id.clone());
         let allowed = |host_id: &str| match target {
             MoveTarget::Host { host_id: wanted } => wanted == host_id,

@@ -8,7 +8,8 @@
 //!   (S903), raise their guarantee by a step per interval, never above what
 //!   that host's latest sample left free (FIG. 9); when one holds the whole
 //!   target it is chosen, by the most capacity left free on its host, and
-//!   the others are released (S904);
+//!   the others are released (S904); a pool whose host's trend will never
+//!   reach the target gives its place to an untried host whose trend will;
 //! - at the start the chosen pool hands its capacity to the instances in one
 //!   change, so the guarantee never lapses (FIG. 13); at the end, or when
 //!   the workload is deleted, the capacity goes back to the host.
@@ -81,6 +82,11 @@ impl PlanPolicy {
     }
 }
 
+/// A host in the round's free index: what a demand could hold there now
+/// (memory, cpu, disk: available less held) and its id, in the order
+/// `at_once_host` prefers (the tightest fit first, then the id).
+type FreeKey<'a> = (u64, u64, u64, &'a str);
+
 /// The working state of one round.
 pub(crate) struct Round<'a> {
     pub(crate) policy: PlanPolicy,
@@ -92,13 +98,25 @@ pub(crate) struct Round<'a> {
     pub(crate) pools: BTreeMap<String, Vec<Pool>>,
     pub(crate) changes: Vec<ReservationChange>,
     next_pool_id: u64,
+    /// The hosts by [`FreeKey`], bucketed by whole vCPUs free, so finding
+    /// the tightest host for a demand skips hosts short of CPU instead of
+    /// scanning every host (100,000 demands on 10,000 hosts).
+    free_index: BTreeMap<u64, BTreeSet<FreeKey<'a>>>,
+    /// The most of every host's threshold, per resource: a target above it
+    /// is at or below no host's threshold.
+    threshold_most: Capacity,
+}
+
+/// The workloads in the order a round serves them: priority, then the queue.
+fn workloads_in_order(book: &ReservationBook) -> Vec<&Workload> {
+    let mut workloads: Vec<&Workload> = book.workloads.values().collect();
+    workloads.sort_by_key(|w| (std::cmp::Reverse(w.priority), w.seq));
+    workloads
 }
 
 /// The demands of every workload in the order a round serves them.
 pub fn demands_in_order(book: &ReservationBook) -> Vec<(&Workload, Demand)> {
-    let mut workloads: Vec<&Workload> = book.workloads.values().collect();
-    workloads.sort_by_key(|w| (std::cmp::Reverse(w.priority), w.seq));
-    workloads
+    workloads_in_order(book)
         .into_iter()
         .flat_map(|w| w.demands().into_iter().map(move |d| (w, d)))
         .collect()
@@ -112,12 +130,25 @@ pub fn plan_round(
     now_ms: u64,
 ) -> Vec<ReservationChange> {
     let mut round = Round::new(book, hosts, policy, now_ms);
-    let demands = demands_in_order(book);
-    for (workload, demand) in &demands {
-        round.plan_demand(book, workload, demand);
+    // An ended workload without pools has nothing left to decide; past
+    // workloads stay in the book, and remaking their demands every round
+    // was most of a long-running fleet's round.
+    let with_pools: BTreeSet<&str> = book.pools.values().map(|p| p.workload.as_str()).collect();
+    let mut planned: Vec<(&Workload, Demand)> = Vec::new();
+    for workload in workloads_in_order(book) {
+        if now_ms >= workload.end_ms && !with_pools.contains(workload.name.as_str()) {
+            continue;
+        }
+        let demands = workload.demands();
+        for demand in &demands {
+            round.plan_demand(book, workload, &demands, demand);
+        }
+        if !book.powered_off.is_empty() {
+            planned.extend(demands.into_iter().map(|demand| (workload, demand)));
+        }
     }
     if !book.powered_off.is_empty() {
-        for host_id in super::moves::hosts_to_wake(&round, book, &demands) {
+        for host_id in super::moves::hosts_to_wake(&round, book, &planned) {
             round.changes.push(ReservationChange::SetHostPower {
                 host_id,
                 state: None,
@@ -125,6 +156,14 @@ pub fn plan_round(
         }
     }
     round.changes
+}
+
+/// What the host's latest sample left available (nothing without one).
+fn latest_available(host: &PlanHost) -> Capacity {
+    host.window
+        .and_then(SampleWindow::latest)
+        .map(|s| s.available)
+        .unwrap_or_default()
 }
 
 impl<'a> Round<'a> {
@@ -141,7 +180,10 @@ impl<'a> Round<'a> {
                 .or_default()
                 .push(pool.clone());
         }
-        Round {
+        let threshold_most = hosts.iter().fold(Capacity::ZERO, |most, host| {
+            most.max(policy.threshold_for(host))
+        });
+        let mut round = Round {
             policy,
             now_ms,
             hosts: hosts.iter().map(|h| (h.host_id, *h)).collect(),
@@ -153,10 +195,59 @@ impl<'a> Round<'a> {
             pools,
             changes: Vec::new(),
             next_pool_id: book.last_pool_id,
+            free_index: BTreeMap::new(),
+            threshold_most,
+        };
+        // From the map, not the slice: a host listed twice is indexed once,
+        // as the map keeps it.
+        let keys: Vec<(u64, FreeKey<'a>)> = round
+            .hosts
+            .values()
+            .map(|host| round.free_key(host))
+            .collect();
+        for (bucket, key) in keys {
+            round.free_index.entry(bucket).or_default().insert(key);
+        }
+        round
+    }
+
+    /// The host's place in the free index: its bucket and key.
+    fn free_key(&self, host: &PlanHost<'a>) -> (u64, FreeKey<'a>) {
+        let held = self.held.get(host.host_id).copied().unwrap_or_default();
+        let free = latest_available(host).saturating_sub(held);
+        let key = (
+            free.memory_mib,
+            free.cpu_centicores,
+            free.disk_gib,
+            host.host_id,
+        );
+        (free.cpu_centicores / 100, key)
+    }
+
+    /// Changes what pools hold on `host_id`, keeping the free index true.
+    fn change_held(&mut self, host_id: &str, change: impl FnOnce(Capacity) -> Capacity) {
+        let host = self.hosts.get(host_id).copied();
+        if let Some(host) = &host {
+            let (bucket, key) = self.free_key(host);
+            if let Some(keys) = self.free_index.get_mut(&bucket) {
+                keys.remove(&key);
+            }
+        }
+        let held = self.held.entry(host_id.to_string()).or_default();
+        *held = change(*held);
+        if let Some(host) = &host {
+            let (bucket, key) = self.free_key(host);
+            self.free_index.entry(bucket).or_default().insert(key);
         }
     }
 
-    fn plan_demand(&mut self, book: &ReservationBook, workload: &Workload, demand: &Demand) {
+    fn plan_demand(
+        &mut self,
+        book: &ReservationBook,
+        workload: &Workload,
+        demands: &[Demand],
+        demand: &Demand,
+    ) {
         let mut pools = self.pools.remove(&demand.key).unwrap_or_default();
         if self.now_ms >= workload.end_ms {
             for pool in pools.drain(..) {
@@ -173,7 +264,7 @@ impl<'a> Round<'a> {
             self.pools.insert(demand.key.clone(), pools);
             return;
         }
-        let excluded = self.excluded_hosts(book, workload, demand);
+        let excluded = self.excluded_hosts(book, workload, demands, demand);
         let (kept, gone): (Vec<Pool>, Vec<Pool>) = pools.into_iter().partition(|p| {
             self.hosts.contains_key(p.host_id.as_str()) && !excluded.contains(&p.host_id)
         });
@@ -192,11 +283,13 @@ impl<'a> Round<'a> {
     }
 
     /// Hosts this demand must stay off: where a demand its workload spreads
-    /// it apart from has a pool, and hosts powered down.
+    /// it apart from has a pool, and hosts powered down. `demands` are the
+    /// workload's, made once a round rather than once per demand.
     pub(crate) fn excluded_hosts(
         &self,
         book: &ReservationBook,
         workload: &Workload,
+        demands: &[Demand],
         demand: &Demand,
     ) -> BTreeSet<String> {
         // Hosts powered down (or draining for it) take no new pools.
@@ -204,7 +297,7 @@ impl<'a> Round<'a> {
         if workload.rules.is_empty() {
             return excluded;
         }
-        for other in workload.demands() {
+        for other in demands {
             if other.key == demand.key
                 || !workload.spread_apart(&demand.instances, &other.instances)
             {
@@ -224,11 +317,7 @@ impl<'a> Round<'a> {
     pub(crate) fn outlook(&self, host: &PlanHost, own: Capacity) -> Outlook {
         let held = self.held.get(host.host_id).copied().unwrap_or_default();
         let others = held.saturating_sub(own);
-        let available = host
-            .window
-            .and_then(SampleWindow::latest)
-            .map(|s| s.available)
-            .unwrap_or_default();
+        let available = latest_available(host);
         Outlook {
             now_ms: self.now_ms,
             ceiling_now: available.saturating_sub(others),
@@ -294,31 +383,93 @@ impl<'a> Round<'a> {
             for host_id in add {
                 pools.push(self.new_pool(workload, demand, host_id));
             }
+        } else {
+            pools = self.replace_hopeless(workload, demand, pools, excluded);
         }
         self.step_pools(book, demand, pools)
     }
 
+    /// With every candidate place taken, a pool whose host will never hold
+    /// the target on its trend gives its place to a host not yet tried
+    /// whose trend will (FIG. 8: candidates by forecast), one a round.
+    /// Without this, hosts picked before any trend showed kept their places
+    /// for good, and a host whose owner let go of capacity later was never
+    /// tried.
+    fn replace_hopeless(
+        &mut self,
+        workload: &Workload,
+        demand: &Demand,
+        mut pools: Vec<Pool>,
+        excluded: &BTreeSet<String>,
+    ) -> Vec<Pool> {
+        let hopeless = pools.iter().position(|pool| {
+            let host = self.hosts[pool.host_id.as_str()];
+            let outlook = self.outlook(&host, pool.acquired);
+            outlook.completion_ms(demand.target).is_none()
+        });
+        let Some(hopeless) = hopeless else {
+            return pools;
+        };
+        let better = self
+            .candidates(demand.target, excluded)
+            .into_iter()
+            .find(|(host_id, done)| {
+                done.is_some() && !pools.iter().any(|pool| pool.host_id == *host_id)
+            })
+            .map(|(host_id, _)| host_id);
+        let Some(host_id) = better else {
+            return pools;
+        };
+        let gone = pools.remove(hopeless);
+        self.release(gone);
+        pools.push(self.new_pool(workload, demand, host_id));
+        pools
+    }
+
     /// A host where a target at or below its threshold is free now, the
-    /// tightest fit first.
+    /// tightest fit first: the least memory left, then CPU, then disk, then
+    /// the host's id. Each bucket of the free index with CPU enough is
+    /// searched from the target's memory up; the first host of a bucket
+    /// that fits is that bucket's best, and the best of those wins.
     fn at_once_host(&self, target: Capacity, excluded: &BTreeSet<String>) -> Option<&'a str> {
-        self.hosts
-            .values()
-            .filter(|host| !excluded.contains(host.host_id))
-            .filter(|host| target.fits_in(self.policy.threshold_for(host)))
-            .map(|host| (host.host_id, self.outlook(host, Capacity::ZERO)))
-            .filter(|(_, outlook)| {
-                target.fits_in(outlook.ceiling_now) && target.fits_in(outlook.room)
-            })
-            .min_by_key(|(host_id, outlook)| {
-                let left = outlook.ceiling_now.saturating_sub(target);
-                (
-                    left.memory_mib,
-                    left.cpu_centicores,
-                    left.disk_gib,
-                    *host_id,
-                )
-            })
-            .map(|(host_id, _)| host_id)
+        if !target.fits_in(self.threshold_most) {
+            return None;
+        }
+        let mut best: Option<FreeKey<'a>> = None;
+        let least: FreeKey<'a> = (target.memory_mib, 0, 0, "");
+        for keys in self
+            .free_index
+            .range(target.cpu_centicores / 100..)
+            .map(|(_, keys)| keys)
+        {
+            for &key in keys.range(least..) {
+                if best.is_some_and(|best| key >= best) {
+                    break;
+                }
+                if self.fits_at_once(target, key, excluded) {
+                    best = Some(key);
+                    break;
+                }
+            }
+        }
+        best.map(|(_, _, _, host_id)| host_id)
+    }
+
+    /// Whether `target` may be held at once on the host of `key`.
+    fn fits_at_once(
+        &self,
+        target: Capacity,
+        key: FreeKey<'a>,
+        excluded: &BTreeSet<String>,
+    ) -> bool {
+        let (memory_mib, cpu_centicores, disk_gib, host_id) = key;
+        let free = Capacity::new(cpu_centicores, memory_mib, disk_gib);
+        if !target.fits_in(free) || excluded.contains(host_id) {
+            return false;
+        }
+        let host = &self.hosts[host_id];
+        let outlook = self.outlook(host, Capacity::ZERO);
+        target.fits_in(self.policy.threshold_for(host)) && target.fits_in(outlook.room)
     }
 
     /// Every pool due a step raises its guarantee by at most a step, never
@@ -374,8 +525,7 @@ impl<'a> Round<'a> {
         if pool.requested.fits_in(pool.acquired) || pool.phase == PoolPhase::Chosen {
             pool.requested = pool.requested.max(pool.acquired);
         }
-        let held = self.held.entry(pool.host_id.clone()).or_default();
-        *held = held.saturating_add(grant);
+        self.change_held(&pool.host_id, |held| held.saturating_add(grant));
         self.changes.push(ReservationChange::PutPool(pool.clone()));
     }
 
@@ -431,9 +581,8 @@ impl<'a> Round<'a> {
     }
 
     pub(crate) fn release(&mut self, pool: Pool) {
-        if let Some(held) = self.held.get_mut(&pool.host_id) {
-            *held = held.saturating_sub(pool.held());
-        }
+        let gone = pool.held();
+        self.change_held(&pool.host_id, |held| held.saturating_sub(gone));
         self.changes.push(ReservationChange::RemovePool {
             pool_id: pool.pool_id,
         });

@@ -4,8 +4,9 @@
 //! and the largest guarantee reachable by the requested start.
 
 use super::capacity::Capacity;
+use super::forecast::Outlook;
 use super::planner::{demands_in_order, PlanHost, PlanPolicy, Round};
-use super::{PoolPhase, ReservationBook};
+use super::{Pool, PoolPhase, ReservationBook};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +47,37 @@ fn coverage(have: Capacity, target: Capacity) -> u64 {
         .sum()
 }
 
+/// The outlook counted from the pool's next step. The forecast assumes a
+/// step is taken now; a pool that already took this interval's step (as
+/// every pool has right after a round) takes its next one at
+/// `last_step_ms + interval`, so counting from now promised one step too
+/// many: a ramp short of one step by its start was not warned.
+fn from_next_step(outlook: Outlook, pool: Option<&Pool>) -> Outlook {
+    let Some(pool) = pool else {
+        return outlook;
+    };
+    let next_step_ms = pool.last_step_ms.saturating_add(outlook.interval_ms);
+    if next_step_ms <= outlook.now_ms {
+        return outlook;
+    }
+    // What frees up until then, on the trend.
+    let ahead_ms = next_step_ms - outlook.now_ms;
+    let per = |gain: u64| -> u64 {
+        (u128::from(gain) * u128::from(ahead_ms) / u128::from(outlook.interval_ms.max(1))) as u64
+    };
+    let gain = outlook.gain_per_interval;
+    let grown = Capacity::new(
+        per(gain.cpu_centicores),
+        per(gain.memory_mib),
+        per(gain.disk_gib),
+    );
+    Outlook {
+        now_ms: next_step_ms,
+        ceiling_now: outlook.ceiling_now.saturating_add(grown),
+        ..outlook
+    }
+}
+
 /// The warnings at `now_ms`, in the planner's order.
 pub fn warnings(
     book: &ReservationBook,
@@ -71,12 +103,9 @@ pub fn warnings(
         let mut largest = (0u64, Capacity::ZERO, None::<String>);
         let mut fits_somewhere = false;
         for host in round.hosts.values() {
-            let own = pools
-                .iter()
-                .find(|p| p.host_id == host.host_id)
-                .map(|p| p.acquired)
-                .unwrap_or_default();
-            let outlook = round.outlook(host, own);
+            let pool = pools.iter().find(|p| p.host_id == host.host_id);
+            let own = pool.map(|p| p.acquired).unwrap_or_default();
+            let outlook = from_next_step(round.outlook(host, own), pool);
             fits_somewhere |= demand.target.fits_in(outlook.room);
             if let Some(done) = outlook.completion_ms(demand.target) {
                 best_done = Some(best_done.map_or(done, |best| best.min(done)));
@@ -90,7 +119,7 @@ pub fn warnings(
         let rounds = book.fruitless_rounds.get(&demand.key).copied().unwrap_or(0);
         let reason = if !fits_somewhere {
             WarningReason::LargerThanAnyHost
-        } else if best_done.map_or(true, |done| done > workload.start_ms) {
+        } else if !matches!(best_done, Some(done) if done <= workload.start_ms) {
             WarningReason::NotByStart
         } else if rounds >= policy.fruitless_limit {
             WarningReason::Fruitless
