@@ -28,8 +28,8 @@ impl<'a> Reporter<'a> {
             return Some(pool.last_step_ms);
         }
         let host = self.round.hosts.get(pool.host_id.as_str())?;
-        self.round
-            .outlook(host, pool.acquired)
-            .completion_ms(pool.target)
+        // Counted from the pool's next step, as the warnings count.
+        let outlook = self.round.outlook(host, pool.acquired);
+        super::warnings::from_next_step(outlook, Some(pool)).completion_ms(pool.target)
     }
 }

@@ -52,7 +52,7 @@ fn coverage(have: Capacity, target: Capacity) -> u64 {
 /// every pool has right after a round) takes its next one at
 /// `last_step_ms + interval`, so counting from now promised one step too
 /// many: a ramp short of one step by its start was not warned.
-fn from_next_step(outlook: Outlook, pool: Option<&Pool>) -> Outlook {
+pub(crate) fn from_next_step(outlook: Outlook, pool: Option<&Pool>) -> Outlook {
     let Some(pool) = pool else {
         return outlook;
     };
