@@ -379,10 +379,7 @@ impl Tables<'_> {
             Role::Admin => true,
             Role::Lender => self.view.host(&pool.host_id).is_some_and(|h| {
                 h.row.lender == principal.name
-                    && principal
-                        .host_scope
-                        .as_ref()
-                        .map_or(true, |s| s == &pool.host_id)
+                    && !matches!(&principal.host_scope, Some(scope) if scope != &pool.host_id)
             }),
             _ => self
                 .book()

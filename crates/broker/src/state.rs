@@ -71,23 +71,29 @@ pub fn table_from_snapshot(snapshot: BrokerSnapshot) -> Result<ResourceTable, Br
         snapshot.pools,
         snapshot.fruitless_rounds,
     );
-    for (demand, target) in snapshot.moves {
-        table.apply(&Change::Reservation(
-            leasehold_core::reservation::ReservationChange::SetMove {
-                demand,
-                target: Some(target),
-            },
-        ));
-    }
-    for (host_id, state) in snapshot.host_power {
-        table.apply(&Change::Reservation(
-            leasehold_core::reservation::ReservationChange::SetHostPower {
-                host_id,
-                state: Some(state),
-            },
-        ));
-    }
+    load_moves_and_power(&mut table, snapshot.moves, snapshot.host_power);
     Ok(table)
+}
+
+/// Demands being moved and hosts powered down (seed 003).
+fn load_moves_and_power(
+    table: &mut BrokerState,
+    moves: Vec<(String, leasehold_core::reservation::moves::MoveTarget)>,
+    host_power: Vec<(String, leasehold_core::reservation::moves::PowerState)>,
+) {
+    use leasehold_core::reservation::ReservationChange as R;
+    for (demand, target) in moves {
+        table.apply(&Change::Reservation(R::SetMove {
+            demand,
+            target: Some(target),
+        }));
+    }
+    for (host_id, state) in host_power {
+        table.apply(&Change::Reservation(R::SetHostPower {
+            host_id,
+            state: Some(state),
+        }));
+    }
 }
 
 /// Seed 003's book, through the same changes the writer applies.

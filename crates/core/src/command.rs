@@ -365,41 +365,14 @@ pub fn decide(
                 lease_id: *lease_id,
             }],
         }),
-        BrokerCommand::ApplyWorkload {
-            principal,
-            workload,
-        } => reservation::commands::decide_apply_workload(table, principal, workload),
-        BrokerCommand::DeleteWorkload { principal, name } => {
-            reservation::commands::decide_delete_workload(table, principal, name)
-        }
-        BrokerCommand::DeleteInstance { principal, name } => {
-            reservation::commands::decide_delete_instance(table, principal, name)
-        }
-        BrokerCommand::RecordHostSample {
-            host_id,
-            owner_used,
-            plan_interval_ms,
-        } => reservation::commands::decide_host_sample(
-            table,
-            host_id,
-            *owner_used,
-            *plan_interval_ms,
-            now_ms,
-        ),
-        BrokerCommand::PlanRound { policy } => {
-            reservation::commands::decide_plan_round(table, *policy, now_ms)
-        }
-        BrokerCommand::MigrateInstance {
-            principal,
-            name,
-            to_host,
-        } => reservation::commands::decide_migrate(table, principal, name, to_host),
-        BrokerCommand::PowerSave { horizon_ms } => {
-            reservation::commands::decide_power_save(table, *horizon_ms, now_ms)
-        }
-        BrokerCommand::PowerUp { host_id } => {
-            reservation::commands::decide_power_up(table, host_id)
-        }
+        BrokerCommand::ApplyWorkload { .. }
+        | BrokerCommand::DeleteWorkload { .. }
+        | BrokerCommand::DeleteInstance { .. }
+        | BrokerCommand::RecordHostSample { .. }
+        | BrokerCommand::PlanRound { .. }
+        | BrokerCommand::MigrateInstance { .. }
+        | BrokerCommand::PowerSave { .. }
+        | BrokerCommand::PowerUp { .. } => reservation::commands::decide(table, command, now_ms),
     }
 }
 

@@ -6,10 +6,47 @@ use super::capacity::Capacity;
 use super::moves::{host_to_power_down, power_down_changes, MoveTarget};
 use super::planner::{plan_round, PlanHost, PlanPolicy};
 use super::{HostSample, PoolPhase, ReservationBook, ReservationChange, Workload};
-use crate::command::{Decision, Outcome, Refusal};
+use crate::command::{BrokerCommand, Decision, Outcome, Refusal};
 use crate::table::{Change, HostEntry, Principal, TableView};
 use crate::{FieldError, HostCapacity, Role};
 use std::collections::BTreeSet;
+
+/// Decides the reservation commands (seed 003); `command::decide` hands
+/// them here.
+pub fn decide(
+    table: TableView<'_>,
+    command: &BrokerCommand,
+    now_ms: u64,
+) -> Result<Decision, Refusal> {
+    match command {
+        BrokerCommand::ApplyWorkload {
+            principal,
+            workload,
+        } => decide_apply_workload(table, principal, workload),
+        BrokerCommand::DeleteWorkload { principal, name } => {
+            decide_delete_workload(table, principal, name)
+        }
+        BrokerCommand::DeleteInstance { principal, name } => {
+            decide_delete_instance(table, principal, name)
+        }
+        BrokerCommand::RecordHostSample {
+            host_id,
+            owner_used,
+            plan_interval_ms,
+        } => decide_host_sample(table, host_id, *owner_used, *plan_interval_ms, now_ms),
+        BrokerCommand::PlanRound { policy } => decide_plan_round(table, *policy, now_ms),
+        BrokerCommand::MigrateInstance {
+            principal,
+            name,
+            to_host,
+        } => decide_migrate(table, principal, name, to_host),
+        BrokerCommand::PowerSave { horizon_ms } => decide_power_save(table, *horizon_ms, now_ms),
+        BrokerCommand::PowerUp { host_id } => decide_power_up(table, host_id),
+        other => Err(Refusal::Internal(format!(
+            "not a reservation command: {other:?}"
+        ))),
+    }
+}
 
 /// A start this close (in planning intervals) makes its host sample faster.
 const NEAR_START_INTERVALS: u64 = 10;
