@@ -698,3 +698,86 @@ async fn a_lease_booked_ahead_is_billed_from_its_start_to_its_end_and_released_a
     let error = market.borrower.lease(&half).await.unwrap_err();
     assert_eq!(error.detail().unwrap().field.as_deref(), Some("end"));
 }
+
+#[tokio::test]
+async fn a_gradual_hand_over_moves_the_capacity_a_step_at_a_time_and_the_sum_never_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(START_MS);
+    let mut config = config(dir.path().join("broker"), &clock);
+    config.plan_policy.gradual_handover = true;
+    let broker = leasehold_broker::start(config).await.unwrap();
+    let admin = Client::new(&broker.url(), broker.bootstrap_admin_token.clone());
+    let lender = Client::new(
+        &broker.url(),
+        Some(
+            admin
+                .create_principal("owner", Role::Lender)
+                .await
+                .unwrap()
+                .token,
+        ),
+    );
+    let borrower = Client::new(
+        &broker.url(),
+        Some(
+            admin
+                .create_principal("ops", Role::Borrower)
+                .await
+                .unwrap()
+                .token,
+        ),
+    );
+    lender
+        .register_host(
+            "h1",
+            &RegisterHostRequest {
+                agent_url: None,
+                capacity: capacity(),
+            },
+        )
+        .await
+        .unwrap();
+    let market = Market {
+        clock,
+        broker,
+        admin,
+        lender,
+        borrower,
+        dir,
+    };
+    market.sample("h1", 1024).await;
+    let file = workload(
+        "slow-start",
+        1,
+        START_MS + 10 * SECOND_MS,
+        vec![instance("g", 1, 6144)],
+        vec![],
+    );
+    market.borrower.apply_workload(&file).await.unwrap();
+    let mut allocations = Vec::new();
+    for _ in 0..16 {
+        market.tick(&[("h1", 1024)]).await;
+        let pools = market.admin.list_pools().await.unwrap();
+        let pool = &pools.pools[0];
+        if pool.phase != PoolPhase::Acquiring {
+            // From the choice on, what the pool and its instance hold
+            // together is the whole target, every round.
+            assert_eq!(
+                pool.acquired.memory_mib + pool.allocated.memory_mib,
+                6144,
+                "{pool:?}"
+            );
+        }
+        allocations.push(pool.allocated.memory_mib);
+    }
+    // Steps of 1920 MiB (a quarter of the 7680 lendable) from the start.
+    let rising: Vec<u64> = allocations
+        .iter()
+        .copied()
+        .filter(|a| *a > 0)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(rising, vec![1920, 3840, 5760, 6144], "{allocations:?}");
+    assert_eq!(market.acquired_mib("g").await.1, PoolPhase::HandedOver);
+}

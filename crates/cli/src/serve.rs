@@ -117,6 +117,11 @@ pub struct PlanArgs {
     /// Rounds in a row without gain before an instance is warned about.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub plan_fruitless_rounds: u32,
+    /// At an instance's start, hand its pool's capacity over a step per
+    /// interval (the pool's guarantee falling as the instance's rises,
+    /// seed 003 FIG. 22) instead of in one change.
+    #[arg(long)]
+    pub plan_gradual_handover: bool,
 }
 
 impl PlanArgs {
@@ -127,6 +132,7 @@ impl PlanArgs {
             step: None,
             candidates: self.plan_candidates as usize,
             fruitless_limit: self.plan_fruitless_rounds,
+            gradual_handover: self.plan_gradual_handover,
         }
     }
 }

@@ -64,6 +64,9 @@ struct PolicyFile {
     candidates: usize,
     #[serde(default = "default_fruitless_limit")]
     fruitless_limit: u32,
+    /// FIG. 22: hand over a step per interval from the start.
+    #[serde(default)]
+    gradual_handover: bool,
 }
 
 fn default_interval_seconds() -> u64 {
@@ -86,6 +89,7 @@ impl Default for PolicyFile {
             step: None,
             candidates: default_candidates(),
             fruitless_limit: default_fruitless_limit(),
+            gradual_handover: false,
         }
     }
 }
@@ -247,6 +251,7 @@ fn policy_of(file: &PolicyFile) -> Result<PlanPolicy> {
         step: file.step.map(CapacityFile::capacity),
         candidates: file.candidates,
         fruitless_limit: file.fruitless_limit,
+        gradual_handover: file.gradual_handover,
     })
 }
 

@@ -230,6 +230,7 @@ fn run(plan: &ScenarioPlan) -> (Simulation, Vec<StepRecord>) {
         step: plan.step_mib.map(|mib| Capacity::new(100, mib, 2)),
         candidates: plan.candidates,
         fruitless_limit: 5,
+        gradual_handover: false,
     };
     let mut sim = Simulation::new(hosts, policy, 0);
     let mut last_start_ms = 0;

@@ -288,6 +288,7 @@ fn unreachable_target_is_warned_early_with_what_would_fix_it() {
         step: Some(Capacity::new(400, 4096, 100)),
         candidates: 1,
         fruitless_limit: 5,
+        gradual_handover: false,
     };
     let (applied_ms, start_ms) = (4 * MINUTE_MS, 10 * MINUTE_MS);
     let mut sim = Simulation::new(hosts, policy, 0);
@@ -356,6 +357,7 @@ fn the_higher_priority_gets_its_full_capacity_first() {
         step: Some(Capacity::new(400, 1024, 100)),
         candidates: 1,
         fruitless_limit: 5,
+        gradual_handover: false,
     };
     let mut sim = Simulation::new(hosts, policy, 0);
     let (start_ms, end_ms) = (30 * MINUTE_MS, 60 * MINUTE_MS);
@@ -483,6 +485,7 @@ fn spread_is_honoured_while_ramping() {
         step: Some(Capacity::new(400, 2048, 100)),
         candidates: 2,
         fruitless_limit: 5,
+        gradual_handover: false,
     };
     let mut sim = Simulation::new(hosts, policy, 0);
     let start_ms = 20 * MINUTE_MS;
@@ -807,6 +810,7 @@ fn a_ramp_short_of_steps_is_warned_counting_the_step_already_taken() {
         step: Some(Capacity::new(400, 1024, 100)),
         candidates: 1,
         fruitless_limit: 5,
+        gradual_handover: false,
     };
     let mut sim = Simulation::new(hosts, policy, 0);
     let shape = WorkloadShape {

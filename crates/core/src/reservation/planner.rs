@@ -41,6 +41,11 @@ pub struct PlanPolicy {
     pub candidates: usize,
     /// Rounds in a row without gain before a warning.
     pub fruitless_limit: u32,
+    /// Hand a pool's capacity to its instances a step per interval from
+    /// the start (FIG. 22: the pool's guarantee falls as the instances'
+    /// rises, their sum never changing) rather than in one change.
+    #[serde(default)]
+    pub gradual_handover: bool,
 }
 
 impl Default for PlanPolicy {
@@ -51,6 +56,7 @@ impl Default for PlanPolicy {
             step: None,
             candidates: 2,
             fruitless_limit: 5,
+            gradual_handover: false,
         }
     }
 }
@@ -572,10 +578,26 @@ impl<'a> Round<'a> {
         if pool.phase != PoolPhase::Chosen {
             return pool;
         }
-        pool.phase = PoolPhase::HandedOver;
-        pool.allocated = pool.allocated.saturating_add(pool.acquired);
-        pool.acquired = Capacity::ZERO;
-        pool.requested = Capacity::ZERO;
+        let moved = if self.policy.gradual_handover {
+            // The first step at the start, then one per interval.
+            let due = pool.allocated.is_zero()
+                || self.now_ms >= pool.last_step_ms.saturating_add(self.policy.interval_ms);
+            if !due {
+                return pool;
+            }
+            let host = self.hosts.get(pool.host_id.as_str()).copied();
+            let step = host.map_or(pool.acquired, |h| self.policy.step_for(&h));
+            pool.acquired.min(step)
+        } else {
+            pool.acquired
+        };
+        pool.allocated = pool.allocated.saturating_add(moved);
+        pool.acquired = pool.acquired.saturating_sub(moved);
+        pool.last_step_ms = self.now_ms;
+        if pool.acquired.is_zero() {
+            pool.phase = PoolPhase::HandedOver;
+            pool.requested = Capacity::ZERO;
+        }
         self.changes.push(ReservationChange::PutPool(pool.clone()));
         pool
     }
