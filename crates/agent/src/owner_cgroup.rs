@@ -8,7 +8,8 @@
 //! processes (seed 003: why acquisition ramps). On v1 the hard limit is
 //! `memory.limit_in_bytes` with `memory.soft_limit_in_bytes` at the goal
 //! (reclaimed toward it under pressure); on v2 `memory.high` (throttles and
-//! reclaims, never kills) and `cpu.max`.
+//! reclaims, never kills) and `cpu.max`; on both the owner keeps as many
+//! whole cores (its `cpuset`) as its CPU limit rounds up to.
 
 use crate::driver::cgroup::{Cgroups, CPU_PERIOD_US};
 use crate::owner_load::OwnerLoadError;
@@ -75,6 +76,22 @@ pub fn next_memory_limit_mib(current_mib: u64, goal_mib: u64, step_mib: u64) -> 
         return goal_mib;
     }
     current_mib.saturating_sub(step_mib).max(goal_mib)
+}
+
+/// The owner's cores: the first `n`, `n` its CPU limit rounded up to whole
+/// cores (at least one, at most those online), so the cores a pool
+/// guarantees are ones the owner's processes no longer run on.
+pub fn owner_cpuset(cpu_centicores: u64, online_cpus: u64) -> String {
+    let cores = cpu_centicores.div_ceil(100).clamp(1, online_cpus.max(1));
+    if cores == 1 {
+        "0".to_string()
+    } else {
+        format!("0-{}", cores - 1)
+    }
+}
+
+fn online_cpus() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
 /// CPU time used over wall time, in centicores (100 per busy core).
@@ -162,9 +179,25 @@ impl OwnerCgroup {
                 .map_err(|e| format!("create cgroup {}: {e}", dir.display()))
         };
         match &self.cgroups {
-            Cgroups::V1 { .. } => {
+            Cgroups::V1 { mounts, .. } => {
                 for controller in ["cpu", "cpuacct", "memory"] {
                     mkdir(self.dir(controller))?;
+                }
+                // A v1 cpuset group needs cpus and mems before a task may
+                // join it: each new level takes its parent's.
+                let mut dir = mounts["cpuset"].clone();
+                for part in self.relative.split('/') {
+                    let parent = dir.clone();
+                    dir = dir.join(part);
+                    mkdir(dir.clone())?;
+                    for file in ["cpuset.cpus", "cpuset.mems"] {
+                        let mine = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                        if mine.trim().is_empty() {
+                            let theirs =
+                                std::fs::read_to_string(parent.join(file)).unwrap_or_default();
+                            write(&dir.join(file), theirs.trim())?;
+                        }
+                    }
                 }
                 write(
                     &self.dir("cpu").join("cpu.cfs_period_us"),
@@ -175,7 +208,7 @@ impl OwnerCgroup {
                 // Each ancestor hands the cpu and memory controllers down.
                 let mut dir = root.clone();
                 for part in self.relative.split('/') {
-                    write(&dir.join("cgroup.subtree_control"), "+cpu +memory")?;
+                    write(&dir.join("cgroup.subtree_control"), "+cpu +cpuset +memory")?;
                     dir = dir.join(part);
                     mkdir(dir.clone())?;
                 }
@@ -252,6 +285,8 @@ impl OwnerCgroup {
                 let goal_bytes = goal.memory_mib.saturating_mul(MIB).to_string();
                 write(&memory.join("memory.soft_limit_in_bytes"), &goal_bytes)?;
                 write(&memory.join("memory.limit_in_bytes"), &memory_bytes)?;
+                let cpus = owner_cpuset(goal.cpu_centicores, online_cpus());
+                write(&self.dir("cpuset").join("cpuset.cpus"), &cpus)?;
             }
             Cgroups::V2 { .. } => {
                 write(
@@ -260,6 +295,8 @@ impl OwnerCgroup {
                 )?;
                 state.limits.cpu_centicores = goal.cpu_centicores;
                 write(&self.dir("memory").join("memory.high"), &memory_bytes)?;
+                let cpus = owner_cpuset(goal.cpu_centicores, online_cpus());
+                write(&self.dir("cpuset").join("cpuset.cpus"), &cpus)?;
             }
         }
         state.limits.memory_mib = next_memory_mib;
@@ -322,6 +359,14 @@ mod tests {
     }
 
     #[test]
+    fn the_owner_keeps_whole_cores_for_its_cpu_limit() {
+        assert_eq!(owner_cpuset(150, 8), "0-1");
+        assert_eq!(owner_cpuset(200, 8), "0-1");
+        assert_eq!(owner_cpuset(0, 8), "0");
+        assert_eq!(owner_cpuset(1600, 4), "0-3");
+    }
+
+    #[test]
     fn the_cpu_rate_is_cpu_time_over_wall_time_in_centicores() {
         assert_eq!(cpu_rate_centicores(1_500_000_000, 1_000_000_000), 150);
         assert_eq!(cpu_rate_centicores(0, 1_000_000_000), 0);
@@ -363,6 +408,12 @@ mod tests {
         assert_eq!(
             written,
             vec![7680, 7168, 6656, 6144, 5632, 5120, 4608, 4096, 3584, 3072, 2560, 2048]
+        );
+        // The owner runs on as many whole cores as its CPU limit allows.
+        let cpus = std::fs::read_to_string(owner.dir("cpuset").join("cpuset.cpus")).unwrap();
+        assert_eq!(
+            cpus.trim(),
+            owner_cpuset(goal.cpu_centicores, online_cpus())
         );
         let raised = owner_limits_goal(&host(), Capacity::ZERO, Capacity::ZERO);
         assert_eq!(owner.enforce(raised, step).unwrap().memory_mib, 8192);
@@ -427,7 +478,9 @@ mod tests {
 
     impl Drop for Removed {
         fn drop(&mut self) {
-            let mut dirs = ["cpu", "cpuacct", "memory"].map(|c| self.0.dir(c)).to_vec();
+            let mut dirs = ["cpu", "cpuacct", "cpuset", "memory"]
+                .map(|c| self.0.dir(c))
+                .to_vec();
             dirs.dedup();
             for dir in dirs {
                 let _ = std::fs::remove_dir(dir);
