@@ -421,13 +421,7 @@ impl Tables<'_> {
             .map(|spec| {
                 let demand = demands.iter().find(|d| d.instances.contains(&spec.name));
                 let pools: Vec<&Pool> = demand
-                    .map(|d| {
-                        self.book()
-                            .pools
-                            .values()
-                            .filter(|p| p.demand == d.key)
-                            .collect()
-                    })
+                    .map(|d| self.book().pools_of_demand(&d.key).collect())
                     .unwrap_or_default();
                 // The chosen pool, else the one furthest along.
                 let pool = pools
@@ -489,9 +483,8 @@ impl Tables<'_> {
                     Role::Admin => true,
                     Role::Lender => host.row.lender == principal.name,
                     _ => book
-                        .pools
-                        .values()
-                        .any(|p| p.host_id == plan_host.host_id && self.may_see_pool(principal, p)),
+                        .pools_on_host(plan_host.host_id)
+                        .any(|p| self.may_see_pool(principal, p)),
                 };
                 if !visible {
                     return None;

@@ -152,7 +152,7 @@ pub fn decide_apply_workload(
 
 /// The demand's pools go and its counter is forgotten.
 fn forget_demand(book: &ReservationBook, demand: &str, changes: &mut Vec<Change>) {
-    for pool in book.pools.values().filter(|p| p.demand == demand) {
+    for pool in book.pools_of_demand(demand) {
         changes.push(Change::Reservation(ReservationChange::RemovePool {
             pool_id: pool.pool_id,
         }));
@@ -222,9 +222,8 @@ pub fn decide_host_sample(
         available,
     };
     let book = table.reservations();
-    let near_start = book.pools.values().any(|pool| {
-        pool.host_id == host_id
-            && pool.phase != PoolPhase::HandedOver
+    let near_start = book.pools_on_host(host_id).any(|pool| {
+        pool.phase != PoolPhase::HandedOver
             && book.workloads.get(&pool.workload).is_some_and(|w| {
                 w.start_ms.saturating_sub(now_ms)
                     <= plan_interval_ms.saturating_mul(NEAR_START_INTERVALS)
@@ -325,9 +324,8 @@ pub fn decide_migrate(
         .find(|d| d.instances.iter().any(|i| i == instance))
         .ok_or_else(|| Refusal::Internal(format!("instance {instance} has no demand")))?;
     let placed = book
-        .pools
-        .values()
-        .find(|p| p.demand == demand.key && p.phase != PoolPhase::Acquiring)
+        .pools_of_demand(&demand.key)
+        .find(|p| p.phase != PoolPhase::Acquiring)
         .ok_or_else(|| {
             Refusal::Invalid(FieldError::new(
                 "name",

@@ -22,7 +22,7 @@ pub use capacity::Capacity;
 pub use workload::{Demand, InstanceSpec, PlacementRule, RuleKind, Workload};
 
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Samples kept per host for the forecast.
 pub const SAMPLE_WINDOW_LEN: usize = 32;
@@ -165,6 +165,10 @@ pub struct ReservationBook {
     /// What pools hold per host, kept with every change (samples ask for
     /// it every interval on every host).
     held: BTreeMap<String, Capacity>,
+    /// Pool ids by host and by demand, kept with every change, so that a
+    /// host's sample or a workload's view never scans every pool.
+    by_host: BTreeMap<String, BTreeSet<u64>>,
+    by_demand: BTreeMap<String, BTreeSet<u64>>,
 }
 
 impl ReservationBook {
@@ -198,6 +202,8 @@ impl ReservationBook {
                     .filter(|pool| &pool.workload == name)
                     .map(|pool| pool.pool_id)
                     .collect();
+                // (A scan, but deleting a workload is rare; the writes
+                // name the pools one by one before this anyway.)
                 for pool_id in gone {
                     self.remove_pool(pool_id);
                 }
@@ -207,6 +213,14 @@ impl ReservationBook {
                 self.remove_pool(pool.pool_id);
                 let held = self.held.entry(pool.host_id.clone()).or_default();
                 *held = held.saturating_add(pool.held());
+                self.by_host
+                    .entry(pool.host_id.clone())
+                    .or_default()
+                    .insert(pool.pool_id);
+                self.by_demand
+                    .entry(pool.demand.clone())
+                    .or_default()
+                    .insert(pool.pool_id);
                 self.pools.insert(pool.pool_id, pool.clone());
             }
             ReservationChange::RemovePool { pool_id } => self.remove_pool(*pool_id),
@@ -240,6 +254,17 @@ impl ReservationBook {
         let Some(old) = self.pools.remove(&pool_id) else {
             return;
         };
+        for (index, key) in [
+            (&mut self.by_host, &old.host_id),
+            (&mut self.by_demand, &old.demand),
+        ] {
+            if let Some(ids) = index.get_mut(key) {
+                ids.remove(&pool_id);
+                if ids.is_empty() {
+                    index.remove(key);
+                }
+            }
+        }
         if let Some(held) = self.held.get_mut(&old.host_id) {
             *held = held.saturating_sub(old.held());
             if held.is_zero() {
@@ -261,9 +286,19 @@ impl ReservationBook {
             .collect()
     }
 
-    pub fn pools_of_demand<'a>(&'a self, demand: &'a str) -> impl Iterator<Item = &'a Pool> + 'a {
-        self.pools
-            .values()
-            .filter(move |pool| pool.demand == demand)
+    pub fn pools_of_demand<'a>(&'a self, demand: &str) -> impl Iterator<Item = &'a Pool> + 'a {
+        self.by_demand
+            .get(demand)
+            .into_iter()
+            .flatten()
+            .filter_map(|pool_id| self.pools.get(pool_id))
+    }
+
+    pub fn pools_on_host<'a>(&'a self, host_id: &str) -> impl Iterator<Item = &'a Pool> + 'a {
+        self.by_host
+            .get(host_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|pool_id| self.pools.get(pool_id))
     }
 }

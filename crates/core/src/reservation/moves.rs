@@ -127,12 +127,7 @@ pub fn host_to_power_down(
         .iter()
         .filter(|h| !book.powered_off.contains_key(h.host_id))
         .filter(|h| !leased_hosts.contains(h.host_id))
-        .filter(|h| {
-            !book
-                .pools
-                .values()
-                .any(|p| p.host_id == h.host_id && starts_soon(p))
-        })
+        .filter(|h| !book.pools_on_host(h.host_id).any(starts_soon))
         .min_by_key(|h| {
             let used = book.held_on_host(h.host_id).saturating_add(h.lent);
             (
@@ -151,9 +146,8 @@ pub fn power_down_changes(book: &ReservationBook, host_id: &str) -> Vec<Reservat
         state: Some(PowerState::Off),
     }];
     let demands: BTreeSet<&str> = book
-        .pools
-        .values()
-        .filter(|p| p.host_id == host_id && p.phase != PoolPhase::Acquiring)
+        .pools_on_host(host_id)
+        .filter(|p| p.phase != PoolPhase::Acquiring)
         .map(|p| p.demand.as_str())
         .collect();
     for demand in demands {
