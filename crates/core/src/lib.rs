@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod matching;
 pub mod money;
 pub mod reservation;
+pub mod rights;
 pub mod role;
 pub mod table;
 pub mod terms;
