@@ -13,6 +13,7 @@
 //! - a partition's active modules never exceed its rights, so a right in
 //!   flight activates a module nowhere and no core is active on two hosts.
 
+pub mod membership;
 pub mod transfer;
 
 use crate::error::FieldError;
@@ -131,6 +132,11 @@ pub enum RightsRefusal {
         available: u32,
     },
     NoSuchTransfer(u64),
+    /// An order or a leadership claim from an epoch that is not current.
+    StaleEpoch {
+        epoch: u64,
+        current: u64,
+    },
     /// The transfer already ended the other way (committed vs aborted).
     TransferEnded {
         transfer_id: u64,
@@ -150,6 +156,10 @@ pub struct ShareGroup {
     pub hosts: BTreeMap<String, HostRights>,
     pub transfers: BTreeMap<u64, transfer::Transfer>,
     pub last_transfer_id: u64,
+    /// Rights the group owns that no partition holds: seized from a dead
+    /// host when the others had no module free for them.
+    #[serde(default)]
+    pub unassigned: u32,
 }
 
 impl ShareGroup {
@@ -162,6 +172,7 @@ impl ShareGroup {
             hosts: BTreeMap::new(),
             transfers: BTreeMap::new(),
             last_transfer_id: 0,
+            unassigned: 0,
         }
     }
 
@@ -191,11 +202,12 @@ impl ShareGroup {
             .flat_map(|h| h.partitions.values())
             .map(|p| u64::from(p.rights(now_ms)))
             .sum();
-        held + self
+        let in_flight: u64 = self
             .transfers
             .values()
             .map(|t| u64::from(t.in_flight()))
-            .sum::<u64>()
+            .sum();
+        held + in_flight + u64::from(self.unassigned)
     }
 
     /// Temporary rights past their expiry go, and the modules they
