@@ -8,6 +8,7 @@ use leasehold_core::lease::Lease;
 use leasehold_core::ledger::Transfer;
 use leasehold_core::reservation::moves::{MoveTarget, PowerState};
 use leasehold_core::reservation::{Pool, ReservationChange, Workload};
+use leasehold_core::rights::ShareGroup;
 use leasehold_core::table::Change;
 pub use leasehold_core::table::{HostCredentialRow, HostRow, PartitionRow};
 use leasehold_core::PartitionRef;
@@ -180,6 +181,13 @@ CREATE TABLE reservation_moves (
 CREATE TABLE host_power (
     host_id TEXT PRIMARY KEY,
     state TEXT NOT NULL
+);
+-- Seed 004: each share group's rights table as JSON, with a version for
+-- compare-and-swap between the group's managers.
+CREATE TABLE share_groups (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    version INTEGER NOT NULL
 );
 -- A lease booked ahead for a window ends (billing and key) at ends_at_ms.
 ALTER TABLE leases ADD COLUMN ends_at_ms INTEGER;
@@ -484,6 +492,18 @@ impl BrokerStore for BrokerDb {
 
     fn release_lease(&mut self, name: &str, holder: &str) -> StoreResult<bool> {
         broker_sql::release_lease(&mut self.engine, name, holder)
+    }
+
+    fn share_group(&mut self, name: &str) -> StoreResult<Option<(ShareGroup, u64)>> {
+        broker_sql::share_group(&mut self.engine, name)
+    }
+
+    fn put_share_group(
+        &mut self,
+        group: &ShareGroup,
+        expected_version: u64,
+    ) -> StoreResult<Option<u64>> {
+        broker_sql::put_share_group(&mut self.engine, group, expected_version)
     }
 }
 

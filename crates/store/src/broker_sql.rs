@@ -584,3 +584,44 @@ pub(crate) fn release_lease(
     )?;
     Ok(changed > 0)
 }
+
+/// A share group's table and version (seed 004).
+pub(crate) fn share_group(
+    conn: &mut dyn SqlConnection,
+    name: &str,
+) -> StoreResult<Option<(leasehold_core::rights::ShareGroup, u64)>> {
+    let rows = conn.query(
+        "SELECT body, version FROM share_groups WHERE name = ?1",
+        &[name.into()],
+    )?;
+    match rows.first() {
+        None => Ok(None),
+        Some(row) => Ok(Some((
+            from_json("share_groups", &row.text(0)?)?,
+            row.u64(1)?,
+        ))),
+    }
+}
+
+/// Compare-and-swap of a share group's table: one statement, so two
+/// managers deciding from the same version cannot both write.
+pub(crate) fn put_share_group(
+    conn: &mut dyn SqlConnection,
+    group: &leasehold_core::rights::ShareGroup,
+    expected_version: u64,
+) -> StoreResult<Option<u64>> {
+    let next = expected_version + 1;
+    let rows = if expected_version == 0 {
+        conn.query(
+            "INSERT INTO share_groups (name, body, version) VALUES (?1, ?2, 1)
+             ON CONFLICT (name) DO NOTHING RETURNING version",
+            &[(&group.name).into(), json(group).into()],
+        )?
+    } else {
+        conn.query(
+            "UPDATE share_groups SET body = ?2, version = ?3 WHERE name = ?1 AND version = ?4 RETURNING version",
+            &[(&group.name).into(), json(group).into(), int(next), int(expected_version)],
+        )?
+    };
+    rows.first().map(|row| row.u64(0)).transpose()
+}

@@ -98,4 +98,19 @@ impl BrokerStore for InterceptedStore {
     fn release_lease(&mut self, name: &str, holder: &str) -> StoreResult<bool> {
         self.inner.release_lease(name, holder)
     }
+
+    fn share_group(
+        &mut self,
+        name: &str,
+    ) -> StoreResult<Option<(leasehold_core::rights::ShareGroup, u64)>> {
+        self.inner.share_group(name)
+    }
+
+    fn put_share_group(
+        &mut self,
+        group: &leasehold_core::rights::ShareGroup,
+        expected_version: u64,
+    ) -> StoreResult<Option<u64>> {
+        self.inner.put_share_group(group, expected_version)
+    }
 }

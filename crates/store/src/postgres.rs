@@ -166,6 +166,13 @@ CREATE TABLE host_power (
     host_id TEXT PRIMARY KEY,
     state TEXT NOT NULL
 );
+-- Seed 004: each share group's rights table as JSON, with a version for
+-- compare-and-swap between the group's managers.
+CREATE TABLE share_groups (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL,
+    version BIGINT NOT NULL
+);
 -- A lease booked ahead for a window ends (billing and key) at ends_at_ms.
 ALTER TABLE leases ADD COLUMN ends_at_ms BIGINT;
 "#,
@@ -523,5 +530,22 @@ impl BrokerStore for PostgresBrokerDb {
     fn release_lease(&mut self, name: &str, holder: &str) -> StoreResult<bool> {
         let (name, holder) = (name.to_string(), holder.to_string());
         self.on_thread(move |engine| broker_sql::release_lease(engine, &name, &holder))
+    }
+
+    fn share_group(
+        &mut self,
+        name: &str,
+    ) -> StoreResult<Option<(leasehold_core::rights::ShareGroup, u64)>> {
+        let name = name.to_string();
+        self.on_thread(move |engine| broker_sql::share_group(engine, &name))
+    }
+
+    fn put_share_group(
+        &mut self,
+        group: &leasehold_core::rights::ShareGroup,
+        expected_version: u64,
+    ) -> StoreResult<Option<u64>> {
+        let group = group.clone();
+        self.on_thread(move |engine| broker_sql::put_share_group(engine, &group, expected_version))
     }
 }

@@ -9,6 +9,7 @@ use crate::broker::{
 use crate::{Durability, StoreError, StoreResult};
 use leasehold_core::lease::Lease;
 use leasehold_core::ledger::Transfer;
+use leasehold_core::rights::ShareGroup;
 use std::path::PathBuf;
 
 /// What the broker needs from storage. Reads take `&mut self` because a
@@ -63,6 +64,18 @@ pub trait BrokerStore: Send {
     ) -> StoreResult<Option<u64>>;
     /// Gives up the lease at once if `holder` has it (true if it did).
     fn release_lease(&mut self, name: &str, holder: &str) -> StoreResult<bool>;
+    /// A share group's rights table (seed 004) and its version; `None`
+    /// when no group of that name is stored.
+    fn share_group(&mut self, name: &str) -> StoreResult<Option<(ShareGroup, u64)>>;
+    /// Stores `group` as the next version if the stored one is still
+    /// `expected_version` (0: none stored yet): compare-and-swap, so two
+    /// managers deciding from the same version cannot both win. Returns
+    /// the new version, or `None` when another manager got there first.
+    fn put_share_group(
+        &mut self,
+        group: &ShareGroup,
+        expected_version: u64,
+    ) -> StoreResult<Option<u64>>;
 }
 
 /// Where the broker's database is.

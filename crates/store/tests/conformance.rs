@@ -139,6 +139,7 @@ conformance!(
     racing_holders_get_a_lease_exactly_once,
     calendar_intervals_are_kept_until_unbooked_and_never_two_at_one_start,
     workloads_pools_and_counters_round_trip_and_deleting_a_workload_takes_its_pools,
+    a_share_group_is_written_by_compare_and_swap,
 );
 
 fn terms() -> Terms {
@@ -757,4 +758,22 @@ fn workloads_pools_and_counters_round_trip_and_deleting_a_workload_takes_its_poo
     assert!(loaded.pools.is_empty(), "the workload's pool went with it");
     assert!(loaded.fruitless_rounds.is_empty());
     assert!(loaded.moves.is_empty() && loaded.host_power.is_empty());
+}
+
+fn a_share_group_is_written_by_compare_and_swap(database: &FreshDatabase) {
+    use leasehold_core::rights::{GroupMode, ShareGroup};
+    let mut db = seeded(database);
+    assert!(db.share_group("g").unwrap().is_none());
+    let mut group = ShareGroup::new("g", GroupMode::Centralized);
+    assert_eq!(db.put_share_group(&group, 0).unwrap(), Some(1));
+    // A second creator loses.
+    assert_eq!(db.put_share_group(&group, 0).unwrap(), None);
+    group.primary_epoch = 3;
+    assert_eq!(db.put_share_group(&group, 1).unwrap(), Some(2));
+    // A manager that decided from version 1 is refused and changes nothing.
+    let mut stale = group.clone();
+    stale.primary_epoch = 9;
+    assert_eq!(db.put_share_group(&stale, 1).unwrap(), None);
+    let (stored, version) = database.open().share_group("g").unwrap().unwrap();
+    assert_eq!((stored, version), (group, 2));
 }
