@@ -35,6 +35,10 @@ const DEFAULT_LIST: u32 = 1000;
 /// Request bodies on the broker are small JSON documents (the largest, a
 /// partition's terms with 32 image names, is about 3 KiB).
 const BODY_LIMIT_BYTES: usize = 16 * 1024;
+/// A workload may list up to 1,024 instances (about 100 bytes each) and
+/// 256 rules: its body may be larger, and is still read only after the
+/// caller is authenticated.
+const WORKLOAD_BODY_LIMIT_BYTES: usize = 256 * 1024;
 
 pub(crate) fn router(app: Arc<AppState>) -> Router {
     // Everything but health, the API document and the broker's public key
@@ -66,7 +70,11 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         )
         .route(
             "/v1/workloads",
-            post(reservations::apply_workload).get(reservations::list_workloads),
+            post(reservations::apply_workload)
+                .get(reservations::list_workloads)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    WORKLOAD_BODY_LIMIT_BYTES,
+                )),
         )
         .route(
             "/v1/workloads/{name}",

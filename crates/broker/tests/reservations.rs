@@ -781,3 +781,21 @@ async fn a_gradual_hand_over_moves_the_capacity_a_step_at_a_time_and_the_sum_nev
     assert_eq!(rising, vec![1920, 3840, 5760, 6144], "{allocations:?}");
     assert_eq!(market.acquired_mib("g").await.1, PoolPhase::HandedOver);
 }
+
+#[tokio::test]
+async fn a_workload_of_a_thousand_instances_is_taken_and_a_larger_body_refused() {
+    let market = start_market(&["h1"]).await;
+    let instances: Vec<InstanceSpec> = (0..1000)
+        .map(|i| instance(&format!("instance-{i:04}"), 1, 64))
+        .collect();
+    let file = workload("wide", 1, START_MS + 3_600_000, instances, vec![]);
+    let applied = market.borrower.apply_workload(&file).await.unwrap();
+    assert_eq!(applied.instances.len(), 1000);
+    let mut too_big = file.clone();
+    too_big.name = "too-big".into();
+    too_big.instances = (0..4000)
+        .map(|i| instance(&format!("padding-instance-name-{i:05}"), 1, 64))
+        .collect();
+    let error = market.borrower.apply_workload(&too_big).await.unwrap_err();
+    assert_eq!(error.status(), Some(413), "{error}");
+}
