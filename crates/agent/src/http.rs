@@ -30,6 +30,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
     // the broker's signature. 401/403 come before a byte of body is read.
     let lender = Router::new()
         .route("/v1/partitions", post(add_partition).get(list_partitions))
+        .route("/v1/rights", get(rights_table))
         .route(
             "/v1/partitions/{index}",
             put(alter_partition).delete(withdraw_partition),
@@ -248,6 +249,18 @@ async fn add_partition(
 ) -> Result<(StatusCode, Json<AgentPartitionView>), ErrorResponse> {
     let row = agent.add_partition(request.terms).await.map_err(err)?;
     Ok((StatusCode::CREATED, Json(agent.view(&row))))
+}
+
+/// The share group's rights table (seed 004, FIG. 4A) as the shared store
+/// holds it.
+async fn rights_table(State(agent): App) -> Answer<leasehold_core::rights::ShareGroup> {
+    let Some(rights) = &agent.rights else {
+        return Err(err(AgentError::NotFound(
+            "this agent manages no share group; start it with --group NAME --group-store PATH"
+                .into(),
+        )));
+    };
+    rights.table().map(Json).map_err(err)
 }
 
 async fn list_partitions(State(agent): App) -> Answer<Vec<AgentPartitionView>> {

@@ -16,6 +16,7 @@ pub mod owner_load;
 mod reconcile;
 mod refused;
 mod revocations;
+pub mod rights;
 pub mod sampling;
 #[cfg(test)]
 mod tests;
@@ -63,6 +64,9 @@ pub struct AgentConfig {
     pub client_trust: leasehold_api::ServerTrust,
     /// The host's samples to the broker and the owner's load (`sampling`).
     pub sampling: SamplingConfig,
+    /// With `--group`: this host's usage rights are managed in a share
+    /// group (seed 004); `None` leaves rights out.
+    pub rights: Option<rights::RightsConfig>,
 }
 
 /// The least time between two fetches of the broker's keys prompted by a
@@ -97,6 +101,7 @@ pub(crate) struct Agent {
     lender_check: lender_check::LenderCheck,
     /// The owner's load and the last guarantee the broker answered.
     sampler: sampling::Sampler,
+    pub rights: Option<rights::RightsManager>,
 }
 
 /// An agent that is serving.
@@ -261,6 +266,17 @@ fn restore_cores(db: &AgentDb, driver: &dyn PartitionDriver) -> Result<(), Agent
     Ok(())
 }
 
+/// Joins the share group when the agent manages its host's rights.
+fn join_share_group(
+    config: &AgentConfig,
+    manager_url: &str,
+) -> Result<Option<rights::RightsManager>, AgentError> {
+    let Some(rights) = config.rights.clone() else {
+        return Ok(None);
+    };
+    rights::RightsManager::join(rights, &config.host_id, &config.capacity, manager_url).map(Some)
+}
+
 /// Starts an agent: opens its partition table, pins the broker's public key,
 /// registers the host and reconciles its partitions with the broker, then
 /// serves. Stops on Ctrl-C / SIGTERM or [`RunningAgent::shutdown`].
@@ -295,6 +311,9 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     reconciled.extend(driver.reconcile());
     restore_cores(&db, driver.as_ref())?;
     reconciled.extend(restate_isolation(&db, config.driver.isolation())?);
+    let advertise =
+        (config.advertise_url.clone()).unwrap_or_else(|| format!("{scheme}://{local_addr}"));
+    let rights = join_share_group(&config, &advertise)?;
     let agent = Arc::new(Agent {
         config: config.clone(),
         db: Mutex::new(db),
@@ -307,11 +326,8 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         refused_keys: refused::RefusedKeyLog::default(),
         lender_check: lender_check::LenderCheck::default(),
         sampler,
+        rights,
     });
-    let advertise = config
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
     match agent.register_and_reconcile(&advertise).await {
         Ok(mut notes) => reconciled.append(&mut notes),
         Err(AgentError::BrokerUnreachable(error)) => {

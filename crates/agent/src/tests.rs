@@ -151,6 +151,7 @@ fn harness(partitions: &[u32]) -> Harness {
         tls: None,
         client_trust: Default::default(),
         sampling: Default::default(),
+        rights: None,
     };
     let mut db = AgentDb::open(&dir.path().join("agent.db")).unwrap();
     for vcpus in partitions {
@@ -171,6 +172,7 @@ fn harness(partitions: &[u32]) -> Harness {
         refused_keys: crate::refused::RefusedKeyLog::default(),
         lender_check: crate::lender_check::LenderCheck::default(),
         sampler: crate::sampling::Sampler::with_trace(None, 1_000),
+        rights: None,
     });
     Harness {
         _dir: dir,

@@ -180,6 +180,7 @@ fn agent_config(dir: &std::path::Path, broker_url: String, clock: &SimulatedCloc
             interval_ms: 100,
             ..SamplingConfig::default()
         },
+        rights: None,
     }
 }
 

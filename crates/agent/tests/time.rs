@@ -74,6 +74,7 @@ fn agent_config(data_dir: PathBuf, broker_url: String, lender_token: String) -> 
         tls: None,
         client_trust: Default::default(),
         sampling: Default::default(),
+        rights: None,
     }
 }
 

@@ -489,6 +489,11 @@ impl Client {
             .await
     }
 
+    /// The share group's usage-rights table (seed 004) from a managing agent.
+    pub async fn agent_rights(&self) -> Result<leasehold_core::rights::ShareGroup, ApiError> {
+        self.get("/v1/rights").await
+    }
+
     pub async fn agent_list_partitions(&self) -> Result<Vec<AgentPartitionView>, ApiError> {
         self.get("/v1/partitions").await
     }

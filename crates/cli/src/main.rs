@@ -8,6 +8,7 @@
 
 mod images;
 mod reservations;
+mod rights;
 mod serve;
 mod simulate;
 mod verbs;
@@ -141,6 +142,9 @@ enum Command {
     /// Admin: power saving (drain the least-used host; power one up).
     #[command(subcommand)]
     Power(reservations::PowerCommand),
+    /// Usage rights of a share group (seed 004), from the agent managing them.
+    #[command(subcommand)]
+    Rights(rights::RightsCommand),
     /// Run a reservation scenario file through the planner on a simulated
     /// clock, printing the pools, hosts and warnings at each step.
     Simulate(simulate::SimulateArgs),
@@ -260,6 +264,7 @@ fn main() {
             Command::Plan(command) => reservations::plan(&global, command).await,
             Command::Instance(command) => reservations::instance(&global, command).await,
             Command::Power(command) => reservations::power(&global, command).await,
+            Command::Rights(command) => rights::rights(&global, command).await,
             Command::Simulate(args) => simulate::simulate(&global, args),
         };
         match result {

@@ -255,6 +255,62 @@ fn host_memory_mib() -> u64 {
         .unwrap_or(1024)
 }
 
+/// The share group whose usage rights this agent manages (seed 004).
+#[derive(Args, Clone)]
+pub struct GroupArgs {
+    /// Manage this host's usage rights in the share group NAME: its table
+    /// is kept in --group-store, shared with the group's other managers.
+    #[arg(long, value_name = "NAME", requires = "group_store")]
+    pub group: Option<String>,
+    /// Where the group's table lives: an SQLite file (the hosts of one
+    /// machine) or a `postgres://` URL without a password (a group spread
+    /// over machines).
+    #[arg(long, value_name = "FILE|URL", requires = "group")]
+    pub group_store: Option<String>,
+    /// `centralized`: one primary manager coordinates transfers between
+    /// hosts; `federated`: the requesting host's manager does.
+    #[arg(long, default_value = "centralized", value_parser = ["centralized", "federated"])]
+    pub group_mode: String,
+    /// Usage rights this host owns when it first joins (default: one per
+    /// whole core).
+    #[arg(long, value_name = "N", requires = "group")]
+    pub rights: Option<u32>,
+}
+
+impl GroupArgs {
+    fn config(&self) -> Result<Option<leasehold_agent::rights::RightsConfig>> {
+        let (Some(group), Some(store)) = (&self.group, &self.group_store) else {
+            return Ok(None);
+        };
+        leasehold_core::reservation::workload::check_name("group", group)
+            .map_err(|e| anyhow!("--group: {}", e.problem))?;
+        let store = if leasehold_store::is_postgres_url(store) {
+            // A password here would be visible to every local user.
+            let userinfo = store
+                .split("://")
+                .nth(1)
+                .and_then(|rest| rest.split_once('@'))
+                .map(|(user, _)| user);
+            if userinfo.is_some_and(|user| user.contains(':')) {
+                return Err(anyhow!("--group-store: a URL with a password is a secret and is refused on the command line; use trust, peer or ~/.pgpass authentication"));
+            }
+            leasehold_store::BrokerDatabase::Postgres(store.clone())
+        } else {
+            leasehold_store::BrokerDatabase::Sqlite(PathBuf::from(store))
+        };
+        let mode = match self.group_mode.as_str() {
+            "federated" => leasehold_core::rights::GroupMode::Federated,
+            _ => leasehold_core::rights::GroupMode::Centralized,
+        };
+        Ok(Some(leasehold_agent::rights::RightsConfig {
+            group: group.clone(),
+            mode,
+            store,
+            owned_rights: self.rights,
+        }))
+    }
+}
+
 /// How an agent samples its host for the broker's reservations (seed 003).
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
@@ -326,6 +382,8 @@ pub struct AgentArgs {
     pub revocation_poll_secs: u64,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub group: GroupArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -613,6 +671,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         tls,
         client_trust: global.server_trust.clone(),
         sampling: args.sampling.config(),
+        rights: args.group.config()?,
     })
     .await
     .context("failed to start the agent")?;
@@ -830,6 +889,7 @@ async fn start_up_agent(
         tls: tls.identity.clone(),
         client_trust: tls.client_trust.clone(),
         sampling: args.sampling.config(),
+        rights: None,
     })
     .await
     .context("failed to start the local agent")?;

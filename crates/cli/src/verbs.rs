@@ -27,7 +27,7 @@ pub fn client_of(global: &Global, url: &str, token: Option<String>) -> Result<Cl
         .with_context(|| format!("failed to make a client of {url}"))
 }
 
-fn print_json<T: Serialize>(value: &T) {
+pub fn print_json<T: Serialize>(value: &T) {
     println!(
         "{}",
         serde_json::to_string(value).expect("output serializes")

@@ -168,6 +168,7 @@ async fn start_oci_agent(
         tls: None,
         client_trust: Default::default(),
         sampling: Default::default(),
+        rights: None,
     })
     .await?)
 }

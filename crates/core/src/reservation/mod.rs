@@ -208,21 +208,7 @@ impl ReservationBook {
                     self.remove_pool(pool_id);
                 }
             }
-            ReservationChange::PutPool(pool) => {
-                self.last_pool_id = self.last_pool_id.max(pool.pool_id);
-                self.remove_pool(pool.pool_id);
-                let held = self.held.entry(pool.host_id.clone()).or_default();
-                *held = held.saturating_add(pool.held());
-                self.by_host
-                    .entry(pool.host_id.clone())
-                    .or_default()
-                    .insert(pool.pool_id);
-                self.by_demand
-                    .entry(pool.demand.clone())
-                    .or_default()
-                    .insert(pool.pool_id);
-                self.pools.insert(pool.pool_id, pool.clone());
-            }
+            ReservationChange::PutPool(pool) => self.put_pool(pool),
             ReservationChange::RemovePool { pool_id } => self.remove_pool(*pool_id),
             ReservationChange::SetMove { demand, target } => match target {
                 Some(target) => {
@@ -248,6 +234,22 @@ impl ReservationBook {
                 }
             }
         }
+    }
+
+    fn put_pool(&mut self, pool: &Pool) {
+        self.last_pool_id = self.last_pool_id.max(pool.pool_id);
+        self.remove_pool(pool.pool_id);
+        let held = self.held.entry(pool.host_id.clone()).or_default();
+        *held = held.saturating_add(pool.held());
+        self.by_host
+            .entry(pool.host_id.clone())
+            .or_default()
+            .insert(pool.pool_id);
+        self.by_demand
+            .entry(pool.demand.clone())
+            .or_default()
+            .insert(pool.pool_id);
+        self.pools.insert(pool.pool_id, pool.clone());
     }
 
     fn remove_pool(&mut self, pool_id: u64) {
