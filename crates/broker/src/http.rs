@@ -21,7 +21,7 @@ use leasehold_service::{bearer_token, idempotency_key, ErrorResponse, JsonBody};
 use leasehold_store::broker::{LeaseFilter, PartitionRow};
 
 /// What readers lay over the committed table: nothing.
-static NO_UNCOMMITTED_CHANGES: std::sync::LazyLock<Overlay> =
+pub(crate) static NO_UNCOMMITTED_CHANGES: std::sync::LazyLock<Overlay> =
     std::sync::LazyLock::new(Overlay::default);
 use serde::Deserialize;
 use std::sync::Arc;
@@ -156,7 +156,7 @@ pub(crate) fn host_scope_allows(
     }
 }
 
-fn err(error: BrokerError) -> ErrorResponse {
+pub(crate) fn err(error: BrokerError) -> ErrorResponse {
     error.to_error_response()
 }
 
@@ -169,7 +169,7 @@ fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, ErrorR
         .ok_or_else(|| err(BrokerError::Unauthorized))
 }
 
-fn require_role(
+pub(crate) fn require_role(
     principal: &Principal,
     allowed: &[Role],
     action: &str,
@@ -303,7 +303,7 @@ fn host_view(host: &HostRow, partitions: u64) -> HostView {
 }
 
 /// An outcome a handler did not expect from its command: a bug, said so.
-fn unexpected(outcome: Outcome) -> ErrorResponse {
+pub(crate) fn unexpected(outcome: Outcome) -> ErrorResponse {
     err(BrokerError::Internal(format!(
         "unexpected outcome {outcome:?}"
     )))

@@ -4,6 +4,7 @@
 //! authenticate, parse, build commands and map; core decides.
 
 use crate::error::BrokerError;
+use crate::http::{err, require_role, unexpected, NO_UNCOMMITTED_CHANGES};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
@@ -13,47 +14,17 @@ use leasehold_api::{
     PoolView, PowerSaveRequest, PowerSaveView, WarningView, WorkloadFile, WorkloadView,
 };
 use leasehold_core::command::{BrokerCommand, Outcome};
-use leasehold_core::reservation::commands::{owner_share, plan_hosts, total};
+use leasehold_core::reservation::commands::{may_manage_workload, owner_share, plan_hosts, total};
 use leasehold_core::reservation::report::Reporter;
 use leasehold_core::reservation::warnings::{warnings, Warning, WarningReason};
 use leasehold_core::reservation::{Pool, PoolPhase, ReservationBook, SampleWindow, Workload};
-use leasehold_core::table::{Overlay, Principal, TableView};
+use leasehold_core::table::{Principal, TableView};
 use leasehold_core::{FieldError, Role};
 use leasehold_service::{ErrorResponse, JsonBody};
 use std::sync::Arc;
 
 type App = State<Arc<AppState>>;
 type Answer<T> = Result<Json<T>, ErrorResponse>;
-
-static NO_UNCOMMITTED_CHANGES: std::sync::LazyLock<Overlay> =
-    std::sync::LazyLock::new(Overlay::default);
-
-fn err(error: BrokerError) -> ErrorResponse {
-    error.to_error_response()
-}
-
-fn require_role(
-    principal: &Principal,
-    allowed: &[Role],
-    action: &str,
-) -> Result<(), ErrorResponse> {
-    if allowed.contains(&principal.role) {
-        return Ok(());
-    }
-    let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-    Err(err(BrokerError::Forbidden(format!(
-        "only a {} may {action}; '{}' is a {}",
-        names.join(" or "),
-        principal.name,
-        principal.role.as_str()
-    ))))
-}
-
-fn unexpected(outcome: Outcome) -> ErrorResponse {
-    err(BrokerError::Internal(format!(
-        "unexpected outcome {outcome:?}"
-    )))
-}
 
 /// The file's times as milliseconds; the rest is checked in core.
 fn workload_from_file(file: WorkloadFile, owner: &str) -> Result<Workload, BrokerError> {
@@ -215,7 +186,7 @@ pub(crate) async fn list_workloads(
         t.book()
             .workloads
             .values()
-            .filter(|w| may_see_workload(&principal, w))
+            .filter(|w| may_manage_workload(&principal, w))
             .map(|w| t.workload_view(w))
             .collect()
     })))
@@ -230,7 +201,7 @@ pub(crate) async fn get_workload(
         t.book()
             .workloads
             .get(&name)
-            .filter(|w| may_see_workload(&principal, w))
+            .filter(|w| may_manage_workload(&principal, w))
             .map(|w| t.workload_view(w))
     })
     .map(Json)
@@ -316,10 +287,6 @@ pub(crate) async fn host_sample(
         })),
         other => Err(unexpected(other)),
     }
-}
-
-fn may_see_workload(principal: &Principal, workload: &Workload) -> bool {
-    principal.role == Role::Admin || workload.owner == principal.name
 }
 
 /// Runs `read` over the committed tables at the broker's time.
@@ -515,7 +482,7 @@ impl Tables<'_> {
             .filter(|w| {
                 book.workloads
                     .get(&w.workload)
-                    .is_some_and(|wl| may_see_workload(principal, wl))
+                    .is_some_and(|wl| may_manage_workload(principal, wl))
             })
             .map(warning_view)
             .collect()

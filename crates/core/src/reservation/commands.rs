@@ -99,6 +99,27 @@ pub fn plan_hosts<'a>(table: TableView<'a>) -> Vec<PlanHost<'a>> {
     hosts
 }
 
+/// A workload is its owner's, and an admin's, to see, change and delete.
+pub fn may_manage_workload(principal: &Principal, workload: &Workload) -> bool {
+    workload.owner == principal.name || principal.role == Role::Admin
+}
+
+/// The workload of `instance`, if `principal` may manage it (an instance
+/// the caller may not see answers as a missing one).
+fn instance_workload<'a>(
+    book: &'a ReservationBook,
+    principal: &Principal,
+    instance: &str,
+) -> Result<&'a Workload, Refusal> {
+    book.instance_owner
+        .get(instance)
+        .and_then(|name| book.workloads.get(name))
+        .filter(|w| may_manage_workload(principal, w))
+        .ok_or_else(|| Refusal::NoSuchInstance {
+            name: instance.to_string(),
+        })
+}
+
 /// Creates or replaces `principal`'s workload. Pools of instances whose
 /// demand changed go (their capacity back to the host); others stay.
 pub fn decide_apply_workload(
@@ -110,7 +131,7 @@ pub fn decide_apply_workload(
     let book = table.reservations();
     let existing = book.workloads.get(&workload.name);
     if let Some(existing) = existing {
-        if existing.owner != principal.name && principal.role != Role::Admin {
+        if !may_manage_workload(principal, existing) {
             return Err(Refusal::WorkloadOwnedByAnother {
                 name: workload.name.clone(),
             });
@@ -176,7 +197,7 @@ pub fn decide_delete_workload(
     let workload = book
         .workloads
         .get(name)
-        .filter(|w| w.owner == principal.name || principal.role == Role::Admin)
+        .filter(|w| may_manage_workload(principal, w))
         .ok_or_else(|| Refusal::NoSuchWorkload {
             name: name.to_string(),
         })?;
@@ -274,14 +295,7 @@ pub fn decide_delete_instance(
     instance: &str,
 ) -> Result<Decision, Refusal> {
     let book = table.reservations();
-    let workload = book
-        .instance_owner
-        .get(instance)
-        .and_then(|name| book.workloads.get(name))
-        .filter(|w| w.owner == principal.name || principal.role == Role::Admin)
-        .ok_or_else(|| Refusal::NoSuchInstance {
-            name: instance.to_string(),
-        })?;
+    let workload = instance_workload(book, principal, instance)?;
     if workload.instances.len() == 1 {
         return decide_delete_workload(table, principal, &workload.name.clone());
     }
@@ -303,14 +317,7 @@ pub fn decide_migrate(
     to_host: &str,
 ) -> Result<Decision, Refusal> {
     let book = table.reservations();
-    let workload = book
-        .instance_owner
-        .get(instance)
-        .and_then(|name| book.workloads.get(name))
-        .filter(|w| w.owner == principal.name || principal.role == Role::Admin)
-        .ok_or_else(|| Refusal::NoSuchInstance {
-            name: instance.to_string(),
-        })?;
+    let workload = instance_workload(book, principal, instance)?;
     let host = table.host(to_host).ok_or(Refusal::NoSuchHost)?;
     if book.powered_off.contains_key(to_host) {
         return Err(Refusal::Invalid(FieldError::new(
