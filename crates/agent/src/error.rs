@@ -28,6 +28,15 @@ pub enum AgentError {
     Store(#[from] leasehold_store::StoreError),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// Not enough rights, a transfer that ended the other way, or an order
+    /// from a primary whose epoch has passed.
+    #[error("{0}")]
+    RightsConflict(String),
+    /// The share group's store or another manager cannot be reached.
+    #[error("the share group cannot be reached: {0}")]
+    GroupUnreachable(String),
     /// A bad `--owner-load` trace, or one on a driver that cannot use it:
     /// the agent does not start.
     #[error(transparent)]
@@ -37,6 +46,32 @@ pub enum AgentError {
 impl From<FieldError> for AgentError {
     fn from(value: FieldError) -> Self {
         AgentError::Invalid(value)
+    }
+}
+
+impl From<leasehold_core::rights::RightsRefusal> for AgentError {
+    /// A rights decision of core, in the agent's words.
+    fn from(refusal: leasehold_core::rights::RightsRefusal) -> Self {
+        use leasehold_core::rights::RightsRefusal;
+        match refusal {
+            RightsRefusal::Invalid(field) => AgentError::Invalid(field),
+            RightsRefusal::NoSuchSlot(slot) => AgentError::NotFound(format!(
+                "no partition {slot} in the share group (0 is a host's owner share)"
+            )),
+            RightsRefusal::NotEnough { wanted, available } => AgentError::RightsConflict(format!(
+                "the group has {available} spare rights, {wanted} were asked for"
+            )),
+            RightsRefusal::NoSuchTransfer(id) => {
+                AgentError::NotFound(format!("no transfer {id} in the share group"))
+            }
+            RightsRefusal::StaleEpoch { epoch, current } => AgentError::RightsConflict(format!(
+                "an order of the primary's epoch {epoch} is refused: the group's primary is at epoch {current}"
+            )),
+            RightsRefusal::TransferEnded { transfer_id, phase } => AgentError::RightsConflict(
+                format!("transfer {transfer_id} ended already ({phase:?})"),
+            ),
+            RightsRefusal::Forbidden(message) => AgentError::Forbidden(message),
+        }
     }
 }
 
@@ -82,6 +117,17 @@ impl AgentError {
                 response.detail.field = inner.detail().and_then(|d| d.field.clone());
                 response
             }
+            AgentError::Forbidden(_) => {
+                ErrorResponse::new(StatusCode::FORBIDDEN, "forbidden", message)
+            }
+            AgentError::RightsConflict(_) => {
+                ErrorResponse::new(StatusCode::CONFLICT, "rights_conflict", message)
+            }
+            AgentError::GroupUnreachable(_) => ErrorResponse::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "group_unreachable",
+                message,
+            ),
             AgentError::BrokerUnreachable(_) => {
                 ErrorResponse::new(StatusCode::BAD_GATEWAY, "broker_unreachable", message)
             }

@@ -3,6 +3,7 @@
 
 use crate::driver::Stream;
 use crate::error::AgentError;
+use crate::rights::http as rights_http;
 use crate::Agent;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
@@ -30,7 +31,6 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
     // the broker's signature. 401/403 come before a byte of body is read.
     let lender = Router::new()
         .route("/v1/partitions", post(add_partition).get(list_partitions))
-        .route("/v1/rights", get(rights_table))
         .route(
             "/v1/partitions/{index}",
             put(alter_partition).delete(withdraw_partition),
@@ -39,6 +39,24 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
             agent.clone(),
             require_lender,
         ));
+    let rights = Router::new()
+        .route("/v1/rights", get(rights_http::table))
+        .route("/v1/rights/request", post(rights_http::request))
+        .route("/v1/rights/release", post(rights_http::release))
+        .route("/v1/rights/transfer", post(rights_http::transfer))
+        .route("/v1/group/hosts", post(rights_http::add_host))
+        .route(
+            "/v1/group/hosts/{host_id}",
+            axum::routing::delete(rights_http::remove_host),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            agent.clone(),
+            require_lender_or_admin,
+        ));
+    let rights_admin = Router::new()
+        .route("/v1/rights/grant", post(rights_http::grant))
+        .route("/v1/rights/revoke", post(rights_http::revoke))
+        .route_layer(middleware::from_fn_with_state(agent.clone(), require_admin));
     let jobs = Router::new()
         .route(
             "/v1/partitions/{index}/jobs",
@@ -65,7 +83,10 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/v1/agent", get(info))
+        .route("/v1/rights/sync", post(rights_http::sync))
         .merge(lender)
+        .merge(rights)
+        .merge(rights_admin)
         .merge(jobs)
         .merge(job_records)
         .merge(notices)
@@ -98,6 +119,38 @@ async fn require_lender(
         Ok(next.run(request).await)
     } else {
         Err(err(AgentError::Unauthorized))
+    }
+}
+
+/// Usage-rights routes: this host's lender, or an admin of the broker.
+async fn require_lender_or_admin(
+    State(agent): App,
+    request: Request,
+    next: Next,
+) -> Result<Response, ErrorResponse> {
+    let allowed = match bearer_token(request.headers()) {
+        Some(token) => agent.is_lender(token).await || agent.is_admin(token).await,
+        None => false,
+    };
+    if allowed {
+        Ok(next.run(request).await)
+    } else {
+        Err(err(AgentError::Unauthorized))
+    }
+}
+
+/// Grants and revocations: an admin of the broker only.
+async fn require_admin(
+    State(agent): App,
+    request: Request,
+    next: Next,
+) -> Result<Response, ErrorResponse> {
+    match bearer_token(request.headers()) {
+        Some(token) if agent.is_admin(token).await => Ok(next.run(request).await),
+        Some(_) => Err(err(AgentError::Forbidden(
+            "only an admin of the broker may grant or revoke usage rights".into(),
+        ))),
+        None => Err(err(AgentError::Unauthorized)),
     }
 }
 
@@ -249,18 +302,6 @@ async fn add_partition(
 ) -> Result<(StatusCode, Json<AgentPartitionView>), ErrorResponse> {
     let row = agent.add_partition(request.terms).await.map_err(err)?;
     Ok((StatusCode::CREATED, Json(agent.view(&row))))
-}
-
-/// The share group's rights table (seed 004, FIG. 4A) as the shared store
-/// holds it.
-async fn rights_table(State(agent): App) -> Answer<leasehold_core::rights::ShareGroup> {
-    let Some(rights) = &agent.rights else {
-        return Err(err(AgentError::NotFound(
-            "this agent manages no share group; start it with --group NAME --group-store PATH"
-                .into(),
-        )));
-    };
-    rights.table().map(Json).map_err(err)
 }
 
 async fn list_partitions(State(agent): App) -> Answer<Vec<AgentPartitionView>> {

@@ -99,6 +99,8 @@ pub(crate) struct Agent {
     refused_keys: refused::RefusedKeyLog,
     /// The broker's answers about tokens offered to the lender interface.
     lender_check: lender_check::LenderCheck,
+    /// The broker's answers about tokens offered as an admin's (rights).
+    admin_check: lender_check::LenderCheck,
     /// The owner's load and the last guarantee the broker answered.
     sampler: sampling::Sampler,
     pub rights: Option<rights::RightsManager>,
@@ -115,6 +117,7 @@ pub struct RunningAgent {
     server: leasehold_service::ServerHandle,
     revocation_pull: tokio::task::AbortHandle,
     sample_loop: tokio::task::AbortHandle,
+    rights_tick: Option<tokio::task::AbortHandle>,
 }
 
 impl RunningAgent {
@@ -123,16 +126,26 @@ impl RunningAgent {
     }
 
     pub async fn shutdown(self) {
-        self.revocation_pull.abort();
-        self.sample_loop.abort();
+        stop_loops(&self.revocation_pull, &self.sample_loop, &self.rights_tick);
         self.server.shutdown().await
     }
 
     pub async fn wait(self) -> std::io::Result<()> {
         let served = self.server.wait().await;
-        self.revocation_pull.abort();
-        self.sample_loop.abort();
+        stop_loops(&self.revocation_pull, &self.sample_loop, &self.rights_tick);
         served
+    }
+}
+
+fn stop_loops(
+    revocation_pull: &tokio::task::AbortHandle,
+    sample_loop: &tokio::task::AbortHandle,
+    rights_tick: &Option<tokio::task::AbortHandle>,
+) {
+    revocation_pull.abort();
+    sample_loop.abort();
+    if let Some(tick) = rights_tick {
+        tick.abort();
     }
 }
 
@@ -267,14 +280,27 @@ fn restore_cores(db: &AgentDb, driver: &dyn PartitionDriver) -> Result<(), Agent
 }
 
 /// Joins the share group when the agent manages its host's rights.
-fn join_share_group(
+async fn join_share_group(
     config: &AgentConfig,
     manager_url: &str,
+    broker: &leasehold_api::Client,
 ) -> Result<Option<rights::RightsManager>, AgentError> {
     let Some(rights) = config.rights.clone() else {
         return Ok(None);
     };
-    rights::RightsManager::join(rights, &config.host_id, &config.capacity, manager_url).map(Some)
+    let peers = leasehold_api::Client::for_calling_agents(&config.client_trust)
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    rights::RightsManager::join(
+        rights,
+        &config.host_id,
+        &config.capacity,
+        manager_url,
+        broker,
+        config.clock.clone(),
+        peers,
+    )
+    .await
+    .map(Some)
 }
 
 /// Starts an agent: opens its partition table, pins the broker's public key,
@@ -313,7 +339,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     reconciled.extend(restate_isolation(&db, config.driver.isolation())?);
     let advertise =
         (config.advertise_url.clone()).unwrap_or_else(|| format!("{scheme}://{local_addr}"));
-    let rights = join_share_group(&config, &advertise)?;
+    let rights = join_share_group(&config, &advertise, &broker).await?;
     let agent = Arc::new(Agent {
         config: config.clone(),
         db: Mutex::new(db),
@@ -325,6 +351,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         running_jobs: Mutex::new(HashMap::new()),
         refused_keys: refused::RefusedKeyLog::default(),
         lender_check: lender_check::LenderCheck::default(),
+        admin_check: lender_check::LenderCheck::default(),
         sampler,
         rights,
     });
@@ -343,6 +370,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     );
     let revocation_pull = revocations::spawn_pull_loop(agent.clone());
     let sample_loop = sampling::spawn_sample_loop(agent.clone());
+    let rights_tick = rights::http::spawn_tick_loop(agent.clone());
     Ok(RunningAgent {
         local_addr,
         driver_name,
@@ -351,11 +379,12 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         server,
         revocation_pull,
         sample_loop,
+        rights_tick,
     })
 }
 
 impl Agent {
-    fn db(&self) -> std::sync::MutexGuard<'_, AgentDb> {
+    pub(crate) fn db(&self) -> std::sync::MutexGuard<'_, AgentDb> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -575,6 +604,13 @@ impl Agent {
         }
         row.registered = true;
         self.db().update_terms_and_registration(&row)?;
+        if let Some(rights) = &self.rights {
+            // With no rights yet; a failure here is mended at the next
+            // tick, which adds the rows of partitions the table lacks.
+            if let Err(error) = rights.partition_added(row.index).await {
+                tracing::warn!(%error, index = row.index, "the new partition is not in the share group's table yet");
+            }
+        }
         Ok(row)
     }
 
@@ -629,6 +665,11 @@ impl Agent {
             self.driver.remove(index)?;
             self.db().delete_partition(index)?;
         }
+        if let Some(rights) = &self.rights {
+            if let Err(error) = rights.partition_withdrawn(index).await {
+                tracing::warn!(%error, index, "the withdrawn partition's rights stay in the table until the next tick");
+            }
+        }
         Ok(row)
     }
 
@@ -647,6 +688,32 @@ impl Agent {
                 // An unreachable broker is not remembered: ask again later.
                 if let Some(is_lender) = answer {
                     self.lender_check.remember(token, is_lender, now_ms);
+                }
+                answer.unwrap_or(false)
+            }
+        }
+    }
+
+    /// Whether `token` is an admin's, as the broker says (remembered
+    /// briefly; lookups rate-limited like the lender check's).
+    pub(crate) async fn is_admin(&self, token: &str) -> bool {
+        let now_ms = self.config.clock.now_ms();
+        match self.admin_check.verdict(token, now_ms) {
+            lender_check::Verdict::Known(answer) => answer,
+            lender_check::Verdict::Refuse => false,
+            lender_check::Verdict::AskBroker => {
+                let theirs = self
+                    .broker
+                    .with_token(Some(token.to_string()))
+                    .whoami()
+                    .await;
+                let answer = match theirs {
+                    Ok(who) => Some(who.role == leasehold_api::Role::Admin),
+                    Err(error) if error.status() == Some(401) => Some(false),
+                    Err(_) => None,
+                };
+                if let Some(is_admin) = answer {
+                    self.admin_check.remember(token, is_admin, now_ms);
                 }
                 answer.unwrap_or(false)
             }

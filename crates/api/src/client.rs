@@ -10,6 +10,7 @@ use serde::Serialize;
 use std::time::Duration;
 
 mod reservations;
+mod rights;
 
 /// How often a request is retried after a connection failure.
 const MAX_CONNECT_RETRIES: u32 = 3;
@@ -487,11 +488,6 @@ impl Client {
         };
         self.send(Method::POST, "/v1/partitions", Some(&body), None)
             .await
-    }
-
-    /// The share group's usage-rights table (seed 004) from a managing agent.
-    pub async fn agent_rights(&self) -> Result<leasehold_core::rights::ShareGroup, ApiError> {
-        self.get("/v1/rights").await
     }
 
     pub async fn agent_list_partitions(&self) -> Result<Vec<AgentPartitionView>, ApiError> {

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod reservations;
+pub mod rights;
 pub mod types;
 
 pub use client::{ApiError, Client, ServerTrust};

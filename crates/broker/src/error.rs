@@ -40,6 +40,9 @@ pub enum BrokerError {
     NoMatch(Box<NoMatchExplanation>),
     #[error("{0}")]
     AlreadyExists(String),
+    /// A compare-and-swap named a version that is not the stored one.
+    #[error("{0}")]
+    VersionConflict(String),
     #[error("host '{host_id}' is registered by another lender; choose another host id")]
     HostOwnedByAnotherLender { host_id: String },
     #[error("the broker is shutting down or its writer stopped")]
@@ -90,6 +93,9 @@ impl BrokerError {
                 response.detail.explanation = Some((**explanation).clone());
                 response
             }
+            BrokerError::VersionConflict(_) => {
+                ErrorResponse::new(StatusCode::CONFLICT, "version_conflict", message)
+            }
             BrokerError::AlreadyExists(_) => {
                 ErrorResponse::new(StatusCode::CONFLICT, "already_exists", message)
             }
@@ -114,6 +120,17 @@ impl BrokerError {
 impl IntoResponse for BrokerError {
     fn into_response(self) -> Response {
         self.to_error_response().into_response()
+    }
+}
+
+impl From<leasehold_core::rights::RightsRefusal> for BrokerError {
+    fn from(refusal: leasehold_core::rights::RightsRefusal) -> Self {
+        use leasehold_core::rights::RightsRefusal;
+        match refusal {
+            RightsRefusal::Invalid(field) => BrokerError::Invalid(field),
+            RightsRefusal::Forbidden(message) => BrokerError::Forbidden(message),
+            other => BrokerError::Invalid(FieldError::new("group", format!("{other:?}"))),
+        }
     }
 }
 

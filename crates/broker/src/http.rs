@@ -2,6 +2,7 @@
 //! the writer, map errors. No decisions are made here.
 
 use crate::error::BrokerError;
+use crate::groups;
 use crate::reservations;
 use crate::{token_sha256, AppState};
 use axum::extract::{Path, Query, State};
@@ -39,6 +40,9 @@ const BODY_LIMIT_BYTES: usize = 16 * 1024;
 /// 256 rules: its body may be larger, and is still read only after the
 /// caller is authenticated.
 const WORKLOAD_BODY_LIMIT_BYTES: usize = 256 * 1024;
+/// A share group's table: a few hundred bytes per partition and per kept
+/// transfer (at most 256 ended ones).
+const GROUP_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 
 pub(crate) fn router(app: Arc<AppState>) -> Router {
     // Everything but health, the API document and the broker's public key
@@ -94,6 +98,16 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/v1/host-capacity", get(reservations::host_capacity))
         .route("/v1/warnings", get(reservations::list_warnings))
         .route("/v1/plan", post(reservations::plan_now))
+        .route(
+            "/v1/groups/{name}",
+            get(groups::get_group)
+                .put(groups::put_group)
+                .layer(axum::extract::DefaultBodyLimit::max(GROUP_BODY_LIMIT_BYTES)),
+        )
+        .route(
+            "/v1/groups/{name}/leases/{lease}",
+            post(groups::acquire_group_lease),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             require_principal,
@@ -148,6 +162,9 @@ pub(crate) fn host_scope_allows(
         ["v1", "hosts", host, "partitions", _] => *host == host_id,
         ["v1", "hosts", host, "revocations"] => *host == host_id && method == Method::GET,
         ["v1", "hosts", host, "samples"] => *host == host_id && method == Method::POST,
+        // The host's manager keeps its lender's share groups (seed 004):
+        // a centralized primary writes other hosts' rows too.
+        ["v1", "groups", _] | ["v1", "groups", _, "leases", _] => true,
         ["v1", "partitions"] => {
             method == Method::GET
                 && query.is_some_and(|q| q.split('&').any(|pair| pair == format!("host={host_id}")))

@@ -7,6 +7,7 @@
 //! checks roles and maps errors (in `error`), `openapi` describes the API.
 
 pub mod error;
+mod groups;
 mod http;
 mod images;
 mod openapi;

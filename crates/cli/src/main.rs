@@ -145,6 +145,10 @@ enum Command {
     /// Usage rights of a share group (seed 004), from the agent managing them.
     #[command(subcommand)]
     Rights(rights::RightsCommand),
+    /// The share group of usage rights (seed 004): its hosts, primary
+    /// manager and transfers.
+    #[command(subcommand)]
+    Group(rights::GroupCommand),
     /// Run a reservation scenario file through the planner on a simulated
     /// clock, printing the pools, hosts and warnings at each step.
     Simulate(simulate::SimulateArgs),
@@ -265,6 +269,7 @@ fn main() {
             Command::Instance(command) => reservations::instance(&global, command).await,
             Command::Power(command) => reservations::power(&global, command).await,
             Command::Rights(command) => rights::rights(&global, command).await,
+            Command::Group(command) => rights::group(&global, command).await,
             Command::Simulate(args) => simulate::simulate(&global, args),
         };
         match result {

@@ -258,33 +258,57 @@ fn host_memory_mib() -> u64 {
 /// The share group whose usage rights this agent manages (seed 004).
 #[derive(Args, Clone)]
 pub struct GroupArgs {
-    /// Manage this host's usage rights in the share group NAME: its table
-    /// is kept in --group-store, shared with the group's other managers.
-    #[arg(long, value_name = "NAME", requires = "group_store")]
+    /// Manage this host's usage rights in the share group NAME (seed
+    /// 004), with the group's other managers: by default its table is kept
+    /// by the broker; see --group-store.
+    #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
-    /// Where the group's table lives: an SQLite file (the hosts of one
-    /// machine) or a `postgres://` URL without a password (a group spread
-    /// over machines).
+    /// Keep the group's table in a store the managers share directly
+    /// instead of the broker's: an SQLite file (the hosts of one machine)
+    /// or a `postgres://` URL without a password (a group spread over
+    /// machines).
     #[arg(long, value_name = "FILE|URL", requires = "group")]
     pub group_store: Option<String>,
     /// `centralized`: one primary manager coordinates transfers between
     /// hosts; `federated`: the requesting host's manager does.
     #[arg(long, default_value = "centralized", value_parser = ["centralized", "federated"])]
     pub group_mode: String,
-    /// Usage rights this host owns when it first joins (default: one per
-    /// whole core).
+    /// Usage rights this host owns when it first joins (default: none;
+    /// its cores stay inactive until rights are granted or borrowed).
     #[arg(long, value_name = "N", requires = "group")]
     pub rights: Option<u32>,
 }
 
 impl GroupArgs {
-    fn config(&self) -> Result<Option<leasehold_agent::rights::RightsConfig>> {
-        let (Some(group), Some(store)) = (&self.group, &self.group_store) else {
+    fn config(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<Option<leasehold_agent::rights::RightsConfig>> {
+        let Some(group) = &self.group else {
             return Ok(None);
         };
         leasehold_core::reservation::workload::check_name("group", group)
             .map_err(|e| anyhow!("--group: {}", e.problem))?;
-        let store = if leasehold_store::is_postgres_url(store) {
+        let store = self
+            .group_store
+            .as_ref()
+            .map(|store| self.direct_store(store))
+            .transpose()?;
+        let mode = match self.group_mode.as_str() {
+            "federated" => leasehold_core::rights::GroupMode::Federated,
+            _ => leasehold_core::rights::GroupMode::Centralized,
+        };
+        Ok(Some(leasehold_agent::rights::RightsConfig {
+            group: group.clone(),
+            mode,
+            store,
+            owned_rights: self.rights,
+            copy_path: data_dir.join("share-group-copy.json"),
+        }))
+    }
+
+    fn direct_store(&self, store: &String) -> Result<leasehold_store::BrokerDatabase> {
+        Ok(if leasehold_store::is_postgres_url(store) {
             // A password here would be visible to every local user.
             let userinfo = store
                 .split("://")
@@ -297,17 +321,7 @@ impl GroupArgs {
             leasehold_store::BrokerDatabase::Postgres(store.clone())
         } else {
             leasehold_store::BrokerDatabase::Sqlite(PathBuf::from(store))
-        };
-        let mode = match self.group_mode.as_str() {
-            "federated" => leasehold_core::rights::GroupMode::Federated,
-            _ => leasehold_core::rights::GroupMode::Centralized,
-        };
-        Ok(Some(leasehold_agent::rights::RightsConfig {
-            group: group.clone(),
-            mode,
-            store,
-            owned_rights: self.rights,
-        }))
+        })
     }
 }
 
@@ -671,7 +685,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         tls,
         client_trust: global.server_trust.clone(),
         sampling: args.sampling.config(),
-        rights: args.group.config()?,
+        rights: args.group.config(&args.data_dir)?,
     })
     .await
     .context("failed to start the agent")?;

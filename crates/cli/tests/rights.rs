@@ -1,15 +1,164 @@
-//! Seed 004 with real processes: two agents managing their hosts' usage
-//! rights in one share group, whose table lives in a shared SQLite store;
-//! `leasehold rights show`, asked of either agent, shows both hosts (FIG.
-//! 4A), and an agent restarted on the same store finds its rights as they
-//! were.
+//! Seed 004 with real processes: agents managing their hosts' usage rights
+//! in one share group. By default the broker keeps the group's table; with
+//! `--group-store` the managers share an SQLite file directly.
 
 mod common;
 
 use common::*;
+use serde_json::Value;
+
+/// Rights owned by `host` in `rights show --output json`.
+fn owned(view: &Value, host: &str) -> u64 {
+    view["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|row| row["host_id"] == host)
+        .map(|row| row["rights_owned"].as_u64().unwrap())
+        .sum()
+}
+
+fn row<'a>(view: &'a Value, host: &str, partition: u64) -> &'a Value {
+    view["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|row| row["host_id"] == host && row["partition"] == partition)
+        .unwrap_or_else(|| panic!("no row {host}/{partition} in {view}"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_agents_share_one_groups_rights_table() {
+async fn a_partition_borrows_rights_from_another_host_and_none_is_created_or_lost() {
+    let mut cluster = Cluster::start(&[]).await;
+    let first = cluster.start_agent_with("server-1", "sim", &["--group", "g"]);
+    let second = cluster.start_agent_with("server-n", "sim", &["--group", "g"]);
+    let (admin, lender) = (cluster.admin_token.clone(), cluster.lender_token.clone());
+    let run = |token: &str, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--agent", first.as_str(), "--output", "json"]);
+        cli(&cluster.broker_url, Some(token), &all)
+    };
+    let group = run(&lender, &["group", "show"]);
+    assert_eq!(group.code, 0, "{}", group.stderr);
+    let hosts = &group.json()["group"]["hosts"];
+    assert_eq!(
+        hosts["server-n"]["manager_url"].as_str(),
+        Some(second.as_str())
+    );
+    assert_eq!(hosts["server-1"]["modules"], 64);
+    // Only an admin grants rights (they are bought, not made up).
+    let refused = run(
+        &lender,
+        &["rights", "grant", "--host", "server-1", "--modules", "1"],
+    );
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("admin"), "{}", refused.stderr);
+    for (host, modules) in [("server-1", "1"), ("server-n", "6")] {
+        let granted = run(
+            &admin,
+            &["rights", "grant", "--host", host, "--modules", modules],
+        );
+        assert_eq!(granted.code, 0, "{}", granted.stderr);
+    }
+    let added = cli(
+        &cluster.broker_url,
+        Some(&lender),
+        &[
+            "host",
+            "add",
+            "--agent",
+            &first,
+            "--vcpus",
+            "1",
+            "--cpu-cap",
+            "100",
+            "--memory-mib",
+            "256",
+            "--disk-gib",
+            "1",
+            "--image",
+            "busybox",
+            "--price-per-hour",
+            "0.10",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(added.code, 0, "{}", added.stderr);
+    let index = added.json()["partition"]["index"]
+        .as_u64()
+        .expect("index")
+        .to_string();
+    let before = run(&lender, &["rights", "show"]).json();
+    assert_eq!(
+        (owned(&before, "server-1"), owned(&before, "server-n")),
+        (1, 6)
+    );
+    // Three rights for the new partition: one from its own host's owner
+    // share (local first), two from server-n.
+    let requested = run(
+        &lender,
+        &[
+            "rights",
+            "request",
+            "--host",
+            "server-1",
+            "--partition",
+            &index,
+            "--modules",
+            "3",
+        ],
+    );
+    assert_eq!(requested.code, 0, "{}", requested.stderr);
+    let after = run(&lender, &["rights", "show"]).json();
+    assert_eq!(
+        (owned(&after, "server-1"), owned(&after, "server-n")),
+        (3, 4)
+    );
+    let partition = index.parse::<u64>().unwrap();
+    assert_eq!(row(&after, "server-1", partition)["modules_active"], 3);
+    assert_eq!(row(&after, "server-n", 0)["modules_active"], 4);
+    // Each manager switched its own modules to what the table says.
+    let peers = leasehold_api::Client::new(&second, None);
+    let donor = peers.agent_rights_sync(0).await.unwrap();
+    assert_eq!(donor.active[&0], 4, "the donor's modules went off");
+    let requester = peers
+        .with_base_url(&first)
+        .agent_rights_sync(0)
+        .await
+        .unwrap();
+    assert_eq!(requester.active[&(partition as u32)], 3);
+    // More than the group has spare is refused and changes nothing.
+    let greedy = run(
+        &lender,
+        &[
+            "rights",
+            "request",
+            "--host",
+            "server-1",
+            "--partition",
+            &index,
+            "--modules",
+            "60",
+        ],
+    );
+    assert_ne!(greedy.code, 0);
+    let unchanged = run(&lender, &["rights", "show"]).json();
+    assert_eq!(
+        owned(&unchanged, "server-1") + owned(&unchanged, "server-n"),
+        7
+    );
+    // No token, no table.
+    let anonymous = cli(
+        &cluster.broker_url,
+        None,
+        &["rights", "show", "--agent", &first],
+    );
+    assert_ne!(anonymous.code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_sharing_an_sqlite_store_keep_their_rights_across_a_restart() {
     let mut cluster = Cluster::start(&[]).await;
     let store = cluster.path("group.db").display().to_string();
     let first = cluster.start_agent_with(
@@ -20,57 +169,35 @@ async fn two_agents_share_one_groups_rights_table() {
     let second = cluster.start_agent_with(
         "server-n",
         "sim",
-        &[
-            "--group",
-            "g",
-            "--group-store",
-            &store,
-            "--group-mode",
-            "centralized",
-        ],
+        &["--group", "g", "--group-store", &store],
     );
-    let token = cluster.lender_token.clone();
-    let shown = cli(
-        &cluster.broker_url,
-        Some(&token),
-        &["rights", "show", "--agent", &first, "--output", "json"],
-    );
+    let (token, broker_url) = (cluster.lender_token.clone(), cluster.broker_url.clone());
+    let show = |agent: &str, extra: &[&str]| {
+        let mut args = vec!["rights", "show", "--agent", agent];
+        args.extend_from_slice(extra);
+        cli(&broker_url, Some(&token), &args)
+    };
+    let shown = show(&first, &["--output", "json"]);
     assert_eq!(shown.code, 0, "{}", shown.stderr);
-    let table = shown.json();
-    let owner = |host: &str| table["hosts"][host]["partitions"]["0"].clone();
-    assert_eq!(owner("server-1")["permanent"], 4);
+    let view = shown.json();
+    assert_eq!(owned(&view, "server-1"), 4);
+    assert_eq!(owned(&view, "server-n"), 0, "no rights unless given");
     assert_eq!(
-        owner("server-1")["modules"],
-        64,
-        "the cluster's hosts have 64 cores"
+        row(&view, "server-1", 0)["modules_inactive"],
+        60,
+        "64 cores, 4 active"
     );
     assert_eq!(
-        owner("server-n")["permanent"],
-        64,
-        "one right per core by default"
-    );
-    assert_eq!(
-        table["hosts"]["server-n"]["manager_url"].as_str(),
+        row(&view, "server-n", 0)["manager_url"].as_str(),
         Some(second.as_str())
     );
-    let text = cli(
-        &cluster.broker_url,
-        Some(&token),
-        &["rights", "show", "--agent", &second, "--host", "server-1"],
-    );
+    let text = show(&second, &["--host", "server-1"]);
     assert_eq!(text.code, 0, "{}", text.stderr);
     assert!(
         text.stdout.contains("server-1") && !text.stdout.contains("server-n"),
         "{}",
         text.stdout
     );
-    // The lender's interface: no token, no table.
-    let anonymous = cli(
-        &cluster.broker_url,
-        None,
-        &["rights", "show", "--agent", &first],
-    );
-    assert_ne!(anonymous.code, 0);
     // Restarted on the same store, the first agent keeps its 4 rights.
     cluster.stop_agent("server-1");
     let again = cluster.start_agent_with(
@@ -78,14 +205,6 @@ async fn two_agents_share_one_groups_rights_table() {
         "sim",
         &["--group", "g", "--group-store", &store, "--rights", "6"],
     );
-    let table = cli(
-        &cluster.broker_url,
-        Some(&token),
-        &["rights", "show", "--agent", &again, "--output", "json"],
-    )
-    .json();
-    assert_eq!(
-        table["hosts"]["server-1"]["partitions"]["0"]["permanent"],
-        4
-    );
+    let view = show(&again, &["--output", "json"]).json();
+    assert_eq!(owned(&view, "server-1"), 4);
 }

@@ -192,6 +192,20 @@ CREATE TABLE share_groups (
 -- A lease booked ahead for a window ends (billing and key) at ends_at_ms.
 ALTER TABLE leases ADD COLUMN ends_at_ms INTEGER;
 "#,
+    r#"
+-- Seed 004: movements of assets other than lease money (usage rights),
+-- double entry like transfers, without a lease; written with the share
+-- group's table in one transaction.
+CREATE TABLE asset_movements (
+    movement_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    asset TEXT NOT NULL,
+    debit_account TEXT NOT NULL,
+    credit_account TEXT NOT NULL,
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX asset_movements_by_asset ON asset_movements (asset, movement_id);
+"#,
 ];
 
 /// One write of the broker; a batch of them commits atomically.
@@ -494,6 +508,10 @@ impl BrokerStore for BrokerDb {
         broker_sql::release_lease(&mut self.engine, name, holder)
     }
 
+    fn lease_holder(&mut self, name: &str) -> StoreResult<Option<crate::LeaseHolder>> {
+        broker_sql::lease_holder(&mut self.engine, name)
+    }
+
     fn share_group(&mut self, name: &str) -> StoreResult<Option<(ShareGroup, u64)>> {
         broker_sql::share_group(&mut self.engine, name)
     }
@@ -502,8 +520,9 @@ impl BrokerStore for BrokerDb {
         &mut self,
         group: &ShareGroup,
         expected_version: u64,
+        movements: &[Transfer],
     ) -> StoreResult<Option<u64>> {
-        broker_sql::put_share_group(&mut self.engine, group, expected_version)
+        broker_sql::put_share_group(&mut self.engine, group, expected_version, movements)
     }
 }
 

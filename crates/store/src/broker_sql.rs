@@ -6,7 +6,7 @@ use crate::broker::{
     LeaseFilter, PartitionRow, PrincipalRow, ReleaseNoticeRow, RevocationRow, MONEY_ASSET,
 };
 use crate::sql::{int, opt_int, Param, SqlConnection, SqlEngine, SqlRow};
-use crate::{corrupt, StoreResult};
+use crate::{corrupt, LeaseHolder, StoreResult};
 use leasehold_core::calendar::{Booking, Interval};
 use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::Transfer;
@@ -520,6 +520,10 @@ pub(crate) fn balances_by_asset(conn: &mut dyn SqlConnection) -> StoreResult<Vec
                 SELECT credit_account AS account, asset, amount_micros AS amount FROM transfers
                 UNION ALL
                 SELECT debit_account AS account, asset, -amount_micros AS amount FROM transfers
+                UNION ALL
+                SELECT credit_account AS account, asset, amount FROM asset_movements
+                UNION ALL
+                SELECT debit_account AS account, asset, -amount AS amount FROM asset_movements
              ) AS entries GROUP BY account, asset",
             &[],
         )?
@@ -571,6 +575,26 @@ pub(crate) fn acquire_lease(
     rows.first().map(|row| row.u64(0)).transpose()
 }
 
+/// Who holds the fenced lease `name` last, at which epoch and until when.
+pub(crate) fn lease_holder(
+    conn: &mut dyn SqlConnection,
+    name: &str,
+) -> StoreResult<Option<LeaseHolder>> {
+    let rows = conn.query(
+        "SELECT holder, epoch, expires_at_ms FROM fenced_leases WHERE name = ?1",
+        &[name.into()],
+    )?;
+    rows.first()
+        .map(|row| {
+            Ok(LeaseHolder {
+                holder: row.text(0)?,
+                epoch: row.u64(1)?,
+                expires_at_ms: row.u64(2)?,
+            })
+        })
+        .transpose()
+}
+
 /// Gives the lease up at once if `holder` holds it; the next acquirer gets
 /// the next epoch.
 pub(crate) fn release_lease(
@@ -606,22 +630,42 @@ pub(crate) fn share_group(
 /// Compare-and-swap of a share group's table: one statement, so two
 /// managers deciding from the same version cannot both write.
 pub(crate) fn put_share_group(
-    conn: &mut dyn SqlConnection,
+    engine: &mut dyn SqlEngine,
     group: &leasehold_core::rights::ShareGroup,
     expected_version: u64,
+    movements: &[Transfer],
 ) -> StoreResult<Option<u64>> {
-    let next = expected_version + 1;
-    let rows = if expected_version == 0 {
-        conn.query(
-            "INSERT INTO share_groups (name, body, version) VALUES (?1, ?2, 1)
-             ON CONFLICT (name) DO NOTHING RETURNING version",
-            &[(&group.name).into(), json(group).into()],
-        )?
-    } else {
-        conn.query(
-            "UPDATE share_groups SET body = ?2, version = ?3 WHERE name = ?1 AND version = ?4 RETURNING version",
-            &[(&group.name).into(), json(group).into(), int(next), int(expected_version)],
-        )?
-    };
-    rows.first().map(|row| row.u64(0)).transpose()
+    let mut stored = None;
+    engine.transaction(&mut |tx| {
+        let next = expected_version + 1;
+        let rows = if expected_version == 0 {
+            tx.query(
+                "INSERT INTO share_groups (name, body, version) VALUES (?1, ?2, 1)
+                 ON CONFLICT (name) DO NOTHING RETURNING version",
+                &[(&group.name).into(), json(group).into()],
+            )?
+        } else {
+            tx.query(
+                "UPDATE share_groups SET body = ?2, version = ?3 WHERE name = ?1 AND version = ?4 RETURNING version",
+                &[(&group.name).into(), json(group).into(), int(next), int(expected_version)],
+            )?
+        };
+        stored = rows.first().map(|row| row.u64(0)).transpose()?;
+        if stored.is_some() {
+            for movement in movements {
+                tx.execute(
+                    "INSERT INTO asset_movements (asset, debit_account, credit_account, amount, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    &[
+                        leasehold_core::rights::ledger::RIGHTS_ASSET.into(),
+                        (&movement.debit_account).into(),
+                        (&movement.credit_account).into(),
+                        int(movement.amount_micros),
+                        int(movement.at_ms),
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(stored)
 }

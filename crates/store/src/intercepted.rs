@@ -99,6 +99,10 @@ impl BrokerStore for InterceptedStore {
         self.inner.release_lease(name, holder)
     }
 
+    fn lease_holder(&mut self, name: &str) -> StoreResult<Option<crate::LeaseHolder>> {
+        self.inner.lease_holder(name)
+    }
+
     fn share_group(
         &mut self,
         name: &str,
@@ -110,7 +114,9 @@ impl BrokerStore for InterceptedStore {
         &mut self,
         group: &leasehold_core::rights::ShareGroup,
         expected_version: u64,
+        movements: &[leasehold_core::ledger::Transfer],
     ) -> StoreResult<Option<u64>> {
-        self.inner.put_share_group(group, expected_version)
+        self.inner
+            .put_share_group(group, expected_version, movements)
     }
 }

@@ -21,7 +21,9 @@ mod sqlite;
 mod store_trait;
 
 pub use intercepted::{ApplyHook, InterceptedStore};
-pub use store_trait::{is_postgres_url, open_broker_store, BrokerDatabase, BrokerStore};
+pub use store_trait::{
+    is_postgres_url, open_broker_store, BrokerDatabase, BrokerStore, LeaseHolder,
+};
 
 /// The error enum of the store crate.
 #[derive(Debug, thiserror::Error)]

@@ -62,6 +62,9 @@ pub trait BrokerStore: Send {
         ttl_ms: u64,
         now_ms: u64,
     ) -> StoreResult<Option<u64>>;
+    /// Who held the lease `name` last, at which epoch, until when (past
+    /// for an expired lease); `None` if it was never taken.
+    fn lease_holder(&mut self, name: &str) -> StoreResult<Option<LeaseHolder>>;
     /// Gives up the lease at once if `holder` has it (true if it did).
     fn release_lease(&mut self, name: &str, holder: &str) -> StoreResult<bool>;
     /// A share group's rights table (seed 004) and its version; `None`
@@ -71,11 +74,23 @@ pub trait BrokerStore: Send {
     /// `expected_version` (0: none stored yet): compare-and-swap, so two
     /// managers deciding from the same version cannot both win. Returns
     /// the new version, or `None` when another manager got there first.
+    /// `movements` (the rights that moved, as ledger transfers of the
+    /// asset `rights`) are written in the same transaction, only if the
+    /// swap happens.
     fn put_share_group(
         &mut self,
         group: &ShareGroup,
         expected_version: u64,
+        movements: &[leasehold_core::ledger::Transfer],
     ) -> StoreResult<Option<u64>>;
+}
+
+/// The last holder of a fenced lease.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseHolder {
+    pub holder: String,
+    pub epoch: u64,
+    pub expires_at_ms: u64,
 }
 
 /// Where the broker's database is.

@@ -557,6 +557,16 @@ fn acquire_lease_bumps_the_epoch_renews_and_refuses_another_holder(database: &Fr
         db.acquire_lease("leader", "c", ttl_ms, 5_000).unwrap(),
         Some(4)
     );
+    assert_eq!(
+        db.lease_holder("leader").unwrap(),
+        Some(leasehold_store::LeaseHolder {
+            holder: "c".into(),
+            epoch: 4,
+            expires_at_ms: 6_000
+        }),
+        "who holds it, at which epoch, until when"
+    );
+    assert_eq!(db.lease_holder("never-taken").unwrap(), None);
     drop(db);
     let mut db = database.open();
     assert_eq!(
@@ -764,16 +774,40 @@ fn a_share_group_is_written_by_compare_and_swap(database: &FreshDatabase) {
     use leasehold_core::rights::{GroupMode, ShareGroup};
     let mut db = seeded(database);
     assert!(db.share_group("g").unwrap().is_none());
+    use leasehold_core::rights::ledger::{movements, RIGHTS_ASSET};
     let mut group = ShareGroup::new("g", GroupMode::Centralized);
-    assert_eq!(db.put_share_group(&group, 0).unwrap(), Some(1));
+    assert_eq!(db.put_share_group(&group, 0, &[]).unwrap(), Some(1));
     // A second creator loses.
-    assert_eq!(db.put_share_group(&group, 0).unwrap(), None);
+    assert_eq!(db.put_share_group(&group, 0, &[]).unwrap(), None);
+    // Two rights appear on a host: the ledger records them, issued.
+    let before = group.clone();
     group.primary_epoch = 3;
-    assert_eq!(db.put_share_group(&group, 1).unwrap(), Some(2));
-    // A manager that decided from version 1 is refused and changes nothing.
+    group.unassigned = 2;
+    let moved = movements(Some(&before), &group, 0);
+    assert_eq!(moved.len(), 1);
+    assert_eq!(db.put_share_group(&group, 1, &moved).unwrap(), Some(2));
+    // A manager that decided from version 1 is refused and changes
+    // nothing, in the table or the ledger.
     let mut stale = group.clone();
     stale.primary_epoch = 9;
-    assert_eq!(db.put_share_group(&stale, 1).unwrap(), None);
+    stale.unassigned = 5;
+    let stale_moved = movements(Some(&before), &stale, 0);
+    assert_eq!(db.put_share_group(&stale, 1, &stale_moved).unwrap(), None);
     let (stored, version) = database.open().share_group("g").unwrap().unwrap();
     assert_eq!((stored, version), (group, 2));
+    let rights: Vec<(String, i64)> = db
+        .balances_by_asset()
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.asset == RIGHTS_ASSET)
+        .map(|b| (b.account, b.balance))
+        .collect();
+    assert_eq!(
+        rights,
+        vec![
+            ("rights:g:issued".to_string(), -2),
+            ("rights:g:unassigned".to_string(), 2)
+        ],
+        "balanced per asset"
+    );
 }

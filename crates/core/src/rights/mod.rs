@@ -13,7 +13,9 @@
 //! - a partition's active modules never exceed its rights, so a right in
 //!   flight activates a module nowhere and no core is active on two hosts.
 
+pub mod ledger;
 pub mod membership;
+pub mod orders;
 pub mod transfer;
 
 use crate::error::FieldError;
@@ -109,6 +111,27 @@ impl PartitionRights {
 pub struct HostRights {
     pub manager_url: String,
     pub partitions: BTreeMap<u32, PartitionRights>,
+    /// The host's modules (whole cores). A right activates one of them, so
+    /// the host never holds more rights than this, whichever partitions
+    /// hold them; 0 (older tables): the sum of its partitions' modules.
+    #[serde(default)]
+    pub modules: u32,
+}
+
+impl HostRights {
+    /// Modules of the host: its own count, else its partitions' sum.
+    pub fn module_count(&self) -> u32 {
+        if self.modules > 0 {
+            self.modules
+        } else {
+            self.partitions.values().map(|p| p.modules).sum()
+        }
+    }
+
+    /// Rights its partitions hold at `now_ms`.
+    pub fn rights(&self, now_ms: u64) -> u32 {
+        self.partitions.values().map(|p| p.rights(now_ms)).sum()
+    }
 }
 
 /// How transfers between hosts are coordinated (claims 3 and 12).
@@ -132,6 +155,9 @@ pub enum RightsRefusal {
         available: u32,
     },
     NoSuchTransfer(u64),
+    /// The writer may not make this change (not the group's lender, or
+    /// adding rights without being an admin).
+    Forbidden(String),
     /// An order or a leadership claim from an epoch that is not current.
     StaleEpoch {
         epoch: u64,
@@ -160,6 +186,10 @@ pub struct ShareGroup {
     /// host when the others had no module free for them.
     #[serde(default)]
     pub unassigned: u32,
+    /// The lender whose hosts form the group (set by the store's gatekeeper
+    /// on the first write); `None` in a store the managers share directly.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl ShareGroup {
@@ -173,6 +203,7 @@ impl ShareGroup {
             transfers: BTreeMap::new(),
             last_transfer_id: 0,
             unassigned: 0,
+            owner: None,
         }
     }
 

@@ -26,6 +26,7 @@ fn fig_3a() -> ShareGroup {
             HostRights {
                 manager_url: format!("http://{host}"),
                 partitions,
+                modules: 0,
             },
         );
     }
@@ -173,6 +174,7 @@ fn group_of(loads: &[[u32; 3]; 3]) -> ShareGroup {
             HostRights {
                 manager_url: String::new(),
                 partitions,
+                modules: 0,
             },
         );
     }
@@ -310,6 +312,7 @@ fn a_host_removed_with_hand_over_leaves_its_rights_behind() {
             HostRights {
                 manager_url: String::new(),
                 partitions: [(1, partition(6, 0, 0))].into(),
+                modules: 0,
             },
         )
         .unwrap();

@@ -231,6 +231,25 @@ impl ShareGroup {
             .filter(|t| &t.to == slot || &t.from == slot)
             .map(Transfer::in_flight)
             .sum();
-        Ok(self.partition(slot)?.room(now_ms).saturating_sub(in_flight))
+        let partition_room = self.partition(slot)?.room(now_ms).saturating_sub(in_flight);
+        Ok(partition_room.min(self.host_room(&slot.host_id, now_ms)))
+    }
+
+    /// How many more rights the host may take: one per module of the
+    /// host, less those its partitions hold and those in flight to or from
+    /// it (counted once for a transfer inside the host).
+    pub fn host_room(&self, host_id: &str, now_ms: u64) -> u32 {
+        let Some(host) = self.hosts.get(host_id) else {
+            return 0;
+        };
+        let in_flight: u32 = self
+            .transfers
+            .values()
+            .filter(|t| t.to.host_id == host_id || t.from.host_id == host_id)
+            .map(Transfer::in_flight)
+            .sum();
+        host.module_count()
+            .saturating_sub(host.rights(now_ms))
+            .saturating_sub(in_flight)
     }
 }

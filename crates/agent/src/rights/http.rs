@@ -1,0 +1,186 @@
+//! The manager's HTTP interface (seed 004). Reading the table and the
+//! orders of lenders need this host's lender or an admin; grants and
+//! revocations an admin (asked of the broker, like the lender check).
+//! `POST /v1/rights/sync` is open: it carries no body and no secret, and
+//! only makes the manager apply the table the store holds (one at a time),
+//! which is what other managers ask of it in a transfer.
+
+use crate::error::AgentError;
+use crate::Agent;
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use leasehold_api::rights::*;
+use leasehold_core::rights::Slot;
+use leasehold_service::{bearer_token, ErrorResponse, JsonBody};
+use serde::Deserialize;
+use std::sync::Arc;
+
+type App = State<Arc<Agent>>;
+type Answer<T> = Result<Json<T>, ErrorResponse>;
+
+fn err(error: AgentError) -> ErrorResponse {
+    error.to_error_response()
+}
+
+fn manager(agent: &Agent) -> Result<&super::RightsManager, ErrorResponse> {
+    agent.rights.as_ref().ok_or_else(|| {
+        err(AgentError::NotFound(
+            "this agent manages no share group; start it with --group NAME".into(),
+        ))
+    })
+}
+
+fn token(headers: &axum::http::HeaderMap) -> String {
+    bearer_token(headers).unwrap_or_default().to_string()
+}
+
+/// The share group's rights table (FIG. 4A): from the store, or from this
+/// manager's copy (marked stale) when the store is unreachable.
+pub(crate) async fn table(State(agent): App) -> Answer<ShareGroupDocument> {
+    manager(&agent)?.document().await.map(Json).map_err(err)
+}
+
+pub(crate) async fn request(
+    State(agent): App,
+    headers: axum::http::HeaderMap,
+    JsonBody(body): JsonBody<RightsRequestBody>,
+) -> Answer<RightsOrderAnswer> {
+    let manager = manager(&agent)?;
+    let to = Slot::new(body.host_id, body.partition);
+    manager
+        .request(to, body.modules, &token(&headers))
+        .await
+        .map(Json)
+        .map_err(err)
+}
+
+pub(crate) async fn release(
+    State(agent): App,
+    JsonBody(body): JsonBody<RightsSlotBody>,
+) -> Answer<RightsOrderAnswer> {
+    let slot = Slot::new(body.host_id, body.partition);
+    manager(&agent)?
+        .release(slot, body.modules)
+        .await
+        .map(Json)
+        .map_err(err)
+}
+
+pub(crate) async fn transfer(
+    State(agent): App,
+    JsonBody(body): JsonBody<RightsTransferBody>,
+) -> Answer<RightsOrderAnswer> {
+    let from = Slot::new(body.from_host, body.from_partition);
+    let to = Slot::new(body.to_host, body.to_partition);
+    manager(&agent)?
+        .transfer(from, to, body.modules)
+        .await
+        .map(Json)
+        .map_err(err)
+}
+
+pub(crate) async fn grant(
+    State(agent): App,
+    headers: axum::http::HeaderMap,
+    JsonBody(body): JsonBody<RightsGrantBody>,
+) -> Answer<RightsOrderAnswer> {
+    let slot = Slot::new(body.host_id, body.partition);
+    manager(&agent)?
+        .grant(slot, body.modules, body.expires_at_ms, &token(&headers))
+        .await
+        .map(Json)
+        .map_err(err)
+}
+
+pub(crate) async fn revoke(
+    State(agent): App,
+    JsonBody(body): JsonBody<RightsSlotBody>,
+) -> Answer<RightsOrderAnswer> {
+    let slot = Slot::new(body.host_id, body.partition);
+    manager(&agent)?
+        .revoke(slot, body.modules)
+        .await
+        .map(Json)
+        .map_err(err)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SyncQuery {
+    #[serde(default)]
+    min_version: u64,
+}
+
+pub(crate) async fn sync(
+    State(agent): App,
+    Query(query): Query<SyncQuery>,
+) -> Answer<RightsSyncAnswer> {
+    manager(&agent)?
+        .sync(query.min_version)
+        .await
+        .map(Json)
+        .map_err(err)
+}
+
+pub(crate) async fn add_host(
+    State(agent): App,
+    JsonBody(body): JsonBody<GroupAddBody>,
+) -> Answer<RightsOrderAnswer> {
+    manager(&agent)?
+        .add_host(&body.host_id, body.modules)
+        .await
+        .map(Json)
+        .map_err(err)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RemoveQuery {
+    #[serde(default)]
+    hand_over: bool,
+}
+
+pub(crate) async fn remove_host(
+    State(agent): App,
+    Path(host_id): Path<String>,
+    Query(query): Query<RemoveQuery>,
+) -> Answer<RightsOrderAnswer> {
+    manager(&agent)?
+        .remove_host(&host_id, query.hand_over)
+        .await
+        .map(Json)
+        .map_err(err)
+}
+
+/// Ticks the manager (leases, expiry, clean-up) until aborted.
+pub(crate) fn spawn_tick_loop(agent: Arc<Agent>) -> Option<tokio::task::AbortHandle> {
+    agent.rights.as_ref()?;
+    let task = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(std::time::Duration::from_millis(
+            super::flow::TICK_INTERVAL_MS,
+        ));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            interval.tick().await;
+            let Some(manager) = agent.rights.as_ref() else {
+                return;
+            };
+            let local_partitions = match agent.db().partitions() {
+                Ok(rows) => rows.iter().map(|row| row.index).collect(),
+                Err(_) => continue,
+            };
+            match manager.tick(&local_partitions).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("the share group's store answers again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "the share group's manager cannot tick; serving this host from its copy");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    Some(task.abort_handle())
+}

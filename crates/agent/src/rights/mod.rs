@@ -1,0 +1,434 @@
+//! The agent as its host's usage-rights manager (seed 004, FIG. 1's share
+//! group manager). With `--group NAME` it joins the share group whose
+//! table lives in a store the group's managers share: by default the
+//! broker's (`/v1/groups/NAME`, kept by compare-and-swap and guarded by
+//! core's `check_group_write`), or with `--group-store` an SQLite file (the
+//! hosts of one machine) or PostgreSQL (a group spread over machines)
+//! opened directly. Every write is a compare-and-swap on the table's
+//! version, decided again from a fresh read when another manager wrote
+//! first, so managers never overwrite each other and no consensus is
+//! written here.
+//!
+//! The table is the authority; each manager applies its own host's rows to
+//! its partitions (modules on and off: counters with `sim`) and keeps a
+//! copy, from which it serves its host when the store is unreachable
+//! (never activating more than the copy holds). Transfers between hosts
+//! are in `rights_flow`.
+
+use crate::error::AgentError;
+use leasehold_api::rights::{RightsSyncAnswer, ShareGroupDocument};
+use leasehold_core::rights::{
+    GroupMode, PartitionRights, RightsRefusal, ShareGroup, OWNER_SHARE_PARTITION,
+};
+use leasehold_core::HostCapacity;
+use leasehold_service::SharedClock;
+use leasehold_store::{open_broker_store, BrokerDatabase, BrokerStore, Durability};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// Tries of a compare-and-swap before giving up (each one re-reads).
+const MAX_SWAP_TRIES: u32 = 32;
+
+#[derive(Debug, Clone)]
+pub struct RightsConfig {
+    pub group: String,
+    pub mode: GroupMode,
+    /// The shared store opened directly; `None`: the broker keeps the table.
+    pub store: Option<BrokerDatabase>,
+    /// Usage rights this host owns when it first joins; `None`: none (its
+    /// modules stay inactive until rights are granted or borrowed).
+    pub owned_rights: Option<u32>,
+    /// Where the manager keeps its copy of the table (0600).
+    pub copy_path: PathBuf,
+}
+
+/// Where the group's table lives.
+pub(crate) enum GroupStore {
+    Direct(Arc<Mutex<Box<dyn BrokerStore>>>),
+    /// The broker, with the agent's credential.
+    Broker(leasehold_api::Client),
+}
+
+fn unreachable(error: impl std::fmt::Display) -> AgentError {
+    AgentError::GroupUnreachable(error.to_string())
+}
+
+impl GroupStore {
+    async fn blocking<T: Send + 'static>(
+        store: &Arc<Mutex<Box<dyn BrokerStore>>>,
+        work: impl FnOnce(&mut dyn BrokerStore) -> Result<T, leasehold_store::StoreError>
+            + Send
+            + 'static,
+    ) -> Result<T, AgentError> {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+            work(store.as_mut())
+        })
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))?
+        .map_err(unreachable)
+    }
+
+    pub(crate) async fn read(&self, name: &str) -> Result<Option<(ShareGroup, u64)>, AgentError> {
+        match self {
+            GroupStore::Direct(store) => {
+                let name = name.to_string();
+                Self::blocking(store, move |s| s.share_group(&name)).await
+            }
+            GroupStore::Broker(broker) => match broker.share_group(name).await {
+                Ok(document) => Ok(document.map(|d| (d.group, d.version))),
+                Err(error) if error.status().is_some() => Err(error.into()),
+                Err(error) => Err(unreachable(error)),
+            },
+        }
+    }
+
+    /// Compare-and-swap; `as_token` writes through the broker as the
+    /// caller (an admin's grant), else as this agent.
+    pub(crate) async fn write(
+        &self,
+        before: Option<&ShareGroup>,
+        group: &ShareGroup,
+        expected_version: u64,
+        as_token: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Option<u64>, AgentError> {
+        match self {
+            GroupStore::Direct(store) => {
+                // The rights that moved go to the store's ledger with the
+                // table (the broker's gatekeeper does this itself).
+                let movements = leasehold_core::rights::ledger::movements(before, group, now_ms);
+                let group = group.clone();
+                Self::blocking(store, move |s| {
+                    s.put_share_group(&group, expected_version, &movements)
+                })
+                .await
+            }
+            GroupStore::Broker(broker) => {
+                let broker = match as_token {
+                    Some(token) => broker.with_token(Some(token.to_string())),
+                    None => broker.clone(),
+                };
+                match broker.put_share_group(group, expected_version).await {
+                    Ok(version) => Ok(version),
+                    Err(error) if error.status().is_some() => Err(error.into()),
+                    Err(error) => Err(unreachable(error)),
+                }
+            }
+        }
+    }
+
+    /// Takes or renews the group's fenced lease `lease`.
+    pub(crate) async fn acquire(
+        &self,
+        group: &str,
+        lease: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<u64>, AgentError> {
+        match self {
+            GroupStore::Direct(store) => {
+                let (name, holder) = (format!("group/{group}/{lease}"), holder.to_string());
+                Self::blocking(store, move |s| {
+                    s.acquire_lease(&name, &holder, ttl_ms, now_ms)
+                })
+                .await
+            }
+            GroupStore::Broker(broker) => broker
+                .acquire_group_lease(group, lease, holder, ttl_ms)
+                .await
+                .map_err(unreachable),
+        }
+    }
+}
+
+/// The group with this host in it: its rows as they are if it is there
+/// already (only its manager's address follows the agent, and what an
+/// admin's `group add` left out is filled in), else its owner share's row.
+pub fn with_host(
+    group: Option<ShareGroup>,
+    config: &RightsConfig,
+    host_id: &str,
+    capacity: &HostCapacity,
+    manager_url: &str,
+) -> ShareGroup {
+    let mut group = group.unwrap_or_else(|| ShareGroup::new(config.group.clone(), config.mode));
+    let modules = (capacity.cpu_centicores / 100) as u32;
+    let owned = config.owned_rights.unwrap_or(0).min(modules);
+    let host = group.hosts.entry(host_id.to_string()).or_default();
+    if host.modules == 0 {
+        host.modules = modules;
+    }
+    host.partitions
+        .entry(OWNER_SHARE_PARTITION)
+        .or_insert_with(|| PartitionRights {
+            modules,
+            permanent: owned,
+            temporary: vec![],
+            active: owned,
+            workload_percent: 0,
+        });
+    host.manager_url = manager_url.to_string();
+    group
+}
+
+/// What this host has switched on: the table version applied last and the
+/// active modules per partition.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Applied {
+    pub version: u64,
+    pub active: BTreeMap<u32, u32>,
+}
+
+pub struct RightsManager {
+    pub config: RightsConfig,
+    pub(crate) store: GroupStore,
+    pub(crate) host_id: String,
+    pub(crate) manager_url: String,
+    pub(crate) clock: SharedClock,
+    /// The member's copy of the table and its version.
+    copy: Mutex<Option<(ShareGroup, u64)>>,
+    applied: Mutex<Applied>,
+    /// The epoch of this manager's leadership (0: not the primary).
+    pub(crate) primary_epoch: Mutex<u64>,
+    /// Calls to other managers (no redirects, bounded time and size).
+    pub(crate) peers: leasehold_api::Client,
+    /// One sync at a time: a flood of pokes reads the store one by one.
+    pub(crate) sync_lock: tokio::sync::Mutex<()>,
+}
+
+pub(crate) fn refusal(refusal: RightsRefusal) -> AgentError {
+    AgentError::from(refusal)
+}
+
+impl RightsManager {
+    /// Opens the shared store and joins the group. A host whose rights
+    /// were seized while it was away deactivates what they no longer cover
+    /// before anything else (FIG. 8). When the store cannot be reached, the
+    /// manager starts from its copy.
+    pub async fn join(
+        config: RightsConfig,
+        host_id: &str,
+        capacity: &HostCapacity,
+        manager_url: &str,
+        broker: &leasehold_api::Client,
+        clock: SharedClock,
+        peers: leasehold_api::Client,
+    ) -> Result<Self, AgentError> {
+        let store = match &config.store {
+            Some(database) => GroupStore::Direct(Arc::new(Mutex::new(open_broker_store(
+                database,
+                Durability::Full,
+            )?))),
+            None => GroupStore::Broker(broker.clone()),
+        };
+        let copy = read_copy(&config.copy_path);
+        let manager = RightsManager {
+            config,
+            store,
+            host_id: host_id.to_string(),
+            manager_url: manager_url.to_string(),
+            clock,
+            copy: Mutex::new(copy),
+            applied: Mutex::new(Applied::default()),
+            primary_epoch: Mutex::new(0),
+            peers,
+            sync_lock: tokio::sync::Mutex::new(()),
+        };
+        let joined = manager.join_group(capacity).await;
+        match joined {
+            Ok(()) => Ok(manager),
+            Err(AgentError::GroupUnreachable(why)) if manager.copy().is_some() => {
+                tracing::warn!(%why, "the share group's store is unreachable; serving this host from the manager's copy");
+                if let Some((group, version)) = manager.copy() {
+                    manager.apply_own(&group, version);
+                }
+                Ok(manager)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn join_group(&self, capacity: &HostCapacity) -> Result<(), AgentError> {
+        for _ in 0..MAX_SWAP_TRIES {
+            let current = self.store.read(&self.config.group).await?;
+            let version = current.as_ref().map_or(0, |(_, v)| *v);
+            let before = current.as_ref().map(|(g, _)| g.clone());
+            let mut group = with_host(
+                current.map(|(g, _)| g),
+                &self.config,
+                &self.host_id,
+                capacity,
+                &self.manager_url,
+            );
+            let now_ms = self.clock.now_ms();
+            group.deactivate_beyond_rights(&self.host_id, now_ms);
+            let written = self
+                .store
+                .write(before.as_ref(), &group, version, None, now_ms)
+                .await?;
+            if let Some(version) = written {
+                self.remember(&group, version);
+                return Ok(());
+            }
+        }
+        Err(self.kept_changing())
+    }
+
+    fn kept_changing(&self) -> AgentError {
+        AgentError::GroupUnreachable(format!(
+            "the share group '{}' kept changing under this manager ({MAX_SWAP_TRIES} tries)",
+            self.config.group
+        ))
+    }
+
+    /// Reads, decides and writes the group's table by compare-and-swap,
+    /// deciding again from a fresh read when another manager wrote first;
+    /// then applies this host's rows. `as_token` writes as the caller.
+    pub(crate) async fn update<T>(
+        &self,
+        as_token: Option<&str>,
+        decide: impl Fn(&mut ShareGroup, u64) -> Result<T, RightsRefusal>,
+    ) -> Result<(T, ShareGroup, u64), AgentError> {
+        for _ in 0..MAX_SWAP_TRIES {
+            let (before, version) = self.fresh().await?;
+            let mut group = before.clone();
+            let now_ms = self.clock.now_ms();
+            let decided = decide(&mut group, now_ms).map_err(refusal)?;
+            group.prune_ended_transfers();
+            let written = self
+                .store
+                .write(Some(&before), &group, version, as_token, now_ms)
+                .await?;
+            if let Some(version) = written {
+                self.remember(&group, version);
+                return Ok((decided, group, version));
+            }
+        }
+        Err(self.kept_changing())
+    }
+
+    /// The table as the store holds it now (refreshing the copy).
+    pub(crate) async fn fresh(&self) -> Result<(ShareGroup, u64), AgentError> {
+        match self.store.read(&self.config.group).await? {
+            Some((group, version)) => {
+                self.remember(&group, version);
+                Ok((group, version))
+            }
+            None => Err(AgentError::NotFound(format!(
+                "no share group '{}' in the store",
+                self.config.group
+            ))),
+        }
+    }
+
+    /// The table for a reader: fresh, else the copy marked stale.
+    pub(crate) async fn document(&self) -> Result<ShareGroupDocument, AgentError> {
+        match self.fresh().await {
+            Ok((group, version)) => Ok(ShareGroupDocument {
+                group,
+                version,
+                stale: false,
+            }),
+            Err(AgentError::GroupUnreachable(why)) => match self.copy() {
+                Some((group, version)) => Ok(ShareGroupDocument {
+                    group,
+                    version,
+                    stale: true,
+                }),
+                None => Err(AgentError::GroupUnreachable(why)),
+            },
+            Err(other) => Err(other),
+        }
+    }
+
+    pub(crate) fn copy(&self) -> Option<(ShareGroup, u64)> {
+        self.copy.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Keeps a newer table as the copy (memory and file) and applies it.
+    fn remember(&self, group: &ShareGroup, version: u64) {
+        {
+            let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
+            if copy.as_ref().is_some_and(|(_, v)| *v > version) {
+                return;
+            }
+            *copy = Some((group.clone(), version));
+        }
+        if let Err(error) = write_copy(&self.config.copy_path, group, version) {
+            tracing::warn!(%error, "cannot keep the share group's copy on disk");
+        }
+        self.apply_own(group, version);
+    }
+
+    /// Switches this host's modules to what the table says (deactivating
+    /// first), unless a newer version was applied already.
+    pub(crate) fn apply_own(&self, group: &ShareGroup, version: u64) -> RightsSyncAnswer {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if version >= applied.version {
+            // Never more than the rights held now: a temporary right past
+            // its expiry switches its module off before the table says so.
+            let now_ms = self.clock.now_ms();
+            let wanted: BTreeMap<u32, u32> = group
+                .hosts
+                .get(&self.host_id)
+                .map(|h| {
+                    h.partitions
+                        .iter()
+                        .map(|(i, p)| (*i, p.active.min(p.rights(now_ms))))
+                        .collect()
+                })
+                .unwrap_or_default();
+            applied.active = wanted;
+            applied.version = version;
+        }
+        RightsSyncAnswer {
+            host_id: self.host_id.clone(),
+            version: applied.version,
+            active: applied.active.clone(),
+        }
+    }
+
+    pub(crate) fn applied(&self) -> Applied {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn read_copy(path: &std::path::Path) -> Option<(ShareGroup, u64)> {
+    let text = std::fs::read(path).ok()?;
+    let document: ShareGroupDocument = serde_json::from_slice(&text).ok()?;
+    Some((document.group, document.version))
+}
+
+/// The copy, written whole to a temporary file and renamed (0600).
+fn write_copy(path: &std::path::Path, group: &ShareGroup, version: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let document = ShareGroupDocument {
+        group: group.clone(),
+        version,
+        stale: false,
+    };
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(&serde_json::to_vec(&document).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+pub(crate) mod admin;
+pub(crate) mod flow;
+pub(crate) mod http;
+#[cfg(test)]
+mod tests;
