@@ -228,6 +228,24 @@ pub struct LedgerView {
     pub balances: Vec<AccountBalance>,
     /// Sum of the balances shown; zero over the whole ledger (admins).
     pub sum_micros: i64,
+    /// Usage rights (seed 004) moved between the hosts of share groups,
+    /// newest first (admins only).
+    #[serde(default)]
+    pub rights_movements: Vec<AssetMovementEntry>,
+    /// Rights per account (admins only); they sum to zero.
+    #[serde(default)]
+    pub rights_balances: Vec<AccountBalance>,
+}
+
+/// One double-entry movement of an asset other than money (whole units).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AssetMovementEntry {
+    pub movement_id: u64,
+    pub asset: String,
+    pub debit_account: String,
+    pub credit_account: String,
+    pub amount: u64,
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

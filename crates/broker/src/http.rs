@@ -775,7 +775,14 @@ async fn ledger_view(
         })
         .collect();
     let sum_micros = balances.iter().map(|b| b.balance_micros).sum();
+    let (rights_movements, rights_balances) = if principal.role == Role::Admin {
+        rights_ledger(reader.as_mut(), limit)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     Ok(Json(LedgerView {
+        rights_movements,
+        rights_balances,
         transfers: transfers
             .into_iter()
             .map(|(transfer_id, t)| LedgerEntry {
@@ -790,6 +797,38 @@ async fn ledger_view(
         balances,
         sum_micros,
     }))
+}
+
+/// The usage rights' side of the ledger (seed 004), for admins.
+fn rights_ledger(
+    reader: &mut dyn leasehold_store::BrokerStore,
+    limit: u32,
+) -> Result<(Vec<AssetMovementEntry>, Vec<AccountBalance>), ErrorResponse> {
+    use leasehold_core::rights::ledger::RIGHTS_ASSET;
+    let movements = reader
+        .asset_movements(RIGHTS_ASSET, limit)
+        .map_err(|e| err(e.into()))?
+        .into_iter()
+        .map(|(movement_id, t)| AssetMovementEntry {
+            movement_id,
+            asset: RIGHTS_ASSET.to_string(),
+            debit_account: t.debit_account,
+            credit_account: t.credit_account,
+            amount: t.amount_micros,
+            at_ms: t.at_ms,
+        })
+        .collect();
+    let balances = reader
+        .balances_by_asset()
+        .map_err(|e| err(e.into()))?
+        .into_iter()
+        .filter(|b| b.asset == RIGHTS_ASSET)
+        .map(|b| AccountBalance {
+            account: b.account,
+            balance_micros: b.balance,
+        })
+        .collect();
+    Ok((movements, balances))
 }
 
 #[derive(Debug, Deserialize)]

@@ -867,6 +867,24 @@ pub async fn ledger(global: &Global) -> Result<i32> {
             );
         }
         println!("sum: {}", format_micros(ledger.sum_micros as i128));
+        print_rights_ledger(&ledger);
     }
     Ok(0)
+}
+
+/// Usage rights (seed 004) moved between hosts, in whole rights.
+fn print_rights_ledger(ledger: &leasehold_api::LedgerView) {
+    if ledger.rights_movements.is_empty() && ledger.rights_balances.is_empty() {
+        return;
+    }
+    println!("usage rights:");
+    for m in &ledger.rights_movements {
+        println!(
+            "  #{:<6} {} -> {}  {} rights",
+            m.movement_id, m.debit_account, m.credit_account, m.amount
+        );
+    }
+    for b in &ledger.rights_balances {
+        println!("  {:<40} {}", b.account, b.balance_micros);
+    }
 }

@@ -148,6 +148,39 @@ async fn a_partition_borrows_rights_from_another_host_and_none_is_created_or_los
         owned(&unchanged, "server-1") + owned(&unchanged, "server-n"),
         7
     );
+    // The ledger audits every movement: balanced, and the hosts' accounts
+    // hold what the table says.
+    let ledger = cli(
+        &cluster.broker_url,
+        Some(&admin),
+        &["ledger", "--output", "json"],
+    )
+    .json();
+    let balance = |account: &str| {
+        ledger["rights_balances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["account"] == account)
+            .map_or(0, |b| b["balance_micros"].as_i64().unwrap())
+    };
+    assert_eq!(balance("rights:g:host:server-1"), 3);
+    assert_eq!(balance("rights:g:host:server-n"), 4);
+    assert_eq!(balance("rights:g:in-flight"), 0);
+    let sum: i64 = ledger["rights_balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["balance_micros"].as_i64().unwrap())
+        .sum();
+    assert_eq!(sum, 0, "balanced: {ledger}");
+    assert!(ledger["rights_movements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["debit_account"] == "rights:g:host:server-n"
+            && m["credit_account"] == "rights:g:in-flight"
+            && m["amount"] == 2));
     // No token, no table.
     let anonymous = cli(
         &cluster.broker_url,

@@ -508,6 +508,10 @@ impl BrokerStore for BrokerDb {
         broker_sql::release_lease(&mut self.engine, name, holder)
     }
 
+    fn asset_movements(&mut self, asset: &str, limit: u32) -> StoreResult<Vec<(u64, Transfer)>> {
+        broker_sql::asset_movements(&mut self.engine, asset, limit)
+    }
+
     fn lease_holder(&mut self, name: &str) -> StoreResult<Option<crate::LeaseHolder>> {
         broker_sql::lease_holder(&mut self.engine, name)
     }

@@ -575,6 +575,33 @@ pub(crate) fn acquire_lease(
     rows.first().map(|row| row.u64(0)).transpose()
 }
 
+/// Movements of an asset other than money, newest first.
+pub(crate) fn asset_movements(
+    conn: &mut dyn SqlConnection,
+    asset: &str,
+    limit: u32,
+) -> StoreResult<Vec<(u64, Transfer)>> {
+    conn.query(
+        "SELECT movement_id, debit_account, credit_account, amount, at_ms FROM asset_movements
+         WHERE asset = ?1 ORDER BY movement_id DESC LIMIT ?2",
+        &[asset.into(), int(limit.into())],
+    )?
+    .iter()
+    .map(|row| {
+        Ok((
+            row.u64(0)?,
+            Transfer {
+                debit_account: row.text(1)?,
+                credit_account: row.text(2)?,
+                amount_micros: row.u64(3)?,
+                lease_id: 0,
+                at_ms: row.u64(4)?,
+            },
+        ))
+    })
+    .collect()
+}
+
 /// Who holds the fenced lease `name` last, at which epoch and until when.
 pub(crate) fn lease_holder(
     conn: &mut dyn SqlConnection,

@@ -99,6 +99,14 @@ impl BrokerStore for InterceptedStore {
         self.inner.release_lease(name, holder)
     }
 
+    fn asset_movements(
+        &mut self,
+        asset: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<(u64, leasehold_core::ledger::Transfer)>> {
+        self.inner.asset_movements(asset, limit)
+    }
+
     fn lease_holder(&mut self, name: &str) -> StoreResult<Option<crate::LeaseHolder>> {
         self.inner.lease_holder(name)
     }

@@ -541,6 +541,15 @@ impl BrokerStore for PostgresBrokerDb {
         })
     }
 
+    fn asset_movements(
+        &mut self,
+        asset: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<(u64, leasehold_core::ledger::Transfer)>> {
+        let asset = asset.to_string();
+        self.on_thread(move |engine| broker_sql::asset_movements(engine, &asset, limit))
+    }
+
     fn lease_holder(&mut self, name: &str) -> StoreResult<Option<crate::LeaseHolder>> {
         let name = name.to_string();
         self.on_thread(move |engine| broker_sql::lease_holder(engine, &name))

@@ -62,6 +62,12 @@ pub trait BrokerStore: Send {
         ttl_ms: u64,
         now_ms: u64,
     ) -> StoreResult<Option<u64>>;
+    /// Movements of `asset` (not money: usage rights), newest first.
+    fn asset_movements(
+        &mut self,
+        asset: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<(u64, leasehold_core::ledger::Transfer)>>;
     /// Who held the lease `name` last, at which epoch, until when (past
     /// for an expired lease); `None` if it was never taken.
     fn lease_holder(&mut self, name: &str) -> StoreResult<Option<LeaseHolder>>;
