@@ -311,14 +311,20 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     // The owner's trace is read first: a bad one stops the agent before it
     // touches anything. Its offsets count from now.
     let sampler = sampling::Sampler::new(&config, config.clock.now_ms())?;
-    let mut reconciled = Vec::new();
-    let db = open_partition_table(&config, &mut reconciled)?;
     let broker = leasehold_api::Client::with_trust(
         &config.broker_url,
         Some(config.lender_token.clone()),
         &config.client_trust,
     )
     .map_err(|e| AgentError::Internal(e.to_string()))?;
+    if let Some(rights) = &config.rights {
+        // Before anything of the host is touched: a stand-by (or a second
+        // agent for the host) waits here while another manager holds it.
+        rights::RightsManager::wait_for_host(rights, &config.host_id, &broker, &config.clock)
+            .await?;
+    }
+    let mut reconciled = Vec::new();
+    let db = open_partition_table(&config, &mut reconciled)?;
     let scheme = if config.tls.is_some() {
         "https"
     } else {

@@ -44,6 +44,14 @@ pub struct GroupLeaseAnswer {
     pub epoch: Option<u64>,
 }
 
+/// Who held a group's fenced lease last, at which epoch, until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLeaseHolder {
+    pub holder: String,
+    pub epoch: u64,
+    pub expires_at_ms: u64,
+}
+
 fn owner_share() -> u32 {
     OWNER_SHARE_PARTITION
 }

@@ -126,6 +126,44 @@ fn version_conflict(name: &str, version: u64) -> BrokerError {
     ))
 }
 
+pub(crate) async fn group_lease_holder(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+    Path((name, lease)): Path<(String, String)>,
+) -> Answer<GroupLeaseHolder> {
+    require_role(
+        &principal,
+        &[Role::Admin, Role::Lender],
+        "read a share group",
+    )?;
+    check_group_name(&name)?;
+    check_name("lease", &lease).map_err(|e| err(BrokerError::Invalid(e)))?;
+    let mut store = app.reader.lock().unwrap_or_else(|p| p.into_inner());
+    let visible = match store.share_group(&name).map_err(|e| err(e.into()))? {
+        Some((group, _)) => may_see(&principal, group.owner.as_deref()),
+        None => false,
+    };
+    let held = if visible {
+        store
+            .lease_holder(&format!("group/{name}/{lease}"))
+            .map_err(|e| err(e.into()))?
+    } else {
+        None
+    };
+    held.map(|h| {
+        Json(GroupLeaseHolder {
+            holder: h.holder,
+            epoch: h.epoch,
+            expires_at_ms: h.expires_at_ms,
+        })
+    })
+    .ok_or_else(|| {
+        err(BrokerError::NotFound(format!(
+            "no lease '{lease}' in share group '{name}'"
+        )))
+    })
+}
+
 pub(crate) async fn acquire_group_lease(
     State(app): App,
     Extension(principal): Extension<Principal>,

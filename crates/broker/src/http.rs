@@ -106,7 +106,7 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         )
         .route(
             "/v1/groups/{name}/leases/{lease}",
-            post(groups::acquire_group_lease),
+            post(groups::acquire_group_lease).get(groups::group_lease_holder),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),

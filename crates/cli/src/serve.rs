@@ -273,10 +273,21 @@ pub struct GroupArgs {
     /// hosts; `federated`: the requesting host's manager does.
     #[arg(long, default_value = "centralized", value_parser = ["centralized", "federated"])]
     pub group_mode: String,
-    /// Usage rights this host owns when it first joins (default: none;
-    /// its cores stay inactive until rights are granted or borrowed).
-    #[arg(long, value_name = "N", requires = "group")]
+    /// Usage rights this host owns when it first joins a group kept in
+    /// --group-store (default: none; its cores stay inactive until rights
+    /// are granted or borrowed). Where the broker keeps the table, only an
+    /// admin adds rights: `leasehold rights grant`.
+    #[arg(long, value_name = "N", requires = "group_store")]
     pub rights: Option<u32>,
+    /// Start as the back-up manager of this host (seed 004, FIG. 6): wait
+    /// while the host's manager lives, then take over its data directory
+    /// and its place in the group.
+    #[arg(long, requires = "group")]
+    pub standby: bool,
+    /// Seize the rights of a group member whose manager has been silent
+    /// this long, in seconds (FIG. 8).
+    #[arg(long, value_name = "SECS", default_value_t = leasehold_agent::rights::DEFAULT_SEIZE_AFTER_MS / 1000, requires = "group")]
+    pub group_grace_secs: u64,
 }
 
 impl GroupArgs {
@@ -304,6 +315,8 @@ impl GroupArgs {
             store,
             owned_rights: self.rights,
             copy_path: data_dir.join("share-group-copy.json"),
+            standby: self.standby,
+            seize_after_ms: self.group_grace_secs.saturating_mul(1000),
         }))
     }
 

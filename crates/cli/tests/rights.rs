@@ -241,3 +241,119 @@ async fn managers_sharing_an_sqlite_store_keep_their_rights_across_a_restart() {
     let view = show(&again, &["--output", "json"]).json();
     assert_eq!(owned(&view, "server-1"), 4);
 }
+
+/// The group's table as `group show` prints it.
+fn group_table(cluster: &Cluster, agent: &str) -> Value {
+    let shown = cli(
+        &cluster.broker_url,
+        Some(&cluster.lender_token),
+        &["group", "show", "--agent", agent, "--output", "json"],
+    );
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    shown.json()["group"].clone()
+}
+
+/// Asks `agent` for the table until `done` holds (at most 20 s): a
+/// manager's tick, not this test, decides when it happens.
+fn wait_for_table(cluster: &Cluster, agent: &str, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..200 {
+        let table = group_table(cluster, agent);
+        if done(&table) {
+            return table;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the table never got there: {}", group_table(cluster, agent));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_its_hosts_place_and_a_secondary_takes_over_as_primary() {
+    let mut cluster = Cluster::start(&[]).await;
+    let first = cluster.start_agent_with("server-1", "sim", &["--group", "g"]);
+    let second = cluster.start_agent_with("server-n", "sim", &["--group", "g"]);
+    for host in ["server-1", "server-n"] {
+        let granted = cli(
+            &cluster.broker_url,
+            Some(&cluster.admin_token),
+            &[
+                "rights",
+                "grant",
+                "--host",
+                host,
+                "--modules",
+                "4",
+                "--agent",
+                &first,
+            ],
+        );
+        assert_eq!(granted.code, 0, "{}", granted.stderr);
+    }
+    // FIG. 6: a back-up manager for server-1, on the same data directory,
+    // waits while the active one lives.
+    let data = cluster.path("agent-server-1").display().to_string();
+    let log = cluster.path("agent-server-1-standby.log");
+    let broker_url = cluster.broker_url.clone();
+    let token = cluster.lender_token.clone();
+    let standby = std::thread::spawn(move || {
+        let args = [
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--host-id",
+            "server-1",
+            "--driver",
+            "sim",
+            "--cpus",
+            "64",
+            "--memory-mib",
+            "65536",
+            "--disk-gib",
+            "1000",
+            "--broker",
+            &broker_url,
+            "--output",
+            "json",
+            "--group",
+            "g",
+            "--standby",
+        ];
+        spawn_ready_with_token(&args, Some(&token), &log)
+    });
+    wait_for_table(&cluster, &second, |t| t["primary_host"].is_string());
+    let killed_at = std::time::Instant::now();
+    cluster.stop_agent("server-1");
+    let standby = standby.join().expect("the stand-by took over");
+    let standby_url = standby.ready["agent_url"].as_str().unwrap().to_string();
+    eprintln!(
+        "stand-by took over server-1 in {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    // It recorded itself as the host's manager, and the group sees it.
+    let table = wait_for_table(&cluster, &second, |t| {
+        t["hosts"]["server-1"]["manager_url"] == standby_url.as_str()
+    });
+    assert_eq!(
+        table["hosts"]["server-1"]["partitions"]["0"]["permanent"], 4,
+        "the rights stayed"
+    );
+    // FIG. 7: the primary dies; the other manager takes over with a new epoch.
+    let table = wait_for_table(&cluster, &second, |t| t["primary_host"].is_string());
+    let primary_host = table["primary_host"].as_str().unwrap().to_string();
+    let epoch = table["primary_epoch"].as_u64().unwrap();
+    let (survivor, survivor_url) = if primary_host == "server-1" {
+        drop(standby);
+        ("server-n", second.clone())
+    } else {
+        cluster.stop_agent("server-n");
+        ("server-1", standby_url.clone())
+    };
+    let killed_at = std::time::Instant::now();
+    let table = wait_for_table(&cluster, &survivor_url, |t| t["primary_host"] == survivor);
+    eprintln!(
+        "primary fail-over took {} ms",
+        killed_at.elapsed().as_millis()
+    );
+    assert!(table["primary_epoch"].as_u64().unwrap() > epoch, "{table}");
+}

@@ -115,7 +115,7 @@ impl RightsManager {
     }
 
     /// The coordinator's two phases for a request leaving the host.
-    async fn coordinate(
+    pub(crate) async fn coordinate(
         &self,
         to: &Slot,
         modules: u32,
@@ -253,12 +253,19 @@ impl RightsManager {
     /// new leadership, expire this host's temporary rights, abort
     /// transfers left pending by a dead coordinator, refresh the copy.
     pub(crate) async fn tick(&self, local_partitions: &BTreeSet<u32>) -> Result<(), AgentError> {
+        self.hold_host().await?;
         let (group, _) = self.fresh().await?;
         let now_ms = self.clock.now_ms();
-        if group.mode == GroupMode::Centralized {
+        let group = if group.mode == GroupMode::Centralized {
             self.lead(&group, now_ms).await?;
-        }
+            self.fresh().await?.0
+        } else {
+            group
+        };
         self.match_partitions(&group, local_partitions).await?;
+        if matches!(self.coordinator(&group), Ok(Coordinator::Here { .. })) {
+            self.seize_silent_hosts(&group, now_ms).await?;
+        }
         let expiring = group.hosts.values().any(|h| {
             h.partitions
                 .values()
@@ -274,6 +281,55 @@ impl RightsManager {
                 Ok(())
             })
             .await?;
+        }
+        Ok(())
+    }
+
+    /// Renews this manager's hold on its host; refused when a stand-by
+    /// took the host over (this manager is then the old one, and stops).
+    pub(crate) async fn hold_host(&self) -> Result<u64, AgentError> {
+        let holder = self.config.host_lease_holder(&self.host_id);
+        let held = self
+            .store
+            .acquire(
+                &self.config.group,
+                &super::host_lease(&self.host_id),
+                &holder,
+                super::HOST_LEASE_TTL_MS,
+                self.clock.now_ms(),
+            )
+            .await?;
+        held.ok_or_else(|| {
+            AgentError::Forbidden(format!(
+                "another manager holds host '{}' in the share group now",
+                self.host_id
+            ))
+        })
+    }
+
+    /// FIG. 8: the rights of a host whose manager has not held it for the
+    /// grace period are seized and go to the other hosts (the lowest
+    /// workload first). Only hosts that had a manager once are judged.
+    async fn seize_silent_hosts(&self, group: &ShareGroup, now_ms: u64) -> Result<(), AgentError> {
+        for (host_id, host) in &group.hosts {
+            let holds_rights = host.partitions.values().any(|p| p.permanent > 0);
+            if host_id == &self.host_id || !holds_rights {
+                continue;
+            }
+            let held = self
+                .store
+                .holder(&self.config.group, &super::host_lease(host_id))
+                .await?;
+            let Some(held) = held else { continue };
+            if held
+                .expires_at_ms
+                .saturating_add(self.config.seize_after_ms)
+                > now_ms
+            {
+                continue;
+            }
+            let (seized, _, version) = self.update(None, |g, now| g.seize(host_id, now)).await?;
+            tracing::warn!(host = %host_id, seized, version, "seized the rights of a host unreachable beyond the grace period");
         }
         Ok(())
     }

@@ -41,6 +41,33 @@ pub struct RightsConfig {
     pub owned_rights: Option<u32>,
     /// Where the manager keeps its copy of the table (0600).
     pub copy_path: PathBuf,
+    /// A back-up manager (FIG. 6): it waits until the host's manager is
+    /// gone, then takes over.
+    pub standby: bool,
+    /// How long a host may be unreachable before its rights are seized
+    /// (FIG. 8).
+    pub seize_after_ms: u64,
+}
+
+/// How long a manager's hold on its host lasts without renewal: a
+/// stand-by takes over within this and one tick of the manager's death.
+pub const HOST_LEASE_TTL_MS: u64 = 3_000;
+/// The default grace period before a silent host's rights are seized.
+pub const DEFAULT_SEIZE_AFTER_MS: u64 = 30_000;
+
+impl RightsConfig {
+    /// The holder of the host's manager lease: the active manager and its
+    /// stand-by hold it under different names, so neither renews the
+    /// other's hold.
+    pub fn host_lease_holder(&self, host_id: &str) -> String {
+        let role = if self.standby { "standby" } else { "active" };
+        format!("{host_id}:{role}")
+    }
+}
+
+/// The name of a host's manager lease in the group.
+pub fn host_lease(host_id: &str) -> String {
+    format!("host.{host_id}")
 }
 
 /// Where the group's table lives.
@@ -55,6 +82,19 @@ fn unreachable(error: impl std::fmt::Display) -> AgentError {
 }
 
 impl GroupStore {
+    pub(crate) fn open(
+        config: &RightsConfig,
+        broker: &leasehold_api::Client,
+    ) -> Result<Self, AgentError> {
+        Ok(match &config.store {
+            Some(database) => GroupStore::Direct(Arc::new(Mutex::new(open_broker_store(
+                database,
+                Durability::Full,
+            )?))),
+            None => GroupStore::Broker(broker.clone()),
+        })
+    }
+
     async fn blocking<T: Send + 'static>(
         store: &Arc<Mutex<Box<dyn BrokerStore>>>,
         work: impl FnOnce(&mut dyn BrokerStore) -> Result<T, leasehold_store::StoreError>
@@ -117,6 +157,29 @@ impl GroupStore {
                     Err(error) => Err(unreachable(error)),
                 }
             }
+        }
+    }
+
+    /// Who held the group's lease `lease` last, until when.
+    pub(crate) async fn holder(
+        &self,
+        group: &str,
+        lease: &str,
+    ) -> Result<Option<leasehold_api::rights::GroupLeaseHolder>, AgentError> {
+        match self {
+            GroupStore::Direct(store) => {
+                let name = format!("group/{group}/{lease}");
+                let held = Self::blocking(store, move |s| s.lease_holder(&name)).await?;
+                Ok(held.map(|h| leasehold_api::rights::GroupLeaseHolder {
+                    holder: h.holder,
+                    epoch: h.epoch,
+                    expires_at_ms: h.expires_at_ms,
+                }))
+            }
+            GroupStore::Broker(broker) => broker
+                .group_lease_holder(group, lease)
+                .await
+                .map_err(unreachable),
         }
     }
 
@@ -218,13 +281,7 @@ impl RightsManager {
         clock: SharedClock,
         peers: leasehold_api::Client,
     ) -> Result<Self, AgentError> {
-        let store = match &config.store {
-            Some(database) => GroupStore::Direct(Arc::new(Mutex::new(open_broker_store(
-                database,
-                Durability::Full,
-            )?))),
-            None => GroupStore::Broker(broker.clone()),
-        };
+        let store = GroupStore::open(&config, broker)?;
         let copy = read_copy(&config.copy_path);
         let manager = RightsManager {
             config,
@@ -253,6 +310,7 @@ impl RightsManager {
     }
 
     async fn join_group(&self, capacity: &HostCapacity) -> Result<(), AgentError> {
+        self.hold_host().await?;
         for _ in 0..MAX_SWAP_TRIES {
             let current = self.store.read(&self.config.group).await?;
             let version = current.as_ref().map_or(0, |(_, v)| *v);
@@ -276,6 +334,42 @@ impl RightsManager {
             }
         }
         Err(self.kept_changing())
+    }
+
+    /// Takes the host's manager lease before the agent touches anything of
+    /// its host, waiting while another manager of this host holds it (a
+    /// stand-by waits here until the active one dies: FIG. 6).
+    pub(crate) async fn wait_for_host(
+        config: &RightsConfig,
+        host_id: &str,
+        broker: &leasehold_api::Client,
+        clock: &SharedClock,
+    ) -> Result<(), AgentError> {
+        let store = GroupStore::open(config, broker)?;
+        let holder = config.host_lease_holder(host_id);
+        let mut said = false;
+        loop {
+            let held = store
+                .acquire(
+                    &config.group,
+                    &host_lease(host_id),
+                    &holder,
+                    HOST_LEASE_TTL_MS,
+                    clock.now_ms(),
+                )
+                .await?;
+            match held {
+                Some(_) => return Ok(()),
+                None => {
+                    let why = "another manager of this host holds it";
+                    if !said {
+                        eprintln!("agent: waiting to manage host '{host_id}': {why}");
+                        said = true;
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(flow::TICK_INTERVAL_MS)).await;
+        }
     }
 
     fn kept_changing(&self) -> AgentError {

@@ -24,6 +24,8 @@ fn config(
         store: Some(store),
         owned_rights: owned,
         copy_path: dir.join(format!("{host}-copy.json")),
+        standby: false,
+        seize_after_ms: DEFAULT_SEIZE_AFTER_MS,
     }
 }
 
@@ -87,4 +89,131 @@ async fn two_managers_join_one_group_through_the_shared_store_and_a_rejoin_keeps
     let (table, _) = again.fresh().await.unwrap();
     assert_eq!(table.hosts["h2"].partitions[&0].permanent, 1);
     assert_eq!(table.total_rights(clock.shared().now_ms()), 5);
+}
+
+fn slot(host: &str, partition: u32) -> leasehold_core::rights::Slot {
+    leasehold_core::rights::Slot::new(host, partition)
+}
+
+/// Two managers on one SQLite store and one simulated clock; `h2` owns
+/// `h2_rights` rights, active.
+async fn pair(
+    dir: &std::path::Path,
+    clock: &SimulatedClock,
+    h2_rights: u32,
+) -> (RightsManager, RightsManager) {
+    let store = BrokerDatabase::Sqlite(dir.join("group.db"));
+    let first = join(&store, Some(2), dir, "h1", 8, clock).await;
+    let second = join(&store, Some(h2_rights), dir, "h2", 8, clock).await;
+    (first, second)
+}
+
+fn nothing() -> std::collections::BTreeSet<u32> {
+    std::collections::BTreeSet::new()
+}
+
+#[tokio::test]
+async fn a_silent_hosts_rights_are_seized_and_it_switches_its_modules_off_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(1_000);
+    let (first, second) = pair(dir.path(), &clock, 4).await;
+    assert_eq!(second.applied().active[&0], 4);
+    first.tick(&nothing()).await.unwrap();
+    let (group, _) = first.fresh().await.unwrap();
+    assert_eq!(group.primary_host.as_deref(), Some("h1"));
+    let total = group.total_rights(clock.shared().now_ms());
+    // Within the grace period nothing happens to the silent h2.
+    clock.advance_ms(HOST_LEASE_TTL_MS + 1);
+    first.tick(&nothing()).await.unwrap();
+    assert_eq!(
+        first.fresh().await.unwrap().0.hosts["h2"].partitions[&0].permanent,
+        4
+    );
+    // Beyond it, its rights go to h1 (the only other host).
+    clock.advance_ms(DEFAULT_SEIZE_AFTER_MS);
+    first.tick(&nothing()).await.unwrap();
+    let (group, _) = first.fresh().await.unwrap();
+    let now_ms = clock.shared().now_ms();
+    assert_eq!(group.hosts["h2"].partitions[&0].rights(now_ms), 0);
+    assert_eq!(group.hosts["h1"].partitions[&0].rights(now_ms), 6);
+    assert_eq!(group.total_rights(now_ms), total, "seized, not lost");
+    // h2 comes back: before anything else, its modules go off.
+    drop(second);
+    let store = BrokerDatabase::Sqlite(dir.path().join("group.db"));
+    let returned = join(&store, None, dir.path(), "h2", 8, &clock).await;
+    assert_eq!(returned.applied().active[&0], 0);
+    let (group, _) = returned.fresh().await.unwrap();
+    assert_eq!(group.hosts["h2"].partitions[&0].active, 0);
+}
+
+#[tokio::test]
+async fn temporary_rights_expire_on_the_simulated_clock_and_their_modules_go_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(1_000);
+    let (first, _second) = pair(dir.path(), &clock, 0).await;
+    let expires_at_ms = clock.shared().now_ms() + 60_000;
+    first
+        .update(None, |g, now| {
+            g.grant(&slot("h1", 0), 3, Some(expires_at_ms), now)?;
+            g.activate(&slot("h1", 0), 3, now)
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.applied().active[&0], 5);
+    clock.advance_ms(59_999);
+    first.tick(&nothing()).await.unwrap();
+    assert_eq!(first.applied().active[&0], 5, "not yet");
+    clock.advance_ms(1);
+    first.tick(&nothing()).await.unwrap();
+    assert_eq!(
+        first.applied().active[&0],
+        2,
+        "the temporary modules went off"
+    );
+    let (group, _) = first.fresh().await.unwrap();
+    let owner = &group.hosts["h1"].partitions[&0];
+    assert!(owner.temporary.is_empty());
+    assert_eq!((owner.permanent, owner.active), (2, 2));
+}
+
+#[tokio::test]
+async fn a_revived_old_primarys_orders_are_refused_by_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(1_000);
+    let (first, second) = pair(dir.path(), &clock, 4).await;
+    first.tick(&nothing()).await.unwrap();
+    // h1 stalls (a pause, a partition); its lease lapses and h2 leads.
+    clock.advance_ms(super::flow::PRIMARY_LEASE_TTL_MS + 1);
+    second.tick(&nothing()).await.unwrap();
+    let (group, _) = second.fresh().await.unwrap();
+    assert_eq!(
+        (group.primary_host.as_deref(), group.primary_epoch),
+        (Some("h2"), 2)
+    );
+    let before = group.clone();
+    // h1 wakes up still believing it leads at epoch 1: refused, nothing moves.
+    let order = first.coordinate(&slot("h1", 0), 1, 1).await;
+    assert!(
+        matches!(order, Err(AgentError::RightsConflict(_))),
+        "{order:?}"
+    );
+    assert_eq!(second.fresh().await.unwrap().0, before);
+}
+
+#[tokio::test]
+async fn a_request_the_host_can_meet_never_reaches_another_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(1_000);
+    // h2's manager is at an address nothing answers on: a request that
+    // needed it would fail.
+    let (first, _second) = pair(dir.path(), &clock, 4).await;
+    first
+        .update(None, |g, _| g.add_partition("h1", 1))
+        .await
+        .unwrap();
+    let answer = first.request(slot("h1", 1), 2, "token").await.unwrap();
+    assert_eq!(answer.committed.len(), 1);
+    let (group, _) = first.fresh().await.unwrap();
+    assert_eq!(group.hosts["h1"].partitions[&1].active, 2);
+    assert_eq!(group.hosts["h2"].partitions[&0].permanent, 4, "untouched");
 }

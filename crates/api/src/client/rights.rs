@@ -67,6 +67,23 @@ impl Client {
         Ok(answer.epoch)
     }
 
+    /// Who held one of the group's fenced leases last, until when; `None`
+    /// when it was never taken.
+    pub async fn group_lease_holder(
+        &self,
+        group: &str,
+        lease: &str,
+    ) -> Result<Option<GroupLeaseHolder>, ApiError> {
+        match self
+            .get(&format!("/v1/groups/{group}/leases/{lease}"))
+            .await
+        {
+            Ok(holder) => Ok(Some(holder)),
+            Err(error) if error.status() == Some(404) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     // ---- an agent, as its host's rights manager ----
 
     /// The share group's usage-rights table (seed 004) from a managing agent.
