@@ -64,6 +64,23 @@ impl RightsManager {
         }
     }
 
+    /// Who coordinates now; with no usable primary (the group just formed,
+    /// or this manager restarted as the primary) it tries to lead at once
+    /// rather than wait for the next tick.
+    async fn coordinator_now(
+        &self,
+        group: &ShareGroup,
+        now_ms: u64,
+    ) -> Result<Coordinator, AgentError> {
+        match self.coordinator(group) {
+            Err(AgentError::GroupUnreachable(_)) => {
+                self.lead(group, now_ms).await?;
+                self.coordinator(&self.fresh().await?.0)
+            }
+            other => other,
+        }
+    }
+
     /// FIG. 5: `modules` more rights for `to`, a partition of this host.
     pub(crate) async fn request(
         &self,
@@ -87,15 +104,7 @@ impl RightsManager {
                 version,
             });
         }
-        let coordinator = match self.coordinator(&group) {
-            Err(AgentError::GroupUnreachable(_)) if group.primary_host.is_none() => {
-                // No primary yet (the group just formed): try to lead now
-                // rather than wait for the next tick.
-                self.lead(&group, now_ms).await?;
-                self.coordinator(&self.fresh().await?.0)?
-            }
-            other => other?,
-        };
+        let coordinator = self.coordinator_now(&group, now_ms).await?;
         match coordinator {
             Coordinator::Here { epoch } => self.coordinate(&to, modules, epoch).await,
             Coordinator::Primary { manager_url } => {
@@ -151,12 +160,19 @@ impl RightsManager {
                 confirmed.insert(donor);
             }
         }
-        let ((committed, aborted), _, version) = self
+        let ended = self
             .update(None, |g, now| {
                 check_epoch(g, epoch)?;
                 end_transfers(g, &begun, &confirmed, now)
             })
-            .await?;
+            .await;
+        let ((committed, aborted), _, version) = match ended {
+            Ok(ended) => ended,
+            Err(error) => {
+                self.abort_begun(&begun).await;
+                return Err(error);
+            }
+        };
         if !committed.is_empty() {
             self.poke(group, &to.host_id, version).await;
         }
@@ -170,6 +186,26 @@ impl RightsManager {
             aborted,
             version,
         })
+    }
+
+    /// Gives what a failed order began back to its donors at once (an
+    /// abort is safe from anyone: nothing of a pending transfer is active
+    /// anywhere); if even that fails, the transfers abort when stale.
+    async fn abort_begun(&self, begun: &[u64]) {
+        let aborted = self
+            .update(None, |g, now| {
+                for id in begun {
+                    match g.abort_transfer(*id, now) {
+                        Ok(()) | Err(RightsRefusal::TransferEnded { .. }) => {}
+                        Err(other) => return Err(other),
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(error) = aborted {
+            tracing::warn!(%error, ?begun, "could not abort the transfers of a failed order; they abort when stale");
+        }
     }
 
     /// Whether `host`'s manager applied the table at `version` or later
@@ -220,14 +256,36 @@ impl RightsManager {
         from: Slot,
         to: Slot,
         modules: u32,
+        caller_token: &str,
     ) -> Result<RightsOrderAnswer, AgentError> {
+        let (group, _) = self.fresh().await?;
+        let epoch = match self.coordinator_now(&group, self.clock.now_ms()).await? {
+            Coordinator::Here { epoch } => epoch,
+            Coordinator::Primary { manager_url } => {
+                let body = leasehold_api::rights::RightsTransferBody {
+                    from_host: from.host_id.clone(),
+                    from_partition: from.partition,
+                    to_host: to.host_id.clone(),
+                    to_partition: to.partition,
+                    modules,
+                };
+                return self
+                    .peers
+                    .with_base_url(&manager_url)
+                    .with_token(Some(caller_token.to_string()))
+                    .agent_rights_transfer(&body)
+                    .await
+                    .map_err(peer_error);
+            }
+        };
         let (begun, group, version) = self
             .update(None, |g, now| {
+                check_epoch(g, epoch)?;
                 g.begin_transfer(&from, &to, modules, now)
                     .map(|id| vec![id])
             })
             .await?;
-        self.finish(begun, &group, version, 0, &to).await
+        self.finish(begun, &group, version, epoch, &to).await
     }
 
     /// Applies the table at `min_version` or later to this host, reading
@@ -437,13 +495,19 @@ fn peer_error(error: leasehold_api::ApiError) -> AgentError {
         Some(403) => AgentError::Forbidden(error.to_string()),
         Some(404) => AgentError::NotFound(error.to_string()),
         Some(409) => AgentError::RightsConflict(error.to_string()),
-        Some(400) => AgentError::Invalid(leasehold_core::FieldError::new(
-            error
+        Some(400) => {
+            let field = error
                 .detail()
                 .and_then(|d| d.field.clone())
-                .unwrap_or_else(|| "request".into()),
-            error.to_string(),
-        )),
+                .unwrap_or_else(|| "request".into());
+            let message = error.to_string();
+            // The other manager's message names the field already.
+            let problem = message
+                .strip_prefix(&format!("{field}: "))
+                .unwrap_or(&message)
+                .to_string();
+            AgentError::Invalid(leasehold_core::FieldError::new(field, problem))
+        }
         _ => AgentError::GroupUnreachable(error.to_string()),
     }
 }

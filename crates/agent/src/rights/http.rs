@@ -68,12 +68,13 @@ pub(crate) async fn release(
 
 pub(crate) async fn transfer(
     State(agent): App,
+    headers: axum::http::HeaderMap,
     JsonBody(body): JsonBody<RightsTransferBody>,
 ) -> Answer<RightsOrderAnswer> {
     let from = Slot::new(body.from_host, body.from_partition);
     let to = Slot::new(body.to_host, body.to_partition);
     manager(&agent)?
-        .transfer(from, to, body.modules)
+        .transfer(from, to, body.modules, &token(&headers))
         .await
         .map(Json)
         .map_err(err)
