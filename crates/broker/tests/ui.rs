@@ -101,6 +101,29 @@ async fn an_unknown_token_or_a_host_credential_opens_no_session() {
 }
 
 #[tokio::test]
+async fn a_login_posted_from_another_site_is_refused() {
+    let market = market().await;
+    let response = http()
+        .post(format!("{}/ui/login", market.url))
+        .header("Origin", "https://elsewhere.example")
+        .form(&[("token", market.bob_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    let own_origin = market.url.clone();
+    let response = http()
+        .post(format!("{}/ui/login", market.url))
+        .header("Origin", own_origin)
+        .form(&[("token", market.bob_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
 async fn each_role_sees_in_its_fragments_what_the_api_shows_it() {
     let market = market().await;
     let bobs = market.lease(&market.bob_token, 1).await;
@@ -124,6 +147,7 @@ async fn each_role_sees_in_its_fragments_what_the_api_shows_it() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, page) = get(&market, &bob, "/ui/overview").await;
     assert!(!page.contains("/ui/partitions") && !page.contains("/ui/hosts"));
+    assert!(!page.contains("Find latency"), "only admins see the finds");
     let ann = login(&market, &market.lender_token).await;
     let (status, partitions) = get(&market, &ann, "/ui/partitions/fragment").await;
     assert_eq!(status, StatusCode::OK);

@@ -246,6 +246,15 @@ async fn drive(browser: Client, market: Market) {
     assert!(!present(&browser, &format!("lease-{bobs_second}")).await);
     logout(&browser).await;
 
+    // Finds for the admin's find-latency chart.
+    for _ in 0..20 {
+        let requirements = leasehold_core::Requirements::default();
+        market
+            .client(&market.bob_token)
+            .find(&requirements, None)
+            .await
+            .unwrap();
+    }
     // The lender and the admin see both borrowers' leases, and every page.
     for (role, token) in [
         ("lender", &market.lender_token),
@@ -262,4 +271,16 @@ async fn drive(browser: Client, market: Market) {
         assert!(pages.iter().any(|p| p.contains("partitions")), "{pages:?}");
         logout(&browser).await;
     }
+
+    // A session that expires while its page is open goes back to the login
+    // page at the next refresh (12 h: `ui::session::SESSION_TTL_MS`).
+    login(&browser, &market, &market.admin_token).await;
+    market.clock.advance_ms(12 * 3600 * 1000);
+    browser
+        .wait()
+        .at_most(LIVE_WITHIN + Duration::from_millis(500))
+        .every(Duration::from_millis(50))
+        .for_element(Locator::Css("input[name=token]"))
+        .await
+        .expect("an expired session's page returns to the login page");
 }

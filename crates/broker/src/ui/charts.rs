@@ -19,6 +19,8 @@ const MAX_FIND_SAMPLES: usize = 8192;
 const CHART_SIZE_PX: (u32, u32) = (640, 240);
 /// At most this many hosts in the utilisation chart (the busiest).
 pub(crate) const MAX_CHART_HOSTS: usize = 24;
+/// The utilisation chart has room for at least this many bars.
+const MIN_BAR_SLOTS: usize = 4;
 
 /// Recent finds: when (broker clock) and how long they took.
 pub(crate) struct FindLatencies {
@@ -197,13 +199,16 @@ fn draw_utilisation_chart(
 ) -> Result<(), String> {
     let root = SVGBackend::with_string(svg, CHART_SIZE_PX).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let count = hosts.len().max(1) as u32;
+    // At least a few slots, so one host's bar is not the chart's width;
+    // an integer range's coordinates include its end: 0..n-1 is n slots.
+    let slots = hosts.len().max(MIN_BAR_SLOTS);
+    let last_bar = (slots - 1) as u32;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 16))
         .margin(10)
         .x_label_area_size(28)
         .y_label_area_size(40)
-        .build_cartesian_2d((0..count).into_segmented(), 0u64..100u64)
+        .build_cartesian_2d((0..last_bar).into_segmented(), 0u64..100u64)
         .map_err(|e| e.to_string())?;
     let label = |value: &SegmentValue<u32>| match value {
         SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => hosts
@@ -215,7 +220,8 @@ fn draw_utilisation_chart(
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(hosts.len().max(1))
+        .light_line_style(WHITE)
+        .x_labels(slots)
         .x_label_formatter(&label)
         .y_desc("%")
         .draw()
@@ -298,6 +304,8 @@ mod tests {
         assert!(svg.contains("Active leases"));
         let bars = utilisation_chart_svg(&[("host-a".into(), 50), ("host-b".into(), 0)]);
         assert!(bars.contains("host-a") && bars.contains("host-b"));
+        let one_host = utilisation_chart_svg(&[("only".into(), 70)]);
+        assert!(one_host.contains("only") && one_host.contains("<rect"));
     }
 
     #[test]

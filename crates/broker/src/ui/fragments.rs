@@ -20,8 +20,14 @@ use maud::{html, Markup, PreEscaped};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Tables show at most this many rows (the API's page bound).
+/// Partitions are read up to the API's page bound (for the counts)...
 const MAX_ROWS: u32 = 10_000;
+/// ...but a table shows at most this many rows: it is sent every second.
+const SHOWN_ROWS: usize = 500;
+/// The charts read the newest this many leases and transfers.
+const HISTORY_ROWS: u32 = 2_000;
+/// The released leases shown are among the newest this many leases.
+const RECENT_LEASES: u32 = 200;
 /// The ledger page shows the newest transfers only.
 const LEDGER_ROWS: u32 = 200;
 
@@ -64,7 +70,6 @@ fn visible_active_leases(app: &AppState, principal: &Principal) -> Vec<Lease> {
         .cloned()
         .collect();
     leases.sort_by_key(|lease| std::cmp::Reverse(lease.lease_id));
-    leases.truncate(MAX_ROWS as usize);
     leases
 }
 
@@ -112,7 +117,7 @@ pub(crate) async fn overview(
             div.card { span.label { "Active leases" } span.value #active-lease-count { (active.len()) } }
             div.card { span.label { "Running cost" } span.value { (money(running.into())) } }
             @match &balance {
-                Ok(Json(bill)) => div.card { span.label { "Balance" } span.value { (money(bill.balance_micros.into())) } },
+                Ok(Json(bill)) => div.card { span.label { (balance_label(principal.role)) } span.value { (money(bill.balance_micros.into())) } },
                 Err(e) => div.card { (refusal(e)) },
             }
             @if let Some(partitions) = &partitions {
@@ -122,6 +127,15 @@ pub(crate) async fn overview(
             }
         }
         section.charts { (overview_charts(&app, &finds, &principal, partitions.as_deref(), now_ms).await) }
+    }
+}
+
+/// Whose balance `GET /v1/bill` answers for each role.
+fn balance_label(role: Role) -> &'static str {
+    match role {
+        Role::Borrower => "Balance (spent is negative)",
+        Role::Lender => "Earnings",
+        Role::Admin => "Broker commission",
     }
 }
 
@@ -147,7 +161,7 @@ async fn overview_charts(
     let history = http::list_leases(
         State(app.clone()),
         Extension(principal.clone()),
-        list_query(MAX_ROWS),
+        list_query(HISTORY_ROWS),
     )
     .await;
     let spans: Vec<(u64, Option<u64>)> = history
@@ -188,7 +202,7 @@ async fn money_chart(app: &Arc<AppState>, principal: &Principal, now_ms: u64) ->
     let ledger = http::ledger_view(
         State(app.clone()),
         Extension(principal.clone()),
-        list_query(MAX_ROWS),
+        list_query(HISTORY_ROWS),
     )
     .await;
     let amounts: Vec<(u64, u64)> = ledger
@@ -291,7 +305,7 @@ pub(crate) async fn hosts(app: Arc<AppState>, principal: Principal) -> Markup {
             thead { tr { th { "Host" } th { "Lender" } th { "Agent" } th.num { "CPU" }
                 th.num { "Memory MiB" } th.num { "Disk GiB" } th.num { "Partitions" } th.num { "Leased CPU" } } }
             tbody {
-                @for h in &hosts {
+                @for h in hosts.iter().take(SHOWN_ROWS) {
                     tr id=(format!("host-{}", h.host_id)) {
                         td data-label="Host" { (h.host_id) }
                         td data-label="Lender" { (h.lender) }
@@ -305,7 +319,17 @@ pub(crate) async fn hosts(app: Arc<AppState>, principal: Principal) -> Markup {
                 }
             }
         } }
+        (shown_of(hosts.len()))
         @if hosts.is_empty() { p.empty { "No hosts yet." } }
+    }
+}
+
+/// Says so when a table shows only its first rows.
+fn shown_of(total: usize) -> Markup {
+    html! {
+        @if total > SHOWN_ROWS {
+            p.empty { "The first " (SHOWN_ROWS) " of " (total) "; the API lists them all." }
+        }
     }
 }
 
@@ -338,7 +362,7 @@ pub(crate) async fn partitions(app: Arc<AppState>, principal: Principal) -> Mark
             thead { tr { th { "Partition" } th { "Status" } th.num { "vCPUs" } th.num { "Memory MiB" }
                 th.num { "Disk GiB" } th.num { "Price / hour" } th { "Images" } th.num { "Epoch" } } }
             tbody {
-                @for p in &partitions {
+                @for p in partitions.iter().take(SHOWN_ROWS) {
                     @let (class, status) = partition_status(p);
                     tr id=(format!("partition-{}-{}", p.partition.host_id, p.partition.index)) {
                         td data-label="Partition" { (p.partition.to_string()) }
@@ -353,6 +377,7 @@ pub(crate) async fn partitions(app: Arc<AppState>, principal: Principal) -> Mark
                 }
             }
         } }
+        (shown_of(partitions.len()))
         @if partitions.is_empty() { p.empty { "No partitions yet." } }
     }
 }
@@ -367,7 +392,7 @@ pub(crate) async fn leases(app: Arc<AppState>, principal: Principal) -> Markup {
             thead { tr { th.num { "Lease" } th { "Partition" } th { "Borrower" } th { "Lender" }
                 th { "Started" } th.num { "Price / hour" } th.num { "Cost so far" } } }
             tbody {
-                @for lease in &active {
+                @for lease in active.iter().take(SHOWN_ROWS) {
                     tr id=(format!("lease-{}", lease.lease_id)) {
                         td.num data-label="Lease" { (lease.lease_id) }
                         td data-label="Partition" { (lease.partition.to_string()) }
@@ -382,8 +407,9 @@ pub(crate) async fn leases(app: Arc<AppState>, principal: Principal) -> Markup {
                 }
             }
         } }
+        (shown_of(active.len()))
         @if active.is_empty() { p.empty #no-active-leases { "No active leases." } }
-        h2 { "Released (newest 50)" }
+        h2 { "Recently released" }
         (released_leases(&app, &principal).await)
     }
 }
@@ -392,7 +418,7 @@ async fn released_leases(app: &Arc<AppState>, principal: &Principal) -> Markup {
     let history = match http::list_leases(
         State(app.clone()),
         Extension(principal.clone()),
-        list_query(MAX_ROWS),
+        list_query(RECENT_LEASES),
     )
     .await
     {

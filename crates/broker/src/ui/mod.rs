@@ -293,8 +293,30 @@ struct LoginForm {
     token: String,
 }
 
+/// A form posted from another site's page is refused: browsers name the
+/// page's origin, which must be this broker's host. (A client that sends
+/// no `Origin` is not a browser posting across sites.)
+fn from_this_site(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, host)| host);
+    origin_host.is_some() && origin_host == host
+}
+
+fn cross_site_refused() -> Response {
+    err(BrokerError::Forbidden(
+        "Origin: a dashboard form must be posted from the dashboard's own pages".into(),
+    ))
+    .into_response()
+}
+
 /// Checks the token as the API's authentication would and opens a session.
-async fn login(State(ui): Ui, Form(form): Form<LoginForm>) -> Response {
+async fn login(State(ui): Ui, headers: HeaderMap, Form(form): Form<LoginForm>) -> Response {
+    if !from_this_site(&headers) {
+        return cross_site_refused();
+    }
     let token_hash = token_sha256(form.token.trim());
     let principal = {
         let state = ui.app.state.read().unwrap_or_else(|p| p.into_inner());
@@ -329,6 +351,9 @@ async fn login(State(ui): Ui, Form(form): Form<LoginForm>) -> Response {
 }
 
 async fn logout(State(ui): Ui, headers: HeaderMap) -> Response {
+    if !from_this_site(&headers) {
+        return cross_site_refused();
+    }
     if let Some(session_id) = session_cookie(&headers) {
         ui.sessions
             .lock()
