@@ -220,3 +220,40 @@ async fn the_vendored_script_and_its_licence_are_served() {
     let (status, _) = get(&market, "", "/ui/assets/broker.db").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn a_workload_shows_to_its_owner_and_an_admin_only() {
+    use leasehold_api::{rfc3339_from_ms, WorkloadFile};
+    use leasehold_core::reservation::InstanceSpec;
+    let market = market().await;
+    let start_ms = 1_800_000_000_000 + 3_600_000;
+    let file = WorkloadFile {
+        name: "nightly-batch".into(),
+        priority: 5,
+        start: rfc3339_from_ms(start_ms),
+        end: rfc3339_from_ms(start_ms + 3_600_000),
+        instances: vec![InstanceSpec {
+            name: "worker-1".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            disk_gib: 1,
+            image: None,
+        }],
+        rules: vec![],
+    };
+    market
+        .client(&market.bob_token)
+        .apply_workload(&file)
+        .await
+        .unwrap();
+    for (token, sees) in [
+        (&market.bob_token, true),
+        (&market.carol_token, false),
+        (&market.admin_token, true),
+    ] {
+        let cookie = login(&market, token).await;
+        let (status, page) = get(&market, &cookie, "/ui/reservations/fragment").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(page.contains("nightly-batch"), sees, "{page}");
+    }
+}

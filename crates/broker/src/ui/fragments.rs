@@ -9,10 +9,14 @@ use crate::reservations;
 use crate::AppState;
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
-use leasehold_api::{rfc3339_from_ms, HostView, LedgerView, PartitionView};
+use leasehold_api::{
+    rfc3339_from_ms, HostCapacityView, HostView, LedgerView, PartitionView, PoolView, WarningView,
+    WorkloadView,
+};
 use leasehold_core::command::may_see_lease;
 use leasehold_core::lease::{decide_alter, Lease, PartitionStatus, ReleaseOutcome};
 use leasehold_core::money::format_micros;
+use leasehold_core::reservation::Capacity;
 use leasehold_core::table::Principal;
 use leasehold_core::Role;
 use leasehold_service::ErrorResponse;
@@ -504,43 +508,98 @@ fn ledger_tables(ledger: &LedgerView) -> Markup {
 }
 
 pub(crate) async fn reservations(app: Arc<AppState>, principal: Principal) -> Markup {
-    let workloads =
-        reservations::list_workloads(State(app.clone()), Extension(principal.clone())).await;
-    let pools = reservations::list_pools(State(app.clone()), Extension(principal.clone())).await;
+    let state = || State(app.clone());
+    let who = || Extension(principal.clone());
+    let workloads = reservations::list_workloads(state(), who()).await;
+    let pools = reservations::list_pools(state(), who()).await;
+    let capacity = reservations::host_capacity(state(), who()).await;
+    let warnings = reservations::list_warnings(state(), who()).await;
     html! {
+        h2 { "Warnings" }
+        (answer_or_refusal(&warnings, |w| warnings_list(w)))
         h2 { "Workloads" }
-        @match &workloads {
-            Ok(Json(workloads)) => {
-                div.table-scroll { table {
-                    thead { tr { th { "Workload" } th { "Owner" } th.num { "Priority" } th { "Start" } th { "End" } th.num { "Instances" } } }
-                    tbody { @for w in workloads { tr {
-                        td data-label="Workload" { (w.name) } td data-label="Owner" { (w.owner) }
-                        td.num data-label="Priority" { (w.priority) } td data-label="Start" { (w.start) }
-                        td data-label="End" { (w.end) } td.num data-label="Instances" { (w.instances.len()) }
-                    } } }
-                } }
-                @if workloads.is_empty() { p.empty { "No workloads." } }
-            }
-            Err(e) => (refusal(e)),
-        }
+        (answer_or_refusal(&workloads, |w| workloads_table(w)))
         h2 { "Acquisition pools" }
-        @match &pools {
-            Ok(Json(list)) => {
-                div.table-scroll { table {
-                    thead { tr { th.num { "Pool" } th { "Host" } th { "Workload" } th { "Phase" }
-                        th.num { "Target CPU" } th.num { "Acquired CPU" } th.num { "Target MiB" } th.num { "Acquired MiB" } } }
-                    tbody { @for p in &list.pools { tr {
-                        td.num data-label="Pool" { (p.pool_id) } td data-label="Host" { (p.host_id) }
-                        td data-label="Workload" { (p.workload) } td data-label="Phase" { (format!("{:?}", p.phase)) }
-                        td.num data-label="Target CPU" { (centicores(p.target.cpu_centicores)) }
-                        td.num data-label="Acquired CPU" { (centicores(p.acquired.cpu_centicores)) }
-                        td.num data-label="Target MiB" { (p.target.memory_mib) }
-                        td.num data-label="Acquired MiB" { (p.acquired.memory_mib) }
-                    } } }
-                } }
-                @if list.pools.is_empty() { p.empty { "No pools." } }
-            }
-            Err(e) => (refusal(e)),
+        (answer_or_refusal(&pools, |p| pools_table(&p.pools)))
+        h2 { "Host capacity" }
+        (answer_or_refusal(&capacity, |c| capacity_table(c)))
+    }
+}
+
+fn answer_or_refusal<T>(answer: &Answer<T>, render: impl FnOnce(&T) -> Markup) -> Markup {
+    match answer {
+        Ok(Json(value)) => render(value),
+        Err(e) => refusal(e),
+    }
+}
+
+fn warnings_list(warnings: &[WarningView]) -> Markup {
+    html! {
+        @if warnings.is_empty() { p.empty { "No warnings." } }
+        @for w in warnings.iter().take(SHOWN_ROWS) {
+            p.refusal { strong { (w.workload) } " (" (w.instances.join(", ")) "): " (w.message) }
         }
+    }
+}
+
+fn workloads_table(workloads: &[WorkloadView]) -> Markup {
+    if workloads.is_empty() {
+        return html! { p.empty { "No workloads." } };
+    }
+    html! {
+        div.table-scroll { table {
+            thead { tr { th { "Workload" } th { "Owner" } th.num { "Priority" } th { "Start" } th { "End" } th.num { "Instances" } } }
+            tbody { @for w in workloads.iter().take(SHOWN_ROWS) { tr {
+                td data-label="Workload" { (w.name) } td data-label="Owner" { (w.owner) }
+                td.num data-label="Priority" { (w.priority) } td data-label="Start" { (w.start) }
+                td data-label="End" { (w.end) } td.num data-label="Instances" { (w.instances.len()) }
+            } } }
+        } }
+        (shown_of(workloads.len()))
+    }
+}
+
+fn pools_table(pools: &[PoolView]) -> Markup {
+    if pools.is_empty() {
+        return html! { p.empty { "No pools." } };
+    }
+    html! {
+        div.table-scroll { table {
+            thead { tr { th.num { "Pool" } th { "Host" } th { "Workload" } th { "Phase" }
+                th.num { "Target CPU" } th.num { "Acquired CPU" } th.num { "Target MiB" } th.num { "Acquired MiB" } } }
+            tbody { @for p in pools.iter().take(SHOWN_ROWS) { tr {
+                td.num data-label="Pool" { (p.pool_id) } td data-label="Host" { (p.host_id) }
+                td data-label="Workload" { (p.workload) } td data-label="Phase" { (format!("{:?}", p.phase)) }
+                td.num data-label="Target CPU" { (centicores(p.target.cpu_centicores)) }
+                td.num data-label="Acquired CPU" { (centicores(p.acquired.cpu_centicores)) }
+                td.num data-label="Target MiB" { (p.target.memory_mib) }
+                td.num data-label="Acquired MiB" { (p.acquired.memory_mib) }
+            } } }
+        } }
+        (shown_of(pools.len()))
+    }
+}
+
+fn capacity_table(hosts: &[HostCapacityView]) -> Markup {
+    let cpu = |c: Option<&Capacity>| c.map_or("—".into(), |c| centicores(c.cpu_centicores));
+    if hosts.is_empty() {
+        return html! { p.empty { "No hosts." } };
+    }
+    html! {
+        div.table-scroll { table {
+            thead { tr { th { "Host" } th.num { "Total CPU" } th.num { "Owner share" } th.num { "Lent" }
+                th.num { "Available" } th.num { "Held" } th.num { "Owner uses" } th { "Power" } } }
+            tbody { @for h in hosts.iter().take(SHOWN_ROWS) { tr {
+                td data-label="Host" { (h.host_id) }
+                td.num data-label="Total CPU" { (cpu(Some(&h.total))) }
+                td.num data-label="Owner share" { (cpu(Some(&h.owner_share))) }
+                td.num data-label="Lent" { (cpu(Some(&h.lent))) }
+                td.num data-label="Available" { (cpu(h.available.as_ref())) }
+                td.num data-label="Held" { (cpu(Some(&h.held))) }
+                td.num data-label="Owner uses" { (cpu(h.owner_used.as_ref())) }
+                td data-label="Power" { (if h.powered_down { "drained" } else { "on" }) }
+            } } }
+        } }
+        (shown_of(hosts.len()))
     }
 }
