@@ -74,6 +74,17 @@ async fn the_login_page_is_html_and_a_good_token_opens_an_httponly_strict_sessio
         "the token never goes into the cookie"
     );
     let session = cookie.split(';').next().unwrap();
+    let response = http()
+        .get(format!("{}/ui", market.url))
+        .header(COOKIE, session)
+        .send()
+        .await
+        .unwrap();
+    let policy = response.headers()["content-security-policy"]
+        .to_str()
+        .unwrap();
+    assert!(!policy.contains("unsafe-inline"), "{policy}");
+    assert_eq!(response.headers()["cache-control"], "no-store");
     let (status, page) = get(&market, session, "/ui").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains("bob · borrower") && page.contains("hx-get=\"/ui/overview/fragment\""));

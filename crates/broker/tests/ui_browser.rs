@@ -173,6 +173,24 @@ async fn appears(browser: &Client, id: &str, since: Instant) -> Duration {
     since.elapsed()
 }
 
+/// Waits for two live refreshes of the open page and answers the content
+/// security policy violations the browser reported meanwhile.
+async fn policy_violations_over_two_refreshes(browser: &Client) -> Vec<serde_json::Value> {
+    let script = r#"
+        const done = arguments[arguments.length - 1];
+        const seen = [];
+        document.addEventListener('securitypolicyviolation',
+            e => seen.push(e.violatedDirective + ' ' + e.blockedURI));
+        let settled = 0;
+        document.body.addEventListener('htmx:afterSettle', () => {
+            settled += 1;
+            if (settled === 2) { done(seen); }
+        });
+    "#;
+    let seen = browser.execute_async(script, vec![]).await.unwrap();
+    seen.as_array().cloned().unwrap_or_default()
+}
+
 async fn present(browser: &Client, id: &str) -> bool {
     !browser.find_all(Locator::Id(id)).await.unwrap().is_empty()
 }
@@ -267,6 +285,12 @@ async fn drive(browser: Client, market: Market) {
             .unwrap();
         appears(&browser, &format!("lease-{carols}"), Instant::now()).await;
         assert!(present(&browser, &format!("lease-{bobs_second}")).await);
+        browser
+            .goto(&format!("{}/ui/overview", market.url))
+            .await
+            .unwrap();
+        let violations = policy_violations_over_two_refreshes(&browser).await;
+        assert!(violations.is_empty(), "{violations:?}");
         let pages = screenshot_every_page(&browser, role).await;
         assert!(pages.iter().any(|p| p.contains("partitions")), "{pages:?}");
         logout(&browser).await;
