@@ -215,55 +215,7 @@ async fn each_role_watches_the_market_live_in_chromium() {
 }
 
 async fn drive(browser: Client, market: Market) {
-    // A borrower watches its lease come and go.
-    login(&browser, &market, &market.bob_token).await;
-    browser
-        .goto(&format!("{}/ui/leases", market.url))
-        .await
-        .unwrap();
-    let leased = Instant::now();
-    let bobs_first = market.lease(&market.bob_token, 1).await;
-    let took = appears(&browser, &format!("lease-{bobs_first}"), leased).await;
-    assert!(took <= LIVE_WITHIN, "the lease showed after {took:?}");
-    let released = Instant::now();
-    market
-        .client(&market.bob_token)
-        .release(bobs_first)
-        .await
-        .unwrap();
-    let took = appears(&browser, &format!("released-lease-{bobs_first}"), released).await;
-    assert!(took <= LIVE_WITHIN, "the release showed after {took:?}");
-    assert!(!present(&browser, &format!("lease-{bobs_first}")).await);
-
-    // Carol's lease commits before Bob's second: once Bob's shows, the
-    // page has been refreshed after Carol's, and must not show it.
-    let carols = market.lease(&market.carol_token, 2).await;
-    let since = Instant::now();
-    let bobs_second = market.lease(&market.bob_token, 3).await;
-    appears(&browser, &format!("lease-{bobs_second}"), since).await;
-    assert!(!present(&browser, &format!("lease-{carols}")).await);
-    let bob_pages = screenshot_every_page(&browser, "borrower").await;
-    assert!(!bob_pages.iter().any(|p| p.contains("partitions")));
-    browser.set_window_size(390, 844).await.unwrap();
-    browser
-        .goto(&format!("{}/ui/leases", market.url))
-        .await
-        .unwrap();
-    appears(&browser, &format!("lease-{bobs_second}"), Instant::now()).await;
-    let png = browser.screenshot().await.unwrap();
-    std::fs::write(screenshot_dir().join("borrower-leases-phone.png"), png).unwrap();
-    browser.set_window_size(1280, 900).await.unwrap();
-    logout(&browser).await;
-
-    login(&browser, &market, &market.carol_token).await;
-    browser
-        .goto(&format!("{}/ui/leases", market.url))
-        .await
-        .unwrap();
-    appears(&browser, &format!("lease-{carols}"), Instant::now()).await;
-    assert!(!present(&browser, &format!("lease-{bobs_second}")).await);
-    logout(&browser).await;
-
+    let (carols, bobs) = borrowers_see_their_own_leases_live(&browser, &market).await;
     // Finds for the admin's find-latency chart.
     for _ in 0..20 {
         let requirements = leasehold_core::Requirements::default();
@@ -279,16 +231,10 @@ async fn drive(browser: Client, market: Market) {
         ("admin", &market.admin_token),
     ] {
         login(&browser, &market, token).await;
-        browser
-            .goto(&format!("{}/ui/leases", market.url))
-            .await
-            .unwrap();
+        open(&browser, &market, "leases").await;
         appears(&browser, &format!("lease-{carols}"), Instant::now()).await;
-        assert!(present(&browser, &format!("lease-{bobs_second}")).await);
-        browser
-            .goto(&format!("{}/ui/overview", market.url))
-            .await
-            .unwrap();
+        assert!(present(&browser, &format!("lease-{bobs}")).await);
+        open(&browser, &market, "overview").await;
         let violations = policy_violations_over_two_refreshes(&browser).await;
         assert!(violations.is_empty(), "{violations:?}");
         let pages = screenshot_every_page(&browser, role).await;
@@ -307,4 +253,55 @@ async fn drive(browser: Client, market: Market) {
         .for_element(Locator::Css("input[name=token]"))
         .await
         .expect("an expired session's page returns to the login page");
+}
+
+async fn open(browser: &Client, market: &Market, page: &str) {
+    browser
+        .goto(&format!("{}/ui/{page}", market.url))
+        .await
+        .unwrap();
+}
+
+/// Bob watches his lease come and go within 2 s; neither borrower ever
+/// sees the other's lease. Answers Carol's lease and Bob's active one.
+async fn borrowers_see_their_own_leases_live(browser: &Client, market: &Market) -> (u64, u64) {
+    login(browser, market, &market.bob_token).await;
+    open(browser, market, "leases").await;
+    let leased = Instant::now();
+    let bobs_first = market.lease(&market.bob_token, 1).await;
+    let took = appears(browser, &format!("lease-{bobs_first}"), leased).await;
+    assert!(took <= LIVE_WITHIN, "the lease showed after {took:?}");
+    let released = Instant::now();
+    market
+        .client(&market.bob_token)
+        .release(bobs_first)
+        .await
+        .unwrap();
+    let took = appears(browser, &format!("released-lease-{bobs_first}"), released).await;
+    assert!(took <= LIVE_WITHIN, "the release showed after {took:?}");
+    assert!(!present(browser, &format!("lease-{bobs_first}")).await);
+
+    // Carol's lease commits before Bob's second: once Bob's shows, the
+    // page has been refreshed after Carol's, and must not show it.
+    let carols = market.lease(&market.carol_token, 2).await;
+    let since = Instant::now();
+    let bobs_second = market.lease(&market.bob_token, 3).await;
+    appears(browser, &format!("lease-{bobs_second}"), since).await;
+    assert!(!present(browser, &format!("lease-{carols}")).await);
+    let bob_pages = screenshot_every_page(browser, "borrower").await;
+    assert!(!bob_pages.iter().any(|p| p.contains("partitions")));
+    browser.set_window_size(390, 844).await.unwrap();
+    open(browser, market, "leases").await;
+    appears(browser, &format!("lease-{bobs_second}"), Instant::now()).await;
+    let png = browser.screenshot().await.unwrap();
+    std::fs::write(screenshot_dir().join("borrower-leases-phone.png"), png).unwrap();
+    browser.set_window_size(1280, 900).await.unwrap();
+    logout(browser).await;
+
+    login(browser, market, &market.carol_token).await;
+    open(browser, market, "leases").await;
+    appears(browser, &format!("lease-{carols}"), Instant::now()).await;
+    assert!(!present(browser, &format!("lease-{bobs_second}")).await);
+    logout(browser).await;
+    (carols, bobs_second)
 }
