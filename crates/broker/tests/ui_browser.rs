@@ -57,12 +57,22 @@ fn start_chromedriver(binary: &Path) -> Result<ChromeDriver, String> {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
-        // chromedriver says on stdout when it listens, or exits if it cannot.
+        // chromedriver says on stdout when it listens, or exits if it
+        // cannot. The rest of its output is read and dropped, so it never
+        // blocks on (or dies of) a full or closed pipe.
         let stdout = child.stdout.take().expect("piped stdout");
-        let ready = BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find(|line| line.contains("started successfully") || line.contains("failed"));
+        let (first_line, ready_receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first_line = Some(first_line);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("started successfully") || line.contains("failed") {
+                    if let Some(sender) = first_line.take() {
+                        let _ = sender.send(line);
+                    }
+                }
+            }
+        });
+        let ready = ready_receiver.recv_timeout(Duration::from_secs(20)).ok();
         match ready {
             Some(line) if line.contains("started successfully") => {
                 return Ok(ChromeDriver { child, port })
