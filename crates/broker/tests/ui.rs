@@ -109,6 +109,19 @@ async fn an_unknown_token_or_a_host_credential_opens_no_session() {
     }
     let (status, _) = get(&market, "leasehold_session=forged", "/ui/leases/fragment").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let response = http()
+        .post(format!("{}/ui/login", market.url))
+        .form(&[("password", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_client_error());
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    let problem = response.text().await.unwrap();
+    assert!(
+        problem.contains("token"),
+        "names the missing field: {problem}"
+    );
 }
 
 #[tokio::test]
