@@ -305,6 +305,13 @@ async fn borrowers_see_their_own_leases_live(browser: &Client, market: &Market) 
     appears(browser, &format!("lease-{bobs_second}"), Instant::now()).await;
     let png = browser.screenshot().await.unwrap();
     std::fs::write(screenshot_dir().join("borrower-leases-phone.png"), png).unwrap();
+    open(browser, market, "overview").await;
+    browser
+        .find(Locator::Css("figure.chart svg"))
+        .await
+        .unwrap();
+    let png = browser.screenshot().await.unwrap();
+    std::fs::write(screenshot_dir().join("borrower-overview-phone.png"), png).unwrap();
     browser.set_window_size(1280, 900).await.unwrap();
     logout(browser).await;
 
