@@ -45,6 +45,7 @@ const WORKLOAD_BODY_LIMIT_BYTES: usize = 256 * 1024;
 const GROUP_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 
 pub(crate) fn router(app: Arc<AppState>) -> Router {
+    let dashboard = crate::ui::Dashboard::new(app.clone());
     // Everything but health, the API document and the broker's public key
     // needs a principal, resolved before any body is read.
     let authenticated = Router::new()
@@ -62,7 +63,13 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
             put(put_partition).delete(withdraw_partition),
         )
         .route("/v1/partitions", get(list_partitions))
-        .route("/v1/find", post(find))
+        .route(
+            "/v1/find",
+            post(find).layer(axum::middleware::from_fn_with_state(
+                dashboard.finds.clone(),
+                crate::ui::record_find_latency,
+            )),
+        )
         .route("/v1/leases", post(lease).get(list_leases))
         .route("/v1/leases/{lease_id}", get(get_lease))
         .route("/v1/leases/{lease_id}/release", post(release))
@@ -117,6 +124,7 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/broker", get(broker_info))
         .merge(authenticated)
+        .merge(crate::ui::router(dashboard))
         .fallback(leasehold_service::not_found_fallback)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(app)
@@ -326,7 +334,7 @@ pub(crate) fn unexpected(outcome: Outcome) -> ErrorResponse {
     )))
 }
 
-async fn list_hosts(State(app): App) -> Answer<Vec<HostView>> {
+pub(crate) async fn list_hosts(State(app): App) -> Answer<Vec<HostView>> {
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     let mut hosts: Vec<HostView> = state
         .hosts
@@ -416,14 +424,14 @@ async fn withdraw_partition(
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
-    host: Option<String>,
-    limit: Option<u32>,
+pub(crate) struct ListQuery {
+    pub host: Option<String>,
+    pub limit: Option<u32>,
     /// With `host`: only partitions of a higher index (paging).
-    after_index: Option<u32>,
+    pub after_index: Option<u32>,
 }
 
-async fn list_partitions(
+pub(crate) async fn list_partitions(
     State(app): App,
     Extension(principal): Extension<Principal>,
     Query(query): Query<ListQuery>,
@@ -653,7 +661,7 @@ async fn get_lease(
     }
 }
 
-async fn list_leases(
+pub(crate) async fn list_leases(
     State(app): App,
     Extension(principal): Extension<Principal>,
     Query(query): Query<ListQuery>,
@@ -728,7 +736,10 @@ fn accounts_of(principal: &Principal) -> Vec<String> {
     }
 }
 
-async fn bill(State(app): App, Extension(principal): Extension<Principal>) -> Answer<BillView> {
+pub(crate) async fn bill(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+) -> Answer<BillView> {
     let leases = leases_of(&app, &principal, DEFAULT_LIST)?;
     let accounts = accounts_of(&principal);
     let balances = app
@@ -753,7 +764,7 @@ async fn bill(State(app): App, Extension(principal): Extension<Principal>) -> An
     }))
 }
 
-async fn ledger_view(
+pub(crate) async fn ledger_view(
     State(app): App,
     Extension(principal): Extension<Principal>,
     Query(query): Query<ListQuery>,

@@ -4,7 +4,8 @@
 //! Layout: `state` holds the in-memory resource table, `writer` is the single
 //! thread that changes it and group-commits to the store (SQLite or
 //! PostgreSQL), `http` parses requests,
-//! checks roles and maps errors (in `error`), `openapi` describes the API.
+//! checks roles and maps errors (in `error`), `openapi` describes the API,
+//! `ui` serves the web dashboard at `/ui`.
 
 pub mod error;
 mod groups;
@@ -15,6 +16,7 @@ mod outbox;
 mod reservations;
 pub mod signing_keys;
 pub mod state;
+mod ui;
 pub mod writer;
 
 pub use error::BrokerError;

@@ -1129,6 +1129,10 @@ impl UpReady {
             self.partitions,
             self.driver_reason
         );
+        text.push_str(&format!(
+            "  web     {}/ui   (the dashboard; log in with a token)\n",
+            self.broker_url
+        ));
         if let Some(url) = &self.image_store_url {
             text.push_str(&format!(
                 "  images  {url}   (store in {})\n",
