@@ -2,3 +2,4 @@
 //! broker (`sim`), run by the `leasehold-sim` binary and by `tests/sim.rs`.
 
 pub mod sim;
+pub mod stats;

@@ -88,7 +88,12 @@ impl RightsManager {
         modules: u32,
         caller_token: &str,
     ) -> Result<RightsOrderAnswer, AgentError> {
-        let (group, _) = self.fresh().await?;
+        // Planned on the copy (the write below decides again on the
+        // stored table, and refuses a plan the table no longer allows).
+        let group = match self.copy() {
+            Some((group, _)) => group,
+            None => self.fresh().await?.0,
+        };
         let now_ms = self.clock.now_ms();
         let plan = leasehold_core::rights::transfer::plan_request(&group, &to, modules, now_ms)
             .map_err(super::refusal)?;

@@ -387,8 +387,13 @@ impl RightsManager {
         as_token: Option<&str>,
         decide: impl Fn(&mut ShareGroup, u64) -> Result<T, RightsRefusal>,
     ) -> Result<(T, ShareGroup, u64), AgentError> {
-        for _ in 0..MAX_SWAP_TRIES {
-            let (before, version) = self.fresh().await?;
+        for attempt in 0..MAX_SWAP_TRIES {
+            // Optimistic first: the copy is usually the stored version (the
+            // compare-and-swap refuses it when not, and the next try reads).
+            let (before, version) = match self.copy() {
+                Some(copy) if attempt == 0 => copy,
+                _ => self.fresh().await?,
+            };
             let mut group = before.clone();
             let now_ms = self.clock.now_ms();
             let decided = decide(&mut group, now_ms).map_err(refusal)?;
@@ -447,7 +452,9 @@ impl RightsManager {
     fn remember(&self, group: &ShareGroup, version: u64) {
         {
             let mut copy = self.copy.lock().unwrap_or_else(|p| p.into_inner());
-            if copy.as_ref().is_some_and(|(_, v)| *v > version) {
+            if copy.as_ref().is_some_and(|(_, v)| *v >= version) {
+                drop(copy);
+                self.apply_own(group, version);
                 return;
             }
             *copy = Some((group.clone(), version));
@@ -500,7 +507,9 @@ fn read_copy(path: &std::path::Path) -> Option<(ShareGroup, u64)> {
     Some((document.group, document.version))
 }
 
-/// The copy, written whole to a temporary file and renamed (0600).
+/// The copy, written whole to a temporary file and renamed (0600). Not
+/// synced: it is a cache of the store, read only when the store cannot be
+/// reached at a start, and a rename never leaves half a file.
 fn write_copy(path: &std::path::Path, group: &ShareGroup, version: u64) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -517,7 +526,6 @@ fn write_copy(path: &std::path::Path, group: &ShareGroup, version: u64) -> std::
         .mode(0o600)
         .open(&temporary)?;
     file.write_all(&serde_json::to_vec(&document).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
     std::fs::rename(&temporary, path)
 }
 

@@ -1,0 +1,326 @@
+//! Usage rights (seed 004) through real processes: a broker and two agents
+//! (`--driver sim`) in one share group, the group's table kept by the
+//! broker (default) or in an SQLite file the managers share
+//! (`--store sqlite`). Measures the time from a request to the modules
+//! being active on the requester (the manager answers after it applied
+//! them), inside one host and across hosts; transfers per second through
+//! the primary with several concurrent clients; and the primary's
+//! fail-over time after its process is killed. Prints one JSON line.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use leasehold_api::rights::*;
+use leasehold_api::{Client, Role};
+use leasehold_bench::stats::Latencies;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "Usage-rights transfer latency, throughput and fail-over (one JSON line)")]
+struct Args {
+    /// The `leasehold` binary; by default the one next to this benchmark.
+    #[arg(long)]
+    leasehold: Option<PathBuf>,
+    /// Where the group's table lives: `broker` or `sqlite`.
+    #[arg(long, default_value = "broker", value_parser = ["broker", "sqlite"])]
+    store: String,
+    /// Requests timed for each latency.
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+    /// Concurrent clients for the throughput phase.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Length of the throughput phase, in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+}
+
+/// A child process killed when dropped.
+struct Service {
+    child: Child,
+    ready: serde_json::Value,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn binary(args: &Args) -> Result<PathBuf> {
+    if let Some(path) = &args.leasehold {
+        return Ok(path.clone());
+    }
+    let path = std::env::current_exe()?
+        .parent()
+        .context("the benchmark has no directory")?
+        .join("leasehold");
+    if !path.exists() {
+        bail!(
+            "no leasehold binary at {}; build it or pass --leasehold",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn start(binary: &Path, args: &[&str], token: Option<&str>) -> Result<Service> {
+    let mut command = Command::new(binary);
+    command.args(args).env_remove("LEASEHOLD_TOKEN");
+    if let Some(token) = token {
+        command.env("LEASEHOLD_TOKEN", token);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("failed to start {}", binary.display()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
+    let ready = serde_json::from_str(&line)
+        .with_context(|| format!("{args:?} printed no ready line: {line:?}"))?;
+    Ok(Service { child, ready })
+}
+
+fn text(service: &Service, key: &str) -> Result<String> {
+    Ok(service.ready[key]
+        .as_str()
+        .with_context(|| format!("no {key} in {}", service.ready))?
+        .to_string())
+}
+
+fn start_agent(
+    binary: &Path,
+    dir: &Path,
+    host: &str,
+    broker_url: &str,
+    store: Option<&str>,
+    token: &str,
+) -> Result<Service> {
+    let data = dir.join(host).display().to_string();
+    let mut args = vec![
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--host-id",
+        host,
+        "--driver",
+        "sim",
+        "--cpus",
+        "64",
+        "--memory-mib",
+        "65536",
+        "--disk-gib",
+        "100",
+        "--broker",
+        broker_url,
+        "--output",
+        "json",
+        "--group",
+        "bench",
+    ];
+    if let Some(store) = store {
+        args.extend(["--group-store", store]);
+    }
+    start(binary, &args, Some(token))
+}
+
+fn summary(samples: &mut Latencies) -> serde_json::Value {
+    serde_json::json!({
+        "p50_us": samples.percentile(50.0),
+        "p99_us": samples.percentile(99.0),
+        "max_us": samples.max(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let binary = binary(&args)?;
+    let dir = tempfile::tempdir()?;
+    let broker_dir = dir.path().join("broker").display().to_string();
+    let broker = start(
+        &binary,
+        &[
+            "broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--output",
+            "json",
+            "--data-dir",
+            &broker_dir,
+        ],
+        None,
+    )?;
+    let broker_url = text(&broker, "broker_url")?;
+    let admin_token = text(&broker, "admin_token")?;
+    let admin = Client::new(&broker_url, Some(admin_token.clone()));
+    let lender_token = admin.create_principal("lender", Role::Lender).await?.token;
+    let store_path = dir.path().join("group.db").display().to_string();
+    let store = (args.store == "sqlite").then_some(store_path.as_str());
+    let first = start_agent(
+        &binary,
+        dir.path(),
+        "host-a",
+        &broker_url,
+        store,
+        &lender_token,
+    )?;
+    let second = start_agent(
+        &binary,
+        dir.path(),
+        "host-b",
+        &broker_url,
+        store,
+        &lender_token,
+    )?;
+    let a_url = text(&first, "agent_url")?;
+    let b_url = text(&second, "agent_url")?;
+    let a = Client::new(&a_url, Some(admin_token.clone()));
+    let b = Client::new(&b_url, Some(admin_token.clone()));
+    for host in ["host-a", "host-b"] {
+        let grant = RightsGrantBody {
+            host_id: host.into(),
+            partition: 0,
+            modules: 32,
+            expires_at_ms: None,
+        };
+        a.agent_rights_grant(&grant).await?;
+    }
+    let lender_a = a.with_token(Some(lender_token.clone()));
+    let partition = lender_a
+        .agent_add_partition(&leasehold_core::Terms {
+            vcpus: 1,
+            cpu_cap_percent: 100,
+            memory_mib: 256,
+            disk_gib: 1,
+            images: vec!["busybox".into()],
+            price_per_hour_micros: 100_000,
+            isolation: None,
+        })
+        .await?
+        .partition
+        .index;
+    let request = RightsRequestBody {
+        host_id: "host-a".into(),
+        partition,
+        modules: 1,
+    };
+    let give_back = RightsSlotBody {
+        host_id: "host-a".into(),
+        partition,
+        modules: 1,
+    };
+    // Inside the host: the owner share lends to the partition, then it
+    // gives the right back (not timed).
+    let mut local = Latencies::default();
+    for _ in 0..args.iterations {
+        let started = Instant::now();
+        a.agent_rights_request(&request).await?;
+        local.since(started);
+        a.agent_rights_release(&give_back).await?;
+    }
+    // Across hosts: host-a's owner share has nothing to lend.
+    let drain = RightsTransferBody {
+        from_host: "host-a".into(),
+        from_partition: 0,
+        to_host: "host-b".into(),
+        to_partition: 0,
+        modules: 32,
+    };
+    a.agent_rights_transfer(&drain).await?;
+    let back = RightsTransferBody {
+        from_host: "host-a".into(),
+        from_partition: partition,
+        to_host: "host-b".into(),
+        to_partition: 0,
+        modules: 1,
+    };
+    let mut across = Latencies::default();
+    for _ in 0..args.iterations {
+        let started = Instant::now();
+        a.agent_rights_request(&request).await?;
+        across.since(started);
+        a.agent_rights_transfer(&back).await?;
+    }
+    let throughput = transfers_per_second(&a, &b, args.clients, args.seconds).await?;
+    let failover_ms = failover([(first, a.clone()), (second, b.clone())]).await?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "rights",
+            "store": args.store,
+            "iterations": args.iterations,
+            "local_request": summary(&mut local),
+            "cross_host_request": summary(&mut across),
+            "clients": args.clients,
+            "transfers_per_second": throughput,
+            "primary_failover_ms": failover_ms,
+        })
+    );
+    Ok(())
+}
+
+/// Concurrent explicit transfers between the two owner shares for
+/// `seconds`, through the primary; committed transfers per second.
+async fn transfers_per_second(a: &Client, b: &Client, clients: usize, seconds: u64) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..clients)
+        .map(|i| {
+            let client = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (from, to) = if i % 2 == 0 {
+                ("host-b", "host-a")
+            } else {
+                ("host-a", "host-b")
+            };
+            tokio::spawn(async move {
+                let body = RightsTransferBody {
+                    from_host: from.into(),
+                    from_partition: 0,
+                    to_host: to.into(),
+                    to_partition: 0,
+                    modules: 1,
+                };
+                let mut committed = 0u64;
+                while Instant::now() < deadline {
+                    if let Ok(answer) = client.agent_rights_transfer(&body).await {
+                        committed += answer.committed.len() as u64;
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let mut committed = 0;
+    for worker in workers {
+        committed += worker.await?;
+    }
+    Ok(committed as f64 / seconds as f64)
+}
+
+/// Kills the primary's process and times until the other manager records
+/// itself as primary (its lease lapses first: at most its TTL and a tick).
+async fn failover(mut managers: [(Service, Client); 2]) -> Result<u64> {
+    let table = managers[0].1.agent_rights().await?;
+    let primary = table.group.primary_host.clone().context("no primary")?;
+    let (dead, alive) = if primary == "host-a" { (0, 1) } else { (1, 0) };
+    let survivor = if dead == 0 { "host-b" } else { "host-a" };
+    let started = Instant::now();
+    let _ = managers[dead].0.child.kill();
+    let _ = managers[dead].0.child.wait();
+    loop {
+        let table = managers[alive].1.agent_rights().await?;
+        if table.group.primary_host.as_deref() == Some(survivor) {
+            return Ok(started.elapsed().as_millis() as u64);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("no fail-over within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
