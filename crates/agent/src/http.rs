@@ -65,11 +65,16 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/v1/agent", get(info))
+        .route("/metrics", get(crate::metrics::serve_metrics))
         .merge(lender)
         .merge(jobs)
         .merge(job_records)
         .merge(notices)
         .fallback(leasehold_service::not_found_fallback)
+        .layer(middleware::from_fn_with_state(
+            agent.metrics.http.clone(),
+            leasehold_service::http_metrics::record_http_request,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(agent)
 }

@@ -296,6 +296,29 @@ impl Cgroups {
         }
     }
 
+    /// What a partition uses now: its CPU time and the memory charged to
+    /// it, read from its cgroup at the time of asking; `None` when the
+    /// partition has no cgroup (not built, or wiped).
+    pub fn usage(&self, name: &str) -> Option<super::PartitionUsage> {
+        let relative = format!("{ROOT_GROUP}/{name}");
+        let read_number = |path: PathBuf| -> Option<u64> { read_trimmed(&path).ok()?.parse().ok() };
+        match self {
+            Cgroups::V1 { .. } => Some(super::PartitionUsage {
+                cpu_usage_ns: read_number(self.v1("cpuacct", &relative).join("cpuacct.usage"))?,
+                memory_bytes: read_number(
+                    self.v1("memory", &relative).join("memory.usage_in_bytes"),
+                )?,
+            }),
+            Cgroups::V2 { root } => {
+                let group = root.join(&relative);
+                Some(super::PartitionUsage {
+                    cpu_usage_ns: read_keyed(&group.join("cpu.stat"), "usage_usec")? * 1000,
+                    memory_bytes: read_number(group.join("memory.current"))?,
+                })
+            }
+        }
+    }
+
     /// Removes a partition's cgroup (and any job cgroups left in it).
     pub fn remove_partition(&self, name: &str) -> io::Result<()> {
         let relative = format!("{ROOT_GROUP}/{name}");
