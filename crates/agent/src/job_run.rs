@@ -45,12 +45,12 @@ impl Agent {
             Ok(job) => span.in_scope(|| {
                 tracing::info!(state = job.state.as_str(), exit_code = ?job.exit_code, "job ended")
             }),
-            // Refused keys are logged apart, at a bounded rate (`refused`).
-            Err(AgentError::KeyRejected(_)) => {}
+            // Logged at a bounded rate (`refused`); in the span, a key
+            // refused after its signature verified names its lease.
+            Err(AgentError::KeyRejected(reason)) => {
+                span.in_scope(|| self.note_refused_key(Some(index), reason))
+            }
             Err(error) => span.in_scope(|| tracing::info!(%error, "job refused or failed")),
-        }
-        if let Err(AgentError::KeyRejected(reason)) = &result {
-            self.note_refused_key(Some(index), reason);
         }
         result
     }

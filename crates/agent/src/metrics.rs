@@ -257,3 +257,63 @@ pub(crate) async fn serve_metrics(
         .render(&agent)
         .map_err(|error| error.to_error_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(metrics: &AgentMetrics) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn partition_usage_is_written_per_partition_and_left_out_when_none_was_read() {
+        let metrics = AgentMetrics::new();
+        assert!(!encoded(&metrics).contains("partition_cpu"));
+        let usage = PartitionUsage {
+            cpu_usage_ns: 1_500_000_000,
+            memory_bytes: 4096,
+        };
+        *metrics.usage.read.lock().unwrap() = vec![(3, usage)];
+        let text = encoded(&metrics);
+        assert!(
+            text.contains("# TYPE leasehold_agent_partition_cpu_seconds counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"leasehold_agent_partition_cpu_seconds_total{partition="3"} 1.5"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"leasehold_agent_partition_memory_bytes{partition="3"} 4096"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn known_outcomes_and_reasons_start_at_zero_and_count_up() {
+        let metrics = AgentMetrics::new();
+        let text = encoded(&metrics);
+        assert!(
+            text.contains(r#"leasehold_agent_jobs_total{outcome="timed_out"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"leasehold_agent_key_refusals_total{reason="not_yet_valid"} 0"#),
+            "{text}"
+        );
+        metrics.count_key_refusal(&KeyRejection::Expired);
+        metrics.count_job(&Err(AgentError::KeyRejected(KeyRejection::Expired)));
+        let text = encoded(&metrics);
+        assert!(
+            text.contains(r#"leasehold_agent_key_refusals_total{reason="expired"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"leasehold_agent_jobs_total{outcome="key_rejected"} 1"#),
+            "{text}"
+        );
+    }
+}
