@@ -107,7 +107,8 @@ impl Agent {
     /// Wipes a fenced partition once its stopped jobs let go of its lock.
     /// In a task of its own, so that the wipe completes even if whoever
     /// asked (the broker waiting for a notice's answer) stops waiting.
-    pub(crate) async fn wipe_when_stopped(self: &Arc<Self>, index: u32) {
+    /// `lease_id` is the lease that ended, for the log.
+    pub(crate) async fn wipe_when_stopped(self: &Arc<Self>, index: u32, lease_id: Option<u64>) {
         let agent = self.clone();
         let wipe = tokio::spawn(async move {
             let lock = agent.partition_lock(index);
@@ -118,7 +119,7 @@ impl Agent {
         if let Ok(Err(error)) = wipe.await {
             // The fence stays wiping; the next lease's first job (or the
             // next start) wipes it before anything runs.
-            tracing::warn!(partition = index, %error, "cannot wipe a released partition yet");
+            tracing::warn!(partition = index, ?lease_id, %error, "cannot wipe a released partition yet");
         }
     }
 
@@ -129,24 +130,28 @@ impl Agent {
         self: &Arc<Self>,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, AgentError> {
         let now_ms = self.config.clock.now_ms();
-        let expired: Vec<u32> = self
+        let expired: Vec<(u32, Option<u64>)> = self
             .db()
             .partitions()?
             .iter()
             .filter(|row| row.fence.key_expires_at_ms().is_some_and(|at| now_ms >= at))
-            .map(|row| row.index)
+            .map(|row| (row.index, row.fence.lease_id()))
             .collect();
         let mut wipes = Vec::new();
-        for index in expired {
+        for (index, lease_id) in expired {
             let decided = self.drive_fence(index, FenceEvent::KeyExpiryCheck)?;
             if decided.must(FenceAction::WipeWhenStopped) {
-                tracing::info!(partition = index, "the lease's key expired; fenced");
+                tracing::info!(
+                    partition = index,
+                    ?lease_id,
+                    "the lease's key expired; fenced"
+                );
                 // Not awaited: a job slow to stop must not hold up the
                 // sweep of the other partitions, nor the next poll.
                 let agent = self.clone();
-                wipes.push(tokio::spawn(
-                    async move { agent.wipe_when_stopped(index).await },
-                ));
+                wipes.push(tokio::spawn(async move {
+                    agent.wipe_when_stopped(index, lease_id).await
+                }));
             }
         }
         Ok(wipes)

@@ -84,6 +84,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/agent", get(info))
         .route("/v1/rights/sync", post(rights_http::sync))
+        .route("/metrics", get(crate::metrics::serve_metrics))
         .merge(lender)
         .merge(rights)
         .merge(rights_admin)
@@ -91,6 +92,10 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .merge(job_records)
         .merge(notices)
         .fallback(leasehold_service::not_found_fallback)
+        .layer(middleware::from_fn_with_state(
+            agent.metrics.http.clone(),
+            leasehold_service::http_metrics::record_http_request,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(agent)
 }

@@ -27,9 +27,30 @@ impl Agent {
         output: Option<driver::OutputSender>,
         started: Option<tokio::sync::oneshot::Sender<u64>>,
     ) -> Result<JobResult, AgentError> {
-        let result = self.run_job_with_key(index, request, output, started).await;
-        if let Err(AgentError::KeyRejected(reason)) = &result {
-            self.note_refused_key(Some(index), reason);
+        use tracing::Instrument;
+        // Every line logged while the job is handled carries its lease and
+        // job ids (recorded once known) through this span.
+        let span = tracing::info_span!(
+            "job",
+            partition = index,
+            lease_id = tracing::field::Empty,
+            job_id = tracing::field::Empty
+        );
+        let result = self
+            .run_job_with_key(index, request, output, started)
+            .instrument(span.clone())
+            .await;
+        self.metrics.count_job(&result);
+        match &result {
+            Ok(job) => span.in_scope(|| {
+                tracing::info!(state = job.state.as_str(), exit_code = ?job.exit_code, "job ended")
+            }),
+            // Logged at a bounded rate (`refused`); in the span, a key
+            // refused after its signature verified names its lease.
+            Err(AgentError::KeyRejected(reason)) => {
+                span.in_scope(|| self.note_refused_key(Some(index), reason))
+            }
+            Err(error) => span.in_scope(|| tracing::info!(%error, "job refused or failed")),
         }
         result
     }
@@ -44,6 +65,7 @@ impl Agent {
         let claims = self
             .verify_key_for_partition(index, &request.lease_key)
             .await?;
+        tracing::Span::current().record("lease_id", claims.lease_id);
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
         let decided = self.drive_fence(
@@ -61,6 +83,7 @@ impl Agent {
             self.build_for_lease(&spec, &claims)?;
         }
         let job = self.register_job(index, &claims, &request.command)?;
+        tracing::Span::current().record("job_id", job.job_id);
         if let Some(started) = started {
             let _ = started.send(job.job_id);
         }

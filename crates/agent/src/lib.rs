@@ -10,6 +10,7 @@ mod http;
 pub mod images;
 mod job_run;
 mod lender_check;
+mod metrics;
 mod notices;
 pub mod owner_cgroup;
 pub mod owner_load;
@@ -67,6 +68,9 @@ pub struct AgentConfig {
     /// With `--group`: this host's usage rights are managed in a share
     /// group (seed 004); `None` leaves rights out.
     pub rights: Option<rights::RightsConfig>,
+    /// Serve `/metrics` without a token (`--metrics-public`); otherwise
+    /// only the host's lender may read it.
+    pub metrics_public: bool,
 }
 
 /// The least time between two fetches of the broker's keys prompted by a
@@ -104,6 +108,8 @@ pub(crate) struct Agent {
     /// The owner's load and the last guarantee the broker answered.
     sampler: sampling::Sampler,
     pub rights: Option<rights::RightsManager>,
+    /// This agent's own metrics registry (`/metrics`).
+    metrics: metrics::AgentMetrics,
 }
 
 /// An agent that is serving.
@@ -360,6 +366,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         admin_check: lender_check::LenderCheck::default(),
         sampler,
         rights,
+        metrics: metrics::AgentMetrics::new(),
     });
     match agent.register_and_reconcile(&advertise).await {
         Ok(mut notes) => reconciled.append(&mut notes),
@@ -746,6 +753,7 @@ impl Agent {
     }
 
     pub(crate) fn note_refused_key(&self, partition: Option<u32>, reason: &KeyRejection) {
+        self.metrics.count_key_refusal(reason);
         self.refused_keys
             .note(partition, reason, self.config.clock.now_ms());
     }

@@ -34,7 +34,7 @@ impl Agent {
             },
         )?;
         if decided.must(FenceAction::WipeWhenStopped) {
-            self.wipe_when_stopped(index).await;
+            self.wipe_when_stopped(index, Some(claims.lease_id)).await;
         }
         Ok(())
     }

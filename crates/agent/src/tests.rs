@@ -152,6 +152,7 @@ fn harness(partitions: &[u32]) -> Harness {
         client_trust: Default::default(),
         sampling: Default::default(),
         rights: None,
+        metrics_public: false,
     };
     let mut db = AgentDb::open(&dir.path().join("agent.db")).unwrap();
     for vcpus in partitions {
@@ -174,6 +175,7 @@ fn harness(partitions: &[u32]) -> Harness {
         admin_check: crate::lender_check::LenderCheck::default(),
         sampler: crate::sampling::Sampler::with_trace(None, 1_000),
         rights: None,
+        metrics: crate::metrics::AgentMetrics::new(),
     });
     Harness {
         _dir: dir,

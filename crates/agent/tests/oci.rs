@@ -945,3 +945,29 @@ async fn a_restart_keeps_each_partitions_cores_and_a_removed_partition_frees_the
     restarted.wipe(2).unwrap();
     restarted.wipe(3).unwrap();
 }
+
+/// `/metrics` reads a built partition's CPU time and memory from its
+/// cgroup; an unbuilt or wiped partition has none to read.
+#[tokio::test]
+async fn usage_of_a_built_partition_is_read_from_its_cgroup_and_gone_after_the_wipe() {
+    require_oci!();
+    let f = fixture();
+    let p = partition(3, 64, 100);
+    assert_eq!(f.driver.usage_of(3), None);
+    let out = run(
+        &f.driver,
+        &p,
+        "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done",
+        None,
+    )
+    .await;
+    assert_eq!(out.end, JobEnd::Exited(0));
+    let usage = f
+        .driver
+        .usage_of(3)
+        .expect("a built partition has a cgroup");
+    assert!(usage.cpu_usage_ns > 0, "{usage:?}");
+    assert_eq!(f.driver.usage_of(4), None);
+    f.driver.wipe(3).unwrap();
+    assert_eq!(f.driver.usage_of(3), None);
+}

@@ -181,6 +181,7 @@ fn agent_config(dir: &std::path::Path, broker_url: String, clock: &SimulatedCloc
             ..SamplingConfig::default()
         },
         rights: None,
+        metrics_public: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn broker_config(data_dir: PathBuf, listen: SocketAddr, clock: &SimulatedClock) 
         store_layer: None,
         plan_policy: Default::default(),
         run_planner: false,
+        metrics_public: false,
     }
 }
 
@@ -75,6 +76,7 @@ fn agent_config(data_dir: PathBuf, broker_url: String, lender_token: String) -> 
         client_trust: Default::default(),
         sampling: Default::default(),
         rights: None,
+        metrics_public: false,
     }
 }
 

@@ -123,9 +123,14 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/v1/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/v1/broker", get(broker_info))
+        .route("/metrics", get(crate::metrics::serve_metrics))
         .merge(authenticated)
         .merge(crate::ui::router(dashboard))
         .fallback(leasehold_service::not_found_fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            app.metrics.http.clone(),
+            leasehold_service::http_metrics::record_http_request,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(app)
 }
@@ -185,7 +190,10 @@ pub(crate) fn err(error: BrokerError) -> ErrorResponse {
     error.to_error_response()
 }
 
-fn authenticate(app: &AppState, headers: &HeaderMap) -> Result<Principal, ErrorResponse> {
+pub(crate) fn authenticate(
+    app: &AppState,
+    headers: &HeaderMap,
+) -> Result<Principal, ErrorResponse> {
     let token = bearer_token(headers).ok_or_else(|| err(BrokerError::Unauthorized))?;
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     state
@@ -488,6 +496,7 @@ async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answ
             format!("{limit} is out of range; must be between 1 and {MAX_FIND_LIMIT}"),
         ))));
     }
+    let search_started = std::time::Instant::now();
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     // Readers see the committed table only: no batch's changes on top.
     let committed = TableView::new(&state, &NO_UNCOMMITTED_CHANGES);
@@ -502,6 +511,7 @@ async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answ
     let explanation = offers
         .is_empty()
         .then(|| committed.explain(&request.requirements));
+    app.metrics.observe_find(search_started.elapsed());
     Ok(Json(FindResponse {
         offers,
         explanation,

@@ -11,6 +11,7 @@ pub mod error;
 mod groups;
 mod http;
 mod images;
+pub mod metrics;
 mod openapi;
 mod outbox;
 mod reservations;
@@ -67,6 +68,9 @@ pub struct BrokerConfig {
     /// Whether a timer runs a planning round every interval (tests that
     /// drive rounds themselves turn it off).
     pub run_planner: bool,
+    /// Serve `/metrics` without a token (`--metrics-public`); otherwise
+    /// only the admin may read it.
+    pub metrics_public: bool,
 }
 
 /// A function that wraps the writer's store in another `BrokerStore`.
@@ -85,6 +89,8 @@ pub(crate) struct AppState {
     pub published_keys: Vec<leasehold_api::BrokerPublicKey>,
     pub config: BrokerConfig,
     pub images: Option<images::ImageResolver>,
+    /// This broker's own metrics registry (`/metrics`).
+    pub metrics: Arc<metrics::BrokerMetrics>,
 }
 
 /// A broker that is serving.
@@ -248,7 +254,8 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         key: keys.current().clone(),
         key_id: keys.current_id().to_string(),
     });
-    let writer = start_writer_and_outbox(db, state.clone(), signer, &config)?;
+    let metrics = Arc::new(metrics::BrokerMetrics::new());
+    let writer = start_writer_and_outbox(db, state.clone(), signer, &config, metrics.clone())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| BrokerError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -268,6 +275,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         signing_key_id: keys.current_id().to_string(),
         published_keys: keys.published().to_vec(),
         config,
+        metrics,
     });
     reservations::spawn_planner(app.clone());
     let server = leasehold_service::ServerHandle::spawn_with_tls(
@@ -291,6 +299,7 @@ fn start_writer_and_outbox(
     state: Arc<RwLock<BrokerState>>,
     signer: Arc<outbox::NoticeSigner>,
     config: &BrokerConfig,
+    metrics: Arc<metrics::BrokerMetrics>,
 ) -> Result<Writer, BrokerError> {
     // One connection pool for every call to agents: no redirects, bounded
     // time and answer size, since a lender chooses the URL.
@@ -308,6 +317,7 @@ fn start_writer_and_outbox(
         signer,
         tokio::runtime::Handle::current(),
         on_effect,
+        metrics,
     );
     outbox::spawn_deliverer(
         outbox::Deliverer {
@@ -330,9 +340,13 @@ fn effect_handler(
     outbox: outbox::OutboxSender,
 ) -> Arc<dyn Fn(Effect) + Send + Sync> {
     Arc::new(move |effect| match effect {
-        Effect::NotifyAgent { agent_url, notice } => {
+        Effect::NotifyAgent {
+            agent_url,
+            notice,
+            lease_id,
+        } => {
             let client = notifier.with_base_url(&agent_url);
-            tokio::spawn(async move { deliver_notice(client, notice).await });
+            tokio::spawn(async move { deliver_notice(client, notice, lease_id).await });
         }
         Effect::DeliverReleaseNotice(pending) => {
             // Only fails when the deliverer is gone (shutting down); the row
@@ -345,12 +359,12 @@ fn effect_handler(
 /// Delivers a lease-started notice, retrying a few times. One that cannot be
 /// delivered is not fatal: the agent adopts a newer lease from its key, and
 /// learns the current leases from the broker when it starts.
-async fn deliver_notice(client: leasehold_api::Client, notice: String) {
+async fn deliver_notice(client: leasehold_api::Client, notice: String, lease_id: u64) {
     for attempt in 0..4u64 {
         match client.send_notice(&notice).await {
             Ok(_) => return,
             Err(error) => {
-                tracing::warn!(agent = client.base_url(), attempt, %error, "cannot deliver a notice to the agent");
+                tracing::warn!(lease_id, agent = client.base_url(), attempt, %error, "cannot deliver a lease-started notice to the agent");
                 tokio::time::sleep(std::time::Duration::from_millis(200 * (1 << (attempt * 2))))
                     .await;
             }

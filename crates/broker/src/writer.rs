@@ -9,6 +9,7 @@
 //! see committed state only.
 
 use crate::error::BrokerError;
+use crate::metrics::BrokerMetrics;
 use crate::outbox::NoticeSigner;
 use crate::state::{table_from_snapshot, BrokerState};
 use leasehold_core::command::{check_releaser, decide, BrokerCommand, Outcome, Refusal};
@@ -36,7 +37,11 @@ const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 10 * 60 * 1000;
 #[derive(Debug)]
 pub enum Effect {
     /// Tell an agent about a new lease on one of its partitions, best-effort.
-    NotifyAgent { agent_url: String, notice: String },
+    NotifyAgent {
+        agent_url: String,
+        notice: String,
+        lease_id: LeaseId,
+    },
     /// Deliver a release notice whose outbox row is in the committed batch.
     DeliverReleaseNotice(Box<crate::outbox::PendingNotice>),
 }
@@ -70,6 +75,7 @@ struct WriterThread {
     signer: Arc<NoticeSigner>,
     on_effect: Arc<dyn Fn(Effect) + Send + Sync>,
     next_prune_ms: u64,
+    metrics: Arc<BrokerMetrics>,
 }
 
 /// One batch being decided: the changes not committed yet and what each
@@ -92,6 +98,7 @@ impl Writer {
         signer: Arc<NoticeSigner>,
         runtime: tokio::runtime::Handle,
         on_effect: Arc<dyn Fn(Effect) + Send + Sync>,
+        metrics: Arc<BrokerMetrics>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         let (sender, mut receiver) = mpsc::channel::<Request>(QUEUE_CAPACITY);
         let mut thread = WriterThread {
@@ -101,6 +108,7 @@ impl Writer {
             signer,
             on_effect,
             next_prune_ms: 0,
+            metrics,
         };
         let handle = std::thread::Builder::new()
             .name("leasehold-writer".into())
@@ -139,6 +147,7 @@ impl Writer {
 impl WriterThread {
     fn run_batch(&mut self, requests: Vec<Request>) {
         let now_ms = self.clock.now_ms();
+        let commands = requests.len();
         let mut batch = Batch::default();
         {
             // Readers share this lock; only this thread ever writes.
@@ -149,10 +158,15 @@ impl WriterThread {
                 batch.answers.push((request.reply, answer));
             }
         }
+        let commit_started = std::time::Instant::now();
         let commit = if batch.writes.is_empty() {
+            self.metrics.observe_commit(commands, None);
             Ok(())
         } else {
-            self.db.apply(&batch.writes)
+            let committed = self.db.apply(&batch.writes);
+            self.metrics
+                .observe_commit(commands, Some(commit_started.elapsed()));
+            committed
         };
         match commit {
             Ok(()) => self.publish(batch),
@@ -255,6 +269,7 @@ impl WriterThread {
                 batch.effects.push(Effect::NotifyAgent {
                     agent_url: agent_url.clone(),
                     notice: self.signer.sign(lease, NoticeKind::LeaseStarted),
+                    lease_id: lease.lease_id,
                 });
                 None
             }
@@ -306,6 +321,8 @@ impl WriterThread {
             }
         }
         for (reply, answer) in batch.answers {
+            self.metrics.count_answer(&answer);
+            log_lease_change(&answer);
             if let Some(reply) = reply {
                 let _ = reply.send(answer);
             }
@@ -321,6 +338,7 @@ impl WriterThread {
     /// epochs the batch used are never handed out again.
     fn discard(&mut self, batch: Batch, error: leasehold_store::StoreError) {
         tracing::error!(%error, "commit failed; reloading the resource table from the database");
+        self.metrics.count_commit_failure();
         let reloaded = self
             .db
             .load()
@@ -346,6 +364,28 @@ impl WriterThread {
                 ))));
             }
         }
+    }
+}
+
+/// A committed lease or release, one line each with the lease's id.
+fn log_lease_change(answer: &Result<Committed, BrokerError>) {
+    match answer {
+        Ok(Committed {
+            outcome: Outcome::Leased { lease, .. },
+            ..
+        }) => {
+            tracing::info!(lease_id = lease.lease_id, partition = %lease.partition, "lease started")
+        }
+        Ok(Committed {
+            outcome: Outcome::Released { lease, bill, .. },
+            ..
+        }) => tracing::info!(
+            lease_id = lease.lease_id,
+            partition = %lease.partition,
+            charge_micros = bill.charge_micros,
+            "lease released"
+        ),
+        _ => {}
     }
 }
 

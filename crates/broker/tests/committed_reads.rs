@@ -130,6 +130,7 @@ async fn gated_broker(partitions: u32) -> GatedBroker {
         store_layer: Some(layer),
         plan_policy: Default::default(),
         run_planner: false,
+        metrics_public: false,
     })
     .await
     .unwrap();

@@ -46,6 +46,7 @@ fn config(data_dir: std::path::PathBuf, clock: &SimulatedClock) -> BrokerConfig 
             ..PlanPolicy::default()
         },
         run_planner: false,
+        metrics_public: false,
     }
 }
 

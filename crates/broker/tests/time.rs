@@ -45,6 +45,7 @@ fn broker_config(data_dir: std::path::PathBuf, clock: &SimulatedClock) -> Broker
         store_layer: None,
         plan_policy: Default::default(),
         run_planner: false,
+        metrics_public: false,
     }
 }
 

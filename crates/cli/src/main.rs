@@ -7,6 +7,7 @@
 //! own exit code (124 when it timed out, like `timeout(1)`).
 
 mod images;
+mod logging;
 mod reservations;
 mod rights;
 mod serve;
@@ -152,6 +153,12 @@ enum Command {
     /// Run a reservation scenario file through the planner on a simulated
     /// clock, printing the pools, hosts and warnings at each step.
     Simulate(simulate::SimulateArgs),
+    /// Print a shell completion script: `source <(leasehold completions
+    /// bash)`, or save it where your shell loads completions from.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// An http(s) URL, so a mistyped one fails here with a clear message
@@ -221,17 +228,18 @@ fn main() {
             }
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
-        // Warnings, plus the agent's and the image cache's progress notes
-        // (image downloads), which an operator wants to see.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("warn,leasehold_agent=info,leasehold_images=info")
-        });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let log_format = match &cli.command {
+        Command::Up(args) => args.operator.log_format,
+        Command::Broker(args) => args.operator.log_format,
+        Command::Agent(args) => args.operator.log_format,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "leasehold", &mut std::io::stdout());
+            std::process::exit(0);
+        }
+        _ => logging::LogFormat::Text,
+    };
+    logging::init(log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -271,6 +279,7 @@ fn main() {
             Command::Rights(command) => rights::rights(&global, command).await,
             Command::Group(command) => rights::group(&global, command).await,
             Command::Simulate(args) => simulate::simulate(&global, args),
+            Command::Completions { .. } => Ok(0),
         };
         match result {
             Ok(code) => code,

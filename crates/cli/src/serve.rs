@@ -180,6 +180,8 @@ pub struct BrokerArgs {
     pub plan: PlanArgs,
     #[command(flatten)]
     pub clock: ClockArgs,
+    #[command(flatten)]
+    pub operator: crate::logging::OperatorArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -417,6 +419,8 @@ pub struct AgentArgs {
     pub shape: HostShape,
     #[command(flatten)]
     pub clock: ClockArgs,
+    #[command(flatten)]
+    pub operator: crate::logging::OperatorArgs,
 }
 
 #[derive(Args)]
@@ -459,6 +463,8 @@ pub struct UpArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub clock: ClockArgs,
+    #[command(flatten)]
+    pub operator: crate::logging::OperatorArgs,
 }
 
 fn durability(text: &str) -> Durability {
@@ -609,6 +615,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         store_layer: None,
         plan_policy: args.plan.policy(),
         run_planner: true,
+        metrics_public: args.operator.metrics_public,
     })
     .await
     .context("failed to start the broker")?;
@@ -699,6 +706,7 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         client_trust: global.server_trust.clone(),
         sampling: args.sampling.config(),
         rights: args.group.config(&args.data_dir)?,
+        metrics_public: args.operator.metrics_public,
     })
     .await
     .context("failed to start the agent")?;
@@ -917,6 +925,7 @@ async fn start_up_agent(
         client_trust: tls.client_trust.clone(),
         sampling: args.sampling.config(),
         rights: None,
+        metrics_public: args.operator.metrics_public,
     })
     .await
     .context("failed to start the local agent")?;
@@ -999,6 +1008,7 @@ async fn start_up_broker(
         store_layer: None,
         plan_policy: args.plan.policy(),
         run_planner: true,
+        metrics_public: args.operator.metrics_public,
     })
     .await
     .context("failed to start the broker")

@@ -11,6 +11,7 @@ use leasehold_api::{ErrorBody, ErrorDetail, IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
+pub mod http_metrics;
 pub mod tls;
 pub use tls::{ServerTls, TlsError};
 

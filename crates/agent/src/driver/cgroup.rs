@@ -296,6 +296,29 @@ impl Cgroups {
         }
     }
 
+    /// What a partition uses now: its CPU time and the memory charged to
+    /// it, read from its cgroup at the time of asking; `None` when the
+    /// partition has no cgroup (not built, or wiped).
+    pub fn usage(&self, name: &str) -> Option<super::PartitionUsage> {
+        let relative = format!("{ROOT_GROUP}/{name}");
+        let read_number = |path: PathBuf| -> Option<u64> { read_trimmed(&path).ok()?.parse().ok() };
+        match self {
+            Cgroups::V1 { .. } => Some(super::PartitionUsage {
+                cpu_usage_ns: read_number(self.v1("cpuacct", &relative).join("cpuacct.usage"))?,
+                memory_bytes: read_number(
+                    self.v1("memory", &relative).join("memory.usage_in_bytes"),
+                )?,
+            }),
+            Cgroups::V2 { root } => {
+                let group = root.join(&relative);
+                Some(super::PartitionUsage {
+                    cpu_usage_ns: read_keyed(&group.join("cpu.stat"), "usage_usec")? * 1000,
+                    memory_bytes: read_number(group.join("memory.current"))?,
+                })
+            }
+        }
+    }
+
     /// Removes a partition's cgroup (and any job cgroups left in it).
     pub fn remove_partition(&self, name: &str) -> io::Result<()> {
         let relative = format!("{ROOT_GROUP}/{name}");
@@ -366,4 +389,55 @@ fn create_partition_v2(root: &Path, relative: &str, limits: &PartitionLimits) ->
     // Jobs are children: the partition itself holds no processes.
     write(&group.join("cgroup.subtree_control"), &enable)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+    use crate::driver::PartitionUsage;
+
+    fn write_file(path: PathBuf, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn v2_usage_reads_cpu_time_and_current_memory_and_none_without_a_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        let cgroups = Cgroups::V2 {
+            root: root.path().to_path_buf(),
+        };
+        assert_eq!(cgroups.usage("agent-p1"), None);
+        let group = root.path().join(ROOT_GROUP).join("agent-p1");
+        write_file(group.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\n");
+        write_file(group.join("memory.current"), "4096\n");
+        let expected = PartitionUsage {
+            cpu_usage_ns: 1_500_000,
+            memory_bytes: 4096,
+        };
+        assert_eq!(cgroups.usage("agent-p1"), Some(expected));
+    }
+
+    #[test]
+    fn v1_usage_reads_cpuacct_and_the_memory_controller() {
+        let root = tempfile::tempdir().unwrap();
+        let mounts: HashMap<String, PathBuf> = ["cpuacct", "memory"]
+            .map(|name| (name.to_string(), root.path().join(name)))
+            .into();
+        let cgroups = Cgroups::V1 {
+            mounts,
+            all_mounts: Vec::new(),
+        };
+        assert_eq!(cgroups.usage("agent-p2"), None);
+        let relative = format!("{ROOT_GROUP}/agent-p2");
+        let cpuacct = root.path().join("cpuacct").join(&relative);
+        write_file(cpuacct.join("cpuacct.usage"), "2000000000\n");
+        let memory = root.path().join("memory").join(&relative);
+        write_file(memory.join("memory.usage_in_bytes"), "8192\n");
+        let expected = PartitionUsage {
+            cpu_usage_ns: 2_000_000_000,
+            memory_bytes: 8192,
+        };
+        assert_eq!(cgroups.usage("agent-p2"), Some(expected));
+    }
 }

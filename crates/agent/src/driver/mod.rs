@@ -88,6 +88,15 @@ pub struct JobOutcome {
     pub oom_killed: bool,
 }
 
+/// What a partition's jobs use now, read from its cgroup (`/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionUsage {
+    /// CPU time used since the partition's cgroup was made.
+    pub cpu_usage_ns: u64,
+    /// Memory charged to the partition now (page cache included).
+    pub memory_bytes: u64,
+}
+
 pub trait PartitionDriver: Send + Sync + 'static {
     /// The name shown to users (`process`, `sim`, ...).
     fn name(&self) -> &'static str;
@@ -111,6 +120,11 @@ pub trait PartitionDriver: Send + Sync + 'static {
     }
     /// At start: the cores each partition had, as the agent kept them.
     fn restore_cores(&self, _kept: &[(u32, Vec<u32>)]) {}
+    /// What a built partition uses now, when the driver can measure it
+    /// (`None`: not built, or a driver without partition cgroups).
+    fn usage_of(&self, _index: u32) -> Option<PartitionUsage> {
+        None
+    }
     /// Cleans up what a crash of the agent left behind; says what it did.
     fn reconcile(&self) -> Vec<String> {
         Vec::new()

@@ -652,6 +652,10 @@ impl PartitionDriver for OciDriver {
         Ok(())
     }
 
+    fn usage_of(&self, index: u32) -> Option<super::PartitionUsage> {
+        self.cgroups.usage(&self.group_name(index))
+    }
+
     fn cores_of(&self, index: u32) -> Option<Vec<u32>> {
         self.core_assignments
             .lock()

@@ -56,6 +56,7 @@ async fn main() -> Result<()> {
         store_layer: None,
         plan_policy: Default::default(),
         run_planner: false,
+        metrics_public: false,
         data_dir: dir.path().join("broker"),
         listen: "127.0.0.1:0".parse()?,
         durability: leasehold_store::Durability::Full,
@@ -169,6 +170,7 @@ async fn start_oci_agent(
         client_trust: Default::default(),
         sampling: Default::default(),
         rights: None,
+        metrics_public: false,
     })
     .await?)
 }

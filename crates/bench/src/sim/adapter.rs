@@ -351,6 +351,7 @@ async fn start_broker(
         store_layer: Some(faults.layer(incarnation)),
         plan_policy: Default::default(),
         run_planner: false,
+        metrics_public: false,
     })
     .await
     .map_err(|e| format!("cannot start the broker: {e}"))

@@ -50,6 +50,7 @@ pub async fn market() -> Market {
         store_layer: None,
         plan_policy: Default::default(),
         run_planner: false,
+        metrics_public: false,
     })
     .await
     .unwrap();
