@@ -44,6 +44,11 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/rights/request", post(rights_http::request))
         .route("/v1/rights/release", post(rights_http::release))
         .route("/v1/rights/transfer", post(rights_http::transfer))
+        .route_layer(middleware::from_fn_with_state(
+            agent.clone(),
+            require_rights_manager,
+        ));
+    let group = Router::new()
         .route("/v1/group/hosts", post(rights_http::add_host))
         .route(
             "/v1/group/hosts/{host_id}",
@@ -87,6 +92,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/metrics", get(crate::metrics::serve_metrics))
         .merge(lender)
         .merge(rights)
+        .merge(group)
         .merge(rights_admin)
         .merge(jobs)
         .merge(job_records)
@@ -135,6 +141,29 @@ async fn require_lender_or_admin(
 ) -> Result<Response, ErrorResponse> {
     let allowed = match bearer_token(request.headers()) {
         Some(token) => agent.is_lender(token).await || agent.is_admin(token).await,
+        None => false,
+    };
+    if allowed {
+        Ok(next.run(request).await)
+    } else {
+        Err(err(AgentError::Unauthorized))
+    }
+}
+
+/// Reading the rights table, requests, releases and transfers: this host's
+/// lender, an admin, or the manager of another host of the share group
+/// (its host credential: managers forward orders to the primary).
+async fn require_rights_manager(
+    State(agent): App,
+    request: Request,
+    next: Next,
+) -> Result<Response, ErrorResponse> {
+    let allowed = match bearer_token(request.headers()) {
+        Some(token) => {
+            agent.is_lender(token).await
+                || agent.is_admin(token).await
+                || agent.is_group_peer(token).await
+        }
         None => false,
     };
     if allowed {

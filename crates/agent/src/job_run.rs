@@ -78,6 +78,13 @@ impl Agent {
             },
         )?;
         let spec = self.partition_for_lease(index, &claims)?;
+        if let Some(rights) = &self.rights {
+            // Seed 004: a lease of more vCPUs than the partition has
+            // modules active first requests the rights for them.
+            rights
+                .ensure_active(index, spec.terms.vcpus, &self.config.lender_token)
+                .await?;
+        }
         let image = pick_image(&spec, request.image.as_deref())?;
         if decided.must(FenceAction::Build) {
             self.build_for_lease(&spec, &claims)?;

@@ -105,6 +105,9 @@ pub(crate) struct Agent {
     lender_check: lender_check::LenderCheck,
     /// The broker's answers about tokens offered as an admin's (rights).
     admin_check: lender_check::LenderCheck,
+    /// The broker's answers about tokens offered by the managers of the
+    /// share group's other hosts (their host credentials).
+    peer_check: lender_check::LenderCheck,
     /// The owner's load and the last guarantee the broker answered.
     sampler: sampling::Sampler,
     pub rights: Option<rights::RightsManager>,
@@ -364,6 +367,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         refused_keys: refused::RefusedKeyLog::default(),
         lender_check: lender_check::LenderCheck::default(),
         admin_check: lender_check::LenderCheck::default(),
+        peer_check: lender_check::LenderCheck::default(),
         sampler,
         rights,
         metrics: metrics::AgentMetrics::new(),
@@ -584,6 +588,17 @@ impl Agent {
             .capacity
             .admits(others, terms)
             .map_err(|e| FieldError::new(format!("terms.{}", e.field), e.problem))?;
+        if let Some(rights) = &self.rights {
+            // Seed 004: a partition is offered with at most as many vCPUs
+            // as its host can activate.
+            let held = rights.host_rights_now();
+            if terms.vcpus > held {
+                return Err(AgentError::Invalid(FieldError::new(
+                    "terms.vcpus",
+                    format!("{} is more than the {held} cores this host holds usage rights for; get rights first (leasehold rights request or grant)", terms.vcpus),
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -727,6 +742,42 @@ impl Agent {
                 };
                 if let Some(is_admin) = answer {
                     self.admin_check.remember(token, is_admin, now_ms);
+                }
+                answer.unwrap_or(false)
+            }
+        }
+    }
+
+    /// Whether `token` is the credential of another host of this host's
+    /// share group, of the same lender: the group's managers forward
+    /// requests and transfers to the primary with their own credential.
+    pub(crate) async fn is_group_peer(&self, token: &str) -> bool {
+        let Some(rights) = &self.rights else {
+            return false;
+        };
+        let now_ms = self.config.clock.now_ms();
+        match self.peer_check.verdict(token, now_ms) {
+            lender_check::Verdict::Known(answer) => answer,
+            lender_check::Verdict::Refuse => false,
+            lender_check::Verdict::AskBroker => {
+                let own = self.broker.whoami().await.ok();
+                let theirs = self
+                    .broker
+                    .with_token(Some(token.to_string()))
+                    .whoami()
+                    .await;
+                let members = rights.copy().map(|(g, _)| g.hosts).unwrap_or_default();
+                let answer = match (own, theirs) {
+                    (Some(own), Ok(who)) => Some(
+                        who.role == leasehold_api::Role::Lender
+                            && who.name == own.name
+                            && who.host_scope.is_some_and(|h| members.contains_key(&h)),
+                    ),
+                    (_, Err(error)) if error.status() == Some(401) => Some(false),
+                    _ => None,
+                };
+                if let Some(is_peer) = answer {
+                    self.peer_check.remember(token, is_peer, now_ms);
                 }
                 answer.unwrap_or(false)
             }

@@ -173,6 +173,7 @@ fn harness(partitions: &[u32]) -> Harness {
         refused_keys: crate::refused::RefusedKeyLog::default(),
         lender_check: crate::lender_check::LenderCheck::default(),
         admin_check: crate::lender_check::LenderCheck::default(),
+        peer_check: crate::lender_check::LenderCheck::default(),
         sampler: crate::sampling::Sampler::with_trace(None, 1_000),
         rights: None,
         metrics: crate::metrics::AgentMetrics::new(),

@@ -148,6 +148,59 @@ async fn a_partition_borrows_rights_from_another_host_and_none_is_created_or_los
         owned(&unchanged, "server-1") + owned(&unchanged, "server-n"),
         7
     );
+    // The market respects the rights: no partition of more vCPUs than the
+    // host holds rights for...
+    let add = |vcpus: &str| {
+        cli(
+            &cluster.broker_url,
+            Some(&lender),
+            &[
+                "host",
+                "add",
+                "--agent",
+                &first,
+                "--vcpus",
+                vcpus,
+                "--cpu-cap",
+                "100",
+                "--memory-mib",
+                "256",
+                "--disk-gib",
+                "1",
+                "--image",
+                "busybox",
+                "--price-per-hour",
+                "0.10",
+                "--output",
+                "json",
+            ],
+        )
+    };
+    let too_big = add("4");
+    assert_ne!(too_big.code, 0);
+    assert!(too_big.stderr.contains("terms.vcpus"), "{}", too_big.stderr);
+    // ...and a job on a partition without active modules first gets them.
+    let idle = add("1");
+    assert_eq!(idle.code, 0, "{}", idle.stderr);
+    let idle_index = idle.json()["partition"]["index"].as_u64().unwrap();
+    let (borrower, _) = cluster.borrower("b").await;
+    let name = format!("server-1/{idle_index}");
+    let leased = cli(
+        &cluster.broker_url,
+        Some(&borrower),
+        &["lease", &name, "--allow-unisolated", "--output", "json"],
+    );
+    assert_eq!(leased.code, 0, "{}", leased.stderr);
+    let lease_id = leased.json()["lease_id"].as_u64().unwrap().to_string();
+    let ran = cli(
+        &cluster.broker_url,
+        Some(&borrower),
+        &["run", "--lease", &lease_id, "--", "true"],
+    );
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let after = run(&lender, &["rights", "show"]).json();
+    assert_eq!(row(&after, "server-1", idle_index)["modules_active"], 1);
+    assert_eq!(owned(&after, "server-1"), 3, "lent inside the host");
     // The ledger audits every movement: balanced, and the hosts' accounts
     // hold what the table says.
     let ledger = cli(

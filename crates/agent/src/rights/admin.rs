@@ -66,6 +66,37 @@ impl RightsManager {
         })
     }
 
+    /// Rights this host holds now, in all its partitions (from the copy).
+    pub(crate) fn host_rights_now(&self) -> u32 {
+        let now_ms = self.clock.now_ms();
+        self.copy()
+            .and_then(|(group, _)| group.hosts.get(&self.host_id).map(|h| h.rights(now_ms)))
+            .unwrap_or(0)
+    }
+
+    /// Makes sure `index` has `vcpus` modules active before a job runs
+    /// there, requesting the missing rights (inside the host first).
+    pub(crate) async fn ensure_active(
+        &self,
+        index: u32,
+        vcpus: u32,
+        own_token: &str,
+    ) -> Result<(), AgentError> {
+        let (group, _) = self.fresh().await?;
+        let active = group
+            .hosts
+            .get(&self.host_id)
+            .and_then(|h| h.partitions.get(&index))
+            .map_or(0, |p| p.active);
+        if active >= vcpus {
+            return Ok(());
+        }
+        let slot = Slot::new(self.host_id.clone(), index);
+        self.request(slot, vcpus - active, own_token)
+            .await
+            .map(|_| ())
+    }
+
     /// A partition the lender added joins this host's rows, with no rights.
     pub(crate) async fn partition_added(&self, index: u32) -> Result<(), AgentError> {
         let host_id = self.host_id.clone();
