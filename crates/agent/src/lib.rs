@@ -372,6 +372,19 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         rights,
         metrics: metrics::AgentMetrics::new(),
     });
+    if let Some(rights) = &agent.rights {
+        // Modules on and off are the driver's: cpusets with `oci`.
+        let weak = Arc::downgrade(&agent);
+        rights.set_actuator(Box::new(move |index, active| {
+            let Some(agent) = weak.upgrade() else { return };
+            if index == rights::OWNER_SHARE {
+                return;
+            }
+            if let Err(error) = agent.driver.set_active_modules(index, active) {
+                tracing::warn!(%error, index, active, "could not switch the partition's modules");
+            }
+        }));
+    }
     match agent.register_and_reconcile(&advertise).await {
         Ok(mut notes) => reconciled.append(&mut notes),
         Err(AgentError::BrokerUnreachable(error)) => {

@@ -971,3 +971,39 @@ async fn usage_of_a_built_partition_is_read_from_its_cgroup_and_gone_after_the_w
     f.driver.wipe(3).unwrap();
     assert_eq!(f.driver.usage_of(3), None);
 }
+
+/// Seed 004: modules (cores) go off and on under a running job, live: the
+/// job sees its CPU count change.
+#[tokio::test]
+async fn a_running_job_sees_its_cpu_count_follow_the_active_modules() {
+    require_oci!();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        eprintln!("skipped: needs 2 cores to take one away, this machine has {cores}");
+        return;
+    }
+    let f = fixture();
+    let before = make_fifo(&f, 4, "before").await;
+    let go = make_fifo(&f, 4, "go").await;
+    let after = make_fifo(&f, 4, "after").await;
+    let mut p = partition(4, 128, 100);
+    p.terms.vcpus = 2;
+    let driver = Arc::new(f.driver_clone());
+    let (job, cancel) = long_job(
+        driver.clone(),
+        &p,
+        "nproc > /work/before; cat /work/go > /dev/null; nproc > /work/after; exec sleep 600",
+    );
+    assert_eq!(wait_for(before).await.trim(), "2");
+    driver.set_active_modules(4, 1).unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(go, "go\n").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(wait_for(after).await.trim(), "1", "one module went off");
+    // And back on: a job started now gets both.
+    driver.set_active_modules(4, 2).unwrap();
+    let _ = cancel.send(true);
+    job.await.unwrap();
+    let out = run(&f.driver, &p, "nproc", None).await;
+    assert_eq!(out.stdout.trim(), "2");
+}

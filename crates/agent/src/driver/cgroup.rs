@@ -239,6 +239,37 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Sets, live, the cores a partition's processes run on: its cgroup's
+    /// cpuset and its jobs' (seed 004's activation). A child's cpuset must
+    /// stay within its parent's, so the jobs change first when the set
+    /// shrinks and last when it grows. Nothing to do for a partition that
+    /// is not built.
+    pub fn set_cpus(&self, name: &str, cpus: &str) -> io::Result<()> {
+        let relative = format!("{ROOT_GROUP}/{name}");
+        let partition = self.v1("cpuset", &relative);
+        if !partition.exists() {
+            return Ok(());
+        }
+        let jobs: Vec<PathBuf> = std::fs::read_dir(&partition)?
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|entry| entry.path())
+            .collect();
+        let current = read_trimmed(&partition.join("cpuset.cpus"))?;
+        let shrinking = cpu_count(cpus) < cpu_count(&current);
+        if !shrinking {
+            write(&partition.join("cpuset.cpus"), cpus)?;
+        }
+        for job in &jobs {
+            // A job may end (and its cgroup go) meanwhile.
+            let _ = write(&job.join("cpuset.cpus"), cpus);
+        }
+        if shrinking {
+            write(&partition.join("cpuset.cpus"), cpus)?;
+        }
+        Ok(())
+    }
+
     /// Resets the peak-memory mark before a job (v1; on v2 a reset needs a
     /// recent kernel, and is tried).
     pub fn reset_peak(&self, name: &str) {
@@ -389,6 +420,20 @@ fn create_partition_v2(root: &Path, relative: &str, limits: &PartitionLimits) ->
     // Jobs are children: the partition itself holds no processes.
     write(&group.join("cgroup.subtree_control"), &enable)?;
     Ok(())
+}
+
+/// How many CPUs a cpuset list names ("0-3,6" is 5).
+pub fn cpu_count(list: &str) -> usize {
+    list.split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(|part| match part.trim().split_once('-') {
+            Some((from, to)) => match (from.parse::<usize>(), to.parse::<usize>()) {
+                (Ok(from), Ok(to)) if to >= from => to - from + 1,
+                _ => 0,
+            },
+            None => 1,
+        })
+        .sum()
 }
 
 #[cfg(test)]

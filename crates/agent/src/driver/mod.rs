@@ -34,6 +34,8 @@ pub enum DriverError {
     Start(String),
     #[error("cannot wipe partition {index}: {problem}")]
     Wipe { index: u32, problem: String },
+    #[error("cannot change partition {index}'s active cores: {problem}")]
+    Activate { index: u32, problem: String },
 }
 
 /// What a driver needs to know about a partition.
@@ -120,6 +122,14 @@ pub trait PartitionDriver: Send + Sync + 'static {
     }
     /// At start: the cores each partition had, as the agent kept them.
     fn restore_cores(&self, _kept: &[(u32, Vec<u32>)]) {}
+
+    /// Seed 004: `active` of the partition's modules (cores) are under a
+    /// usage right now. The `oci` driver narrows or widens the
+    /// partition's cpuset live; others only count (the rights manager
+    /// keeps the counts).
+    fn set_active_modules(&self, _index: u32, _active: u32) -> Result<(), DriverError> {
+        Ok(())
+    }
     /// What a built partition uses now, when the driver can measure it
     /// (`None`: not built, or a driver without partition cgroups).
     fn usage_of(&self, _index: u32) -> Option<PartitionUsage> {

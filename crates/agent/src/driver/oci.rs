@@ -656,6 +656,23 @@ impl PartitionDriver for OciDriver {
         self.cgroups.usage(&self.group_name(index))
     }
 
+    fn set_active_modules(&self, index: u32, active: u32) -> Result<(), DriverError> {
+        let Some(cores) = self.cores_of(index) else {
+            return Ok(());
+        };
+        // A cpuset cannot be empty while processes are in it: with no
+        // module active the partition keeps its first core (its jobs are
+        // only started once their modules are active).
+        let count = (active as usize).clamp(1, cores.len().max(1));
+        let cpus: Vec<String> = cores.iter().take(count).map(u32::to_string).collect();
+        self.cgroups
+            .set_cpus(&self.group_name(index), &cpus.join(","))
+            .map_err(|e| DriverError::Activate {
+                index,
+                problem: e.to_string(),
+            })
+    }
+
     fn cores_of(&self, index: u32) -> Option<Vec<u32>> {
         self.core_assignments
             .lock()

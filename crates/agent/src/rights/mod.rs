@@ -27,6 +27,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+/// The owner share's row: its cores are the host's own, not a partition's.
+pub const OWNER_SHARE: u32 = OWNER_SHARE_PARTITION;
+
 /// Tries of a compare-and-swap before giving up (each one re-reads).
 const MAX_SWAP_TRIES: u32 = 32;
 
@@ -261,7 +264,13 @@ pub struct RightsManager {
     pub(crate) peers: leasehold_api::Client,
     /// One sync at a time: a flood of pokes reads the store one by one.
     pub(crate) sync_lock: tokio::sync::Mutex<()>,
+    /// Switches a partition's modules on the host (the driver: cpusets
+    /// with `oci`), told the active count whenever it changes.
+    actuator: Mutex<Option<Actuator>>,
 }
+
+/// What switches modules on the host: (partition, modules active).
+pub type Actuator = Box<dyn Fn(u32, u32) + Send + Sync>;
 
 pub(crate) fn refusal(refusal: RightsRefusal) -> AgentError {
     AgentError::from(refusal)
@@ -294,6 +303,7 @@ impl RightsManager {
             primary_epoch: Mutex::new(0),
             peers,
             sync_lock: tokio::sync::Mutex::new(()),
+            actuator: Mutex::new(None),
         };
         let joined = manager.join_group(capacity).await;
         match joined {
@@ -483,13 +493,37 @@ impl RightsManager {
                         .collect()
                 })
                 .unwrap_or_default();
+            let changed: Vec<(u32, u32)> = wanted
+                .iter()
+                .filter(|(index, active)| applied.active.get(index) != Some(active))
+                .map(|(index, active)| (*index, *active))
+                .collect();
             applied.active = wanted;
             applied.version = version;
+            self.actuate(&changed);
         }
         RightsSyncAnswer {
             host_id: self.host_id.clone(),
             version: applied.version,
             active: applied.active.clone(),
+        }
+    }
+
+    /// Gives the manager what switches modules on this host, and has it
+    /// switch them to what the table says now.
+    pub fn set_actuator(&self, actuator: Actuator) {
+        *self.actuator.lock().unwrap_or_else(|p| p.into_inner()) = Some(actuator);
+        let applied = self.applied();
+        let all: Vec<(u32, u32)> = applied.active.into_iter().collect();
+        self.actuate(&all);
+    }
+
+    fn actuate(&self, changed: &[(u32, u32)]) {
+        let actuator = self.actuator.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(actuator) = actuator.as_ref() {
+            for (index, active) in changed {
+                actuator(*index, *active);
+            }
         }
     }
 
