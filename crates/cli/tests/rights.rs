@@ -410,3 +410,51 @@ async fn a_standby_takes_its_hosts_place_and_a_secondary_takes_over_as_primary()
     );
     assert!(table["primary_epoch"].as_u64().unwrap() > epoch, "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_federated_group_the_requesters_manager_coordinates_without_a_primary() {
+    let mut cluster = Cluster::start(&[]).await;
+    let federated = ["--group", "f", "--group-mode", "federated"];
+    let first = cluster.start_agent_with("server-1", "sim", &federated);
+    let _second = cluster.start_agent_with("server-n", "sim", &federated);
+    let granted = cli(
+        &cluster.broker_url,
+        Some(&cluster.admin_token),
+        &[
+            "rights",
+            "grant",
+            "--host",
+            "server-n",
+            "--modules",
+            "5",
+            "--agent",
+            &first,
+        ],
+    );
+    assert_eq!(granted.code, 0, "{}", granted.stderr);
+    let requested = cli(
+        &cluster.broker_url,
+        Some(&cluster.lender_token),
+        &[
+            "rights",
+            "request",
+            "--host",
+            "server-1",
+            "--partition",
+            "0",
+            "--modules",
+            "2",
+            "--agent",
+            &first,
+        ],
+    );
+    assert_eq!(requested.code, 0, "{}", requested.stderr);
+    let table = group_table(&cluster, &first);
+    assert_eq!(table["mode"], "federated");
+    assert!(table["primary_host"].is_null(), "no primary: {table}");
+    assert_eq!(table["hosts"]["server-1"]["partitions"]["0"]["active"], 2);
+    assert_eq!(
+        table["hosts"]["server-n"]["partitions"]["0"]["permanent"],
+        3
+    );
+}

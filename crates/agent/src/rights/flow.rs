@@ -90,13 +90,23 @@ impl RightsManager {
     ) -> Result<RightsOrderAnswer, AgentError> {
         // Planned on the copy (the write below decides again on the
         // stored table, and refuses a plan the table no longer allows).
-        let group = match self.copy() {
-            Some((group, _)) => group,
-            None => self.fresh().await?.0,
-        };
         let now_ms = self.clock.now_ms();
-        let plan = leasehold_core::rights::transfer::plan_request(&group, &to, modules, now_ms)
-            .map_err(super::refusal)?;
+        let planned = self.copy().and_then(|(group, _)| {
+            let plan = leasehold_core::rights::transfer::plan_request(&group, &to, modules, now_ms)
+                .ok()?;
+            Some((group, plan))
+        });
+        let (group, plan) = match planned {
+            Some(planned) => planned,
+            None => {
+                // No copy, or the copy refuses: plan on the stored table.
+                let (group, _) = self.fresh().await?;
+                let plan =
+                    leasehold_core::rights::transfer::plan_request(&group, &to, modules, now_ms)
+                        .map_err(super::refusal)?;
+                (group, plan)
+            }
+        };
         let local = plan.iter().all(|(from, _)| from.host_id == to.host_id);
         if local {
             // S580: a loan inside the host, both phases in one write.

@@ -400,13 +400,20 @@ impl RightsManager {
         for attempt in 0..MAX_SWAP_TRIES {
             // Optimistic first: the copy is usually the stored version (the
             // compare-and-swap refuses it when not, and the next try reads).
+            let from_copy = attempt == 0;
             let (before, version) = match self.copy() {
-                Some(copy) if attempt == 0 => copy,
+                Some(copy) if from_copy => copy,
                 _ => self.fresh().await?,
             };
             let mut group = before.clone();
             let now_ms = self.clock.now_ms();
-            let decided = decide(&mut group, now_ms).map_err(refusal)?;
+            let decided = match decide(&mut group, now_ms) {
+                Ok(decided) => decided,
+                // A refusal on the copy may be the copy's age: decide again
+                // on the stored table.
+                Err(_) if from_copy => continue,
+                Err(refused) => return Err(refusal(refused)),
+            };
             group.prune_ended_transfers();
             let written = self
                 .store
