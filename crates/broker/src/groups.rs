@@ -44,6 +44,38 @@ fn may_see(principal: &Principal, owner: Option<&str>) -> bool {
     principal.role == Role::Admin || owner.is_none_or(|owner| owner == principal.name)
 }
 
+/// Most groups listed at once.
+const MAX_GROUPS_LISTED: u32 = 256;
+
+/// The groups the principal may see: all for an admin, a lender's own.
+pub(crate) async fn list_groups(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+) -> Answer<Vec<ShareGroupDocument>> {
+    require_role(
+        &principal,
+        &[Role::Admin, Role::Lender],
+        "list share groups",
+    )?;
+    let groups = app
+        .reader
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .share_groups(MAX_GROUPS_LISTED)
+        .map_err(|e| err(e.into()))?;
+    Ok(Json(
+        groups
+            .into_iter()
+            .filter(|(group, _)| may_see(&principal, group.owner.as_deref()))
+            .map(|(group, version)| ShareGroupDocument {
+                group,
+                version,
+                stale: false,
+            })
+            .collect(),
+    ))
+}
+
 pub(crate) async fn get_group(
     State(app): App,
     Extension(principal): Extension<Principal>,

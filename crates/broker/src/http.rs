@@ -105,6 +105,7 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/v1/host-capacity", get(reservations::host_capacity))
         .route("/v1/warnings", get(reservations::list_warnings))
         .route("/v1/plan", post(reservations::plan_now))
+        .route("/v1/groups", get(groups::list_groups))
         .route(
             "/v1/groups/{name}",
             get(groups::get_group)

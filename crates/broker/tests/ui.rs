@@ -281,3 +281,51 @@ async fn a_workload_shows_to_its_owner_and_an_admin_only() {
         assert_eq!(page.contains("nightly-batch"), sees, "{page}");
     }
 }
+
+#[tokio::test]
+async fn a_share_groups_rights_table_shows_to_its_lender_and_admins_not_to_borrowers() {
+    use leasehold_core::rights::{GroupMode, HostRights, PartitionRights, ShareGroup};
+    let market = market().await;
+    let mut group = ShareGroup::new("rack-7", GroupMode::Centralized);
+    let owner_share = PartitionRights {
+        modules: 8,
+        ..PartitionRights::default()
+    };
+    group.hosts.insert(
+        "node-42".into(),
+        HostRights {
+            manager_url: "http://node-42.example".into(),
+            partitions: [(0, owner_share)].into(),
+            modules: 8,
+        },
+    );
+    // The lender's manager writes the table (no rights: only an admin adds them).
+    let lender = market.client(&market.lender_token);
+    assert_eq!(lender.put_share_group(&group, 0).await.unwrap(), Some(1));
+    // A stale version loses; rights made up by a manager are refused.
+    assert_eq!(lender.put_share_group(&group, 0).await.unwrap(), None);
+    let mut minted = group.clone();
+    minted
+        .hosts
+        .get_mut("node-42")
+        .unwrap()
+        .partitions
+        .get_mut(&0)
+        .unwrap()
+        .permanent = 8;
+    let refused = lender.put_share_group(&minted, 1).await.unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused}");
+    // An admin may: rights are bought.
+    let admin = market.client(&market.admin_token);
+    assert_eq!(admin.put_share_group(&minted, 1).await.unwrap(), Some(2));
+    for (token, status, sees) in [
+        (&market.lender_token, StatusCode::OK, true),
+        (&market.admin_token, StatusCode::OK, true),
+        (&market.bob_token, StatusCode::NOT_FOUND, false),
+    ] {
+        let cookie = login(&market, token).await;
+        let (answered, page) = get(&market, &cookie, "/ui/rights/fragment").await;
+        assert_eq!(answered, status, "{page}");
+        assert_eq!(page.contains("node-42"), sees, "{page}");
+    }
+}

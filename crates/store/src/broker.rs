@@ -520,6 +520,10 @@ impl BrokerStore for BrokerDb {
         broker_sql::share_group(&mut self.engine, name)
     }
 
+    fn share_groups(&mut self, limit: u32) -> StoreResult<Vec<(ShareGroup, u64)>> {
+        broker_sql::share_groups(&mut self.engine, limit)
+    }
+
     fn put_share_group(
         &mut self,
         group: &ShareGroup,

@@ -654,6 +654,20 @@ pub(crate) fn share_group(
     }
 }
 
+/// Every share group's table and version, by name (at most `limit`).
+pub(crate) fn share_groups(
+    conn: &mut dyn SqlConnection,
+    limit: u32,
+) -> StoreResult<Vec<(leasehold_core::rights::ShareGroup, u64)>> {
+    conn.query(
+        "SELECT body, version FROM share_groups ORDER BY name LIMIT ?1",
+        &[int(limit.into())],
+    )?
+    .iter()
+    .map(|row| Ok((from_json("share_groups", &row.text(0)?)?, row.u64(1)?)))
+    .collect()
+}
+
 /// Compare-and-swap of a share group's table: one statement, so two
 /// managers deciding from the same version cannot both write.
 pub(crate) fn put_share_group(

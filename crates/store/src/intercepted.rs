@@ -107,6 +107,13 @@ impl BrokerStore for InterceptedStore {
         self.inner.asset_movements(asset, limit)
     }
 
+    fn share_groups(
+        &mut self,
+        limit: u32,
+    ) -> StoreResult<Vec<(leasehold_core::rights::ShareGroup, u64)>> {
+        self.inner.share_groups(limit)
+    }
+
     fn lease_holder(&mut self, name: &str) -> StoreResult<Option<crate::LeaseHolder>> {
         self.inner.lease_holder(name)
     }

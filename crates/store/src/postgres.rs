@@ -550,6 +550,13 @@ impl BrokerStore for PostgresBrokerDb {
         self.on_thread(move |engine| broker_sql::asset_movements(engine, &asset, limit))
     }
 
+    fn share_groups(
+        &mut self,
+        limit: u32,
+    ) -> StoreResult<Vec<(leasehold_core::rights::ShareGroup, u64)>> {
+        self.on_thread(move |engine| broker_sql::share_groups(engine, limit))
+    }
+
     fn lease_holder(&mut self, name: &str) -> StoreResult<Option<crate::LeaseHolder>> {
         let name = name.to_string();
         self.on_thread(move |engine| broker_sql::lease_holder(engine, &name))

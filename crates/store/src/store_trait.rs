@@ -76,6 +76,8 @@ pub trait BrokerStore: Send {
     /// A share group's rights table (seed 004) and its version; `None`
     /// when no group of that name is stored.
     fn share_group(&mut self, name: &str) -> StoreResult<Option<(ShareGroup, u64)>>;
+    /// Every share group's table and version, by name, at most `limit`.
+    fn share_groups(&mut self, limit: u32) -> StoreResult<Vec<(ShareGroup, u64)>>;
     /// Stores `group` as the next version if the stored one is still
     /// `expected_version` (0: none stored yet): compare-and-swap, so two
     /// managers deciding from the same version cannot both win. Returns

@@ -794,7 +794,8 @@ fn a_share_group_is_written_by_compare_and_swap(database: &FreshDatabase) {
     let stale_moved = movements(Some(&before), &stale, 0);
     assert_eq!(db.put_share_group(&stale, 1, &stale_moved).unwrap(), None);
     let (stored, version) = database.open().share_group("g").unwrap().unwrap();
-    assert_eq!((stored, version), (group, 2));
+    assert_eq!((stored, version), (group.clone(), 2));
+    assert_eq!(db.share_groups(10).unwrap(), vec![(group, 2)]);
     let rights: Vec<(String, i64)> = db
         .balances_by_asset()
         .unwrap()

@@ -603,3 +603,76 @@ fn capacity_table(hosts: &[HostCapacityView]) -> Markup {
         (shown_of(hosts.len()))
     }
 }
+
+/// Transfers shown per share group (the newest).
+const SHOWN_TRANSFERS: usize = 20;
+
+/// Seed 004: each share group the principal may see (FIG. 4A rows, the
+/// primary and its epoch, the newest transfers) and, for admins, the
+/// rights' side of the ledger.
+pub(crate) async fn rights(app: Arc<AppState>, principal: Principal) -> Markup {
+    let groups = crate::groups::list_groups(State(app.clone()), Extension(principal.clone())).await;
+    let ledger = http::ledger_view(
+        State(app.clone()),
+        Extension(principal.clone()),
+        list_query(LEDGER_ROWS),
+    )
+    .await;
+    let now_ms = app.config.clock.now_ms();
+    html! {
+        (answer_or_refusal(&groups, |groups| html! {
+            @if groups.is_empty() { p.empty { "No share groups." } }
+            @for document in groups { (share_group_tables(document, now_ms)) }
+        }))
+        @if let Ok(Json(ledger)) = &ledger {
+            @if !ledger.rights_balances.is_empty() {
+                h2 { "Rights in the ledger" }
+                div.table-scroll { table {
+                    thead { tr { th { "Account" } th.num { "Rights" } } }
+                    tbody { @for b in &ledger.rights_balances {
+                        tr { td data-label="Account" { (b.account) } td.num data-label="Rights" { (b.balance_micros) } }
+                    } }
+                } }
+            }
+        }
+    }
+}
+
+fn share_group_tables(document: &leasehold_api::rights::ShareGroupDocument, now_ms: u64) -> Markup {
+    let view = leasehold_api::rights::RightsTableView::of(document, None, now_ms);
+    let group = &document.group;
+    html! {
+        h2 { "Share group " (view.group) }
+        p { (view.mode) ", primary " (view.primary.as_deref().unwrap_or("none")) " at epoch " (view.primary_epoch) ", version " (view.version)
+            @if view.unassigned > 0 { ", " (view.unassigned) " rights unassigned" } }
+        div.table-scroll { table {
+            thead { tr { th { "Host" } th { "Partition" } th.num { "Rights" } th.num { "Active" } th.num { "Inactive" } th.num { "Workload" } th { "Manager" } } }
+            tbody { @for row in view.rows.iter().take(SHOWN_ROWS) {
+                tr {
+                    td data-label="Host" { (row.host_id) }
+                    td data-label="Partition" { @if row.partition == 0 { "owner" } @else { (row.partition) } }
+                    td.num data-label="Rights" { (row.rights_owned) }
+                    td.num data-label="Active" { (row.modules_active) }
+                    td.num data-label="Inactive" { (row.modules_inactive) }
+                    td.num data-label="Workload" { (row.workload_percent) "%" }
+                    td data-label="Manager" { (row.manager_url) }
+                }
+            } }
+        } }
+        @if !group.transfers.is_empty() {
+            div.table-scroll { table {
+                thead { tr { th.num { "Transfer" } th { "From" } th { "To" } th.num { "Modules" } th { "Phase" } th { "At" } } }
+                tbody { @for t in group.transfers.values().rev().take(SHOWN_TRANSFERS) {
+                    tr {
+                        td.num data-label="Transfer" { (t.transfer_id) }
+                        td data-label="From" { (t.from.to_string()) }
+                        td data-label="To" { (t.to.to_string()) }
+                        td.num data-label="Modules" { (t.modules) }
+                        td data-label="Phase" { (format!("{:?}", t.phase).to_lowercase()) }
+                        td data-label="At" { (rfc3339_from_ms(t.created_at_ms)) }
+                    }
+                } }
+            } }
+        }
+    }
+}

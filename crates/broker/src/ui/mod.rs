@@ -91,6 +91,12 @@ pub(crate) const PAGES: &[Page] = &[
         roles: EVERYONE,
         fragment: |app, _, p| Box::pin(fragments::reservations(app, p)),
     },
+    Page {
+        path: "rights",
+        title: "Usage rights",
+        roles: LENDERS_AND_ADMINS,
+        fragment: |app, _, p| Box::pin(fragments::rights(app, p)),
+    },
 ];
 
 /// What the dashboard's handlers share.
