@@ -290,6 +290,19 @@ pub struct GroupArgs {
     /// this long, in seconds (FIG. 8).
     #[arg(long, value_name = "SECS", default_value_t = leasehold_agent::rights::DEFAULT_SEIZE_AFTER_MS / 1000, requires = "group")]
     pub group_grace_secs: u64,
+    /// Request one more module for a partition (the owner share too)
+    /// whose active modules stay at least this busy, in percent, for
+    /// --rights-auto-after-secs (seed 004, FIG. 5, 510).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(1..=100), requires = "group")]
+    pub rights_auto_above: Option<u32>,
+    /// How long a partition stays busy before a module is requested.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        requires = "rights_auto_above"
+    )]
+    pub rights_auto_after_secs: u64,
 }
 
 impl GroupArgs {
@@ -319,6 +332,12 @@ impl GroupArgs {
             copy_path: data_dir.join("share-group-copy.json"),
             standby: self.standby,
             seize_after_ms: self.group_grace_secs.saturating_mul(1000),
+            auto_request: self.rights_auto_above.map(|above_percent| {
+                leasehold_agent::rights::workload::AutoRequest {
+                    above_percent,
+                    after_ms: self.rights_auto_after_secs.saturating_mul(1000),
+                }
+            }),
         }))
     }
 

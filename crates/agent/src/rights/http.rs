@@ -151,6 +151,36 @@ pub(crate) async fn remove_host(
         .map_err(err)
 }
 
+/// How busy each partition's active modules were since the last tick, in
+/// percent: the owner share from the owner's measured use, partitions from
+/// their cgroups' CPU time (drivers without cgroups report none).
+fn measure_workloads(
+    agent: &Agent,
+    manager: &super::RightsManager,
+    cpu_samples: &mut std::collections::BTreeMap<u32, (u64, u64)>,
+) -> std::collections::BTreeMap<u32, u32> {
+    use super::workload::workload_percent;
+    let applied = manager.applied();
+    let now_ms = agent.config.clock.now_ms();
+    let mut workloads = std::collections::BTreeMap::new();
+    for (index, active) in &applied.active {
+        let used_centicores = if *index == super::OWNER_SHARE {
+            agent.owner_used_now().map(|used| used.cpu_centicores)
+        } else {
+            agent.driver.usage_of(*index).and_then(|usage| {
+                let previous = cpu_samples.insert(*index, (usage.cpu_usage_ns, now_ms));
+                let (ns_before, at_ms) = previous?;
+                let elapsed_ms = now_ms.checked_sub(at_ms).filter(|ms| *ms > 0)?;
+                Some(usage.cpu_usage_ns.saturating_sub(ns_before) / (elapsed_ms * 10_000))
+            })
+        };
+        if let Some(percent) = used_centicores.and_then(|used| workload_percent(used, *active)) {
+            workloads.insert(*index, percent);
+        }
+    }
+    workloads
+}
+
 /// Ticks the manager (leases, expiry, clean-up) until aborted.
 pub(crate) fn spawn_tick_loop(agent: Arc<Agent>) -> Option<tokio::task::AbortHandle> {
     agent.rights.as_ref()?;
@@ -160,11 +190,19 @@ pub(crate) fn spawn_tick_loop(agent: Arc<Agent>) -> Option<tokio::task::AbortHan
         ));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut cpu_samples = std::collections::BTreeMap::new();
         loop {
             interval.tick().await;
             let Some(manager) = agent.rights.as_ref() else {
                 return;
             };
+            let workloads = measure_workloads(&agent, manager, &mut cpu_samples);
+            if let Err(error) = manager
+                .observe_workloads(&workloads, &agent.config.lender_token)
+                .await
+            {
+                tracing::debug!(%error, "could not record this tick's workloads");
+            }
             let local_partitions = match agent.db().partitions() {
                 Ok(rows) => rows.iter().map(|row| row.index).collect(),
                 Err(_) => continue,

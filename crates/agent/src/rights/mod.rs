@@ -50,6 +50,8 @@ pub struct RightsConfig {
     /// How long a host may be unreachable before its rights are seized
     /// (FIG. 8).
     pub seize_after_ms: u64,
+    /// Automatic requests for busy partitions; `None`: only on demand.
+    pub auto_request: Option<workload::AutoRequest>,
 }
 
 /// How long a manager's hold on its host lasts without renewal: a
@@ -267,6 +269,8 @@ pub struct RightsManager {
     /// Switches a partition's modules on the host (the driver: cpusets
     /// with `oci`), told the active count whenever it changes.
     actuator: Mutex<Option<Actuator>>,
+    /// Since when each busy partition has been busy (automatic requests).
+    pub(crate) busy_since: Mutex<BTreeMap<u32, u64>>,
 }
 
 /// What switches modules on the host: (partition, modules active).
@@ -304,6 +308,7 @@ impl RightsManager {
             peers,
             sync_lock: tokio::sync::Mutex::new(()),
             actuator: Mutex::new(None),
+            busy_since: Mutex::new(BTreeMap::new()),
         };
         let joined = manager.join_group(capacity).await;
         match joined {
@@ -575,3 +580,4 @@ pub(crate) mod flow;
 pub(crate) mod http;
 #[cfg(test)]
 mod tests;
+pub mod workload;

@@ -1,5 +1,6 @@
 use super::*;
 use leasehold_service::SimulatedClock;
+use std::collections::BTreeMap;
 
 fn capacity(cpus: u64) -> HostCapacity {
     HostCapacity {
@@ -26,6 +27,10 @@ fn config(
         copy_path: dir.join(format!("{host}-copy.json")),
         standby: false,
         seize_after_ms: DEFAULT_SEIZE_AFTER_MS,
+        auto_request: Some(workload::AutoRequest {
+            above_percent: 90,
+            after_ms: 60_000,
+        }),
     }
 }
 
@@ -216,4 +221,57 @@ async fn a_request_the_host_can_meet_never_reaches_another_manager() {
     let (group, _) = first.fresh().await.unwrap();
     assert_eq!(group.hosts["h1"].partitions[&1].active, 2);
     assert_eq!(group.hosts["h2"].partitions[&0].permanent, 4, "untouched");
+}
+
+#[tokio::test]
+async fn a_partition_busy_beyond_the_threshold_for_long_enough_gets_one_more_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(1_000);
+    let (first, _second) = pair(dir.path(), &clock, 0).await;
+    // h1: the owner share has 2 rights, partition 1 three idle ones.
+    first
+        .update(None, |g, now| {
+            g.add_partition("h1", 1)?;
+            g.grant(&slot("h1", 1), 3, None, now)
+        })
+        .await
+        .unwrap();
+    let busy: BTreeMap<u32, u32> = [(0, 100), (1, 0)].into();
+    assert!(first
+        .observe_workloads(&busy, "t")
+        .await
+        .unwrap()
+        .is_empty());
+    let (group, _) = first.fresh().await.unwrap();
+    assert_eq!(
+        group.hosts["h1"].partitions[&0].workload_percent, 100,
+        "written"
+    );
+    clock.advance_ms(30_000);
+    assert!(
+        first
+            .observe_workloads(&busy, "t")
+            .await
+            .unwrap()
+            .is_empty(),
+        "not long enough"
+    );
+    // A quiet tick restarts the wait.
+    let quiet: BTreeMap<u32, u32> = [(0, 50), (1, 0)].into();
+    first.observe_workloads(&quiet, "t").await.unwrap();
+    clock.advance_ms(30_000);
+    assert!(first
+        .observe_workloads(&busy, "t")
+        .await
+        .unwrap()
+        .is_empty());
+    clock.advance_ms(60_000);
+    assert_eq!(first.observe_workloads(&busy, "t").await.unwrap(), vec![0]);
+    let (group, _) = first.fresh().await.unwrap();
+    let owner = &group.hosts["h1"].partitions[&0];
+    assert_eq!(
+        (owner.rights(clock.shared().now_ms()), owner.active),
+        (3, 3),
+        "one module more, lent inside the host"
+    );
 }
