@@ -39,29 +39,7 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
             agent.clone(),
             require_lender,
         ));
-    let rights = Router::new()
-        .route("/v1/rights", get(rights_http::table))
-        .route("/v1/rights/request", post(rights_http::request))
-        .route("/v1/rights/release", post(rights_http::release))
-        .route("/v1/rights/transfer", post(rights_http::transfer))
-        .route_layer(middleware::from_fn_with_state(
-            agent.clone(),
-            require_rights_manager,
-        ));
-    let group = Router::new()
-        .route("/v1/group/hosts", post(rights_http::add_host))
-        .route(
-            "/v1/group/hosts/{host_id}",
-            axum::routing::delete(rights_http::remove_host),
-        )
-        .route_layer(middleware::from_fn_with_state(
-            agent.clone(),
-            require_lender_or_admin,
-        ));
-    let rights_admin = Router::new()
-        .route("/v1/rights/grant", post(rights_http::grant))
-        .route("/v1/rights/revoke", post(rights_http::revoke))
-        .route_layer(middleware::from_fn_with_state(agent.clone(), require_admin));
+    let rights = rights_routes(agent.clone());
     let jobs = Router::new()
         .route(
             "/v1/partitions/{index}/jobs",
@@ -92,8 +70,6 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
         .route("/metrics", get(crate::metrics::serve_metrics))
         .merge(lender)
         .merge(rights)
-        .merge(group)
-        .merge(rights_admin)
         .merge(jobs)
         .merge(job_records)
         .merge(notices)
@@ -131,6 +107,35 @@ async fn require_lender(
     } else {
         Err(err(AgentError::Unauthorized))
     }
+}
+
+/// Seed 004's routes: the table and orders for its managers, the group's
+/// members for its lender and admins, grants and revocations for admins.
+fn rights_routes(agent: Arc<Agent>) -> Router<Arc<Agent>> {
+    let managers = Router::new()
+        .route("/v1/rights", get(rights_http::table))
+        .route("/v1/rights/request", post(rights_http::request))
+        .route("/v1/rights/release", post(rights_http::release))
+        .route("/v1/rights/transfer", post(rights_http::transfer))
+        .route_layer(middleware::from_fn_with_state(
+            agent.clone(),
+            require_rights_manager,
+        ));
+    let group = Router::new()
+        .route("/v1/group/hosts", post(rights_http::add_host))
+        .route(
+            "/v1/group/hosts/{host_id}",
+            axum::routing::delete(rights_http::remove_host),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            agent.clone(),
+            require_lender_or_admin,
+        ));
+    let rights_admin = Router::new()
+        .route("/v1/rights/grant", post(rights_http::grant))
+        .route("/v1/rights/revoke", post(rights_http::revoke))
+        .route_layer(middleware::from_fn_with_state(agent.clone(), require_admin));
+    managers.merge(group).merge(rights_admin)
 }
 
 /// Usage-rights routes: this host's lender, or an admin of the broker.

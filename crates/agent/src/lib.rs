@@ -288,6 +288,24 @@ fn restore_cores(db: &AgentDb, driver: &dyn PartitionDriver) -> Result<(), Agent
     Ok(())
 }
 
+/// Modules on and off are the driver's (cpusets with `oci`): the rights
+/// manager tells it each partition's active count.
+fn switch_modules_with_the_driver(agent: &Arc<Agent>) {
+    let Some(rights) = &agent.rights else {
+        return;
+    };
+    let weak = Arc::downgrade(agent);
+    rights.set_actuator(Box::new(move |index, active| {
+        let Some(agent) = weak.upgrade() else { return };
+        if index == rights::OWNER_SHARE {
+            return;
+        }
+        if let Err(error) = agent.driver.set_active_modules(index, active) {
+            tracing::warn!(%error, index, active, "could not switch the partition's modules");
+        }
+    }));
+}
+
 /// Joins the share group when the agent manages its host's rights.
 async fn join_share_group(
     config: &AgentConfig,
@@ -332,6 +350,15 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         rights::RightsManager::wait_for_host(rights, &config.host_id, &broker, &config.clock)
             .await?;
     }
+    start_with_broker(config, sampler, broker).await
+}
+
+/// The rest of [`start`], once the agent may manage its host.
+async fn start_with_broker(
+    config: AgentConfig,
+    sampler: sampling::Sampler,
+    broker: leasehold_api::Client,
+) -> Result<RunningAgent, AgentError> {
     let mut reconciled = Vec::new();
     let db = open_partition_table(&config, &mut reconciled)?;
     let scheme = if config.tls.is_some() {
@@ -372,19 +399,7 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
         rights,
         metrics: metrics::AgentMetrics::new(),
     });
-    if let Some(rights) = &agent.rights {
-        // Modules on and off are the driver's: cpusets with `oci`.
-        let weak = Arc::downgrade(&agent);
-        rights.set_actuator(Box::new(move |index, active| {
-            let Some(agent) = weak.upgrade() else { return };
-            if index == rights::OWNER_SHARE {
-                return;
-            }
-            if let Err(error) = agent.driver.set_active_modules(index, active) {
-                tracing::warn!(%error, index, active, "could not switch the partition's modules");
-            }
-        }));
-    }
+    switch_modules_with_the_driver(&agent);
     match agent.register_and_reconcile(&advertise).await {
         Ok(mut notes) => reconciled.append(&mut notes),
         Err(AgentError::BrokerUnreachable(error)) => {

@@ -75,6 +75,31 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
         .route("/v1/leases/{lease_id}/release", post(release))
         .route("/v1/bill", get(bill))
         .route("/v1/ledger", get(ledger_view))
+        .merge(seed_routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_principal,
+        ));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/broker", get(broker_info))
+        .route("/metrics", get(crate::metrics::serve_metrics))
+        .merge(authenticated)
+        .merge(crate::ui::router(dashboard))
+        .fallback(leasehold_service::not_found_fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            app.metrics.http.clone(),
+            leasehold_service::http_metrics::record_http_request,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .with_state(app)
+}
+
+/// Seed 003's reservations and seed 004's share groups (authenticated
+/// with the rest by [`router`]).
+fn seed_routes() -> Router<Arc<AppState>> {
+    Router::new()
         .route(
             "/v1/hosts/{host_id}/samples",
             post(reservations::host_sample),
@@ -116,24 +141,6 @@ pub(crate) fn router(app: Arc<AppState>) -> Router {
             "/v1/groups/{name}/leases/{lease}",
             post(groups::acquire_group_lease).get(groups::group_lease_holder),
         )
-        .route_layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            require_principal,
-        ));
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/openapi.json", get(openapi))
-        .route("/v1/broker", get(broker_info))
-        .route("/metrics", get(crate::metrics::serve_metrics))
-        .merge(authenticated)
-        .merge(crate::ui::router(dashboard))
-        .fallback(leasehold_service::not_found_fallback)
-        .layer(axum::middleware::from_fn_with_state(
-            app.metrics.http.clone(),
-            leasehold_service::http_metrics::record_http_request,
-        ))
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .with_state(app)
 }
 
 /// Resolves the bearer token to a principal before the handler (and so

@@ -193,16 +193,7 @@ fn now_ms() -> u64 {
 
 pub async fn rights(global: &Global, command: RightsCommand) -> Result<i32> {
     let answer = match command {
-        RightsCommand::Show { host, agent } => {
-            let document = document(&agent_client(global, &agent)?).await?;
-            let view = RightsTableView::of(&document, host.as_deref(), now_ms());
-            if global.output == OutputFormat::Json {
-                print_json(&view);
-            } else {
-                print!("{}", table_text(&view));
-            }
-            return Ok(0);
-        }
+        RightsCommand::Show { host, agent } => return show(global, &agent, host.as_deref()).await,
         RightsCommand::Request {
             host,
             partition,
@@ -235,6 +226,19 @@ pub async fn rights(global: &Global, command: RightsCommand) -> Result<i32> {
                 .agent_rights_release(&body)
                 .await
         }
+        other => group_order(global, other).await?,
+    };
+    print_order(global, answer.context("the rights order failed")?);
+    Ok(0)
+}
+
+/// Orders any manager of the group carries out: transfers, grants and
+/// revocations.
+async fn group_order(
+    global: &Global,
+    command: RightsCommand,
+) -> Result<Result<RightsOrderAnswer, leasehold_api::ApiError>> {
+    Ok(match command {
         RightsCommand::Transfer {
             from,
             to,
@@ -287,8 +291,26 @@ pub async fn rights(global: &Global, command: RightsCommand) -> Result<i32> {
                 .agent_rights_revoke(&body)
                 .await
         }
-    };
-    print_order(global, answer.context("the rights order failed")?);
+        // Answered by `rights` itself.
+        RightsCommand::Show { .. }
+        | RightsCommand::Request { .. }
+        | RightsCommand::Release { .. } => {
+            return Err(anyhow!(
+                "this order is not one for any manager of the group"
+            ))
+        }
+    })
+}
+
+/// `rights show`: FIG. 4A's rows (of one host with `--host`).
+async fn show(global: &Global, agent: &AgentArg, host: Option<&str>) -> Result<i32> {
+    let document = document(&agent_client(global, agent)?).await?;
+    let view = RightsTableView::of(&document, host, now_ms());
+    if global.output == OutputFormat::Json {
+        print_json(&view);
+    } else {
+        print!("{}", table_text(&view));
+    }
     Ok(0)
 }
 

@@ -143,112 +143,13 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let binary = binary(&args)?;
     let dir = tempfile::tempdir()?;
-    let broker_dir = dir.path().join("broker").display().to_string();
-    let broker = start(
-        &binary,
-        &[
-            "broker",
-            "--listen",
-            "127.0.0.1:0",
-            "--output",
-            "json",
-            "--data-dir",
-            &broker_dir,
-        ],
-        None,
-    )?;
-    let broker_url = text(&broker, "broker_url")?;
-    let admin_token = text(&broker, "admin_token")?;
-    let admin = Client::new(&broker_url, Some(admin_token.clone()));
-    let lender_token = admin.create_principal("lender", Role::Lender).await?.token;
-    let store_path = dir.path().join("group.db").display().to_string();
-    let store = (args.store == "sqlite").then_some(store_path.as_str());
-    let first = start_agent(
-        &binary,
-        dir.path(),
-        "host-a",
-        &broker_url,
-        store,
-        &lender_token,
-    )?;
-    let second = start_agent(
-        &binary,
-        dir.path(),
-        "host-b",
-        &broker_url,
-        store,
-        &lender_token,
-    )?;
-    let a_url = text(&first, "agent_url")?;
-    let b_url = text(&second, "agent_url")?;
-    let a = Client::new(&a_url, Some(admin_token.clone()));
-    let b = Client::new(&b_url, Some(admin_token.clone()));
-    for host in ["host-a", "host-b"] {
-        let grant = RightsGrantBody {
-            host_id: host.into(),
-            partition: 0,
-            modules: 32,
-            expires_at_ms: None,
-        };
-        a.agent_rights_grant(&grant).await?;
-    }
-    let lender_a = a.with_token(Some(lender_token.clone()));
-    let partition = lender_a
-        .agent_add_partition(&leasehold_core::Terms {
-            vcpus: 1,
-            cpu_cap_percent: 100,
-            memory_mib: 256,
-            disk_gib: 1,
-            images: vec!["busybox".into()],
-            price_per_hour_micros: 100_000,
-            isolation: None,
-        })
-        .await?
-        .partition
-        .index;
-    let request = RightsRequestBody {
-        host_id: "host-a".into(),
-        partition,
-        modules: 1,
-    };
-    let give_back = RightsSlotBody {
-        host_id: "host-a".into(),
-        partition,
-        modules: 1,
-    };
-    // Inside the host: the owner share lends to the partition, then it
-    // gives the right back (not timed).
-    let mut local = Latencies::default();
-    for _ in 0..args.iterations {
-        let started = Instant::now();
-        a.agent_rights_request(&request).await?;
-        local.since(started);
-        a.agent_rights_release(&give_back).await?;
-    }
-    // Across hosts: host-a's owner share has nothing to lend.
-    let drain = RightsTransferBody {
-        from_host: "host-a".into(),
-        from_partition: 0,
-        to_host: "host-b".into(),
-        to_partition: 0,
-        modules: 32,
-    };
-    a.agent_rights_transfer(&drain).await?;
-    let back = RightsTransferBody {
-        from_host: "host-a".into(),
-        from_partition: partition,
-        to_host: "host-b".into(),
-        to_partition: 0,
-        modules: 1,
-    };
-    let mut across = Latencies::default();
-    for _ in 0..args.iterations {
-        let started = Instant::now();
-        a.agent_rights_request(&request).await?;
-        across.since(started);
-        a.agent_rights_transfer(&back).await?;
-    }
+    let group = start_group(&binary, dir.path(), &args.store).await?;
+    let (a, b) = (group.clients[0].clone(), group.clients[1].clone());
+    let partition = add_partition(&a, &group.lender_token).await?;
+    let mut local = local_latency(&a, partition, args.iterations).await?;
+    let mut across = cross_host_latency(&a, partition, args.iterations).await?;
     let throughput = transfers_per_second(&a, &b, args.clients, args.seconds).await?;
+    let [first, second] = group.agents;
     let failover_ms = failover([(first, a.clone()), (second, b.clone())]).await?;
     println!(
         "{}",
@@ -263,7 +164,130 @@ async fn main() -> Result<()> {
             "primary_failover_ms": failover_ms,
         })
     );
+    drop(group.broker);
     Ok(())
+}
+
+/// A broker and two agents in one group, 32 rights granted to each host;
+/// the clients carry the admin's token.
+struct Group {
+    broker: Service,
+    agents: [Service; 2],
+    clients: [Client; 2],
+    lender_token: String,
+}
+
+async fn start_group(binary: &Path, dir: &Path, store: &str) -> Result<Group> {
+    let broker_dir = dir.join("broker").display().to_string();
+    let broker_args = [
+        "broker",
+        "--listen",
+        "127.0.0.1:0",
+        "--output",
+        "json",
+        "--data-dir",
+        &broker_dir,
+    ];
+    let broker = start(binary, &broker_args, None)?;
+    let broker_url = text(&broker, "broker_url")?;
+    let admin_token = text(&broker, "admin_token")?;
+    let admin = Client::new(&broker_url, Some(admin_token.clone()));
+    let lender_token = admin.create_principal("lender", Role::Lender).await?.token;
+    let store_path = dir.join("group.db").display().to_string();
+    let store = (store == "sqlite").then_some(store_path.as_str());
+    let first = start_agent(binary, dir, "host-a", &broker_url, store, &lender_token)?;
+    let second = start_agent(binary, dir, "host-b", &broker_url, store, &lender_token)?;
+    let a = Client::new(&text(&first, "agent_url")?, Some(admin_token.clone()));
+    let b = Client::new(&text(&second, "agent_url")?, Some(admin_token));
+    for host in ["host-a", "host-b"] {
+        let grant = RightsGrantBody {
+            host_id: host.into(),
+            partition: 0,
+            modules: 32,
+            expires_at_ms: None,
+        };
+        a.agent_rights_grant(&grant).await?;
+    }
+    Ok(Group {
+        broker,
+        agents: [first, second],
+        clients: [a, b],
+        lender_token,
+    })
+}
+
+/// A one-vCPU partition on host-a, with no rights yet.
+async fn add_partition(a: &Client, lender_token: &str) -> Result<u32> {
+    let terms = leasehold_core::Terms {
+        vcpus: 1,
+        cpu_cap_percent: 100,
+        memory_mib: 256,
+        disk_gib: 1,
+        images: vec!["busybox".into()],
+        price_per_hour_micros: 100_000,
+        isolation: None,
+    };
+    let added = a
+        .with_token(Some(lender_token.to_string()))
+        .agent_add_partition(&terms)
+        .await?;
+    Ok(added.partition.index)
+}
+
+/// Inside the host: the owner share lends to the partition, which gives
+/// the right back after each timed request.
+async fn local_latency(a: &Client, partition: u32, iterations: usize) -> Result<Latencies> {
+    let request = RightsRequestBody {
+        host_id: "host-a".into(),
+        partition,
+        modules: 1,
+    };
+    let give_back = RightsSlotBody {
+        host_id: "host-a".into(),
+        partition,
+        modules: 1,
+    };
+    let mut local = Latencies::default();
+    for _ in 0..iterations {
+        let started = Instant::now();
+        a.agent_rights_request(&request).await?;
+        local.since(started);
+        a.agent_rights_release(&give_back).await?;
+    }
+    Ok(local)
+}
+
+/// Across hosts: host-a's owner share has nothing left to lend, so each
+/// right comes from host-b (and goes back after each timed request).
+async fn cross_host_latency(a: &Client, partition: u32, iterations: usize) -> Result<Latencies> {
+    let drain = RightsTransferBody {
+        from_host: "host-a".into(),
+        from_partition: 0,
+        to_host: "host-b".into(),
+        to_partition: 0,
+        modules: 32,
+    };
+    a.agent_rights_transfer(&drain).await?;
+    let request = RightsRequestBody {
+        host_id: "host-a".into(),
+        partition,
+        modules: 1,
+    };
+    let back = RightsTransferBody {
+        from_host: "host-a".into(),
+        from_partition: partition,
+        to_host: "host-b".into(),
+        to_partition: 0,
+        modules: 1,
+    };
+    let mut across = Latencies::default();
+    for _ in 0..iterations {
+        let started = Instant::now();
+        a.agent_rights_request(&request).await?;
+        across.since(started);
+        a.agent_rights_transfer(&back).await?;
+    }
+    Ok(across)
 }
 
 /// Concurrent explicit transfers between the two owner shares for
