@@ -298,6 +298,7 @@ fn switch_modules_with_the_driver(agent: &Arc<Agent>) {
     rights.set_actuator(Box::new(move |index, active| {
         let Some(agent) = weak.upgrade() else { return };
         if index == rights::OWNER_SHARE {
+            agent.set_owner_share_modules(active);
             return;
         }
         if let Err(error) = agent.driver.set_active_modules(index, active) {

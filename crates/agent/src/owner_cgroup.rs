@@ -47,6 +47,9 @@ struct OwnerCgroupState {
     /// CPU time (ns) at the last measure, and when.
     cpu_mark: (u64, Instant),
     limits: OwnerLimits,
+    /// Seed 004: the owner share's modules under a usage right, when the
+    /// host's rights are managed; its cpuset never has more cores.
+    active_modules: Option<u32>,
 }
 
 /// The limits that keep the owner out of what is lent and guaranteed, never
@@ -81,6 +84,16 @@ pub fn next_memory_limit_mib(current_mib: u64, goal_mib: u64, step_mib: u64) -> 
 /// The owner's cores: the first `n`, `n` its CPU limit rounded up to whole
 /// cores (at least one, at most those online), so the cores a pool
 /// guarantees are ones the owner's processes no longer run on.
+/// The owner's cpuset: as many whole cores as its CPU limit rounds up to,
+/// and no more than its active modules when rights are managed.
+fn owner_cpus(cpu_centicores: u64, active_modules: Option<u32>) -> String {
+    let limit = match active_modules {
+        Some(active) => cpu_centicores.min(u64::from(active) * 100),
+        None => cpu_centicores,
+    };
+    owner_cpuset(limit, online_cpus())
+}
+
 pub fn owner_cpuset(cpu_centicores: u64, online_cpus: u64) -> String {
     let cores = cpu_centicores.div_ceil(100).clamp(1, online_cpus.max(1));
     if cores == 1 {
@@ -149,6 +162,7 @@ impl OwnerCgroup {
                     cpu_centicores: host.cpu_centicores,
                     memory_mib: host.memory_mib,
                 },
+                active_modules: None,
             }),
         };
         owner.create().map_err(cgroup_error)?;
@@ -259,6 +273,16 @@ impl OwnerCgroup {
         Capacity::new(cpu_centicores, memory_mib, host.owner_share_disk_gib)
     }
 
+    /// Seed 004: `active` of the owner share's modules are under a usage
+    /// right; its cpuset shrinks or grows to as many cores (live, at most
+    /// what its CPU limit allows).
+    pub fn set_active_modules(&self, active: u32) -> Result<(), String> {
+        let mut state = self.state();
+        state.active_modules = Some(active);
+        let cpus = owner_cpus(state.limits.cpu_centicores, state.active_modules);
+        write(&self.dir("cpuset").join("cpuset.cpus"), &cpus)
+    }
+
     /// The limits written now.
     pub fn limits(&self) -> OwnerLimits {
         self.state().limits
@@ -285,7 +309,7 @@ impl OwnerCgroup {
                 let goal_bytes = goal.memory_mib.saturating_mul(MIB).to_string();
                 write(&memory.join("memory.soft_limit_in_bytes"), &goal_bytes)?;
                 write(&memory.join("memory.limit_in_bytes"), &memory_bytes)?;
-                let cpus = owner_cpuset(goal.cpu_centicores, online_cpus());
+                let cpus = owner_cpus(goal.cpu_centicores, state.active_modules);
                 write(&self.dir("cpuset").join("cpuset.cpus"), &cpus)?;
             }
             Cgroups::V2 { .. } => {
@@ -295,7 +319,7 @@ impl OwnerCgroup {
                 )?;
                 state.limits.cpu_centicores = goal.cpu_centicores;
                 write(&self.dir("memory").join("memory.high"), &memory_bytes)?;
-                let cpus = owner_cpuset(goal.cpu_centicores, online_cpus());
+                let cpus = owner_cpus(goal.cpu_centicores, state.active_modules);
                 write(&self.dir("cpuset").join("cpuset.cpus"), &cpus)?;
             }
         }
@@ -417,6 +441,16 @@ mod tests {
         );
         let raised = owner_limits_goal(&host(), Capacity::ZERO, Capacity::ZERO);
         assert_eq!(owner.enforce(raised, step).unwrap().memory_mib, 8192);
+        // Seed 004: with one module active the owner runs on one core, and
+        // the limit comes back when its modules do.
+        let cpuset = || std::fs::read_to_string(owner.dir("cpuset").join("cpuset.cpus")).unwrap();
+        owner.set_active_modules(1).unwrap();
+        assert_eq!(cpuset().trim(), owner_cpuset(100, online_cpus()));
+        owner.set_active_modules(64).unwrap();
+        assert_eq!(
+            cpuset().trim(),
+            owner_cpuset(raised.cpu_centicores, online_cpus())
+        );
     }
 
     /// Needs root and cgroup v1 (this machine): the owner writes 64 MiB of

@@ -207,6 +207,16 @@ impl Agent {
     /// Keeps the owner's cgroup out of what is lent and now guaranteed,
     /// one memory step per sample; a refused limit is logged at a bounded
     /// rate and tried again at the next sample.
+    /// Seed 004: the owner share's cpuset follows its active modules (with
+    /// `--owner-cgroup`; without one the owner's cores are only counted).
+    pub(crate) fn set_owner_share_modules(&self, active: u32) {
+        if let OwnerWork::Cgroup(owner) = &self.sampler.owner {
+            if let Err(problem) = owner.set_active_modules(active) {
+                tracing::warn!(%problem, active, "could not switch the owner share's modules");
+            }
+        }
+    }
+
     fn limit_owner_cgroup(&self, guaranteed: Capacity) -> Result<(), AgentError> {
         let OwnerWork::Cgroup(owner) = &self.sampler.owner else {
             return Ok(());
