@@ -353,3 +353,153 @@ async fn an_oci_agent_killed_mid_job_cleans_up_when_it_restarts() {
     assert!(receipt.agent_notified);
     drop(serve);
 }
+
+/// Seed 004 with `oci`: a partition's temporary right expires on the
+/// (simulated) clock, and the job running there sees its CPU count drop.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expiring_right_takes_a_core_from_a_running_job() {
+    use std::io::{BufRead, BufReader};
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipped: the oci driver cannot run here: {reason}");
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        eprintln!("skipped: needs 2 cores to take one away, this machine has {cores}");
+        return;
+    }
+    let clock = common::SimulatedClockFile::starting_at(1_800_000_000_000);
+    let clock_args = clock.args();
+    let cluster = Cluster::start(&[clock_args[0].as_str(), clock_args[1].as_str()]).await;
+    let store = cluster.path("store").display().to_string();
+    let built = cli(
+        &cluster.broker_url,
+        None,
+        &["images", "build", "busybox", "--store", &store],
+    );
+    assert_eq!(built.code, 0, "{}", built.stderr);
+    let (_serve, store_url) = serve_store(&cluster, &store);
+    let data = cluster.path("agent-oci").display().to_string();
+    let agent = common::spawn_ready_with_token(
+        &[
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--host-id",
+            "ocihost",
+            "--driver",
+            "oci",
+            "--image-store",
+            &store_url,
+            "--image",
+            "busybox",
+            "--cpus",
+            "2",
+            "--memory-mib",
+            "4096",
+            "--disk-gib",
+            "10",
+            "--owner-share-centicores",
+            "0",
+            "--broker",
+            &cluster.broker_url,
+            "--output",
+            "json",
+            "--group",
+            "g",
+            &clock_args[0],
+            &clock_args[1],
+        ],
+        Some(&cluster.lender_token),
+        &cluster.path("agent-oci.log"),
+    );
+    let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
+    let rights = |token: &str, args: &[&str]| {
+        let mut all = vec!["rights"];
+        all.extend_from_slice(args);
+        all.extend(["--agent", agent_url.as_str()]);
+        let out = cli(&cluster.broker_url, Some(token), &all);
+        assert_eq!(out.code, 0, "{all:?}: {}", out.stderr);
+    };
+    let admin = cluster.admin_token.clone();
+    rights(&admin, &["grant", "--host", "ocihost", "--modules", "2"]);
+    let lender_agent = Client::new(&agent_url, Some(cluster.lender_token.clone()));
+    let added = lender_agent
+        .agent_add_partition(&terms(2, 128, "busybox", 1000))
+        .await
+        .unwrap();
+    let index = added.partition.index.to_string();
+    let (token, _) = cluster.borrower("bob").await;
+    let name = format!("ocihost/{index}");
+    let lease = cli(
+        &cluster.broker_url,
+        Some(&token),
+        &["lease", &name, "--output", "json"],
+    );
+    assert_eq!(lease.code, 0, "{}", lease.stderr);
+    let lease_id = lease.json()["lease_id"].to_string();
+    // The first job gets the partition its two modules (from the owner share).
+    let first = cli(
+        &cluster.broker_url,
+        Some(&token),
+        &["run", "--lease", &lease_id, "--", "nproc"],
+    );
+    assert_eq!(
+        (first.code, first.stdout.trim()),
+        (0, "2"),
+        "{}",
+        first.stderr
+    );
+    // One of them becomes a temporary right, for a minute.
+    rights(
+        &admin,
+        &[
+            "revoke",
+            "--host",
+            "ocihost",
+            "--partition",
+            &index,
+            "--modules",
+            "1",
+        ],
+    );
+    let expires = leasehold_api::rfc3339_from_ms(clock.now_ms() + 60_000);
+    rights(
+        &admin,
+        &[
+            "grant",
+            "--host",
+            "ocihost",
+            "--partition",
+            &index,
+            "--modules",
+            "1",
+            "--expires",
+            &expires,
+        ],
+    );
+    let mut job = std::process::Command::new(common::leasehold_binary())
+        .args([
+            "run",
+            "--lease",
+            &lease_id,
+            "--",
+            "sh",
+            "-c",
+            "nproc; sleep 4; nproc",
+        ])
+        .env("LEASEHOLD_BROKER", &cluster.broker_url)
+        .env("LEASEHOLD_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(job.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap().trim(), "2");
+    // The minute passes: the agent's next tick expires the right, and the
+    // partition's cpuset (its job's too) shrinks to one core.
+    clock.advance_ms(60_001);
+    assert_eq!(lines.next().unwrap().unwrap().trim(), "1");
+    assert!(job.wait().unwrap().success());
+}

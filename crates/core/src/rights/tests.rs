@@ -323,3 +323,43 @@ fn a_host_removed_with_hand_over_leaves_its_rights_behind() {
     let left = group.remove_host("server-3", false, 0).unwrap();
     assert_eq!(group.total_rights(0), total - u64::from(left));
 }
+
+#[test]
+fn a_loan_inside_a_host_whose_rights_fill_its_modules_needs_no_room_in_the_host() {
+    let mut group = ShareGroup::new("g", GroupMode::Centralized);
+    group.hosts.insert(
+        "small".into(),
+        HostRights {
+            manager_url: String::new(),
+            partitions: [(0, partition(2, 2, 0)), (1, partition(2, 0, 0))].into(),
+            modules: 2,
+        },
+    );
+    let to = Slot::new("small", 1);
+    assert_eq!(group.host_room("small", 0), 0, "every core has its right");
+    group.request(&to, 2, 0).unwrap();
+    assert_eq!(group.partition(&to).unwrap().active, 2);
+    assert_eq!(group.total_rights(0), 2);
+    // From another host, though, nothing more fits (the busy partition
+    // keeps its rights, so nothing is local to lend).
+    group
+        .hosts
+        .get_mut("small")
+        .unwrap()
+        .partitions
+        .get_mut(&1)
+        .unwrap()
+        .workload_percent = 100;
+    group.hosts.insert(
+        "other".into(),
+        HostRights {
+            manager_url: String::new(),
+            partitions: [(0, partition(4, 4, 0))].into(),
+            modules: 4,
+        },
+    );
+    assert!(matches!(
+        group.request(&Slot::new("small", 0), 1, 0),
+        Err(RightsRefusal::NotEnough { .. })
+    ));
+}

@@ -50,13 +50,16 @@ pub fn plan_request(
     modules: u32,
     now_ms: u64,
 ) -> Result<Vec<(Slot, u32)>, RightsRefusal> {
-    let room = group.room(to, now_ms)?;
+    // Rights from inside the host leave the host's total as it is: only
+    // those from other hosts need room in the host.
+    let room = group.partition_room(to, now_ms)?;
     if modules == 0 || modules > room {
         return Err(RightsRefusal::Invalid(FieldError::new(
             "modules",
             format!("must be 1 to {room} (the partition's modules without a right, counting rights on their way)"),
         )));
     }
+    let host_room = group.host_room(&to.host_id, now_ms);
     let mut donors: Vec<(bool, u32, Slot, u32)> = group
         .hosts
         .iter()
@@ -91,14 +94,27 @@ pub fn plan_request(
         });
     }
     let mut left = modules;
+    let mut from_other_hosts = 0;
     let mut plan = Vec::new();
-    for (_, _, slot, spare) in donors {
+    for (other_host, _, slot, spare) in donors {
         if left == 0 {
             break;
         }
-        let take = spare.min(left);
-        plan.push((slot, take));
-        left -= take;
+        let mut take = spare.min(left);
+        if other_host {
+            take = take.min(host_room - from_other_hosts);
+            from_other_hosts += take;
+        }
+        if take > 0 {
+            plan.push((slot, take));
+            left -= take;
+        }
+    }
+    if left > 0 {
+        return Err(RightsRefusal::NotEnough {
+            wanted: modules,
+            available: modules - left,
+        });
     }
     Ok(plan)
 }
@@ -113,7 +129,11 @@ impl ShareGroup {
         modules: u32,
         now_ms: u64,
     ) -> Result<u64, RightsRefusal> {
-        let room = self.room(to, now_ms)?;
+        let room = if from.host_id == to.host_id {
+            self.partition_room(to, now_ms)?
+        } else {
+            self.room(to, now_ms)?
+        };
         if modules > room {
             return Err(RightsRefusal::Invalid(FieldError::new(
                 "modules",
@@ -225,14 +245,21 @@ impl ShareGroup {
     /// those it holds and those in flight to it or from it (an abort brings
     /// the latter back).
     pub fn room(&self, slot: &Slot, now_ms: u64) -> Result<u32, RightsRefusal> {
+        let partition_room = self.partition_room(slot, now_ms)?;
+        Ok(partition_room.min(self.host_room(&slot.host_id, now_ms)))
+    }
+
+    /// How many more rights `slot` may take from inside its own host: one
+    /// per module of the partition, less what it holds and what is in
+    /// flight to or from it.
+    pub fn partition_room(&self, slot: &Slot, now_ms: u64) -> Result<u32, RightsRefusal> {
         let in_flight: u32 = self
             .transfers
             .values()
             .filter(|t| &t.to == slot || &t.from == slot)
             .map(Transfer::in_flight)
             .sum();
-        let partition_room = self.partition(slot)?.room(now_ms).saturating_sub(in_flight);
-        Ok(partition_room.min(self.host_room(&slot.host_id, now_ms)))
+        Ok(self.partition(slot)?.room(now_ms).saturating_sub(in_flight))
     }
 
     /// How many more rights the host may take: one per module of the
