@@ -51,6 +51,26 @@ impl LenderCheck {
         Verdict::AskBroker
     }
 
+    /// The answer about `token`: remembered, refused when lookups are
+    /// spent, else `ask`'s (remembered unless it has none: the broker
+    /// could not be asked, so ask again later).
+    pub async fn answer<F>(&self, token: &str, now_ms: u64, ask: impl FnOnce() -> F) -> bool
+    where
+        F: std::future::Future<Output = Option<bool>>,
+    {
+        match self.verdict(token, now_ms) {
+            Verdict::Known(answer) => answer,
+            Verdict::Refuse => false,
+            Verdict::AskBroker => {
+                let answer = ask().await;
+                if let Some(answer) = answer {
+                    self.remember(token, answer, now_ms);
+                }
+                answer.unwrap_or(false)
+            }
+        }
+    }
+
     pub fn remember(&self, token: &str, is_lender: bool, now_ms: u64) {
         let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         if answers.len() >= MAX_REMEMBERED {

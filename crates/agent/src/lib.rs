@@ -737,44 +737,30 @@ impl Agent {
             return true;
         }
         let now_ms = self.config.clock.now_ms();
-        match self.lender_check.verdict(token, now_ms) {
-            lender_check::Verdict::Known(answer) => answer,
-            lender_check::Verdict::Refuse => false,
-            lender_check::Verdict::AskBroker => {
-                let answer = self.broker_says_lender_of_this_host(token).await;
-                // An unreachable broker is not remembered: ask again later.
-                if let Some(is_lender) = answer {
-                    self.lender_check.remember(token, is_lender, now_ms);
-                }
-                answer.unwrap_or(false)
-            }
-        }
+        self.lender_check
+            .answer(token, now_ms, || {
+                self.broker_says_lender_of_this_host(token)
+            })
+            .await
     }
 
     /// Whether `token` is an admin's, as the broker says (remembered
     /// briefly; lookups rate-limited like the lender check's).
     pub(crate) async fn is_admin(&self, token: &str) -> bool {
         let now_ms = self.config.clock.now_ms();
-        match self.admin_check.verdict(token, now_ms) {
-            lender_check::Verdict::Known(answer) => answer,
-            lender_check::Verdict::Refuse => false,
-            lender_check::Verdict::AskBroker => {
-                let theirs = self
-                    .broker
-                    .with_token(Some(token.to_string()))
-                    .whoami()
-                    .await;
-                let answer = match theirs {
-                    Ok(who) => Some(who.role == leasehold_api::Role::Admin),
-                    Err(error) if error.status() == Some(401) => Some(false),
-                    Err(_) => None,
-                };
-                if let Some(is_admin) = answer {
-                    self.admin_check.remember(token, is_admin, now_ms);
-                }
-                answer.unwrap_or(false)
+        let ask = || async {
+            match self
+                .broker
+                .with_token(Some(token.to_string()))
+                .whoami()
+                .await
+            {
+                Ok(who) => Some(who.role == leasehold_api::Role::Admin),
+                Err(error) if error.status() == Some(401) => Some(false),
+                Err(_) => None,
             }
-        }
+        };
+        self.admin_check.answer(token, now_ms, ask).await
     }
 
     /// Whether `token` is the credential of another host of this host's
@@ -785,32 +771,25 @@ impl Agent {
             return false;
         };
         let now_ms = self.config.clock.now_ms();
-        match self.peer_check.verdict(token, now_ms) {
-            lender_check::Verdict::Known(answer) => answer,
-            lender_check::Verdict::Refuse => false,
-            lender_check::Verdict::AskBroker => {
-                let own = self.broker.whoami().await.ok();
-                let theirs = self
-                    .broker
-                    .with_token(Some(token.to_string()))
-                    .whoami()
-                    .await;
-                let members = rights.copy().map(|(g, _)| g.hosts).unwrap_or_default();
-                let answer = match (own, theirs) {
-                    (Some(own), Ok(who)) => Some(
-                        who.role == leasehold_api::Role::Lender
-                            && who.name == own.name
-                            && who.host_scope.is_some_and(|h| members.contains_key(&h)),
-                    ),
-                    (_, Err(error)) if error.status() == Some(401) => Some(false),
-                    _ => None,
-                };
-                if let Some(is_peer) = answer {
-                    self.peer_check.remember(token, is_peer, now_ms);
-                }
-                answer.unwrap_or(false)
+        let ask = || async {
+            let own = self.broker.whoami().await.ok();
+            let theirs = self
+                .broker
+                .with_token(Some(token.to_string()))
+                .whoami()
+                .await;
+            let members = rights.copy().map(|(g, _)| g.hosts).unwrap_or_default();
+            match (own, theirs) {
+                (Some(own), Ok(who)) => Some(
+                    who.role == leasehold_api::Role::Lender
+                        && who.name == own.name
+                        && who.host_scope.is_some_and(|h| members.contains_key(&h)),
+                ),
+                (_, Err(error)) if error.status() == Some(401) => Some(false),
+                _ => None,
             }
-        }
+        };
+        self.peer_check.answer(token, now_ms, ask).await
     }
 
     async fn broker_says_lender_of_this_host(&self, token: &str) -> Option<bool> {

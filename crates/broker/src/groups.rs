@@ -44,6 +44,23 @@ fn may_see(principal: &Principal, owner: Option<&str>) -> bool {
     principal.role == Role::Admin || owner.is_none_or(|owner| owner == principal.name)
 }
 
+fn no_group(name: &str) -> ErrorResponse {
+    err(BrokerError::NotFound(format!("no share group '{name}'")))
+}
+
+/// The group `name` as stored and its version, `None` when there is none;
+/// another lender's group is refused as if it did not exist.
+fn visible_group(
+    store: &mut dyn leasehold_store::BrokerStore,
+    principal: &Principal,
+    name: &str,
+) -> Result<Option<(leasehold_core::rights::ShareGroup, u64)>, ErrorResponse> {
+    match store.share_group(name).map_err(|e| err(e.into()))? {
+        Some((group, _)) if !may_see(principal, group.owner.as_deref()) => Err(no_group(name)),
+        stored => Ok(stored),
+    }
+}
+
 /// Most groups listed at once.
 const MAX_GROUPS_LISTED: u32 = 256;
 
@@ -87,24 +104,14 @@ pub(crate) async fn get_group(
         "read a share group",
     )?;
     check_group_name(&name)?;
-    let stored = app
-        .reader
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .share_group(&name)
-        .map_err(|e| err(e.into()))?;
-    match stored {
-        Some((group, version)) if may_see(&principal, group.owner.as_deref()) => {
-            Ok(Json(ShareGroupDocument {
-                group,
-                version,
-                stale: false,
-            }))
-        }
-        _ => Err(err(BrokerError::NotFound(format!(
-            "no share group '{name}'"
-        )))),
-    }
+    let mut store = app.reader.lock().unwrap_or_else(|p| p.into_inner());
+    let (group, version) =
+        visible_group(store.as_mut(), &principal, &name)?.ok_or_else(|| no_group(&name))?;
+    Ok(Json(ShareGroupDocument {
+        group,
+        version,
+        stale: false,
+    }))
 }
 
 pub(crate) async fn put_group(
@@ -121,15 +128,8 @@ pub(crate) async fn put_group(
     check_group_name(&name)?;
     let now_ms = app.config.clock.now_ms();
     let mut store = app.reader.lock().unwrap_or_else(|p| p.into_inner());
-    let stored = store.share_group(&name).map_err(|e| err(e.into()))?;
+    let stored = visible_group(store.as_mut(), &principal, &name)?;
     let stored_group = stored.as_ref().map(|(group, _)| group);
-    if let Some(group) = stored_group {
-        if !may_see(&principal, group.owner.as_deref()) {
-            return Err(err(BrokerError::NotFound(format!(
-                "no share group '{name}'"
-            ))));
-        }
-    }
     let stored_version = stored.as_ref().map_or(0, |(_, version)| *version);
     if stored_version != request.expected_version {
         return Err(err(version_conflict(&name, stored_version)));
@@ -171,11 +171,7 @@ pub(crate) async fn group_lease_holder(
     check_group_name(&name)?;
     check_name("lease", &lease).map_err(|e| err(BrokerError::Invalid(e)))?;
     let mut store = app.reader.lock().unwrap_or_else(|p| p.into_inner());
-    let visible = match store.share_group(&name).map_err(|e| err(e.into()))? {
-        Some((group, _)) => may_see(&principal, group.owner.as_deref()),
-        None => false,
-    };
-    let held = if visible {
+    let held = if visible_group(store.as_mut(), &principal, &name)?.is_some() {
         store
             .lease_holder(&format!("group/{name}/{lease}"))
             .map_err(|e| err(e.into()))?
@@ -223,13 +219,7 @@ pub(crate) async fn acquire_group_lease(
     }
     let now_ms = app.config.clock.now_ms();
     let mut store = app.reader.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((group, _)) = store.share_group(&name).map_err(|e| err(e.into()))? {
-        if !may_see(&principal, group.owner.as_deref()) {
-            return Err(err(BrokerError::NotFound(format!(
-                "no share group '{name}'"
-            ))));
-        }
-    }
+    visible_group(store.as_mut(), &principal, &name)?;
     // Leases of different lenders' groups never share a name.
     let lease_name = format!("group/{name}/{lease}");
     let epoch = store

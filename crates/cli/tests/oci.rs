@@ -35,40 +35,39 @@ fn serve_store(cluster: &Cluster, store: &str) -> (common::Proc, String) {
     (serve, url)
 }
 
-/// Starts (or restarts) the oci agent `ocihost`, offering busybox from the store.
-fn start_oci_agent(cluster: &Cluster, store_url: &str, log: &str) -> common::Proc {
+/// Starts (or restarts) the oci agent `ocihost`, offering busybox from
+/// the store, with `extra` flags.
+fn start_oci_agent(cluster: &Cluster, store_url: &str, log: &str, extra: &[&str]) -> common::Proc {
     let data = cluster.path("agent-oci").display().to_string();
-    common::spawn_ready_with_token(
-        &[
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data,
-            "--host-id",
-            "ocihost",
-            "--driver",
-            "oci",
-            "--image-store",
-            store_url,
-            "--image",
-            "busybox",
-            "--cpus",
-            "2",
-            "--memory-mib",
-            "4096",
-            "--disk-gib",
-            "10",
-            "--owner-share-centicores",
-            "0",
-            "--broker",
-            &cluster.broker_url,
-            "--output",
-            "json",
-        ],
-        Some(&cluster.lender_token),
-        &cluster.path(log),
-    )
+    let mut args = vec![
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data,
+        "--host-id",
+        "ocihost",
+        "--driver",
+        "oci",
+        "--image-store",
+        store_url,
+        "--image",
+        "busybox",
+        "--cpus",
+        "2",
+        "--memory-mib",
+        "4096",
+        "--disk-gib",
+        "10",
+        "--owner-share-centicores",
+        "0",
+        "--broker",
+        &cluster.broker_url,
+        "--output",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    common::spawn_ready_with_token(&args, Some(&cluster.lender_token), &cluster.path(log))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,7 +99,7 @@ async fn oci_partitions_boot_images_from_the_store() {
     let (serve, store_url) = serve_store(&cluster, &store);
 
     // An agent with the oci driver, offering busybox from that store.
-    let agent = start_oci_agent(&cluster, &store_url, "agent-oci.log");
+    let agent = start_oci_agent(&cluster, &store_url, "agent-oci.log", &[]);
     assert_eq!(agent.ready["driver"], "oci");
     let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
     let lender_agent = Client::new(&agent_url, Some(cluster.lender_token.clone()));
@@ -272,7 +271,7 @@ async fn an_oci_agent_killed_mid_job_cleans_up_when_it_restarts() {
         0
     );
     let (serve, store_url) = serve_store(&cluster, &store);
-    let start_agent = |log: &str| start_oci_agent(&cluster, &store_url, log);
+    let start_agent = |log: &str| start_oci_agent(&cluster, &store_url, log, &[]);
     let agent = start_agent("agent-1.log");
     let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
     Client::new(&agent_url, Some(cluster.lender_token.clone()))
@@ -379,42 +378,13 @@ async fn an_expiring_right_takes_a_core_from_a_running_job() {
     );
     assert_eq!(built.code, 0, "{}", built.stderr);
     let (_serve, store_url) = serve_store(&cluster, &store);
-    let data = cluster.path("agent-oci").display().to_string();
-    let agent = common::spawn_ready_with_token(
-        &[
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            &data,
-            "--host-id",
-            "ocihost",
-            "--driver",
-            "oci",
-            "--image-store",
-            &store_url,
-            "--image",
-            "busybox",
-            "--cpus",
-            "2",
-            "--memory-mib",
-            "4096",
-            "--disk-gib",
-            "10",
-            "--owner-share-centicores",
-            "0",
-            "--broker",
-            &cluster.broker_url,
-            "--output",
-            "json",
-            "--group",
-            "g",
-            &clock_args[0],
-            &clock_args[1],
-        ],
-        Some(&cluster.lender_token),
-        &cluster.path("agent-oci.log"),
-    );
+    let extra = [
+        "--group",
+        "g",
+        clock_args[0].as_str(),
+        clock_args[1].as_str(),
+    ];
+    let agent = start_oci_agent(&cluster, &store_url, "agent-oci.log", &extra);
     let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
     let rights = |token: &str, args: &[&str]| {
         let mut all = vec!["rights"];

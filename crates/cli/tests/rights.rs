@@ -60,30 +60,33 @@ async fn a_partition_borrows_rights_from_another_host_and_none_is_created_or_los
         );
         assert_eq!(granted.code, 0, "{}", granted.stderr);
     }
-    let added = cli(
-        &cluster.broker_url,
-        Some(&lender),
-        &[
-            "host",
-            "add",
-            "--agent",
-            &first,
-            "--vcpus",
-            "1",
-            "--cpu-cap",
-            "100",
-            "--memory-mib",
-            "256",
-            "--disk-gib",
-            "1",
-            "--image",
-            "busybox",
-            "--price-per-hour",
-            "0.10",
-            "--output",
-            "json",
-        ],
-    );
+    let add = |vcpus: &str| {
+        cli(
+            &cluster.broker_url,
+            Some(&lender),
+            &[
+                "host",
+                "add",
+                "--agent",
+                &first,
+                "--vcpus",
+                vcpus,
+                "--cpu-cap",
+                "100",
+                "--memory-mib",
+                "256",
+                "--disk-gib",
+                "1",
+                "--image",
+                "busybox",
+                "--price-per-hour",
+                "0.10",
+                "--output",
+                "json",
+            ],
+        )
+    };
+    let added = add("1");
     assert_eq!(added.code, 0, "{}", added.stderr);
     let index = added.json()["partition"]["index"]
         .as_u64()
@@ -150,32 +153,6 @@ async fn a_partition_borrows_rights_from_another_host_and_none_is_created_or_los
     );
     // The market respects the rights: no partition of more vCPUs than the
     // host holds rights for...
-    let add = |vcpus: &str| {
-        cli(
-            &cluster.broker_url,
-            Some(&lender),
-            &[
-                "host",
-                "add",
-                "--agent",
-                &first,
-                "--vcpus",
-                vcpus,
-                "--cpu-cap",
-                "100",
-                "--memory-mib",
-                "256",
-                "--disk-gib",
-                "1",
-                "--image",
-                "busybox",
-                "--price-per-hour",
-                "0.10",
-                "--output",
-                "json",
-            ],
-        )
-    };
     let too_big = add("4");
     assert_ne!(too_big.code, 0);
     assert!(too_big.stderr.contains("terms.vcpus"), "{}", too_big.stderr);

@@ -229,13 +229,10 @@ impl ShareGroup {
         modules: u32,
         now_ms: u64,
     ) -> Result<Vec<u64>, RightsRefusal> {
-        let plan = plan_request(self, to, modules, now_ms)?;
         let mut next = self.clone();
-        let mut ids = Vec::new();
-        for (from, count) in plan {
-            let id = next.begin_transfer(&from, to, count, now_ms)?;
-            next.commit_transfer(id, now_ms)?;
-            ids.push(id);
+        let ids = next.begin_request(to, modules, now_ms)?;
+        for id in &ids {
+            next.commit_transfer(*id, now_ms)?;
         }
         *self = next;
         Ok(ids)
