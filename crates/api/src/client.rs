@@ -14,6 +14,22 @@ mod rights;
 
 /// How often a request is retried after a connection failure.
 const MAX_CONNECT_RETRIES: u32 = 3;
+/// With several broker URLs: how long a request keeps trying them while
+/// none is up and active (a standby takes over within its leadership time
+/// to live, 5 s by default, plus a load).
+const FAILOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether another broker of the same database may answer instead: this
+/// one cannot be reached (refused, reset, or it died with the request in
+/// flight: the idempotency key makes asking the next one safe), or it
+/// stands by.
+fn not_serving(error: &ApiError) -> bool {
+    match error {
+        ApiError::Unreachable { .. } => true,
+        ApiError::Status { status, code, .. } => *status == 503 && code == "standby",
+        _ => false,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -71,7 +87,11 @@ impl ApiError {
 
 #[derive(Clone)]
 pub struct Client {
+    /// One URL, or several separated by commas: the brokers of one
+    /// database (issue 11), tried in turn while one is down or standing by.
     base_url: String,
+    /// Which of several URLs answered last; tried first next time.
+    preferred_url: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
     /// Answers longer than this are refused unread (`None`: no cap).
@@ -190,6 +210,7 @@ impl Client {
             token,
             http,
             max_response_bytes: None,
+            preferred_url: Default::default(),
         })
     }
 
@@ -210,6 +231,7 @@ impl Client {
             token: None,
             http: trust.build(builder)?,
             max_response_bytes: Some(AGENT_CALL_MAX_RESPONSE_BYTES),
+            preferred_url: Default::default(),
         })
     }
 
@@ -224,6 +246,7 @@ impl Client {
             token: self.token.clone(),
             http: self.http.clone(),
             max_response_bytes: self.max_response_bytes,
+            preferred_url: Default::default(),
         }
     }
 
@@ -233,6 +256,7 @@ impl Client {
             token,
             http: self.http.clone(),
             max_response_bytes: self.max_response_bytes,
+            preferred_url: self.preferred_url.clone(),
         }
     }
 
@@ -256,14 +280,60 @@ impl Client {
         timeout: Option<Duration>,
         idempotency_key: Option<String>,
     ) -> Result<R, ApiError> {
-        let url = format!("{}{}", self.base_url, path);
+        let bases: Vec<&str> = self.base_url.split(',').collect();
+        if bases.len() == 1 {
+            let url = format!("{}{}", self.base_url, path);
+            return self
+                .send_to(method, &url, body, timeout, idempotency_key.as_deref())
+                .await;
+        }
+        // Several brokers of one database: the first that is up and active
+        // answers. The same idempotency key goes to each, and they share
+        // the database, so trying the next never doubles an effect.
+        let waited = std::time::Instant::now();
+        let mut round = 0u64;
+        loop {
+            let first = self
+                .preferred_url
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let mut last_error = None;
+            for offset in 0..bases.len() {
+                let index = (first + offset) % bases.len();
+                let url = format!("{}{}", bases[index].trim_end_matches('/'), path);
+                let key = idempotency_key.as_deref();
+                match self.send_to(method.clone(), &url, body, timeout, key).await {
+                    Err(error) if not_serving(&error) => last_error = Some(error),
+                    answer => {
+                        self.preferred_url
+                            .store(index, std::sync::atomic::Ordering::Relaxed);
+                        return answer;
+                    }
+                }
+            }
+            if waited.elapsed() >= FAILOVER_WAIT {
+                return Err(last_error.expect("at least one URL was tried"));
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(100 * round.min(5))).await;
+        }
+    }
+
+    async fn send_to<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+        idempotency_key: Option<&str>,
+    ) -> Result<R, ApiError> {
+        let url = url.to_string();
         let mut attempt = 0;
         loop {
             let mut request = self.http.request(method.clone(), &url);
             if let Some(token) = &self.token {
                 request = request.bearer_auth(token);
             }
-            if let Some(key) = &idempotency_key {
+            if let Some(key) = idempotency_key {
                 request = request.header(IDEMPOTENCY_HEADER, key);
             }
             if let Some(body) = body {
@@ -299,6 +369,11 @@ impl Client {
 
     pub async fn broker_info(&self) -> Result<BrokerInfo, ApiError> {
         self.get("/v1/broker").await
+    }
+
+    /// Whether the broker is the active one of its database or a standby.
+    pub async fn broker_status(&self) -> Result<crate::broker_status::BrokerStatus, ApiError> {
+        self.get("/v1/broker/status").await
     }
 
     pub async fn whoami(&self) -> Result<WhoAmI, ApiError> {

@@ -2,6 +2,7 @@
 //! used by the CLI, the agent (to talk to the broker), the broker (to notify
 //! agents) and the tests.
 
+pub mod broker_status;
 pub mod client;
 pub mod reservations;
 pub mod rights;

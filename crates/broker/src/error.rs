@@ -47,6 +47,9 @@ pub enum BrokerError {
     HostOwnedByAnotherLender { host_id: String },
     #[error("the broker is shutting down or its writer stopped")]
     Unavailable,
+    /// Another broker of this database is the active one (issue 11).
+    #[error("this broker is a standby, not the active broker of its database{}", match .0 { Some(url) => format!("; the active broker is at {url}"), None => "; try another broker address".to_string() })]
+    NotActive(Option<String>),
     #[error("{0}")]
     ImageStore(String),
     #[error("storage failed: {0}")]
@@ -106,6 +109,9 @@ impl BrokerError {
             ),
             BrokerError::Unavailable => {
                 ErrorResponse::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+            BrokerError::NotActive(_) => {
+                ErrorResponse::new(StatusCode::SERVICE_UNAVAILABLE, "standby", message)
             }
             BrokerError::ImageStore(_) => {
                 ErrorResponse::new(StatusCode::BAD_GATEWAY, "image_store_failed", message)

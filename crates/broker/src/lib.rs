@@ -11,6 +11,7 @@ pub mod error;
 mod groups;
 mod http;
 mod images;
+pub mod leadership;
 pub mod metrics;
 mod openapi;
 mod outbox;
@@ -100,6 +101,7 @@ pub struct RunningBroker {
     pub bootstrap_admin_token: Option<String>,
     app: Arc<AppState>,
     server: leasehold_service::ServerHandle,
+    leadership: Arc<leadership::Leadership>,
 }
 
 pub fn token_sha256(token: &str) -> String {
@@ -137,12 +139,28 @@ impl RunningBroker {
 
     /// Stops accepting requests and waits for the server to finish.
     pub async fn shutdown(self) {
-        self.server.shutdown().await
+        self.server.shutdown().await;
+        self.leadership.resign().await;
     }
 
-    /// Waits until the server stops (after Ctrl-C / SIGTERM).
+    /// Waits until the server stops (after Ctrl-C / SIGTERM, or when this
+    /// broker lost its leadership to another: then an error says so).
     pub async fn wait(self) -> std::io::Result<()> {
-        self.server.wait().await
+        self.server.wait().await?;
+        match self.leadership.role() {
+            leasehold_api::broker_status::BrokerRole::SteppedDown => Err(std::io::Error::other(
+                "this broker lost its leadership to another broker of its database; start it again to stand by",
+            )),
+            _ => {
+                self.leadership.resign().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether this broker is active, and since when (`/v1/broker/status`).
+    pub fn status(&self) -> leasehold_api::broker_status::BrokerStatus {
+        self.leadership.status()
     }
 }
 
@@ -236,9 +254,88 @@ fn open_store(config: &BrokerConfig) -> Result<OpenedStore, BrokerError> {
 /// PostgreSQL at `database_url`) and starts serving.
 /// Stops on Ctrl-C / SIGTERM or [`RunningBroker::shutdown`].
 pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
+    start_with_leadership(config, leadership::LeadershipConfig::default(), &mut |_| {}).await
+}
+
+/// [`start`] as one of several brokers of one database (issue 11): listens
+/// at once, stands by (answering 503 `standby`, and calling `on_standby`
+/// once) until it holds the leadership, then loads the state and serves.
+pub async fn start_with_leadership(
+    config: BrokerConfig,
+    leadership_config: leadership::LeadershipConfig,
+    on_standby: &mut dyn FnMut(&leasehold_api::broker_status::BrokerStatus),
+) -> Result<RunningBroker, BrokerError> {
     // The data directory holds the signing keys whichever database is used.
     leasehold_store::private_fs::ensure_private_dir(&config.data_dir)
         .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    if leadership_config.ttl_ms < leadership::MIN_LEADERSHIP_TTL_MS {
+        return Err(BrokerError::Internal(format!(
+            "the leadership time to live must be at least {} ms",
+            leadership::MIN_LEADERSHIP_TTL_MS
+        )));
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let leadership = leadership::Leadership::new(
+        &leadership::instance_id(&config.data_dir)?,
+        &format!("{scheme}://{local_addr}"),
+        leadership_config,
+        leasehold_store::open_broker_store(&broker_database(&config)?, config.durability)?,
+    );
+    let serving = Arc::new(RwLock::new(leadership::standby_router(leadership.clone())));
+    let server = leasehold_service::ServerHandle::spawn_with_tls(
+        listener,
+        switching_router(serving.clone()),
+        leasehold_service::ServeLimits::default(),
+        config.tls.clone(),
+    );
+    leadership.wait_until_active(on_standby).await;
+    leadership.spawn_renewal();
+    let (app, bootstrap_admin_token) = start_active(config, leadership.clone())?;
+    *serving.write().unwrap_or_else(|p| p.into_inner()) =
+        http::router(app.clone()).merge(leadership::status_route(leadership.clone()));
+    leadership.mark_serving();
+    let stopper = server.stopper();
+    let watched = leadership.clone();
+    tokio::spawn(async move {
+        watched.lost().await;
+        stopper.stop();
+    });
+    Ok(RunningBroker {
+        local_addr,
+        bootstrap_admin_token,
+        app,
+        server,
+        leadership,
+    })
+}
+
+/// A router that hands every request to the router in `serving` now: the
+/// standby's until this broker is active, then the full one.
+fn switching_router(serving: Arc<RwLock<axum::Router>>) -> axum::Router {
+    axum::Router::new().fallback_service(tower::service_fn(
+        move |request: axum::extract::Request| {
+            let router = serving.read().unwrap_or_else(|p| p.into_inner()).clone();
+            async move { tower::ServiceExt::oneshot(router, request).await }
+        },
+    ))
+}
+
+/// Once active: opens the store, loads the state and starts the writer,
+/// the outbox and the planner.
+fn start_active(
+    config: BrokerConfig,
+    leadership: Arc<leadership::Leadership>,
+) -> Result<(Arc<AppState>, Option<String>), BrokerError> {
     let OpenedStore {
         mut db,
         reader,
@@ -255,13 +352,14 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         key_id: keys.current_id().to_string(),
     });
     let metrics = Arc::new(metrics::BrokerMetrics::new());
-    let writer = start_writer_and_outbox(db, state.clone(), signer, &config, metrics.clone())?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| BrokerError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let writer = start_writer_and_outbox(
+        db,
+        state.clone(),
+        signer,
+        &config,
+        metrics.clone(),
+        leadership,
+    )?;
     let images = match &config.image_store_url {
         Some(url) => Some(images::ImageResolver::new(url, &config.client_trust)?),
         None => None,
@@ -278,18 +376,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, BrokerError> {
         metrics,
     });
     reservations::spawn_planner(app.clone());
-    let server = leasehold_service::ServerHandle::spawn_with_tls(
-        listener,
-        http::router(app.clone()),
-        leasehold_service::ServeLimits::default(),
-        app.config.tls.clone(),
-    );
-    Ok(RunningBroker {
-        local_addr,
-        bootstrap_admin_token,
-        app,
-        server,
-    })
+    Ok((app, bootstrap_admin_token))
 }
 
 /// Starts the writer over `db`, and the deliverer of release notices with
@@ -300,6 +387,7 @@ fn start_writer_and_outbox(
     signer: Arc<outbox::NoticeSigner>,
     config: &BrokerConfig,
     metrics: Arc<metrics::BrokerMetrics>,
+    leadership: Arc<leadership::Leadership>,
 ) -> Result<Writer, BrokerError> {
     // One connection pool for every call to agents: no redirects, bounded
     // time and answer size, since a lender chooses the URL.
@@ -313,11 +401,14 @@ fn start_writer_and_outbox(
     let (writer, _thread) = Writer::start(
         db,
         state.clone(),
-        config.clock.clone(),
-        signer,
-        tokio::runtime::Handle::current(),
-        on_effect,
-        metrics,
+        writer::WriterParts {
+            clock: config.clock.clone(),
+            signer,
+            runtime: tokio::runtime::Handle::current(),
+            on_effect,
+            metrics,
+            leadership,
+        },
     );
     outbox::spawn_deliverer(
         outbox::Deliverer {

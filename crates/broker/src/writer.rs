@@ -76,6 +76,18 @@ struct WriterThread {
     on_effect: Arc<dyn Fn(Effect) + Send + Sync>,
     next_prune_ms: u64,
     metrics: Arc<BrokerMetrics>,
+    /// Puts the leadership fence first in every batch (issue 11).
+    leadership: Arc<crate::leadership::Leadership>,
+}
+
+/// What the writer thread needs besides its store and table.
+pub(crate) struct WriterParts {
+    pub clock: SharedClock,
+    pub signer: Arc<NoticeSigner>,
+    pub runtime: tokio::runtime::Handle,
+    pub on_effect: Arc<dyn Fn(Effect) + Send + Sync>,
+    pub metrics: Arc<BrokerMetrics>,
+    pub leadership: Arc<crate::leadership::Leadership>,
 }
 
 /// One batch being decided: the changes not committed yet and what each
@@ -91,24 +103,22 @@ struct Batch {
 
 impl Writer {
     /// Starts the writer thread over `db`, sharing `state` with readers.
-    pub fn start(
+    pub(crate) fn start(
         db: Box<dyn BrokerStore>,
         state: Arc<RwLock<BrokerState>>,
-        clock: SharedClock,
-        signer: Arc<NoticeSigner>,
-        runtime: tokio::runtime::Handle,
-        on_effect: Arc<dyn Fn(Effect) + Send + Sync>,
-        metrics: Arc<BrokerMetrics>,
+        parts: WriterParts,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         let (sender, mut receiver) = mpsc::channel::<Request>(QUEUE_CAPACITY);
+        let runtime = parts.runtime;
         let mut thread = WriterThread {
             db,
             state,
-            clock,
-            signer,
-            on_effect,
+            clock: parts.clock,
+            signer: parts.signer,
+            on_effect: parts.on_effect,
             next_prune_ms: 0,
-            metrics,
+            metrics: parts.metrics,
+            leadership: parts.leadership,
         };
         let handle = std::thread::Builder::new()
             .name("leasehold-writer".into())
@@ -162,11 +172,18 @@ impl WriterThread {
         let commit = if batch.writes.is_empty() {
             self.metrics.observe_commit(commands, None);
             Ok(())
-        } else {
+        } else if let Some(fence) = self.leadership.fence() {
+            batch.writes.insert(0, fence);
             let committed = self.db.apply(&batch.writes);
             self.metrics
                 .observe_commit(commands, Some(commit_started.elapsed()));
             committed
+        } else {
+            // Stepped down: nothing more is written from this process.
+            Err(leasehold_store::StoreError::Fenced {
+                name: crate::leadership::LEADERSHIP_LEASE.into(),
+                epoch: 0,
+            })
         };
         match commit {
             Ok(()) => self.publish(batch),
@@ -337,6 +354,17 @@ impl WriterThread {
     /// commit reported as failed may still have happened; lease ids and
     /// epochs the batch used are never handed out again.
     fn discard(&mut self, batch: Batch, error: leasehold_store::StoreError) {
+        if let leasehold_store::StoreError::Fenced { .. } = error {
+            // Another broker took over: this one must change nothing more
+            // and send its callers to the active one.
+            self.leadership.step_down(&error.to_string());
+            for (reply, _) in batch.answers {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(BrokerError::NotActive(None)));
+                }
+            }
+            return;
+        }
         tracing::error!(%error, "commit failed; reloading the resource table from the database");
         self.metrics.count_commit_failure();
         let reloaded = self

@@ -34,13 +34,14 @@ struct Cli {
 
 #[derive(Args, Clone)]
 pub struct Global {
-    /// The broker's URL.
+    /// The broker's URL; several brokers of one database (an active one and
+    /// standbys) as URL,URL,...: requests go to whichever is active.
     #[arg(
         long,
         global = true,
         env = "LEASEHOLD_BROKER",
         default_value = "http://127.0.0.1:7070",
-        value_parser = parse_url
+        value_parser = parse_broker_urls
     )]
     pub broker: String,
     /// Refused: a token on the command line is readable by every local
@@ -172,6 +173,12 @@ pub fn parse_url(text: &str) -> Result<String, String> {
     } else {
         Err(format!("'{text}' is not a URL like http://127.0.0.1:7070"))
     }
+}
+
+/// One broker URL, or several of one database separated by commas.
+pub fn parse_broker_urls(text: &str) -> Result<String, String> {
+    let urls: Result<Vec<String>, String> = text.split(',').map(parse_url).collect();
+    Ok(urls?.join(","))
 }
 
 pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {

@@ -176,6 +176,19 @@ pub struct BrokerArgs {
     /// A file only you can read (mode 0600) holding the PostgreSQL URL.
     #[arg(long, value_name = "FILE", conflicts_with = "database")]
     pub database_url_file: Option<PathBuf>,
+    /// Another broker of the same database (repeat for each): the brokers
+    /// of one PostgreSQL database elect one active broker through it, the
+    /// others stand by and take over within --leadership-ttl-ms when it
+    /// dies. Shown by `leasehold broker status`; give clients and agents
+    /// every address as --broker URL,URL.
+    #[arg(long = "peer", value_name = "URL", value_parser = crate::parse_url)]
+    pub peers: Vec<String>,
+    /// How long the active broker's leadership lasts without renewal (it
+    /// renews every third of it): a standby takes over this long after the
+    /// active broker dies.
+    #[arg(long, default_value_t = leasehold_broker::leadership::DEFAULT_LEADERSHIP_TTL_MS,
+          value_parser = clap::value_parser!(u64).range(leasehold_broker::leadership::MIN_LEADERSHIP_TTL_MS..=600_000))]
+    pub leadership_ttl_ms: u64,
     #[command(flatten)]
     pub plan: PlanArgs,
     #[command(flatten)]
@@ -186,6 +199,10 @@ pub struct BrokerArgs {
 
 #[derive(clap::Subcommand)]
 pub enum BrokerAction {
+    /// Whether each broker at --broker (URL or URL,URL,...) is the active
+    /// one of its database or a standby, with its leadership epoch and since
+    /// when.
+    Status,
     /// Add a new signing key, endorsed by the current one. Restart the
     /// broker to sign new lease keys with it; keys signed by older keys stay
     /// valid until they expire, and agents learn the new key by its
@@ -593,17 +610,25 @@ async fn plan_driver(
     }
 }
 
+/// Prints a service's ready line. A service outlives whoever read its
+/// first line (a standby broker prints another when it becomes active), so
+/// a closed stdout is no reason to stop.
 fn print_ready(global: &Global, value: serde_json::Value, text: String) {
-    if global.output == OutputFormat::Json {
-        println!("{value}");
+    use std::io::Write;
+    let line = if global.output == OutputFormat::Json {
+        value.to_string()
     } else {
-        println!("{text}");
-    }
+        text
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
 }
 
 pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
-    if let Some(BrokerAction::RotateKey(rotate)) = &args.action {
-        return rotate_key(global, rotate);
+    match &args.action {
+        Some(BrokerAction::RotateKey(rotate)) => return rotate_key(global, rotate),
+        Some(BrokerAction::Status) => return broker_status(global).await,
+        None => {}
     }
     let tls = args.tls.identity_for("broker", args.listen)?;
     let clock = args.clock.clock()?;
@@ -620,27 +645,39 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
     } else {
         "sqlite"
     };
-    let running = leasehold_broker::start(BrokerConfig {
-        data_dir: args.data_dir.clone(),
-        listen: args.listen,
-        durability: durability(&args.durability),
-        commission_basis_points: args.commission_basis_points,
-        key_ttl_ms: args.key_ttl_secs.saturating_mul(1000),
-        clock,
-        image_store_url: args.image_store.clone(),
-        tls,
-        client_trust: global.server_trust.clone(),
-        database_url,
-        store_layer: None,
-        plan_policy: args.plan.policy(),
-        run_planner: true,
-        metrics_public: args.operator.metrics_public,
-    })
+    let leadership = leasehold_broker::leadership::LeadershipConfig {
+        ttl_ms: args.leadership_ttl_ms,
+        peers: args.peers.clone(),
+    };
+    let mut on_standby = |status: &leasehold_api::broker_status::BrokerStatus| {
+        print_standing_by(global, status, database)
+    };
+    let running = leasehold_broker::start_with_leadership(
+        BrokerConfig {
+            data_dir: args.data_dir.clone(),
+            listen: args.listen,
+            durability: durability(&args.durability),
+            commission_basis_points: args.commission_basis_points,
+            key_ttl_ms: args.key_ttl_secs.saturating_mul(1000),
+            clock,
+            image_store_url: args.image_store.clone(),
+            tls,
+            client_trust: global.server_trust.clone(),
+            database_url,
+            store_layer: None,
+            plan_policy: args.plan.policy(),
+            run_planner: true,
+            metrics_public: args.operator.metrics_public,
+        },
+        leadership,
+        &mut on_standby,
+    )
     .await
     .context("failed to start the broker")?;
     let url = running.url();
+    let epoch = running.status().epoch;
     let mut text = format!(
-        "broker listening on {url} ({database}; data in {})",
+        "broker listening on {url} ({database}; data in {}; active, epoch {epoch})",
         args.data_dir.display()
     );
     if let Some(token) = &running.bootstrap_admin_token {
@@ -648,7 +685,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
     }
     print_ready(
         global,
-        serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "database": database, "admin_token": running.bootstrap_admin_token}),
+        serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "database": database, "admin_token": running.bootstrap_admin_token, "role": "active", "epoch": epoch}),
         text,
     );
     running
@@ -656,6 +693,72 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         .await
         .context("the broker stopped with an error")?;
     Ok(0)
+}
+
+/// The ready line of a broker that stands by (it prints another when it
+/// becomes active).
+fn print_standing_by(
+    global: &Global,
+    status: &leasehold_api::broker_status::BrokerStatus,
+    database: &str,
+) {
+    let active = status.active_url.as_deref().unwrap_or("unknown");
+    print_ready(
+        global,
+        serde_json::json!({"broker_url": status.url, "role": "standby", "active_url": status.active_url, "database": database}),
+        format!("broker standing by on {} (the active broker is {active}); it takes over when that one stops", status.url),
+    );
+}
+
+/// `leasehold broker status`: asks each URL of --broker; exit 1 when none
+/// is active.
+async fn broker_status(global: &Global) -> Result<i32> {
+    let mut rows = Vec::new();
+    for url in global.broker.split(',') {
+        let client = leasehold_api::Client::with_trust(url, None, &global.server_trust)?;
+        rows.push(match client.broker_status().await {
+            Ok(status) => serde_json::to_value(status)?,
+            Err(error) => {
+                serde_json::json!({"url": url, "role": "unreachable", "error": error.to_string()})
+            }
+        });
+    }
+    let any_active = rows.iter().any(|row| row["role"] == "active");
+    if global.output == OutputFormat::Json {
+        let document = if rows.len() == 1 {
+            rows[0].clone()
+        } else {
+            serde_json::json!({"brokers": rows})
+        };
+        println!("{document}");
+    } else {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        println!(
+            "{:<32} {:<12} {:>6}  {:<24} ACTIVE",
+            "BROKER", "ROLE", "EPOCH", "SINCE"
+        );
+        for row in &rows {
+            let since = row["since_ms"]
+                .as_u64()
+                .map(|since_ms| format!("{} s ago", now_ms.saturating_sub(since_ms) / 1000))
+                .unwrap_or_default();
+            println!(
+                "{:<32} {:<12} {:>6}  {:<24} {}",
+                row["url"].as_str().unwrap_or(""),
+                row["role"].as_str().unwrap_or(""),
+                row["epoch"]
+                    .as_u64()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
+                since,
+                row["active_url"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(if any_active { 0 } else { 1 })
 }
 
 /// The broker's PostgreSQL URL, from --database (only without a password),

@@ -408,7 +408,17 @@ impl Default for ServeLimits {
 /// A running HTTP server: it stops on Ctrl-C / SIGTERM or [`ServerHandle::shutdown`].
 pub struct ServerHandle {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    shutdown: tokio::sync::watch::Sender<bool>,
+    shutdown: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// Stops a server from elsewhere (e.g. a broker that lost its leadership).
+#[derive(Clone)]
+pub struct ServerStopper(std::sync::Arc<tokio::sync::watch::Sender<bool>>);
+
+impl ServerStopper {
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
 }
 
 impl ServerHandle {
@@ -446,7 +456,15 @@ impl ServerHandle {
         };
         let router = limited_router(router, &limits);
         let server = tokio::spawn(serve_connections(listener, router, limits, tls, stop));
-        ServerHandle { server, shutdown }
+        ServerHandle {
+            server,
+            shutdown: std::sync::Arc::new(shutdown),
+        }
+    }
+
+    /// A handle that stops this server, for a task that outlives `&self`.
+    pub fn stopper(&self) -> ServerStopper {
+        ServerStopper(self.shutdown.clone())
     }
 
     /// Stops accepting requests and waits for the server to finish.

@@ -211,6 +211,16 @@ CREATE INDEX asset_movements_by_asset ON asset_movements (asset, movement_id);
 /// One write of the broker; a batch of them commits atomically.
 #[derive(Debug, Clone)]
 pub enum BrokerWrite {
+    /// Fails the whole batch unless `holder` still holds the fenced lease
+    /// `name` at `epoch`: a broker that lost its leadership to a newer
+    /// epoch can change nothing, whatever it believes. Put first in a
+    /// batch; it locks the lease's row until the batch commits, so a
+    /// take-over waits for the batch or the batch sees the new epoch.
+    CheckFence {
+        name: String,
+        holder: String,
+        epoch: u64,
+    },
     PutMeta {
         key: String,
         value: String,

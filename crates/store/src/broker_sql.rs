@@ -63,6 +63,11 @@ pub(crate) fn apply(engine: &mut dyn SqlEngine, writes: &[BrokerWrite]) -> Store
 
 fn apply_one(tx: &mut dyn SqlConnection, write: &BrokerWrite) -> StoreResult<()> {
     match write {
+        BrokerWrite::CheckFence {
+            name,
+            holder,
+            epoch,
+        } => check_fence(tx, name, holder, *epoch),
         BrokerWrite::PutMeta { key, value } => tx.execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             &[key.into(), value.into()],
@@ -573,6 +578,29 @@ pub(crate) fn acquire_lease(
         &[name.into(), holder.into(), int(expires_at_ms), int(now_ms)],
     )?;
     rows.first().map(|row| row.u64(0)).transpose()
+}
+
+/// The batch's fence: an update that changes nothing but locks the lease's
+/// row (PostgreSQL re-checks the condition on the newest row version, so a
+/// take-over committed meanwhile is seen), and counts 0 rows when the epoch
+/// or holder moved on.
+fn check_fence(
+    tx: &mut dyn SqlConnection,
+    name: &str,
+    holder: &str,
+    epoch: u64,
+) -> StoreResult<u64> {
+    let held = tx.execute(
+        "UPDATE fenced_leases SET epoch = epoch WHERE name = ?1 AND holder = ?2 AND epoch = ?3",
+        &[name.into(), holder.into(), int(epoch)],
+    )?;
+    if held == 0 {
+        return Err(crate::StoreError::Fenced {
+            name: name.to_string(),
+            epoch,
+        });
+    }
+    Ok(held)
 }
 
 /// Movements of an asset other than money, newest first.

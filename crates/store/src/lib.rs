@@ -45,6 +45,12 @@ pub enum StoreError {
     BadDatabaseUrl(String),
     #[error("the database connection's thread failed: {0}")]
     DatabaseThread(String),
+    #[error("cannot create the database file {0}")]
+    CreateFile(String),
+    #[error(
+        "fenced: the lease {name} is no longer held at epoch {epoch} (another process took over)"
+    )]
+    Fenced { name: String, epoch: u64 },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -64,6 +70,7 @@ pub(crate) fn open_connection(
     path: &std::path::Path,
     durability: Durability,
 ) -> StoreResult<rusqlite::Connection> {
+    create_private_database_file(path)?;
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -80,6 +87,25 @@ pub(crate) fn open_connection(
     // (the old signing-key seed) does not linger in free pages.
     conn.pragma_update(None, "secure_delete", "ON")?;
     Ok(conn)
+}
+
+/// Creates a missing database file as 0600 whatever the umask; SQLite
+/// gives its -wal and -shm files the same mode.
+fn create_private_database_file(path: &std::path::Path) -> StoreResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(StoreError::CreateFile(format!(
+            "{}: {error}",
+            path.display()
+        ))),
+    }
 }
 
 pub(crate) fn corrupt(table: &'static str, problem: impl std::fmt::Display) -> StoreError {

@@ -136,6 +136,7 @@ conformance!(
     idempotency_records_are_replaced_and_pruned_by_age,
     release_notices_wait_in_the_outbox_and_list_in_release_order,
     acquire_lease_bumps_the_epoch_renews_and_refuses_another_holder,
+    a_fenced_batch_commits_only_under_the_current_epoch,
     racing_holders_get_a_lease_exactly_once,
     calendar_intervals_are_kept_until_unbooked_and_never_two_at_one_start,
     workloads_pools_and_counters_round_trip_and_deleting_a_workload_takes_its_pools,
@@ -507,6 +508,36 @@ fn release_notices_wait_in_the_outbox_and_list_in_release_order(database: &Fresh
             .is_err(),
         "one revocation per lease"
     );
+}
+
+fn a_fenced_batch_commits_only_under_the_current_epoch(database: &FreshDatabase) {
+    let mut db = database.open();
+    let fence = |holder: &str, epoch: u64| BrokerWrite::CheckFence {
+        name: "broker".into(),
+        holder: holder.into(),
+        epoch,
+    };
+    let meta = |value: &str| BrokerWrite::PutMeta {
+        key: "written_by".into(),
+        value: value.into(),
+    };
+    assert_eq!(db.acquire_lease("broker", "a", 1_000, 0).unwrap(), Some(1));
+    db.apply(&[fence("a", 1), meta("a")]).unwrap();
+    // b takes over after a's lease lapsed: a's next batch changes nothing.
+    assert_eq!(
+        db.acquire_lease("broker", "b", 1_000, 2_000).unwrap(),
+        Some(2)
+    );
+    let refused = db.apply(&[fence("a", 1), meta("a again")]);
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { epoch: 1, .. })),
+        "{refused:?}"
+    );
+    // Neither does a batch naming the right epoch with the wrong holder.
+    assert!(db.apply(&[fence("a", 2), meta("a again")]).is_err());
+    assert_eq!(db.load().unwrap().meta.get("written_by").unwrap(), "a");
+    db.apply(&[fence("b", 2), meta("b")]).unwrap();
+    assert_eq!(db.load().unwrap().meta.get("written_by").unwrap(), "b");
 }
 
 fn acquire_lease_bumps_the_epoch_renews_and_refuses_another_holder(database: &FreshDatabase) {

@@ -489,3 +489,62 @@ pub fn refused_start(args: &[&str], env: &[(&str, &str)]) -> CliOutput {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// Runs `admin` with a connection to the test server, on a thread of its
+/// own: the `postgres` client blocks on a runtime of its own, which cannot
+/// run inside a test's tokio runtime.
+fn with_admin_connection(admin_url: &str, sql: String) -> Result<(), postgres::Error> {
+    let admin_url = admin_url.to_string();
+    std::thread::spawn(move || {
+        postgres::Client::connect(&admin_url, postgres::NoTls)?.batch_execute(&sql)
+    })
+    .join()
+    .expect("the admin connection's thread")
+}
+
+/// A database of its own for one test, dropped at the end.
+pub struct TestDatabase {
+    pub admin_url: String,
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub fn create() -> Option<TestDatabase> {
+        let Ok(admin_url) = std::env::var("LEASEHOLD_TEST_POSTGRES_URL") else {
+            eprintln!("skipped: set LEASEHOLD_TEST_POSTGRES_URL (CI starts a throw-away cluster)");
+            return None;
+        };
+        let name = format!(
+            "leasehold_e2e_{}_{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        with_admin_connection(&admin_url, format!("CREATE DATABASE {name}"))
+            .expect("create a database on LEASEHOLD_TEST_POSTGRES_URL");
+        // The same server and user, another database: swap the URL's path.
+        let (front, query) = match admin_url.split_once('?') {
+            Some((front, query)) => (front, format!("?{query}")),
+            None => (admin_url.as_str(), String::new()),
+        };
+        let (server, _) = front
+            .rsplit_once('/')
+            .filter(|(server, _)| server.contains("://"))
+            .unwrap_or((front, ""));
+        let url = format!("{server}/{name}{query}");
+        Some(TestDatabase {
+            admin_url,
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = with_admin_connection(
+            &self.admin_url,
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
