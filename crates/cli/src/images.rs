@@ -129,33 +129,7 @@ pub async fn images(global: &Global, command: ImagesCommand) -> Result<i32> {
             image_store,
             cache,
         } => pull(global, &reference, image_store, &cache).await?,
-        ImagesCommand::Serve { listen, store, tls } => {
-            let tls = tls.identity_for("image store", listen)?;
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let store = Arc::new(open(&store)?);
-            let count = store.list().map(|l| l.len()).unwrap_or(0);
-            let root = store.root().to_path_buf();
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("failed to listen on {listen}"))?;
-            let url = format!("{scheme}://{}", listener.local_addr()?);
-            if global.output == OutputFormat::Json {
-                println!(
-                    "{}",
-                    serde_json::json!({"image_store_url": url, "store": root, "images": count})
-                );
-            } else {
-                println!(
-                    "image store serving {count} image(s) from {} on {url}",
-                    root.display()
-                );
-            }
-            let limits = leasehold_service::ServeLimits::default();
-            leasehold_service::ServerHandle::spawn_with_tls(listener, store.router(), limits, tls)
-                .wait()
-                .await
-                .context("the image store stopped with an error")?;
-        }
+        ImagesCommand::Serve { listen, store, tls } => serve(global, listen, &store, tls).await?,
     }
     Ok(0)
 }
@@ -222,5 +196,40 @@ async fn pull(
             image.rootfs.display()
         );
     }
+    Ok(())
+}
+
+/// `images serve`: the store over HTTP (TLS with a certificate) until a signal.
+async fn serve(
+    global: &Global,
+    listen: SocketAddr,
+    store: &Path,
+    tls: crate::serve::TlsArgs,
+) -> Result<()> {
+    let tls = tls.identity_for("image store", listen)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let store = Arc::new(open(store)?);
+    let count = store.list().map(|l| l.len()).unwrap_or(0);
+    let root = store.root().to_path_buf();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("failed to listen on {listen}"))?;
+    let url = format!("{scheme}://{}", listener.local_addr()?);
+    if global.output == OutputFormat::Json {
+        println!(
+            "{}",
+            serde_json::json!({"image_store_url": url, "store": root, "images": count})
+        );
+    } else {
+        println!(
+            "image store serving {count} image(s) from {} on {url}",
+            root.display()
+        );
+    }
+    let limits = leasehold_service::ServeLimits::default();
+    leasehold_service::ServerHandle::spawn_with_tls(listener, store.router(), limits, tls)
+        .wait()
+        .await
+        .context("the image store stopped with an error")?;
     Ok(())
 }
