@@ -1,7 +1,7 @@
 //! `leasehold images`: the content-addressed image store (seed 000,
 //! FIG. 16), on this machine or served to agents over HTTP.
 
-use crate::{parse_listen, Global, OutputFormat};
+use crate::{parse_listen, progress, Global, OutputFormat};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use leasehold_images::ImageStore;
@@ -37,6 +37,20 @@ pub enum ImagesCommand {
     List {
         #[arg(long, default_value_os_t = default_store_dir())]
         store: PathBuf,
+    },
+    /// Download an image from an image store into an agent's image cache
+    /// and unpack it there (by digest, checked), so that the agent's first
+    /// lease does not wait for it. A bare name is pinned to the store's
+    /// current digest first.
+    Pull {
+        /// `name` or `name@sha256:<hex>`.
+        reference: String,
+        /// The image store to download from (`leasehold images serve`).
+        #[arg(long, env = "LEASEHOLD_IMAGE_STORE")]
+        image_store: String,
+        /// The agent's image cache (`DATA_DIR/image-cache` of `leasehold agent`).
+        #[arg(long, default_value_os_t = crate::default_data_dir().join("agent").join("image-cache"))]
+        cache: PathBuf,
     },
     /// Serve the store over HTTP to agents (`--image-store URL`).
     Serve {
@@ -76,19 +90,23 @@ pub async fn images(global: &Global, command: ImagesCommand) -> Result<i32> {
             store,
         } => {
             let name = name.unwrap_or(recipe);
-            let entry = open(&store)?
-                .build_busybox(&name)
-                .with_context(|| format!("failed to build image '{name}'"))?;
+            let spinner = progress::spinner(global, format!("building image '{name}'"));
+            let built = open(&store)?.build_busybox(&name);
+            spinner.finish_and_clear();
+            let entry = built.with_context(|| format!("failed to build image '{name}'"))?;
             print_entry(global, "built", &entry);
         }
         ImagesCommand::Add { name, path, store } => {
             let store = open(&store)?;
-            let entry = if path.is_dir() {
+            let spinner = progress::spinner(global, format!("adding image '{name}'"));
+            let added = if path.is_dir() {
                 store.add_dir(&name, &path)
             } else {
                 store.add_tarball(&name, &path)
-            }
-            .with_context(|| format!("failed to add image '{name}' from {}", path.display()))?;
+            };
+            spinner.finish_and_clear();
+            let entry = added
+                .with_context(|| format!("failed to add image '{name}' from {}", path.display()))?;
             print_entry(global, "added", &entry);
         }
         ImagesCommand::List { store } => {
@@ -106,33 +124,112 @@ pub async fn images(global: &Global, command: ImagesCommand) -> Result<i32> {
                 }
             }
         }
-        ImagesCommand::Serve { listen, store, tls } => {
-            let tls = tls.identity_for("image store", listen)?;
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let store = Arc::new(open(&store)?);
-            let count = store.list().map(|l| l.len()).unwrap_or(0);
-            let root = store.root().to_path_buf();
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("failed to listen on {listen}"))?;
-            let url = format!("{scheme}://{}", listener.local_addr()?);
-            if global.output == OutputFormat::Json {
-                println!(
-                    "{}",
-                    serde_json::json!({"image_store_url": url, "store": root, "images": count})
-                );
-            } else {
-                println!(
-                    "image store serving {count} image(s) from {} on {url}",
-                    root.display()
-                );
-            }
-            let limits = leasehold_service::ServeLimits::default();
-            leasehold_service::ServerHandle::spawn_with_tls(listener, store.router(), limits, tls)
-                .wait()
-                .await
-                .context("the image store stopped with an error")?;
-        }
+        ImagesCommand::Pull {
+            reference,
+            image_store,
+            cache,
+        } => pull(global, &reference, image_store, &cache).await?,
+        ImagesCommand::Serve { listen, store, tls } => serve(global, listen, &store, tls).await?,
     }
     Ok(0)
+}
+
+/// `images pull`: pins a bare name through the store, then downloads the
+/// blob into the cache with a byte-counting bar (its total is the entry's
+/// size) and unpacks it; an image already unpacked there is not downloaded.
+async fn pull(
+    global: &Global,
+    reference: &str,
+    image_store: String,
+    cache_dir: &Path,
+) -> Result<()> {
+    let image_store = crate::parse_url(&image_store)
+        .map_err(|problem| anyhow::anyhow!("--image-store: {problem}"))?;
+    let cache = leasehold_images::ImageCache::with_trust(
+        cache_dir,
+        Some(image_store.clone()),
+        &global.server_trust,
+    )
+    .with_context(|| format!("failed to open the image cache at {}", cache_dir.display()))?;
+    let pinned = if reference.contains('@') {
+        reference.to_string()
+    } else {
+        let entry = cache
+            .resolve(reference)
+            .await
+            .with_context(|| format!("failed to look up image '{reference}' at {image_store}"))?;
+        format!("{}@{}", entry.name, entry.digest)
+    };
+    let bar = progress::byte_bar(global, None, format!("downloading {reference}"));
+    let report_bytes = |done_bytes: u64, total_bytes: u64| {
+        if total_bytes > 0 && bar.length() != Some(total_bytes) {
+            bar.set_length(total_bytes);
+            bar.set_style(progress::byte_bar_style(Some(total_bytes)));
+        }
+        bar.set_position(done_bytes);
+    };
+    let pulled = cache.rootfs(&pinned, &report_bytes).await;
+    bar.finish_and_clear();
+    let image = pulled.with_context(|| format!("failed to pull image '{reference}'"))?;
+    if global.output == OutputFormat::Json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": image.entry.name,
+                "digest": image.entry.digest,
+                "size_bytes": image.entry.size_bytes,
+                "rootfs": image.rootfs,
+                "cache_hit": image.cache_hit,
+            })
+        );
+    } else {
+        let verb = if image.cache_hit {
+            "already cached"
+        } else {
+            "pulled"
+        };
+        println!(
+            "{verb} {}  {}  {} bytes  into {}",
+            image.entry.name,
+            image.entry.digest,
+            image.entry.size_bytes,
+            image.rootfs.display()
+        );
+    }
+    Ok(())
+}
+
+/// `images serve`: the store over HTTP (TLS with a certificate) until a signal.
+async fn serve(
+    global: &Global,
+    listen: SocketAddr,
+    store: &Path,
+    tls: crate::serve::TlsArgs,
+) -> Result<()> {
+    let tls = tls.identity_for("image store", listen)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let store = Arc::new(open(store)?);
+    let count = store.list().map(|l| l.len()).unwrap_or(0);
+    let root = store.root().to_path_buf();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("failed to listen on {listen}"))?;
+    let url = format!("{scheme}://{}", listener.local_addr()?);
+    if global.output == OutputFormat::Json {
+        println!(
+            "{}",
+            serde_json::json!({"image_store_url": url, "store": root, "images": count})
+        );
+    } else {
+        println!(
+            "image store serving {count} image(s) from {} on {url}",
+            root.display()
+        );
+    }
+    let limits = leasehold_service::ServeLimits::default();
+    leasehold_service::ServerHandle::spawn_with_tls(listener, store.router(), limits, tls)
+        .wait()
+        .await
+        .context("the image store stopped with an error")?;
+    Ok(())
 }

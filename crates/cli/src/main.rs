@@ -8,6 +8,8 @@
 
 mod images;
 mod logging;
+mod man;
+mod progress;
 mod reservations;
 mod rights;
 mod serve;
@@ -160,6 +162,9 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print the manual page (roff: `leasehold man | man -l -`), or write one
+    /// page per command with --dir.
+    Man(man::ManArgs),
 }
 
 /// An http(s) URL, so a mistyped one fails here with a clear message
@@ -287,6 +292,7 @@ fn main() {
             Command::Group(command) => rights::group(&global, command).await,
             Command::Simulate(args) => simulate::simulate(&global, args),
             Command::Completions { .. } => Ok(0),
+            Command::Man(args) => man::man(&global, args, <Cli as clap::CommandFactory>::command()),
         };
         match result {
             Ok(code) => code,

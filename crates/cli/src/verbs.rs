@@ -719,24 +719,33 @@ async fn submit_cancelling_on_interrupt(
             }
         }
     });
+    // Until the first byte of output (the partition may be building, its
+    // image downloading); cleared before that byte is printed.
+    let waiting = crate::progress::spinner(global, "waiting for the job's first output");
     let result = agent
         .submit_job_streaming(lease.partition.index, request, |event| {
             use std::io::Write;
             match event {
                 leasehold_api::JobEvent::Started { job_id } => {
                     let _ = job_id_sender.send(Some(*job_id));
+                    waiting.set_message(format!(
+                        "job {job_id} started; waiting for its first output"
+                    ));
                 }
                 leasehold_api::JobEvent::Stdout { data } if text => {
+                    waiting.finish_and_clear();
                     print!("{data}");
                     let _ = std::io::stdout().flush();
                 }
                 leasehold_api::JobEvent::Stderr { data } if text => {
+                    waiting.finish_and_clear();
                     eprint!("{data}");
                 }
                 _ => {}
             }
         })
         .await;
+    waiting.finish_and_clear();
     cancel_on_interrupt.abort();
     Ok(result?)
 }
