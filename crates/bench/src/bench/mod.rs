@@ -6,6 +6,6 @@ pub mod borrowers;
 pub mod broker_process;
 pub mod costs;
 pub mod fill;
-pub mod postgres;
+pub use leasehold_bench::postgres;
 pub mod procfs;
 pub mod seed;

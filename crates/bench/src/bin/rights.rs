@@ -11,10 +11,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use leasehold_api::rights::*;
 use leasehold_api::{Client, Role};
+use leasehold_bench::processes::{binary, start, text, Service};
 use leasehold_bench::stats::Latencies;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -35,61 +34,6 @@ struct Args {
     /// Length of the throughput phase, in seconds.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-}
-
-/// A child process killed when dropped.
-struct Service {
-    child: Child,
-    ready: serde_json::Value,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn binary(args: &Args) -> Result<PathBuf> {
-    if let Some(path) = &args.leasehold {
-        return Ok(path.clone());
-    }
-    let path = std::env::current_exe()?
-        .parent()
-        .context("the benchmark has no directory")?
-        .join("leasehold");
-    if !path.exists() {
-        bail!(
-            "no leasehold binary at {}; build it or pass --leasehold",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn start(binary: &Path, args: &[&str], token: Option<&str>) -> Result<Service> {
-    let mut command = Command::new(binary);
-    command.args(args).env_remove("LEASEHOLD_TOKEN");
-    if let Some(token) = token {
-        command.env("LEASEHOLD_TOKEN", token);
-    }
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("failed to start {}", binary.display()))?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-    let ready = serde_json::from_str(&line)
-        .with_context(|| format!("{args:?} printed no ready line: {line:?}"))?;
-    Ok(Service { child, ready })
-}
-
-fn text(service: &Service, key: &str) -> Result<String> {
-    Ok(service.ready[key]
-        .as_str()
-        .with_context(|| format!("no {key} in {}", service.ready))?
-        .to_string())
 }
 
 fn start_agent(
@@ -141,7 +85,7 @@ fn summary(samples: &mut Latencies) -> serde_json::Value {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let binary = binary(&args)?;
+    let binary = binary(args.leasehold.as_deref())?;
     let dir = tempfile::tempdir()?;
     let group = start_group(&binary, dir.path(), &args.store).await?;
     let (a, b) = (group.clients[0].clone(), group.clients[1].clone());
