@@ -176,6 +176,11 @@ pub struct BrokerArgs {
     /// A file only you can read (mode 0600) holding the PostgreSQL URL.
     #[arg(long, value_name = "FILE", conflicts_with = "database")]
     pub database_url_file: Option<PathBuf>,
+    /// On the first start, write the admin token to this file (created
+    /// 0600) instead of printing it: under a supervisor, stdout goes to a
+    /// log that others may read.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Another broker of the same database (repeat for each): the brokers
     /// of one PostgreSQL database elect one active broker through it, the
     /// others stand by and take over within --leadership-ttl-ms when it
@@ -645,6 +650,21 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
     } else {
         "sqlite"
     };
+    if let Some(path) = &args.admin_token_file {
+        // Checked before the first admin is made: a token that cannot be
+        // written after would be lost with the admin already in place.
+        let parent_exists = path
+            .parent()
+            .is_none_or(|p| p.as_os_str().is_empty() || p.is_dir());
+        if !parent_exists {
+            eprintln!(
+                "leasehold: --admin-token-file {}: its directory does not exist",
+                path.display()
+            );
+            return Ok(2);
+        }
+        private_fs::check_private_file(path).context("--admin-token-file")?;
+    }
     let leadership = leasehold_broker::leadership::LeadershipConfig {
         ttl_ms: args.leadership_ttl_ms,
         peers: args.peers.clone(),
@@ -680,12 +700,26 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         "broker listening on {url} ({database}; data in {}; active, epoch {epoch})",
         args.data_dir.display()
     );
-    if let Some(token) = &running.bootstrap_admin_token {
-        text.push_str(&format!("\nfirst start: admin token (shown once): {token}"));
-    }
+    let shown_token = match (&running.bootstrap_admin_token, &args.admin_token_file) {
+        (Some(token), Some(path)) => {
+            private_fs::write_private_file(path, format!("{token}\n").as_bytes()).with_context(
+                || format!("failed to write --admin-token-file {}", path.display()),
+            )?;
+            text.push_str(&format!(
+                "\nfirst start: admin token written to {} (0600)",
+                path.display()
+            ));
+            None
+        }
+        (Some(token), None) => {
+            text.push_str(&format!("\nfirst start: admin token (shown once): {token}"));
+            Some(token.clone())
+        }
+        (None, _) => None,
+    };
     print_ready(
         global,
-        serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "database": database, "admin_token": running.bootstrap_admin_token, "role": "active", "epoch": epoch}),
+        serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "database": database, "admin_token": shown_token, "admin_token_file": args.admin_token_file, "role": "active", "epoch": epoch}),
         text,
     );
     running

@@ -427,3 +427,61 @@ async fn a_host_credential_acts_for_its_one_host_only() {
         1
     );
 }
+
+/// Under a supervisor the ready line goes to a log others may read:
+/// `--admin-token-file` puts the first admin's token in a 0600 file
+/// instead, and the ready line does not carry it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_admin_token_can_go_to_a_private_file_instead_of_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("broker").display().to_string();
+    let token_path = dir.path().join("admin.token");
+    let token_text = token_path.display().to_string();
+    let broker = spawn_ready(
+        &[
+            "broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--admin-token-file",
+            &token_text,
+            "--output",
+            "json",
+        ],
+        &dir.path().join("broker.log"),
+    );
+    assert!(broker.ready["admin_token"].is_null(), "{}", broker.ready);
+    let metadata = std::fs::metadata(&token_path).unwrap();
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    let url = broker.ready["broker_url"].as_str().unwrap();
+    let whoami = Client::new(url, Some(token.trim().to_string()))
+        .whoami()
+        .await
+        .unwrap();
+    assert_eq!(whoami.name, "admin");
+    // A token file others can read is refused before anything is made.
+    let open_path = dir.path().join("open.token");
+    std::fs::write(&open_path, "").unwrap();
+    std::fs::set_permissions(&open_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let other_data = dir.path().join("other").display().to_string();
+    let refused = Command::new(leasehold_binary())
+        .args([
+            "broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &other_data,
+        ])
+        .args(["--admin-token-file", &open_path.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("admin-token-file"), "{stderr}");
+    assert!(
+        !dir.path().join("other/broker.db").exists(),
+        "nothing was made"
+    );
+}
