@@ -92,6 +92,8 @@ pub(crate) struct AppState {
     pub images: Option<images::ImageResolver>,
     /// This broker's own metrics registry (`/metrics`).
     pub metrics: Arc<metrics::BrokerMetrics>,
+    /// Whether this broker is the active one of its database (issue 11).
+    pub leadership: Arc<leadership::Leadership>,
 }
 
 /// A broker that is serving.
@@ -358,7 +360,7 @@ fn start_active(
         signer,
         &config,
         metrics.clone(),
-        leadership,
+        leadership.clone(),
     )?;
     let images = match &config.image_store_url {
         Some(url) => Some(images::ImageResolver::new(url, &config.client_trust)?),
@@ -374,6 +376,7 @@ fn start_active(
         published_keys: keys.published().to_vec(),
         config,
         metrics,
+        leadership,
     });
     reservations::spawn_planner(app.clone());
     Ok((app, bootstrap_admin_token))

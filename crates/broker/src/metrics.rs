@@ -51,6 +51,7 @@ pub struct BrokerMetrics {
     leases_active: Gauge,
     partitions: Gauge,
     hosts: Gauge,
+    leadership_epoch: Gauge,
     find_latency_seconds: Histogram,
     writer_batch_commands: Histogram,
     writer_commit_seconds: Histogram,
@@ -75,6 +76,7 @@ impl BrokerMetrics {
             leases_active: Gauge::default(),
             partitions: Gauge::default(),
             hosts: Gauge::default(),
+            leadership_epoch: Gauge::default(),
             find_latency_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             writer_batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             writer_commit_seconds: latency_histogram(),
@@ -108,6 +110,11 @@ impl BrokerMetrics {
             self.partitions.clone(),
         );
         r.register("hosts", "Hosts registered now", self.hosts.clone());
+        r.register(
+            "leadership_epoch",
+            "This broker's leadership epoch among the brokers of its database (it serves only while active)",
+            self.leadership_epoch.clone(),
+        );
         r.register(
             "find_duration_seconds",
             "Time to search the free index for one find",
@@ -182,6 +189,8 @@ impl BrokerMetrics {
             self.partitions.set(table.partitions.len() as i64);
             self.hosts.set(table.hosts.len() as i64);
         }
+        self.leadership_epoch
+            .set(app.leadership.status().epoch as i64);
         metrics_response(&self.registry)
     }
 }

@@ -281,6 +281,20 @@ async fn nothing_acknowledged_is_lost_or_doubled(brokers: &TwoBrokers, released:
     ids.dedup();
     assert_eq!(ids.len(), 40, "every lease got its own id");
     assert_eq!(admin_b.ledger().await.unwrap().sum_micros, 0);
+    let metrics_url = format!("{}/metrics", brokers.url_b);
+    let (status, metrics) = common::status_and_body(
+        reqwest::Method::GET,
+        &metrics_url,
+        &brokers.admin_token,
+        None,
+    )
+    .await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("leasehold_broker_leadership_epoch 2"),
+        "{metrics}"
+    );
     let bob_b = Client::new(&brokers.url_b, Some(brokers.borrower_token.clone()));
     assert_eq!(
         bob_b.bill().await.unwrap().leases.len(),
