@@ -13,7 +13,7 @@ pub const MAX_IMAGES_PER_PARTITION: usize = 32;
 pub const MAX_IMAGE_NAME_LEN: usize = 64;
 
 /// What a lender offers for one partition, and at what price.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Terms {
     pub vcpus: u32,
@@ -23,6 +23,7 @@ pub struct Terms {
     pub disk_gib: u64,
     /// The images (operating systems) this partition can boot.
     pub images: Vec<String>,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub price_per_hour_micros: u64,
     /// How strongly the partition's jobs are kept apart from the host and
     /// from each other. The host's agent sets it from its driver; absent in
@@ -33,7 +34,19 @@ pub struct Terms {
 }
 
 /// The isolation a partition driver gives its jobs, weakest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
     /// Plain processes of the host (`process` driver): same file system,
@@ -152,7 +165,7 @@ fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), FieldE
 }
 
 /// What a borrower needs. Every field is optional; an absent field matches all.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Requirements {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +179,7 @@ pub struct Requirements {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub max_price_per_hour_micros: Option<u64>,
     /// The borrower accepts partitions without isolation (the `process`
     /// driver). Off unless asked: nobody gets one by accident.
@@ -198,7 +212,7 @@ impl Requirements {
 }
 
 /// What a host has, and the owner share it keeps for itself and never lends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostCapacity {
     pub cpu_centicores: u64,
     pub memory_mib: u64,
