@@ -52,16 +52,19 @@ const GROUP_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 pub(crate) fn router(app: Arc<AppState>) -> Router {
     let dashboard = crate::ui::Dashboard::new(app.clone());
     let (api, document) = api_router(app.clone(), &dashboard).split_for_parts();
-    api.layer(Extension(crate::openapi::document_json(document)))
-        // The HTML dashboard is not part of the API document.
-        .merge(crate::ui::router(dashboard))
-        .fallback(leasehold_service::not_found_fallback)
-        .layer(axum::middleware::from_fn_with_state(
-            app.metrics.http.clone(),
-            leasehold_service::http_metrics::record_http_request,
-        ))
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .with_state(app)
+    api.layer(Extension(leasehold_service::openapi::DocumentJson::new(
+        document,
+        env!("CARGO_PKG_VERSION"),
+    )))
+    // The HTML dashboard is not part of the API document.
+    .merge(crate::ui::router(dashboard))
+    .fallback(leasehold_service::not_found_fallback)
+    .layer(axum::middleware::from_fn_with_state(
+        app.metrics.http.clone(),
+        leasehold_service::http_metrics::record_http_request,
+    ))
+    .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+    .with_state(app)
 }
 
 /// Every route of the API, each registered with its `#[utoipa::path]`
@@ -98,7 +101,7 @@ pub(crate) fn api_router(
         ));
     OpenApiRouter::with_openapi(crate::openapi::BrokerApi::openapi())
         .routes(routes!(health))
-        .routes(routes!(crate::openapi::serve_document))
+        .routes(routes!(leasehold_service::openapi::serve_document))
         .routes(routes!(broker_info))
         .routes(routes!(crate::openapi::metrics))
         .merge(authenticated)

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
 pub mod http_metrics;
+pub mod openapi;
 pub mod tls;
 pub use tls::{ServerTls, TlsError};
 
