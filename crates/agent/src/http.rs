@@ -342,7 +342,7 @@ async fn list_partitions(State(agent): App) -> Answer<Vec<AgentPartitionView>> {
 
 #[utoipa::path(put, path = "/v1/partitions/{index}", tag = "partitions", request_body = AddPartitionRequest,
     description = "Alter a partition's terms (lender); 409 `partition_locked` while leased.",
-    params(("index" = String, Path, description = "The partition's index (an unsigned integer)")),
+    params(("index" = u32, Path, description = "The partition's index")),
     responses((status = 200, description = "The partition's row", body = AgentPartitionView),
         AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 async fn alter_partition(
@@ -360,7 +360,7 @@ async fn alter_partition(
 
 #[utoipa::path(delete, path = "/v1/partitions/{index}", tag = "partitions",
     description = "Withdraw a partition (lender); 409 `partition_locked` while leased.",
-    params(("index" = String, Path, description = "The partition's index (an unsigned integer)")),
+    params(("index" = u32, Path, description = "The partition's index")),
     responses((status = 200, description = "The partition's row", body = AgentPartitionView),
         AuthErrors, InvalidParameter, NotFound, Conflict, Upstream))]
 async fn withdraw_partition(
@@ -375,7 +375,7 @@ async fn withdraw_partition(
 #[utoipa::path(post, path = "/v1/partitions/{index}/jobs", tag = "jobs", request_body = SubmitJobRequest,
     description = "Run a job with a lease key (sent as the bearer, checked before the body is read, and in the body). \
         Answers its result, or with `stream: true` newline-delimited JSON events (started, stdout, stderr, result).",
-    params(("index" = String, Path, description = "The partition's index (an unsigned integer)")),
+    params(("index" = u32, Path, description = "The partition's index")),
     responses((status = 200, description = "The job's result, or its events as they happen",
             content((JobResult = "application/json"), (JobEvent = "application/x-ndjson"))),
         AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
@@ -520,7 +520,7 @@ impl futures_core::Stream for ReceiverStream {
 
 #[utoipa::path(post, path = "/v1/jobs/{job_id}/cancel", tag = "jobs",
     description = "Cancel a running job (the lender token, or a lease key of the job's lease).",
-    params(("job_id" = String, Path, description = "The job's id (an unsigned integer)")),
+    params(("job_id" = u64, Path, description = "The job's id")),
     responses((status = 200, description = "Whether the job was still running", body = crate::openapi::Cancelled),
         AuthErrors, InvalidParameter, NotFound))]
 async fn cancel_job(
@@ -563,7 +563,7 @@ fn hide_other_leases_job(error: AgentError) -> ErrorResponse {
 /// agent stopped reads `lost`.
 #[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs",
     description = "A job's state and output (the lender token, or a lease key of the job's lease; another lease's job is 404 like a missing one); `lost` when the agent stopped while it ran.",
-    params(("job_id" = String, Path, description = "The job's id (an unsigned integer)")),
+    params(("job_id" = u64, Path, description = "The job's id")),
     responses((status = 200, description = "The job", body = JobResult),
         AuthErrors, InvalidParameter, NotFound))]
 async fn get_job(

@@ -98,7 +98,7 @@ pub(crate) async fn list_groups(
 }
 
 #[utoipa::path(get, path = "/v1/groups/{name}", tag = "groups",
-    params(("name" = String, Path, description = "The share group's name")),
+    params(("name" = String, Path, description = "The share group's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, description = "The share group and its version", body = ShareGroupDocument),
         AuthErrors, InvalidParameter, NotFound, Unavailable))]
 pub(crate) async fn get_group(
@@ -124,7 +124,7 @@ pub(crate) async fn get_group(
 
 #[utoipa::path(put, path = "/v1/groups/{name}", tag = "groups", request_body = PutShareGroupRequest,
     description = "Write a share group's table if it is still at `expected_version` (409 `version_conflict` otherwise).",
-    params(("name" = String, Path, description = "The share group's name")),
+    params(("name" = String, Path, description = "The share group's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, description = "The new version", body = PutShareGroupAnswer),
         AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
 pub(crate) async fn put_group(
@@ -172,8 +172,8 @@ fn version_conflict(name: &str, version: u64) -> BrokerError {
 }
 
 #[utoipa::path(get, path = "/v1/groups/{name}/leases/{lease}", tag = "groups",
-    params(("name" = String, Path, description = "The share group's name"),
-        ("lease" = String, Path, description = "The lease's name, e.g. `primary`")),
+    params(("name" = String, Path, description = "The share group's name", pattern = "^[A-Za-z0-9._-]{1,64}$"),
+        ("lease" = String, Path, description = "The lease's name, e.g. `primary`", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, description = "Who holds the lease, at which epoch, until when", body = GroupLeaseHolder),
         AuthErrors, InvalidParameter, NotFound, Unavailable))]
 pub(crate) async fn group_lease_holder(
@@ -212,8 +212,8 @@ pub(crate) async fn group_lease_holder(
 
 #[utoipa::path(post, path = "/v1/groups/{name}/leases/{lease}", tag = "groups", request_body = GroupLeaseRequest,
     description = "Take or renew a fenced lease of the share group (its primary's leadership).",
-    params(("name" = String, Path, description = "The share group's name"),
-        ("lease" = String, Path, description = "The lease's name, e.g. `primary`")),
+    params(("name" = String, Path, description = "The share group's name", pattern = "^[A-Za-z0-9._-]{1,64}$"),
+        ("lease" = String, Path, description = "The lease's name, e.g. `primary`", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, description = "Held; the epoch fences older holders", body = GroupLeaseAnswer),
         AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
 pub(crate) async fn acquire_group_lease(

@@ -320,7 +320,7 @@ pub(crate) async fn issue_host_credential(
 /// register with it); it is shown once.
 #[utoipa::path(post, path = "/v1/hosts/{host_id}/credentials", tag = "hosts",
     description = "A lender makes a credential for one of its hosts; it is shown once.",
-    params(("host_id" = String, Path, description = "The host the credential acts for")),
+    params(("host_id" = String, Path, description = "The host the credential acts for", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
     responses((status = 201, description = "Created; the token is shown once", body = HostCredentialCreated),
         AuthErrors, InvalidParameter, Conflict, Unavailable))]
 async fn create_host_credential(
@@ -375,7 +375,7 @@ pub(crate) async fn list_hosts(State(app): App) -> Answer<Vec<HostView>> {
 
 #[utoipa::path(put, path = "/v1/hosts/{host_id}", tag = "hosts", request_body = RegisterHostRequest,
     description = "Register or update a host (lender).",
-    params(("host_id" = String, Path, description = "The host's id")),
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
     responses((status = 200, description = "The host as registered", body = HostView),
         AuthErrors, BodyErrors, Conflict, Unavailable))]
 async fn register_host(
@@ -419,8 +419,8 @@ fn parse_index(text: &str) -> Result<u32, ErrorResponse> {
 #[utoipa::path(put, path = "/v1/hosts/{host_id}/partitions/{index}", tag = "partitions",
     request_body = RegisterPartitionRequest,
     description = "Register or alter a partition (the lender owning the host); refused with 409 `partition_locked` while leased.",
-    params(("host_id" = String, Path, description = "The host's id"),
-        ("index" = String, Path, description = "The partition's index on its host (an unsigned integer)")),
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$"),
+        ("index" = u32, Path, description = "The partition's index on its host")),
     responses((status = 200, description = "The partition as registered", body = PartitionView),
         AuthErrors, BodyErrors, NotFound, Conflict, Unavailable, ImageStoreFailed))]
 async fn put_partition(
@@ -447,8 +447,8 @@ async fn put_partition(
 
 #[utoipa::path(delete, path = "/v1/hosts/{host_id}/partitions/{index}", tag = "partitions",
     description = "Withdraw a partition (the lender owning the host); refused with 409 `partition_locked` while leased.",
-    params(("host_id" = String, Path, description = "The host's id"),
-        ("index" = String, Path, description = "The partition's index on its host (an unsigned integer)")),
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$"),
+        ("index" = u32, Path, description = "The partition's index on its host")),
     responses((status = 200, description = "The partition, withdrawn", body = PartitionView),
         AuthErrors, InvalidParameter, NotFound, Conflict, Unavailable))]
 async fn withdraw_partition(
@@ -658,7 +658,7 @@ fn lease_target(request: LeaseRequest) -> Result<LeaseTarget, ErrorResponse> {
 
 #[utoipa::path(post, path = "/v1/leases", tag = "leases", request_body = LeaseRequest,
     description = "Conclude a lease (borrower) on a named partition or the best match; the answer carries the lease key.",
-    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same lease")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same lease", max_length = 128)),
     responses((status = 201, description = "Leased", body = LeaseView),
         (status = 200, description = "A retry of an earlier request with the same idempotency key", body = LeaseView),
         AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
@@ -698,7 +698,7 @@ fn parse_lease_id(text: &str) -> Result<u64, ErrorResponse> {
 
 #[utoipa::path(get, path = "/v1/leases/{lease_id}", tag = "leases",
     description = "One lease; its key is shown to its borrower while active.",
-    params(("lease_id" = String, Path, description = "The lease's id (an unsigned integer)")),
+    params(("lease_id" = u64, Path, description = "The lease's id")),
     responses((status = 200, description = "The lease", body = LeaseView),
         AuthErrors, InvalidParameter, NotFound, Unavailable))]
 async fn get_lease(
@@ -768,8 +768,8 @@ fn leases_of(
 
 #[utoipa::path(post, path = "/v1/leases/{lease_id}/release", tag = "leases",
     description = "Release a lease and bill it once; retries answer with the same bill.",
-    params(("lease_id" = String, Path, description = "The lease's id (an unsigned integer)"),
-        ("Idempotency-Key" = Option<String>, Header, description = "At most 128 characters")),
+    params(("lease_id" = u64, Path, description = "The lease's id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same receipt", max_length = 128)),
     responses((status = 200, description = "The lease, ended, and its bill", body = ReleaseReceipt),
         AuthErrors, InvalidParameter, NotFound, Conflict, Unavailable))]
 async fn release(
@@ -940,7 +940,7 @@ struct RevocationQuery {
 /// The signed release notices of a host's leases whose keys may still be in
 /// use, for its agent to pull (`crate::outbox`).
 #[utoipa::path(get, path = "/v1/hosts/{host_id}/revocations", tag = "hosts", params(RevocationQuery,
-        ("host_id" = String, Path, description = "The host's id")),
+        ("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
     description = "Signed release notices of the host's leases whose keys have not expired, in release order; agents pull them.",
     responses((status = 200, description = "A page of revocations", body = RevocationPage),
         AuthErrors, InvalidParameter, NotFound, Unavailable))]

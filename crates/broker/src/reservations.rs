@@ -72,7 +72,7 @@ pub(crate) async fn apply_workload(
 
 #[utoipa::path(delete, path = "/v1/workloads/{name}", tag = "reservations",
     description = "Delete a workload; its pools give their capacity back.",
-    params(("name" = String, Path, description = "The workload's name")),
+    params(("name" = String, Path, description = "The workload's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, description = "Deleted", body = crate::openapi::Deleted),
         AuthErrors, NotFound, Unavailable))]
 pub(crate) async fn delete_workload(
@@ -94,7 +94,7 @@ pub(crate) async fn delete_workload(
 
 #[utoipa::path(delete, path = "/v1/instances/{name}", tag = "reservations",
     description = "Delete one instance of a workload.",
-    params(("name" = String, Path, description = "The instance's name")),
+    params(("name" = String, Path, description = "The instance's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, description = "Deleted", body = crate::openapi::Deleted),
         AuthErrors, NotFound, Unavailable))]
 pub(crate) async fn delete_instance(
@@ -121,7 +121,7 @@ pub(crate) async fn delete_instance(
 
 #[utoipa::path(post, path = "/v1/instances/{name}/migrate", tag = "reservations", request_body = MigrateRequest,
     description = "Move a placed instance to another host: a pool ramps there and takes over once it holds the target.",
-    params(("name" = String, Path, description = "The instance's name")),
+    params(("name" = String, Path, description = "The instance's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, description = "The instance is moving", body = crate::openapi::Moving),
         AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
 pub(crate) async fn migrate_instance(
@@ -186,7 +186,7 @@ pub(crate) async fn power_save(
 
 #[utoipa::path(post, path = "/v1/power/up/{host_id}", tag = "reservations",
     description = "Power a drained host up again (admin).",
-    params(("host_id" = String, Path, description = "The host's id")),
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
     responses((status = 200, description = "Powered up", body = crate::openapi::PoweredUp),
         AuthErrors, NotFound, Conflict, Unavailable))]
 pub(crate) async fn power_up(
@@ -224,7 +224,7 @@ pub(crate) async fn list_workloads(
 }
 
 #[utoipa::path(get, path = "/v1/workloads/{name}", tag = "reservations",
-    params(("name" = String, Path, description = "The workload's name")),
+    params(("name" = String, Path, description = "The workload's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
     responses((status = 200, description = "The workload", body = WorkloadView), AuthErrors, NotFound))]
 pub(crate) async fn get_workload(
     State(app): App,
@@ -297,7 +297,7 @@ pub(crate) async fn plan_now(
 
 #[utoipa::path(post, path = "/v1/hosts/{host_id}/samples", tag = "reservations", request_body = HostSampleRequest,
     description = "An agent's sample of what its owner uses; answers what pools hold on the host (the lender owning the host, or its host credential).",
-    params(("host_id" = String, Path, description = "The host's id")),
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
     responses((status = 200, description = "What is guaranteed on the host, and when to sample next", body = HostSampleAnswer),
         AuthErrors, BodyErrors, NotFound, Unavailable))]
 pub(crate) async fn host_sample(

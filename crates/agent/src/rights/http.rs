@@ -177,7 +177,7 @@ pub(crate) struct RemoveQuery {
 }
 
 #[utoipa::path(delete, path = "/v1/group/hosts/{host_id}", tag = "rights", params(RemoveQuery,
-        ("host_id" = String, Path, description = "The host to remove")),
+        ("host_id" = String, Path, description = "The host to remove", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
     description = "Remove a host from the share group (its lender or an admin), optionally handing its rights over.",
     responses((status = 200, description = "The transfers committed and aborted", body = RightsOrderAnswer),
         AuthErrors, InvalidParameter, NotFound, Conflict, Upstream))]
