@@ -12,10 +12,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadFile {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub name: String,
     #[serde(default)]
     pub priority: i64,
+    /// RFC 3339, e.g. `2026-12-01T09:00:00Z`.
+    #[schema(format = DateTime)]
     pub start: String,
+    /// RFC 3339; after `start`.
+    #[schema(format = DateTime)]
     pub end: String,
     #[serde(rename = "instance", alias = "instances", default)]
     pub instances: Vec<InstanceSpec>,

@@ -34,7 +34,9 @@ pub struct PutShareGroupAnswer {
 /// manager `host.H`).
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupLeaseRequest {
+    #[schema(min_length = 1, max_length = 128)]
     pub holder: String,
+    #[schema(minimum = 1, maximum = 60000)]
     pub ttl_ms: u64,
 }
 

@@ -5,7 +5,7 @@ use crate::error::BrokerError;
 use crate::groups;
 use crate::reservations;
 use crate::{token_sha256, AppState};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json, Router};
 use leasehold_api::*;
@@ -17,7 +17,7 @@ use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::{self, BROKER_COMMISSION_ACCOUNT};
 use leasehold_core::table::{HostRow, Overlay, Principal, TableView};
 use leasehold_core::PartitionRef;
-use leasehold_service::{bearer_token, idempotency_key, ErrorResponse, JsonBody};
+use leasehold_service::{bearer_token, idempotency_key, ErrorResponse, JsonBody, QueryParams};
 use leasehold_store::broker::{LeaseFilter, PartitionRow};
 use utoipa::OpenApi;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
@@ -486,7 +486,7 @@ pub(crate) struct ListQuery {
 pub(crate) async fn list_partitions(
     State(app): App,
     Extension(principal): Extension<Principal>,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Answer<Vec<PartitionView>> {
     require_role(
         &principal,
@@ -658,7 +658,7 @@ fn lease_target(request: LeaseRequest) -> Result<LeaseTarget, ErrorResponse> {
 
 #[utoipa::path(post, path = "/v1/leases", tag = "leases", request_body = LeaseRequest,
     description = "Conclude a lease (borrower) on a named partition or the best match; the answer carries the lease key.",
-    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same lease", max_length = 128)),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same lease", pattern = "^[A-Za-z0-9_-]{1,128}$")),
     responses((status = 201, description = "Leased", body = LeaseView),
         (status = 200, description = "A retry of an earlier request with the same idempotency key", body = LeaseView),
         AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
@@ -737,7 +737,7 @@ async fn get_lease(
 pub(crate) async fn list_leases(
     State(app): App,
     Extension(principal): Extension<Principal>,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Answer<Vec<LeaseView>> {
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let leases = leases_of(&app, &principal, limit)?;
@@ -769,7 +769,7 @@ fn leases_of(
 #[utoipa::path(post, path = "/v1/leases/{lease_id}/release", tag = "leases",
     description = "Release a lease and bill it once; retries answer with the same bill.",
     params(("lease_id" = u64, Path, description = "The lease's id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same receipt", max_length = 128)),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same receipt", pattern = "^[A-Za-z0-9_-]{1,128}$")),
     responses((status = 200, description = "The lease, ended, and its bill", body = ReleaseReceipt),
         AuthErrors, InvalidParameter, NotFound, Conflict, Unavailable))]
 async fn release(
@@ -853,7 +853,7 @@ pub(crate) async fn bill(
 pub(crate) async fn ledger_view(
     State(app): App,
     Extension(principal): Extension<Principal>,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Answer<LedgerView> {
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let accounts = (principal.role != Role::Admin).then(|| accounts_of(&principal));
@@ -932,8 +932,10 @@ fn rights_ledger(
 #[into_params(parameter_in = Query)]
 struct RevocationQuery {
     /// Only releases after this sequence number (default 0).
+    #[param(value_type = Option<u64>)]
     after_seq: Option<String>,
     /// At most this many (default and most: 1,000).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
 }
 
@@ -948,7 +950,7 @@ async fn host_revocations(
     State(app): App,
     headers: HeaderMap,
     Path(host_id): Path<String>,
-    Query(query): Query<RevocationQuery>,
+    QueryParams(query): QueryParams<RevocationQuery>,
 ) -> Answer<RevocationPage> {
     let principal = authenticate(&app, &headers)?;
     require_role(&principal, &[Role::Lender, Role::Admin], "read revocations")?;

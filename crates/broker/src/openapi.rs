@@ -99,7 +99,7 @@ pub(crate) struct Health {
     path = "/metrics",
     tag = "meta",
     responses(
-        (status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+        (status = 200, description = "The metrics in the OpenMetrics text format (`application/openmetrics-text; version=1.0.0`), which Prometheus reads", content_type = "application/openmetrics-text", body = String),
         AuthErrors,
     )
 )]

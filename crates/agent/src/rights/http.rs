@@ -8,11 +8,11 @@
 use crate::error::AgentError;
 use crate::openapi::{AuthErrors, BodyErrors, Conflict, InvalidParameter, NotFound, Upstream};
 use crate::Agent;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::Json;
 use leasehold_api::rights::*;
 use leasehold_core::rights::Slot;
-use leasehold_service::{bearer_token, ErrorResponse, JsonBody};
+use leasehold_service::{bearer_token, ErrorResponse, JsonBody, QueryParams};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -144,7 +144,7 @@ pub(crate) struct SyncQuery {
         InvalidParameter, NotFound, Upstream))]
 pub(crate) async fn sync(
     State(agent): App,
-    Query(query): Query<SyncQuery>,
+    QueryParams(query): QueryParams<SyncQuery>,
 ) -> Answer<RightsSyncAnswer> {
     manager(&agent)?
         .sync(query.min_version)
@@ -184,7 +184,7 @@ pub(crate) struct RemoveQuery {
 pub(crate) async fn remove_host(
     State(agent): App,
     Path(host_id): Path<String>,
-    Query(query): Query<RemoveQuery>,
+    QueryParams(query): QueryParams<RemoveQuery>,
 ) -> Answer<RightsOrderAnswer> {
     manager(&agent)?
         .remove_host(&host_id, query.hand_over)
