@@ -4,10 +4,10 @@
 //! `#[utoipa::path]` and `http::router` registers it through utoipa-axum's
 //! `routes!`, so a route cannot be served without being documented. The
 //! request and response types derive `ToSchema` where they are defined
-//! (`leasehold_api`, `leasehold_core`). This module holds what the handlers
-//! share: the document's header, the error responses, the shapes of the
-//! few answers written as JSON literals, and the `/openapi.json` and
-//! `/metrics` operations.
+//! (`leasehold_api`, `leasehold_core`). This module holds the document's
+//! header, the broker's error responses, the shapes of the few answers
+//! written as JSON literals, and the `/metrics` operation; what the agent's
+//! document shares with it is in `leasehold_service::openapi`.
 
 use crate::AppState;
 use axum::extract::State;
