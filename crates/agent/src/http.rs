@@ -9,13 +9,17 @@ use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use leasehold_api::*;
 use leasehold_core::key::{self, KeyRejection};
 use leasehold_core::FieldError;
 use leasehold_service::{bearer_token, ErrorResponse, JsonBody};
 use std::sync::Arc;
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+use crate::openapi::{AuthErrors, BodyErrors, Conflict, InvalidParameter, NotFound, Upstream};
 
 type App = State<Arc<Agent>>;
 type Answer<T> = Result<Json<T>, ErrorResponse>;
@@ -25,61 +29,66 @@ type Answer<T> = Result<Json<T>, ErrorResponse>;
 const BODY_LIMIT_BYTES: usize = 16 * 1024;
 
 pub(crate) fn router(agent: Arc<Agent>) -> Router {
+    let (api, document) = api_router(agent.clone()).split_for_parts();
+    api.layer(Extension(leasehold_service::openapi::DocumentJson::new(
+        document,
+        env!("CARGO_PKG_VERSION"),
+    )))
+    .fallback(leasehold_service::not_found_fallback)
+    .layer(middleware::from_fn_with_state(
+        agent.metrics.http.clone(),
+        leasehold_service::http_metrics::record_http_request,
+    ))
+    .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+    .with_state(agent)
+}
+
+/// Every route of the API, each registered with its `#[utoipa::path]`
+/// through `routes!`, so the router and its OpenAPI document are one.
+pub(crate) fn api_router(agent: Arc<Agent>) -> OpenApiRouter<Arc<Agent>> {
     // Every route that reads a body, and every id a caller might probe,
     // authenticates first: lender routes with the lender token, job routes
     // with a lease key (checked offline) or the lender token, notices with
     // the broker's signature. 401/403 come before a byte of body is read.
-    let lender = Router::new()
-        .route("/v1/partitions", post(add_partition).get(list_partitions))
-        .route(
-            "/v1/partitions/{index}",
-            put(alter_partition).delete(withdraw_partition),
-        )
+    let lender = OpenApiRouter::new()
+        .routes(routes!(add_partition, list_partitions))
+        .routes(routes!(alter_partition, withdraw_partition))
         .route_layer(middleware::from_fn_with_state(
             agent.clone(),
             require_lender,
         ));
     let rights = rights_routes(agent.clone());
-    let jobs = Router::new()
-        .route(
-            "/v1/partitions/{index}/jobs",
-            post(submit_job).layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES)),
-        )
+    let jobs = OpenApiRouter::new()
+        .routes(routes!(submit_job).layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES)))
         .route_layer(middleware::from_fn_with_state(
             agent.clone(),
             require_lease_key,
         ));
-    let job_records = Router::new()
-        .route("/v1/jobs/{job_id}", get(get_job))
-        .route("/v1/jobs/{job_id}/cancel", post(cancel_job))
+    let job_records = OpenApiRouter::new()
+        .routes(routes!(get_job))
+        .routes(routes!(cancel_job))
         .route_layer(middleware::from_fn_with_state(
             agent.clone(),
             require_job_bearer,
         ));
-    let notices = Router::new()
-        .route("/v1/notices", post(notice))
-        .route_layer(middleware::from_fn_with_state(
-            agent.clone(),
-            require_notice,
-        ));
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/openapi.json", get(openapi))
-        .route("/v1/agent", get(info))
-        .route("/v1/rights/sync", post(rights_http::sync))
-        .route("/metrics", get(crate::metrics::serve_metrics))
+    let notices =
+        OpenApiRouter::new()
+            .routes(routes!(notice))
+            .route_layer(middleware::from_fn_with_state(
+                agent.clone(),
+                require_notice,
+            ));
+    OpenApiRouter::with_openapi(crate::openapi::AgentApi::openapi())
+        .routes(routes!(health))
+        .routes(routes!(leasehold_service::openapi::serve_document))
+        .routes(routes!(info))
+        .routes(routes!(rights_http::sync))
+        .routes(routes!(crate::openapi::metrics))
         .merge(lender)
         .merge(rights)
         .merge(jobs)
         .merge(job_records)
         .merge(notices)
-        .fallback(leasehold_service::not_found_fallback)
-        .layer(middleware::from_fn_with_state(
-            agent.metrics.http.clone(),
-            leasehold_service::http_metrics::record_http_request,
-        ))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .with_state(agent)
 }
 
 fn err(error: AgentError) -> ErrorResponse {
@@ -111,29 +120,26 @@ async fn require_lender(
 
 /// Seed 004's routes: the table and orders for its managers, the group's
 /// members for its lender and admins, grants and revocations for admins.
-fn rights_routes(agent: Arc<Agent>) -> Router<Arc<Agent>> {
-    let managers = Router::new()
-        .route("/v1/rights", get(rights_http::table))
-        .route("/v1/rights/request", post(rights_http::request))
-        .route("/v1/rights/release", post(rights_http::release))
-        .route("/v1/rights/transfer", post(rights_http::transfer))
+fn rights_routes(agent: Arc<Agent>) -> OpenApiRouter<Arc<Agent>> {
+    let managers = OpenApiRouter::new()
+        .routes(routes!(rights_http::table))
+        .routes(routes!(rights_http::request))
+        .routes(routes!(rights_http::release))
+        .routes(routes!(rights_http::transfer))
         .route_layer(middleware::from_fn_with_state(
             agent.clone(),
             require_rights_manager,
         ));
-    let group = Router::new()
-        .route("/v1/group/hosts", post(rights_http::add_host))
-        .route(
-            "/v1/group/hosts/{host_id}",
-            axum::routing::delete(rights_http::remove_host),
-        )
+    let group = OpenApiRouter::new()
+        .routes(routes!(rights_http::add_host))
+        .routes(routes!(rights_http::remove_host))
         .route_layer(middleware::from_fn_with_state(
             agent.clone(),
             require_lender_or_admin,
         ));
-    let rights_admin = Router::new()
-        .route("/v1/rights/grant", post(rights_http::grant))
-        .route("/v1/rights/revoke", post(rights_http::revoke))
+    let rights_admin = OpenApiRouter::new()
+        .routes(routes!(rights_http::grant))
+        .routes(routes!(rights_http::revoke))
         .route_layer(middleware::from_fn_with_state(agent.clone(), require_admin));
     managers.merge(group).merge(rights_admin)
 }
@@ -292,34 +298,14 @@ fn parse_index(text: &str) -> Result<u32, ErrorResponse> {
     })
 }
 
+#[utoipa::path(get, path = "/v1/health", tag = "meta", security(()),
+    responses((status = 200, description = "The agent is up", body = crate::openapi::Health)))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn openapi() -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "openapi": "3.0.3",
-        "info": {"title": "leasehold agent", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "A host's partition table, lender interface and job submission. Lender calls need 'Authorization: Bearer LENDER_TOKEN'; jobs need a lease key from the broker, sent as 'Authorization: Bearer KEY' (and in the body). Bodies are JSON objects sent with Content-Type: application/json."},
-        "paths": {
-            "/v1/health": {"get": {"summary": "Liveness"}},
-            "/v1/agent": {"get": {"summary": "Host id, driver, bootable images, capacity"}},
-            "/v1/partitions": {
-                "get": {"summary": "The partition table (lender)"},
-                "post": {"summary": "Add a lendable partition {terms} and register it with the broker (lender)"}
-            },
-            "/v1/partitions/{index}": {
-                "put": {"summary": "Alter a partition's terms {terms}; 409 partition_locked while leased (lender)"},
-                "delete": {"summary": "Withdraw a partition; 409 partition_locked while leased (lender)"}
-            },
-            "/v1/partitions/{index}/jobs": {"post": {"summary": "Run a job {lease_key, command, timeout_ms, image, stream} (the key also as the bearer, checked before the body) and answer with its result, or with newline-delimited JSON events (started, stdout, stderr, result) when stream is true; 403 key_rejected for a bad key"}},
-            "/v1/jobs/{job_id}/cancel": {"post": {"summary": "Cancel a running job (lender token, or a lease key of the job's lease)"}},
-            "/v1/jobs/{job_id}": {"get": {"summary": "A job's state and output (lender token, or a lease key of the job's lease; another lease's job is 404 like a missing one); 'lost' when the agent stopped while it ran"}},
-            "/v1/notices": {"post": {"summary": "A signed notice from the broker (lease started / released), also sent as the bearer"}}
-        }
-    }))
-}
-
+#[utoipa::path(get, path = "/v1/agent", tag = "meta", security(()),
+    responses((status = 200, description = "Host id, driver, bootable images, capacity, the owner's use", body = AgentInfo)))]
 async fn info(State(agent): App) -> Json<AgentInfo> {
     let sampled = agent.sampler.status();
     Json(AgentInfo {
@@ -335,6 +321,10 @@ async fn info(State(agent): App) -> Json<AgentInfo> {
     })
 }
 
+#[utoipa::path(post, path = "/v1/partitions", tag = "partitions", request_body = AddPartitionRequest,
+    description = "Add a lendable partition and register it with the broker (lender).",
+    responses((status = 201, description = "The partition's row", body = AgentPartitionView),
+        AuthErrors, BodyErrors, Conflict, Upstream))]
 async fn add_partition(
     State(agent): App,
     JsonBody(request): JsonBody<AddPartitionRequest>,
@@ -343,11 +333,18 @@ async fn add_partition(
     Ok((StatusCode::CREATED, Json(agent.view(&row))))
 }
 
+#[utoipa::path(get, path = "/v1/partitions", tag = "partitions",
+    responses((status = 200, description = "The partition table (lender)", body = Vec<AgentPartitionView>), AuthErrors))]
 async fn list_partitions(State(agent): App) -> Answer<Vec<AgentPartitionView>> {
     let rows = agent.db().partitions().map_err(|e| err(e.into()))?;
     Ok(Json(rows.iter().map(|r| agent.view(r)).collect()))
 }
 
+#[utoipa::path(put, path = "/v1/partitions/{index}", tag = "partitions", request_body = AddPartitionRequest,
+    description = "Alter a partition's terms (lender); 409 `partition_locked` while leased.",
+    params(("index" = u32, Path, description = "The partition's index")),
+    responses((status = 200, description = "The partition's row", body = AgentPartitionView),
+        AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 async fn alter_partition(
     State(agent): App,
     Path(index): Path<String>,
@@ -361,6 +358,11 @@ async fn alter_partition(
     Ok(Json(agent.view(&row)))
 }
 
+#[utoipa::path(delete, path = "/v1/partitions/{index}", tag = "partitions",
+    description = "Withdraw a partition (lender); 409 `partition_locked` while leased.",
+    params(("index" = u32, Path, description = "The partition's index")),
+    responses((status = 200, description = "The partition's row", body = AgentPartitionView),
+        AuthErrors, InvalidParameter, NotFound, Conflict, Upstream))]
 async fn withdraw_partition(
     State(agent): App,
     Path(index): Path<String>,
@@ -370,6 +372,13 @@ async fn withdraw_partition(
     Ok(Json(agent.view(&row)))
 }
 
+#[utoipa::path(post, path = "/v1/partitions/{index}/jobs", tag = "jobs", request_body = SubmitJobRequest,
+    description = "Run a job with a lease key (sent as the bearer, checked before the body is read, and in the body). \
+        Answers its result, or with `stream: true` newline-delimited JSON events (started, stdout, stderr, result).",
+    params(("index" = u32, Path, description = "The partition's index")),
+    responses((status = 200, description = "The job's result, or its events as they happen",
+            content((JobResult = "application/json"), (JobEvent = "application/x-ndjson"))),
+        AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 async fn submit_job(
     State(agent): App,
     Extension(bearer): Extension<Bearer>,
@@ -509,6 +518,11 @@ impl futures_core::Stream for ReceiverStream {
     }
 }
 
+#[utoipa::path(post, path = "/v1/jobs/{job_id}/cancel", tag = "jobs",
+    description = "Cancel a running job (the lender token, or a lease key of the job's lease).",
+    params(("job_id" = u64, Path, description = "The job's id")),
+    responses((status = 200, description = "Whether the job was still running", body = crate::openapi::Cancelled),
+        AuthErrors, InvalidParameter, NotFound))]
 async fn cancel_job(
     State(agent): App,
     Extension(bearer): Extension<Bearer>,
@@ -547,6 +561,11 @@ fn hide_other_leases_job(error: AgentError) -> ErrorResponse {
 /// A job's state: for the host's lender, or with a lease key of the job's
 /// lease (as `Authorization: Bearer KEY`). A job that was running when the
 /// agent stopped reads `lost`.
+#[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs",
+    description = "A job's state and output (the lender token, or a lease key of the job's lease; another lease's job is 404 like a missing one); `lost` when the agent stopped while it ran.",
+    params(("job_id" = u64, Path, description = "The job's id")),
+    responses((status = 200, description = "The job", body = JobResult),
+        AuthErrors, InvalidParameter, NotFound))]
 async fn get_job(
     State(agent): App,
     Extension(bearer): Extension<Bearer>,
@@ -559,6 +578,10 @@ async fn get_job(
     Ok(Json(job))
 }
 
+#[utoipa::path(post, path = "/v1/notices", tag = "notices", request_body = NoticeRequest,
+    description = "A notice signed by the broker (lease started or released), sent as the bearer and in the body.",
+    responses((status = 200, description = "Applied", body = crate::openapi::Applied),
+        AuthErrors, BodyErrors, NotFound, Conflict))]
 async fn notice(
     State(agent): App,
     Extension(bearer): Extension<Bearer>,

@@ -12,6 +12,7 @@ mod job_run;
 mod lender_check;
 mod metrics;
 mod notices;
+mod openapi;
 pub mod owner_cgroup;
 pub mod owner_load;
 mod reconcile;

@@ -73,9 +73,9 @@ impl PartitionDriver for TestDriver {
     }
 }
 
-struct Harness {
+pub(crate) struct Harness {
     _dir: tempfile::TempDir,
-    agent: Arc<Agent>,
+    pub(crate) agent: Arc<Agent>,
     driver: Arc<TestDriver>,
     clock: SimulatedClock,
     broker_key: SigningKey,
@@ -123,7 +123,7 @@ fn terms(vcpus: u32) -> Terms {
     }
 }
 
-fn harness(partitions: &[u32]) -> Harness {
+pub(crate) fn harness(partitions: &[u32]) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let clock = SimulatedClock::starting_at(1_000);
     let broker_key = SigningKey::from_bytes(&[7; 32]);

@@ -9,13 +9,18 @@ use serde::{Deserialize, Serialize};
 
 /// A workload as users write it (TOML or JSON) and as `POST /v1/workloads`
 /// takes it: `[[instance]]` and `[[rule]]` tables, `start`/`end` RFC 3339.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadFile {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub name: String,
     #[serde(default)]
     pub priority: i64,
+    /// RFC 3339, e.g. `2026-12-01T09:00:00Z`.
+    #[schema(format = DateTime)]
     pub start: String,
+    /// RFC 3339; after `start`.
+    #[schema(format = DateTime)]
     pub end: String,
     #[serde(rename = "instance", alias = "instances", default)]
     pub instances: Vec<InstanceSpec>,
@@ -24,7 +29,7 @@ pub struct WorkloadFile {
 }
 
 /// What an instance of a workload is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceStatus {
     /// No pool yet: waiting for a host with room.
@@ -39,7 +44,7 @@ pub enum InstanceStatus {
     Ended,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceView {
     pub name: String,
     pub vcpus: u32,
@@ -63,7 +68,7 @@ pub struct InstanceView {
     pub expected_completion_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkloadView {
     pub name: String,
     pub owner: String,
@@ -77,7 +82,7 @@ pub struct WorkloadView {
 }
 
 /// A row of FIG. 3 for a pool, with its links to instances (FIG. 6).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PoolView {
     pub pool_id: u64,
     pub host_id: String,
@@ -101,7 +106,7 @@ pub struct PoolView {
 }
 
 /// The link table of FIG. 6: instance → pool.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstancePoolLink {
     pub instance: String,
     pub workload: String,
@@ -109,14 +114,14 @@ pub struct InstancePoolLink {
     pub host_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PoolList {
     pub pools: Vec<PoolView>,
     pub links: Vec<InstancePoolLink>,
 }
 
 /// A row of FIG. 5: a host's capacity for pools and instances.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostCapacityView {
     pub host_id: String,
     pub total: Capacity,
@@ -142,7 +147,7 @@ pub struct HostCapacityView {
     pub powered_down: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WarningView {
     pub workload: String,
     pub instances: Vec<String>,
@@ -165,7 +170,7 @@ pub struct WarningView {
 
 /// An agent's sample of its host (`POST /v1/hosts/{id}/samples`): what the
 /// owner's own work uses now. The broker stamps it with its own clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostSampleRequest {
     pub owner_used: Capacity,
@@ -174,14 +179,14 @@ pub struct HostSampleRequest {
 /// The broker's answer to a sample: what pools and started instances hold
 /// on the host (the owner's work must stay out of it), and when to sample
 /// next (sooner as a start on the host nears).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostSampleAnswer {
     pub guaranteed: Capacity,
     pub next_sample_after_ms: u64,
 }
 
 /// `POST /v1/instances/{name}/migrate`: move a placed instance (FIG. 15).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     pub to: String,
@@ -190,14 +195,14 @@ pub struct MigrateRequest {
 /// `POST /v1/power/save`: drain the least-used host that may go (FIG. 17);
 /// a host holding a pool whose start is within `horizon_secs` (default an
 /// hour) stays up.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PowerSaveRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub horizon_secs: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PowerSaveView {
     /// The host being drained, or none when no host may go.
     pub host_id: Option<String>,
@@ -205,7 +210,7 @@ pub struct PowerSaveView {
 }
 
 /// The answer of `POST /v1/plan`: a planning round run now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanRoundView {
     pub changes: usize,
     pub policy: PlanPolicy,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// A group's table and the version a compare-and-swap must name.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShareGroupDocument {
     pub group: ShareGroup,
     pub version: u64,
@@ -17,7 +17,7 @@ pub struct ShareGroupDocument {
     pub stale: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PutShareGroupRequest {
     pub group: ShareGroup,
     /// The version read (0: the group is new); another writer's version
@@ -25,27 +25,29 @@ pub struct PutShareGroupRequest {
     pub expected_version: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PutShareGroupAnswer {
     pub version: u64,
 }
 
 /// Takes or renews a fenced lease of the group (`primary`, or a host's
 /// manager `host.H`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupLeaseRequest {
+    #[schema(min_length = 1, max_length = 128)]
     pub holder: String,
+    #[schema(minimum = 1, maximum = 60000)]
     pub ttl_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupLeaseAnswer {
     /// The epoch the caller holds it at; `None` while another holder has it.
     pub epoch: Option<u64>,
 }
 
 /// Who held a group's fenced lease last, at which epoch, until when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupLeaseHolder {
     pub holder: String,
     pub epoch: u64,
@@ -57,7 +59,7 @@ fn owner_share() -> u32 {
 }
 
 /// More rights for a partition (FIG. 5), asked of its host's manager.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsRequestBody {
     pub host_id: String,
     pub partition: u32,
@@ -66,7 +68,7 @@ pub struct RightsRequestBody {
 
 /// Rights a partition gives back to its host's owner share, or an admin
 /// revokes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsSlotBody {
     pub host_id: String,
     #[serde(default = "owner_share")]
@@ -75,7 +77,7 @@ pub struct RightsSlotBody {
 }
 
 /// An explicit move of permanent rights from one partition to another.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsTransferBody {
     pub from_host: String,
     #[serde(default = "owner_share")]
@@ -87,7 +89,7 @@ pub struct RightsTransferBody {
 }
 
 /// Rights bought for a partition (permanent, or until `expires_at_ms`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsGrantBody {
     pub host_id: String,
     #[serde(default = "owner_share")]
@@ -98,7 +100,7 @@ pub struct RightsGrantBody {
 }
 
 /// What an order did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsOrderAnswer {
     /// Transfers committed (a request or a transfer), by id.
     pub committed: Vec<u64>,
@@ -107,7 +109,7 @@ pub struct RightsOrderAnswer {
     pub version: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupAddBody {
     pub host_id: String,
     /// The host's modules (whole cores); its manager fills its rows when
@@ -117,7 +119,7 @@ pub struct GroupAddBody {
 
 /// A manager's answer to "apply the table": the version it applied and
 /// the modules active on its host now, by partition.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsSyncAnswer {
     pub host_id: String,
     pub version: u64,
@@ -125,7 +127,7 @@ pub struct RightsSyncAnswer {
 }
 
 /// FIG. 4A as rows, for `leasehold rights show`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsTableView {
     pub group: String,
     pub mode: String,
@@ -139,7 +141,7 @@ pub struct RightsTableView {
     pub unassigned: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RightsRowView {
     pub host_id: String,
     /// 0 is the owner share.

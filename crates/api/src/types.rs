@@ -12,12 +12,12 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 pub const MAX_REQUEST_BODY_BYTES: usize = 1024 * 1024;
 
 /// The body of every error response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// A stable machine-readable code, e.g. `partition_locked`.
     pub code: String,
@@ -33,7 +33,7 @@ pub struct ErrorDetail {
 /// Roles are defined (and parsed) once, in core.
 pub use leasehold_core::Role;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BrokerInfo {
     pub version: String,
     /// The key the broker signs new lease keys with.
@@ -46,7 +46,7 @@ pub struct BrokerInfo {
 }
 
 /// A broker signing key as agents see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BrokerPublicKey {
     pub key_id: String,
     pub public_key_hex: String,
@@ -58,14 +58,15 @@ pub struct BrokerPublicKey {
     pub endorsement: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePrincipalRequest {
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")]
     pub name: String,
     pub role: Role,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PrincipalCreated {
     pub name: String,
     pub role: Role,
@@ -73,7 +74,7 @@ pub struct PrincipalCreated {
     pub token: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WhoAmI {
     pub name: String,
     pub role: Role,
@@ -83,14 +84,14 @@ pub struct WhoAmI {
 }
 
 /// A host credential, shown once; the broker keeps only its hash.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostCredentialCreated {
     pub host_id: String,
     pub lender: String,
     pub token: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterHostRequest {
     /// Where the agent listens, so borrowers and the broker can reach it.
@@ -99,7 +100,7 @@ pub struct RegisterHostRequest {
     pub capacity: HostCapacity,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostView {
     pub host_id: String,
     pub lender: String,
@@ -108,13 +109,13 @@ pub struct HostView {
     pub partitions: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterPartitionRequest {
     pub terms: Terms,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PartitionView {
     pub partition: PartitionRef,
     pub terms: Terms,
@@ -123,7 +124,7 @@ pub struct PartitionView {
     pub epoch: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FindRequest {
     #[serde(default)]
@@ -135,13 +136,13 @@ pub struct FindRequest {
 pub const DEFAULT_FIND_LIMIT: u32 = 10;
 pub const MAX_FIND_LIMIT: u32 = 1000;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Offer {
     pub partition: PartitionRef,
     pub terms: Terms,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FindResponse {
     pub offers: Vec<Offer>,
     /// Present when nothing matched: why.
@@ -149,7 +150,7 @@ pub struct FindResponse {
     pub explanation: Option<NoMatchExplanation>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     /// A named partition (`host/index`); or leave it out and give `best`.
@@ -170,7 +171,7 @@ pub struct LeaseRequest {
     pub end: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaseView {
     pub lease_id: LeaseId,
     pub partition: PartitionRef,
@@ -182,6 +183,7 @@ pub struct LeaseView {
     pub started_at_ms: u64,
     pub key_expires_at_ms: u64,
     pub release_requested_at_ms: Option<u64>,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub charge_micros: Option<u64>,
     /// Where to submit jobs (the host's agent).
     pub agent_url: Option<String>,
@@ -190,7 +192,7 @@ pub struct LeaseView {
     pub lease_key: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReleaseReceipt {
     pub lease: LeaseView,
     /// The bill written to the ledger when this lease ended.
@@ -203,30 +205,33 @@ pub struct ReleaseReceipt {
     pub agent_notified: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BillView {
     pub principal: String,
     pub role: Role,
     pub leases: Vec<LeaseView>,
     /// Credits minus debits over this principal's accounts, in micros.
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub balance_micros: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LedgerEntry {
     pub transfer_id: u64,
     pub lease_id: LeaseId,
     pub debit_account: String,
     pub credit_account: String,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub amount_micros: u64,
     pub at_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LedgerView {
     pub transfers: Vec<LedgerEntry>,
     pub balances: Vec<AccountBalance>,
     /// Sum of the balances shown; zero over the whole ledger (admins).
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub sum_micros: i64,
     /// Usage rights (seed 004) moved between the hosts of share groups,
     /// newest first (admins only).
@@ -238,7 +243,7 @@ pub struct LedgerView {
 }
 
 /// One double-entry movement of an asset other than money (whole units).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AssetMovementEntry {
     pub movement_id: u64,
     pub asset: String,
@@ -248,20 +253,21 @@ pub struct AssetMovementEntry {
     pub at_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AccountBalance {
     pub account: String,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub balance_micros: i64,
 }
 
 /// A notice the broker sends an agent, signed like a lease key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NoticeRequest {
     pub notice: String,
 }
 
 /// One released lease of a host: its signed release notice.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Revocation {
     /// The release's place in the broker's order of releases.
     pub seq: u64,
@@ -271,7 +277,7 @@ pub struct Revocation {
 }
 
 /// A page of a host's revocations (`GET /v1/hosts/{id}/revocations`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct RevocationPage {
     pub revocations: Vec<Revocation>,
     /// Ask again with `after_seq` set to this to read on.
@@ -285,7 +291,7 @@ pub const MAX_REVOCATION_PAGE: u32 = 1000;
 
 // ---- agent ----
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentInfo {
     pub host_id: String,
     pub driver: String,
@@ -305,7 +311,7 @@ pub struct AgentInfo {
     pub sampled_at_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LendingFlag {
     /// In the partition table, not (yet) registered with the broker.
@@ -315,7 +321,7 @@ pub enum LendingFlag {
 }
 
 /// A row of the agent's partition table (FIG. 2).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentPartitionView {
     pub partition: PartitionRef,
     pub terms: Terms,
@@ -326,13 +332,13 @@ pub struct AgentPartitionView {
     pub built: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddPartitionRequest {
     pub terms: Terms,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJobRequest {
     pub lease_key: String,
@@ -349,7 +355,7 @@ pub struct SubmitJobRequest {
 }
 
 /// One line of a streamed job answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JobEvent {
     /// The agent accepted the job; its id, to cancel it.
@@ -376,7 +382,7 @@ pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// The job states live in core, named once (`as_str`, `FromStr`).
 pub use leasehold_core::job::JobState;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobResult {
     pub job_id: u64,
     pub lease_id: LeaseId,

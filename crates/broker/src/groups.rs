@@ -9,6 +9,7 @@
 
 use crate::error::BrokerError;
 use crate::http::{err, require_role};
+use crate::openapi::{AuthErrors, BodyErrors, Conflict, InvalidParameter, NotFound, Unavailable};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
@@ -65,6 +66,9 @@ fn visible_group(
 const MAX_GROUPS_LISTED: u32 = 256;
 
 /// The groups the principal may see: all for an admin, a lender's own.
+#[utoipa::path(get, path = "/v1/groups", tag = "groups",
+    responses((status = 200, description = "The share groups the caller may see (seed 004)", body = Vec<ShareGroupDocument>),
+        AuthErrors, Unavailable))]
 pub(crate) async fn list_groups(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -93,6 +97,10 @@ pub(crate) async fn list_groups(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/groups/{name}", tag = "groups",
+    params(("name" = String, Path, description = "The share group's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "The share group and its version", body = ShareGroupDocument),
+        AuthErrors, InvalidParameter, NotFound, Unavailable))]
 pub(crate) async fn get_group(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -114,6 +122,11 @@ pub(crate) async fn get_group(
     }))
 }
 
+#[utoipa::path(put, path = "/v1/groups/{name}", tag = "groups", request_body = PutShareGroupRequest,
+    description = "Write a share group's table if it is still at `expected_version` (409 `version_conflict` otherwise).",
+    params(("name" = String, Path, description = "The share group's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "The new version", body = PutShareGroupAnswer),
+        AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
 pub(crate) async fn put_group(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -158,6 +171,11 @@ fn version_conflict(name: &str, version: u64) -> BrokerError {
     ))
 }
 
+#[utoipa::path(get, path = "/v1/groups/{name}/leases/{lease}", tag = "groups",
+    params(("name" = String, Path, description = "The share group's name", pattern = "^[A-Za-z0-9._-]{1,64}$"),
+        ("lease" = String, Path, description = "The lease's name, e.g. `primary`", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "Who holds the lease, at which epoch, until when", body = GroupLeaseHolder),
+        AuthErrors, InvalidParameter, NotFound, Unavailable))]
 pub(crate) async fn group_lease_holder(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -192,6 +210,12 @@ pub(crate) async fn group_lease_holder(
     })
 }
 
+#[utoipa::path(post, path = "/v1/groups/{name}/leases/{lease}", tag = "groups", request_body = GroupLeaseRequest,
+    description = "Take or renew a fenced lease of the share group (its primary's leadership).",
+    params(("name" = String, Path, description = "The share group's name", pattern = "^[A-Za-z0-9._-]{1,64}$"),
+        ("lease" = String, Path, description = "The lease's name, e.g. `primary`", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "Held; the epoch fences older holders", body = GroupLeaseAnswer),
+        AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
 pub(crate) async fn acquire_group_lease(
     State(app): App,
     Extension(principal): Extension<Principal>,

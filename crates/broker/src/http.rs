@@ -5,9 +5,8 @@ use crate::error::BrokerError;
 use crate::groups;
 use crate::reservations;
 use crate::{token_sha256, AppState};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use leasehold_api::*;
 use leasehold_core::command::{
@@ -18,9 +17,15 @@ use leasehold_core::lease::{Lease, LeaseState};
 use leasehold_core::ledger::{self, BROKER_COMMISSION_ACCOUNT};
 use leasehold_core::table::{HostRow, Overlay, Principal, TableView};
 use leasehold_core::PartitionRef;
-use leasehold_service::{bearer_token, idempotency_key, ErrorResponse, JsonBody};
+use leasehold_service::{bearer_token, idempotency_key, ErrorResponse, JsonBody, QueryParams};
 use leasehold_store::broker::{LeaseFilter, PartitionRow};
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
+use crate::openapi::{
+    AuthErrors, BodyErrors, Conflict, ImageStoreFailed, InvalidParameter, NotFound, Unavailable,
+};
 /// What readers lay over the committed table: nothing.
 pub(crate) static NO_UNCOMMITTED_CHANGES: std::sync::LazyLock<Overlay> =
     std::sync::LazyLock::new(Overlay::default);
@@ -46,101 +51,94 @@ const GROUP_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 
 pub(crate) fn router(app: Arc<AppState>) -> Router {
     let dashboard = crate::ui::Dashboard::new(app.clone());
-    // Everything but health, the API document and the broker's public key
-    // needs a principal, resolved before any body is read.
-    let authenticated = Router::new()
-        .route("/v1/whoami", get(whoami))
-        .route("/v1/principals", post(create_principal_handler))
-        .route("/v1/hosts", get(list_hosts))
-        .route("/v1/hosts/{host_id}", put(register_host))
-        .route("/v1/hosts/{host_id}/revocations", get(host_revocations))
-        .route(
-            "/v1/hosts/{host_id}/credentials",
-            post(create_host_credential),
-        )
-        .route(
-            "/v1/hosts/{host_id}/partitions/{index}",
-            put(put_partition).delete(withdraw_partition),
-        )
-        .route("/v1/partitions", get(list_partitions))
-        .route(
-            "/v1/find",
-            post(find).layer(axum::middleware::from_fn_with_state(
-                dashboard.finds.clone(),
-                crate::ui::record_find_latency,
-            )),
-        )
-        .route("/v1/leases", post(lease).get(list_leases))
-        .route("/v1/leases/{lease_id}", get(get_lease))
-        .route("/v1/leases/{lease_id}/release", post(release))
-        .route("/v1/bill", get(bill))
-        .route("/v1/ledger", get(ledger_view))
+    let (api, document) = api_router(app.clone(), &dashboard).split_for_parts();
+    api.layer(Extension(leasehold_service::openapi::DocumentJson::new(
+        document,
+        env!("CARGO_PKG_VERSION"),
+    )))
+    // The HTML dashboard is not part of the API document.
+    .merge(crate::ui::router(dashboard))
+    .fallback(leasehold_service::not_found_fallback)
+    .layer(axum::middleware::from_fn_with_state(
+        app.metrics.http.clone(),
+        leasehold_service::http_metrics::record_http_request,
+    ))
+    .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+    .with_state(app)
+}
+
+/// Every route of the API, each registered with its `#[utoipa::path]`
+/// through `routes!`, so the router and its OpenAPI document are one.
+pub(crate) fn api_router(
+    app: Arc<AppState>,
+    dashboard: &crate::ui::Dashboard,
+) -> OpenApiRouter<Arc<AppState>> {
+    // Everything but health, the API document, the metrics (which check
+    // their own reader) and the broker's public key needs a principal,
+    // resolved before any body is read.
+    let authenticated = OpenApiRouter::new()
+        .routes(routes!(whoami))
+        .routes(routes!(create_principal_handler))
+        .routes(routes!(list_hosts))
+        .routes(routes!(register_host))
+        .routes(routes!(host_revocations))
+        .routes(routes!(create_host_credential))
+        .routes(routes!(put_partition, withdraw_partition))
+        .routes(routes!(list_partitions))
+        .routes(routes!(find).layer(axum::middleware::from_fn_with_state(
+            dashboard.finds.clone(),
+            crate::ui::record_find_latency,
+        )))
+        .routes(routes!(lease, list_leases))
+        .routes(routes!(get_lease))
+        .routes(routes!(release))
+        .routes(routes!(bill))
+        .routes(routes!(ledger_view))
         .merge(seed_routes())
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             require_principal,
         ));
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/openapi.json", get(openapi))
-        .route("/v1/broker", get(broker_info))
-        .route("/metrics", get(crate::metrics::serve_metrics))
+    OpenApiRouter::with_openapi(crate::openapi::BrokerApi::openapi())
+        .routes(routes!(health))
+        .routes(routes!(leasehold_service::openapi::serve_document))
+        .routes(routes!(broker_info))
+        .routes(routes!(crate::openapi::metrics))
         .merge(authenticated)
-        .merge(crate::ui::router(dashboard))
-        .fallback(leasehold_service::not_found_fallback)
-        .layer(axum::middleware::from_fn_with_state(
-            app.metrics.http.clone(),
-            leasehold_service::http_metrics::record_http_request,
-        ))
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .with_state(app)
 }
 
 /// Seed 003's reservations and seed 004's share groups (authenticated
-/// with the rest by [`router`]).
-fn seed_routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route(
-            "/v1/hosts/{host_id}/samples",
-            post(reservations::host_sample),
+/// with the rest by [`api_router`]).
+fn seed_routes() -> OpenApiRouter<Arc<AppState>> {
+    use utoipa_axum::router::UtoipaMethodRouterExt;
+    OpenApiRouter::new()
+        .routes(routes!(reservations::host_sample))
+        .routes(
+            routes!(reservations::apply_workload, reservations::list_workloads).layer(
+                axum::extract::DefaultBodyLimit::max(WORKLOAD_BODY_LIMIT_BYTES),
+            ),
         )
-        .route(
-            "/v1/workloads",
-            post(reservations::apply_workload)
-                .get(reservations::list_workloads)
-                .layer(axum::extract::DefaultBodyLimit::max(
-                    WORKLOAD_BODY_LIMIT_BYTES,
-                )),
-        )
-        .route(
-            "/v1/workloads/{name}",
-            get(reservations::get_workload).delete(reservations::delete_workload),
-        )
-        .route(
-            "/v1/instances/{name}",
-            axum::routing::delete(reservations::delete_instance),
-        )
-        .route(
-            "/v1/instances/{name}/migrate",
-            post(reservations::migrate_instance),
-        )
-        .route("/v1/power/save", post(reservations::power_save))
-        .route("/v1/power/up/{host_id}", post(reservations::power_up))
-        .route("/v1/pools", get(reservations::list_pools))
-        .route("/v1/host-capacity", get(reservations::host_capacity))
-        .route("/v1/warnings", get(reservations::list_warnings))
-        .route("/v1/plan", post(reservations::plan_now))
-        .route("/v1/groups", get(groups::list_groups))
-        .route(
-            "/v1/groups/{name}",
-            get(groups::get_group)
-                .put(groups::put_group)
+        .routes(routes!(
+            reservations::get_workload,
+            reservations::delete_workload
+        ))
+        .routes(routes!(reservations::delete_instance))
+        .routes(routes!(reservations::migrate_instance))
+        .routes(routes!(reservations::power_save))
+        .routes(routes!(reservations::power_up))
+        .routes(routes!(reservations::list_pools))
+        .routes(routes!(reservations::host_capacity))
+        .routes(routes!(reservations::list_warnings))
+        .routes(routes!(reservations::plan_now))
+        .routes(routes!(groups::list_groups))
+        .routes(
+            routes!(groups::get_group, groups::put_group)
                 .layer(axum::extract::DefaultBodyLimit::max(GROUP_BODY_LIMIT_BYTES)),
         )
-        .route(
-            "/v1/groups/{name}/leases/{lease}",
-            post(groups::acquire_group_lease).get(groups::group_lease_holder),
-        )
+        .routes(routes!(
+            groups::acquire_group_lease,
+            groups::group_lease_holder
+        ))
 }
 
 /// Resolves the bearer token to a principal before the handler (and so
@@ -228,14 +226,14 @@ pub(crate) fn require_role(
     }
 }
 
+#[utoipa::path(get, path = "/v1/health", tag = "meta", security(()),
+    responses((status = 200, description = "The broker is up", body = crate::openapi::Health)))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn openapi() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
-}
-
+#[utoipa::path(get, path = "/v1/broker", tag = "meta", security(()),
+    responses((status = 200, description = "Version, the keys that verify lease keys, the commission", body = BrokerInfo)))]
 async fn broker_info(State(app): App) -> Json<BrokerInfo> {
     Json(BrokerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -245,6 +243,8 @@ async fn broker_info(State(app): App) -> Json<BrokerInfo> {
     })
 }
 
+#[utoipa::path(get, path = "/v1/whoami", tag = "principals",
+    responses((status = 200, description = "The caller's name and role", body = WhoAmI), AuthErrors))]
 async fn whoami(Extension(principal): Extension<Principal>) -> Answer<WhoAmI> {
     Ok(Json(WhoAmI {
         name: principal.name,
@@ -278,6 +278,10 @@ async fn issue_token(
     Ok(token)
 }
 
+#[utoipa::path(post, path = "/v1/principals", tag = "principals", request_body = CreatePrincipalRequest,
+    description = "Create a principal (admin); its token is shown once.",
+    responses((status = 201, description = "Created; the token is shown once", body = PrincipalCreated),
+        AuthErrors, BodyErrors, Conflict, Unavailable))]
 async fn create_principal_handler(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -314,6 +318,11 @@ pub(crate) async fn issue_host_credential(
 
 /// A lender makes a credential for one of its hosts (or a host id it will
 /// register with it); it is shown once.
+#[utoipa::path(post, path = "/v1/hosts/{host_id}/credentials", tag = "hosts",
+    description = "A lender makes a credential for one of its hosts; it is shown once.",
+    params(("host_id" = String, Path, description = "The host the credential acts for", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
+    responses((status = 201, description = "Created; the token is shown once", body = HostCredentialCreated),
+        AuthErrors, InvalidParameter, Conflict, Unavailable))]
 async fn create_host_credential(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -350,6 +359,8 @@ pub(crate) fn unexpected(outcome: Outcome) -> ErrorResponse {
     )))
 }
 
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts",
+    responses((status = 200, description = "Every host, by id", body = Vec<HostView>), AuthErrors))]
 pub(crate) async fn list_hosts(State(app): App) -> Answer<Vec<HostView>> {
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     let mut hosts: Vec<HostView> = state
@@ -362,6 +373,11 @@ pub(crate) async fn list_hosts(State(app): App) -> Answer<Vec<HostView>> {
     Ok(Json(hosts))
 }
 
+#[utoipa::path(put, path = "/v1/hosts/{host_id}", tag = "hosts", request_body = RegisterHostRequest,
+    description = "Register or update a host (lender).",
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
+    responses((status = 200, description = "The host as registered", body = HostView),
+        AuthErrors, BodyErrors, Conflict, Unavailable))]
 async fn register_host(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -400,6 +416,13 @@ fn parse_index(text: &str) -> Result<u32, ErrorResponse> {
     })
 }
 
+#[utoipa::path(put, path = "/v1/hosts/{host_id}/partitions/{index}", tag = "partitions",
+    request_body = RegisterPartitionRequest,
+    description = "Register or alter a partition (the lender owning the host); refused with 409 `partition_locked` while leased.",
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$"),
+        ("index" = u32, Path, description = "The partition's index on its host")),
+    responses((status = 200, description = "The partition as registered", body = PartitionView),
+        AuthErrors, BodyErrors, NotFound, Conflict, Unavailable, ImageStoreFailed))]
 async fn put_partition(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -422,6 +445,12 @@ async fn put_partition(
     }
 }
 
+#[utoipa::path(delete, path = "/v1/hosts/{host_id}/partitions/{index}", tag = "partitions",
+    description = "Withdraw a partition (the lender owning the host); refused with 409 `partition_locked` while leased.",
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$"),
+        ("index" = u32, Path, description = "The partition's index on its host")),
+    responses((status = 200, description = "The partition, withdrawn", body = PartitionView),
+        AuthErrors, InvalidParameter, NotFound, Conflict, Unavailable))]
 async fn withdraw_partition(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -439,18 +468,25 @@ async fn withdraw_partition(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// Only this host's partitions.
     pub host: Option<String>,
+    /// At most this many (default 1,000, at most 10,000).
     pub limit: Option<u32>,
     /// With `host`: only partitions of a higher index (paging).
     pub after_index: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/partitions", tag = "partitions", params(ListQuery),
+    description = "Partitions with their lending status: a lender's own, or all for an admin.",
+    responses((status = 200, description = "Partitions in (host, index) order", body = Vec<PartitionView>),
+        AuthErrors, InvalidParameter))]
 pub(crate) async fn list_partitions(
     State(app): App,
     Extension(principal): Extension<Principal>,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Answer<Vec<PartitionView>> {
     require_role(
         &principal,
@@ -490,6 +526,10 @@ pub(crate) async fn list_partitions(
     Ok(Json(views))
 }
 
+#[utoipa::path(post, path = "/v1/find", tag = "leases", request_body = FindRequest,
+    description = "Free partitions matching the requirements: cheapest first, then best fit; an explanation when none match.",
+    responses((status = 200, description = "Offers, or why there are none", body = FindResponse),
+        AuthErrors, BodyErrors))]
 async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answer<FindResponse> {
     request.requirements.validate().map_err(|e| {
         err(BrokerError::Invalid(leasehold_core::FieldError::new(
@@ -616,6 +656,12 @@ fn lease_target(request: LeaseRequest) -> Result<LeaseTarget, ErrorResponse> {
     }
 }
 
+#[utoipa::path(post, path = "/v1/leases", tag = "leases", request_body = LeaseRequest,
+    description = "Conclude a lease (borrower) on a named partition or the best match; the answer carries the lease key.",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same lease", pattern = "^[A-Za-z0-9_-]{1,128}$")),
+    responses((status = 201, description = "Leased", body = LeaseView),
+        (status = 200, description = "A retry of an earlier request with the same idempotency key", body = LeaseView),
+        AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
 async fn lease(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -650,6 +696,11 @@ fn parse_lease_id(text: &str) -> Result<u64, ErrorResponse> {
     })
 }
 
+#[utoipa::path(get, path = "/v1/leases/{lease_id}", tag = "leases",
+    description = "One lease; its key is shown to its borrower while active.",
+    params(("lease_id" = u64, Path, description = "The lease's id")),
+    responses((status = 200, description = "The lease", body = LeaseView),
+        AuthErrors, InvalidParameter, NotFound, Unavailable))]
 async fn get_lease(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -679,10 +730,14 @@ async fn get_lease(
     }
 }
 
+#[utoipa::path(get, path = "/v1/leases", tag = "leases", params(ListQuery),
+    description = "The caller's leases: borrowed, lent, or all for an admin.",
+    responses((status = 200, description = "Leases, newest first", body = Vec<LeaseView>),
+        AuthErrors, InvalidParameter, Unavailable))]
 pub(crate) async fn list_leases(
     State(app): App,
     Extension(principal): Extension<Principal>,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Answer<Vec<LeaseView>> {
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let leases = leases_of(&app, &principal, limit)?;
@@ -711,6 +766,12 @@ fn leases_of(
         .map_err(|e| err(e.into()))
 }
 
+#[utoipa::path(post, path = "/v1/leases/{lease_id}/release", tag = "leases",
+    description = "Release a lease and bill it once; retries answer with the same bill.",
+    params(("lease_id" = u64, Path, description = "The lease's id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key answer the same receipt", pattern = "^[A-Za-z0-9_-]{1,128}$")),
+    responses((status = 200, description = "The lease, ended, and its bill", body = ReleaseReceipt),
+        AuthErrors, InvalidParameter, NotFound, Conflict, Unavailable))]
 async fn release(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -754,6 +815,9 @@ fn accounts_of(principal: &Principal) -> Vec<String> {
     }
 }
 
+#[utoipa::path(get, path = "/v1/bill", tag = "ledger",
+    responses((status = 200, description = "The caller's leases and balance (integer micro-units)", body = BillView),
+        AuthErrors, Unavailable))]
 pub(crate) async fn bill(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -782,10 +846,14 @@ pub(crate) async fn bill(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/ledger", tag = "ledger", params(ListQuery),
+    description = "Transfers and balances: the caller's, or the whole ledger (which sums to zero) for an admin.",
+    responses((status = 200, description = "Transfers and balances (integer micro-units)", body = LedgerView),
+        AuthErrors, InvalidParameter, Unavailable))]
 pub(crate) async fn ledger_view(
     State(app): App,
     Extension(principal): Extension<Principal>,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Answer<LedgerView> {
     let limit = query.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST);
     let accounts = (principal.role != Role::Admin).then(|| accounts_of(&principal));
@@ -860,19 +928,29 @@ fn rights_ledger(
     Ok((movements, balances))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RevocationQuery {
+    /// Only releases after this sequence number (default 0).
+    #[param(value_type = Option<u64>)]
     after_seq: Option<String>,
+    /// At most this many (default and most: 1,000).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
 }
 
 /// The signed release notices of a host's leases whose keys may still be in
 /// use, for its agent to pull (`crate::outbox`).
+#[utoipa::path(get, path = "/v1/hosts/{host_id}/revocations", tag = "hosts", params(RevocationQuery,
+        ("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
+    description = "Signed release notices of the host's leases whose keys have not expired, in release order; agents pull them.",
+    responses((status = 200, description = "A page of revocations", body = RevocationPage),
+        AuthErrors, InvalidParameter, NotFound, Unavailable))]
 async fn host_revocations(
     State(app): App,
     headers: HeaderMap,
     Path(host_id): Path<String>,
-    Query(query): Query<RevocationQuery>,
+    QueryParams(query): QueryParams<RevocationQuery>,
 ) -> Answer<RevocationPage> {
     let principal = authenticate(&app, &headers)?;
     require_role(&principal, &[Role::Lender, Role::Admin], "read revocations")?;

@@ -5,6 +5,7 @@
 
 use crate::error::BrokerError;
 use crate::http::{err, require_role, unexpected, NO_UNCOMMITTED_CHANGES};
+use crate::openapi::{AuthErrors, BodyErrors, Conflict, NotFound, Unavailable};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
@@ -42,6 +43,10 @@ fn workload_from_file(file: WorkloadFile, owner: &str) -> Result<Workload, Broke
     })
 }
 
+#[utoipa::path(post, path = "/v1/workloads", tag = "reservations", request_body = WorkloadFile,
+    description = "Create or replace a workload (seed 003; borrower or admin).",
+    responses((status = 200, description = "The workload with each instance's status", body = WorkloadView),
+        AuthErrors, BodyErrors, Conflict, Unavailable))]
 pub(crate) async fn apply_workload(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -65,6 +70,11 @@ pub(crate) async fn apply_workload(
     }
 }
 
+#[utoipa::path(delete, path = "/v1/workloads/{name}", tag = "reservations",
+    description = "Delete a workload; its pools give their capacity back.",
+    params(("name" = String, Path, description = "The workload's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "Deleted", body = crate::openapi::Deleted),
+        AuthErrors, NotFound, Unavailable))]
 pub(crate) async fn delete_workload(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -82,6 +92,11 @@ pub(crate) async fn delete_workload(
     }
 }
 
+#[utoipa::path(delete, path = "/v1/instances/{name}", tag = "reservations",
+    description = "Delete one instance of a workload.",
+    params(("name" = String, Path, description = "The instance's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "Deleted", body = crate::openapi::Deleted),
+        AuthErrors, NotFound, Unavailable))]
 pub(crate) async fn delete_instance(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -104,6 +119,11 @@ pub(crate) async fn delete_instance(
     }
 }
 
+#[utoipa::path(post, path = "/v1/instances/{name}/migrate", tag = "reservations", request_body = MigrateRequest,
+    description = "Move a placed instance to another host: a pool ramps there and takes over once it holds the target.",
+    params(("name" = String, Path, description = "The instance's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "The instance is moving", body = crate::openapi::Moving),
+        AuthErrors, BodyErrors, NotFound, Conflict, Unavailable))]
 pub(crate) async fn migrate_instance(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -132,6 +152,10 @@ pub(crate) async fn migrate_instance(
 /// "soon" for a start that keeps a host up.
 const DEFAULT_POWER_HORIZON_SECS: u64 = 3600;
 
+#[utoipa::path(post, path = "/v1/power/save", tag = "reservations", request_body = PowerSaveRequest,
+    description = "Drain the least-used host that may go (admin): its instances move elsewhere, it takes no new pools.",
+    responses((status = 200, description = "The host drained", body = PowerSaveView),
+        AuthErrors, BodyErrors, Conflict, Unavailable))]
 pub(crate) async fn power_save(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -160,6 +184,11 @@ pub(crate) async fn power_save(
     }
 }
 
+#[utoipa::path(post, path = "/v1/power/up/{host_id}", tag = "reservations",
+    description = "Power a drained host up again (admin).",
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
+    responses((status = 200, description = "Powered up", body = crate::openapi::PoweredUp),
+        AuthErrors, NotFound, Conflict, Unavailable))]
 pub(crate) async fn power_up(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -178,6 +207,8 @@ pub(crate) async fn power_up(
     }
 }
 
+#[utoipa::path(get, path = "/v1/workloads", tag = "reservations",
+    responses((status = 200, description = "The caller's workloads (an admin's: all)", body = Vec<WorkloadView>), AuthErrors))]
 pub(crate) async fn list_workloads(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -192,6 +223,9 @@ pub(crate) async fn list_workloads(
     })))
 }
 
+#[utoipa::path(get, path = "/v1/workloads/{name}", tag = "reservations",
+    params(("name" = String, Path, description = "The workload's name", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "The workload", body = WorkloadView), AuthErrors, NotFound))]
 pub(crate) async fn get_workload(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -212,6 +246,8 @@ pub(crate) async fn get_workload(
     })
 }
 
+#[utoipa::path(get, path = "/v1/pools", tag = "reservations",
+    responses((status = 200, description = "Acquisition pools and instance-pool links the caller may see", body = PoolList), AuthErrors))]
 pub(crate) async fn list_pools(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -219,6 +255,8 @@ pub(crate) async fn list_pools(
     Ok(Json(read_tables(&app, |t| t.pool_list(&principal))))
 }
 
+#[utoipa::path(get, path = "/v1/host-capacity", tag = "reservations",
+    responses((status = 200, description = "Per host: total, owner share, lent, available, held, not yet acquired", body = Vec<HostCapacityView>), AuthErrors))]
 pub(crate) async fn host_capacity(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -226,6 +264,8 @@ pub(crate) async fn host_capacity(
     Ok(Json(read_tables(&app, |t| t.host_capacity(&principal))))
 }
 
+#[utoipa::path(get, path = "/v1/warnings", tag = "reservations",
+    responses((status = 200, description = "Instances whose target will not be held by their start", body = Vec<WarningView>), AuthErrors))]
 pub(crate) async fn list_warnings(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -233,6 +273,9 @@ pub(crate) async fn list_warnings(
     Ok(Json(read_tables(&app, |t| t.warnings(&principal))))
 }
 
+#[utoipa::path(post, path = "/v1/plan", tag = "reservations",
+    description = "Run a planning round now (admin).",
+    responses((status = 200, description = "What the round changed", body = PlanRoundView), AuthErrors, Unavailable))]
 pub(crate) async fn plan_now(
     State(app): App,
     Extension(principal): Extension<Principal>,
@@ -252,6 +295,11 @@ pub(crate) async fn plan_now(
     }
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{host_id}/samples", tag = "reservations", request_body = HostSampleRequest,
+    description = "An agent's sample of what its owner uses; answers what pools hold on the host (the lender owning the host, or its host credential).",
+    params(("host_id" = String, Path, description = "The host's id", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
+    responses((status = 200, description = "What is guaranteed on the host, and when to sample next", body = HostSampleAnswer),
+        AuthErrors, BodyErrors, NotFound, Unavailable))]
 pub(crate) async fn host_sample(
     State(app): App,
     Extension(principal): Extension<Principal>,

@@ -38,7 +38,9 @@ pub fn validate_host_id(field: &str, host_id: &str) -> Result<(), FieldError> {
 }
 
 /// A partition's global name: its host and its index on that host.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct PartitionRef {
     pub host_id: HostId,
     pub index: u32,

@@ -48,7 +48,7 @@ pub struct LeaseKeyClaims {
 }
 
 /// Why a key was refused. Each variant is a distinct, explainable refusal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyRejection {
     Malformed,
@@ -265,7 +265,7 @@ struct KeyIdOnly {
 const NOTICE_PREFIX: &str = "ln1";
 
 /// What the broker tells an agent about one of its partitions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NoticeKind {
     LeaseStarted,

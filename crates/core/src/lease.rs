@@ -9,7 +9,7 @@ use crate::CoreError;
 use serde::{Deserialize, Serialize};
 
 /// The lending status (105) of a partition at the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum PartitionStatus {
     Free,
@@ -30,7 +30,7 @@ impl PartitionStatus {
 }
 
 /// Why a lease attempt did not conclude.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "refusal", rename_all = "snake_case")]
 pub enum LeaseRefusal {
     /// Someone else holds the partition.
@@ -80,7 +80,7 @@ pub fn decide_alter(status: PartitionStatus) -> Result<(), AlterRefusal> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LeaseState {
     Active,
@@ -88,7 +88,7 @@ pub enum LeaseState {
 }
 
 /// A borrowing contract.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
     pub lease_id: LeaseId,
     pub partition: PartitionRef,
@@ -102,6 +102,7 @@ pub struct Lease {
     pub key_expires_at_ms: u64,
     pub state: LeaseState,
     pub release_requested_at_ms: Option<u64>,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub charge_micros: Option<u64>,
     /// A lease booked for a window (seed 003) ends here: its key expires
     /// and billing stops, even if it is released later.
@@ -110,11 +111,14 @@ pub struct Lease {
 }
 
 /// The bill of a released lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Bill {
     pub billable_seconds: u64,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub charge_micros: u64,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub lender_credit_micros: u64,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub commission_micros: u64,
 }
 

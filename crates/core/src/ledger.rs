@@ -18,10 +18,11 @@ pub fn lender_account(principal: &str) -> String {
     format!("lender:{principal}")
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Transfer {
     pub debit_account: String,
     pub credit_account: String,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
     pub amount_micros: u64,
     pub lease_id: LeaseId,
     pub at_ms: u64,

@@ -10,7 +10,19 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One requirement a partition can fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Requirement {
     MinVcpus,
@@ -230,7 +242,7 @@ pub fn naive_find<'a>(
 }
 
 /// Why a find came back empty.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NoMatchExplanation {
     /// Partitions registered (free or leased).
     pub partitions_considered: u64,
@@ -242,13 +254,13 @@ pub struct NoMatchExplanation {
     pub nearest_misses: Vec<NearMiss>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuledOut {
     pub requirement: Requirement,
     pub partitions: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NearMiss {
     pub partition: PartitionRef,
     pub terms: Terms,

@@ -13,16 +13,23 @@ pub const MAX_IMAGES_PER_PARTITION: usize = 32;
 pub const MAX_IMAGE_NAME_LEN: usize = 64;
 
 /// What a lender offers for one partition, and at what price.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Terms {
+    #[schema(minimum = 1, maximum = 1024)]
     pub vcpus: u32,
     /// Share of each vCPU the partition may use, in percent (1..=100).
+    #[schema(minimum = 1, maximum = 100)]
     pub cpu_cap_percent: u32,
+    #[schema(minimum = 1, maximum = 16777216)]
     pub memory_mib: u64,
+    #[schema(minimum = 1, maximum = 1048576)]
     pub disk_gib: u64,
     /// The images (operating systems) this partition can boot.
+    #[schema(min_items = 1, max_items = 32)]
     pub images: Vec<String>,
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
+    #[schema(maximum = 1000000000000_i64)]
     pub price_per_hour_micros: u64,
     /// How strongly the partition's jobs are kept apart from the host and
     /// from each other. The host's agent sets it from its driver; absent in
@@ -33,7 +40,19 @@ pub struct Terms {
 }
 
 /// The isolation a partition driver gives its jobs, weakest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
     /// Plain processes of the host (`process` driver): same file system,
@@ -152,20 +171,26 @@ fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), FieldE
 }
 
 /// What a borrower needs. Every field is optional; an absent field matches all.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Requirements {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1024)]
     pub min_vcpus: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
     pub min_cpu_cap_percent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 16777216)]
     pub min_memory_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1048576)]
     pub min_disk_gib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Money, in integer micro-units (1,000,000 micro-units = 1 unit of currency).
+    #[schema(maximum = 1000000000000_i64)]
     pub max_price_per_hour_micros: Option<u64>,
     /// The borrower accepts partitions without isolation (the `process`
     /// driver). Off unless asked: nobody gets one by accident.
@@ -198,10 +223,13 @@ impl Requirements {
 }
 
 /// What a host has, and the owner share it keeps for itself and never lends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostCapacity {
+    #[schema(minimum = 1, maximum = 102400)]
     pub cpu_centicores: u64,
+    #[schema(maximum = 16777216)]
     pub memory_mib: u64,
+    #[schema(maximum = 1048576)]
     pub disk_gib: u64,
     pub owner_share_cpu_centicores: u64,
     pub owner_share_memory_mib: u64,

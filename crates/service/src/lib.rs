@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
 pub mod http_metrics;
+pub mod openapi;
 pub mod tls;
 pub use tls::{ServerTls, TlsError};
 
@@ -174,6 +175,45 @@ impl IntoResponse for ErrorResponse {
             }),
         )
             .into_response()
+    }
+}
+
+/// A query string decoded into `T`, or 400 in the one error body naming the
+/// parameter at fault (axum's own `Query` answers plain text).
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for QueryParams<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ErrorResponse;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|query| QueryParams(query.0))
+            .map_err(|rejection| query_error(&rejection.body_text()))
+    }
+}
+
+/// axum words a bad query as `Failed to deserialize query string:
+/// PARAMETER: PROBLEM` (the parameter's path from serde_path_to_error).
+fn query_error(text: &str) -> ErrorResponse {
+    let detail = text
+        .strip_prefix("Failed to deserialize query string: ")
+        .unwrap_or(text);
+    match detail.split_once(": ") {
+        Some((field, problem)) if !field.is_empty() && !field.contains(' ') => {
+            ErrorResponse::invalid_field(&leasehold_core::FieldError::new(field, problem))
+        }
+        _ => ErrorResponse::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            format!("query string: {detail}"),
+        ),
     }
 }
 
@@ -1048,5 +1088,35 @@ mod tests {
                 error.detail.message
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_bad_query_parameter_is_a_json_400_naming_it() {
+        use axum::extract::FromRequestParts;
+        #[derive(serde::Deserialize, Debug)]
+        struct Page {
+            #[allow(dead_code)]
+            limit: Option<u32>,
+        }
+        let parse = |uri: &str| {
+            let (mut parts, _) = axum::http::Request::get(uri).body(()).unwrap().into_parts();
+            async move { QueryParams::<Page>::from_request_parts(&mut parts, &()).await }
+        };
+        assert!(parse("/v1/leases?limit=10").await.is_ok());
+        let error = parse("/v1/leases?limit=-3").await.err().unwrap();
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        assert_eq!(error.detail.field.as_deref(), Some("limit"));
+        assert!(
+            error.detail.message.starts_with("limit: "),
+            "{}",
+            error.detail.message
+        );
+        let error = parse("/v1/leases?limit=1&limit=2").await.err().unwrap();
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        assert!(
+            error.detail.message.contains("limit"),
+            "{}",
+            error.detail.message
+        );
     }
 }

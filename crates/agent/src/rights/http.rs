@@ -6,12 +6,13 @@
 //! which is what other managers ask of it in a transfer.
 
 use crate::error::AgentError;
+use crate::openapi::{AuthErrors, BodyErrors, Conflict, InvalidParameter, NotFound, Upstream};
 use crate::Agent;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::Json;
 use leasehold_api::rights::*;
 use leasehold_core::rights::Slot;
-use leasehold_service::{bearer_token, ErrorResponse, JsonBody};
+use leasehold_service::{bearer_token, ErrorResponse, JsonBody, QueryParams};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -36,10 +37,18 @@ fn token(headers: &axum::http::HeaderMap) -> String {
 
 /// The share group's rights table (FIG. 4A): from the store, or from this
 /// manager's copy (marked stale) when the store is unreachable.
+#[utoipa::path(get, path = "/v1/rights", tag = "rights",
+    description = "The share group's table as this host's manager knows it (its lender, an admin, or a peer manager).",
+    responses((status = 200, description = "The share group and its version", body = ShareGroupDocument),
+        AuthErrors, NotFound, Upstream))]
 pub(crate) async fn table(State(agent): App) -> Answer<ShareGroupDocument> {
     manager(&agent)?.document().await.map(Json).map_err(err)
 }
 
+#[utoipa::path(post, path = "/v1/rights/request", tag = "rights", request_body = RightsRequestBody,
+    description = "Ask for modules of usage rights for a partition of the group.",
+    responses((status = 200, description = "The transfers committed and aborted", body = RightsOrderAnswer),
+        AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 pub(crate) async fn request(
     State(agent): App,
     headers: axum::http::HeaderMap,
@@ -54,6 +63,10 @@ pub(crate) async fn request(
         .map_err(err)
 }
 
+#[utoipa::path(post, path = "/v1/rights/release", tag = "rights", request_body = RightsSlotBody,
+    description = "Give modules of a partition's rights back to the group.",
+    responses((status = 200, description = "The transfers committed and aborted", body = RightsOrderAnswer),
+        AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 pub(crate) async fn release(
     State(agent): App,
     JsonBody(body): JsonBody<RightsSlotBody>,
@@ -66,6 +79,10 @@ pub(crate) async fn release(
         .map_err(err)
 }
 
+#[utoipa::path(post, path = "/v1/rights/transfer", tag = "rights", request_body = RightsTransferBody,
+    description = "Move modules of rights from one partition of the group to another.",
+    responses((status = 200, description = "The transfers committed and aborted", body = RightsOrderAnswer),
+        AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 pub(crate) async fn transfer(
     State(agent): App,
     headers: axum::http::HeaderMap,
@@ -80,6 +97,10 @@ pub(crate) async fn transfer(
         .map_err(err)
 }
 
+#[utoipa::path(post, path = "/v1/rights/grant", tag = "rights", request_body = RightsGrantBody,
+    description = "Grant a partition modules of rights, for good or until a time (an admin of the broker).",
+    responses((status = 200, description = "The transfers committed and aborted", body = RightsOrderAnswer),
+        AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 pub(crate) async fn grant(
     State(agent): App,
     headers: axum::http::HeaderMap,
@@ -93,6 +114,10 @@ pub(crate) async fn grant(
         .map_err(err)
 }
 
+#[utoipa::path(post, path = "/v1/rights/revoke", tag = "rights", request_body = RightsSlotBody,
+    description = "Revoke modules of a partition's rights (an admin of the broker).",
+    responses((status = 200, description = "The transfers committed and aborted", body = RightsOrderAnswer),
+        AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 pub(crate) async fn revoke(
     State(agent): App,
     JsonBody(body): JsonBody<RightsSlotBody>,
@@ -105,15 +130,21 @@ pub(crate) async fn revoke(
         .map_err(err)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct SyncQuery {
+    /// Wait until the group's table is at this version (default 0).
     #[serde(default)]
     min_version: u64,
 }
 
+#[utoipa::path(post, path = "/v1/rights/sync", tag = "rights", security(()), params(SyncQuery),
+    description = "The rights this host holds now, once the group's table is at `min_version` or later (peers of the group call it).",
+    responses((status = 200, description = "This host's active modules per partition", body = RightsSyncAnswer),
+        InvalidParameter, NotFound, Upstream))]
 pub(crate) async fn sync(
     State(agent): App,
-    Query(query): Query<SyncQuery>,
+    QueryParams(query): QueryParams<SyncQuery>,
 ) -> Answer<RightsSyncAnswer> {
     manager(&agent)?
         .sync(query.min_version)
@@ -122,6 +153,10 @@ pub(crate) async fn sync(
         .map_err(err)
 }
 
+#[utoipa::path(post, path = "/v1/group/hosts", tag = "rights", request_body = GroupAddBody,
+    description = "Add a host to the share group (its lender or an admin).",
+    responses((status = 200, description = "The transfers committed and aborted", body = RightsOrderAnswer),
+        AuthErrors, BodyErrors, NotFound, Conflict, Upstream))]
 pub(crate) async fn add_host(
     State(agent): App,
     JsonBody(body): JsonBody<GroupAddBody>,
@@ -133,16 +168,23 @@ pub(crate) async fn add_host(
         .map_err(err)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct RemoveQuery {
+    /// Hand the host's rights over to the rest of the group first.
     #[serde(default)]
     hand_over: bool,
 }
 
+#[utoipa::path(delete, path = "/v1/group/hosts/{host_id}", tag = "rights", params(RemoveQuery,
+        ("host_id" = String, Path, description = "The host to remove", pattern = "^[a-z0-9][a-z0-9._-]{0,63}$")),
+    description = "Remove a host from the share group (its lender or an admin), optionally handing its rights over.",
+    responses((status = 200, description = "The transfers committed and aborted", body = RightsOrderAnswer),
+        AuthErrors, InvalidParameter, NotFound, Conflict, Upstream))]
 pub(crate) async fn remove_host(
     State(agent): App,
     Path(host_id): Path<String>,
-    Query(query): Query<RemoveQuery>,
+    QueryParams(query): QueryParams<RemoveQuery>,
 ) -> Answer<RightsOrderAnswer> {
     manager(&agent)?
         .remove_host(&host_id, query.hand_over)

@@ -7,7 +7,7 @@ use super::FindLatencies;
 use crate::http::{self, ListQuery};
 use crate::reservations;
 use crate::AppState;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use leasehold_api::{
     rfc3339_from_ms, HostCapacityView, HostView, LedgerView, PartitionView, PoolView, WarningView,
@@ -20,6 +20,7 @@ use leasehold_core::reservation::Capacity;
 use leasehold_core::table::Principal;
 use leasehold_core::Role;
 use leasehold_service::ErrorResponse;
+use leasehold_service::QueryParams;
 use maud::{html, Markup, PreEscaped};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,8 +38,8 @@ const LEDGER_ROWS: u32 = 200;
 
 type Answer<T> = Result<Json<T>, ErrorResponse>;
 
-fn list_query(limit: u32) -> Query<ListQuery> {
-    Query(ListQuery {
+fn list_query(limit: u32) -> QueryParams<ListQuery> {
+    QueryParams(ListQuery {
         host: None,
         limit: Some(limit),
         after_index: None,

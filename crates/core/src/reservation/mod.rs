@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 pub const SAMPLE_WINDOW_LEN: usize = 32;
 
 /// Where an acquisition pool is in its life (FIG. 3, 8, 9, 13).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PoolPhase {
     /// Raising its guarantee step by step (the acquisition flag is on).
@@ -43,7 +43,7 @@ pub enum PoolPhase {
 /// A resource acquisition pool (seed 003's 114) on one host, for one demand
 /// (an instance, or the instances a pack rule keeps together): the row of
 /// FIG. 3, linked to its instances as in FIG. 6.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Pool {
     pub pool_id: u64,
     pub host_id: String,
@@ -83,7 +83,7 @@ impl Pool {
 /// left for pools and instances (`available`: the host's total less the
 /// owner's usage, never less than its share, and less the partitions lent
 /// in the market).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostSample {
     pub at_ms: u64,
     pub owner_used: Capacity,

@@ -9,7 +9,7 @@ use super::planner::{demands_in_order, PlanHost, PlanPolicy, Round};
 use super::{Pool, PoolPhase, ReservationBook};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WarningReason {
     /// No host could ever hold the target.
@@ -20,7 +20,7 @@ pub enum WarningReason {
     Fruitless,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Warning {
     pub workload: String,
     pub instances: Vec<String>,

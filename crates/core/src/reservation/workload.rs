@@ -15,7 +15,7 @@ pub const MAX_RULES_PER_WORKLOAD: usize = 256;
 /// Most vCPUs one instance may ask for.
 pub const MAX_INSTANCE_VCPUS: u32 = 1024;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceSpec {
     pub name: String,
     pub vcpus: u32,
@@ -32,7 +32,7 @@ impl InstanceSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RuleKind {
     /// Each listed instance on a different host (reliability, FIG. 11).
@@ -41,7 +41,7 @@ pub enum RuleKind {
     Pack,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlacementRule {
     pub kind: RuleKind,
     pub instances: Vec<String>,
@@ -50,7 +50,7 @@ pub struct PlacementRule {
 /// A workload as the broker keeps it: times in milliseconds since the epoch,
 /// its owner, and `seq`, the order it was first applied in (the queue of
 /// FIG. 12 among equal priorities).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Workload {
     pub name: String,
     pub owner: String,

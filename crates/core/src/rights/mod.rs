@@ -26,7 +26,9 @@ use std::collections::BTreeMap;
 pub const OWNER_SHARE_PARTITION: u32 = 0;
 
 /// A partition of a host in a share group.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct Slot {
     pub host_id: String,
     pub partition: u32,
@@ -48,14 +50,14 @@ impl std::fmt::Display for Slot {
 }
 
 /// Rights bought for a while (seed 004's temporary capacity).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TemporaryRights {
     pub count: u32,
     pub expires_at_ms: u64,
 }
 
 /// A partition's row of FIG. 4A.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PartitionRights {
     /// Its hardware modules (cores), active or not.
     pub modules: u32,
@@ -107,7 +109,7 @@ impl PartitionRights {
 }
 
 /// A host of the group: its partitions and where its rights manager listens.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HostRights {
     pub manager_url: String,
     pub partitions: BTreeMap<u32, PartitionRights>,
@@ -135,7 +137,7 @@ impl HostRights {
 }
 
 /// How transfers between hosts are coordinated (claims 3 and 12).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupMode {
     /// One primary manager coordinates; the others are secondaries.
@@ -171,7 +173,7 @@ pub enum RightsRefusal {
 }
 
 /// The share group's table (FIG. 4A) and its transfers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ShareGroup {
     pub name: String,
     pub mode: GroupMode,

@@ -11,7 +11,7 @@ use super::{RightsRefusal, ShareGroup, Slot};
 use crate::error::FieldError;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TransferPhase {
     Pending,
@@ -19,7 +19,7 @@ pub enum TransferPhase {
     Aborted,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Transfer {
     pub transfer_id: u64,
     pub from: Slot,
