@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What a broker process is doing now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BrokerRole {
     /// Holds the leadership lease: serves reads and writes.
@@ -29,7 +29,7 @@ impl BrokerRole {
 
 /// The answer of `GET /v1/broker/status` (no token needed: it says nothing
 /// about the market).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BrokerStatus {
     pub role: BrokerRole,
     /// This broker's leadership epoch when active; otherwise the epoch of

@@ -103,6 +103,7 @@ pub(crate) fn api_router(
         .routes(routes!(health))
         .routes(routes!(leasehold_service::openapi::serve_document))
         .routes(routes!(broker_info))
+        .routes(routes!(broker_status))
         .routes(routes!(crate::openapi::metrics))
         .merge(authenticated)
 }
@@ -230,6 +231,12 @@ pub(crate) fn require_role(
     responses((status = 200, description = "The broker is up", body = crate::openapi::Health)))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/v1/broker/status", tag = "meta", security(()),
+    responses((status = 200, description = "Whether this broker is the active one of its database or a standby, its leadership epoch and since when (a standby answers this too; everything else it answers 503 `standby`)", body = leasehold_api::broker_status::BrokerStatus)))]
+async fn broker_status(State(app): App) -> Json<leasehold_api::broker_status::BrokerStatus> {
+    Json(app.leadership.status())
 }
 
 #[utoipa::path(get, path = "/v1/broker", tag = "meta", security(()),

@@ -303,8 +303,7 @@ pub async fn start_with_leadership(
     leadership.wait_until_active(on_standby).await;
     leadership.spawn_renewal();
     let (app, bootstrap_admin_token) = start_active(config, leadership.clone())?;
-    *serving.write().unwrap_or_else(|p| p.into_inner()) =
-        http::router(app.clone()).merge(leadership::status_route(leadership.clone()));
+    *serving.write().unwrap_or_else(|p| p.into_inner()) = http::router(app.clone());
     leadership.mark_serving();
     let stopper = server.stopper();
     let watched = leadership.clone();
