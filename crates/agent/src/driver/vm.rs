@@ -36,9 +36,9 @@ use std::time::Instant;
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// Host memory a VM may use beyond its guest's RAM: QEMU's own heap, device
 /// state and TCG's translation cache (capped at [`TCG_CACHE_MIB`]).
-pub const VM_OVERHEAD_MIB: u64 = 160;
+pub const VM_OVERHEAD_MIB: u64 = 192;
 /// TCG's translation cache; QEMU's default (1 GiB) would not fit the limit.
-const TCG_CACHE_MIB: u64 = 48;
+const TCG_CACHE_MIB: u64 = 32;
 /// The least guest memory the image's kernel boots with.
 pub const MIN_GUEST_MEMORY_MIB: u64 = 96;
 /// Threads QEMU may have (one per vCPU plus its own few).
