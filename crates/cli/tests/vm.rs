@@ -152,8 +152,9 @@ fn host_kernel_release() -> String {
 }
 
 /// A tampered blob is refused, the image is then network-booted by digest
-/// and cached, and a second boot needs no store; the guest runs its own
-/// kernel with the terms' vCPUs and memory, keeps /work between jobs,
+/// and cached (and the booted VM snapshotted), and a second boot needs no
+/// store; the guest runs its own kernel with the terms' vCPUs and memory,
+/// keeps /work between jobs, has fresh randomness in each resumed copy,
 /// reports exit codes, and cannot take more memory from the host than its
 /// partition's limit however much it fills.
 #[tokio::test(flavor = "multi_thread")]
@@ -189,12 +190,12 @@ async fn vm_partitions_network_boot_their_own_kernel_within_their_terms() {
     std::fs::write(&blob, &original).unwrap();
     let first = run(
         &agent_url,
-        &shell_job(&lease, "uname -r; nproc; grep MemTotal /proc/meminfo; echo kept > /work/file; echo to-stderr >&2"),
+        &shell_job(&lease, "uname -r; nproc; grep MemTotal /proc/meminfo; od -An -tx1 -N16 /dev/urandom; echo kept > /work/file; echo to-stderr >&2"),
     )
     .await;
     assert_eq!(first.exit_code, Some(0), "{first:?}");
     let lines: Vec<&str> = first.stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{first:?}");
+    assert_eq!(lines.len(), 4, "{first:?}");
     assert_ne!(
         lines[0],
         host_kernel_release(),
@@ -215,11 +216,31 @@ async fn vm_partitions_network_boot_their_own_kernel_within_their_terms() {
         "the image is cached by digest"
     );
 
-    // No store now: the second boot comes from the cache. /work persists.
+    let snapshots = std::fs::read_dir(cluster.path("agent-vm/vm/snapshots"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".state"))
+        .count();
+    assert_eq!(snapshots, 1, "the booted VM was saved for the next jobs");
+
+    // No store now: the second boot comes from the cache (resuming the
+    // snapshot). /work persists; the guest's randomness is its own.
     drop(serve);
-    let second = run(&agent_url, &shell_job(&lease, "cat /work/file; exit 7")).await;
+    let second = run(
+        &agent_url,
+        &shell_job(
+            &lease,
+            "cat /work/file; od -An -tx1 -N16 /dev/urandom; exit 7",
+        ),
+    )
+    .await;
     assert_eq!(second.exit_code, Some(7), "{second:?}");
-    assert_eq!(second.stdout, "kept\n");
+    let second_lines: Vec<&str> = second.stdout.lines().collect();
+    assert_eq!(second_lines[0], "kept");
+    assert_ne!(
+        second_lines[1], lines[3],
+        "each resumed VM has fresh randomness"
+    );
 
     // Fill the guest's memory (tail keeps a line without end): the
     // guest's OOM killer, or the host's in the partition's cgroup, stops

@@ -58,7 +58,10 @@ pub use cache::{CachedImage, ImageCache, CACHE_DIR_MODE};
 pub use client::StoreClient;
 pub use error::ImageError;
 pub use store::ImageStore;
-pub use vm_initramfs::{ARGV_FW_CFG_NAME, ERROR_TRAILER_PREFIX, EXIT_TRAILER_PREFIX};
+pub use vm_initramfs::{
+    ARGV_FILE_BYTES, ERROR_TRAILER_PREFIX, EXIT_TRAILER_PREFIX, FW_CFG_DIR, READY_TRAILER,
+    SEED_FILE_BYTES, TIME_FILE_BYTES,
+};
 pub use vm_recipe::{VmManifest, VM_MANIFEST_FILE};
 
 /// Largest image blob accepted: stored, served or downloaded.

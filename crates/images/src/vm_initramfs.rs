@@ -7,9 +7,9 @@
 //! network): ttyS0 the kernel console (discarded), ttyS1 the job's stdout,
 //! ttyS2 its stderr, ttyS3 the exit code trailer `leasehold-vm-exit N`.
 //! The command comes through QEMU's fw_cfg as the file `opt/leasehold/argv`
-//! holding `B64,B64,...` (each argument base64, standard alphabet): not on
-//! the kernel or QEMU command line, which every local user can read, and
-//! not bound by the kernel command line's 2 KiB.
+//! holding `B64,B64,...` (each argument base64, standard alphabet, padded
+//! with spaces): not on the kernel or QEMU command line, which every local
+//! user can read, and not bound by the kernel command line's 2 KiB.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -28,18 +28,38 @@ pub const GUEST_MODULES: [&str; 5] = [
     "crc32c_generic",
     "ext4",
 ];
-/// The fw_cfg name the job's command is passed under.
-pub const ARGV_FW_CFG_NAME: &str = "opt/leasehold/argv";
+/// The fw_cfg files the guest reads: `go` ("0" in the snapshot, "1" for a
+/// job), `argv` (the command), `seed` (randomness), `time` (Unix seconds).
+/// Their sizes are fixed: the guest learnt them before its snapshot.
+pub const FW_CFG_DIR: &str = "opt/leasehold";
+/// The size of the `argv` file, padded with spaces: room for the largest
+/// command the agent accepts (64 KiB), base64-encoded, with separators.
+pub const ARGV_FILE_BYTES: usize = 96 * 1024;
+pub const SEED_FILE_BYTES: usize = 64;
+pub const TIME_FILE_BYTES: usize = 20;
 
 /// The trailer the guest's init writes on ttyS3 after the job.
 pub const EXIT_TRAILER_PREFIX: &str = "leasehold-vm-exit ";
 /// The trailer when the guest could not run the job at all.
 pub const ERROR_TRAILER_PREFIX: &str = "leasehold-vm-error ";
+/// The line the guest writes on ttyS3 when it waits for a job: the moment
+/// the host snapshots it.
+pub const READY_TRAILER: &str = "leasehold-vm-ready";
 
 /// The guest's `/init`. `@MODULES@` becomes the modules in load order.
+///
+/// It boots to a point where the host takes a snapshot of the VM (modules
+/// loaded, the disk not read), says so on ttyS3, and waits there for the
+/// fw_cfg file `go` to read 1, which it does only in a copy restored from
+/// that snapshot for a job: every job starts from the same booted state in
+/// well under a second. The restored copy then takes its own randomness and
+/// the time of day from fw_cfg, forgets the disk blocks the snapshot may
+/// have cached (the partition's disk is not the snapshot's), mounts the
+/// disk and runs the job.
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
-# leasehold vm guest init: runs the job given on the kernel command line,
-# reports its exit code on ttyS3 and powers off (QEMU runs with -no-reboot).
+# leasehold vm guest init: waits (in a snapshot) for a job, runs the job
+# given through fw_cfg, reports its exit code on ttyS3 and powers off (QEMU
+# runs with -no-reboot).
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev
@@ -53,13 +73,18 @@ fail() {
 for module in @MODULES@; do
     insmod "/lib/modules/$module.ko" 2>/dev/ttyS2 || fail "cannot load kernel module $module"
 done
+fw=/sys/firmware/qemu_fw_cfg/by_name/opt/leasehold
+[ -r "$fw/go/raw" ] || fail "no leasehold files in fw_cfg"
+echo "leasehold-vm-ready" >/dev/ttyS3
+until [ "$(cat "$fw/go/raw")" = 1 ]; do sleep 0.005; done
+cat "$fw/seed/raw" >/dev/urandom
+date -s "@$(tr -d ' ' <"$fw/time/raw")" >/dev/null 2>&1
+blockdev --flushbufs /dev/vda 2>/dev/null
 mkdir -p /work
 mount -t ext4 -o nosuid,nodev /dev/vda /work 2>/dev/ttyS2 || fail "cannot mount the partition's disk"
 cd /work
 set --
-argv_file=/sys/firmware/qemu_fw_cfg/by_name/opt/leasehold/argv/raw
-[ -r "$argv_file" ] || fail "no command in fw_cfg"
-for encoded in $(tr , ' ' <"$argv_file"); do
+for encoded in $(tr , ' ' <"$fw/argv/raw"); do
     # The x keeps trailing newlines of an argument from $(...).
     value=$(echo "$encoded" | base64 -d; echo x)
     set -- "$@" "${value%x}"
@@ -346,6 +371,7 @@ mod tests {
         assert!(script.contains("for module in virtio_ring virtio; do"));
         assert!(script.contains(EXIT_TRAILER_PREFIX.trim()));
         assert!(script.contains(ERROR_TRAILER_PREFIX.trim()));
-        assert!(script.contains(&format!("by_name/{ARGV_FW_CFG_NAME}/raw")));
+        assert!(script.contains(&format!("by_name/{FW_CFG_DIR}\n")));
+        assert!(script.contains(READY_TRAILER));
     }
 }

@@ -21,10 +21,16 @@
 // Unsafe: fork-exec hooks, a pipe, pidfds and geteuid; each block says why.
 #![allow(unsafe_code)]
 
+#[path = "vm_snapshot.rs"]
+mod snapshot;
+
 use super::cgroup::{Cgroups, PartitionLimits, CPU_PERIOD_US, ROOT_GROUP};
 use super::oci::{CoreAssignments, ImageSource};
 use super::{BoxFuture, DriverError, JobEnd, JobOutcome, JobSpec, PartitionDriver, PartitionSpec};
-use leasehold_images::{VmManifest, ARGV_FW_CFG_NAME, ERROR_TRAILER_PREFIX, EXIT_TRAILER_PREFIX};
+use leasehold_images::{
+    VmManifest, ARGV_FILE_BYTES, ERROR_TRAILER_PREFIX, EXIT_TRAILER_PREFIX, FW_CFG_DIR,
+    SEED_FILE_BYTES, TIME_FILE_BYTES,
+};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -153,13 +159,35 @@ fn kvm_starts() -> Result<(), String> {
 
 pub struct VmDriver {
     root_dir: PathBuf,
+    /// Held while a snapshot is made, so one shape is booted once.
+    snapshot_lock: tokio::sync::Mutex<()>,
     /// Unique to this agent on this machine: VM names, cgroups.
     instance: String,
     cgroups: Cgroups,
     images: Arc<dyn ImageSource>,
     acceleration: Acceleration,
+    /// `qemu-system-x86_64 --version`: a snapshot is only resumed by the
+    /// QEMU that made it.
+    qemu_version: String,
     cores: Vec<u32>,
     core_assignments: Mutex<CoreAssignments>,
+}
+
+/// How QEMU starts the guest.
+enum VmStart {
+    /// Boots the kernel, to be snapshotted when ready (QMP on stdio).
+    Boot,
+    /// Resumes a snapshot (`-incoming file:`), for a job.
+    Restore(PathBuf),
+}
+
+/// The fw_cfg files the guest reads (see the image's init): `go`, `argv`,
+/// `seed`, `time`, with the sizes the guest learnt before its snapshot.
+struct FwCfgFiles {
+    go: PathBuf,
+    argv: PathBuf,
+    seed: PathBuf,
+    time: PathBuf,
 }
 
 /// What one VM is started with.
@@ -169,7 +197,8 @@ struct VmLaunch<'a> {
     kernel: PathBuf,
     initramfs: PathBuf,
     disk: PathBuf,
-    argv_file: PathBuf,
+    files: FwCfgFiles,
+    start: VmStart,
     /// The cgroup.procs files QEMU joins before it execs.
     cgroup_procs: Vec<PathBuf>,
 }
@@ -183,17 +212,25 @@ impl VmDriver {
     ) -> Result<Self, String> {
         probe()?;
         let cgroups = Cgroups::detect()?;
-        let pids = root_dir.join("pids");
-        std::fs::create_dir_all(&pids).map_err(|e| format!("create {}: {e}", pids.display()))?;
+        for dir in [root_dir.join("pids"), root_dir.join("snapshots")] {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        }
         super::oci::set_mode(&root_dir, 0o700)?;
+        snapshot::write_fixed_files(&root_dir.join("snapshots"))?;
         let root_dir = std::fs::canonicalize(&root_dir)
             .map_err(|e| format!("resolve {}: {e}", root_dir.display()))?;
         Ok(VmDriver {
             root_dir,
+            snapshot_lock: tokio::sync::Mutex::new(()),
             instance,
             cgroups,
             images,
             acceleration,
+            qemu_version: super::oci::run_quiet(QEMU_BINARY, &["--version"])?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
             cores: super::oci::machine_cores(),
             core_assignments: Mutex::new(CoreAssignments::default()),
         })
@@ -201,6 +238,10 @@ impl VmDriver {
 
     fn partition_dir(&self, index: u32) -> PathBuf {
         self.root_dir.join(format!("partition-{index}"))
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.root_dir.join("snapshots")
     }
 
     fn pidfile(&self, index: u32) -> PathBuf {
@@ -306,7 +347,7 @@ impl VmDriver {
 
     /// The kernel and initramfs of the job's image, fetched from the store
     /// by digest and checked when this host lacks them (network boot).
-    async fn boot_files(&self, job: &JobSpec) -> Result<(PathBuf, PathBuf), DriverError> {
+    async fn boot_files(&self, job: &JobSpec) -> Result<(PathBuf, PathBuf, PathBuf), DriverError> {
         let image = match &job.image {
             Some(image) => image.clone(),
             None => job
@@ -322,30 +363,50 @@ impl VmDriver {
                 "image '{image}' is not a vm image (build one with `leasehold images build debian-vm`): {e}"
             ))
         })?;
-        Ok((root.join(&manifest.kernel), root.join(&manifest.initramfs)))
+        let (kernel, initramfs) = (root.join(&manifest.kernel), root.join(&manifest.initramfs));
+        Ok((root, kernel, initramfs))
     }
 
-    /// Writes the job's command for fw_cfg: each argument base64, joined by
-    /// commas, in a 0600 file of the partition.
-    fn write_argv(&self, job: &JobSpec) -> Result<PathBuf, DriverError> {
+    /// Writes a job's fw_cfg files (0600, in the partition's directory):
+    /// its command (each argument base64, joined by commas, padded with
+    /// spaces), fresh randomness and the time of day.
+    fn write_job_files(&self, job: &JobSpec) -> Result<FwCfgFiles, DriverError> {
         use base64::Engine;
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let encoded: Vec<String> = job
             .command
             .iter()
             .map(|a| base64::engine::general_purpose::STANDARD.encode(a))
             .collect();
-        let path = self.partition_dir(job.partition.index).join("argv");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut file| file.write_all(encoded.join(",").as_bytes()))
-            .map_err(|e| DriverError::Start(format!("write {}: {e}", path.display())))?;
-        Ok(path)
+        let argv = encoded.join(",");
+        if argv.len() > ARGV_FILE_BYTES {
+            return Err(DriverError::Start(format!(
+                "the command is {} bytes encoded for the VM, over {ARGV_FILE_BYTES}",
+                argv.len()
+            )));
+        }
+        let seed: Vec<u8> = (0..SEED_FILE_BYTES).map(|_| rand::random::<u8>()).collect();
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let dir = self.partition_dir(job.partition.index);
+        let files = FwCfgFiles {
+            go: self.snapshots_dir().join("go-1"),
+            argv: dir.join("argv"),
+            seed: dir.join("seed"),
+            time: dir.join("time"),
+        };
+        for (path, bytes) in [
+            (&files.argv, padded(argv.into_bytes(), ARGV_FILE_BYTES)),
+            (&files.seed, seed),
+            (
+                &files.time,
+                padded(now_secs.to_string().into_bytes(), TIME_FILE_BYTES),
+            ),
+        ] {
+            write_private(path, &bytes).map_err(DriverError::Start)?;
+        }
+        Ok(files)
     }
 
     fn qemu_arguments(&self, launch: &VmLaunch<'_>) -> Vec<String> {
@@ -377,18 +438,30 @@ impl VmDriver {
             launch.initramfs.display().to_string(),
             "-append".into(),
             GUEST_KERNEL_ARGUMENTS.into(),
-            "-fw_cfg".into(),
-            format!("name={ARGV_FW_CFG_NAME},file={}", escape(&launch.argv_file)),
             "-drive".into(),
             format!("file={},if=virtio,format=raw", escape(&launch.disk)),
             "-nic".into(),
             "none".into(),
         ];
-        // ttyS0 the guest's console (dropped), ttyS1 stdout, ttyS2 stderr,
-        // ttyS3 the exit trailer.
+        let files = &launch.files;
+        for (name, path) in [
+            ("go", &files.go),
+            ("argv", &files.argv),
+            ("seed", &files.seed),
+            ("time", &files.time),
+        ] {
+            args.push("-fw_cfg".into());
+            args.push(format!("name={FW_CFG_DIR}/{name},file={}", escape(path)));
+        }
+        // ttyS0 the guest's console (dropped), ttyS1 stdout (QMP has stdio
+        // while booting for a snapshot), ttyS2 stderr, ttyS3 the trailers.
+        let stdout_serial = match launch.start {
+            VmStart::Boot => "null",
+            VmStart::Restore(_) => "stdio",
+        };
         for serial in [
             "null".to_string(),
-            "stdio".to_string(),
+            stdout_serial.to_string(),
             "file:/proc/self/fd/2".to_string(),
             format!("file:/proc/self/fd/{STATUS_FD}"),
         ] {
@@ -398,8 +471,34 @@ impl VmDriver {
         if self.acceleration == Acceleration::Kvm {
             args.extend(["-cpu".to_string(), "host".to_string()]);
         }
+        match &launch.start {
+            VmStart::Boot => args.extend(["-qmp".to_string(), "stdio".to_string()]),
+            VmStart::Restore(state) => {
+                args.extend(["-incoming".to_string(), format!("file:{}", state.display())])
+            }
+        }
         args
     }
+}
+
+/// `bytes` padded with spaces to `size` (the guest reads fixed sizes).
+fn padded(mut bytes: Vec<u8>, size: usize) -> Vec<u8> {
+    bytes.resize(size.max(bytes.len()), b' ');
+    bytes
+}
+
+/// Writes a file only root can read, whole.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(bytes))
+        .map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// A pipe for the guest's exit trailer: the read end (non-blocking, for
@@ -540,9 +639,13 @@ impl VmDriver {
             .map_err(|e| DriverError::Start(format!("a cgroup path has a NUL: {e}")))?;
         let status_fd = status_write.as_raw_fd();
         let mut command = tokio::process::Command::new(QEMU_BINARY);
+        let stdin = match launch.start {
+            VmStart::Boot => Stdio::piped(),
+            VmStart::Restore(_) => Stdio::null(),
+        };
         command
             .args(self.qemu_arguments(launch))
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -571,15 +674,25 @@ impl VmDriver {
     async fn run(&self, job: JobSpec) -> Result<JobOutcome, DriverError> {
         let index = job.partition.index;
         let disk = self.ensure_ready(&job.partition)?;
-        let (kernel, initramfs) = self.boot_files(&job).await?;
+        let (image_root, kernel, initramfs) = self.boot_files(&job).await?;
+        let cgroup_procs = self.vm_cgroup(index).map_err(DriverError::Start)?;
+        let boot = snapshot::Boot {
+            partition: &job.partition,
+            image_root: &image_root,
+            kernel: &kernel,
+            initramfs: &initramfs,
+            cgroup_procs: &cgroup_procs,
+        };
+        let state = self.snapshot(&boot).await?;
         let launch = VmLaunch {
             terms: &job.partition.terms,
             name: self.vm_name(index),
             kernel,
             initramfs,
             disk,
-            argv_file: self.write_argv(&job)?,
-            cgroup_procs: self.vm_cgroup(index).map_err(DriverError::Start)?,
+            files: self.write_job_files(&job)?,
+            start: VmStart::Restore(state),
+            cgroup_procs,
         };
         let group = self.group_name(index);
         self.cgroups.reset_peak(&group);
@@ -591,6 +704,12 @@ impl VmDriver {
         let ended = match super::supervise(&mut child, &job).await {
             super::Supervised::Finished(Ok(qemu), out, err) => {
                 let trailer = status.await.unwrap_or_default();
+                if trailer.trim().is_empty() && qemu.code().is_some() {
+                    // QEMU could not resume it: the next job makes it anew.
+                    if let VmStart::Restore(state) = &launch.start {
+                        let _ = std::fs::remove_file(state);
+                    }
+                }
                 job_end(&trailer, qemu, &err).map(|end| (end, out, err))
             }
             super::Supervised::Finished(Err(e), _, _) => {
