@@ -211,6 +211,13 @@ fn main() -> Result<()> {
     for _ in 0..args.runs {
         warm.push(time_first_output(&up, &lease_id)?);
     }
+    // Released, the partition is wiped: no disk or cgroup stays behind.
+    let _ = up
+        .cli("borrower")?
+        .args(["release", &lease_id])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     let warm_summary = summary(warm);
     let under_bar = warm_summary["p50"]
         .as_u64()
