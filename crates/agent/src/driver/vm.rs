@@ -442,6 +442,11 @@ impl VmDriver {
             format!("file={},if=virtio,format=raw", escape(&launch.disk)),
             "-nic".into(),
             "none".into(),
+            // A new VM generation id in each resumed copy: the guest kernel
+            // reseeds its random generator, so copies of one snapshot never
+            // share random numbers.
+            "-device".into(),
+            "vmgenid,guid=auto".into(),
         ];
         let files = &launch.files;
         for (name, path) in [

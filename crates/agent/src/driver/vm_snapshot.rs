@@ -6,7 +6,9 @@
 //! shape then resumes a copy (`-incoming file:`) with its own fw_cfg files:
 //! `go` 1, its command, fresh randomness and the time. A snapshot holds only
 //! what the image's boot made, never a borrower's data, so partitions of one
-//! shape share it. Files are root's (0600 in a 0700 directory).
+//! shape share it. Each copy gets a new VM generation id (QEMU's vmgenid),
+//! on which the guest kernel reseeds its random generator, and mixes in a
+//! seed of its own. Files are root's (0600 in a 0700 directory).
 
 use super::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -55,7 +57,7 @@ impl VmDriver {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let depends_on = format!(
-            "{}|{GUEST_KERNEL_ARGUMENTS}|{TCG_CACHE_MIB}|{}",
+            "{}|{GUEST_KERNEL_ARGUMENTS}|{TCG_CACHE_MIB}|vmgenid|{}",
             self.qemu_version,
             boot.kernel.display()
         );
