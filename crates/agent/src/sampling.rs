@@ -94,6 +94,7 @@ fn other_driver(config: &crate::AgentConfig, wanted: &str) -> Option<&'static st
         DriverKind::Sim { .. } => "sim",
         DriverKind::Process { .. } => "process",
         DriverKind::Oci { .. } => "oci",
+        DriverKind::Vm { .. } => "vm",
     };
     (name != wanted).then_some(name)
 }

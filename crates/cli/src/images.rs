@@ -15,14 +15,21 @@ pub fn default_store_dir() -> PathBuf {
 
 #[derive(Subcommand)]
 pub enum ImagesCommand {
-    /// Build a known image; `busybox` makes a tiny root filesystem from Debian's busybox-static.
+    /// Build a known image: `busybox` makes a tiny root filesystem from
+    /// Debian's busybox-static (`oci` driver); `debian-vm` an OS image for
+    /// the `vm` driver: Debian's kernel (apt-get download + dpkg-deb -x, not
+    /// installed) and an initramfs with busybox-static.
     Build {
-        /// The image to build (only `busybox` for now).
-        #[arg(value_parser = ["busybox"])]
+        /// The image to build.
+        #[arg(value_parser = ["busybox", "debian-vm"])]
         recipe: String,
         /// The name to store it under (default: the recipe's name).
         #[arg(long)]
         name: Option<String>,
+        /// With `debian-vm`: the kernel package (.deb) to use instead of
+        /// downloading the one `linux-image-amd64` depends on.
+        #[arg(long)]
+        kernel_deb: Option<PathBuf>,
         #[arg(long, default_value_os_t = default_store_dir())]
         store: PathBuf,
     },
@@ -87,11 +94,16 @@ pub async fn images(global: &Global, command: ImagesCommand) -> Result<i32> {
         ImagesCommand::Build {
             recipe,
             name,
+            kernel_deb,
             store,
         } => {
-            let name = name.unwrap_or(recipe);
+            let name = name.unwrap_or_else(|| recipe.clone());
             let spinner = progress::spinner(global, format!("building image '{name}'"));
-            let built = open(&store)?.build_busybox(&name);
+            let store = open(&store)?;
+            let built = match recipe.as_str() {
+                "debian-vm" => store.build_vm_debian(&name, kernel_deb.as_deref()),
+                _ => store.build_busybox(&name),
+            };
             spinner.finish_and_clear();
             let entry = built.with_context(|| format!("failed to build image '{name}'"))?;
             print_entry(global, "built", &entry);

@@ -94,6 +94,11 @@ pub enum DriverChoice {
     Process,
     /// Simulated partitions and jobs in memory (simulations, benchmarks).
     Sim,
+    /// QEMU virtual machines: each job boots the partition's own OS kernel
+    /// (an image from `leasehold images build debian-vm`), with the QEMU
+    /// process held to the partition's CPU and memory limits. KVM where
+    /// /dev/kvm really works, TCG otherwise.
+    Vm,
 }
 
 #[derive(Subcommand)]

@@ -434,8 +434,9 @@ pub struct AgentArgs {
     /// Images the `sim` driver pretends to boot (repeat).
     #[arg(long = "sim-image", default_values_t = vec!["busybox".to_string(), "debian-12".to_string()])]
     pub sim_images: Vec<String>,
-    /// Images the `oci` driver offers (repeat); fetched from --image-store.
-    #[arg(long = "image", default_values_t = vec!["busybox".to_string()])]
+    /// Images the `oci` or `vm` driver offers (repeat); fetched from
+    /// --image-store. Default: `busybox` (oci), `debian-vm` (vm).
+    #[arg(long = "image")]
     pub images: Vec<String>,
     /// The image store agents fetch images from (`leasehold images serve`).
     #[arg(long, env = "LEASEHOLD_IMAGE_STORE")]
@@ -481,7 +482,7 @@ pub struct UpArgs {
     /// How partitions are built.
     #[arg(long, value_enum, default_value = "auto")]
     pub driver: DriverChoice,
-    /// Where the built-in image store listens (for the `oci` driver).
+    /// Where the built-in image store listens (for the `oci` and `vm` drivers).
     #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7072")]
     pub image_store_listen: SocketAddr,
     /// The broker's commission, in basis points.
@@ -555,6 +556,61 @@ struct ImageStoreAccess {
     trust: leasehold_api::ServerTrust,
 }
 
+/// The images an agent offers when none are given: what its driver boots.
+pub fn default_images(choice: DriverChoice) -> Vec<String> {
+    match choice {
+        DriverChoice::Vm => vec![DEFAULT_VM_IMAGE.to_string()],
+        _ => vec!["busybox".to_string()],
+    }
+}
+
+/// The OS image `up --driver vm` builds and offers.
+const DEFAULT_VM_IMAGE: &str = "debian-vm";
+
+/// The agent's cache of the image store, with the offered images pinned to
+/// digests now, so that the terms registered name digests and no job asks
+/// the store about a name.
+async fn cached_images(
+    data_dir: &Path,
+    offered: Vec<String>,
+    image_store: &ImageStoreAccess,
+) -> Result<Arc<leasehold_agent::images::CachedImages>> {
+    let cache = leasehold_images::ImageCache::with_trust(
+        &data_dir.join("image-cache"),
+        image_store.url.clone(),
+        &image_store.trust,
+    )
+    .context("failed to open the image cache")?;
+    let images = leasehold_agent::images::CachedImages::pinned(cache, offered)
+        .await
+        .context("failed to pin the offered images to digests")?;
+    Ok(Arc::new(images))
+}
+
+/// The `vm` driver, when this host can run it; its ready line says
+/// whether VMs run on KVM or TCG, and why.
+async fn plan_vm_driver(
+    data_dir: &Path,
+    host_id: &str,
+    offered: Vec<String>,
+    image_store: &ImageStoreAccess,
+    precondition: Result<(), String>,
+) -> Result<DriverPlan> {
+    leasehold_agent::driver::vm::probe()
+        .and(precondition)
+        .map_err(|reason| anyhow!("failed to use the vm driver: {reason}"))?;
+    let (acceleration, why) = leasehold_agent::driver::vm::detect_acceleration();
+    Ok(DriverPlan {
+        kind: DriverKind::Vm {
+            root_dir: data_dir.join("vm"),
+            instance: leasehold_agent::instance_name(host_id, data_dir),
+            images: cached_images(data_dir, offered, image_store).await?,
+            acceleration,
+        },
+        reason: format!("chosen with --driver vm; VMs run on {why}"),
+    })
+}
+
 /// Picks the driver: `auto` takes `oci` where this host can run it (and,
 /// for `up`, where the busybox image can be made), and otherwise refuses.
 async fn plan_driver(
@@ -573,40 +629,33 @@ async fn plan_driver(
         reason,
     };
     let oci = |reason: String| async {
-        let cache = leasehold_images::ImageCache::with_trust(
-            &data_dir.join("image-cache"),
-            image_store.url.clone(),
-            &image_store.trust,
-        )
-        .context("failed to open the image cache")?;
-        // The offered images are pinned to digests now, so that the terms
-        // registered name digests and no job asks the store about a name.
-        let images = leasehold_agent::images::CachedImages::pinned(cache, oci_images.clone())
-            .await
-            .context("failed to pin the offered images to digests")?;
         Ok(DriverPlan {
             kind: DriverKind::Oci {
                 root_dir: data_dir.join("oci"),
                 instance: leasehold_agent::instance_name(host_id, data_dir),
-                images: Arc::new(images),
+                images: cached_images(data_dir, oci_images.clone(), &image_store).await?,
             },
             reason,
         })
     };
-    let usable = leasehold_agent::driver::oci::probe().and(oci_precondition);
+    let usable = || leasehold_agent::driver::oci::probe().and(oci_precondition.clone());
     match choice {
         DriverChoice::Sim => Ok(DriverPlan {
             kind: DriverKind::Sim { images: sim_images },
             reason: "chosen with --driver sim".into(),
         }),
         DriverChoice::Process => Ok(process("chosen with --driver process".into())),
-        DriverChoice::Oci => match usable {
+        DriverChoice::Vm => {
+            let precondition = oci_precondition.clone();
+            plan_vm_driver(data_dir, host_id, oci_images, &image_store, precondition).await
+        }
+        DriverChoice::Oci => match usable() {
             Ok(()) => oci("chosen with --driver oci".into()).await,
             Err(reason) => Err(anyhow!("failed to use the oci driver: {reason}")),
         },
         // Never a silent fallback to the unisolated `process` driver: a
         // borrower who was promised a container must get one.
-        DriverChoice::Auto => match usable {
+        DriverChoice::Auto => match usable() {
             Ok(()) => oci("auto: runc, cgroups and loop devices are usable here".into()).await,
             Err(reason) => Err(anyhow!(
                 "failed to pick a driver: the isolating oci driver cannot run here ({reason}); fix that, or choose `--driver process` to lend UNISOLATED partitions (jobs run as plain processes that can read this host's files), or `--driver sim` to simulate"
@@ -841,7 +890,11 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
         &args.data_dir,
         &host_id,
         args.sim_images.clone(),
-        args.images.clone(),
+        if args.images.is_empty() {
+            default_images(args.driver)
+        } else {
+            args.images.clone()
+        },
         image_store,
         Ok(()),
     )
@@ -1058,12 +1111,12 @@ async fn start_up_agent(
         &agent.data_dir,
         "local",
         vec!["busybox".into(), "debian-12".into()],
-        vec!["busybox".into()],
+        default_images(args.driver),
         ImageStoreAccess {
             url: images.url.clone(),
             trust: tls.client_trust.clone(),
         },
-        images.busybox_ready.clone(),
+        images.image_ready.clone(),
     )
     .await?;
     let running = leasehold_agent::start(AgentConfig {
@@ -1088,34 +1141,43 @@ async fn start_up_agent(
     Ok((running, plan))
 }
 
-/// The image store `up` keeps beside its data for the oci driver.
+/// The image store `up` keeps beside its data for the oci and vm drivers.
 struct UpImages {
     store_dir: PathBuf,
-    /// Where it serves, when it does (the oci driver can run here).
+    /// Where it serves, when it does (the oci or vm driver can run here).
     url: Option<String>,
-    /// Whether the busybox image is in the store (the oci driver needs it).
-    busybox_ready: Result<(), String>,
+    /// Whether the driver's image is in the store (busybox for oci,
+    /// debian-vm for vm).
+    image_ready: Result<(), String>,
 }
 
-/// The oci driver boots images: `up` keeps a store beside its data, makes
-/// the busybox image in it once, and serves it to its agent and to its
-/// broker (which pins partitions' images to the store's digests), so the
-/// store starts first.
+/// The oci and vm drivers boot images: `up` keeps a store beside its data,
+/// makes the driver's image in it once, and serves it to its agent and to
+/// its broker (which pins partitions' images to the store's digests), so
+/// the store starts first.
 async fn start_up_image_store(args: &UpArgs, tls: &UpTls) -> Result<UpImages> {
     let store_dir = args.data_dir.join("images");
-    let wants_oci = matches!(args.driver, DriverChoice::Oci | DriverChoice::Auto);
-    let busybox_ready = if wants_oci {
-        ensure_busybox(&store_dir)
-    } else {
-        Ok(())
+    let (image_ready, usable) = match args.driver {
+        DriverChoice::Oci | DriverChoice::Auto => (
+            ensure_busybox(&store_dir),
+            leasehold_agent::driver::oci::probe(),
+        ),
+        DriverChoice::Vm => {
+            let usable = leasehold_agent::driver::vm::probe();
+            let ready = match &usable {
+                // Built only where it can boot: it takes a kernel download.
+                Ok(()) => ensure_vm_image(&store_dir),
+                Err(_) => Ok(()),
+            };
+            (ready, usable)
+        }
+        DriverChoice::Process | DriverChoice::Sim => (Ok(()), Err(String::new())),
     };
-    let serves =
-        wants_oci && busybox_ready.is_ok() && leasehold_agent::driver::oci::probe().is_ok();
-    if !serves {
+    if image_ready.is_err() || usable.is_err() {
         return Ok(UpImages {
             store_dir,
             url: None,
-            busybox_ready,
+            image_ready,
         });
     }
     let store = Arc::new(
@@ -1140,7 +1202,7 @@ async fn start_up_image_store(args: &UpArgs, tls: &UpTls) -> Result<UpImages> {
     Ok(UpImages {
         store_dir,
         url: Some(url),
-        busybox_ready,
+        image_ready,
     })
 }
 
@@ -1357,6 +1419,22 @@ fn ensure_busybox(store_dir: &Path) -> Result<(), String> {
     }
     store
         .build_busybox("busybox")
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Makes the `debian-vm` OS image in `store_dir` unless it is there
+/// already (the first `up --driver vm` downloads Debian's kernel package).
+fn ensure_vm_image(store_dir: &Path) -> Result<(), String> {
+    let store = leasehold_images::ImageStore::open(store_dir).map_err(|e| e.to_string())?;
+    if store.get(DEFAULT_VM_IMAGE).is_ok() {
+        return Ok(());
+    }
+    eprintln!(
+        "up: building the {DEFAULT_VM_IMAGE} OS image (Debian's kernel and busybox-static; once)"
+    );
+    store
+        .build_vm_debian(DEFAULT_VM_IMAGE, None)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

@@ -62,6 +62,8 @@ pub enum Isolation {
     Simulated,
     /// Containers with their own namespaces, cgroup and seccomp (`oci`).
     Container,
+    /// Virtual machines with their own kernel (`vm`).
+    VirtualMachine,
 }
 
 impl Isolation {
@@ -70,6 +72,7 @@ impl Isolation {
             Isolation::None => "none",
             Isolation::Simulated => "simulated",
             Isolation::Container => "container",
+            Isolation::VirtualMachine => "virtual_machine",
         }
     }
 }

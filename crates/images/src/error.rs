@@ -64,6 +64,9 @@ pub enum ImageError {
     #[error("cannot build the busybox image: {reason}; install a static busybox with 'apt-get install busybox-static'")]
     BusyboxMissing { reason: String },
 
+    #[error("cannot build the vm image: {reason}")]
+    VmRecipe { reason: String },
+
     #[error("image '{name}' is not cached here and no image store is configured; give the agent an image store URL")]
     NoStore { name: String },
 

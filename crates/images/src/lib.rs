@@ -30,6 +30,7 @@
 //!
 //! Dependencies added by this crate (all other dependencies are the workspace's):
 //! - tar: reads and writes tar archives, and unpacks them refusing paths that leave the target directory.
+//! - xz2: decompresses the xz-compressed kernel inside Debian's bzImage for the `vm` image (liblzma).
 //! - futures-util: `stream::try_unfold` to stream a blob file as an HTTP body without loading it into memory.
 //!
 //! Workspace dependencies used in a new way here:
@@ -44,6 +45,9 @@ mod fsutil;
 mod http;
 mod store;
 mod unpack;
+mod vm_initramfs;
+mod vm_kernel;
+mod vm_recipe;
 
 #[cfg(test)]
 mod tests;
@@ -54,6 +58,11 @@ pub use cache::{CachedImage, ImageCache, CACHE_DIR_MODE};
 pub use client::StoreClient;
 pub use error::ImageError;
 pub use store::ImageStore;
+pub use vm_initramfs::{
+    ARGV_FILE_BYTES, ERROR_TRAILER_PREFIX, EXIT_TRAILER_PREFIX, FW_CFG_DIR, READY_TRAILER,
+    SEED_FILE_BYTES, TIME_FILE_BYTES,
+};
+pub use vm_recipe::{VmManifest, VM_MANIFEST_FILE};
 
 /// Largest image blob accepted: stored, served or downloaded.
 pub const MAX_BLOB_BYTES: u64 = 8 << 30;

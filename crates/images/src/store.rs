@@ -52,6 +52,11 @@ impl ImageStore {
         &self.root
     }
 
+    /// Where files being written wait (same filesystem as the blobs).
+    pub(crate) fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
     /// Archives `dir` deterministically (entries sorted by name, mtime 0,
     /// uid/gid 0 and no user names, permission bits kept, symlinks kept as
     /// symlinks, hard links stored as separate files) and adds it as `name`.
@@ -165,29 +170,8 @@ impl ImageStore {
     /// 65534), etc/group, and empty proc dev sys tmp work root.
     pub fn build_busybox(&self, name: &str) -> Result<ImageEntry, ImageError> {
         validate_name(name)?;
-        let busybox = BUSYBOX_PATHS
-            .iter()
-            .map(Path::new)
-            .find(|p| p.is_file())
-            .ok_or_else(|| ImageError::BusyboxMissing {
-                reason: format!("there is no busybox at {}", BUSYBOX_PATHS.join(" or ")),
-            })?;
-        match elf_is_dynamic(busybox) {
-            Ok(false) => {}
-            Ok(true) => {
-                return Err(ImageError::BusyboxMissing {
-                    reason: format!(
-                        "{} is dynamically linked (Debian's 'busybox' package) and would not run alone in an image",
-                        busybox.display()
-                    ),
-                })
-            }
-            Err(reason) => {
-                return Err(ImageError::BusyboxMissing {
-                    reason: format!("{}: {reason}", busybox.display()),
-                })
-            }
-        }
+        let busybox = static_busybox()?;
+        let busybox = busybox.as_path();
         let applets = busybox_applets(busybox)?;
 
         let work = tempfile::Builder::new()
@@ -408,6 +392,30 @@ fn compression(magic: &[u8]) -> Option<&'static str> {
 
 /// Whether an ELF executable asks for a program interpreter (is dynamically
 /// linked). A static-pie binary has no PT_INTERP and counts as static.
+/// This machine's static busybox (Debian's busybox-static), which runs
+/// alone in an image.
+pub(crate) fn static_busybox() -> Result<PathBuf, ImageError> {
+    let busybox = BUSYBOX_PATHS
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .ok_or_else(|| ImageError::BusyboxMissing {
+            reason: format!("there is no busybox at {}", BUSYBOX_PATHS.join(" or ")),
+        })?;
+    match elf_is_dynamic(busybox) {
+        Ok(false) => Ok(busybox.to_path_buf()),
+        Ok(true) => Err(ImageError::BusyboxMissing {
+            reason: format!(
+                "{} is dynamically linked (Debian's 'busybox' package) and would not run alone in an image",
+                busybox.display()
+            ),
+        }),
+        Err(reason) => Err(ImageError::BusyboxMissing {
+            reason: format!("{}: {reason}", busybox.display()),
+        }),
+    }
+}
+
 pub(crate) fn elf_is_dynamic(path: &Path) -> Result<bool, String> {
     let bytes = fsutil::read_bounded(path, 256 << 20).map_err(|e| e.to_string())?;
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {

@@ -10,6 +10,7 @@ pub mod process;
 pub mod seccomp;
 pub mod sim;
 pub mod userns;
+pub mod vm;
 
 use leasehold_core::{Isolation, Terms};
 use std::future::Future;
@@ -156,6 +157,15 @@ pub enum DriverKind {
         instance: String,
         images: std::sync::Arc<dyn oci::ImageSource>,
     },
+    /// QEMU virtual machines booting OS images (kernel + initramfs) from
+    /// the image store.
+    Vm {
+        root_dir: PathBuf,
+        /// Unique to this agent on this machine (VM names, cgroups).
+        instance: String,
+        images: std::sync::Arc<dyn oci::ImageSource>,
+        acceleration: vm::Acceleration,
+    },
 }
 
 impl DriverKind {
@@ -166,6 +176,7 @@ impl DriverKind {
             DriverKind::Process { .. } => Isolation::None,
             DriverKind::Sim { .. } => Isolation::Simulated,
             DriverKind::Oci { .. } => Isolation::Container,
+            DriverKind::Vm { .. } => Isolation::VirtualMachine,
         }
     }
 }
@@ -182,6 +193,17 @@ pub fn make_driver(kind: &DriverKind) -> Result<Box<dyn PartitionDriver>, String
             root_dir.clone(),
             instance.clone(),
             images.clone(),
+        )?),
+        DriverKind::Vm {
+            root_dir,
+            instance,
+            images,
+            acceleration,
+        } => Box::new(vm::VmDriver::new(
+            root_dir.clone(),
+            instance.clone(),
+            images.clone(),
+            *acceleration,
         )?),
     })
 }

@@ -77,7 +77,7 @@ pub struct OciDriver {
     job_counter: std::sync::atomic::AtomicU64,
 }
 
-fn run_quiet(program: &str, args: &[&str]) -> Result<String, String> {
+pub(super) fn run_quiet(program: &str, args: &[&str]) -> Result<String, String> {
     let output = std::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -107,6 +107,21 @@ fn parse_cpu_list(text: &str) -> Vec<u32> {
         }
     }
     cpus
+}
+
+/// The cores partitions may be given: the root cpuset's, or all of them.
+pub(super) fn machine_cores() -> Vec<u32> {
+    let cores = std::fs::read_to_string("/sys/fs/cgroup/cpuset/cpuset.cpus")
+        .or_else(|_| std::fs::read_to_string("/sys/fs/cgroup/cpuset.cpus.effective"))
+        .map(|t| parse_cpu_list(&t))
+        .unwrap_or_default();
+    if !cores.is_empty() {
+        return cores;
+    }
+    (0..std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1))
+        .collect()
 }
 
 /// Mount points under `dir`, deepest first.
@@ -161,7 +176,7 @@ pub fn probe() -> Result<(), String> {
 }
 
 /// Sets the permission bits of `path`.
-fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
+pub(super) fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("chmod {mode:o} {}: {e}", path.display()))
@@ -169,7 +184,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
 
 /// Makes a sparse ext4 image of `disk_gib`, readable by root only, under a
 /// temporary name first so a crash never leaves a half-made disk in place.
-fn make_disk_image(dir: &Path, image: &Path, disk_gib: u64) -> Result<(), String> {
+pub(super) fn make_disk_image(dir: &Path, image: &Path, disk_gib: u64) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let partial = dir.join("disk.img.partial");
     let file = std::fs::OpenOptions::new()
@@ -219,18 +234,7 @@ impl OciDriver {
     ) -> Result<Self, String> {
         probe()?;
         let cgroups = Cgroups::detect()?;
-        let cores = std::fs::read_to_string("/sys/fs/cgroup/cpuset/cpuset.cpus")
-            .or_else(|_| std::fs::read_to_string("/sys/fs/cgroup/cpuset.cpus.effective"))
-            .map(|t| parse_cpu_list(&t))
-            .unwrap_or_default();
-        let cores = if cores.is_empty() {
-            (0..std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1))
-                .collect()
-        } else {
-            cores
-        };
+        let cores = machine_cores();
         std::fs::create_dir_all(root_dir.join("runc"))
             .map_err(|e| format!("create {}: {e}", root_dir.display()))?;
         // Absolute, because mount points are compared with /proc/self/mountinfo.
