@@ -699,20 +699,9 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
     } else {
         "sqlite"
     };
-    if let Some(path) = &args.admin_token_file {
-        // Checked before the first admin is made: a token that cannot be
-        // written after would be lost with the admin already in place.
-        let parent_exists = path
-            .parent()
-            .is_none_or(|p| p.as_os_str().is_empty() || p.is_dir());
-        if !parent_exists {
-            eprintln!(
-                "leasehold: --admin-token-file {}: its directory does not exist",
-                path.display()
-            );
-            return Ok(2);
-        }
-        private_fs::check_private_file(path).context("--admin-token-file")?;
+    if let Err(problem) = check_admin_token_file(&args) {
+        eprintln!("leasehold: {problem}");
+        return Ok(2);
     }
     let leadership = leasehold_broker::leadership::LeadershipConfig {
         ttl_ms: args.leadership_ttl_ms,
@@ -743,6 +732,40 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
     )
     .await
     .context("failed to start the broker")?;
+    print_active(global, &running, &args, database)?;
+    running
+        .wait()
+        .await
+        .context("the broker stopped with an error")?;
+    Ok(0)
+}
+
+/// Checked before the first admin is made: a token that cannot be written
+/// after would be lost with the admin already in place.
+fn check_admin_token_file(args: &BrokerArgs) -> Result<(), String> {
+    let Some(path) = &args.admin_token_file else {
+        return Ok(());
+    };
+    let parent_exists = path
+        .parent()
+        .is_none_or(|p| p.as_os_str().is_empty() || p.is_dir());
+    if !parent_exists {
+        return Err(format!(
+            "--admin-token-file {}: its directory does not exist",
+            path.display()
+        ));
+    }
+    private_fs::check_private_file(path).map_err(|e| format!("--admin-token-file: {e}"))
+}
+
+/// The ready line of the active broker; on its first start, the admin
+/// token shown once or written to --admin-token-file.
+fn print_active(
+    global: &Global,
+    running: &leasehold_broker::RunningBroker,
+    args: &BrokerArgs,
+    database: &str,
+) -> Result<()> {
     let url = running.url();
     let epoch = running.status().epoch;
     let mut text = format!(
@@ -771,11 +794,7 @@ pub async fn broker(global: &Global, args: BrokerArgs) -> Result<i32> {
         serde_json::json!({"broker_url": url, "data_dir": args.data_dir, "database": database, "admin_token": shown_token, "admin_token_file": args.admin_token_file, "role": "active", "epoch": epoch}),
         text,
     );
-    running
-        .wait()
-        .await
-        .context("the broker stopped with an error")?;
-    Ok(0)
+    Ok(())
 }
 
 /// The ready line of a broker that stands by (it prints another when it
