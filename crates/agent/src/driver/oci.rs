@@ -664,17 +664,13 @@ impl PartitionDriver for OciDriver {
         let Some(cores) = self.cores_of(index) else {
             return Ok(());
         };
-        // A cpuset cannot be empty while processes are in it: with no
-        // module active the partition keeps its first core (its jobs are
-        // only started once their modules are active).
-        let count = (active as usize).clamp(1, cores.len().max(1));
-        let cpus: Vec<String> = cores.iter().take(count).map(u32::to_string).collect();
-        self.cgroups
-            .set_cpus(&self.group_name(index), &cpus.join(","))
-            .map_err(|e| DriverError::Activate {
-                index,
-                problem: e.to_string(),
-            })
+        activate_cores(
+            &self.cgroups,
+            &self.group_name(index),
+            index,
+            &cores,
+            active,
+        )
     }
 
     fn cores_of(&self, index: u32) -> Option<Vec<u32>> {
@@ -690,6 +686,28 @@ impl PartitionDriver for OciDriver {
             .unwrap_or_else(|p| p.into_inner())
             .restore(&self.cores, kept);
     }
+}
+
+/// Narrows or widens a partition's cpuset to its first `active` cores
+/// (seed 004's active modules), for the oci and vm drivers. A cpuset cannot
+/// be empty while processes are in it: with no module active the partition
+/// keeps its first core (its jobs are only started once their modules are
+/// active).
+pub(super) fn activate_cores(
+    cgroups: &Cgroups,
+    group: &str,
+    index: u32,
+    cores: &[u32],
+    active: u32,
+) -> Result<(), DriverError> {
+    let count = (active as usize).clamp(1, cores.len().max(1));
+    let cpus: Vec<String> = cores.iter().take(count).map(u32::to_string).collect();
+    cgroups
+        .set_cpus(group, &cpus.join(","))
+        .map_err(|e| DriverError::Activate {
+            index,
+            problem: e.to_string(),
+        })
 }
 
 /// Which cores each partition runs on. A partition gets `vcpus` cores, the

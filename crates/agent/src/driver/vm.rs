@@ -952,14 +952,13 @@ impl PartitionDriver for VmDriver {
             return Ok(());
         };
         // As the oci driver: never an empty cpuset while QEMU runs in it.
-        let count = (active as usize).clamp(1, cores.len().max(1));
-        let cpus: Vec<String> = cores.iter().take(count).map(u32::to_string).collect();
-        self.cgroups
-            .set_cpus(&self.group_name(index), &cpus.join(","))
-            .map_err(|e| DriverError::Activate {
-                index,
-                problem: e.to_string(),
-            })
+        super::oci::activate_cores(
+            &self.cgroups,
+            &self.group_name(index),
+            index,
+            &cores,
+            active,
+        )
     }
 
     fn cores_of(&self, index: u32) -> Option<Vec<u32>> {
