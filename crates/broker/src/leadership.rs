@@ -73,15 +73,17 @@ pub(crate) struct Leadership {
 }
 
 pub(crate) fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+    leasehold_service::Clock::now_ms(&leasehold_service::SystemClock)
 }
 
 /// The URL part of a holder (`"<instance> <url>"`).
 fn url_of_holder(holder: &str) -> Option<String> {
     holder.split_once(' ').map(|(_, url)| url.to_string())
+}
+
+/// The instance part of a holder (`"<instance> <url>"`).
+fn instance_of_holder(holder: &str) -> &str {
+    holder.split(' ').next().unwrap_or_default()
 }
 
 /// This data directory's instance id, made once (0600): a broker restarted
@@ -202,10 +204,8 @@ impl Leadership {
         let holder = self.holder.clone();
         tokio::task::spawn_blocking(move || {
             let mut db = connection.lock().unwrap_or_else(|p| p.into_inner());
-            let instance = holder.split(' ').next().unwrap_or_default().to_string();
             if let Some(current) = db.lease_holder(LEADERSHIP_LEASE)? {
-                let earlier_self = current.holder.split(' ').next() == Some(instance.as_str());
-                if earlier_self {
+                if instance_of_holder(&current.holder) == instance_of_holder(&holder) {
                     db.release_lease(LEADERSHIP_LEASE, &current.holder)?;
                 }
             }

@@ -834,10 +834,7 @@ async fn broker_status(global: &Global) -> Result<i32> {
         };
         println!("{document}");
     } else {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms = leasehold_service::Clock::now_ms(&leasehold_service::SystemClock);
         println!(
             "{:<32} {:<12} {:>6}  {:<24} ACTIVE",
             "BROKER", "ROLE", "EPOCH", "SINCE"
