@@ -37,6 +37,12 @@ pub enum AgentError {
     /// The share group's store or another manager cannot be reached.
     #[error("the share group cannot be reached: {0}")]
     GroupUnreachable(String),
+    /// Direct lending: the partition named is leased already.
+    #[error("{0}")]
+    Conflict(String),
+    /// Direct lending: no free partition meets the requirements.
+    #[error("{0}")]
+    NoMatch(String),
     /// A bad `--owner-load` trace, or one on a driver that cannot use it:
     /// the agent does not start.
     #[error(transparent)]
@@ -120,6 +126,10 @@ impl AgentError {
             AgentError::Forbidden(_) => {
                 ErrorResponse::new(StatusCode::FORBIDDEN, "forbidden", message)
             }
+            AgentError::Conflict(_) => {
+                ErrorResponse::new(StatusCode::CONFLICT, "partition_leased", message)
+            }
+            AgentError::NoMatch(_) => ErrorResponse::new(StatusCode::CONFLICT, "no_match", message),
             AgentError::RightsConflict(_) => {
                 ErrorResponse::new(StatusCode::CONFLICT, "rights_conflict", message)
             }

@@ -89,6 +89,7 @@ pub(crate) fn api_router(agent: Arc<Agent>) -> OpenApiRouter<Arc<Agent>> {
         .merge(jobs)
         .merge(job_records)
         .merge(notices)
+        .merge(crate::direct_http::direct_routes(agent))
 }
 
 fn err(error: AgentError) -> ErrorResponse {
@@ -102,7 +103,7 @@ struct Bearer(String);
 
 /// Lender routes: the agent's own credential or a token of this host's
 /// lender (asked of the broker, remembered briefly), or 401.
-async fn require_lender(
+pub(crate) async fn require_lender(
     State(agent): App,
     request: Request,
     next: Next,
@@ -231,7 +232,7 @@ async fn verify_lease_key_signature(
 
 /// The broker's signature on a notice, with the key this agent trusts.
 fn verify_notice_signature(agent: &Agent, bearer: &str) -> Result<key::NoticeClaims, KeyRejection> {
-    key::decode_notice_trusted(bearer, &agent.trusted_keys())
+    agent.verify_notice(bearer)
 }
 
 /// Job submission: a lease key for this host as the bearer.
@@ -318,6 +319,7 @@ async fn info(State(agent): App) -> Json<AgentInfo> {
         owner_used: agent.owner_used_now(),
         guaranteed: sampled.guaranteed,
         sampled_at_ms: sampled.answered_at_ms,
+        markets: agent.market_views(),
     })
 }
 

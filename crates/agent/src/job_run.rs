@@ -66,8 +66,11 @@ impl Agent {
             .verify_key_for_partition(index, &request.lease_key)
             .await?;
         tracing::Span::current().record("lease_id", claims.lease_id);
+        self.confirm_key_with_broker(&claims).await?;
         let lock = self.partition_lock(index);
         let _guard = lock.lock().await;
+        // Under the lock: two jobs of a new carved lease make one row.
+        self.ensure_carved_row(&claims)?;
         let decided = self.drive_fence(
             index,
             FenceEvent::KeyPresented {

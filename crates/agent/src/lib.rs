@@ -3,6 +3,8 @@
 //! register them with the broker, FIG. 6-7), the key check (S52-S54), and
 //! job execution through a partition driver (FIG. 5 and 9).
 
+pub mod direct;
+mod direct_http;
 pub mod driver;
 pub mod error;
 mod fence_flow;
@@ -10,6 +12,7 @@ mod http;
 pub mod images;
 mod job_run;
 mod lender_check;
+pub mod markets;
 mod metrics;
 mod notices;
 mod openapi;
@@ -72,11 +75,36 @@ pub struct AgentConfig {
     /// Serve `/metrics` without a token (`--metrics-public`); otherwise
     /// only the host's lender may read it.
     pub metrics_public: bool,
+    /// Every broker this host lends through (`--broker URL[=SHARE]`), the
+    /// first being `broker_url` with `lender_token`; empty means that one
+    /// broker alone, managing the fixed partitions.
+    pub markets: Vec<markets::MarketConfig>,
+    /// Lend without any broker (`--direct`, the end of seed 000): the
+    /// owner grants borrowers and the agent signs their keys with the
+    /// owner's own key; `markets` and `broker_url` are not used.
+    pub direct: bool,
+    /// Whether a job's key is confirmed with its managing broker first
+    /// (FIG. 15), and what happens when the broker cannot be reached.
+    pub key_confirmation: markets::KeyConfirmation,
+}
+
+impl AgentConfig {
+    /// The markets as configured, the first always `broker_url`'s.
+    pub fn market_configs(&self) -> Vec<markets::MarketConfig> {
+        if self.markets.is_empty() {
+            return vec![markets::MarketConfig {
+                url: self.broker_url.clone(),
+                token: self.lender_token.clone(),
+                share: None,
+            }];
+        }
+        self.markets.clone()
+    }
 }
 
 /// The least time between two fetches of the broker's keys prompted by a
 /// key the agent cannot verify.
-const KEY_REFRESH_INTERVAL_MS: u64 = 10_000;
+pub(crate) const KEY_REFRESH_INTERVAL_MS: u64 = 10_000;
 
 /// A job that is running, and the switch that stops it.
 struct RunningJob {
@@ -89,12 +117,18 @@ pub(crate) struct Agent {
     pub config: AgentConfig,
     pub db: Mutex<AgentDb>,
     pub driver: Box<dyn PartitionDriver>,
+    /// The first market's broker: it answers who the lender is, takes the
+    /// samples and keeps the share group.
     pub broker: leasehold_api::Client,
-    /// The broker keys lease keys and notices may be signed with.
-    broker_keys: std::sync::RwLock<key::TrustedKeys>,
-    /// When the trusted keys were last refreshed from the broker, so that
-    /// unknown keys cannot make the agent ask the broker on every request.
-    last_key_refresh_ms: Mutex<u64>,
+    /// Every broker this host lends through, with the keys of each that
+    /// lease keys and notices of its partitions may be signed with.
+    markets: Vec<markets::Market>,
+    /// With `--direct`: the owner's key, which signs direct leases' keys.
+    owner_key: Option<ed25519_dalek::SigningKey>,
+    /// Direct grants and leases change one at a time.
+    direct_lock: tokio::sync::Mutex<()>,
+    /// Where borrowers reach this agent (its jobs' address in a lease).
+    advertise_url: String,
     /// One lock per partition: jobs on one lease run one after another, and
     /// a release waits for the running job before it wipes the partition.
     partition_locks: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
@@ -183,10 +217,15 @@ pub(crate) fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
-fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
+fn row_view(
+    host_id: &str,
+    row: &AgentPartitionRow,
+    managed_by: Option<String>,
+) -> AgentPartitionView {
     AgentPartitionView {
         partition: PartitionRef::new(host_id, row.index),
         terms: row.terms.clone(),
+        managed_by,
         lending_flag: if row.registered {
             LendingFlag::Registered
         } else {
@@ -199,38 +238,87 @@ fn row_view(host_id: &str, row: &AgentPartitionRow) -> AgentPartitionView {
     }
 }
 
-/// Trust on first use: the broker's keys are pinned in the partition table,
-/// so a different broker (or a swapped key) cannot mint keys for us; a new
-/// key is trusted only when a pinned one endorsed it.
+/// Trust on first use: each broker's keys are pinned in the partition
+/// table, so a different broker (or a swapped key) cannot mint keys for us;
+/// a new key is trusted only when a pinned one endorsed it.
 async fn trust_broker_keys(
     db: &AgentDb,
     broker: &leasehold_api::Client,
-    config: &AgentConfig,
+    url: &str,
+    meta_key: &str,
     notes: &mut Vec<String>,
 ) -> Result<key::TrustedKeys, AgentError> {
-    let pinned = trust::load_pinned(db)?;
+    let pinned = trust::load_pinned_as(db, meta_key)?;
     match broker.broker_info().await {
         Ok(info) => {
             let trusted = trust::extend_trust(&pinned, &info).map_err(|problem| {
                 AgentError::Internal(format!(
-                    "refusing to trust the broker at {}: {problem} (delete {} to start over)",
-                    config.broker_url,
-                    config.data_dir.display()
+                    "refusing to trust the broker at {url}: {problem} (delete the agent's data directory to start over)"
                 ))
             })?;
-            trust::store_pinned(db, &trusted)?;
+            trust::store_pinned_as(db, meta_key, &trusted)?;
             Ok(trusted)
         }
         // Keys verify offline, so pinned keys let the agent serve jobs
         // while the broker is away.
         Err(error) if !pinned.is_empty() => {
             notes.push(format!(
-                "broker unreachable at start ({error}); serving with the pinned keys"
+                "broker {url} unreachable at start ({error}); serving with the pinned keys"
             ));
             Ok(pinned)
         }
         Err(error) => Err(AgentError::BrokerUnreachable(error)),
     }
+}
+
+/// The markets running: a client per broker (the first is `home`), the
+/// carving range of each share, the keys each is trusted with; refused
+/// when the shares and the fixed partitions would overlap.
+async fn open_markets(
+    config: &AgentConfig,
+    db: &AgentDb,
+    home: &leasehold_api::Client,
+    notes: &mut Vec<String>,
+) -> Result<Vec<markets::Market>, AgentError> {
+    let configs = config.market_configs();
+    let ranges = markets::carving_ranges(db, &configs)?;
+    let rows = db.partitions()?;
+    let fixed_rows: Vec<&AgentPartitionRow> = rows
+        .iter()
+        .filter(|row| {
+            !ranges
+                .iter()
+                .flatten()
+                .any(|(f, l)| (*f..=*l).contains(&row.index))
+        })
+        .collect();
+    markets::check_disjoint(&config.capacity, &configs, &fixed_rows)?;
+    let mut opened = Vec::new();
+    for (position, (market, range)) in configs.into_iter().zip(ranges).enumerate() {
+        let client = if position == 0 {
+            home.clone()
+        } else {
+            leasehold_api::Client::with_trust(
+                &market.url,
+                Some(market.token.clone()),
+                &config.client_trust,
+            )
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+        };
+        let meta_key = trust::meta_key_of_market(position, &market.url);
+        let keys = trust_broker_keys(db, &client, &market.url, &meta_key, notes).await?;
+        opened.push(markets::Market {
+            url: market.url,
+            client,
+            share: market.share,
+            range,
+            keys: std::sync::RwLock::new(keys),
+            last_key_refresh_ms: Mutex::new(0),
+            trust_meta_key: meta_key,
+            owner: false,
+        });
+    }
+    Ok(opened)
 }
 
 /// Rows written before terms carried an isolation, or by an agent that ran
@@ -368,7 +456,18 @@ async fn start_with_broker(
     } else {
         "http"
     };
-    let broker_keys = trust_broker_keys(&db, &broker, &config, &mut reconciled).await?;
+    let (markets, owner_key) = if config.direct {
+        let owner = direct::load_or_create_owner_key(&config.data_dir)?;
+        (
+            vec![markets::Market::of_owner(&owner, &broker)],
+            Some(owner),
+        )
+    } else {
+        (
+            open_markets(&config, &db, &broker, &mut reconciled).await?,
+            None,
+        )
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| AgentError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -389,8 +488,10 @@ async fn start_with_broker(
         db: Mutex::new(db),
         driver,
         broker,
-        broker_keys: std::sync::RwLock::new(broker_keys),
-        last_key_refresh_ms: Mutex::new(0),
+        markets,
+        owner_key,
+        direct_lock: tokio::sync::Mutex::new(()),
+        advertise_url: advertise.clone(),
         partition_locks: Mutex::new(HashMap::new()),
         running_jobs: Mutex::new(HashMap::new()),
         refused_keys: refused::RefusedKeyLog::default(),
@@ -402,7 +503,13 @@ async fn start_with_broker(
         metrics: metrics::AgentMetrics::new(),
     });
     switch_modules_with_the_driver(&agent);
-    match agent.register_and_reconcile(&advertise).await {
+    let registered = match config.direct {
+        true => Ok(vec![
+            "lending directly: no broker; keys signed with the owner's key".into(),
+        ]),
+        false => agent.register_and_reconcile(&advertise).await,
+    };
+    match registered {
         Ok(mut notes) => reconciled.append(&mut notes),
         Err(AgentError::BrokerUnreachable(error)) => {
             reconciled.push(format!("could not register with the broker: {error}"))
@@ -416,7 +523,11 @@ async fn start_with_broker(
         config.tls.clone(),
     );
     let revocation_pull = revocations::spawn_pull_loop(agent.clone());
-    let sample_loop = sampling::spawn_sample_loop(agent.clone());
+    // A direct agent has no broker to tell its owner's use.
+    let sample_loop = match config.direct {
+        true => tokio::spawn(async {}).abort_handle(),
+        false => sampling::spawn_sample_loop(agent.clone()),
+    };
     let rights_tick = rights::http::spawn_tick_loop(agent.clone());
     Ok(RunningAgent {
         local_addr,
@@ -435,52 +546,20 @@ impl Agent {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn trusted_keys(&self) -> key::TrustedKeys {
-        self.broker_keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Verifies a lease key; a key signed by a key the agent does not know
-    /// yet (the broker rotated) makes it fetch the broker's keys, at most
-    /// once per [`KEY_REFRESH_INTERVAL_MS`], and try again.
+    /// Verifies a lease key with the keys of the market that manages its
+    /// partition; a key signed by a key the agent does not know yet (a
+    /// broker rotated) makes it fetch the brokers' keys, at most once per
+    /// [`KEY_REFRESH_INTERVAL_MS`] each, and try again.
     pub(crate) async fn verify_lease_key(
         &self,
         token: &str,
     ) -> Result<key::LeaseKeyClaims, KeyRejection> {
-        let first = key::decode_and_verify_trusted(token, &self.trusted_keys());
-        if first != Err(KeyRejection::BadSignature) || !self.key_refresh_due() {
+        let first = self.verify_lease_key_offline(token);
+        if first != Err(KeyRejection::BadSignature) {
             return first;
         }
-        if let Ok(info) = self.broker.broker_info().await {
-            let pinned = self.trusted_keys();
-            match trust::extend_trust(&pinned, &info) {
-                Ok(trusted) if trusted.len() > pinned.len() => {
-                    let stored = trust::store_pinned(&self.db(), &trusted);
-                    if stored.is_ok() {
-                        tracing::info!(keys = trusted.len(), "trusting a new broker key");
-                        *self.broker_keys.write().unwrap_or_else(|p| p.into_inner()) = trusted;
-                    }
-                }
-                Ok(_) => {}
-                Err(problem) => tracing::warn!(%problem, "not trusting the broker's new keys"),
-            }
-        }
-        key::decode_and_verify_trusted(token, &self.trusted_keys())
-    }
-
-    fn key_refresh_due(&self) -> bool {
-        let now_ms = self.config.clock.now_ms();
-        let mut last = self
-            .last_key_refresh_ms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if now_ms.saturating_sub(*last) < KEY_REFRESH_INTERVAL_MS {
-            return false;
-        }
-        *last = now_ms;
-        true
+        self.refresh_market_keys().await;
+        self.verify_lease_key_offline(token)
     }
 
     fn partition_lock(&self, index: u32) -> Arc<tokio::sync::Mutex<()>> {
@@ -515,8 +594,33 @@ impl Agent {
         Ok(())
     }
 
+    /// Where borrowers reach this agent.
+    pub(crate) fn advertised_url(&self) -> String {
+        self.advertise_url.clone()
+    }
+
     pub(crate) fn view(&self, row: &AgentPartitionRow) -> AgentPartitionView {
-        row_view(self.host_id(), row)
+        let managed_by = (self.market_of_index(row.index)).map(|m| self.markets[m].url.clone());
+        row_view(self.host_id(), row, managed_by)
+    }
+
+    /// The markets as `GET /v1/agent` shows them.
+    pub(crate) fn market_views(&self) -> Vec<leasehold_api::AgentMarketView> {
+        (self.markets.iter())
+            .map(|market| leasehold_api::AgentMarketView {
+                broker_url: market.url.clone(),
+                share: market.share.as_ref().map(|s| leasehold_api::ShareSize {
+                    vcpus: s.vcpus,
+                    memory_mib: s.memory_mib,
+                    disk_gib: s.disk_gib,
+                    price_per_vcpu_hour_micros: s.price_per_vcpu_hour_micros,
+                    price_per_memory_gib_hour_micros: s.price_per_memory_gib_hour_micros,
+                    price_per_disk_gib_hour_micros: s.price_per_disk_gib_hour_micros,
+                }),
+                first_index: market.range.map(|(first, _)| first),
+                last_index: market.range.map(|(_, last)| last),
+            })
+            .collect()
     }
 
     /// The broker's record of a partition's terms is the one truth (it
@@ -596,7 +700,7 @@ impl Agent {
         let request = RegisterPartitionRequest {
             terms: row.terms.clone(),
         };
-        self.broker
+        self.fixed_broker()?
             .register_partition(self.host_id(), row.index, &request)
             .await?;
         row.registered = true;
@@ -609,11 +713,20 @@ impl Agent {
         terms
             .validate(Some(&images))
             .map_err(|e| FieldError::new(format!("terms.{}", e.field), e.problem))?;
+        if let Some(index) = except_index.filter(|index| self.is_carved(*index)) {
+            // A carved partition lives inside its share, not beside it.
+            return self.check_fits_share(index, terms);
+        }
         let rows = self.db().partitions()?;
+        // The shares other brokers carve from are taken, all of them.
+        let shares: Vec<Terms> = (self.markets.iter())
+            .filter_map(|m| m.share.as_ref().map(|s| s.as_terms()))
+            .collect();
         let others = rows
             .iter()
-            .filter(|r| Some(r.index) != except_index)
-            .map(|r| &r.terms);
+            .filter(|r| Some(r.index) != except_index && !self.is_carved(r.index))
+            .map(|r| &r.terms)
+            .chain(shares.iter());
         self.config
             .capacity
             .admits(others, terms)
@@ -644,10 +757,17 @@ impl Agent {
         let terms = images::pin_to_offered(terms, &self.driver.images());
         let terms = self.stamp_isolation(terms)?;
         self.validate_terms(&terms, None)?;
+        if self.owner_key.is_some() {
+            // Direct lending: the partition table is the only record.
+            let mut row = self.db().insert_partition(&terms)?;
+            row.registered = true;
+            self.db().update_terms_and_registration(&row)?;
+            return Ok(row);
+        }
+        let broker = self.fixed_broker()?;
         let mut row = self.db().insert_partition(&terms)?;
         let request = RegisterPartitionRequest { terms };
-        if let Err(error) = self
-            .broker
+        if let Err(error) = broker
             .register_partition(self.host_id(), row.index, &request)
             .await
         {
@@ -691,9 +811,11 @@ impl Agent {
         let request = RegisterPartitionRequest {
             terms: terms.clone(),
         };
-        self.broker
-            .register_partition(self.host_id(), index, &request)
-            .await?;
+        if self.owner_key.is_none() {
+            self.fixed_broker()?
+                .register_partition(self.host_id(), index, &request)
+                .await?;
+        }
         row.terms = terms;
         row.registered = true;
         self.db().update_terms_and_registration(&row)?;
@@ -714,10 +836,15 @@ impl Agent {
             self.config.clock.now_ms(),
         )
         .map_err(|refusal| self.fence_refusal(index, refusal))?;
-        match self.broker.withdraw_partition(self.host_id(), index).await {
-            Ok(_) => {}
-            Err(error) if error.status() == Some(404) => {}
-            Err(error) => return Err(error.into()),
+        if self.owner_key.is_none() {
+            match (self.fixed_broker()?)
+                .withdraw_partition(self.host_id(), index)
+                .await
+            {
+                Ok(_) => {}
+                Err(error) if error.status() == Some(404) => {}
+                Err(error) => return Err(error.into()),
+            }
         }
         if actions.contains(&FenceAction::Remove) {
             self.driver.remove(index)?;
@@ -736,6 +863,9 @@ impl Agent {
     pub(crate) async fn is_lender(&self, token: &str) -> bool {
         if same_secret(token, &self.config.lender_token) {
             return true;
+        }
+        if self.owner_key.is_some() {
+            return false; // direct lending: the owner's token is the only one
         }
         let now_ms = self.config.clock.now_ms();
         self.lender_check
@@ -858,7 +988,8 @@ impl Agent {
             AgentError::NotFound(format!("no job {job_id} on host {}", self.host_id()))
         })?;
         if !same_secret(bearer, &self.config.lender_token) {
-            let claims = key::decode_and_verify_trusted(bearer, &self.trusted_keys())
+            let claims = self
+                .verify_lease_key_offline(bearer)
                 .map_err(AgentError::KeyRejected)?;
             if claims.host_id != self.host_id() || claims.lease_id != job.lease_id {
                 return Err(AgentError::KeyRejected(KeyRejection::WrongLease));

@@ -187,6 +187,7 @@ impl AgentMetrics {
             KeyRejection::Stale,
             KeyRejection::Released,
             KeyRejection::NotYetValid,
+            KeyRejection::WrongBroker,
         ] {
             let _ = self.key_refusals.get_or_create(&ReasonLabels {
                 reason: reason_name(&reason),

@@ -3,13 +3,14 @@
 
 use crate::{Agent, AgentError};
 use leasehold_core::fence::{FenceAction, FenceEvent};
-use leasehold_core::key::{self, KeyRejection, NoticeClaims, NoticeKind};
+use leasehold_core::key::{KeyRejection, NoticeClaims, NoticeKind};
 use std::sync::Arc;
 
 impl Agent {
     /// A signed notice from the broker, pushed or pulled.
     pub(crate) async fn apply_notice(self: &Arc<Self>, notice: &str) -> Result<(), AgentError> {
-        let claims = key::decode_notice_trusted(notice, &self.trusted_keys())
+        let claims = self
+            .verify_notice(notice)
             .map_err(AgentError::KeyRejected)?;
         if claims.host_id != self.host_id() {
             return Err(AgentError::KeyRejected(KeyRejection::WrongHost));

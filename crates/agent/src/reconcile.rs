@@ -8,26 +8,67 @@ use leasehold_store::agent::AgentPartitionRow;
 use std::collections::HashMap;
 
 impl Agent {
-    /// Registers the host and brings the broker and the partition table
-    /// into agreement: partitions the broker lacks are registered, leases
-    /// the broker knows are adopted (so the partition is locked here too),
-    /// leases that ended while the agent was away are fenced and wiped.
+    /// Registers the host with every market and brings each broker and
+    /// the partition table into agreement. A market that cannot be reached
+    /// is noted and left for the next start; the others go on.
     pub(crate) async fn register_and_reconcile(
         &self,
         advertise_url: &str,
     ) -> Result<Vec<String>, AgentError> {
-        self.broker
+        let mut notes = Vec::new();
+        let mut unreachable = None;
+        for position in 0..self.markets.len() {
+            let reconciled = if self.markets[position].share.is_some() {
+                self.reconcile_share_market(position, advertise_url).await
+            } else {
+                self.reconcile_fixed_market(position, advertise_url).await
+            };
+            match reconciled {
+                Ok(mut done) => notes.append(&mut done),
+                Err(AgentError::BrokerUnreachable(error)) if self.markets.len() > 1 => {
+                    notes.push(format!(
+                        "could not register with the broker at {}: {error}",
+                        self.markets[position].url
+                    ));
+                }
+                Err(AgentError::BrokerUnreachable(error)) => unreachable = Some(error),
+                Err(other) => return Err(other),
+            }
+        }
+        match unreachable {
+            Some(error) => Err(AgentError::BrokerUnreachable(error)),
+            None => Ok(notes),
+        }
+    }
+
+    /// The market of the fixed partitions: partitions the broker lacks are
+    /// registered, leases the broker knows are adopted (so the partition is
+    /// locked here too), leases that ended while the agent was away are
+    /// fenced and wiped.
+    async fn reconcile_fixed_market(
+        &self,
+        position: usize,
+        advertise_url: &str,
+    ) -> Result<Vec<String>, AgentError> {
+        let broker = &self.markets[position].client;
+        broker
             .register_host(
                 self.host_id(),
                 &RegisterHostRequest {
                     agent_url: Some(advertise_url.to_string()),
                     capacity: self.config.capacity.clone(),
+                    share: None,
                 },
             )
             .await?;
-        let at_broker = self.partitions_at_broker().await?;
-        let rows = self.db().partitions()?;
-        let mut notes = self.withdraw_unknown_at_broker(&at_broker, &rows).await?;
+        let at_broker = self.partitions_at_broker(broker).await?;
+        let rows: Vec<AgentPartitionRow> = (self.db().partitions()?)
+            .into_iter()
+            .filter(|row| !self.is_carved(row.index))
+            .collect();
+        let mut notes = self
+            .withdraw_unknown_at_broker(broker, &at_broker, &rows)
+            .await?;
         for row in rows {
             match at_broker.get(&row.index) {
                 Some(view) if !view.withdrawn => self.reconcile_row(row, view, &mut notes).await?,
@@ -44,15 +85,59 @@ impl Agent {
         Ok(notes)
     }
 
+    /// A share market: the host is registered with the share's size and
+    /// offer, and the fence of each partition it carved here is settled
+    /// against its record (a lease released while the agent was away is
+    /// wiped; one started is adopted).
+    async fn reconcile_share_market(
+        &self,
+        position: usize,
+        advertise_url: &str,
+    ) -> Result<Vec<String>, AgentError> {
+        let market = &self.markets[position];
+        let share = market.share.as_ref().expect("a share market");
+        let offer = market.share_offer(&self.driver.images(), self.config.driver.isolation());
+        market
+            .client
+            .register_host(
+                self.host_id(),
+                &RegisterHostRequest {
+                    agent_url: Some(advertise_url.to_string()),
+                    capacity: share.capacity(),
+                    share: offer,
+                },
+            )
+            .await?;
+        let at_broker = self.partitions_at_broker(&market.client).await?;
+        let mut notes = vec![format!(
+            "lending a share ({} vCPUs, {} MiB, {} GiB) through {}",
+            share.vcpus, share.memory_mib, share.disk_gib, market.url
+        )];
+        let rows = self.db().partitions()?;
+        for mut row in rows.into_iter().filter(|row| market.manages(row.index)) {
+            let view = at_broker.get(&row.index).cloned().unwrap_or(PartitionView {
+                partition: leasehold_core::PartitionRef::new(self.host_id(), row.index),
+                terms: row.terms.clone(),
+                lease_id: None,
+                withdrawn: true,
+                epoch: row.fence.epoch,
+            });
+            self.settle_fence_with_broker(&mut row, &view, &mut notes)?;
+        }
+        Ok(notes)
+    }
+
     /// This host's partitions as the broker has them, page by page (a
     /// lender may have far more partitions than one page holds).
-    async fn partitions_at_broker(&self) -> Result<HashMap<u32, PartitionView>, AgentError> {
+    async fn partitions_at_broker(
+        &self,
+        broker: &leasehold_api::Client,
+    ) -> Result<HashMap<u32, PartitionView>, AgentError> {
         const PAGE: u32 = 1000;
         let mut all = HashMap::new();
         let mut after = None;
         loop {
-            let page = self
-                .broker
+            let page = broker
                 .list_host_partitions(self.host_id(), after, PAGE)
                 .await?;
             let full = page.len() as u32 >= PAGE;
@@ -73,6 +158,7 @@ impl Agent {
     /// nobody leases a partition that cannot run jobs.
     async fn withdraw_unknown_at_broker(
         &self,
+        broker: &leasehold_api::Client,
         at_broker: &HashMap<u32, PartitionView>,
         rows: &[AgentPartitionRow],
     ) -> Result<Vec<String>, AgentError> {
@@ -80,9 +166,7 @@ impl Agent {
         for (index, view) in at_broker {
             let unknown = !rows.iter().any(|r| r.index == *index);
             if unknown && !view.withdrawn && view.lease_id.is_none() {
-                self.broker
-                    .withdraw_partition(self.host_id(), *index)
-                    .await?;
+                broker.withdraw_partition(self.host_id(), *index).await?;
                 notes.push(format!(
                     "partition {index}: unknown here, withdrawn at the broker"
                 ));

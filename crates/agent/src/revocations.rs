@@ -8,7 +8,7 @@
 
 use crate::Agent;
 use leasehold_api::Revocation;
-use leasehold_core::key::{self, NoticeClaims, NoticeKind, TrustedKeys};
+use leasehold_core::key::{KeyRejection, NoticeClaims, NoticeKind};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,13 +26,20 @@ pub(crate) fn spawn_pull_loop(agent: Arc<Agent>) -> tokio::task::AbortHandle {
     let interval = Duration::from_millis(agent.config.revocation_poll_interval_ms.max(100));
     // From the start of the list: revocations made while the agent was down
     // are read once, and those already fenced are skipped.
-    let after_seq = Arc::new(tokio::sync::Mutex::new(0u64));
+    // One position per market: each broker lists its own revocations.
+    let after_seq = Arc::new(tokio::sync::Mutex::new(vec![0u64; agent.markets.len()]));
     let task = tokio::spawn(poll_every(interval, move || {
         let (agent, after_seq) = (agent.clone(), after_seq.clone());
         async move {
             let mut after_seq = after_seq.lock().await;
-            if let Err(error) = pull_new_revocations(&agent, &mut after_seq).await {
-                tracing::warn!(%error, "cannot pull revocations from the broker; will try again");
+            for (market, after_seq) in after_seq.iter_mut().enumerate() {
+                if agent.markets[market].owner {
+                    continue; // the owner's own leases need no pulling
+                }
+                if let Err(error) = pull_new_revocations(&agent, market, after_seq).await {
+                    let broker = &agent.markets[market].url;
+                    tracing::warn!(%error, %broker, "cannot pull revocations from the broker; will try again");
+                }
             }
             if let Err(error) = agent.fence_expired_keys() {
                 tracing::warn!(%error, "cannot fence the leases whose keys expired");
@@ -62,11 +69,12 @@ where
 /// `after_seq` past what was read.
 async fn pull_new_revocations(
     agent: &Arc<Agent>,
+    market: usize,
     after_seq: &mut u64,
 ) -> Result<(), leasehold_api::ApiError> {
     for _ in 0..MAX_PAGES_PER_POLL {
-        let page = agent
-            .broker
+        let page = agent.markets[market]
+            .client
             .host_revocations(&agent.config.host_id, *after_seq)
             .await?;
         for revocation in &page.revocations {
@@ -85,10 +93,9 @@ async fn pull_new_revocations(
 fn verify_pulled(
     revocation: &Revocation,
     host_id: &str,
-    trusted: &TrustedKeys,
+    verify: impl Fn(&str) -> Result<NoticeClaims, KeyRejection>,
 ) -> Result<NoticeClaims, String> {
-    let claims = key::decode_notice_trusted(&revocation.notice, trusted)
-        .map_err(|rejection| rejection.to_string())?;
+    let claims = verify(&revocation.notice).map_err(|rejection| rejection.to_string())?;
     if claims.kind != NoticeKind::LeaseReleased {
         return Err("it is not a release notice".into());
     }
@@ -103,7 +110,9 @@ fn verify_pulled(
 
 /// Applies one verified revocation unless the partition already fences it.
 fn apply_pulled(agent: &Arc<Agent>, revocation: &Revocation) {
-    let claims = match verify_pulled(revocation, &agent.config.host_id, &agent.trusted_keys()) {
+    let claims = match verify_pulled(revocation, &agent.config.host_id, |notice| {
+        agent.verify_notice(notice)
+    }) {
         Ok(claims) => claims,
         Err(problem) => {
             tracing::warn!(
@@ -153,6 +162,7 @@ fn already_fenced(agent: &Agent, claims: &NoticeClaims) -> bool {
 mod tests {
     use super::*;
     use ed25519_dalek::SigningKey;
+    use leasehold_core::key::{self, TrustedKeys};
 
     fn notice(kind: NoticeKind, host_id: &str, lease_id: u64, signer: &SigningKey) -> String {
         key::sign_notice(
@@ -225,7 +235,11 @@ mod tests {
         let trusted = TrustedKeys::single(broker.verifying_key());
         let genuine = listed(5, notice(NoticeKind::LeaseReleased, "alpha", 5, &broker));
         assert_eq!(
-            verify_pulled(&genuine, "alpha", &trusted).unwrap().lease_id,
+            verify_pulled(&genuine, "alpha", |n| key::decode_notice_trusted(
+                n, &trusted
+            ))
+            .unwrap()
+            .lease_id,
             5
         );
         let refused = [
@@ -240,7 +254,8 @@ mod tests {
         ];
         for entry in refused {
             assert!(
-                verify_pulled(&entry, "alpha", &trusted).is_err(),
+                verify_pulled(&entry, "alpha", |n| key::decode_notice_trusted(n, &trusted))
+                    .is_err(),
                 "accepted {entry:?}"
             );
         }

@@ -128,6 +128,9 @@ pub(crate) fn harness(partitions: &[u32]) -> Harness {
     let clock = SimulatedClock::starting_at(1_000);
     let broker_key = SigningKey::from_bytes(&[7; 32]);
     let config = AgentConfig {
+        markets: Vec::new(),
+        direct: false,
+        key_confirmation: crate::markets::KeyConfirmation::Offline,
         host_id: "alpha".into(),
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -161,13 +164,25 @@ pub(crate) fn harness(partitions: &[u32]) -> Harness {
     let driver = Arc::new(TestDriver::new());
     crate::restore_cores(&db, driver.as_ref()).unwrap();
     let broker = leasehold_api::Client::new(&config.broker_url, None);
+    let home_market = crate::markets::Market {
+        url: config.broker_url.clone(),
+        client: broker.clone(),
+        share: None,
+        range: None,
+        keys: std::sync::RwLock::new(key::TrustedKeys::single(broker_key.verifying_key())),
+        last_key_refresh_ms: Mutex::new(u64::MAX / 2),
+        trust_meta_key: "broker_trusted_keys".into(),
+        owner: false,
+    };
     let agent = Arc::new(Agent {
         config,
         db: Mutex::new(db),
         driver: Box::new(Shared(driver.clone())),
         broker,
-        broker_keys: std::sync::RwLock::new(key::TrustedKeys::single(broker_key.verifying_key())),
-        last_key_refresh_ms: Mutex::new(u64::MAX / 2),
+        markets: vec![home_market],
+        owner_key: None,
+        direct_lock: tokio::sync::Mutex::new(()),
+        advertise_url: "http://127.0.0.1:9".into(),
         partition_locks: Mutex::new(HashMap::new()),
         running_jobs: Mutex::new(HashMap::new()),
         refused_keys: crate::refused::RefusedKeyLog::default(),

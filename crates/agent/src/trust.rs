@@ -13,15 +13,27 @@ const TRUSTED_META_KEY: &str = "broker_trusted_keys";
 /// Where versions before key rotation pinned their one key.
 const LEGACY_META_KEY: &str = "broker_public_key_hex";
 
-/// The keys pinned in the agent's database (empty on first start).
-pub(crate) fn load_pinned(db: &AgentDb) -> Result<TrustedKeys, AgentError> {
+/// Where the keys of the market at `position` (0: the first `--broker`)
+/// are pinned; the first keeps the key of the one-broker versions.
+pub(crate) fn meta_key_of_market(position: usize, url: &str) -> String {
+    if position == 0 {
+        TRUSTED_META_KEY.to_string()
+    } else {
+        format!("{TRUSTED_META_KEY}:{url}")
+    }
+}
+
+/// The keys pinned under `meta_key` (empty on first contact).
+pub(crate) fn load_pinned_as(db: &AgentDb, meta_key: &str) -> Result<TrustedKeys, AgentError> {
     let mut keys = TrustedKeys::default();
-    let mut hexes: Vec<String> = match db.meta(TRUSTED_META_KEY)? {
+    let mut hexes: Vec<String> = match db.meta(meta_key)? {
         Some(json) => serde_json::from_str(&json)
             .map_err(|e| AgentError::Internal(format!("corrupt trusted broker keys: {e}")))?,
         None => Vec::new(),
     };
-    hexes.extend(db.meta(LEGACY_META_KEY)?);
+    if meta_key == TRUSTED_META_KEY {
+        hexes.extend(db.meta(LEGACY_META_KEY)?);
+    }
     for hex in hexes {
         let key = key::verifying_key_from_hex(&hex)
             .ok_or_else(|| AgentError::Internal("a pinned broker key is malformed".into()))?;
@@ -30,10 +42,14 @@ pub(crate) fn load_pinned(db: &AgentDb) -> Result<TrustedKeys, AgentError> {
     Ok(keys)
 }
 
-pub(crate) fn store_pinned(db: &AgentDb, keys: &TrustedKeys) -> Result<(), AgentError> {
+pub(crate) fn store_pinned_as(
+    db: &AgentDb,
+    meta_key: &str,
+    keys: &TrustedKeys,
+) -> Result<(), AgentError> {
     let json = serde_json::to_string(&keys.public_keys_hex())
         .map_err(|e| AgentError::Internal(e.to_string()))?;
-    db.put_meta(TRUSTED_META_KEY, &json)?;
+    db.put_meta(meta_key, &json)?;
     Ok(())
 }
 

@@ -44,6 +44,9 @@ fn broker_config(data_dir: &Path, clock: &SimulatedClock) -> BrokerConfig {
 
 fn agent_config(data_dir: &Path, broker_url: String, lender_token: String) -> AgentConfig {
     AgentConfig {
+        markets: Vec::new(),
+        direct: false,
+        key_confirmation: Default::default(),
         host_id: "alpha".into(),
         data_dir: data_dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -160,6 +160,9 @@ fn lent_terms() -> Terms {
 
 fn agent_config(dir: &std::path::Path, broker_url: String, clock: &SimulatedClock) -> AgentConfig {
     AgentConfig {
+        markets: Vec::new(),
+        direct: false,
+        key_confirmation: Default::default(),
         host_id: "ramp-h1".into(),
         data_dir: dir.join("agent"),
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -51,6 +51,9 @@ fn broker_config(data_dir: PathBuf, listen: SocketAddr, clock: &SimulatedClock) 
 
 fn agent_config(data_dir: PathBuf, broker_url: String, lender_token: String) -> AgentConfig {
     AgentConfig {
+        markets: Vec::new(),
+        direct: false,
+        key_confirmation: Default::default(),
         host_id: "alpha".into(),
         data_dir,
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -548,6 +548,59 @@ impl Client {
         self.get("/v1/ledger").await
     }
 
+    // ---- direct lending (an agent started with --direct) ----
+
+    /// The owner lets `name` lease at this agent; the answer holds its token.
+    pub async fn direct_grant(&self, name: &str) -> Result<DirectGrant, ApiError> {
+        let body = DirectGrantRequest {
+            name: name.to_string(),
+        };
+        self.send(Method::POST, "/v1/direct/grants", Some(&body), None)
+            .await
+    }
+
+    pub async fn direct_revoke(&self, name: &str) -> Result<DirectGrant, ApiError> {
+        self.send::<(), _>(
+            Method::DELETE,
+            &format!("/v1/direct/grants/{name}"),
+            None,
+            None,
+        )
+        .await
+    }
+
+    pub async fn direct_find(
+        &self,
+        requirements: &Requirements,
+        limit: Option<u32>,
+    ) -> Result<FindResponse, ApiError> {
+        let body = FindRequest {
+            requirements: requirements.clone(),
+            limit,
+        };
+        self.send(Method::POST, "/v1/direct/find", Some(&body), None)
+            .await
+    }
+
+    pub async fn direct_lease(&self, request: &DirectLeaseRequest) -> Result<LeaseView, ApiError> {
+        self.send(Method::POST, "/v1/direct/leases", Some(request), None)
+            .await
+    }
+
+    pub async fn direct_get_lease(&self, lease_id: u64) -> Result<LeaseView, ApiError> {
+        self.get(&format!("/v1/direct/leases/{lease_id}")).await
+    }
+
+    pub async fn direct_release(&self, lease_id: u64) -> Result<LeaseView, ApiError> {
+        self.send::<(), _>(
+            Method::DELETE,
+            &format!("/v1/direct/leases/{lease_id}"),
+            None,
+            None,
+        )
+        .await
+    }
+
     // ---- agent ----
 
     pub async fn agent_info(&self) -> Result<AgentInfo, ApiError> {

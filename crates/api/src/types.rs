@@ -97,7 +97,13 @@ pub struct RegisterHostRequest {
     /// Where the agent listens, so borrowers and the broker can reach it.
     #[serde(default)]
     pub agent_url: Option<String>,
+    /// With a share: this is its size, and the broker carves partitions
+    /// of it at lease time; without, the host's whole capacity.
     pub capacity: HostCapacity,
+    /// A share to carve from (seed 000, FIG. 12-15) instead of fixed
+    /// partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<leasehold_core::share::ShareOffer>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -145,6 +151,10 @@ pub struct Offer {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FindResponse {
     pub offers: Vec<Offer>,
+    /// Shares that would carve a partition of exactly the asked size
+    /// (seed 000, FIG. 12-15), with their per-unit prices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<leasehold_core::share::ShareQuote>,
     /// Present when nothing matched: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub explanation: Option<NoMatchExplanation>,
@@ -309,6 +319,36 @@ pub struct AgentInfo {
     /// When (agent's clock, ms) the broker last answered a sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_at_ms: Option<u64>,
+    /// Every broker this host lends through and what each manages (seed
+    /// 000, FIG. 10); the first is `broker_url`.
+    #[serde(default)]
+    pub markets: Vec<AgentMarketView>,
+}
+
+/// A broker a host lends through: its fixed partitions, or a share.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentMarketView {
+    pub broker_url: String,
+    /// The share this broker carves from; absent: it manages the host's
+    /// fixed partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<ShareSize>,
+    /// The partition indexes it carves in (share markets), both included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_index: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_index: Option<u32>,
+}
+
+/// The size of a share, in the terms' own field names.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ShareSize {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub price_per_vcpu_hour_micros: u64,
+    pub price_per_memory_gib_hour_micros: u64,
+    pub price_per_disk_gib_hour_micros: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -325,6 +365,10 @@ pub enum LendingFlag {
 pub struct AgentPartitionView {
     pub partition: PartitionRef,
     pub terms: Terms,
+    /// The broker that manages it (FIG. 10's external reference): its
+    /// terms are that broker's record, its keys that broker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_by: Option<String>,
     pub lending_flag: LendingFlag,
     pub epoch: u64,
     pub lease_id: Option<LeaseId>,
@@ -403,4 +447,40 @@ pub struct JobResult {
     /// True when the kernel killed the job for exceeding its memory.
     #[serde(default)]
     pub oom_killed: bool,
+}
+
+// ---- direct lending (an agent without a broker) ----
+
+/// The owner grants a borrower the right to lease at this agent.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DirectGrantRequest {
+    /// The borrower's name (letters, digits, '-', '_', '.').
+    #[schema(min_length = 1, max_length = 64)]
+    pub name: String,
+}
+
+/// A grant made or taken back.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DirectGrant {
+    pub name: String,
+    /// The borrower's credential, shown once when granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Leases of the borrower that a revocation ended.
+    pub leases_released: u64,
+}
+
+/// A direct lease: a partition by index, or the best for requirements.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DirectLeaseRequest {
+    #[serde(default)]
+    pub partition: Option<u32>,
+    #[serde(default)]
+    pub best: Option<Requirements>,
+    /// How long the key lasts, in seconds (default a day, at most 30 days).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 2592000)]
+    pub key_ttl_secs: Option<u64>,
 }

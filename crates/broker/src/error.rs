@@ -36,7 +36,7 @@ pub enum BrokerError {
     },
     #[error("partition {0} was withdrawn by its lender")]
     Withdrawn(PartitionRef),
-    #[error("no free partition meets the requirements")]
+    #[error("no free partition meets the requirements{}", share_reasons(.0))]
     NoMatch(Box<NoMatchExplanation>),
     #[error("{0}")]
     AlreadyExists(String),
@@ -212,4 +212,19 @@ fn unisolated_refusal(partition: &PartitionRef) -> BrokerError {
              lease it only if you trust the host: send allow_unisolated: true (leasehold lease --allow-unisolated)"
         ),
     ))
+}
+
+/// The shares' reasons, for the message: what a borrower asking a share
+/// market for a size needs to read first.
+fn share_reasons(explanation: &NoMatchExplanation) -> String {
+    explanation
+        .shares
+        .iter()
+        .map(|miss| {
+            format!(
+                "; the share of host '{}' cannot carve it: {}",
+                miss.host_id, miss.reason
+            )
+        })
+        .collect()
 }

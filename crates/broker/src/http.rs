@@ -397,6 +397,7 @@ async fn register_host(
         host_id,
         agent_url: request.agent_url,
         capacity: request.capacity,
+        share: request.share,
     };
     match app.writer.submit(command).await.map_err(err)?.outcome {
         Outcome::HostRegistered { host, partitions } => Ok(Json(host_view(&host, partitions))),
@@ -555,20 +556,29 @@ async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answ
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     // Readers see the committed table only: no batch's changes on top.
     let committed = TableView::new(&state, &NO_UNCOMMITTED_CHANGES);
-    check_known_image(committed, &request.requirements, "requirements.image")
-        .map_err(|refusal| err(refusal.into()))?;
+    let shares =
+        leasehold_core::share::share_quotes(committed, &request.requirements, limit as usize);
+    if shares.is_empty() {
+        check_known_image(committed, &request.requirements, "requirements.image")
+            .map_err(|refusal| err(refusal.into()))?;
+    }
     let offers: Vec<Offer> = state
         .free
         .find(&request.requirements, limit as usize)
         .into_iter()
         .map(|(partition, terms)| Offer { partition, terms })
         .collect();
-    let explanation = offers
-        .is_empty()
-        .then(|| committed.explain(&request.requirements));
+    let explanation = (offers.is_empty() && shares.is_empty()).then(|| {
+        let mut explanation = committed.explain(&request.requirements);
+        if let Err(misses) = leasehold_core::share::carve_best(committed, &request.requirements) {
+            explanation.shares = misses;
+        }
+        explanation
+    });
     app.metrics.observe_find(search_started.elapsed());
     Ok(Json(FindResponse {
         offers,
+        shares,
         explanation,
     }))
 }

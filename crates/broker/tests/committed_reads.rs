@@ -73,6 +73,7 @@ async fn market(url: &str, admin_token: String, partitions: u32) -> (Client, Cli
         owner_share_disk_gib: 0,
     };
     let host = RegisterHostRequest {
+        share: None,
         agent_url: None,
         capacity,
     };

@@ -74,6 +74,7 @@ async fn market(dir: &std::path::Path, metrics_public: bool) -> (RunningBroker, 
         .token;
     let lender = Client::new(&broker.url(), Some(lender_token));
     let host = RegisterHostRequest {
+        share: None,
         agent_url: None,
         capacity: capacity(),
     };

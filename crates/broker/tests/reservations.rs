@@ -83,6 +83,7 @@ async fn start_market(hosts: &[&str]) -> Market {
     let borrower = Client::new(&broker.url(), Some(borrower_token));
     for host in hosts {
         let request = RegisterHostRequest {
+            share: None,
             agent_url: None,
             capacity: capacity(),
         };
@@ -732,6 +733,7 @@ async fn a_gradual_hand_over_moves_the_capacity_a_step_at_a_time_and_the_sum_nev
         .register_host(
             "h1",
             &RegisterHostRequest {
+                share: None,
                 agent_url: None,
                 capacity: capacity(),
             },

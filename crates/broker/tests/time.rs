@@ -90,6 +90,7 @@ async fn start_market() -> Market {
     let borrower_token = token_of(Role::Borrower).await;
     let borrower = Client::new(&broker.url(), Some(borrower_token.clone()));
     let host = RegisterHostRequest {
+        share: None,
         agent_url: None,
         capacity: capacity(),
     };
@@ -330,6 +331,7 @@ async fn an_undelivered_release_notice_is_retried_until_its_key_expires_then_dro
         broker_key: leasehold_core::key::verifying_key_from_hex(&info.public_key_hex).unwrap(),
     });
     let host = RegisterHostRequest {
+        share: None,
         agent_url: Some(start_refusing_agent(agent.clone()).await),
         capacity: capacity(),
     };

@@ -6,6 +6,7 @@
 //! 4 conflict (the partition is taken or locked); `run` exits with the job's
 //! own exit code (124 when it timed out, like `timeout(1)`).
 
+mod direct;
 mod images;
 mod logging;
 mod man;
@@ -38,13 +39,20 @@ struct Cli {
 pub struct Global {
     /// The broker's URL; several brokers of one database (an active one and
     /// standbys) as URL,URL,...: requests go to whichever is active.
+    /// `leasehold agent` takes it once per market it lends to, as
+    /// URL[=SHARE] (see `leasehold agent --help`).
     #[arg(
-        long,
+        long = "broker",
         global = true,
         env = "LEASEHOLD_BROKER",
         default_value = "http://127.0.0.1:7070",
-        value_parser = parse_broker_urls
+        value_parser = parse_broker_arg,
+        action = clap::ArgAction::Append,
+        value_name = "URL[,URL][=SHARE]"
     )]
+    pub broker_args: Vec<(String, Option<String>)>,
+    /// The one broker of every command but `agent`: the first --broker.
+    #[arg(skip)]
     pub broker: String,
     /// Refused: a token on the command line is readable by every local
     /// user in /proc/PID/cmdline. Use --token-file or LEASEHOLD_TOKEN.
@@ -53,8 +61,17 @@ pub struct Global {
     /// A file holding your token (as printed by `leasehold up` or
     /// `leasehold principal add`); refused when group or others can read it.
     /// Or set LEASEHOLD_TOKEN in the environment.
-    #[arg(long, global = true, env = "LEASEHOLD_TOKEN_FILE")]
+    /// `leasehold agent` lending to several brokers takes one per broker,
+    /// as URL=FILE.
+    #[arg(long = "token-file", global = true, env = "LEASEHOLD_TOKEN_FILE",
+          action = clap::ArgAction::Append, value_name = "[URL=]FILE")]
+    pub token_file_args: Vec<String>,
+    /// The plain --token-file FILE.
+    #[arg(skip)]
     pub token_file: Option<PathBuf>,
+    /// The --token-file URL=FILE pairs, URL normalised as --broker's.
+    #[arg(skip)]
+    pub market_token_files: Vec<(String, PathBuf)>,
     /// The token, from --token-file or LEASEHOLD_TOKEN (never the command line).
     #[arg(skip)]
     pub token: Option<String>,
@@ -185,6 +202,42 @@ pub fn parse_url(text: &str) -> Result<String, String> {
     }
 }
 
+/// `URL[,URL][=SHARE]`: the broker's URLs and, for `agent`, the share
+/// it gets (parsed by the agent: `vcpus=N,memory_mib=M,disk_gib=D`).
+pub fn parse_broker_arg(text: &str) -> Result<(String, Option<String>), String> {
+    match text.split_once('=') {
+        Some((urls, share)) => Ok((parse_broker_urls(urls)?, Some(share.to_string()))),
+        None => Ok((parse_broker_urls(text)?, None)),
+    }
+}
+
+/// Splits the --broker and --token-file occurrences: every command but
+/// `agent` takes one broker (without a share) and one plain token file.
+fn resolve_brokers(global: &mut Global) -> Result<(), String> {
+    let Some((first, _)) = global.broker_args.first() else {
+        return Err("--broker: no broker URL".into());
+    };
+    global.broker = first.clone();
+    for entry in &global.token_file_args {
+        let pair = entry
+            .split_once('=')
+            .filter(|(url, _)| url.starts_with("http://") || url.starts_with("https://"));
+        match pair {
+            Some((url, file)) => global
+                .market_token_files
+                .push((parse_broker_urls(url)?, PathBuf::from(file))),
+            None if global.token_file.is_some() => {
+                return Err(
+                    "--token-file FILE given twice; give one per broker as --token-file URL=FILE"
+                        .into(),
+                )
+            }
+            None => global.token_file = Some(PathBuf::from(entry)),
+        }
+    }
+    Ok(())
+}
+
 /// One broker URL, or several of one database separated by commas.
 pub fn parse_broker_urls(text: &str) -> Result<String, String> {
     let urls: Result<Vec<String>, String> = text.split(',').map(parse_url).collect();
@@ -232,8 +285,22 @@ fn make_new_files_private() {
 fn main() {
     make_new_files_private();
     let mut cli = Cli::parse();
-    if let Err(problem) = resolve_token(&mut cli.global) {
+    if let Err(problem) =
+        resolve_brokers(&mut cli.global).and_then(|()| resolve_token(&mut cli.global))
+    {
         eprintln!("leasehold: {problem}");
+        std::process::exit(2);
+    }
+    let lends_to_markets = matches!(cli.command, Command::Agent(_));
+    let several = cli.global.broker_args.len() > 1
+        || cli
+            .global
+            .broker_args
+            .iter()
+            .any(|(_, share)| share.is_some())
+        || !cli.global.market_token_files.is_empty();
+    if several && !lends_to_markets {
+        eprintln!("leasehold: only `leasehold agent` lends to several brokers (--broker URL=SHARE, --token-file URL=FILE); give this command one --broker");
         std::process::exit(2);
     }
     if let Some(path) = &cli.global.ca_cert {

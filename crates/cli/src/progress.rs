@@ -94,8 +94,11 @@ mod tests {
     fn test_global(output: OutputFormat) -> Global {
         Global {
             broker: "http://127.0.0.1:1".into(),
+            broker_args: vec![("http://127.0.0.1:1".into(), None)],
             token_on_command_line: None,
+            token_file_args: Vec::new(),
             token_file: None,
+            market_token_files: Vec::new(),
             token: None,
             ca_cert: None,
             server_trust: leasehold_api::ServerTrust::PublicRoots,

@@ -418,7 +418,25 @@ impl SamplingArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub action: Option<AgentAction>,
+    /// Lend without any broker (direct lending inside one organisation):
+    /// the owner grants borrowers with `leasehold agent grant NAME`, they
+    /// find and lease here with `--agent URL`, and this agent signs their
+    /// keys with the owner's own key (DATA_DIR/owner-signing-key). Nothing
+    /// is billed. The owner's token is --token-file / LEASEHOLD_TOKEN, or
+    /// DATA_DIR/owner.token, made on first start.
+    #[arg(long)]
+    pub direct: bool,
+    /// Before a job runs, ask the partition's managing broker whether the
+    /// key's lease is still in force (seed 000, FIG. 15): `preferred` asks
+    /// and, when the broker cannot be reached within 2 s, verifies offline
+    /// only and logs it; `required` refuses the job then; `offline` never
+    /// asks (signature, fence and expiry decide).
+    #[arg(long, value_enum, default_value = "preferred")]
+    pub confirm_keys: ConfirmKeys,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7071")]
     pub listen: SocketAddr,
@@ -463,6 +481,41 @@ pub struct AgentArgs {
     pub clock: ClockArgs,
     #[command(flatten)]
     pub operator: crate::logging::OperatorArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ConfirmKeys {
+    Preferred,
+    Required,
+    Offline,
+}
+
+impl ConfirmKeys {
+    fn policy(self) -> leasehold_agent::markets::KeyConfirmation {
+        use leasehold_agent::markets::KeyConfirmation;
+        match self {
+            ConfirmKeys::Preferred => KeyConfirmation::Preferred,
+            ConfirmKeys::Required => KeyConfirmation::Required,
+            ConfirmKeys::Offline => KeyConfirmation::Offline,
+        }
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum AgentAction {
+    /// Direct lending: let borrower NAME lease at the agent (one started
+    /// with --direct); prints its token once. Uses the owner's token.
+    Grant {
+        name: String,
+        #[command(flatten)]
+        agent: crate::verbs::AgentArg,
+    },
+    /// Direct lending: take NAME's grant back; its leases end at once.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        agent: crate::verbs::AgentArg,
+    },
 }
 
 #[derive(Args)]
@@ -888,12 +941,84 @@ fn database_url(args: &BrokerArgs) -> Result<Option<String>, String> {
     Ok(Some(url))
 }
 
+/// The markets of `--broker URL[=SHARE]` (each occurrence), each with its
+/// lender token: `--token-file URL=FILE`, or for the first broker the plain
+/// --token-file / LEASEHOLD_TOKEN.
+fn agent_markets(global: &Global) -> Result<Vec<leasehold_agent::markets::MarketConfig>> {
+    let mut markets = Vec::new();
+    for (position, (url, share)) in global.broker_args.iter().enumerate() {
+        let share = match share {
+            Some(text) => Some(
+                text.parse::<leasehold_agent::markets::ShareSpec>()
+                    .map_err(|problem| anyhow!("--broker {url}={text}: {problem}"))?,
+            ),
+            None => None,
+        };
+        let file = global.market_token_files.iter().find(|(u, _)| u == url);
+        let token = match (file, position) {
+            (Some((_, path)), _) => leasehold_store::private_fs::read_private_file(path)
+                .map_err(|e| anyhow!("--token-file {url}={}: {e}", path.display()))?,
+            (None, 0) => global.token.clone().ok_or_else(|| {
+                anyhow!("failed to start the agent: give the lender's token with --token-file FILE (mode 0600) or LEASEHOLD_TOKEN")
+            })?,
+            (None, _) => anyhow::bail!("failed to start the agent: no lender token for the broker at {url}; give --token-file {url}=FILE (mode 0600)"),
+        };
+        markets.push(leasehold_agent::markets::MarketConfig {
+            url: url.clone(),
+            token,
+            share,
+        });
+    }
+    if let Some((url, _)) =
+        (global.market_token_files.iter()).find(|(url, _)| !markets.iter().any(|m| &m.url == url))
+    {
+        anyhow::bail!("--token-file {url}=FILE names no --broker of this agent");
+    }
+    Ok(markets)
+}
+
+/// `agent --direct`: no broker; the owner's token from --token-file /
+/// LEASEHOLD_TOKEN, or DATA_DIR/owner.token (made on first start).
+fn direct_owner_token(
+    global: &Global,
+    args: &AgentArgs,
+) -> Result<(
+    Vec<leasehold_agent::markets::MarketConfig>,
+    String,
+    Option<PathBuf>,
+)> {
+    let several =
+        global.broker_args.len() > 1 || global.broker_args.iter().any(|(_, s)| s.is_some());
+    if several || !global.market_token_files.is_empty() {
+        anyhow::bail!("--direct lends without a broker: leave out --broker URL=SHARE and --token-file URL=FILE");
+    }
+    match &global.token {
+        Some(token) => Ok((Vec::new(), token.clone(), None)),
+        None => {
+            let (token, file) = leasehold_agent::direct::load_or_create_owner_token(&args.data_dir)
+                .map_err(|e| anyhow!("failed to make the owner's token: {e}"))?;
+            Ok((Vec::new(), token, Some(file)))
+        }
+    }
+}
+
 pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
-    let token = global.token.clone().ok_or_else(|| {
-        anyhow!(
-            "failed to start the agent: give the lender's token with --token-file FILE (mode 0600) or LEASEHOLD_TOKEN"
-        )
-    })?;
+    match &args.action {
+        Some(AgentAction::Grant { name, agent }) => {
+            return crate::direct::grant(global, &agent.agent, name).await
+        }
+        Some(AgentAction::Revoke { name, agent }) => {
+            return crate::direct::revoke(global, &agent.agent, name).await
+        }
+        None => {}
+    }
+    let (markets, token, owner_token_file) = if args.direct {
+        direct_owner_token(global, &args)?
+    } else {
+        let markets = agent_markets(global)?;
+        let token = markets[0].token.clone();
+        (markets, token, None)
+    };
     let host_id = args.host_id.clone().unwrap_or_else(default_host_id);
     let tls = args.tls.identity_for("agent", args.listen)?;
     let clock = args.clock.clock()?;
@@ -916,7 +1041,13 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
     )
     .await?;
     eprintln!("agent: driver {}", plan.reason);
+    let brokers = (markets.iter().map(|m| m.url.as_str()))
+        .collect::<Vec<_>>()
+        .join(" and ");
     let running = leasehold_agent::start(AgentConfig {
+        markets,
+        direct: args.direct,
+        key_confirmation: args.confirm_keys.policy(),
         host_id: host_id.clone(),
         data_dir: args.data_dir.clone(),
         listen: args.listen,
@@ -941,10 +1072,10 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
     }
     print_ready(
         global,
-        serde_json::json!({"agent_url": url, "host_id": host_id, "driver": running.driver_name, "driver_reason": plan.reason, "reconciled": running.reconciled}),
+        serde_json::json!({"agent_url": url, "host_id": host_id, "driver": running.driver_name, "driver_reason": plan.reason, "reconciled": running.reconciled, "owner_token_file": owner_token_file}),
         format!(
-            "agent for host '{host_id}' listening on {url} (driver {}, broker {})",
-            running.driver_name, global.broker
+            "agent for host '{host_id}' listening on {url} (driver {}, broker {brokers})",
+            running.driver_name
         ),
     );
     running
@@ -1136,6 +1267,9 @@ async fn start_up_agent(
     )
     .await?;
     let running = leasehold_agent::start(AgentConfig {
+        markets: Vec::new(),
+        direct: false,
+        key_confirmation: Default::default(),
         host_id: "local".into(),
         data_dir: agent.data_dir,
         listen: args.agent_listen,

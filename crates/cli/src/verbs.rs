@@ -152,7 +152,44 @@ pub fn explain_text(
             ));
         }
     }
+    if !explanation.shares.is_empty() {
+        text.push_str(
+            "Shares that could not carve a partition of that size:
+",
+        );
+        for miss in &explanation.shares {
+            text.push_str(&format!(
+                "  {:<16} {}
+",
+                miss.host_id, miss.reason
+            ));
+        }
+    }
     text
+}
+
+/// The shares a find found, with their per-unit prices.
+fn print_share_quotes(quotes: &[leasehold_core::share::ShareQuote]) {
+    println!(
+        "{:<16} {:<34} {:<44} FREE",
+        "SHARE OF HOST", "CARVED FOR YOU", "PER UNIT AND HOUR (vCPU, GiB mem, GiB disk)"
+    );
+    for quote in quotes {
+        println!(
+            "{:<16} {:<34} {:<44} {} vCPUs, {} MiB, {} GiB",
+            quote.host_id,
+            terms_text(&quote.terms),
+            format!(
+                "{} / {} / {}",
+                format_micros(quote.price_per_vcpu_hour_micros as i128),
+                format_micros(quote.price_per_memory_gib_hour_micros as i128),
+                format_micros(quote.price_per_disk_gib_hour_micros as i128)
+            ),
+            quote.free_cpu_centicores as f64 / 100.0,
+            quote.free_memory_mib,
+            quote.free_disk_gib
+        );
+    }
 }
 
 // ---- principals ----
@@ -292,6 +329,12 @@ pub enum HostCommand {
         #[command(flatten)]
         agent: AgentArg,
     },
+    /// The brokers this host lends through, what each manages (its fixed
+    /// partitions or a share), and each partition with its managing broker.
+    Show {
+        #[command(flatten)]
+        agent: AgentArg,
+    },
     /// Alter a partition's terms (refused while it is leased).
     Alter {
         /// The partition's index on this host.
@@ -349,6 +392,7 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
         HostCommand::Capacity => return crate::reservations::host_capacity(global).await,
         HostCommand::Credential { host_id } => host_credential(global, &host_id).await?,
         HostCommand::Add { agent, terms } => host_add(global, &agent.agent, &terms).await?,
+        HostCommand::Show { agent } => host_show(global, &agent.agent).await?,
         HostCommand::List { agent } => {
             let client = client_of(global, &agent.agent, global.token.clone())?;
             let rows = client
@@ -376,6 +420,58 @@ pub async fn host(global: &Global, command: HostCommand) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `host show`: the markets from the agent's info, the partitions (for the
+/// lender) with the broker that manages each.
+async fn host_show(global: &Global, agent_url: &str) -> Result<()> {
+    let client = client_of(global, agent_url, global.token.clone())?;
+    let info = client
+        .agent_info()
+        .await
+        .context("failed to ask the agent")?;
+    let rows = client
+        .agent_list_partitions()
+        .await
+        .context("failed to list partitions (the host's lender token is needed)")?;
+    if global.output == OutputFormat::Json {
+        print_json(
+            &serde_json::json!({"host_id": info.host_id, "driver": info.driver,
+            "capacity": info.capacity, "markets": info.markets, "partitions": rows}),
+        );
+        return Ok(());
+    }
+    println!("host {} (driver {})", info.host_id, info.driver);
+    println!("{:<32} MANAGES", "BROKER");
+    for market in &info.markets {
+        let manages = match (&market.share, market.first_index, market.last_index) {
+            (Some(share), Some(first), Some(last)) => format!(
+                "a share of {} vCPUs, {} MiB, {} GiB (carves partitions {first}-{last})",
+                share.vcpus, share.memory_mib, share.disk_gib
+            ),
+            _ => "the fixed partitions".to_string(),
+        };
+        println!("{:<32} {manages}", market.broker_url);
+    }
+    println!(
+        "{:<16} {:<32} {:<8} TERMS",
+        "PARTITION", "MANAGED BY", "STATUS"
+    );
+    for row in &rows {
+        let status = match row.lease_id {
+            Some(_) => "leased",
+            None if row.built => "wiping",
+            None => "free",
+        };
+        println!(
+            "{:<16} {:<32} {:<8} {}",
+            row.partition.to_string(),
+            row.managed_by.as_deref().unwrap_or("-"),
+            status,
+            terms_text(&row.terms)
+        );
+    }
+    Ok(())
 }
 
 async fn host_credential(global: &Global, host_id: &str) -> Result<()> {
@@ -450,6 +546,16 @@ async fn host_alter(global: &Global, agent_url: &str, index: u32, terms: &TermsA
 
 #[derive(Args, Clone, Default)]
 pub struct RequirementArgs {
+    /// Exactly this many vCPUs: a broker that carves partitions out of
+    /// shares carves this size; a fixed partition needs at least it.
+    #[arg(long, conflicts_with = "min_vcpus")]
+    pub vcpus: Option<u32>,
+    /// Exactly this much memory, in MiB (as --vcpus).
+    #[arg(long, conflicts_with = "min_memory_mib")]
+    pub memory_mib: Option<u64>,
+    /// Exactly this much disk, in GiB (as --vcpus).
+    #[arg(long, conflicts_with = "min_disk_gib")]
+    pub disk_gib: Option<u64>,
     #[arg(long)]
     pub min_vcpus: Option<u32>,
     /// Minimum CPU cap in percent.
@@ -474,10 +580,10 @@ pub struct RequirementArgs {
 impl RequirementArgs {
     fn to_requirements(&self) -> Result<Requirements> {
         Ok(Requirements {
-            min_vcpus: self.min_vcpus,
+            min_vcpus: self.vcpus.or(self.min_vcpus),
             min_cpu_cap_percent: self.min_cpu_cap_percent,
-            min_memory_mib: self.min_memory_mib,
-            min_disk_gib: self.min_disk_gib,
+            min_memory_mib: self.memory_mib.or(self.min_memory_mib),
+            min_disk_gib: self.disk_gib.or(self.min_disk_gib),
             image: self.image.clone(),
             max_price_per_hour_micros: self
                 .max_price_per_hour
@@ -494,6 +600,10 @@ impl RequirementArgs {
 pub struct FindArgs {
     #[command(flatten)]
     pub requirements: RequirementArgs,
+    /// Find at this agent itself (one started with `agent --direct`, which
+    /// lends without a broker) instead of at the broker.
+    #[arg(long, value_parser = crate::parse_url)]
+    pub agent: Option<String>,
     /// Most offers to show.
     #[arg(long, default_value_t = 10)]
     pub limit: u32,
@@ -501,18 +611,24 @@ pub struct FindArgs {
 
 pub async fn find(global: &Global, args: FindArgs) -> Result<i32> {
     let requirements = args.requirements.to_requirements()?;
+    if let Some(agent_url) = &args.agent {
+        return crate::direct::find(global, agent_url, &requirements, args.limit).await;
+    }
     let answer = broker(global)?
         .find(&requirements, Some(args.limit))
         .await
         .context("failed to find partitions")?;
+    let nothing = answer.offers.is_empty() && answer.shares.is_empty();
     if global.output == OutputFormat::Json {
         print_json(&answer);
-    } else if answer.offers.is_empty() {
+    } else if nothing {
         if let Some(explanation) = &answer.explanation {
             print!("{}", explain_text(explanation, Some(&requirements)));
         }
     } else {
-        println!("{:<16} {:<10} TERMS", "PARTITION", "ISOLATION");
+        if !answer.offers.is_empty() {
+            println!("{:<16} {:<10} TERMS", "PARTITION", "ISOLATION");
+        }
         for offer in &answer.offers {
             println!(
                 "{:<16} {:<10} {}",
@@ -521,20 +637,22 @@ pub async fn find(global: &Global, args: FindArgs) -> Result<i32> {
                 terms_text(&offer.terms)
             );
         }
+        if !answer.shares.is_empty() {
+            print_share_quotes(&answer.shares);
+        }
     }
-    Ok(if answer.offers.is_empty() {
-        EXIT_NO_MATCH
-    } else {
-        0
-    })
+    Ok(if nothing { EXIT_NO_MATCH } else { 0 })
 }
 
 #[derive(Args)]
 pub struct LeaseArgs {
     /// The partition to lease, as HOST/INDEX (from `leasehold find`).
-    #[arg(required_unless_present = "best", conflicts_with = "best")]
+    #[arg(required_unless_present_any = ["best", "vcpus", "memory_mib", "disk_gib"],
+          conflicts_with_all = ["best", "vcpus", "memory_mib", "disk_gib"])]
     pub partition: Option<String>,
-    /// Lease the best (cheapest, then best fitting) partition that meets the requirements.
+    /// Lease the best (cheapest, then best fitting) partition that meets
+    /// the requirements; implied by --vcpus, --memory-mib or --disk-gib,
+    /// which ask for a partition of exactly that size.
     #[arg(long)]
     pub best: bool,
     #[command(flatten)]
@@ -547,6 +665,10 @@ pub struct LeaseArgs {
     /// and the broker releases it.
     #[arg(long, requires = "start", value_name = "TIME")]
     pub end: Option<String>,
+    /// Lease at this agent itself (one started with `agent --direct`):
+    /// its owner signs the key; nothing is billed.
+    #[arg(long, value_parser = crate::parse_url, conflicts_with_all = ["start", "end"])]
+    pub agent: Option<String>,
 }
 
 fn lease_text(lease: &leasehold_api::LeaseView) -> String {
@@ -568,7 +690,16 @@ fn lease_text(lease: &leasehold_api::LeaseView) -> String {
 }
 
 pub async fn lease(global: &Global, args: LeaseArgs) -> Result<i32> {
-    let request = if args.best {
+    let sized = args.requirements.vcpus.is_some()
+        || args.requirements.memory_mib.is_some()
+        || args.requirements.disk_gib.is_some();
+    if let Some(agent_url) = &args.agent {
+        let best = (args.best || sized)
+            .then(|| args.requirements.to_requirements())
+            .transpose()?;
+        return crate::direct::lease(global, agent_url, args.partition.as_deref(), best).await;
+    }
+    let request = if args.best || sized {
         LeaseRequest {
             partition: None,
             best: Some(args.requirements.to_requirements()?),
@@ -623,7 +754,8 @@ pub struct RunArgs {
     /// the broker with your token.
     #[arg(long)]
     pub key_file: Option<std::path::PathBuf>,
-    /// The agent's URL; fetched from the broker when not given.
+    /// The agent's URL; fetched from the broker when not given. An agent
+    /// that lends directly (`agent --direct`) is asked for the lease itself.
     #[arg(long)]
     pub agent: Option<String>,
     /// Stop the job after this many seconds.
@@ -655,11 +787,17 @@ fn given_lease_key(args: &RunArgs) -> Result<Option<String>> {
 
 pub async fn run(global: &Global, args: RunArgs) -> Result<i32> {
     let given_key = given_lease_key(&args)?;
-    let client = broker(global)?;
-    let lease = client
-        .get_lease(args.lease)
-        .await
-        .with_context(|| format!("failed to look up lease {}", args.lease))?;
+    let direct = match &args.agent {
+        Some(url) => crate::direct::direct_lease_for_run(global, url, args.lease).await?,
+        None => None,
+    };
+    let lease = match direct {
+        Some(lease) => lease,
+        None => broker(global)?
+            .get_lease(args.lease)
+            .await
+            .with_context(|| format!("failed to look up lease {}", args.lease))?,
+    };
     let key = match given_key.or(lease.lease_key.clone()) {
         Some(key) => key,
         None => bail!(
@@ -772,9 +910,15 @@ fn report_job_end(global: &Global, result: &leasehold_api::JobResult) {
 #[derive(Args)]
 pub struct ReleaseArgs {
     pub lease: u64,
+    /// Release a direct lease at this agent (one started with `agent --direct`).
+    #[arg(long, value_parser = crate::parse_url)]
+    pub agent: Option<String>,
 }
 
 pub async fn release(global: &Global, args: ReleaseArgs) -> Result<i32> {
+    if let Some(agent_url) = &args.agent {
+        return crate::direct::release(global, agent_url, args.lease).await;
+    }
     let receipt = broker(global)?
         .release(args.lease)
         .await

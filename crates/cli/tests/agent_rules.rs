@@ -11,6 +11,7 @@ const HANG_GUARD: Duration = Duration::from_secs(60);
 
 fn big_host() -> RegisterHostRequest {
     RegisterHostRequest {
+        share: None,
         agent_url: None,
         capacity: leasehold_core::HostCapacity {
             cpu_centicores: 1024 * 100,

@@ -60,6 +60,7 @@ async fn register_host(lender: &Client, host_id: &str) {
         owner_share_disk_gib: 0,
     };
     let request = RegisterHostRequest {
+        share: None,
         agent_url: None,
         capacity,
     };

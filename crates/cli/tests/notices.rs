@@ -289,6 +289,7 @@ async fn register_host_at(cluster: &Cluster, host_id: &str, agent_url: &str) {
         .register_host(
             host_id,
             &RegisterHostRequest {
+                share: None,
                 agent_url: Some(agent_url.to_string()),
                 capacity: capacity(),
             },
@@ -375,6 +376,7 @@ async fn a_host_id_of_another_lender_cannot_be_taken_over() {
         .register_host(
             "alpha",
             &RegisterHostRequest {
+                share: None,
                 agent_url: Some(attacker_url),
                 capacity: capacity(),
             },

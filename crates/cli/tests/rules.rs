@@ -92,6 +92,7 @@ async fn roles_decide_who_may_do_what() {
         .register_host(
             "mine",
             &RegisterHostRequest {
+                share: None,
                 agent_url: None,
                 capacity: cluster_capacity(),
             },

@@ -387,6 +387,7 @@ async fn a_host_credential_acts_for_its_one_host_only() {
     // hosts or the lender's other powers.
     let leaked = Client::new(&cluster.broker_url, Some(credential.clone()));
     let register = leasehold_api::RegisterHostRequest {
+        share: None,
         agent_url: Some("http://127.0.0.1:9".into()),
         capacity: leasehold_core::HostCapacity {
             cpu_centicores: 400,

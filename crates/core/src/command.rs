@@ -18,6 +18,7 @@ use crate::matching::NoMatchExplanation;
 use crate::reservation::planner::PlanPolicy;
 use crate::reservation::{self, Capacity, Workload};
 use crate::role::Role;
+use crate::share::{carve_best, is_carved, Carved, ShareOffer};
 use crate::table::{
     Change, HostCredentialRow, HostEntry, HostRow, PartitionEntry, PartitionRow, Principal,
     TableView,
@@ -103,6 +104,8 @@ pub enum BrokerCommand {
         host_id: String,
         agent_url: Option<String>,
         capacity: HostCapacity,
+        /// A share to carve partitions from (`capacity` is its size).
+        share: Option<ShareOffer>,
     },
     /// Registers a new partition or alters one (S14-S17, S22-S29).
     PutPartition {
@@ -326,7 +329,19 @@ pub fn decide(
             host_id,
             agent_url,
             capacity,
-        } => decide_register_host(table, lender, host_id, agent_url, capacity, now_ms),
+            share,
+        } => decide_register_host(
+            table,
+            lender,
+            HostRow {
+                host_id: host_id.clone(),
+                lender: lender.clone(),
+                agent_url: agent_url.clone(),
+                capacity: capacity.clone(),
+                share: share.clone(),
+            },
+            now_ms,
+        ),
         BrokerCommand::PutPartition {
             lender,
             partition,
@@ -430,15 +445,17 @@ fn decide_host_credential(
 fn decide_register_host(
     table: TableView<'_>,
     lender: &str,
-    host_id: &str,
-    agent_url: &Option<String>,
-    capacity: &HostCapacity,
+    host: HostRow,
     now_ms: u64,
 ) -> Result<Decision, Refusal> {
+    let host_id = host.host_id.as_str();
     validate_host_id("host_id", host_id).map_err(Refusal::Invalid)?;
-    capacity.validate().map_err(Refusal::Invalid)?;
-    if let Some(url) = agent_url {
+    host.capacity.validate().map_err(Refusal::Invalid)?;
+    if let Some(url) = &host.agent_url {
         validate_agent_url(url).map_err(Refusal::Invalid)?;
+    }
+    if let Some(share) = &host.share {
+        share.validate().map_err(Refusal::Invalid)?;
     }
     // A host id is its first lender's: another lender re-registering it
     // would redirect its notices and take over its partitions.
@@ -448,12 +465,6 @@ fn decide_register_host(
             host_id: host_id.to_string(),
         });
     }
-    let host = HostRow {
-        host_id: host_id.to_string(),
-        lender: lender.to_string(),
-        agent_url: agent_url.clone(),
-        capacity: capacity.clone(),
-    };
     Ok(Decision {
         outcome: Outcome::HostRegistered {
             host: host.clone(),
@@ -507,6 +518,15 @@ fn decide_put_partition(
         return Err(Refusal::Invalid(FieldError::new(
             "index",
             "partition indexes start at 1",
+        )));
+    }
+    if is_carved(host, partition.index) {
+        return Err(Refusal::Invalid(FieldError::new(
+            "index",
+            format!(
+                "partition {} lies in the range this host's share carves in; the broker carves those at lease time",
+                partition.index
+            ),
         )));
     }
     let others = table.other_offered_terms(host, partition.index);
@@ -591,28 +611,73 @@ pub fn check_known_image(
     )))
 }
 
+/// What a lease takes: a registered partition, or one carved out of a
+/// host's share for this lease.
+enum Chosen {
+    Registered(PartitionRef, bool),
+    Carved(Carved),
+}
+
 /// The partition a lease target names, or the best free one for its
-/// requirements, with the borrower's opt-in to unisolated partitions.
-fn choose_partition(
-    table: TableView<'_>,
-    target: &LeaseTarget,
-) -> Result<(PartitionRef, bool), Refusal> {
+/// requirements, with the borrower's opt-in to unisolated partitions; when
+/// no registered partition matches, one carved out of a share.
+fn choose_partition(table: TableView<'_>, target: &LeaseTarget) -> Result<Chosen, Refusal> {
     match target {
         LeaseTarget::Named {
             partition,
             allow_unisolated,
-        } => Ok((partition.clone(), *allow_unisolated)),
+        } => Ok(Chosen::Registered(partition.clone(), *allow_unisolated)),
         LeaseTarget::Best(requirements) => {
             requirements
                 .validate()
                 .map_err(|e| prefix_field("best", e))?;
-            check_known_image(table, requirements, "best.image")?;
-            match table.find_free(requirements, 1).into_iter().next() {
-                Some((partition, _)) => Ok((partition, requirements.allow_unisolated)),
-                None => Err(Refusal::NoMatch(Box::new(table.explain(requirements)))),
+            if let Some((partition, _)) = table.find_free(requirements, 1).into_iter().next() {
+                return Ok(Chosen::Registered(partition, requirements.allow_unisolated));
+            }
+            match carve_best(table, requirements) {
+                Ok(carved) => Ok(Chosen::Carved(carved)),
+                Err(shares) => {
+                    check_known_image(table, requirements, "best.image").or_else(|refusal| {
+                        if shares.is_empty() {
+                            Err(refusal)
+                        } else {
+                            Ok(())
+                        }
+                    })?;
+                    let mut explanation = table.explain(requirements);
+                    explanation.shares = shares;
+                    Err(Refusal::NoMatch(Box::new(explanation)))
+                }
             }
         }
     }
+}
+
+/// The row a lease takes, with its epoch raised so that older keys are
+/// fenced: a registered partition's after the checks, a carved one's new
+/// (or given back earlier, its epoch kept).
+fn leased_row(
+    table: TableView<'_>,
+    chosen: Chosen,
+    lease_id: LeaseId,
+    now_ms: u64,
+) -> Result<PartitionRow, Refusal> {
+    let mut row = match chosen {
+        Chosen::Registered(partition, allow_unisolated) => {
+            let entry = check_leasable(table, &partition, allow_unisolated, now_ms)?;
+            entry.row(&partition)
+        }
+        Chosen::Carved(carved) => PartitionRow {
+            partition: carved.partition,
+            terms: carved.terms,
+            epoch: carved.epoch,
+            lease_id: None,
+            withdrawn: false,
+        },
+    };
+    row.epoch += 1;
+    row.lease_id = Some(lease_id);
+    Ok(row)
 }
 
 fn replay_lease(table: TableView<'_>, lease_id: LeaseId) -> Decision {
@@ -676,22 +741,19 @@ fn decide_lease_command(
             return Ok(replay_lease(table, lease_id));
         }
     }
-    let (partition, allow_unisolated) = choose_partition(table, target)?;
-    let entry = check_leasable(table, &partition, allow_unisolated, now_ms)?;
+    let chosen = choose_partition(table, target)?;
     let lease_id = table.last_lease_id() + 1;
+    let row = leased_row(table, chosen, lease_id, now_ms)?;
+    let partition = row.partition.clone();
     let host = table
         .host(&partition.host_id)
         .ok_or_else(|| Refusal::Internal(format!("partition {partition} has no host")))?;
-    // The epoch grows with every lease so that older keys are fenced.
-    let mut row = entry.row(&partition);
-    row.epoch += 1;
-    row.lease_id = Some(lease_id);
     let lease = Lease {
         lease_id,
         partition,
         borrower: borrower.to_string(),
         lender: host.row.lender.clone(),
-        terms: entry.terms.clone(),
+        terms: row.terms.clone(),
         epoch: row.epoch,
         started_at_ms: timing.started_at_ms,
         key_expires_at_ms: timing.key_expires_at_ms,
@@ -793,6 +855,10 @@ fn decide_release(
         if entry.lease_id == Some(lease_id) {
             let mut row = entry.row(&lease.partition);
             row.lease_id = None;
+            // A carved partition goes back to its share.
+            row.withdrawn = table
+                .host(&lease.partition.host_id)
+                .is_some_and(|host| is_carved(host, lease.partition.index));
             changes.push(Change::PutPartition(row));
         }
     }
@@ -908,6 +974,7 @@ mod tests {
                 host_id: "a".into(),
                 agent_url: None,
                 capacity: capacity(),
+                share: None,
             },
         )
         .unwrap();
@@ -1160,6 +1227,7 @@ mod calendar_tests {
                     owner_share_memory_mib: 0,
                     owner_share_disk_gib: 0,
                 },
+                share: None,
             },
             at_ms: 0,
         });

@@ -63,6 +63,10 @@ pub enum KeyRejection {
     Released,
     /// The key's lease starts later (a lease booked ahead).
     NotYetValid,
+    /// Signed by a broker this host lends through, but not the one that
+    /// manages the key's partition (seed 000, FIG. 10: each partition's
+    /// keys come from its managing broker only).
+    WrongBroker,
 }
 
 impl fmt::Display for KeyRejection {
@@ -80,6 +84,9 @@ impl fmt::Display for KeyRejection {
             KeyRejection::Released => "the lease key belongs to a lease that was released",
             KeyRejection::NotYetValid => {
                 "the lease key is not valid yet: its lease was booked for a later start"
+            }
+            KeyRejection::WrongBroker => {
+                "the lease key is signed by a broker that does not manage this partition"
             }
         };
         f.write_str(text)

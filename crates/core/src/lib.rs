@@ -21,6 +21,7 @@ pub mod money;
 pub mod reservation;
 pub mod rights;
 pub mod role;
+pub mod share;
 pub mod table;
 pub mod terms;
 

@@ -252,6 +252,10 @@ pub struct NoMatchExplanation {
     pub ruled_out_by: Vec<RuledOut>,
     /// The partitions that fail the fewest requirements, and which.
     pub nearest_misses: Vec<NearMiss>,
+    /// Hosts that carve partitions out of a share, and why each could not
+    /// carve this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<crate::share::ShareMiss>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -328,6 +332,7 @@ pub fn explain_no_match<'a>(
             })
             .collect(),
         nearest_misses: nearest.into_iter().map(|(_, _, m)| m).collect(),
+        shares: Vec::new(),
     }
 }
 

@@ -42,7 +42,12 @@ pub struct HostRow {
     pub host_id: String,
     pub lender: String,
     pub agent_url: Option<String>,
+    /// The host's size at this broker: all of it less the owner share, or
+    /// the share the host gave this broker.
     pub capacity: HostCapacity,
+    /// With a share (seed 000, FIG. 12-15) the broker carves partitions
+    /// out of `capacity` at lease time; `None` offers fixed partitions.
+    pub share: Option<crate::share::ShareOffer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

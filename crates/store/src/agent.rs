@@ -206,6 +206,29 @@ impl AgentDb {
 
     /// Adds a partition with the next index never used on this host, so a
     /// withdrawn partition's index is never handed out again.
+    /// A partition a broker carved out of this host's share, at the index
+    /// the broker chose (in the share's range, never a fixed partition's).
+    pub fn insert_carved_partition(
+        &mut self,
+        index: u32,
+        terms: &Terms,
+    ) -> StoreResult<AgentPartitionRow> {
+        self.conn.execute(
+            "INSERT INTO partitions (idx, terms_json, registered) VALUES (?1, ?2, 1)",
+            params![
+                index,
+                serde_json::to_string(terms).expect("terms serialize")
+            ],
+        )?;
+        Ok(AgentPartitionRow {
+            index,
+            terms: terms.clone(),
+            registered: true,
+            fence: PartitionFence::new_free(),
+            cores: Vec::new(),
+        })
+    }
+
     pub fn insert_partition(&mut self, terms: &Terms) -> StoreResult<AgentPartitionRow> {
         let tx = self.conn.transaction()?;
         let last: i64 = tx

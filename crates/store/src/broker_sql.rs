@@ -84,9 +84,11 @@ fn apply_one(tx: &mut dyn SqlConnection, write: &BrokerWrite) -> StoreResult<()>
             &[(&credential.token_sha256).into(), (&credential.lender).into(), (&credential.host_id).into(), int(*at_ms)],
         ),
         BrokerWrite::UpsertHost { host, at_ms } => tx.execute(
-            "INSERT INTO hosts (host_id, lender, agent_url, capacity_json, registered_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (host_id) DO UPDATE SET agent_url = excluded.agent_url, capacity_json = excluded.capacity_json",
-            &[(&host.host_id).into(), (&host.lender).into(), Param::OptText(host.agent_url.as_deref()), json(&host.capacity).into(), int(*at_ms)],
+            "INSERT INTO hosts (host_id, lender, agent_url, capacity_json, registered_at_ms, share_json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (host_id) DO UPDATE SET agent_url = excluded.agent_url, capacity_json = excluded.capacity_json,
+             share_json = excluded.share_json",
+            &[(&host.host_id).into(), (&host.lender).into(), Param::OptText(host.agent_url.as_deref()), json(&host.capacity).into(), int(*at_ms),
+              Param::OptText(host.share.as_ref().map(json).as_deref())],
         ),
         BrokerWrite::UpsertPartition(row) => tx.execute(
             "INSERT INTO partitions (host_id, idx, terms_json, epoch, lease_id, withdrawn) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -282,14 +284,19 @@ pub(crate) fn load(conn: &mut dyn SqlConnection) -> StoreResult<BrokerSnapshot> 
         });
     }
     for row in conn.query(
-        "SELECT host_id, lender, agent_url, capacity_json FROM hosts",
+        "SELECT host_id, lender, agent_url, capacity_json, share_json FROM hosts",
         &[],
     )? {
+        let share = match row.opt_text(4)? {
+            Some(text) => Some(from_json("hosts", &text)?),
+            None => None,
+        };
         snapshot.hosts.push(HostRow {
             host_id: row.text(0)?,
             lender: row.text(1)?,
             agent_url: row.opt_text(2)?,
             capacity: from_json("hosts", &row.text(3)?)?,
+            share,
         });
     }
     for row in conn.query(

@@ -190,6 +190,12 @@ CREATE TABLE asset_movements (
 );
 CREATE INDEX asset_movements_by_asset ON asset_movements (asset, movement_id);
 "#,
+    r#"
+-- Seed 000, FIG. 12-15: a host may give this broker a share to carve
+-- partitions from at lease time instead of fixed partitions (JSON of
+-- leasehold_core::share::ShareOffer; NULL for fixed partitions).
+ALTER TABLE hosts ADD COLUMN share_json TEXT;
+"#,
 ];
 
 /// Any number: brokers starting together take this advisory lock so that

@@ -217,6 +217,7 @@ fn seed_writes() -> Vec<BrokerWrite> {
             lender: "ann".into(),
             agent_url: Some("http://127.0.0.1:1".into()),
             capacity: capacity(),
+            share: None,
         },
         at_ms: 1,
     });

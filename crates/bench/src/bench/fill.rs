@@ -87,6 +87,7 @@ async fn register_worker(lenders: &[Client], plan: &FillPlan, progress: &Progres
         let client = &lenders[index % lenders.len()];
         let host_id = workload::host_id(index);
         let host = RegisterHostRequest {
+            share: None,
             agent_url: None,
             capacity: capacity.clone(),
         };

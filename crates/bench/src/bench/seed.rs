@@ -65,6 +65,7 @@ pub fn seed_database(database: &BrokerDatabase, plan: &SeedPlan) -> Result<SeedO
                 lender: lender_name(index as u64 % plan.lenders),
                 agent_url: None,
                 capacity: capacity.clone(),
+                share: None,
             },
             at_ms: now_ms,
         });

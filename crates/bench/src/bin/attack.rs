@@ -129,6 +129,7 @@ async fn register_partitions(broker: &Broker, count: u32) -> Result<Client> {
         owner_share_disk_gib: 0,
     };
     let host = RegisterHostRequest {
+        share: None,
         agent_url: None,
         capacity,
     };

@@ -142,6 +142,9 @@ async fn start_oci_agent(
     let agent_dir = dir.join("agent");
     let cache = leasehold_images::ImageCache::new(&agent_dir.join("image-cache"), Some(store_url))?;
     Ok(leasehold_agent::start(leasehold_agent::AgentConfig {
+        markets: Vec::new(),
+        direct: false,
+        key_confirmation: Default::default(),
         host_id: "bench".into(),
         data_dir: agent_dir.clone(),
         listen: "127.0.0.1:0".parse()?,

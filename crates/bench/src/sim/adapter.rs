@@ -198,6 +198,7 @@ impl SimBroker {
         capacity: &HostCapacity,
     ) -> Answer<HostView> {
         let request = RegisterHostRequest {
+            share: None,
             agent_url: None,
             capacity: capacity.clone(),
         };

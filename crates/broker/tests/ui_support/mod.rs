@@ -74,6 +74,7 @@ pub async fn market() -> Market {
         owner_share_disk_gib: 0,
     };
     let host = RegisterHostRequest {
+        share: None,
         agent_url: None,
         capacity,
     };
