@@ -43,7 +43,15 @@ async fn start_market(binary: &Path, dir: &Path, name: &str) -> Result<Market> {
     let data = dir.join(name).display().to_string();
     let broker = start(
         binary,
-        &["broker", "--listen", "127.0.0.1:0", "--data-dir", &data, "--output", "json"],
+        &[
+            "broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--output",
+            "json",
+        ],
         None,
     )?;
     let url = text(&broker, "broker_url")?;
@@ -67,7 +75,13 @@ async fn start_market(binary: &Path, dir: &Path, name: &str) -> Result<Market> {
 }
 
 /// The agent: fixed partitions through `fixed`, a share through `shared`.
-async fn start_agent(binary: &Path, dir: &Path, fixed: &Market, shared: &Market, clients: usize) -> Result<Service> {
+async fn start_agent(
+    binary: &Path,
+    dir: &Path,
+    fixed: &Market,
+    shared: &Market,
+    clients: usize,
+) -> Result<Service> {
     let data = dir.join("agent").display().to_string();
     let share = format!(
         "{}=vcpus={clients},memory_mib={},disk_gib={clients}",
@@ -80,14 +94,38 @@ async fn start_agent(binary: &Path, dir: &Path, fixed: &Market, shared: &Market,
     let agent = start(
         binary,
         &[
-            "agent", "--listen", "127.0.0.1:0", "--data-dir", &data, "--host-id", "alpha",
-            "--driver", "sim", "--cpus", &cpus, "--memory-mib", "65536", "--disk-gib", "1000",
-            "--broker", &fixed.url, "--broker", &share, "--token-file", &token_fixed,
-            "--token-file", &token_shared, "--output", "json",
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--host-id",
+            "alpha",
+            "--driver",
+            "sim",
+            "--cpus",
+            &cpus,
+            "--memory-mib",
+            "65536",
+            "--disk-gib",
+            "1000",
+            "--broker",
+            &fixed.url,
+            "--broker",
+            &share,
+            "--token-file",
+            &token_fixed,
+            "--token-file",
+            &token_shared,
+            "--output",
+            "json",
         ],
         None,
     )?;
-    let client = Client::new(&text(&agent, "agent_url")?, Some(fixed.lender_token.clone()));
+    let client = Client::new(
+        &text(&agent, "agent_url")?,
+        Some(fixed.lender_token.clone()),
+    );
     for _ in 0..clients {
         client
             .agent_add_partition(&leasehold_core::Terms {
