@@ -321,3 +321,161 @@ async fn shares_that_overlap_the_host_are_refused_at_start() {
         refused.stderr
     );
 }
+
+#[tokio::test]
+async fn three_borrowers_get_exactly_their_sizes_from_one_share_and_release_gives_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_market(dir.path(), "a", None).await;
+    // One share market; keys are checked offline (the broker's confirmation
+    // would refuse the forged key below before the share check could).
+    let data = dir.path().join("agent").display().to_string();
+    let args: Vec<String> = [
+        "agent",
+        "--driver",
+        "sim",
+        "--host-id",
+        "one-share",
+        "--listen",
+        "127.0.0.1:0",
+        "--cpus",
+        "5",
+        "--memory-mib",
+        "8192",
+        "--disk-gib",
+        "20",
+        "--owner-share-memory-mib",
+        "512",
+        "--confirm-keys",
+        "offline",
+        "--output",
+        "json",
+        "--data-dir",
+        &data,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--broker".to_string(),
+        format!("{}=vcpus=4,memory_mib=7168,disk_gib=16", a.url),
+        "--token-file".to_string(),
+        format!("{}={}", a.url, a.lender_token_file),
+    ])
+    .collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = spawn_ready_with_token(&refs, None, &dir.path().join("agent.log"));
+    let agent_url = agent.ready["agent_url"].as_str().unwrap().to_string();
+    let lender = std::fs::read_to_string(&a.lender_token_file).unwrap();
+    let agent_client = Client::new(&agent_url, Some(lender));
+
+    let mut leases = Vec::new();
+    for (name, (vcpus, memory, disk)) in [
+        ("ann", (1, 1024, 2)),
+        ("amy", (2, 2048, 4)),
+        ("abe", (1, 4096, 10)),
+    ] {
+        let token = a
+            .admin
+            .create_principal(name, Role::Borrower)
+            .await
+            .unwrap()
+            .token;
+        let (v, m, d) = (vcpus.to_string(), memory.to_string(), disk.to_string());
+        let leased = common::cli(
+            &a.url,
+            Some(&token),
+            &[
+                "lease",
+                "--vcpus",
+                &v,
+                "--memory-mib",
+                &m,
+                "--disk-gib",
+                &d,
+                "--output",
+                "json",
+            ],
+        );
+        assert_eq!(leased.code, 0, "{}", leased.stderr);
+        let lease: leasehold_api::LeaseView = serde_json::from_str(leased.stdout.trim()).unwrap();
+        assert_eq!(
+            (
+                lease.terms.vcpus,
+                lease.terms.memory_mib,
+                lease.terms.disk_gib
+            ),
+            (vcpus, memory, disk)
+        );
+        run_true(
+            &agent_client,
+            lease.partition.index,
+            lease.lease_key.as_deref().unwrap(),
+        )
+        .await
+        .unwrap();
+        leases.push((token, lease));
+    }
+    // The agent's partitions are exactly the keys' terms.
+    let rows = agent_client.agent_list_partitions().await.unwrap();
+    for (_, lease) in &leases {
+        let row = rows
+            .iter()
+            .find(|r| r.partition.index == lease.partition.index)
+            .unwrap();
+        assert_eq!(row.terms, lease.terms);
+        assert_eq!(row.managed_by.as_deref(), Some(a.url.as_str()));
+    }
+    // 4 of 4 vCPUs are carved: more is no match, with the share's reason.
+    let (token, _) = &leases[0];
+    let full = common::cli(
+        &a.url,
+        Some(token),
+        &[
+            "lease",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "512",
+            "--disk-gib",
+            "1",
+        ],
+    );
+    assert_eq!(full.code, 3, "{} {}", full.stdout, full.stderr);
+    assert!(full.stderr.contains("share"), "{}", full.stderr);
+    // A key the broker signed for more than the share holds is refused.
+    let mut claims = claims_of(&leases[0].1, &a.data_dir);
+    claims.partition_index = leases[2].1.partition.index + 1;
+    claims.terms = Some(leasehold_core::Terms {
+        memory_mib: 1_000_000,
+        ..leases[0].1.terms.clone()
+    });
+    let oversized = key_signed_by(&a.data_dir, &claims);
+    let refused = run_true(&agent_client, claims.partition_index, &oversized)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("does not fit the share"),
+        "{refused}"
+    );
+    // Release gives the room back.
+    let released = common::cli(
+        &a.url,
+        Some(&leases[1].0),
+        &["release", &leases[1].1.lease_id.to_string()],
+    );
+    assert_eq!(released.code, 0, "{}", released.stderr);
+    let again = common::cli(
+        &a.url,
+        Some(token),
+        &[
+            "lease",
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "512",
+            "--disk-gib",
+            "1",
+        ],
+    );
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    drop(agent);
+}
