@@ -443,6 +443,38 @@ pub async fn start(config: AgentConfig) -> Result<RunningAgent, AgentError> {
     start_with_broker(config, sampler, broker).await
 }
 
+/// The brokers this agent lends through, or with `--direct` the owner's
+/// key as the one market (and the key, to sign with).
+async fn markets_or_owner(
+    config: &AgentConfig,
+    db: &AgentDb,
+    broker: &leasehold_api::Client,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<markets::Market>, Option<ed25519_dalek::SigningKey>), AgentError> {
+    if !config.direct {
+        return Ok((open_markets(config, db, broker, notes).await?, None));
+    }
+    let owner = direct::load_or_create_owner_key(&config.data_dir)?;
+    Ok((vec![markets::Market::of_owner(&owner, broker)], Some(owner)))
+}
+
+/// Registers and reconciles with every broker; an unreachable one is a
+/// note (the next start tries again), any other failure stops the start.
+async fn register_everywhere(agent: &Agent, advertise: &str) -> Result<Vec<String>, AgentError> {
+    if agent.config.direct {
+        return Ok(vec![
+            "lending directly: no broker; keys signed with the owner's key".into(),
+        ]);
+    }
+    match agent.register_and_reconcile(advertise).await {
+        Ok(notes) => Ok(notes),
+        Err(AgentError::BrokerUnreachable(error)) => {
+            Ok(vec![format!("could not register with the broker: {error}")])
+        }
+        Err(other) => Err(other),
+    }
+}
+
 /// The rest of [`start`], once the agent may manage its host.
 async fn start_with_broker(
     config: AgentConfig,
@@ -456,18 +488,7 @@ async fn start_with_broker(
     } else {
         "http"
     };
-    let (markets, owner_key) = if config.direct {
-        let owner = direct::load_or_create_owner_key(&config.data_dir)?;
-        (
-            vec![markets::Market::of_owner(&owner, &broker)],
-            Some(owner),
-        )
-    } else {
-        (
-            open_markets(&config, &db, &broker, &mut reconciled).await?,
-            None,
-        )
-    };
+    let (markets, owner_key) = markets_or_owner(&config, &db, &broker, &mut reconciled).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| AgentError::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -503,19 +524,7 @@ async fn start_with_broker(
         metrics: metrics::AgentMetrics::new(),
     });
     switch_modules_with_the_driver(&agent);
-    let registered = match config.direct {
-        true => Ok(vec![
-            "lending directly: no broker; keys signed with the owner's key".into(),
-        ]),
-        false => agent.register_and_reconcile(&advertise).await,
-    };
-    match registered {
-        Ok(mut notes) => reconciled.append(&mut notes),
-        Err(AgentError::BrokerUnreachable(error)) => {
-            reconciled.push(format!("could not register with the broker: {error}"))
-        }
-        Err(other) => return Err(other),
-    }
+    reconciled.extend(register_everywhere(&agent, &advertise).await?);
     let server = leasehold_service::ServerHandle::spawn_with_tls(
         listener,
         http::router(agent.clone()),

@@ -282,16 +282,8 @@ fn make_new_files_private() {
     }
 }
 
-fn main() {
-    make_new_files_private();
-    let mut cli = Cli::parse();
-    if let Err(problem) =
-        resolve_brokers(&mut cli.global).and_then(|()| resolve_token(&mut cli.global))
-    {
-        eprintln!("leasehold: {problem}");
-        std::process::exit(2);
-    }
-    let lends_to_markets = matches!(cli.command, Command::Agent(_));
+/// Only `agent` lends to several brokers; every other command talks to one.
+fn check_one_broker(cli: &Cli) -> Result<(), String> {
     let several = cli.global.broker_args.len() > 1
         || cli
             .global
@@ -299,8 +291,18 @@ fn main() {
             .iter()
             .any(|(_, share)| share.is_some())
         || !cli.global.market_token_files.is_empty();
-    if several && !lends_to_markets {
-        eprintln!("leasehold: only `leasehold agent` lends to several brokers (--broker URL=SHARE, --token-file URL=FILE); give this command one --broker");
+    if several && !matches!(cli.command, Command::Agent(_)) {
+        return Err("only `leasehold agent` lends to several brokers (--broker URL=SHARE, --token-file URL=FILE); give this command one --broker".into());
+    }
+    Ok(())
+}
+
+fn main() {
+    make_new_files_private();
+    let mut cli = Cli::parse();
+    let resolved = resolve_brokers(&mut cli.global).and_then(|()| resolve_token(&mut cli.global));
+    if let Err(problem) = resolved.and_then(|()| check_one_broker(&cli)) {
+        eprintln!("leasehold: {problem}");
         std::process::exit(2);
     }
     if let Some(path) = &cli.global.ca_cert {

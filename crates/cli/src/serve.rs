@@ -1002,23 +1002,41 @@ fn direct_owner_token(
     }
 }
 
-pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
-    match &args.action {
-        Some(AgentAction::Grant { name, agent }) => {
-            return crate::direct::grant(global, &agent.agent, name).await
-        }
-        Some(AgentAction::Revoke { name, agent }) => {
-            return crate::direct::revoke(global, &agent.agent, name).await
-        }
-        None => {}
+/// The agent's brokers and its first broker's lender token; with
+/// `--direct` no broker, the owner's token and the file it was made in.
+fn agent_credentials(
+    global: &Global,
+    args: &AgentArgs,
+) -> Result<(
+    Vec<leasehold_agent::markets::MarketConfig>,
+    String,
+    Option<PathBuf>,
+)> {
+    if args.direct {
+        return direct_owner_token(global, args);
     }
-    let (markets, token, owner_token_file) = if args.direct {
-        direct_owner_token(global, &args)?
-    } else {
-        let markets = agent_markets(global)?;
-        let token = markets[0].token.clone();
-        (markets, token, None)
-    };
+    let markets = agent_markets(global)?;
+    let token = markets[0].token.clone();
+    Ok((markets, token, None))
+}
+
+/// `agent grant|revoke`: the owner's verbs of direct lending.
+async fn agent_action(global: &Global, action: &AgentAction) -> Result<i32> {
+    match action {
+        AgentAction::Grant { name, agent } => {
+            crate::direct::grant(global, &agent.agent, name).await
+        }
+        AgentAction::Revoke { name, agent } => {
+            crate::direct::revoke(global, &agent.agent, name).await
+        }
+    }
+}
+
+pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
+    if let Some(action) = &args.action {
+        return agent_action(global, action).await;
+    }
+    let (markets, token, owner_token_file) = agent_credentials(global, &args)?;
     let host_id = args.host_id.clone().unwrap_or_else(default_host_id);
     let tls = args.tls.identity_for("agent", args.listen)?;
     let clock = args.clock.clock()?;
@@ -1066,10 +1084,10 @@ pub async fn agent(global: &Global, args: AgentArgs) -> Result<i32> {
     })
     .await
     .context("failed to start the agent")?;
-    let url = running.url();
     for note in &running.reconciled {
         eprintln!("agent: {note}");
     }
+    let url = running.url();
     print_ready(
         global,
         serde_json::json!({"agent_url": url, "host_id": host_id, "driver": running.driver_name, "driver_reason": plan.reason, "reconciled": running.reconciled, "owner_token_file": owner_token_file}),

@@ -330,18 +330,16 @@ pub fn decide(
             agent_url,
             capacity,
             share,
-        } => decide_register_host(
-            table,
-            lender,
-            HostRow {
+        } => {
+            let host = HostRow {
                 host_id: host_id.clone(),
                 lender: lender.clone(),
                 agent_url: agent_url.clone(),
                 capacity: capacity.clone(),
                 share: share.clone(),
-            },
-            now_ms,
-        ),
+            };
+            decide_register_host(table, lender, host, now_ms)
+        }
         BrokerCommand::PutPartition {
             lender,
             partition,

@@ -287,16 +287,15 @@ pub(crate) fn load(conn: &mut dyn SqlConnection) -> StoreResult<BrokerSnapshot> 
         "SELECT host_id, lender, agent_url, capacity_json, share_json FROM hosts",
         &[],
     )? {
-        let share = match row.opt_text(4)? {
-            Some(text) => Some(from_json("hosts", &text)?),
-            None => None,
-        };
         snapshot.hosts.push(HostRow {
             host_id: row.text(0)?,
             lender: row.text(1)?,
             agent_url: row.opt_text(2)?,
             capacity: from_json("hosts", &row.text(3)?)?,
-            share,
+            share: row
+                .opt_text(4)?
+                .map(|t| from_json("hosts", &t))
+                .transpose()?,
         });
     }
     for row in conn.query(
