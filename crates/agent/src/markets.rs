@@ -478,15 +478,20 @@ impl Agent {
         else {
             return Ok(()); // direct lending: this agent is the record
         };
-        let asked =
-            tokio::time::timeout(CONFIRM_TIMEOUT, market.client.get_lease(claims.lease_id)).await;
+        let asked = tokio::time::timeout(
+            CONFIRM_TIMEOUT,
+            market.client.host_lease(self.host_id(), claims.lease_id),
+        )
+        .await;
         let unreachable = match asked {
             Ok(Ok(lease)) => return confirm_lease_view(claims, &lease),
-            Ok(Err(error)) if error.status().is_some_and(|s| s < 500) => {
-                // The broker does not show this lender such a lease.
+            Ok(Err(error)) if error.status() == Some(404) => {
+                // The broker has no such lease on this host of this lender.
                 tracing::warn!(lease_id = claims.lease_id, %error, "the broker does not confirm the key");
                 return Err(AgentError::KeyRejected(KeyRejection::Released));
             }
+            // Refused for this agent's own credential, or the broker is
+            // down: the key itself is not known to be bad.
             Ok(Err(error)) => error.to_string(),
             Err(_) => format!("no answer within {} s", CONFIRM_TIMEOUT.as_secs()),
         };

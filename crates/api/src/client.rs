@@ -513,6 +513,13 @@ impl Client {
         self.get(&format!("/v1/leases/{lease_id}")).await
     }
 
+    /// A lease on `host_id`, as its agent confirms a key (FIG. 15); a
+    /// host credential may ask for its own host.
+    pub async fn host_lease(&self, host_id: &str, lease_id: u64) -> Result<LeaseView, ApiError> {
+        self.get(&format!("/v1/hosts/{host_id}/leases/{lease_id}"))
+            .await
+    }
+
     pub async fn list_leases(&self) -> Result<Vec<LeaseView>, ApiError> {
         self.get("/v1/leases").await
     }

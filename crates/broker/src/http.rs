@@ -91,6 +91,7 @@ pub(crate) fn api_router(
         )))
         .routes(routes!(lease, list_leases))
         .routes(routes!(get_lease))
+        .routes(routes!(host_lease))
         .routes(routes!(release))
         .routes(routes!(bill))
         .routes(routes!(ledger_view))
@@ -181,6 +182,7 @@ pub(crate) fn host_scope_allows(
         ["v1", "hosts", host] => *host == host_id && method == Method::PUT,
         ["v1", "hosts", host, "partitions", _] => *host == host_id,
         ["v1", "hosts", host, "revocations"] => *host == host_id && method == Method::GET,
+        ["v1", "hosts", host, "leases", _] => *host == host_id && method == Method::GET,
         ["v1", "hosts", host, "samples"] => *host == host_id && method == Method::POST,
         // The host's manager keeps its lender's share groups (seed 004):
         // a centralized primary writes other hosts' rows too.
@@ -724,25 +726,49 @@ async fn get_lease(
     Path(lease_id): Path<String>,
 ) -> Answer<LeaseView> {
     let lease_id = parse_lease_id(&lease_id)?;
-    let active = {
-        let state = app.state.read().unwrap_or_else(|p| p.into_inner());
-        state.active_leases.get(&lease_id).cloned()
-    };
-    let lease = match active {
-        Some(lease) => Some(lease),
-        None => app
-            .reader
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .lease(lease_id)
-            .map_err(|e| err(e.into()))?,
-    };
-    match lease {
+    match lease_by_id(&app, lease_id)? {
         Some(lease) if may_see_lease(&principal, &lease) => {
             Ok(Json(lease_view(&app, &lease, &principal)))
         }
         // A lease the caller may not see answers exactly as one that does
         // not exist, so lease ids reveal nothing to strangers.
+        Some(_) | None => Err(err(Refusal::NoSuchLease.into())),
+    }
+}
+
+/// A lease, active (from the table) or ended (from the database).
+fn lease_by_id(app: &AppState, lease_id: u64) -> Result<Option<Lease>, ErrorResponse> {
+    let active = {
+        let state = app.state.read().unwrap_or_else(|p| p.into_inner());
+        state.active_leases.get(&lease_id).cloned()
+    };
+    match active {
+        Some(lease) => Ok(Some(lease)),
+        None => app
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lease(lease_id)
+            .map_err(|e| err(e.into())),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{host_id}/leases/{lease_id}", tag = "hosts",
+    description = "A lease on one of the caller's hosts, for its agent to confirm a key before a job runs (seed 000, FIG. 15): partition, epoch and state. A host credential may ask for its own host.",
+    params(("host_id" = String, Path, description = "The host"),
+        ("lease_id" = u64, Path, description = "The lease's id")),
+    responses((status = 200, description = "The lease", body = LeaseView),
+        AuthErrors, InvalidParameter, NotFound, Unavailable))]
+async fn host_lease(
+    State(app): App,
+    Extension(principal): Extension<Principal>,
+    Path((host_id, lease_id)): Path<(String, String)>,
+) -> Answer<LeaseView> {
+    let lease_id = parse_lease_id(&lease_id)?;
+    match lease_by_id(&app, lease_id)? {
+        Some(lease) if lease.partition.host_id == host_id && may_see_lease(&principal, &lease) => {
+            Ok(Json(lease_view(&app, &lease, &principal)))
+        }
         Some(_) | None => Err(err(Refusal::NoSuchLease.into())),
     }
 }
@@ -1012,6 +1038,8 @@ mod tests {
             true,
         );
         check(Method::GET, "/v1/whoami", None, true);
+        check(Method::GET, "/v1/hosts/alpha/leases/7", None, true);
+        check(Method::GET, "/v1/hosts/beta/leases/7", None, false);
         // Another host of the same lender, or the lender's other powers.
         check(Method::PUT, "/v1/hosts/beta", None, false);
         check(Method::PUT, "/v1/hosts/beta/partitions/1", None, false);

@@ -65,7 +65,17 @@ async fn job(agent_url: &str, key: &str) -> Result<(), leasehold_api::ApiError> 
 async fn a_released_lease_is_refused_at_once_though_its_notice_was_lost() {
     let mut cluster = Cluster::start(&[]).await;
     let (_, borrower) = cluster.borrower("bob").await;
+    // This agent holds a host credential (as `up`'s does), which may ask
+    // only about its own host's leases.
+    let credential = cluster
+        .lender()
+        .create_host_credential("pref")
+        .await
+        .unwrap()
+        .token;
+    let lender = std::mem::replace(&mut cluster.lender_token, credential);
     let preferred = deaf_agent(&mut cluster, "pref", "preferred");
+    cluster.lender_token = lender;
     let required = deaf_agent(&mut cluster, "req", "required");
     let (released_id, released_key) = lease_of(&cluster, &borrower, &preferred, "pref").await;
     job(&preferred, &released_key)
