@@ -18,7 +18,7 @@ use crate::matching::NoMatchExplanation;
 use crate::reservation::planner::PlanPolicy;
 use crate::reservation::{self, Capacity, Workload};
 use crate::role::Role;
-use crate::share::{carve_best, is_carved, Carved, ShareOffer};
+use crate::share::{carve_best, check_share_change, is_carved, Carved, ShareOffer};
 use crate::table::{
     Change, HostCredentialRow, HostEntry, HostRow, PartitionEntry, PartitionRow, Principal,
     TableView,
@@ -462,6 +462,10 @@ fn decide_register_host(
         return Err(Refusal::HostOwnedByAnotherLender {
             host_id: host_id.to_string(),
         });
+    }
+    if let Some(existing) = existing {
+        check_share_change(table, existing, &host.capacity, host.share.as_ref())
+            .map_err(Refusal::Invalid)?;
     }
     Ok(Decision {
         outcome: Outcome::HostRegistered {

@@ -324,3 +324,62 @@ pub fn is_carved(host: &HostEntry, index: u32) -> bool {
         .as_ref()
         .is_some_and(|share| share.contains(index))
 }
+
+/// A host registered again may change its share only so that the
+/// partitions carved from it and not given back still fit: inside the new
+/// carving range and the new size. Refused otherwise, naming the field.
+pub fn check_share_change(
+    table: TableView<'_>,
+    existing: &HostEntry,
+    new_capacity: &HostCapacity,
+    new_share: Option<&ShareOffer>,
+) -> Result<(), crate::error::FieldError> {
+    let Some(old_share) = &existing.row.share else {
+        return Ok(());
+    };
+    let carved: Vec<(u32, &Terms)> = existing
+        .partitions
+        .range(old_share.first_index..=old_share.last_index)
+        .filter_map(|index| {
+            let entry =
+                table.partition(&PartitionRef::new(existing.row.host_id.clone(), *index))?;
+            (!entry.withdrawn).then_some((*index, &entry.terms))
+        })
+        .collect();
+    if carved.is_empty() {
+        return Ok(());
+    }
+    let refuse = |field: &str, problem: String| Err(crate::error::FieldError::new(field, problem));
+    let Some(new_share) = new_share else {
+        return refuse(
+            "share",
+            format!("{} partitions carved from this host's share are in use; release them before the share is taken back", carved.len()),
+        );
+    };
+    if let Some((index, _)) = carved.iter().find(|(index, _)| !new_share.contains(*index)) {
+        return refuse(
+            "share.first_index",
+            format!("carved partition {index} in use lies outside the new range"),
+        );
+    }
+    let empty = Terms {
+        vcpus: 0,
+        cpu_cap_percent: 0,
+        memory_mib: 0,
+        disk_gib: 0,
+        images: Vec::new(),
+        price_per_hour_micros: 0,
+        isolation: None,
+    };
+    new_capacity
+        .admits(carved.iter().map(|(_, terms)| *terms), &empty)
+        .map_err(|e| {
+            crate::error::FieldError::new(
+                format!("capacity.{}", e.field),
+                format!(
+                    "the new share is smaller than the partitions carved from it in use: {}",
+                    e.problem
+                ),
+            )
+        })
+}

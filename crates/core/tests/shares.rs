@@ -202,3 +202,42 @@ fn an_unisolated_share_needs_the_borrowers_opt_in() {
         Err(Refusal::NoMatch(_))
     ));
 }
+
+#[test]
+fn a_share_cannot_shrink_below_or_move_away_from_its_partitions_in_use() {
+    let mut table = market_with_share();
+    let leased = lease(&mut table, sized(2, 4096, 4)).unwrap();
+    let register = |vcpus: u64, share: Option<ShareOffer>| BrokerCommand::RegisterHost {
+        lender: "ann".into(),
+        host_id: "h".into(),
+        agent_url: None,
+        capacity: HostCapacity {
+            cpu_centicores: vcpus * 100,
+            memory_mib: 8192,
+            disk_gib: 20,
+            owner_share_cpu_centicores: 0,
+            owner_share_memory_mib: 0,
+            owner_share_disk_gib: 0,
+        },
+        share,
+    };
+    let refused = |outcome: Result<Outcome, Refusal>, field: &str| match outcome {
+        Err(Refusal::Invalid(error)) => assert!(error.field.starts_with(field), "{error:?}"),
+        other => panic!("expected a refusal of {field}, got {other:?}"),
+    };
+    refused(
+        commit(&mut table, register(1, Some(share(1000)))),
+        "capacity.vcpus",
+    );
+    refused(
+        commit(&mut table, register(4, Some(share(5000)))),
+        "share.first_index",
+    );
+    refused(commit(&mut table, register(4, None)), "share");
+    // Growing it is fine; once the partition is given back, anything is.
+    commit(&mut table, register(8, Some(share(1000)))).unwrap();
+    if let Outcome::Leased { lease, .. } = leased {
+        release(&mut table, lease.lease_id);
+    }
+    commit(&mut table, register(1, Some(share(5000)))).unwrap();
+}
