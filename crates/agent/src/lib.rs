@@ -887,6 +887,9 @@ impl Agent {
     /// Whether `token` is an admin's, as the broker says (remembered
     /// briefly; lookups rate-limited like the lender check's).
     pub(crate) async fn is_admin(&self, token: &str) -> bool {
+        if self.owner_key.is_some() {
+            return false; // direct lending: no broker to have admins
+        }
         let now_ms = self.config.clock.now_ms();
         let ask = || async {
             match self
