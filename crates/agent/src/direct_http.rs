@@ -11,7 +11,6 @@ use axum::response::Response;
 use axum::{Extension, Json};
 use leasehold_api::{
     DirectGrant, DirectGrantRequest, DirectLeaseRequest, FindRequest, FindResponse, LeaseView,
-    DEFAULT_FIND_LIMIT, MAX_FIND_LIMIT,
 };
 use leasehold_core::FieldError;
 use leasehold_service::{bearer_token, ErrorResponse, JsonBody};
@@ -103,13 +102,7 @@ async fn find(State(agent): App, JsonBody(request): JsonBody<FindRequest>) -> An
         .requirements
         .validate()
         .map_err(|e| err(FieldError::new(format!("requirements.{}", e.field), e.problem).into()))?;
-    let limit = request.limit.unwrap_or(DEFAULT_FIND_LIMIT);
-    if limit == 0 || limit > MAX_FIND_LIMIT {
-        return Err(err(AgentError::Invalid(FieldError::new(
-            "limit",
-            format!("{limit} is out of range; must be between 1 and {MAX_FIND_LIMIT}"),
-        ))));
-    }
+    let limit = leasehold_api::find_limit(request.limit).map_err(|e| err(e.into()))?;
     let offers = agent
         .direct_offers(&request.requirements, limit as usize)
         .map_err(err)?;

@@ -302,29 +302,33 @@ impl Agent {
         &self,
         token: &str,
     ) -> Result<key::LeaseKeyClaims, KeyRejection> {
-        let mut last = Err(KeyRejection::BadSignature);
-        for (position, market) in self.markets.iter().enumerate() {
-            match key::decode_and_verify_trusted(token, &market.trusted()) {
-                Ok(claims) => {
-                    return match self.market_of_index(claims.partition_index) {
-                        Some(manager) if manager == position => Ok(claims),
-                        _ => Err(KeyRejection::WrongBroker),
-                    }
-                }
-                Err(KeyRejection::BadSignature) => {}
-                Err(other) => last = Err(other),
-            }
-        }
-        last
+        self.verified_by_manager(
+            |keys| key::decode_and_verify_trusted(token, keys),
+            |claims| claims.partition_index,
+        )
     }
 
     /// A notice verified like a lease key: by its partition's market only.
     pub(crate) fn verify_notice(&self, notice: &str) -> Result<key::NoticeClaims, KeyRejection> {
+        self.verified_by_manager(
+            |keys| key::decode_notice_trusted(notice, keys),
+            |claims| claims.partition_index,
+        )
+    }
+
+    /// The claims of the first market whose keys verify them, if that
+    /// market manages their partition. A signature no market's keys verify
+    /// is `BadSignature`; any other rejection (malformed, expired) is kept.
+    fn verified_by_manager<C>(
+        &self,
+        decode: impl Fn(&TrustedKeys) -> Result<C, KeyRejection>,
+        partition_of: impl Fn(&C) -> u32,
+    ) -> Result<C, KeyRejection> {
         let mut last = Err(KeyRejection::BadSignature);
         for (position, market) in self.markets.iter().enumerate() {
-            match key::decode_notice_trusted(notice, &market.trusted()) {
+            match decode(&market.trusted()) {
                 Ok(claims) => {
-                    return match self.market_of_index(claims.partition_index) {
+                    return match self.market_of_index(partition_of(&claims)) {
                         Some(manager) if manager == position => Ok(claims),
                         _ => Err(KeyRejection::WrongBroker),
                     }

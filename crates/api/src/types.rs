@@ -142,6 +142,18 @@ pub struct FindRequest {
 pub const DEFAULT_FIND_LIMIT: u32 = 10;
 pub const MAX_FIND_LIMIT: u32 = 1000;
 
+/// A find's `limit`, defaulted, or the refusal naming it.
+pub fn find_limit(limit: Option<u32>) -> Result<u32, leasehold_core::FieldError> {
+    let limit = limit.unwrap_or(DEFAULT_FIND_LIMIT);
+    if limit == 0 || limit > MAX_FIND_LIMIT {
+        return Err(leasehold_core::FieldError::new(
+            "limit",
+            format!("{limit} is out of range; must be between 1 and {MAX_FIND_LIMIT}"),
+        ));
+    }
+    Ok(limit)
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Offer {
     pub partition: PartitionRef,

@@ -547,13 +547,7 @@ async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answ
             e.problem,
         )))
     })?;
-    let limit = request.limit.unwrap_or(DEFAULT_FIND_LIMIT);
-    if limit == 0 || limit > MAX_FIND_LIMIT {
-        return Err(err(BrokerError::Invalid(leasehold_core::FieldError::new(
-            "limit",
-            format!("{limit} is out of range; must be between 1 and {MAX_FIND_LIMIT}"),
-        ))));
-    }
+    let limit = find_limit(request.limit).map_err(|e| err(BrokerError::Invalid(e)))?;
     let search_started = std::time::Instant::now();
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     // Readers see the committed table only: no batch's changes on top.
