@@ -40,7 +40,13 @@ pub struct Global {
     /// The broker's URL; several brokers of one database (an active one and
     /// standbys) as URL,URL,...: requests go to whichever is active.
     /// `leasehold agent` takes it once per market it lends to, as
-    /// URL[=SHARE] (see `leasehold agent --help`).
+    /// URL[=SHARE]: with SHARE (`vcpus=N,memory_mib=M,disk_gib=D`, and
+    /// optionally `price_per_vcpu_hour_micros=P`,
+    /// `price_per_memory_gib_hour_micros=P`,
+    /// `price_per_disk_gib_hour_micros=P`, `images=a+b`) that broker carves
+    /// partitions of each borrower's size out of the share; without, it
+    /// manages the agent's fixed partitions (one broker at most). Give each
+    /// broker's lender token as --token-file URL=FILE.
     #[arg(
         long = "broker",
         global = true,
