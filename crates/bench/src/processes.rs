@@ -64,3 +64,52 @@ pub fn text(service: &Service, key: &str) -> Result<String> {
         .with_context(|| format!("no {key} in {}", service.ready))?
         .to_string())
 }
+
+/// Adds `count` one-vCPU partitions (256 MiB, 1 GiB, busybox) through an
+/// agent's lender interface.
+pub async fn add_small_partitions(agent: &leasehold_api::Client, count: usize) -> Result<()> {
+    for _ in 0..count {
+        agent
+            .agent_add_partition(&leasehold_core::Terms {
+                vcpus: 1,
+                cpu_cap_percent: 100,
+                memory_mib: 256,
+                disk_gib: 1,
+                images: vec!["busybox".into()],
+                price_per_hour_micros: 3_600_000_000,
+                isolation: None,
+            })
+            .await
+            .context("adding a partition")?;
+    }
+    Ok(())
+}
+
+/// Leases and releases per second for `seconds`, `clients` borrowers at
+/// once, borrower `n` leasing `request(n)` each time.
+pub async fn lease_rate(
+    borrower: &leasehold_api::Client,
+    clients: usize,
+    seconds: u64,
+    request: fn(usize) -> leasehold_api::LeaseRequest,
+) -> Result<f64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let borrower = borrower.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut leases = 0u64;
+            while std::time::Instant::now() < deadline {
+                let lease = borrower.lease(&request(client)).await?;
+                borrower.release(lease.lease_id).await?;
+                leases += 1;
+            }
+            Ok::<_, anyhow::Error>(leases)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(total as f64 / seconds as f64)
+}

@@ -9,7 +9,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use leasehold_api::{Client, LeaseRequest, Role};
-use leasehold_bench::processes::{binary, start, text, Service};
+use leasehold_bench::processes::{add_small_partitions, binary, lease_rate, start, text, Service};
 use leasehold_bench::stats::Latencies;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -122,7 +122,11 @@ async fn main() -> Result<()> {
     let borrower = admin.create_principal("bob", Role::Borrower).await?.token;
     let _agent = start_agent(&binary, dir.path(), &both, &lender, args.clients as u32).await?;
     let bob = Client::new(&both, Some(borrower));
-    let rate = lease_rate(&bob, args.clients, args.seconds).await?;
+    // Each borrower on a partition of its own.
+    let rate = lease_rate(&bob, args.clients, args.seconds, |client| {
+        request(client as u32 + 1)
+    })
+    .await?;
     let mut takeovers = Latencies::default();
     for kill in 0..args.kills {
         let took = kill_the_active_one(&binary, &mut brokers, &bob, &postgres.url, &args).await?;
@@ -197,44 +201,8 @@ async fn start_agent(
         Some(lender),
     )?;
     let client = Client::new(&text(&agent, "agent_url")?, Some(lender.to_string()));
-    for _ in 0..partitions {
-        client
-            .agent_add_partition(&leasehold_core::Terms {
-                vcpus: 1,
-                cpu_cap_percent: 100,
-                memory_mib: 256,
-                disk_gib: 1,
-                images: vec!["busybox".into()],
-                price_per_hour_micros: 3_600_000_000,
-                isolation: None,
-            })
-            .await?;
-    }
+    add_small_partitions(&client, partitions as usize).await?;
     Ok(agent)
-}
-
-/// Leases and releases per second, `clients` borrowers each on a partition
-/// of their own, for `seconds`.
-async fn lease_rate(bob: &Client, clients: usize, seconds: u64) -> Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for client in 0..clients {
-        let bob = bob.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut leases = 0u64;
-            while Instant::now() < deadline {
-                let lease = bob.lease(&request(client as u32 + 1)).await?;
-                bob.release(lease.lease_id).await?;
-                leases += 1;
-            }
-            Ok::<_, anyhow::Error>(leases)
-        }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await??;
-    }
-    Ok(total as f64 / seconds as f64)
 }
 
 /// Kills whichever broker is active, times until a lease is answered again,

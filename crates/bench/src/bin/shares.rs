@@ -6,15 +6,14 @@
 //! at the share market carves a partition of exactly the asked size and its
 //! release gives it back. Prints one JSON line.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use leasehold_api::{Client, LeaseRequest, Role};
-use leasehold_bench::processes::{binary, start, text, Service};
+use leasehold_bench::processes::{add_small_partitions, binary, lease_rate, start, text, Service};
 use leasehold_core::Requirements;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(about = "Lease rate through a share-managing broker vs fixed partitions (one JSON line)")]
@@ -126,20 +125,7 @@ async fn start_agent(
         &text(&agent, "agent_url")?,
         Some(fixed.lender_token.clone()),
     );
-    for _ in 0..clients {
-        client
-            .agent_add_partition(&leasehold_core::Terms {
-                vcpus: 1,
-                cpu_cap_percent: 100,
-                memory_mib: 256,
-                disk_gib: 1,
-                images: vec!["busybox".into()],
-                price_per_hour_micros: 3_600_000_000,
-                isolation: None,
-            })
-            .await
-            .context("adding a fixed partition")?;
-    }
+    add_small_partitions(&client, clients).await?;
     Ok(agent)
 }
 
@@ -158,30 +144,6 @@ fn one_vcpu() -> LeaseRequest {
     }
 }
 
-/// Leases (by requirements) and releases per second, `clients` borrowers
-/// at once, for `seconds`.
-async fn lease_rate(borrower: &Client, clients: usize, seconds: u64) -> Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let borrower = borrower.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut leases = 0u64;
-            while Instant::now() < deadline {
-                let lease = borrower.lease(&one_vcpu()).await?;
-                borrower.release(lease.lease_id).await?;
-                leases += 1;
-            }
-            Ok::<_, anyhow::Error>(leases)
-        }));
-    }
-    let mut total = 0;
-    for task in tasks {
-        total += task.await??;
-    }
-    Ok(total as f64 / seconds as f64)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -190,8 +152,10 @@ async fn main() -> Result<()> {
     let fixed = start_market(&binary, dir.path(), "fixed").await?;
     let shared = start_market(&binary, dir.path(), "shared").await?;
     let _agent = start_agent(&binary, dir.path(), &fixed, &shared, args.clients).await?;
-    let fixed_rate = lease_rate(&fixed.borrower, args.clients, args.seconds).await?;
-    let share_rate = lease_rate(&shared.borrower, args.clients, args.seconds).await?;
+    let fixed_rate =
+        lease_rate(&fixed.borrower, args.clients, args.seconds, |_| one_vcpu()).await?;
+    let share_rate =
+        lease_rate(&shared.borrower, args.clients, args.seconds, |_| one_vcpu()).await?;
     println!(
         "{}",
         serde_json::json!({
