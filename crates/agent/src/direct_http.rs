@@ -98,11 +98,7 @@ async fn revoke(State(agent): App, Path(name): Path<String>) -> Answer<DirectGra
     responses((status = 200, description = "The offers, cheapest first", body = FindResponse),
         AuthErrors, BodyErrors, NotFound))]
 async fn find(State(agent): App, JsonBody(request): JsonBody<FindRequest>) -> Answer<FindResponse> {
-    request
-        .requirements
-        .validate()
-        .map_err(|e| err(FieldError::new(format!("requirements.{}", e.field), e.problem).into()))?;
-    let limit = leasehold_api::find_limit(request.limit).map_err(|e| err(e.into()))?;
+    let limit = request.checked_limit().map_err(|e| err(e.into()))?;
     let offers = agent
         .direct_offers(&request.requirements, limit as usize)
         .map_err(err)?;

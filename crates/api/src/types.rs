@@ -142,16 +142,22 @@ pub struct FindRequest {
 pub const DEFAULT_FIND_LIMIT: u32 = 10;
 pub const MAX_FIND_LIMIT: u32 = 1000;
 
-/// A find's `limit`, defaulted, or the refusal naming it.
-pub fn find_limit(limit: Option<u32>) -> Result<u32, leasehold_core::FieldError> {
-    let limit = limit.unwrap_or(DEFAULT_FIND_LIMIT);
-    if limit == 0 || limit > MAX_FIND_LIMIT {
-        return Err(leasehold_core::FieldError::new(
-            "limit",
-            format!("{limit} is out of range; must be between 1 and {MAX_FIND_LIMIT}"),
-        ));
+impl FindRequest {
+    /// The requirements checked and the `limit` defaulted, or the refusal
+    /// naming the field: what the broker's and a direct agent's find need.
+    pub fn checked_limit(&self) -> Result<u32, leasehold_core::FieldError> {
+        self.requirements.validate().map_err(|e| {
+            leasehold_core::FieldError::new(format!("requirements.{}", e.field), e.problem)
+        })?;
+        let limit = self.limit.unwrap_or(DEFAULT_FIND_LIMIT);
+        if limit == 0 || limit > MAX_FIND_LIMIT {
+            return Err(leasehold_core::FieldError::new(
+                "limit",
+                format!("{limit} is out of range; must be between 1 and {MAX_FIND_LIMIT}"),
+            ));
+        }
+        Ok(limit)
     }
-    Ok(limit)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -541,13 +541,9 @@ pub(crate) async fn list_partitions(
     responses((status = 200, description = "Offers, or why there are none", body = FindResponse),
         AuthErrors, BodyErrors))]
 async fn find(State(app): App, JsonBody(request): JsonBody<FindRequest>) -> Answer<FindResponse> {
-    request.requirements.validate().map_err(|e| {
-        err(BrokerError::Invalid(leasehold_core::FieldError::new(
-            format!("requirements.{}", e.field),
-            e.problem,
-        )))
-    })?;
-    let limit = find_limit(request.limit).map_err(|e| err(BrokerError::Invalid(e)))?;
+    let limit = request
+        .checked_limit()
+        .map_err(|e| err(BrokerError::Invalid(e)))?;
     let search_started = std::time::Instant::now();
     let state = app.state.read().unwrap_or_else(|p| p.into_inner());
     // Readers see the committed table only: no batch's changes on top.
