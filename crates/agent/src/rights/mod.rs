@@ -259,6 +259,8 @@ pub struct RightsManager {
     pub(crate) clock: SharedClock,
     /// The member's copy of the table and its version.
     copy: Mutex<Option<(ShareGroup, u64)>>,
+    /// The copy on disk.
+    copy_file: copy_file::CopyFile,
     applied: Mutex<Applied>,
     /// The epoch of this manager's leadership (0: not the primary).
     pub(crate) primary_epoch: Mutex<u64>,
@@ -295,7 +297,8 @@ impl RightsManager {
         peers: leasehold_api::Client,
     ) -> Result<Self, AgentError> {
         let store = GroupStore::open(&config, broker)?;
-        let copy = read_copy(&config.copy_path);
+        let (copy_file, copy) =
+            copy_file::CopyFile::open(config.copy_path.clone(), host_id, clock.now_ms());
         let manager = RightsManager {
             config,
             store,
@@ -303,6 +306,7 @@ impl RightsManager {
             manager_url: manager_url.to_string(),
             clock,
             copy: Mutex::new(copy),
+            copy_file,
             applied: Mutex::new(Applied::default()),
             primary_epoch: Mutex::new(0),
             peers,
@@ -481,9 +485,7 @@ impl RightsManager {
             }
             *copy = Some((group.clone(), version));
         }
-        if let Err(error) = write_copy(&self.config.copy_path, group, version) {
-            tracing::warn!(%error, "cannot keep the share group's copy on disk");
-        }
+        self.copy_file.keep(group, version, self.clock.now_ms());
         self.apply_own(group, version);
     }
 
@@ -547,35 +549,8 @@ impl RightsManager {
     }
 }
 
-fn read_copy(path: &std::path::Path) -> Option<(ShareGroup, u64)> {
-    let text = std::fs::read(path).ok()?;
-    let document: ShareGroupDocument = serde_json::from_slice(&text).ok()?;
-    Some((document.group, document.version))
-}
-
-/// The copy, written whole to a temporary file and renamed (0600). Not
-/// synced: it is a cache of the store, read only when the store cannot be
-/// reached at a start, and a rename never leaves half a file.
-fn write_copy(path: &std::path::Path, group: &ShareGroup, version: u64) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let document = ShareGroupDocument {
-        group: group.clone(),
-        version,
-        stale: false,
-    };
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)?;
-    file.write_all(&serde_json::to_vec(&document).map_err(std::io::Error::other)?)?;
-    std::fs::rename(&temporary, path)
-}
-
 pub(crate) mod admin;
+mod copy_file;
 pub(crate) mod flow;
 pub(crate) mod http;
 #[cfg(test)]
