@@ -211,7 +211,9 @@ impl RightsManager {
             .update(None, |g, now| {
                 for id in begun {
                     match g.abort_transfer(*id, now) {
-                        Ok(()) | Err(RightsRefusal::TransferEnded { .. }) => {}
+                        Ok(())
+                        | Err(RightsRefusal::TransferEnded { .. })
+                        | Err(RightsRefusal::NoSuchTransfer(_)) => {}
                         Err(other) => return Err(other),
                     }
                 }
@@ -498,6 +500,10 @@ fn end_transfers(
                 TransferPhase::Committed => committed.push(*id),
                 _ => aborted.push(*id),
             },
+            // Gone: it ended and the table forgot it (it keeps only the
+            // last ended transfers). Only its coordinator, this order,
+            // commits a transfer, so someone else aborted it.
+            Err(RightsRefusal::NoSuchTransfer(_)) => aborted.push(*id),
             Err(other) => return Err(other),
         }
     }
