@@ -1,9 +1,10 @@
 //! Usage rights (seed 004) through real processes: a broker and two agents
 //! (`--driver sim`) in one share group, the group's table kept by the
-//! broker (default) or in an SQLite file the managers share
-//! (`--store sqlite`). Measures the time from a request to the modules
-//! being active on the requester (the manager answers after it applied
-//! them), inside one host and across hosts; transfers per second through
+//! broker (default), in an SQLite file the managers share (`--store
+//! sqlite`) or in a PostgreSQL database (`--store postgres://...`).
+//! Measures the time from a request to the modules being active on the
+//! requester (the manager answers after it applied them), inside one host
+//! and across hosts; transfers per second through
 //! the primary with several concurrent clients; and the primary's
 //! fail-over time after its process is killed. Prints one JSON line.
 
@@ -22,8 +23,10 @@ struct Args {
     /// The `leasehold` binary; by default the one next to this benchmark.
     #[arg(long)]
     leasehold: Option<PathBuf>,
-    /// Where the group's table lives: `broker` or `sqlite`.
-    #[arg(long, default_value = "broker", value_parser = ["broker", "sqlite"])]
+    /// Where the group's table lives: `broker`, `sqlite` (a file the
+    /// managers share) or a `postgres://` URL (a database they share; its
+    /// tables are made in it).
+    #[arg(long, default_value = "broker", value_parser = parse_store)]
     store: String,
     /// Requests timed for each latency.
     #[arg(long, default_value_t = 200)]
@@ -34,6 +37,18 @@ struct Args {
     /// Length of the throughput phase, in seconds.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+}
+
+fn parse_store(store: &str) -> Result<String, String> {
+    match store {
+        "broker" | "sqlite" => Ok(store.to_string()),
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(url.to_string())
+        }
+        other => Err(format!(
+            "'{other}' is not broker, sqlite or a postgres:// URL"
+        )),
+    }
 }
 
 fn start_agent(
@@ -99,7 +114,8 @@ async fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "bench": "rights",
-            "store": args.store,
+            // A URL may carry a password: only its kind is printed.
+            "store": if args.store.contains("://") { "postgres" } else { args.store.as_str() },
             "iterations": args.iterations,
             "local_request": summary(&mut local),
             "cross_host_request": summary(&mut across),
@@ -138,7 +154,11 @@ async fn start_group(binary: &Path, dir: &Path, store: &str) -> Result<Group> {
     let admin = Client::new(&broker_url, Some(admin_token.clone()));
     let lender_token = admin.create_principal("lender", Role::Lender).await?.token;
     let store_path = dir.join("group.db").display().to_string();
-    let store = (store == "sqlite").then_some(store_path.as_str());
+    let store = match store {
+        "broker" => None,
+        "sqlite" => Some(store_path.as_str()),
+        postgres_url => Some(postgres_url),
+    };
     let first = start_agent(binary, dir, "host-a", &broker_url, store, &lender_token)?;
     let second = start_agent(binary, dir, "host-b", &broker_url, store, &lender_token)?;
     let a = Client::new(&text(&first, "agent_url")?, Some(admin_token.clone()));
