@@ -62,12 +62,24 @@ impl CopyFile {
     pub(crate) fn keep(&self, group: &ShareGroup, version: u64, now_ms: u64) {
         let rights = host_rights(group, &self.host_id, now_ms);
         let mut state = lock(&self.state);
+        // Two changes may arrive out of order (the manager remembers them
+        // outside this lock): the newest known version is the one kept.
+        let newer_pending = state.pending.as_ref().is_some_and(|(_, v, _)| *v > version);
         if version <= state.written_version {
             return;
         }
         if rights < state.written_host_rights {
-            state.pending = None;
-            write_locked(&self.path, &mut state, group, version, rights);
+            // The newest table is always safe to show; it may be the one
+            // waiting.
+            match state.pending.take() {
+                Some((newest, v, r)) if newer_pending => {
+                    write_locked(&self.path, &mut state, &newest, v, r)
+                }
+                _ => write_locked(&self.path, &mut state, group, version, rights),
+            }
+            return;
+        }
+        if newer_pending {
             return;
         }
         state.pending = Some((group.clone(), version, rights));
@@ -219,10 +231,20 @@ mod tests {
         // An older table never replaces a newer one.
         file.keep(&group_with("a", 7), 1, 0);
         assert_eq!(on_disk(&path), Some((3, 2)));
-        // Rights received go through the writer; the newest one lands.
+        // Rights received go through the writer; the newest one lands,
+        // even when an older change arrives after it.
         file.keep(&group_with("a", 4), 3, 0);
-        file.keep(&group_with("a", 6), 4, 0);
+        file.keep(&group_with("a", 6), 5, 0);
+        file.keep(&group_with("a", 5), 4, 0);
         drop(file);
-        assert_eq!(on_disk(&path), Some((6, 4)));
+        assert_eq!(on_disk(&path), Some((6, 5)));
+
+        // A lowering change that arrives after a newer one is waiting
+        // writes the newer one at once (a newer table never shows more
+        // than is held).
+        let (file, _) = CopyFile::open(path.clone(), "a", 0);
+        file.keep(&group_with("a", 7), 7, 0);
+        file.keep(&group_with("a", 1), 6, 0);
+        assert_eq!(on_disk(&path).map(|(_, v)| v), Some(7));
     }
 }
