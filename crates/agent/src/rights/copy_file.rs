@@ -62,27 +62,23 @@ impl CopyFile {
     pub(crate) fn keep(&self, group: &ShareGroup, version: u64, now_ms: u64) {
         let rights = host_rights(group, &self.host_id, now_ms);
         let mut state = lock(&self.state);
-        // Two changes may arrive out of order (the manager remembers them
-        // outside this lock): the newest known version is the one kept.
-        let newer_pending = state.pending.as_ref().is_some_and(|(_, v, _)| *v > version);
         if version <= state.written_version {
             return;
         }
-        if rights < state.written_host_rights {
-            // The newest table is always safe to show; it may be the one
-            // waiting.
-            match state.pending.take() {
-                Some((newest, v, r)) if newer_pending => {
-                    write_locked(&self.path, &mut state, &newest, v, r)
-                }
-                _ => write_locked(&self.path, &mut state, group, version, rights),
-            }
+        let lowers = rights < state.written_host_rights;
+        // Two changes may arrive out of order (the manager remembers them
+        // outside this lock): the newest known table is the one kept, and
+        // the newest is always safe to show.
+        let newest = match state.pending.take() {
+            Some(waiting) if waiting.1 > version => waiting,
+            _ => (group.clone(), version, rights),
+        };
+        if lowers {
+            let (group, version, rights) = newest;
+            write_locked(&self.path, &mut state, &group, version, rights);
             return;
         }
-        if newer_pending {
-            return;
-        }
-        state.pending = Some((group.clone(), version, rights));
+        state.pending = Some(newest);
         drop(state);
         self.wake_writer();
     }
