@@ -106,7 +106,14 @@ pub struct RightsOrderAnswer {
     pub committed: Vec<u64>,
     /// Transfers aborted because a donor could not confirm.
     pub aborted: Vec<u64>,
+    /// The table version the order was decided on.
     pub version: u64,
+    /// Loans inside the host (seed 004, FIG. 4B), by the host's number:
+    /// committed in its manager's own database, its modules switched
+    /// already; the group's table shows each as a committed transfer
+    /// once the manager has published it (within moments).
+    #[serde(default)]
+    pub lent_inside_host: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -297,6 +297,7 @@ async fn a_share_groups_rights_table_shows_to_its_lender_and_admins_not_to_borro
             manager_url: "http://node-42.example".into(),
             partitions: [(0, owner_share)].into(),
             modules: 8,
+            local_loans_through: 0,
         },
     );
     // The lender's manager writes the table (no rights: only an admin adds them).

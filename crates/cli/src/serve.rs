@@ -352,6 +352,7 @@ impl GroupArgs {
             store,
             owned_rights: self.rights,
             copy_path: data_dir.join("share-group-copy.json"),
+            loans_path: data_dir.join("share-group-loans.sqlite"),
             standby: self.standby,
             seize_after_ms: self.group_grace_secs.saturating_mul(1000),
             auto_request: self.rights_auto_above.map(|above_percent| {

@@ -16,6 +16,7 @@ pub mod intercepted;
 mod migrate;
 pub mod postgres;
 pub mod private_fs;
+pub mod rights_loans;
 mod sql;
 mod sqlite;
 mod store_trait;

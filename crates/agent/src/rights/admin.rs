@@ -13,6 +13,7 @@ fn answer(version: u64) -> RightsOrderAnswer {
         committed: vec![],
         aborted: vec![],
         version,
+        lent_inside_host: vec![],
     }
 }
 
@@ -55,6 +56,12 @@ impl RightsManager {
         slot: Slot,
         modules: u32,
     ) -> Result<RightsOrderAnswer, AgentError> {
+        // FIG. 4B: inside the host, committed in its own database.
+        if slot.host_id == self.host_id {
+            if let Some(answer) = self.give_back_inside_host(slot.partition, modules) {
+                return answer;
+            }
+        }
         let (id, group, version) = self
             .update(None, |g, now| g.release_to_owner_share(&slot, modules, now))
             .await?;
@@ -63,6 +70,7 @@ impl RightsManager {
             committed: vec![id],
             aborted: vec![],
             version,
+            lent_inside_host: vec![],
         })
     }
 
@@ -82,12 +90,8 @@ impl RightsManager {
         vcpus: u32,
         own_token: &str,
     ) -> Result<(), AgentError> {
-        let (group, _) = self.fresh().await?;
-        let active = group
-            .hosts
-            .get(&self.host_id)
-            .and_then(|h| h.partitions.get(&index))
-            .map_or(0, |p| p.active);
+        // What is switched on now, this host's loans included.
+        let active = self.applied().active.get(&index).copied().unwrap_or(0);
         if active >= vcpus {
             return Ok(());
         }

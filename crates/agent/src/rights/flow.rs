@@ -88,6 +88,12 @@ impl RightsManager {
         modules: u32,
         caller_token: &str,
     ) -> Result<RightsOrderAnswer, AgentError> {
+        // FIG. 4B: what the host can meet commits in its own database.
+        if to.host_id == self.host_id {
+            if let Some(answer) = self.lend_inside_host(to.partition, modules) {
+                return answer;
+            }
+        }
         // Planned on the copy (the write below decides again on the
         // stored table, and refuses a plan the table no longer allows).
         let now_ms = self.clock.now_ms();
@@ -117,6 +123,7 @@ impl RightsManager {
                 committed,
                 aborted: vec![],
                 version,
+                lent_inside_host: vec![],
             });
         }
         let coordinator = self.coordinator_now(&group, now_ms).await?;
@@ -200,6 +207,7 @@ impl RightsManager {
             committed,
             aborted,
             version,
+            lent_inside_host: vec![],
         })
     }
 
@@ -312,6 +320,10 @@ impl RightsManager {
         min_version: u64,
     ) -> Result<leasehold_api::rights::RightsSyncAnswer, AgentError> {
         let _one_at_a_time = self.sync_lock.lock().await;
+        // The table shows this host's loans before anyone compares.
+        if let Err(error) = self.publish_local_loans().await {
+            tracing::debug!(%error, "could not publish this host's loans before a sync");
+        }
         let applied = self.applied();
         if applied.version >= min_version && min_version > 0 {
             return Ok(leasehold_api::rights::RightsSyncAnswer {
@@ -329,7 +341,9 @@ impl RightsManager {
     /// transfers left pending by a dead coordinator, refresh the copy.
     pub(crate) async fn tick(&self, local_partitions: &BTreeSet<u32>) -> Result<(), AgentError> {
         self.hold_host().await?;
+        self.publish_local_loans().await?;
         let (group, _) = self.fresh().await?;
+        self.forget_published_loans(&group);
         let now_ms = self.clock.now_ms();
         let group = if group.mode == GroupMode::Centralized {
             self.lead(&group, now_ms).await?;

@@ -223,45 +223,52 @@ fn measure_workloads(
     workloads
 }
 
-/// Ticks the manager (leases, expiry, clean-up) until aborted.
+/// Ticks the manager (leases, expiry, clean-up) and publishes its loans
+/// inside the host, until aborted.
 pub(crate) fn spawn_tick_loop(agent: Arc<Agent>) -> Option<tokio::task::AbortHandle> {
     agent.rights.as_ref()?;
+    let publisher = super::local_loans::publish_loop(agent.clone());
+    let ticks = tick_loop(agent);
     let task = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(std::time::Duration::from_millis(
-            super::flow::TICK_INTERVAL_MS,
-        ));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
-        let mut cpu_samples = std::collections::BTreeMap::new();
-        loop {
-            interval.tick().await;
-            let Some(manager) = agent.rights.as_ref() else {
-                return;
-            };
-            let workloads = measure_workloads(&agent, manager, &mut cpu_samples);
-            if let Err(error) = manager
-                .observe_workloads(&workloads, &agent.config.lender_token)
-                .await
-            {
-                tracing::debug!(%error, "could not record this tick's workloads");
-            }
-            let local_partitions = match agent.db().partitions() {
-                Ok(rows) => rows.iter().map(|row| row.index).collect(),
-                Err(_) => continue,
-            };
-            match manager.tick(&local_partitions).await {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("the share group's store answers again");
-                }
-                Ok(()) => {}
-                Err(error) if !failing => {
-                    failing = true;
-                    tracing::warn!(%error, "the share group's manager cannot tick; serving this host from its copy");
-                }
-                Err(_) => {}
-            }
-        }
+        tokio::join!(publisher, ticks);
     });
     Some(task.abort_handle())
+}
+
+async fn tick_loop(agent: Arc<Agent>) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(
+        super::flow::TICK_INTERVAL_MS,
+    ));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    let mut cpu_samples = std::collections::BTreeMap::new();
+    loop {
+        interval.tick().await;
+        let Some(manager) = agent.rights.as_ref() else {
+            return;
+        };
+        let workloads = measure_workloads(&agent, manager, &mut cpu_samples);
+        if let Err(error) = manager
+            .observe_workloads(&workloads, &agent.config.lender_token)
+            .await
+        {
+            tracing::debug!(%error, "could not record this tick's workloads");
+        }
+        let local_partitions = match agent.db().partitions() {
+            Ok(rows) => rows.iter().map(|row| row.index).collect(),
+            Err(_) => continue,
+        };
+        match manager.tick(&local_partitions).await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("the share group's store answers again");
+            }
+            Ok(()) => {}
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(%error, "the share group's manager cannot tick; serving this host from its copy");
+            }
+            Err(_) => {}
+        }
+    }
 }

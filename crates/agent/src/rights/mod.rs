@@ -44,6 +44,8 @@ pub struct RightsConfig {
     pub owned_rights: Option<u32>,
     /// Where the manager keeps its copy of the table (0600).
     pub copy_path: PathBuf,
+    /// The manager's own database of loans inside its host (FIG. 4B).
+    pub loans_path: PathBuf,
     /// A back-up manager (FIG. 6): it waits until the host's manager is
     /// gone, then takes over.
     pub standby: bool,
@@ -249,6 +251,8 @@ pub fn with_host(
 pub(crate) struct Applied {
     pub version: u64,
     pub active: BTreeMap<u32, u32>,
+    /// The table with this host's loans on top that was applied.
+    pub group: Option<ShareGroup>,
 }
 
 pub struct RightsManager {
@@ -262,6 +266,11 @@ pub struct RightsManager {
     /// The copy on disk.
     copy_file: copy_file::CopyFile,
     applied: Mutex<Applied>,
+    /// Loans inside the host: its own database and those the table does
+    /// not hold yet (FIG. 4B). Locked before `applied` when both are.
+    loans: Mutex<local_loans::LoanBook>,
+    /// Wakes the publisher of loans.
+    pub(crate) publish_wanted: tokio::sync::Notify,
     /// The epoch of this manager's leadership (0: not the primary).
     pub(crate) primary_epoch: Mutex<u64>,
     /// Calls to other managers (no redirects, bounded time and size).
@@ -297,6 +306,7 @@ impl RightsManager {
         peers: leasehold_api::Client,
     ) -> Result<Self, AgentError> {
         let store = GroupStore::open(&config, broker)?;
+        let loans = local_loans::LoanBook::open(&config.loans_path)?;
         let (copy_file, copy) =
             copy_file::CopyFile::open(config.copy_path.clone(), host_id, clock.now_ms());
         let manager = RightsManager {
@@ -308,6 +318,8 @@ impl RightsManager {
             copy: Mutex::new(copy),
             copy_file,
             applied: Mutex::new(Applied::default()),
+            loans: Mutex::new(loans),
+            publish_wanted: tokio::sync::Notify::new(),
             primary_epoch: Mutex::new(0),
             peers,
             sync_lock: tokio::sync::Mutex::new(()),
@@ -414,8 +426,10 @@ impl RightsManager {
                 Some(copy) if from_copy => copy,
                 _ => self.fresh().await?,
             };
-            let mut group = before.clone();
             let now_ms = self.clock.now_ms();
+            // This host's loans the table does not hold yet go with the
+            // write, decided on with the rest.
+            let mut group = self.overlaid(&before, &self.pending_loans()).group;
             let decided = match decide(&mut group, now_ms) {
                 Ok(decided) => decided,
                 // A refusal on the copy may be the copy's age: decide again
@@ -429,6 +443,7 @@ impl RightsManager {
                 .write(Some(&before), &group, version, as_token, now_ms)
                 .await?;
             if let Some(version) = written {
+                self.published(group.local_loans_through(&self.host_id));
                 self.remember(&group, version);
                 return Ok((decided, group, version));
             }
@@ -450,8 +465,12 @@ impl RightsManager {
         }
     }
 
-    /// The table for a reader: fresh, else the copy marked stale.
+    /// The table for a reader: fresh (with this host's loans published
+    /// first), else the copy marked stale.
     pub(crate) async fn document(&self) -> Result<ShareGroupDocument, AgentError> {
+        if let Err(error) = self.publish_local_loans().await {
+            tracing::debug!(%error, "could not publish this host's loans before a read");
+        }
         match self.fresh().await {
             Ok((group, version)) => Ok(ShareGroupDocument {
                 group,
@@ -489,38 +508,66 @@ impl RightsManager {
         self.apply_own(group, version);
     }
 
-    /// Switches this host's modules to what the table says (deactivating
-    /// first), unless a newer version was applied already.
-    pub(crate) fn apply_own(&self, group: &ShareGroup, version: u64) -> RightsSyncAnswer {
+    /// Switches this host's modules to what the table says, with this
+    /// host's loans not yet in it on top (deactivating first), unless a
+    /// newer version was applied already. While a loan waits for a
+    /// transfer out of the host to end, the version is not applied (so the
+    /// host does not confirm it: it aborts) and what is on stays on, less
+    /// what expired.
+    pub(crate) fn apply_own(&self, table: &ShareGroup, version: u64) -> RightsSyncAnswer {
+        let book = self.book();
+        let on_top = self.overlaid(table, &book.pending);
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
         if version >= applied.version {
-            // Never more than the rights held now: a temporary right past
-            // its expiry switches its module off before the table says so.
-            let now_ms = self.clock.now_ms();
-            let wanted: BTreeMap<u32, u32> = group
-                .hosts
-                .get(&self.host_id)
-                .map(|h| {
-                    h.partitions
-                        .iter()
-                        .map(|(i, p)| (*i, p.active.min(p.rights(now_ms))))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let changed: Vec<(u32, u32)> = wanted
-                .iter()
-                .filter(|(index, active)| applied.active.get(index) != Some(active))
-                .map(|(index, active)| (*index, *active))
-                .collect();
-            applied.active = wanted;
-            applied.version = version;
-            self.actuate(&changed);
+            if !on_top.lost.is_empty() {
+                tracing::warn!(loans = ?on_top.lost, "loans inside this host were lost: their rights left the host (seized or revoked); their modules go off");
+            }
+            match (on_top.waiting, applied.group.clone()) {
+                (true, Some(kept)) if applied.version > 0 => self.switch(&mut applied, kept),
+                _ => {
+                    self.switch(&mut applied, on_top.group);
+                    applied.version = version;
+                }
+            }
         }
+        drop(book);
         RightsSyncAnswer {
             host_id: self.host_id.clone(),
             version: applied.version,
             active: applied.active.clone(),
         }
+    }
+
+    /// Switches this host's modules to a loan's result (the table's
+    /// version it was decided on stays the one applied).
+    pub(crate) fn apply_effective(&self, effective: ShareGroup) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        self.switch(&mut applied, effective);
+    }
+
+    /// Switches the modules to `effective`'s rows for this host: never
+    /// more than the rights held now (a temporary right past its expiry
+    /// switches its module off before the table says so).
+    fn switch(&self, applied: &mut Applied, effective: ShareGroup) {
+        let now_ms = self.clock.now_ms();
+        let wanted: BTreeMap<u32, u32> = effective
+            .hosts
+            .get(&self.host_id)
+            .map(|h| {
+                h.partitions
+                    .iter()
+                    .map(|(i, p)| (*i, p.active.min(p.rights(now_ms))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let changed: Vec<(u32, u32)> = wanted
+            .iter()
+            .filter(|(index, active)| applied.active.get(index) != Some(active))
+            .map(|(index, active)| (*index, *active))
+            .collect();
+        applied.active = wanted;
+        applied.group = Some(effective);
+        self.actuate(&changed);
     }
 
     /// Gives the manager what switches modules on this host, and has it
@@ -553,6 +600,7 @@ pub(crate) mod admin;
 mod copy_file;
 pub(crate) mod flow;
 pub(crate) mod http;
+pub(crate) mod local_loans;
 #[cfg(test)]
 mod tests;
 pub mod workload;

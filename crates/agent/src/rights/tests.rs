@@ -25,6 +25,7 @@ fn config(
         store: Some(store),
         owned_rights: owned,
         copy_path: dir.join(format!("{host}-copy.json")),
+        loans_path: dir.join(format!("{host}-loans.sqlite")),
         standby: false,
         seize_after_ms: DEFAULT_SEIZE_AFTER_MS,
         auto_request: Some(workload::AutoRequest {
@@ -217,10 +218,61 @@ async fn a_request_the_host_can_meet_never_reaches_another_manager() {
         .await
         .unwrap();
     let answer = first.request(slot("h1", 1), 2, "token").await.unwrap();
-    assert_eq!(answer.committed.len(), 1);
+    // FIG. 4B: committed in the manager's own database, modules on, and
+    // the group's store not written yet.
+    assert_eq!(
+        (answer.lent_inside_host.len(), answer.committed.len()),
+        (1, 0)
+    );
+    assert_eq!(first.applied().active[&1], 2, "switched on at once");
+    let (group, _) = first.fresh().await.unwrap();
+    assert_eq!(
+        group.hosts["h1"].partitions[&1].active, 0,
+        "not published yet"
+    );
+    first.publish_local_loans().await.unwrap();
     let (group, _) = first.fresh().await.unwrap();
     assert_eq!(group.hosts["h1"].partitions[&1].active, 2);
+    assert_eq!(group.hosts["h1"].partitions[&0].permanent, 0);
     assert_eq!(group.hosts["h2"].partitions[&0].permanent, 4, "untouched");
+    assert!(first.pending_loans().is_empty());
+}
+
+#[tokio::test]
+async fn a_loan_inside_the_host_survives_a_crash_before_it_is_published_and_is_published_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(1_000);
+    let store = BrokerDatabase::Sqlite(dir.path().join("group.db"));
+    let first = join(&store, Some(4), dir.path(), "h1", 8, &clock).await;
+    first
+        .update(None, |g, _| g.add_partition("h1", 1))
+        .await
+        .unwrap();
+    let lent = first.request(slot("h1", 1), 3, "token").await.unwrap();
+    let back = first.release(slot("h1", 1), 1).await.unwrap();
+    assert_eq!(lent.lent_inside_host.len() + back.lent_inside_host.len(), 2);
+    // The manager dies before publishing; its successor (a restart or
+    // its stand-by) finds both loans in the host's database.
+    drop(first);
+    let again = join(&store, Some(4), dir.path(), "h1", 8, &clock).await;
+    assert_eq!(again.pending_loans().len(), 2);
+    assert_eq!(again.applied().active[&1], 2, "what was lent stays on");
+    again.publish_local_loans().await.unwrap();
+    let (table, _) = again.fresh().await.unwrap();
+    let rows = &table.hosts["h1"].partitions;
+    assert_eq!((rows[&0].permanent, rows[&1].permanent), (2, 2));
+    assert_eq!(rows[&1].active, 2);
+    assert_eq!(table.total_rights(clock.shared().now_ms()), 4);
+    // Publishing again (another restart) applies nothing twice.
+    drop(again);
+    let third = join(&store, Some(4), dir.path(), "h1", 8, &clock).await;
+    third.publish_local_loans().await.unwrap();
+    assert_eq!(
+        third.fresh().await.unwrap().0.hosts["h1"],
+        table.hosts["h1"]
+    );
+    third.tick(&[1].into()).await.unwrap();
+    assert!(third.pending_loans().is_empty(), "forgotten once published");
 }
 
 #[tokio::test]
@@ -267,6 +319,7 @@ async fn a_partition_busy_beyond_the_threshold_for_long_enough_gets_one_more_mod
         .is_empty());
     clock.advance_ms(60_000);
     assert_eq!(first.observe_workloads(&busy, "t").await.unwrap(), vec![0]);
+    first.publish_local_loans().await.unwrap();
     let (group, _) = first.fresh().await.unwrap();
     let owner = &group.hosts["h1"].partitions[&0];
     assert_eq!(

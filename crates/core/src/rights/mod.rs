@@ -14,6 +14,7 @@
 //!   flight activates a module nowhere and no core is active on two hosts.
 
 pub mod ledger;
+pub mod local;
 pub mod membership;
 pub mod orders;
 pub mod transfer;
@@ -118,6 +119,11 @@ pub struct HostRights {
     /// hold them; 0 (older tables): the sum of its partitions' modules.
     #[serde(default)]
     pub modules: u32,
+    /// The last of the host's loans inside the host (FIG. 4B) this table
+    /// holds: its manager commits them in its own database first and
+    /// publishes them here after, each once.
+    #[serde(default)]
+    pub local_loans_through: u64,
 }
 
 impl HostRights {

@@ -27,6 +27,7 @@ fn fig_3a() -> ShareGroup {
                 manager_url: format!("http://{host}"),
                 partitions,
                 modules: 0,
+                local_loans_through: 0,
             },
         );
     }
@@ -175,6 +176,7 @@ fn group_of(loads: &[[u32; 3]; 3]) -> ShareGroup {
                 manager_url: String::new(),
                 partitions,
                 modules: 0,
+                local_loans_through: 0,
             },
         );
     }
@@ -313,6 +315,7 @@ fn a_host_removed_with_hand_over_leaves_its_rights_behind() {
                 manager_url: String::new(),
                 partitions: [(1, partition(6, 0, 0))].into(),
                 modules: 0,
+                local_loans_through: 0,
             },
         )
         .unwrap();
@@ -333,6 +336,7 @@ fn a_loan_inside_a_host_whose_rights_fill_its_modules_needs_no_room_in_the_host(
             manager_url: String::new(),
             partitions: [(0, partition(2, 2, 0)), (1, partition(2, 0, 0))].into(),
             modules: 2,
+            local_loans_through: 0,
         },
     );
     let to = Slot::new("small", 1);
@@ -356,6 +360,7 @@ fn a_loan_inside_a_host_whose_rights_fill_its_modules_needs_no_room_in_the_host(
             manager_url: String::new(),
             partitions: [(0, partition(4, 4, 0))].into(),
             modules: 4,
+            local_loans_through: 0,
         },
     );
     assert!(matches!(
