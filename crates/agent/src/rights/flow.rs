@@ -130,6 +130,9 @@ impl RightsManager {
         match coordinator {
             Coordinator::Here { epoch } => self.coordinate(&to, modules, epoch).await,
             Coordinator::Primary { manager_url } => {
+                // The primary decides on the table: it must hold this
+                // host's loans first.
+                self.publish_local_loans().await?;
                 let body = leasehold_api::rights::RightsRequestBody {
                     host_id: to.host_id.clone(),
                     partition: to.partition,
@@ -287,6 +290,7 @@ impl RightsManager {
         let epoch = match self.coordinator_now(&group, self.clock.now_ms()).await? {
             Coordinator::Here { epoch } => epoch,
             Coordinator::Primary { manager_url } => {
+                self.publish_local_loans().await?;
                 let body = leasehold_api::rights::RightsTransferBody {
                     from_host: from.host_id.clone(),
                     from_partition: from.partition,

@@ -62,7 +62,8 @@ impl RightsManager {
             .into_iter()
             .map(|(from, count)| (from, to, count))
             .collect();
-        Some(self.commit_loans(&mut book, on_top.group, &loans, version))
+        let next = self.fit_loans(on_top.group, &loans).ok()?;
+        Some(self.commit_loans(&mut book, next, &loans, version))
     }
 
     /// This host's partition `from` gives `modules` rights back to the
@@ -83,19 +84,18 @@ impl RightsManager {
             return Some(Err(waiting()));
         }
         let loans = [(from, OWNER_SHARE, modules)];
-        Some(self.commit_loans(&mut book, on_top.group, &loans, version))
+        // Refused on the copy, which may be behind the store: the group's
+        // path decides again on the stored table.
+        let next = self.fit_loans(on_top.group, &loans).ok()?;
+        Some(self.commit_loans(&mut book, next, &loans, version))
     }
 
-    /// Checks the loans on `effective`, records them (the commit), then
-    /// switches this host's modules to the result. The book stays locked
-    /// throughout, so two loans never plan on the same rights.
-    fn commit_loans(
+    /// `effective` with the loans applied, if they fit.
+    fn fit_loans(
         &self,
-        book: &mut LoanBook,
         effective: ShareGroup,
         loans: &[LoanToRecord],
-        version: u64,
-    ) -> Result<RightsOrderAnswer, AgentError> {
+    ) -> Result<ShareGroup, leasehold_core::rights::RightsRefusal> {
         let now_ms = self.clock.now_ms();
         let mut next = effective;
         for (from, to, modules) in loans {
@@ -107,9 +107,22 @@ impl RightsManager {
                 modules: *modules,
                 at_ms: now_ms,
             };
-            next.apply_local_loan(&self.host_id, &unnumbered, now_ms)
-                .map_err(super::refusal)?;
+            next.apply_local_loan(&self.host_id, &unnumbered, now_ms)?;
         }
+        Ok(next)
+    }
+
+    /// Records the loans (the commit), then switches this host's modules
+    /// to `next`, their result. The book stays locked from the plan to
+    /// here, so two loans never plan on the same rights.
+    fn commit_loans(
+        &self,
+        book: &mut LoanBook,
+        next: ShareGroup,
+        loans: &[LoanToRecord],
+        version: u64,
+    ) -> Result<RightsOrderAnswer, AgentError> {
+        let now_ms = self.clock.now_ms();
         // Blocking for one small fsync'd commit (about a tenth of a
         // millisecond): cheaper than handing it to another thread.
         let recorded = book.db.record(loans, now_ms)?;
