@@ -355,6 +355,12 @@ pub async fn group(global: &Global, command: GroupCommand) -> Result<i32> {
 fn print_order(global: &Global, answer: RightsOrderAnswer) {
     if global.output == OutputFormat::Json {
         print_json(&answer);
+    } else if !answer.lent_inside_host.is_empty() {
+        // FIG. 4B: committed by the host's manager, published after.
+        println!(
+            "done inside the host: loans {:?} committed and the modules switched; the group's table (version {}) receives them within moments",
+            answer.lent_inside_host, answer.version
+        );
     } else {
         println!(
             "done at table version {}; transfers committed {:?}, aborted {:?}",

@@ -203,6 +203,103 @@ mod tests {
         assert_eq!(on_top.group.local_loans_through("h1"), 1);
     }
 
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// h1's manager lends inside h1, planned on its overlay.
+        Lend { to: u32, modules: u32 },
+        /// h1's manager publishes what it lent.
+        Publish,
+        /// Another coordinator begins a transfer out of h1 on the table.
+        BeginOut { from: u32, modules: u32 },
+        /// It ends the oldest pending transfer (commit or abort).
+        End { commit: bool },
+        /// h1 was silent too long: its rights are seized.
+        Seize,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u32..2, 1u32..4).prop_map(|(to, modules)| Step::Lend { to, modules }),
+            Just(Step::Publish),
+            (0u32..2, 1u32..3).prop_map(|(from, modules)| Step::BeginOut { from, modules }),
+            any::<bool>().prop_map(|commit| Step::End { commit }),
+            Just(Step::Seize),
+        ]
+    }
+
+    fn run(table: &mut ShareGroup, loans: &mut Vec<LocalLoan>, step: Step) {
+        let on_top = overlay(table, "h1", loans, 1);
+        match step {
+            Step::Lend { to, modules } if !on_top.waiting => {
+                if let Some(plan) =
+                    plan_inside_host(&on_top.group, &Slot::new("h1", to), modules, 1)
+                {
+                    for (from, count) in plan {
+                        let seq = loans.last().map_or(0, |l| l.seq) + 1;
+                        loans.push(loan(seq, from, to, count));
+                    }
+                }
+            }
+            Step::Lend { .. } => {}
+            Step::Publish => {
+                *table = on_top.group;
+                let through = table.local_loans_through("h1");
+                loans.retain(|l| l.seq > through);
+            }
+            Step::BeginOut { from, modules } => {
+                let _ =
+                    table.begin_transfer(&Slot::new("h1", from), &Slot::new("h2", 1), modules, 1);
+            }
+            Step::End { commit } => {
+                let oldest = table
+                    .transfers
+                    .values()
+                    .find(|t| t.in_flight() > 0)
+                    .map(|t| t.transfer_id);
+                if let Some(id) = oldest {
+                    let _ = if commit {
+                        table.commit_transfer(id, 1)
+                    } else {
+                        table.abort_transfer(id, 1)
+                    };
+                }
+            }
+            Step::Seize => {
+                let _ = table.seize("h1", 1);
+                table.deactivate_beyond_rights("h1", 1);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// Whatever interleaves loans, publications, transfers out of the
+        /// host and seizures: the host's view never holds more rights than
+        /// the table gives the host, nor more active modules than rights,
+        /// and the group's total is the table's.
+        #[test]
+        fn a_hosts_view_never_holds_more_than_the_table_gives_it(
+            steps in proptest::collection::vec(step(), 1..40),
+        ) {
+            let mut table = group();
+            let mut loans = Vec::new();
+            for step in steps {
+                run(&mut table, &mut loans, step);
+                let on_top = overlay(&table, "h1", &loans, 1);
+                let view = &on_top.group.hosts["h1"];
+                proptest::prop_assert!(view.rights(1) <= table.hosts["h1"].rights(1));
+                if !on_top.waiting {
+                    proptest::prop_assert_eq!(view.rights(1), table.hosts["h1"].rights(1));
+                }
+                for p in view.partitions.values() {
+                    proptest::prop_assert!(p.active <= p.rights(1), "{:?}", p);
+                }
+                proptest::prop_assert_eq!(on_top.group.total_rights(1), table.total_rights(1));
+            }
+        }
+    }
+
     #[test]
     fn a_request_the_host_can_meet_is_planned_inside_it_and_others_are_not() {
         let table = group();
