@@ -478,8 +478,10 @@ impl RightsManager {
                 stale: false,
             }),
             Err(AgentError::GroupUnreachable(why)) => match self.copy() {
+                // This host's rows as its manager holds them: with the
+                // loans the store has not received.
                 Some((group, version)) => Ok(ShareGroupDocument {
-                    group,
+                    group: self.overlaid(&group, &self.pending_loans()).group,
                     version,
                     stale: true,
                 }),

@@ -328,3 +328,55 @@ async fn a_partition_busy_beyond_the_threshold_for_long_enough_gets_one_more_mod
         "one module more, lent inside the host"
     );
 }
+
+#[tokio::test]
+async fn a_host_lends_inside_itself_while_the_groups_store_is_unreachable_and_publishes_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(1_000);
+    let store = BrokerDatabase::Sqlite(dir.path().join("group.db"));
+    let first = join(&store, Some(4), dir.path(), "h1", 8, &clock).await;
+    first
+        .update(None, |g, _| g.add_partition("h1", 1))
+        .await
+        .unwrap();
+    drop(first);
+    // The same host's manager, with its group's table behind a broker
+    // that does not answer: it starts from its copy (FIG. 4B's own rows).
+    let mut cut_off = config(store.clone(), Some(4), dir.path(), "h1");
+    cut_off.store = None;
+    let nowhere = leasehold_api::Client::new("http://127.0.0.1:9", None);
+    let manager = RightsManager::join(
+        cut_off,
+        "h1",
+        &capacity(8),
+        "http://h1",
+        &nowhere,
+        clock.shared(),
+        nowhere.clone(),
+    )
+    .await
+    .unwrap();
+    let answer = manager.request(slot("h1", 1), 3, "token").await.unwrap();
+    assert_eq!(answer.lent_inside_host.len(), 1);
+    assert_eq!(manager.applied().active[&1], 3, "on without the store");
+    assert!(
+        manager.publish_local_loans().await.is_err(),
+        "the store is away"
+    );
+    // More than the host holds is not lent from the copy.
+    assert!(manager.request(slot("h1", 1), 2, "token").await.is_err());
+    let document = manager.document().await.unwrap();
+    assert!(document.stale);
+    assert_eq!(document.group.hosts["h1"].partitions[&1].permanent, 3);
+    drop(manager);
+    // Back with the store: the loan reaches the table once.
+    let back = join(&store, Some(4), dir.path(), "h1", 8, &clock).await;
+    back.publish_local_loans().await.unwrap();
+    let (table, _) = back.fresh().await.unwrap();
+    let rows = &table.hosts["h1"].partitions;
+    assert_eq!(
+        (rows[&0].permanent, rows[&1].permanent, rows[&1].active),
+        (1, 3, 3)
+    );
+    assert_eq!(table.total_rights(clock.shared().now_ms()), 4);
+}
