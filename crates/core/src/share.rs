@@ -179,7 +179,7 @@ pub fn share_quotes(
     limit: usize,
 ) -> Vec<ShareQuote> {
     let mut quotes: Vec<ShareQuote> = Vec::new();
-    for host in table.hosts() {
+    for host in table.hosts_with_shares() {
         let Some(share) = &host.row.share else {
             continue;
         };
@@ -217,7 +217,7 @@ pub fn carve_best(
 ) -> Result<Carved, Vec<ShareMiss>> {
     let mut best: Option<Carved> = None;
     let mut misses = Vec::new();
-    for host in table.hosts() {
+    for host in table.hosts_with_shares() {
         let Some(share) = &host.row.share else {
             continue;
         };

@@ -177,6 +177,9 @@ pub struct ResourceTable {
     pub principals_by_token_sha256: HashMap<String, Principal>,
     pub principal_names: HashMap<String, Role>,
     pub hosts: HashMap<String, HostEntry>,
+    /// The hosts that lend a share to carve (seed 000, FIG. 12-15): a find
+    /// or a lease by requirements looks at these, not at every host.
+    pub hosts_with_shares: BTreeSet<String>,
     pub partitions: BTreeMap<PartitionRef, PartitionEntry>,
     pub free: FreeIndex,
     pub active_leases: HashMap<LeaseId, Lease>,
@@ -216,6 +219,11 @@ impl ResourceTable {
                 );
             }
             Change::PutHost { host, .. } => {
+                if host.share.is_some() {
+                    self.hosts_with_shares.insert(host.host_id.clone());
+                } else {
+                    self.hosts_with_shares.remove(&host.host_id);
+                }
                 self.hosts
                     .entry(host.host_id.clone())
                     .and_modify(|entry| entry.row = host.clone())
@@ -538,6 +546,22 @@ impl<'a> TableView<'a> {
 
     /// Every host: the batch's copies, then the committed ones it did not
     /// touch.
+    /// The hosts lending a share now: the committed ones (less those the
+    /// batch took theirs from) and those the batch gave one.
+    pub fn hosts_with_shares(&self) -> impl Iterator<Item = &'a HostEntry> + 'a {
+        let (overlay, base) = (self.overlay, self.base);
+        let committed = base
+            .hosts_with_shares
+            .iter()
+            .filter(move |host_id| !overlay.hosts.contains_key(*host_id))
+            .filter_map(move |host_id| base.hosts.get(host_id));
+        overlay
+            .hosts
+            .values()
+            .filter(|entry| entry.row.share.is_some())
+            .chain(committed)
+    }
+
     pub fn hosts(&self) -> impl Iterator<Item = &'a HostEntry> + 'a {
         let overlay = self.overlay;
         overlay.hosts.values().chain(

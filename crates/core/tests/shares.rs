@@ -240,4 +240,25 @@ fn a_share_cannot_shrink_below_or_move_away_from_its_partitions_in_use() {
         release(&mut table, lease.lease_id);
     }
     commit(&mut table, register(1, Some(share(5000)))).unwrap();
+    // Finds look only at hosts lending a share: the index follows.
+    assert!(table.hosts_with_shares.contains("h"));
+    commit(&mut table, register(4, None)).unwrap();
+    assert!(table.hosts_with_shares.is_empty());
+    let nothing = Overlay::default();
+    let view = TableView::new(&table, &nothing);
+    assert!(leasehold_core::share::share_quotes(view, &sized(1, 1024, 1), 10).is_empty());
+    // A batch that gives the host a share shows it before it commits.
+    let mut batch = Overlay::default();
+    batch.apply(
+        &table,
+        &leasehold_core::table::Change::PutHost {
+            host: leasehold_core::table::HostRow {
+                share: Some(share(1000)),
+                ..table.hosts["h"].row.clone()
+            },
+            at_ms: 1,
+        },
+    );
+    let view = TableView::new(&table, &batch);
+    assert_eq!(view.hosts_with_shares().count(), 1);
 }
