@@ -50,8 +50,11 @@ impl RightsManager {
         to: u32,
         modules: u32,
     ) -> Option<Result<RightsOrderAnswer, AgentError>> {
-        let (table, version) = self.copy()?;
+        // The copy is read under the book's lock: a newer table applied
+        // meanwhile (which may have switched modules off for a transfer
+        // out) is never overwritten by a loan planned on an older one.
         let mut book = self.book();
+        let (table, version) = self.copy()?;
         let on_top = self.overlaid(&table, &book.pending);
         if on_top.waiting {
             return Some(Err(waiting()));
@@ -77,8 +80,11 @@ impl RightsManager {
         if from == OWNER_SHARE {
             return None;
         }
-        let (table, version) = self.copy()?;
+        // The copy is read under the book's lock: a newer table applied
+        // meanwhile (which may have switched modules off for a transfer
+        // out) is never overwritten by a loan planned on an older one.
         let mut book = self.book();
+        let (table, version) = self.copy()?;
         let on_top = self.overlaid(&table, &book.pending);
         if on_top.waiting {
             return Some(Err(waiting()));
