@@ -218,6 +218,30 @@ async fn a_partition_borrows_rights_from_another_host_and_none_is_created_or_los
         &["rights", "show", "--agent", &first],
     );
     assert_ne!(anonymous.code, 0);
+    // A right given back inside the host commits in server-1's own
+    // database (FIG. 4B): the answer names the loan, the next reader sees
+    // it in the table, and the host's total does not move.
+    let idle_partition = idle_index.to_string();
+    let given_back = run(
+        &lender,
+        &[
+            "rights",
+            "release",
+            "--host",
+            "server-1",
+            "--partition",
+            &idle_partition,
+            "--modules",
+            "1",
+        ],
+    );
+    assert_eq!(given_back.code, 0, "{}", given_back.stderr);
+    let loans = given_back.json()["lent_inside_host"].clone();
+    assert_eq!(loans.as_array().map(Vec::len), Some(1), "{loans}");
+    let shown = run(&lender, &["rights", "show"]).json();
+    assert_eq!(row(&shown, "server-1", idle_index)["modules_active"], 0);
+    assert_eq!(owned(&shown, "server-1"), 3, "the host's total is the same");
+    assert_eq!(owned(&shown, "server-n"), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
