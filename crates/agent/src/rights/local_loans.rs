@@ -183,6 +183,9 @@ fn waiting() -> AgentError {
     )
 }
 
+/// How long the publisher gathers loans before writing them.
+pub const PUBLISH_GATHER_MS: u64 = 2;
+
 /// Publishes this host's loans as soon as they are made, many in one
 /// write when they come faster than the store takes them (the tick
 /// publishes what this could not).
@@ -192,6 +195,10 @@ pub(crate) async fn publish_loop(agent: std::sync::Arc<crate::Agent>) {
     };
     loop {
         rights.publish_wanted.notified().await;
+        // Loans that come close together go in one write: the store's
+        // work (and the CPU it takes from the loans) shrinks, and the
+        // table lags by this much more.
+        tokio::time::sleep(std::time::Duration::from_millis(PUBLISH_GATHER_MS)).await;
         if let Err(error) = rights.publish_local_loans().await {
             tracing::debug!(%error, "could not publish this host's loans yet; the tick tries again");
         }
