@@ -60,6 +60,9 @@ fn start_agent(
     token: &str,
 ) -> Result<Service> {
     let data = dir.join(host).display().to_string();
+    // A group of this run's own, so a database kept from an earlier run
+    // (a PostgreSQL one) does not hold it already.
+    let group_name = format!("bench-{}", std::process::id());
     let mut args = vec![
         "agent",
         "--listen",
@@ -81,7 +84,7 @@ fn start_agent(
         "--output",
         "json",
         "--group",
-        "bench",
+        &group_name,
     ];
     if let Some(store) = store {
         args.extend(["--group-store", store]);
