@@ -75,7 +75,7 @@ impl RightsLoanDb {
     pub fn forget_through(&mut self, seq: u64) -> StoreResult<usize> {
         Ok(self.conn.execute(
             "DELETE FROM local_loans WHERE seq <= ?1",
-            params![seq as i64],
+            params![seq.min(i64::MAX as u64) as i64],
         )?)
     }
 }

@@ -162,11 +162,13 @@ impl RightsManager {
 
     /// Deletes the published loans from the database (each tick).
     pub(crate) fn forget_published_loans(&self, table: &ShareGroup) {
-        let through = table.local_loans_through(&self.host_id);
+        let through = loans_held_through(table, &self.host_id);
         if through == 0 {
             return;
         }
-        if let Err(error) = self.book().db.forget_through(through) {
+        let mut book = self.book();
+        book.pending.retain(|loan| loan.seq > through);
+        if let Err(error) = book.db.forget_through(through) {
             tracing::warn!(%error, "could not forget published loans; they are skipped by number");
         }
     }
@@ -175,6 +177,16 @@ impl RightsManager {
     pub(crate) fn pending_loans(&self) -> Vec<LocalLoan> {
         self.book().pending.clone()
     }
+}
+
+/// The last of `host_id`'s loans `table` holds; every one when the table
+/// no longer lists the host (it left the group: its loans were about rows
+/// that are gone, and must not land on the rows of a later return).
+pub(crate) fn loans_held_through(table: &ShareGroup, host_id: &str) -> u64 {
+    table
+        .hosts
+        .get(host_id)
+        .map_or(u64::MAX, |host| host.local_loans_through)
 }
 
 fn waiting() -> AgentError {

@@ -344,6 +344,11 @@ impl RightsManager {
         self.hold_host().await?;
         for _ in 0..MAX_SWAP_TRIES {
             let current = self.store.read(&self.config.group).await?;
+            if let Some((table, _)) = &current {
+                // Not listed (removed while this manager was away): the
+                // loans of its earlier membership are forgotten.
+                self.forget_published_loans(table);
+            }
             let version = current.as_ref().map_or(0, |(_, v)| *v);
             let before = current.as_ref().map(|(g, _)| g.clone());
             let mut group = with_host(
@@ -443,7 +448,7 @@ impl RightsManager {
                 .write(Some(&before), &group, version, as_token, now_ms)
                 .await?;
             if let Some(version) = written {
-                self.published(group.local_loans_through(&self.host_id));
+                self.published(local_loans::loans_held_through(&group, &self.host_id));
                 self.remember(&group, version);
                 return Ok((decided, group, version));
             }

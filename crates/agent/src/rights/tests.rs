@@ -380,3 +380,31 @@ async fn a_host_lends_inside_itself_while_the_groups_store_is_unreachable_and_pu
     );
     assert_eq!(table.total_rights(clock.shared().now_ms()), 4);
 }
+
+#[tokio::test]
+async fn a_host_removed_before_publishing_forgets_its_loans_and_returns_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = SimulatedClock::starting_at(1_000);
+    let (first, second) = pair(dir.path(), &clock, 4).await;
+    first
+        .update(None, |g, _| g.add_partition("h1", 1))
+        .await
+        .unwrap();
+    let lent = first.request(slot("h1", 1), 2, "token").await.unwrap();
+    assert_eq!(lent.lent_inside_host.len(), 1);
+    drop(first);
+    // An admin takes h1 out of the group before its loan was published.
+    second.remove_host("h1", false).await.unwrap();
+    // h1's manager comes back: it joins afresh, without the old loan.
+    let store = BrokerDatabase::Sqlite(dir.path().join("group.db"));
+    let again = join(&store, Some(2), dir.path(), "h1", 8, &clock).await;
+    assert!(again.pending_loans().is_empty());
+    again
+        .update(None, |g, _| g.add_partition("h1", 1))
+        .await
+        .unwrap();
+    let (table, _) = again.fresh().await.unwrap();
+    let rows = &table.hosts["h1"].partitions;
+    assert_eq!((rows[&0].permanent, rows[&1].permanent), (2, 0));
+    assert_eq!(again.applied().active.get(&1).copied().unwrap_or(0), 0);
+}
