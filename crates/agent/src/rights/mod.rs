@@ -529,9 +529,14 @@ impl RightsManager {
             if !on_top.lost.is_empty() {
                 tracing::warn!(loans = ?on_top.lost, "loans inside this host were lost: their rights left the host (seized or revoked); their modules go off");
             }
-            match (on_top.waiting, applied.group.clone()) {
-                (true, Some(kept)) if applied.version > 0 => self.switch(&mut applied, kept),
-                _ => {
+            // Only a waiting loan keeps the applied table (a copy then).
+            let kept = match on_top.waiting && applied.version > 0 {
+                true => applied.group.clone(),
+                false => None,
+            };
+            match kept {
+                Some(kept) => self.switch(&mut applied, kept),
+                None => {
                     self.switch(&mut applied, on_top.group);
                     applied.version = version;
                 }
