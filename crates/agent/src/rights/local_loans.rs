@@ -50,23 +50,15 @@ impl RightsManager {
         to: u32,
         modules: u32,
     ) -> Option<Result<RightsOrderAnswer, AgentError>> {
-        // The copy is read under the book's lock: a newer table applied
-        // meanwhile (which may have switched modules off for a transfer
-        // out) is never overwritten by a loan planned on an older one.
-        let mut book = self.book();
-        let (table, version) = self.copy()?;
-        let on_top = self.overlaid(&table, &book.pending);
-        if on_top.waiting {
-            return Some(Err(waiting()));
-        }
         let slot = Slot::new(self.host_id.clone(), to);
-        let plan = local::plan_inside_host(&on_top.group, &slot, modules, self.clock.now_ms())?;
-        let loans: Vec<LoanToRecord> = plan
-            .into_iter()
-            .map(|(from, count)| (from, to, count))
-            .collect();
-        let next = self.fit_loans(on_top.group, &loans).ok()?;
-        Some(self.commit_loans(&mut book, next, &loans, version))
+        self.loan_inside_host(|effective, now_ms| {
+            let plan = local::plan_inside_host(effective, &slot, modules, now_ms)?;
+            Some(
+                plan.into_iter()
+                    .map(|(from, count)| (from, to, count))
+                    .collect(),
+            )
+        })
     }
 
     /// This host's partition `from` gives `modules` rights back to the
@@ -80,6 +72,18 @@ impl RightsManager {
         if from == OWNER_SHARE {
             return None;
         }
+        self.loan_inside_host(|_, _| Some(vec![(from, OWNER_SHARE, modules)]))
+    }
+
+    /// The loans `plan` makes on this host's view (the copy with the loans
+    /// not yet published on top), committed here if they fit; `None` when
+    /// there is no copy, no plan, or they do not fit the copy, which may
+    /// be behind the store: the group's path decides again on the stored
+    /// table.
+    fn loan_inside_host(
+        &self,
+        plan: impl FnOnce(&ShareGroup, u64) -> Option<Vec<LoanToRecord>>,
+    ) -> Option<Result<RightsOrderAnswer, AgentError>> {
         // The copy is read under the book's lock: a newer table applied
         // meanwhile (which may have switched modules off for a transfer
         // out) is never overwritten by a loan planned on an older one.
@@ -89,9 +93,7 @@ impl RightsManager {
         if on_top.waiting {
             return Some(Err(waiting()));
         }
-        let loans = [(from, OWNER_SHARE, modules)];
-        // Refused on the copy, which may be behind the store: the group's
-        // path decides again on the stored table.
+        let loans = plan(&on_top.group, self.clock.now_ms())?;
         let next = self.fit_loans(on_top.group, &loans).ok()?;
         Some(self.commit_loans(&mut book, next, &loans, version))
     }
