@@ -114,6 +114,25 @@ async fn pair(
     (first, second)
 }
 
+async fn add_partition(manager: &RightsManager, host: &str, index: u32) {
+    manager
+        .update(None, |g, _| g.add_partition(host, index))
+        .await
+        .unwrap();
+}
+
+/// `h1` alone in its group on an SQLite store: 8 modules, 4 rights in its
+/// owner share, and partition 1 without any.
+async fn lone_host_with_a_partition(
+    dir: &std::path::Path,
+    clock: &SimulatedClock,
+) -> (BrokerDatabase, RightsManager) {
+    let store = BrokerDatabase::Sqlite(dir.join("group.db"));
+    let manager = join(&store, Some(4), dir, "h1", 8, clock).await;
+    add_partition(&manager, "h1", 1).await;
+    (store, manager)
+}
+
 fn nothing() -> std::collections::BTreeSet<u32> {
     std::collections::BTreeSet::new()
 }
@@ -213,10 +232,7 @@ async fn a_request_the_host_can_meet_never_reaches_another_manager() {
     // h2's manager is at an address nothing answers on: a request that
     // needed it would fail.
     let (first, _second) = pair(dir.path(), &clock, 4).await;
-    first
-        .update(None, |g, _| g.add_partition("h1", 1))
-        .await
-        .unwrap();
+    add_partition(&first, "h1", 1).await;
     let answer = first.request(slot("h1", 1), 2, "token").await.unwrap();
     // FIG. 4B: committed in the manager's own database, modules on, and
     // the group's store not written yet.
@@ -242,12 +258,7 @@ async fn a_request_the_host_can_meet_never_reaches_another_manager() {
 async fn a_loan_inside_the_host_survives_a_crash_before_it_is_published_and_is_published_once() {
     let dir = tempfile::tempdir().unwrap();
     let clock = SimulatedClock::starting_at(1_000);
-    let store = BrokerDatabase::Sqlite(dir.path().join("group.db"));
-    let first = join(&store, Some(4), dir.path(), "h1", 8, &clock).await;
-    first
-        .update(None, |g, _| g.add_partition("h1", 1))
-        .await
-        .unwrap();
+    let (store, first) = lone_host_with_a_partition(dir.path(), &clock).await;
     let lent = first.request(slot("h1", 1), 3, "token").await.unwrap();
     let back = first.release(slot("h1", 1), 1).await.unwrap();
     assert_eq!(lent.lent_inside_host.len() + back.lent_inside_host.len(), 2);
@@ -333,12 +344,7 @@ async fn a_partition_busy_beyond_the_threshold_for_long_enough_gets_one_more_mod
 async fn a_host_lends_inside_itself_while_the_groups_store_is_unreachable_and_publishes_later() {
     let dir = tempfile::tempdir().unwrap();
     let clock = SimulatedClock::starting_at(1_000);
-    let store = BrokerDatabase::Sqlite(dir.path().join("group.db"));
-    let first = join(&store, Some(4), dir.path(), "h1", 8, &clock).await;
-    first
-        .update(None, |g, _| g.add_partition("h1", 1))
-        .await
-        .unwrap();
+    let (store, first) = lone_host_with_a_partition(dir.path(), &clock).await;
     drop(first);
     // The same host's manager, with its group's table behind a broker
     // that does not answer: it starts from its copy (FIG. 4B's own rows).
@@ -386,10 +392,7 @@ async fn a_host_removed_before_publishing_forgets_its_loans_and_returns_without_
     let dir = tempfile::tempdir().unwrap();
     let clock = SimulatedClock::starting_at(1_000);
     let (first, second) = pair(dir.path(), &clock, 4).await;
-    first
-        .update(None, |g, _| g.add_partition("h1", 1))
-        .await
-        .unwrap();
+    add_partition(&first, "h1", 1).await;
     let lent = first.request(slot("h1", 1), 2, "token").await.unwrap();
     assert_eq!(lent.lent_inside_host.len(), 1);
     drop(first);
@@ -399,10 +402,7 @@ async fn a_host_removed_before_publishing_forgets_its_loans_and_returns_without_
     let store = BrokerDatabase::Sqlite(dir.path().join("group.db"));
     let again = join(&store, Some(2), dir.path(), "h1", 8, &clock).await;
     assert!(again.pending_loans().is_empty());
-    again
-        .update(None, |g, _| g.add_partition("h1", 1))
-        .await
-        .unwrap();
+    add_partition(&again, "h1", 1).await;
     let (table, _) = again.fresh().await.unwrap();
     let rows = &table.hosts["h1"].partitions;
     assert_eq!((rows[&0].permanent, rows[&1].permanent), (2, 0));
