@@ -818,7 +818,12 @@ async fn release(
         lease_id,
         commission_basis_points: app.config.commission_basis_points,
     };
-    let committed = app.writer.submit(command).await.map_err(err)?;
+    let presigned = presign_release_notice(&app, &principal, lease_id);
+    let committed = app
+        .writer
+        .submit_with_notice(command, presigned)
+        .await
+        .map_err(err)?;
     let (lease, bill, already_released) = match committed.outcome {
         Outcome::Released { lease, bill, .. } => (lease, bill, false),
         Outcome::AlreadyReleased { lease, bill } => (lease, bill, true),
@@ -838,6 +843,27 @@ async fn release(
         already_released,
         agent_notified,
     }))
+}
+
+/// Signs the release notice of `lease_id` here, on one of the HTTP workers,
+/// when the committed table shows it active and `principal` may release it;
+/// the writer only checks that it still matches. Nothing else is signed, so
+/// a caller cannot have the broker sign for leases it does not hold.
+fn presign_release_notice(
+    app: &AppState,
+    principal: &Principal,
+    lease_id: leasehold_core::LeaseId,
+) -> Option<crate::outbox::PresignedNotice> {
+    let lease = {
+        let table = app.state.read().unwrap_or_else(|p| p.into_inner());
+        let lease = table.active_leases.get(&lease_id)?;
+        leasehold_core::command::check_releaser(principal, lease).ok()?;
+        lease.clone()
+    };
+    Some(
+        app.notice_signer
+            .presign(&lease, leasehold_core::key::NoticeKind::LeaseReleased),
+    )
 }
 
 fn accounts_of(principal: &Principal) -> Vec<String> {

@@ -86,6 +86,9 @@ pub(crate) struct AppState {
     /// The current signing key, kept in its own 0600 file (`signing_keys`).
     pub signing_key: SigningKey,
     pub signing_key_id: String,
+    /// Signs notices to agents with that key; release handlers sign their
+    /// notice before the writer decides (`outbox::NoticeSigner::presign`).
+    pub notice_signer: Arc<outbox::NoticeSigner>,
     /// Every key whose lease keys may still be valid, for agents.
     pub published_keys: Vec<leasehold_api::BrokerPublicKey>,
     pub config: BrokerConfig,
@@ -356,7 +359,7 @@ fn start_active(
     let writer = start_writer_and_outbox(
         db,
         state.clone(),
-        signer,
+        signer.clone(),
         &config,
         metrics.clone(),
         leadership.clone(),
@@ -372,6 +375,7 @@ fn start_active(
         reader: Mutex::new(reader),
         signing_key: keys.current().clone(),
         signing_key_id: keys.current_id().to_string(),
+        notice_signer: signer,
         published_keys: keys.published().to_vec(),
         config,
         metrics,
@@ -435,11 +439,14 @@ fn effect_handler(
     Arc::new(move |effect| match effect {
         Effect::NotifyAgent {
             agent_url,
-            notice,
-            lease_id,
+            lease,
+            signer,
         } => {
             let client = notifier.with_base_url(&agent_url);
-            tokio::spawn(async move { deliver_notice(client, notice, lease_id).await });
+            tokio::spawn(async move {
+                let notice = signer.sign(&lease, leasehold_core::key::NoticeKind::LeaseStarted);
+                deliver_notice(client, notice, lease.lease_id).await
+            });
         }
         Effect::DeliverReleaseNotice(pending) => {
             // Only fails when the deliverer is gone (shutting down); the row

@@ -10,10 +10,9 @@
 
 use crate::error::BrokerError;
 use crate::metrics::BrokerMetrics;
-use crate::outbox::NoticeSigner;
+use crate::outbox::{NoticeSigner, PresignedNotice, ReleaseToNotify};
 use crate::state::{table_from_snapshot, BrokerState};
 use leasehold_core::command::{check_releaser, decide, BrokerCommand, Outcome, Refusal};
-use leasehold_core::key::NoticeKind;
 use leasehold_core::lease::{Bill, Lease};
 use leasehold_core::ledger::BROKER_COMMISSION_ACCOUNT;
 use leasehold_core::table::{Change, Overlay, Principal, TableView};
@@ -37,10 +36,11 @@ const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 10 * 60 * 1000;
 #[derive(Debug)]
 pub enum Effect {
     /// Tell an agent about a new lease on one of its partitions, best-effort.
+    /// The notice is signed where it is sent, not on the writer's thread.
     NotifyAgent {
         agent_url: String,
-        notice: String,
-        lease_id: LeaseId,
+        lease: Box<Lease>,
+        signer: Arc<NoticeSigner>,
     },
     /// Deliver a release notice whose outbox row is in the committed batch.
     DeliverReleaseNotice(Box<crate::outbox::PendingNotice>),
@@ -60,6 +60,9 @@ type Reply = oneshot::Sender<Result<Committed, BrokerError>>;
 struct Request {
     command: BrokerCommand,
     reply: Option<Reply>,
+    /// A release's notice, signed by its HTTP handler (see
+    /// [`NoticeSigner::presign`]).
+    presigned_notice: Option<PresignedNotice>,
 }
 
 #[derive(Clone)]
@@ -88,6 +91,13 @@ pub(crate) struct WriterParts {
     pub on_effect: Arc<dyn Fn(Effect) + Send + Sync>,
     pub metrics: Arc<BrokerMetrics>,
     pub leadership: Arc<crate::leadership::Leadership>,
+}
+
+/// One command to decide, with what came along with it.
+struct Decided<'a> {
+    command: &'a BrokerCommand,
+    presigned_notice: Option<PresignedNotice>,
+    now_ms: u64,
 }
 
 /// One batch being decided: the changes not committed yet and what each
@@ -142,11 +152,22 @@ impl Writer {
     /// Has the writer decide `command` and answers once its batch is
     /// committed and visible to readers.
     pub async fn submit(&self, command: BrokerCommand) -> Result<Committed, BrokerError> {
+        self.submit_with_notice(command, None).await
+    }
+
+    /// Like [`Writer::submit`], for a release whose notice the caller has
+    /// signed already; the writer uses it if it still matches the lease.
+    pub async fn submit_with_notice(
+        &self,
+        command: BrokerCommand,
+        presigned_notice: Option<PresignedNotice>,
+    ) -> Result<Committed, BrokerError> {
         let (reply, answer) = oneshot::channel();
         self.sender
             .send(Request {
                 command,
                 reply: Some(reply),
+                presigned_notice,
             })
             .await
             .map_err(|_| BrokerError::Unavailable)?;
@@ -164,7 +185,12 @@ impl WriterThread {
             let state = self.state.clone();
             let table = state.read().unwrap_or_else(|p| p.into_inner());
             for request in requests {
-                let answer = self.decide_one(&table, &mut batch, &request.command, now_ms);
+                let decided = Decided {
+                    command: &request.command,
+                    presigned_notice: request.presigned_notice,
+                    now_ms,
+                };
+                let answer = self.decide_one(&table, &mut batch, decided);
                 batch.answers.push((request.reply, answer));
             }
         }
@@ -234,9 +260,13 @@ impl WriterThread {
         &mut self,
         table: &BrokerState,
         batch: &mut Batch,
-        command: &BrokerCommand,
-        now_ms: u64,
+        decided: Decided<'_>,
     ) -> Result<Committed, BrokerError> {
+        let Decided {
+            command,
+            presigned_notice,
+            now_ms,
+        } = decided;
         let decision = match decide(TableView::new(table, &batch.overlay), command, now_ms) {
             Ok(decision) => decision,
             Err(Refusal::LeaseNotActive { lease_id }) => {
@@ -262,7 +292,7 @@ impl WriterThread {
             BrokerWrite::extend_from_change(&mut batch.writes, change);
         }
         batch.changes.extend(decision.changes);
-        let first_delivery = self.queue_notices(&outcome, batch, now_ms);
+        let first_delivery = self.queue_notices(&outcome, batch, now_ms, presigned_notice);
         Ok(Committed {
             outcome,
             first_delivery,
@@ -277,6 +307,7 @@ impl WriterThread {
         outcome: &Outcome,
         batch: &mut Batch,
         now_ms: u64,
+        presigned: Option<PresignedNotice>,
     ) -> Option<oneshot::Receiver<bool>> {
         match outcome {
             Outcome::Leased {
@@ -285,8 +316,8 @@ impl WriterThread {
             } => {
                 batch.effects.push(Effect::NotifyAgent {
                     agent_url: agent_url.clone(),
-                    notice: self.signer.sign(lease, NoticeKind::LeaseStarted),
-                    lease_id: lease.lease_id,
+                    lease: Box::new(lease.clone()),
+                    signer: self.signer.clone(),
                 });
                 None
             }
@@ -294,8 +325,11 @@ impl WriterThread {
                 lease, agent_url, ..
             } => crate::outbox::queue_release_notice(
                 &self.signer,
-                lease,
-                agent_url.is_some(),
+                ReleaseToNotify {
+                    lease,
+                    has_agent_url: agent_url.is_some(),
+                    presigned,
+                },
                 now_ms,
                 &mut batch.writes,
                 &mut batch.effects,
