@@ -33,6 +33,9 @@ fn every_invariant_holds_for_the_ci_seeds() {
     assert!(total.restarts > 0, "{total:?}");
     assert!(total.unknown_outcomes > 0, "{total:?}");
     assert!(total.leases > 50 && total.releases > 50, "{total:?}");
+    // Agents pulled, took live keys and refused released ones.
+    assert!(total.agent_pulls > 50, "{total:?}");
+    assert!(total.keys_taken > 20 && total.keys_refused > 5, "{total:?}");
     assert_eq!(total.invariant_checks, CI_SEEDS * (CI_STEPS + 1));
 }
 
@@ -79,6 +82,14 @@ fn a_dropped_release_write_is_caught() {
     assert_caught_reproducibly(
         PlantedBug::DropLeaseReleaseWrite,
         "is active but its partition",
+    );
+}
+
+#[test]
+fn a_release_notice_that_does_not_verify_is_caught_by_the_agents() {
+    assert_caught_reproducibly(
+        PlantedBug::GarbleReleaseNotice,
+        "does not verify against the broker's keys",
     );
 }
 

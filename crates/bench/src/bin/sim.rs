@@ -58,6 +58,8 @@ enum BugArg {
     DropTransfer,
     /// Every batch loses the write that marks a lease released.
     DropRelease,
+    /// Every release notice is stored with a broken signature.
+    GarbleNotice,
 }
 
 impl BugArg {
@@ -65,6 +67,7 @@ impl BugArg {
         match self {
             BugArg::DropTransfer => PlantedBug::DropOneTransferWrite,
             BugArg::DropRelease => PlantedBug::DropLeaseReleaseWrite,
+            BugArg::GarbleNotice => PlantedBug::GarbleReleaseNotice,
         }
     }
 }

@@ -282,6 +282,11 @@ impl SimBroker {
         Ok(self.admin.host_revocations(host_id, after_seq).await?)
     }
 
+    /// The keys the broker publishes for agents to verify with.
+    pub async fn broker_keys(&self) -> Answer<Vec<leasehold_api::BrokerPublicKey>> {
+        Ok(self.admin.broker_info().await?.keys)
+    }
+
     /// Every host, as the admin sees them.
     pub async fn all_hosts(&self) -> Answer<Vec<HostView>> {
         Ok(self.admin.list_hosts().await?)

@@ -165,6 +165,7 @@ impl Sim {
             epoch: view.epoch,
             started_at_ms,
             released: None,
+            lease_key: view.lease_key.clone().unwrap_or_default(),
         });
         self.counters.leases += 1;
         Ok(())

@@ -24,6 +24,10 @@ pub enum PlantedBug {
     DropOneTransferWrite,
     /// Every batch loses the write that marks a lease released.
     DropLeaseReleaseWrite,
+    /// Every release notice is stored with a broken signature: the list
+    /// still names the right leases, so only an agent that verifies what
+    /// it pulls can tell.
+    GarbleReleaseNotice,
 }
 
 impl PlantedBug {
@@ -32,6 +36,7 @@ impl PlantedBug {
         match self {
             PlantedBug::DropOneTransferWrite => "drop-transfer",
             PlantedBug::DropLeaseReleaseWrite => "drop-release",
+            PlantedBug::GarbleReleaseNotice => "garble-notice",
         }
     }
 }
@@ -104,8 +109,12 @@ fn injected(what: &str) -> StoreError {
     StoreError::DatabaseThread(format!("simulated: {what}"))
 }
 
-/// `writes` without the one write `bug` drops, if the batch has it.
+/// `writes` without the one write `bug` drops, if the batch has it, or
+/// with the notices it garbles.
 fn with_planted_bug(writes: &[BrokerWrite], bug: PlantedBug) -> Vec<BrokerWrite> {
+    if bug == PlantedBug::GarbleReleaseNotice {
+        return writes.iter().cloned().map(garbled).collect();
+    }
     let victim = writes.iter().position(|write| match (bug, write) {
         (PlantedBug::DropOneTransferWrite, BrokerWrite::InsertTransfer(_)) => true,
         (PlantedBug::DropLeaseReleaseWrite, BrokerWrite::UpdateLease(lease)) => {
@@ -118,6 +127,23 @@ fn with_planted_bug(writes: &[BrokerWrite], bug: PlantedBug) -> Vec<BrokerWrite>
         kept.remove(position);
     }
     kept
+}
+
+/// A revocation row whose notice has the first character of its signature
+/// changed (a whole base64 digit, so it still decodes and fails only as a
+/// signature, whatever key the broker drew).
+fn garbled(write: BrokerWrite) -> BrokerWrite {
+    match write {
+        BrokerWrite::InsertRevocation(mut row) => {
+            if let Some(dot) = row.notice.rfind('.') {
+                let first = row.notice[dot + 1..].chars().next();
+                let other = if first == Some('A') { "B" } else { "A" };
+                row.notice.replace_range(dot + 1..dot + 2, other);
+            }
+            BrokerWrite::InsertRevocation(row)
+        }
+        other => other,
+    }
 }
 
 impl FaultControl {

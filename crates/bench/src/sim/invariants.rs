@@ -27,6 +27,7 @@ impl Sim {
         let leases = self.check_leases_in_store(&views)?;
         let transfers = self.check_ledger().await?;
         self.check_find_shows_the_free().await?;
+        self.check_agent_fences()?;
         self.record(format!(
             "check ok: {} partitions, {leases} leases, {transfers} transfers",
             views.len()
@@ -208,14 +209,7 @@ impl Sim {
                     break;
                 }
             }
-            let released: BTreeSet<u64> = self
-                .model
-                .leases
-                .values()
-                .filter(|l| l.partition.host_id == host_id && l.released.is_some())
-                .filter(|l| l.started_at_ms + leasehold_broker::DEFAULT_KEY_TTL_MS > now_ms)
-                .map(|l| l.lease_id)
-                .collect();
+            let released = self.model.released_with_live_keys_on(&host_id, now_ms);
             if listed != released {
                 return Err(format!(
                     "host {host_id}'s revocations name leases {listed:?}; released with live keys: {released:?}"
@@ -325,13 +319,7 @@ impl Sim {
             }
         }
         let active: BTreeSet<u64> = snapshot.active_leases.iter().map(|l| l.lease_id).collect();
-        let expected: BTreeSet<u64> = self
-            .model
-            .leases
-            .values()
-            .filter(|l| l.released.is_none())
-            .map(|l| l.lease_id)
-            .collect();
+        let expected: BTreeSet<u64> = self.model.active_lease_ids().into_iter().collect();
         if active != expected {
             return Err(format!(
                 "after the restart the store's active leases are {active:?}; acknowledged {expected:?}"

@@ -15,6 +15,7 @@
 //! answers) has one digest.
 
 pub mod adapter;
+mod agents;
 mod borrowers;
 pub mod faults;
 mod invariants;
@@ -95,6 +96,11 @@ pub struct Counters {
     /// Operations whose outcome was unknown and resolved afterwards.
     pub unknown_outcomes: u64,
     pub invariant_checks: u64,
+    /// Revocation pulls by simulated agents.
+    pub agent_pulls: u64,
+    /// Lease keys shown to simulated agents: taken, and refused.
+    pub keys_taken: u64,
+    pub keys_refused: u64,
 }
 
 impl Counters {
@@ -108,6 +114,9 @@ impl Counters {
         self.refusals += other.refusals;
         self.unknown_outcomes += other.unknown_outcomes;
         self.invariant_checks += other.invariant_checks;
+        self.agent_pulls += other.agent_pulls;
+        self.keys_taken += other.keys_taken;
+        self.keys_refused += other.keys_refused;
     }
 }
 
@@ -236,6 +245,8 @@ pub(crate) struct Sim {
     rng: StdRng,
     broker: SimBroker,
     model: Model,
+    /// The hosts' agents: fences, cursors, what they heard.
+    agents: agents::SimAgents,
     clock: leasehold_service::SimulatedClock,
     faults: FaultControl,
     trace: Trace,
@@ -281,6 +292,7 @@ impl Sim {
             rng,
             broker,
             model: Model::new(commission_basis_points),
+            agents: agents::SimAgents::default(),
             clock,
             faults,
             trace,

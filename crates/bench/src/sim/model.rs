@@ -7,7 +7,7 @@ use leasehold_core::lease::Bill;
 use leasehold_core::ledger::{self, Transfer};
 use leasehold_core::matching::naive_find;
 use leasehold_core::{money, HostCapacity, PartitionRef, Requirements, Terms};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::adapter::{borrower_name, lender_name};
 
@@ -42,6 +42,9 @@ pub struct ModelLease {
     pub epoch: u64,
     pub started_at_ms: u64,
     pub released: Option<ModelRelease>,
+    /// The key the borrower was given; a simulated borrower may show it to
+    /// the host's agent even after the release.
+    pub lease_key: String,
 }
 
 /// What the broker must answer: success, or one of these refusals
@@ -312,6 +315,26 @@ impl Model {
         self.leases
             .values()
             .filter(|l| l.borrower == borrower && l.released.is_none())
+            .map(|l| l.lease_id)
+            .collect()
+    }
+
+    /// Every active lease, in id order.
+    pub fn active_lease_ids(&self) -> Vec<u64> {
+        self.leases
+            .values()
+            .filter(|l| l.released.is_none())
+            .map(|l| l.lease_id)
+            .collect()
+    }
+
+    /// The released leases of `host_id` whose keys still live at `now_ms`:
+    /// what its revocation list must name (older ones may be pruned).
+    pub fn released_with_live_keys_on(&self, host_id: &str, now_ms: u64) -> BTreeSet<u64> {
+        self.leases
+            .values()
+            .filter(|l| l.partition.host_id == host_id && l.released.is_some())
+            .filter(|l| l.started_at_ms + leasehold_broker::DEFAULT_KEY_TTL_MS > now_ms)
             .map(|l| l.lease_id)
             .collect()
     }

@@ -54,12 +54,23 @@ pub(super) enum Op {
         borrower: usize,
         lease_id: u64,
     },
+    /// A host's agent pulls its revocations.
+    AgentPull {
+        host_id: String,
+    },
+    /// A lease's borrower shows its key to the host's agent (a job).
+    PresentKey {
+        lease_id: u64,
+    },
 }
 
 impl Op {
     /// Whether the operation writes (only those get a fault armed).
     fn writes(&self) -> bool {
-        !matches!(self, Op::Find { .. })
+        !matches!(
+            self,
+            Op::Find { .. } | Op::AgentPull { .. } | Op::PresentKey { .. }
+        )
     }
 }
 
@@ -175,6 +186,8 @@ impl Sim {
                 self.lease(borrower, request, expect).await
             }
             Op::Release { borrower, lease_id } => self.release(borrower, lease_id).await,
+            Op::AgentPull { host_id } => self.agent_pull(&host_id).await,
+            Op::PresentKey { lease_id } => self.present_key(lease_id).await,
         }
     }
 
@@ -203,6 +216,8 @@ impl Sim {
                 borrower,
                 requirements: self.random_requirements(),
             },
+            71..=77 => self.choose_agent_pull(),
+            78..=85 => self.choose_present_key(),
             _ => self.choose_release(borrower),
         }
     }
@@ -246,6 +261,39 @@ impl Sim {
     fn choose_partition(&mut self) -> PartitionRef {
         let host_id = HOST_IDS.choose(&mut self.rng).expect("host ids");
         PartitionRef::new(*host_id, self.rng.gen_range(1..=MAX_INDEX))
+    }
+
+    /// A pull by the agent of a registered host (a find before any host).
+    fn choose_agent_pull(&mut self) -> Op {
+        let host_ids: Vec<&String> = self.model.hosts.keys().collect();
+        match host_ids.choose(&mut self.rng) {
+            Some(host_id) => Op::AgentPull {
+                host_id: host_id.to_string(),
+            },
+            None => Op::Find {
+                borrower: 0,
+                requirements: Requirements::default(),
+            },
+        }
+    }
+
+    /// A key shown to its host's agent: mostly an active lease's, now and
+    /// then a released one's (a borrower trying to keep running); a pull
+    /// before any lease.
+    fn choose_present_key(&mut self) -> Op {
+        let active = self.model.active_lease_ids();
+        let any: Vec<u64> = self.model.leases.keys().copied().collect();
+        let pool = if !active.is_empty() && self.rng.gen_ratio(2, 3) {
+            active
+        } else {
+            any
+        };
+        match pool.choose(&mut self.rng) {
+            Some(lease_id) => Op::PresentKey {
+                lease_id: *lease_id,
+            },
+            None => self.choose_agent_pull(),
+        }
     }
 
     /// A release of one of the borrower's active leases; sometimes of a
