@@ -56,6 +56,7 @@ pub struct BrokerMetrics {
     writer_batch_commands: Histogram,
     writer_commit_seconds: Histogram,
     writer_commit_failures: Counter,
+    writer_queued_commands: Gauge,
     refusals: Family<RefusalLabels, Counter>,
 }
 
@@ -81,6 +82,7 @@ impl BrokerMetrics {
             writer_batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             writer_commit_seconds: latency_histogram(),
             writer_commit_failures: Counter::default(),
+            writer_queued_commands: Gauge::default(),
             refusals: Family::default(),
             registry: Registry::default(),
         };
@@ -134,6 +136,11 @@ impl BrokerMetrics {
             "writer_commit_failures",
             "Writer batches whose commit failed (every command in them failed)",
             self.writer_commit_failures.clone(),
+        );
+        r.register(
+            "writer_queued_commands",
+            "Commands waiting for the writer now (callers wait once it holds 8192)",
+            self.writer_queued_commands.clone(),
         );
         r.register("refusals", "Commands the writer refused, by the error code answered (conflicts: partition_taken, partition_locked, ...)", self.refusals.clone());
         self.registry = registry;
@@ -191,6 +198,8 @@ impl BrokerMetrics {
         }
         self.leadership_epoch
             .set(app.leadership.status().epoch as i64);
+        self.writer_queued_commands
+            .set(app.writer.queued_commands() as i64);
         metrics_response(&self.registry)
     }
 }

@@ -149,6 +149,11 @@ impl Writer {
         (Writer { sender }, handle)
     }
 
+    /// Commands sent and not yet taken into a batch by the writer.
+    pub fn queued_commands(&self) -> usize {
+        self.sender.max_capacity() - self.sender.capacity()
+    }
+
     /// Has the writer decide `command` and answers once its batch is
     /// committed and visible to readers.
     pub async fn submit(&self, command: BrokerCommand) -> Result<Committed, BrokerError> {

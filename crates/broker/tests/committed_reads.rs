@@ -290,3 +290,110 @@ async fn leases_by_requirements_in_one_batch_each_get_another_partition() {
     assert!(found.offers.is_empty());
     broker.shutdown().await;
 }
+
+/// Scrapes `/metrics` as the admin until the writer's queue holds `count`
+/// commands (they are on their way over loopback; bounded at 20 s).
+async fn wait_until_queued(broker: &leasehold_broker::RunningBroker, count: usize) -> String {
+    let token = broker.bootstrap_admin_token.clone().unwrap();
+    let wanted = format!("leasehold_broker_writer_queued_commands {count}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let body = reqwest::Client::new()
+            .get(format!("{}/metrics", broker.url()))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if body.lines().any(|line| line == wanted) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer's queue never held {count}: {body}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_fails_every_command_in_it_and_shows_none_of_them() {
+    let GatedBroker {
+        broker,
+        gate,
+        release_sender,
+        entered,
+        lender,
+        borrower,
+        _data_dir,
+    } = gated_broker(8).await;
+    gate.armed.store(true, Ordering::SeqCst);
+    let first = {
+        let borrower = borrower.clone();
+        tokio::spawn(async move { borrower.lease(&lease_h1_1()).await })
+    };
+    entered
+        .await
+        .expect("the first lease's batch reaches the store");
+    // Seven leases by requirements queue up behind the held commit, so the
+    // writer takes them as one batch; that batch's commit fails.
+    let best = LeaseRequest {
+        partition: None,
+        best: Some(Requirements::default()),
+        allow_unisolated: false,
+        start: None,
+        end: None,
+    };
+    let mut queued = Vec::new();
+    for _ in 0..7 {
+        let borrower = borrower.clone();
+        let request = best.clone();
+        queued.push(tokio::spawn(async move { borrower.lease(&request).await }));
+    }
+    wait_until_queued(&broker, 7).await;
+    gate.fail_next.store(true, Ordering::SeqCst);
+    release_sender.send(()).unwrap();
+
+    let first = first.await.unwrap().expect("the held batch commits");
+    assert_eq!((first.lease_id, first.partition.index), (1, 1));
+    for task in queued {
+        let failed = task.await.unwrap().expect_err("the failed batch's leases");
+        assert_eq!(failed.status(), Some(500), "{failed}");
+    }
+    // Nothing of the failed batch is visible, and the writer says so.
+    let found = borrower.find(&Requirements::default(), None).await.unwrap();
+    assert_eq!(found.offers.len(), 7);
+    let leased: Vec<Option<u64>> = lender
+        .list_partitions()
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.lease_id)
+        .collect();
+    assert_eq!(leased, [vec![Some(1)], vec![None; 7]].concat());
+    for lease_id in 2..=8 {
+        let unknown = borrower.get_lease(lease_id).await.unwrap_err();
+        assert_eq!(unknown.status(), Some(404), "lease {lease_id}");
+    }
+    let metrics = wait_until_queued(&broker, 0).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "leasehold_broker_writer_commit_failures_total 1"),
+        "{metrics}"
+    );
+    // Asked again, each gets a partition of its own, with a lease id and an
+    // epoch the failed batch never used.
+    let mut partitions = Vec::new();
+    for _ in 0..7 {
+        let lease = borrower.lease(&best).await.unwrap();
+        assert!(lease.lease_id > 8, "{lease:?}");
+        assert_eq!(lease.epoch, 2, "{lease:?}");
+        partitions.push(lease.partition.index);
+    }
+    partitions.sort_unstable();
+    assert_eq!(partitions, (2..=8).collect::<Vec<u32>>());
+    broker.shutdown().await;
+}
