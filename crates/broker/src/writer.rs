@@ -94,7 +94,7 @@ pub(crate) struct WriterParts {
 }
 
 /// One command to decide, with what came along with it.
-struct Decided<'a> {
+struct ToDecide<'a> {
     command: &'a BrokerCommand,
     presigned_notice: Option<PresignedNotice>,
     now_ms: u64,
@@ -190,12 +190,12 @@ impl WriterThread {
             let state = self.state.clone();
             let table = state.read().unwrap_or_else(|p| p.into_inner());
             for request in requests {
-                let decided = Decided {
+                let to_decide = ToDecide {
                     command: &request.command,
                     presigned_notice: request.presigned_notice,
                     now_ms,
                 };
-                let answer = self.decide_one(&table, &mut batch, decided);
+                let answer = self.decide_one(&table, &mut batch, to_decide);
                 batch.answers.push((request.reply, answer));
             }
         }
@@ -265,13 +265,13 @@ impl WriterThread {
         &mut self,
         table: &BrokerState,
         batch: &mut Batch,
-        decided: Decided<'_>,
+        to_decide: ToDecide<'_>,
     ) -> Result<Committed, BrokerError> {
-        let Decided {
+        let ToDecide {
             command,
             presigned_notice,
             now_ms,
-        } = decided;
+        } = to_decide;
         let decision = match decide(TableView::new(table, &batch.overlay), command, now_ms) {
             Ok(decision) => decision,
             Err(Refusal::LeaseNotActive { lease_id }) => {
