@@ -163,6 +163,34 @@ fn lease_h1_1() -> LeaseRequest {
     }
 }
 
+/// A lease by requirements (the broker picks the partition).
+fn lease_best() -> LeaseRequest {
+    LeaseRequest {
+        partition: None,
+        best: Some(Requirements::default()),
+        allow_unisolated: false,
+        start: None,
+        end: None,
+    }
+}
+
+type Leasing = tokio::task::JoinHandle<Result<leasehold_api::LeaseView, leasehold_api::ApiError>>;
+
+/// Arms the gate and sends `request`; returns once its batch is held inside
+/// the store's commit, with the task that will get its answer.
+async fn lease_held_in_its_commit(
+    gate: &Gate,
+    borrower: &Client,
+    entered: tokio::sync::oneshot::Receiver<()>,
+    request: LeaseRequest,
+) -> Leasing {
+    gate.armed.store(true, Ordering::SeqCst);
+    let borrower = borrower.clone();
+    let leasing = tokio::spawn(async move { borrower.lease(&request).await });
+    entered.await.expect("the lease's batch reaches the store");
+    leasing
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_never_sees_a_lease_whose_batch_has_not_committed() {
     let GatedBroker {
@@ -174,12 +202,7 @@ async fn a_reader_never_sees_a_lease_whose_batch_has_not_committed() {
         borrower,
         _data_dir,
     } = gated_broker(1).await;
-    gate.armed.store(true, Ordering::SeqCst);
-    let leasing = {
-        let borrower = borrower.clone();
-        tokio::spawn(async move { borrower.lease(&lease_h1_1()).await })
-    };
-    entered.await.expect("the lease's batch reaches the store");
+    let leasing = lease_held_in_its_commit(&gate, &borrower, entered, lease_h1_1()).await;
 
     // The commit is in progress: nothing of the lease is visible.
     let found = borrower.find(&Requirements::default(), None).await.unwrap();
@@ -244,28 +267,13 @@ async fn leases_by_requirements_in_one_batch_each_get_another_partition() {
         _data_dir,
         ..
     } = gated_broker(8).await;
-    let best = LeaseRequest {
-        partition: None,
-        best: Some(Requirements::default()),
-        allow_unisolated: false,
-        start: None,
-        end: None,
-    };
+    let best = lease_best();
     // The first lease holds the writer inside its commit, so the next
     // seven queue up and those that arrived meanwhile are decided in one
     // batch (core's `a_batch_sees_its_own_leases_and_the_table_does_not`
     // is the deterministic proof; this one goes through HTTP and the
     // writer): whichever way they batch, no partition is leased twice.
-    gate.armed.store(true, Ordering::SeqCst);
-    let mut leasing = Vec::new();
-    let first = borrower.clone();
-    let first_request = best.clone();
-    leasing.push(tokio::spawn(
-        async move { first.lease(&first_request).await },
-    ));
-    entered
-        .await
-        .expect("the first lease's batch reaches the store");
+    let mut leasing = vec![lease_held_in_its_commit(&gate, &borrower, entered, best.clone()).await];
     for _ in 0..7 {
         let borrower = borrower.clone();
         let request = best.clone();
@@ -329,23 +337,10 @@ async fn a_failed_batch_fails_every_command_in_it_and_shows_none_of_them() {
         borrower,
         _data_dir,
     } = gated_broker(8).await;
-    gate.armed.store(true, Ordering::SeqCst);
-    let first = {
-        let borrower = borrower.clone();
-        tokio::spawn(async move { borrower.lease(&lease_h1_1()).await })
-    };
-    entered
-        .await
-        .expect("the first lease's batch reaches the store");
+    let first = lease_held_in_its_commit(&gate, &borrower, entered, lease_h1_1()).await;
     // Seven leases by requirements queue up behind the held commit, so the
     // writer takes them as one batch; that batch's commit fails.
-    let best = LeaseRequest {
-        partition: None,
-        best: Some(Requirements::default()),
-        allow_unisolated: false,
-        start: None,
-        end: None,
-    };
+    let best = lease_best();
     let mut queued = Vec::new();
     for _ in 0..7 {
         let borrower = borrower.clone();
