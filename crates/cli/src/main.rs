@@ -288,6 +288,26 @@ fn make_new_files_private() {
     }
 }
 
+/// A verb whose reader goes away (`leasehold leases | head -1`) ends as
+/// other command-line tools do, killed by SIGPIPE without a word; Rust
+/// ignores SIGPIPE, which made the closed pipe a panic with a backtrace.
+/// The services keep ignoring it: a peer closing a socket must be an error
+/// they handle, not their end.
+#[allow(unsafe_code)]
+fn end_quietly_when_stdout_closes(command: &Command) {
+    if matches!(
+        command,
+        Command::Up(_) | Command::Broker(_) | Command::Agent(_) | Command::Images(_)
+    ) {
+        return;
+    }
+    // SAFETY: sets one signal's disposition back to the default, before any
+    // other thread exists; it cannot fail for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Only `agent` lends to several brokers; every other command talks to one.
 fn check_one_broker(cli: &Cli) -> Result<(), String> {
     let several = cli.global.broker_args.len() > 1
@@ -306,6 +326,7 @@ fn check_one_broker(cli: &Cli) -> Result<(), String> {
 fn main() {
     make_new_files_private();
     let mut cli = Cli::parse();
+    end_quietly_when_stdout_closes(&cli.command);
     let resolved = resolve_brokers(&mut cli.global).and_then(|()| resolve_token(&mut cli.global));
     if let Err(problem) = resolved.and_then(|()| check_one_broker(&cli)) {
         eprintln!("leasehold: {problem}");

@@ -205,3 +205,22 @@ fn the_services_offer_the_log_format_and_public_metrics_flags() {
         assert!(help.contains("--metrics-public"), "{service}: {help}");
     }
 }
+
+/// Output piped into a reader that has gone (`| head -1`): the verb ends
+/// killed by SIGPIPE, as `cat` would, not with a panic and a backtrace.
+#[test]
+fn a_verb_whose_reader_has_gone_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Closed before the verb starts, so its first write meets no reader.
+    drop(reader);
+    let output = Command::new(leasehold_binary())
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{output:?}");
+}
